@@ -1,0 +1,176 @@
+"""A real pricehub server in a subprocess, for tests that need one.
+
+::
+
+    with ServerProcess("--no-simulate", publish_key="k") as server:
+        ...  # server.url, server.ws_url; await server.publish({"market_zone": "pjm", ...})
+        server.kill()                # SIGKILL: no close frames, history lost
+        await server.start_async()   # same port again
+
+The server always runs with ``--redis-url none`` unless ``redis_url`` is given, so a test
+never touches a developer's Redis. Output goes to a log file (``server.log()``) instead of a
+pipe nobody reads, and start-up failures include it. The blocking methods have ``_async``
+twins that run in a thread: a test that owns client sockets must keep its event loop
+running while the server shuts down, or the server waits for close handshakes nobody sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+__all__ = ["REPO", "ServerProcess", "free_port"]
+
+REPO = Path(__file__).resolve().parent.parent
+HEALTH_PATH = "/api/ws/ws/health"
+PUBLISH_PATH = "/api/ws/ws/broadcast/price"
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """``python run_server.py --host 127.0.0.1 --port P`` plus ``args``, from the repo root.
+
+    Keyword-only options: ``port`` (a free one), ``publish_key`` (None; else passed as
+    ``--publish-key`` and used by ``publish``), ``redis_url`` (``"none"``), ``env`` (extra
+    environment variables), ``startup_timeout`` (20 s until health answers 200).
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        port: int | None = None,
+        publish_key: str | None = None,
+        redis_url: str = "none",
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.port = port or free_port()
+        self.publish_key = publish_key
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        key_args = ["--publish-key", publish_key] if publish_key else []
+        self.command = [
+            sys.executable, "run_server.py", "--host", "127.0.0.1", "--port", str(self.port),
+            "--redis-url", redis_url, *key_args, *args,
+        ]  # fmt: skip
+        self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._startup_timeout = startup_timeout
+        self._log = Path(tempfile.mkstemp(prefix=f"pricehub-{self.port}-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    # --- start ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn the server and wait until its health endpoint answers 200."""
+        if self.running:
+            raise RuntimeError("the server is already running")
+        with self._log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command, cwd=REPO, env=self._env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + self._startup_timeout
+        while not self._healthy():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(
+                    f"server not healthy after {self._startup_timeout} s\n{self.log()}"
+                )
+            time.sleep(0.05)
+
+    async def start_async(self) -> None:
+        await asyncio.to_thread(self.start)
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + HEALTH_PATH, timeout=1) as response:
+                return int(response.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    # --- stop -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, *, grace: float = 10.0) -> int:
+        """SIGTERM, wait up to ``grace`` s for the exit and return its code (SIGKILL and
+        raise on a hang)."""
+        return self._signal(signal.SIGTERM, grace)
+
+    async def stop_async(self, *, grace: float = 10.0) -> int:
+        return await asyncio.to_thread(self.stop, grace=grace)
+
+    def kill(self) -> int:
+        """SIGKILL: the server dies without closing sockets or flushing anything."""
+        return self._signal(signal.SIGKILL, 10.0)
+
+    def _signal(self, signum: signal.Signals, grace: float) -> int:
+        if self.process is None:
+            raise RuntimeError("the server was never started")
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise TimeoutError(
+                f"server ignored {signum.name} for {grace} s\n{self.log()}"
+            ) from None
+
+    def log(self) -> str:
+        """Everything the server printed, across restarts."""
+        return self._log.read_text(errors="replace")
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.running:
+            self.stop()
+        self._log.unlink(missing_ok=True)
+
+    # --- publishing -------------------------------------------------------------------
+
+    async def publish(self, *prices: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """POST ``prices`` to the publish endpoint; returns the ``accepted`` list."""
+        if self.publish_key is None:
+            raise RuntimeError("start the server with publish_key= to publish")
+        headers = {"Authorization": f"Bearer {self.publish_key}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.url + PUBLISH_PATH, json=list(prices), headers=headers) as response,
+        ):
+            body = await response.json()
+            if response.status != 202:
+                raise AssertionError(f"publish answered {response.status}: {body}")
+            return list(body["accepted"])

@@ -1,0 +1,363 @@
+"""pricehub.client against a real server subprocess, through real sockets.
+
+Reconnect delays are checked exactly by injecting ``random`` and ``sleep``; connection loss
+without a server restart is produced by a TCP proxy between client and server that can cut
+or freeze every link, like a flaky network would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pricehub.backoff import Backoff
+from pricehub.client import (
+    Gap,
+    PriceClient,
+    PriceUpdate,
+    ReconnectFailed,
+    Status,
+    TerminalCloseError,
+)
+from tests.serverproc import ServerProcess
+
+KEY = "client-test-key"
+WAIT = 10.0  # upper bound of every wait; the happy path takes milliseconds
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess("--no-simulate", publish_key=KEY) as proc:
+        yield proc
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:port to the server; ``cut()`` aborts every link, ``freeze()``
+    keeps them open but stops forwarding (a half-open connection)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._links: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._links |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+        self._links.discard(writer)
+
+    def cut(self) -> None:
+        for writer in list(self._links):
+            writer.transport.abort()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    async def close(self) -> None:
+        self._flowing.set()
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxy(server: ServerProcess) -> AsyncIterator[TcpProxy]:
+    tcp = TcpProxy(server.port)
+    await tcp.start()
+    yield tcp
+    await tcp.close()
+
+
+class StatusLog:
+    """Collects ``on_status`` calls; ``wait_for`` waits (bounded) for a matching one."""
+
+    def __init__(self) -> None:
+        self.statuses: list[Status] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, status: Status) -> None:
+        self.statuses.append(status)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[Status], bool], *, after: int = 0) -> Status:
+        async with asyncio.timeout(WAIT):
+            while True:
+                for status in self.statuses[after:]:
+                    if predicate(status):
+                        return status
+                self._changed.clear()
+                await self._changed.wait()
+
+    def states(self) -> list[str]:
+        return [status.state for status in self.statuses]
+
+
+class GatedSleep:
+    """An injected ``sleep``: records each delay, then waits for the test to ``open()``
+    the gate (open from the start = return at once)."""
+
+    def __init__(self, *, open_: bool = True) -> None:
+        self.delays: list[float] = []
+        self._gate = asyncio.Event()
+        if open_:
+            self._gate.set()
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await self._gate.wait()
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def close(self) -> None:
+        self._gate.clear()
+
+
+def make_client(
+    base_url: str, zones: str | tuple[str, ...], sleep: GatedSleep, log: StatusLog, **kwargs: Any
+) -> PriceClient:
+    kwargs.setdefault("backoff", Backoff(random=lambda: 0.5))
+    return PriceClient(base_url, zones, sleep=sleep, on_status=log, **kwargs)
+
+
+async def take(client: PriceClient, count: int) -> list[PriceUpdate | Gap]:
+    events: list[PriceUpdate | Gap] = []
+    async with asyncio.timeout(WAIT):
+        async for event in client:
+            events.append(event)
+            if len(events) == count:
+                break
+    return events
+
+
+async def publish(server: ServerProcess, zone: str, *prices: float) -> list[int]:
+    accepted = await server.publish(*({"market_zone": zone, "price": p} for p in prices))
+    return [entry["seq"] for entry in accepted]
+
+
+def updates(events: list[PriceUpdate | Gap]) -> list[PriceUpdate]:
+    assert all(isinstance(event, PriceUpdate) for event in events), events
+    return [event for event in events if isinstance(event, PriceUpdate)]
+
+
+async def test_receives_published_prices(server: ServerProcess) -> None:
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(server.url, "pjm", sleep, log) as client:
+        await log.wait_for(lambda s: s.state == "connected")
+        await server.publish(
+            {
+                "market_zone": "pjm",
+                "price": -12.5,
+                "volume": 10,
+                "timestamp": "2026-11-27T16:00:00+01:00",
+            },
+            {"market_zone": "pjm", "price": 41.25},
+        )
+        first, second = updates(await take(client, 2))
+    assert (first.zone, first.price, first.volume, first.seq) == ("pjm", -12.5, 10.0, 1)
+    assert first.timestamp == "2026-11-27T15:00:00.000Z"
+    assert (second.price, second.volume, second.seq) == (41.25, None, 2)
+    assert TIMESTAMP.match(second.timestamp)
+    assert (first.replay, first.conflated, first.initial) == (False, False, False)
+    assert log.states() == ["connecting", "connected", "closed"]
+    assert sleep.delays == []
+
+
+async def test_current_price_arrives_as_initial_data(server: ServerProcess) -> None:
+    await publish(server, "ercot", 30.0, 31.0)
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(server.url, ("ercot", "pjm"), sleep, log) as client:
+        [initial] = updates(await take(client, 1))
+        assert (initial.zone, initial.price, initial.seq, initial.initial) == (
+            "ercot",
+            31.0,
+            2,
+            True,
+        )
+        await publish(server, "pjm", 5.0)
+        [live] = updates(await take(client, 1))
+    assert (live.zone, live.seq, live.initial) == ("pjm", 1, False)
+
+
+@pytest.mark.parametrize("zones", [("pjm",), ("pjm", "caiso")], ids=["single", "multi"])
+async def test_resume_after_a_cut_replays_every_missed_update_once(
+    server: ServerProcess, proxy: TcpProxy, zones: tuple[str, ...]
+) -> None:
+    log, sleep = StatusLog(), GatedSleep(open_=False)
+    async with make_client(f"http://127.0.0.1:{proxy.port}", zones, sleep, log) as client:
+        await log.wait_for(lambda s: s.state == "connected")
+        for zone in zones:
+            await publish(server, zone, 1.0, 2.0)
+        before = updates(await take(client, 2 * len(zones)))
+
+        proxy.cut()
+        await log.wait_for(lambda s: s.state == "reconnecting")
+        for zone in zones:
+            await publish(server, zone, 3.0, 4.0, 5.0)  # published while disconnected
+        sleep.open()
+        replayed = updates(await take(client, 3 * len(zones)))
+        await log.wait_for(lambda s: s.state == "connected", after=2)
+        for zone in zones:
+            await publish(server, zone, 6.0)
+        live = updates(await take(client, len(zones)))
+
+    assert sleep.delays == [1.5]
+    assert {u.replay for u in replayed} == {True}
+    assert {u.replay for u in before + live} == {False}
+    for zone in zones:
+        seen = [u.seq for u in before + replayed + live if u.zone == zone]
+        assert seen == [1, 2, 3, 4, 5, 6], zone
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+async def test_server_restart_surfaces_a_gap_then_the_new_numbering(
+    server: ServerProcess, how: str
+) -> None:
+    log, sleep = StatusLog(), GatedSleep(open_=False)
+    async with make_client(server.url, "pjm", sleep, log) as client:
+        await publish(server, "pjm", 10.0, 11.0, 12.0)
+        assert [u.seq for u in updates(await take(client, 3))] == [1, 2, 3]
+        await log.wait_for(lambda s: s.state == "connected")
+        if how == "sigkill":
+            server.kill()
+        else:
+            assert await server.stop_async() == 0
+        reconnecting = await log.wait_for(lambda s: s.state == "reconnecting")
+        await server.start_async()  # same port, empty in-memory history, new epoch
+        await publish(server, "pjm", 20.0, 21.0)
+        sleep.open()
+        gap, current = await take(client, 2)
+        await publish(server, "pjm", 22.0)
+        [live] = updates(await take(client, 1))
+
+    if how == "sigterm":
+        assert reconnecting.code == 1001
+    assert isinstance(gap, Gap)
+    assert (gap.zone, gap.last_seq) == ("pjm", 3)
+    assert gap.epoch != gap.previous_epoch
+    assert isinstance(current, PriceUpdate)
+    assert (current.seq, current.price, current.initial) == (2, 21.0, True)
+    assert (live.seq, live.price) == (3, 22.0)
+
+
+async def test_attempt_cap_then_failed_then_manual_reconnect(server: ServerProcess) -> None:
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(server.url, "pjm", sleep, log) as client:
+        await publish(server, "pjm", 1.0)
+        await take(client, 1)
+        assert await server.stop_async() == 0
+        failed = await log.wait_for(lambda s: s.state == "failed")
+        with pytest.raises(ReconnectFailed, match="gave up after 5 reconnect attempts"):
+            await take(client, 1)
+
+        assert sleep.delays == [1.5, 2.5, 4.5, 8.5, 16.5]
+        attempts = [(s.attempt, s.delay) for s in log.statuses if s.state == "reconnecting"]
+        assert attempts == list(enumerate(sleep.delays, start=1))
+        assert failed.code is None  # the last attempt could not even connect
+
+        await server.start_async()
+        mark = len(log.statuses)
+        await client.reconnect()
+        await log.wait_for(lambda s: s.state == "connected", after=mark)
+        await publish(server, "pjm", 2.0)
+        gap, update = await take(client, 2)
+    assert isinstance(gap, Gap)
+    assert isinstance(update, PriceUpdate)
+    assert (update.seq, update.price) == (1, 2.0)
+
+
+async def test_unknown_zone_is_terminal(server: ServerProcess) -> None:
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(server.url, "nosuchzone", sleep, log) as client:
+        with pytest.raises(TerminalCloseError) as caught:
+            await take(client, 1)
+    assert caught.value.code == 1008
+    assert sleep.delays == []
+    assert [s.state for s in log.statuses] == ["connecting", "failed", "closed"]
+    assert log.statuses[1].code == 1008
+
+
+async def test_counter_resets_only_after_ten_stable_seconds(
+    server: ServerProcess, proxy: TcpProxy
+) -> None:
+    now = [0.0]
+    log, sleep = StatusLog(), GatedSleep()
+    backoff = Backoff(random=lambda: 0.0, clock=lambda: now[0])
+    async with make_client(f"http://127.0.0.1:{proxy.port}", "pjm", sleep, log, backoff=backoff):
+        mark = 0
+        for open_for, expected_attempt in [(9.0, 1), (9.99, 2), (10.0, 1)]:
+            await log.wait_for(lambda s: s.state == "connected", after=mark)
+            mark = len(log.statuses)
+            now[0] += open_for
+            proxy.cut()
+            status = await log.wait_for(lambda s: s.state == "reconnecting", after=mark)
+            assert status.attempt == expected_attempt, (open_for, log.statuses)
+
+
+async def test_sends_heartbeats(server: ServerProcess) -> None:
+    async def received() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.url + "/api/ws/ws/stats") as response,
+        ):
+            stats = await response.json()
+        return int(stats["statistics"]["total_messages_received"])
+
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(server.url, "pjm", sleep, log, heartbeat_interval=0.1):
+        await log.wait_for(lambda s: s.state == "connected")
+        start = await received()
+        async with asyncio.timeout(WAIT):
+            # The counter lives in another process: polling is the only way to watch it.
+            while await received() < start + 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+
+async def test_a_frozen_connection_is_detected_and_replaced(
+    server: ServerProcess, proxy: TcpProxy
+) -> None:
+    log, sleep = StatusLog(), GatedSleep()
+    async with make_client(
+        f"http://127.0.0.1:{proxy.port}", "pjm", sleep, log, heartbeat_interval=0.2
+    ):
+        await log.wait_for(lambda s: s.state == "connected")
+        proxy.freeze()
+        status = await log.wait_for(lambda s: s.state == "reconnecting")
+    assert status.error == "no frame from the server for 0.4 s"
+
+
+async def test_close_ends_iteration(server: ServerProcess) -> None:
+    log, sleep = StatusLog(), GatedSleep()
+    client = make_client(server.url, ("pjm", "ercot"), sleep, log)
+    client.start()
+    await log.wait_for(lambda s: s.state == "connected")
+    await client.close()
+    assert await take(client, 1) == []
+    assert log.states()[-1] == "closed"
