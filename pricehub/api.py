@@ -1,0 +1,190 @@
+"""HTTP endpoints: stats, health, history, publish, and the dashboard's static files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pricehub import protocol
+from pricehub.auth import key_matches
+from pricehub.exceptions import StorageError, ValidationError
+from pricehub.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, STATS, STORAGE
+from pricehub.ratelimit import TokenBucket
+
+__all__ = ["STATIC_DIR", "add_routes"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_HISTORY_LIMIT = 100
+PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
+
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    return json_response({"error": code, "message": message, **extra}, status=status)
+
+
+async def cluster_section(app: web.Application) -> dict[str, Any] | None:
+    """Live instances and their connections, from the registry (only with Redis)."""
+    storage = app[STORAGE]
+    if app[SETTINGS].redis_url is None or storage.backend != "redis":
+        return None
+    try:
+        snapshots = await storage.instances()
+    except StorageError:
+        return None
+    by_zone: dict[str, int] = {}
+    total = 0
+    instances = []
+    for instance_id, raw in sorted(snapshots.items()):
+        snapshot = orjson.loads(raw)
+        instances.append({"instance_id": instance_id, **snapshot})
+        total += snapshot.get("connections", 0)
+        for zone, count in snapshot.get("connections_by_zone", {}).items():
+            by_zone[zone] = by_zone.get(zone, 0) + count
+    return {"instances": instances, "total_connections": total, "connections_by_zone": by_zone}
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    app = request.app
+    broadcaster, storage = app[BROADCASTER], app[STORAGE]
+    by_zone = broadcaster.connections_by_zone()
+    body: dict[str, Any] = {
+        "total_connections": len(broadcaster.connections),
+        "connections_by_zone": by_zone,
+        "active_zones": sorted(by_zone),
+        "statistics": app[STATS].statistics(broadcaster, backend=storage.backend),
+        "instance_id": app[INSTANCE_ID],
+    }
+    cluster = await cluster_section(app)
+    if cluster is not None:
+        body["cluster"] = cluster
+    body["timestamp"] = protocol.utc_now()
+    return json_response(body)
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    from pricehub.stats import health_report
+
+    app = request.app
+    settings, stats, storage = app[SETTINGS], app[STATS], app[STORAGE]
+    try:
+        await storage.check()
+        storage_ok = True
+    except StorageError:
+        storage_ok = False
+    report = health_report(
+        stats,
+        redis_configured=settings.redis_url is not None,
+        backend=storage.backend,
+        storage_ok=storage_ok,
+        loop_lag_threshold=settings.loop_lag_threshold,
+    )
+    broadcaster = app[BROADCASTER]
+    return json_response(
+        {
+            "status": report.status,
+            "storage_backend": storage.backend,
+            "active_connections": len(broadcaster.connections),
+            "statistics": stats.statistics(broadcaster, backend=storage.backend),
+            "error_rate": stats.error_rate(),
+            "checks": report.checks,
+            "uptime_s": round(time.time() - stats.started_at, 3),
+            "timestamp": protocol.utc_now(),
+        },
+        status=report.http_status,
+    )
+
+
+def _zone_or_error(request: web.Request) -> str | web.Response:
+    zone = request.match_info["zone"]
+    if not protocol.is_valid_zone_name(zone):
+        return json_error(422, "invalid_zone", "zone names are [a-z0-9_]{1,32}")
+    if zone not in request.app[SETTINGS].zones:
+        return json_error(404, "unknown_zone", f"unknown zone {zone}")
+    return zone
+
+
+async def history_handler(request: web.Request) -> web.Response:
+    zone = _zone_or_error(request)
+    if isinstance(zone, web.Response):
+        return zone
+    raw = request.query.get("limit", str(DEFAULT_HISTORY_LIMIT))
+    if not raw.isdigit() or int(raw) <= 0:
+        return json_error(422, "invalid_limit", "limit must be a positive integer")
+    limit = min(int(raw), request.app[SETTINGS].history_size)
+    prices = await request.app[STORAGE].history(zone, limit=limit)
+    body = b'{"market_zone":"%s","data":[%s]}' % (
+        zone.encode(), b",".join(price.payload for price in prices)
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+def _publisher_refusal(request: web.Request) -> web.Response | str:
+    """401/403/429 before the body is read; returns the key on success."""
+    keys = request.app[SETTINGS].publish_key
+    if not keys:
+        return json_error(403, "publishing_disabled", "no publish key is configured")
+    header = request.headers.get("Authorization", "")
+    scheme, _, candidate = header.partition(" ")
+    if scheme.lower() != "bearer" or not candidate:
+        return json_response(
+            {"error": "unauthorized", "message": "Authorization: Bearer <key> required"},
+            status=401, headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not key_matches(candidate.strip(), keys):
+        return json_error(403, "forbidden", "wrong publish key")
+    return candidate.strip()
+
+
+async def publish_handler(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    key = _publisher_refusal(request)
+    if isinstance(key, web.Response):
+        return key
+    bucket = app[PUBLISH_BUCKETS].setdefault(key, TokenBucket(settings.publish_rate_limit))
+    if not bucket.take():
+        wait = max(1, round(bucket.retry_after() + 0.5))
+        return json_response(
+            {"error": "rate_limited", "message": "publish rate over limit"},
+            status=429, headers={"Retry-After": str(wait)},
+        )
+    if request.content_length is not None and request.content_length > settings.max_body_size:
+        return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
+    raw = await request.read()  # client_max_size also enforces the cap for chunked bodies
+    try:
+        bodies = protocol.validate_publish_body(
+            raw, zones=settings.zones, now=protocol.utc_now(), max_batch=settings.max_batch_size
+        )
+    except ValidationError as exc:
+        return json_error(422, "invalid_price", exc.message, field=exc.field)
+    publisher = app[PUBLISHER]
+    accepted = []
+    for body in bodies:
+        price = await publisher.publish(body, source="http")
+        accepted.append({"market_zone": price.zone, "seq": price.seq})
+    return json_response({"accepted": accepted}, status=202)
+
+
+async def dashboard_handler(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+def add_routes(app: web.Application) -> None:
+    app[PUBLISH_BUCKETS] = {}
+    app.router.add_get("/api/ws/ws/stats", stats_handler)
+    app.router.add_get("/api/ws/ws/health", health_handler)
+    app.router.add_get("/api/ws/ws/history/{zone}", history_handler)
+    app.router.add_post("/api/ws/ws/broadcast/price", publish_handler)
+    app.router.add_get("/", dashboard_handler)
+    app.router.add_static("/static/", STATIC_DIR)

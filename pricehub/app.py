@@ -1,0 +1,140 @@
+"""``create_app(settings)``: the aiohttp application and its background tasks.
+
+Background tasks run in ``cleanup_ctx`` contexts: each is created on startup, cancelled
+on cleanup and then awaited under ``suppress(CancelledError)``, so a task that crashed
+earlier re-raises its real exception here instead of dying silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import WSCloseCode, web
+
+from pricehub import api, heartbeat, simulator, ws
+from pricehub.admission import ConnectionLimits
+from pricehub.auth import TokenVerifier
+from pricehub.broadcaster import Broadcaster
+from pricehub.keys import (
+    BROADCASTER, INSTANCE_ID, LIMITS, PUBLISHER, SETTINGS, STATS, STORAGE, VERIFIER,
+)
+from pricehub.logs import AccessLogger
+from pricehub.publisher import Publisher
+from pricehub.settings import Settings
+from pricehub.stats import DisconnectReason, Stats
+from pricehub.storage import Storage, create_storage
+
+__all__ = ["create_app"]
+
+log = structlog.get_logger("pricehub.app")
+REGISTRY_INTERVAL = 5.0
+LOOP_LAG_INTERVAL = 0.5
+
+
+def create_app(settings: Settings, *, storage: Storage | None = None) -> web.Application:
+    """The pricehub application. ``storage`` overrides the one chosen from the settings."""
+    app = web.Application(client_max_size=settings.max_body_size, handler_args={
+        "access_log_class": AccessLogger,
+    })
+    storage = storage or create_storage(settings, log=log)
+    app[SETTINGS] = settings
+    app[STORAGE] = storage
+    app[STATS] = Stats()
+    app[BROADCASTER] = Broadcaster(zones=settings.zones)
+    app[PUBLISHER] = Publisher(storage)
+    app[LIMITS] = ConnectionLimits(
+        total=settings.max_connections, per_ip=settings.max_connections_per_ip
+    )
+    app[VERIFIER] = TokenVerifier.from_settings(settings)
+    app[INSTANCE_ID] = uuid.uuid4().hex[:12]
+    app.router.add_get("/api/ws/ws/market/{zone}", ws.market_socket)
+    app.router.add_get("/api/ws/ws/prices", ws.prices_socket)
+    api.add_routes(app)
+    app.cleanup_ctx.extend([storage_ctx, background_ctx])
+    if settings.redis_url is not None:
+        from pricehub.ingest import ingest_ctx
+
+        app.cleanup_ctx.append(ingest_ctx)
+    app.on_shutdown.append(close_all_sockets)
+    return app
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    storage = app[STORAGE]
+    await storage.start(app[BROADCASTER])
+    log.info("storage_started", backend=storage.backend, epoch=storage.epoch)
+    yield
+    await storage.close()
+
+
+async def background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The reaper, conflation monitor, registry, loop-lag probe and simulator."""
+    settings, broadcaster, stats = app[SETTINGS], app[BROADCASTER], app[STATS]
+    jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [
+        lambda: heartbeat.run_reaper(
+            broadcaster, stats,
+            interval=settings.heartbeat_interval, timeout=settings.heartbeat_timeout,
+        ),
+        broadcaster.run_conflation_monitor,
+        lambda: run_registry(app),
+        lambda: run_loop_lag_probe(stats),
+    ]
+    if settings.simulator_enabled:
+        jobs.append(
+            lambda: simulator.run_simulator(
+                app[PUBLISHER], settings.zones, interval=settings.simulate_interval
+            )
+        )
+    tasks = [asyncio.create_task(job()) for job in jobs]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    with contextlib.suppress(Exception):
+        await app[STORAGE].unregister_instance(app[INSTANCE_ID])
+
+
+async def run_registry(app: web.Application) -> None:
+    """Publish this instance's connection counts for the stats ``cluster`` section."""
+    broadcaster = app[BROADCASTER]
+    while True:
+        snapshot = orjson.dumps(
+            {
+                "connections": len(broadcaster.connections),
+                "connections_by_zone": broadcaster.connections_by_zone(),
+            }
+        )
+        with contextlib.suppress(Exception):  # the storage logs its own failures
+            await app[STORAGE].register_instance(
+                app[INSTANCE_ID], snapshot, ttl=3 * REGISTRY_INTERVAL
+            )
+        await asyncio.sleep(REGISTRY_INTERVAL)
+
+
+async def run_loop_lag_probe(stats: Stats) -> None:
+    """How late the loop wakes a sleeper: the health of everything on this loop."""
+    while True:
+        started = time.monotonic()
+        await asyncio.sleep(LOOP_LAG_INTERVAL)
+        stats.loop_lag = max(0.0, time.monotonic() - started - LOOP_LAG_INTERVAL)
+
+
+async def close_all_sockets(app: web.Application) -> None:
+    """Shutdown: every client gets 1001 (going away) so it reconnects with resume."""
+    app[STATS].shutting_down = True
+    broadcaster = app[BROADCASTER]
+    for connection in list(broadcaster.connections):
+        broadcaster.close(
+            connection, WSCloseCode.GOING_AWAY, "server shutting down",
+            reason=DisconnectReason.SHUTDOWN,
+        )
+    await broadcaster.drain()

@@ -1,0 +1,131 @@
+"""The zone broadcaster: storage listener, subscriber registry and per-tick flusher.
+
+Each price is framed once (``text_frame(price_update(payload))``) and handed to every
+subscriber of its zone in one synchronous pass: no task, queue or await per client, so
+one slow or dead client never delays the others. Connections that received frames in
+this event-loop tick are flushed together by one ``call_soon`` callback, so a client
+subscribed to many zones gets all of a tick's updates in a single write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from pricehub import protocol
+from pricehub.connection import Connection
+from pricehub.storage import StoredPrice
+
+__all__ = ["Broadcaster"]
+
+
+class Broadcaster:
+    """Implements ``StorageListener``; owns the set of open connections."""
+
+    def __init__(self, *, zones: tuple[str, ...]) -> None:
+        self.connections: dict[Connection, None] = {}
+        self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
+        self.conflation_events = 0
+        self.slow_consumer_closes = 0
+        self.updates_broadcast = 0
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._conflating: dict[Connection, None] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- registry ---------------------------------------------------------------------
+
+    def add(self, connection: Connection) -> None:
+        self.connections[connection] = None
+
+    def remove(self, connection: Connection) -> None:
+        self.connections.pop(connection, None)
+        self._conflating.pop(connection, None)
+        for zone in connection.streams:
+            self.subscribers[zone].pop(connection, None)
+        connection.streams.clear()
+
+    def subscribe(self, zone: str, connection: Connection) -> None:
+        self.subscribers[zone][connection] = None
+
+    def unsubscribe(self, zone: str, connection: Connection) -> None:
+        self.subscribers[zone].pop(connection, None)
+        connection.streams.pop(zone, None)
+        if connection.conflated is not None:
+            connection.conflated.pop(zone, None)
+
+    def connections_by_zone(self) -> dict[str, int]:
+        return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
+
+    # --- StorageListener --------------------------------------------------------------
+
+    def on_price(self, price: StoredPrice) -> None:
+        subscribers = self.subscribers.get(price.zone)
+        self.updates_broadcast += 1
+        if not subscribers:
+            return
+        frame = protocol.text_frame(protocol.price_update(price.payload))
+        for connection in subscribers:
+            connection.deliver(price, frame)
+
+    def on_backend_changed(self, backend: str) -> None:
+        self.send_all(protocol.storage_backend_changed(backend, now=protocol.utc_now()))
+
+    def send_all(self, payload: bytes) -> None:
+        frame = protocol.text_frame(payload)
+        for connection in self.connections:
+            connection.queue(frame)
+
+    # --- FlushScheduler ---------------------------------------------------------------
+
+    def mark_dirty(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush()
+            if connection.conflated is not None and connection not in self._conflating:
+                self._conflating[connection] = None
+                self.conflation_events += 1
+
+    def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
+        """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
+        if connection.closing:
+            return
+        connection.closing = True
+        connection.disconnect_reason = reason
+        if code == 4008:
+            self.slow_consumer_closes += 1
+        self.spawn(connection.ws.close(code=code, message=message.encode()[:123]))
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- background -------------------------------------------------------------------
+
+    def release_conflated(self) -> None:
+        """Send conflated prices to clients that drained; close the ones lagging too long."""
+        now = time.monotonic()
+        for connection in list(self._conflating):
+            if connection.release_conflated(now) or connection.closing:
+                del self._conflating[connection]
+
+    async def run_conflation_monitor(self, *, interval: float = 0.05) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.release_conflated()
+
+    async def drain(self) -> None:
+        """Wait for the close tasks started by ``close`` (shutdown)."""
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,39 @@
+"""``pricehub`` / ``python -m pricehub`` / ``run_server.py``: the server, or ``tail``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pricehub.exceptions import ConfigError
+from pricehub.logs import configure_logging
+from pricehub.settings import load_settings
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["tail"]:
+        from pricehub.tail import main as tail_main
+
+        return tail_main(args[1:])
+    if args[:1] == ["serve"]:
+        args = args[1:]
+    try:
+        settings = load_settings(args)
+    except ConfigError as exc:
+        print(f"pricehub: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(log_format=settings.log_format, level=settings.log_level)
+    if settings.workers > 1:
+        from pricehub.workers import run_workers
+
+        return run_workers(settings)
+    from pricehub.server import serve
+
+    return serve(settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Typed application keys: the state the handlers and background tasks share."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pricehub.admission import ConnectionLimits
+from pricehub.auth import TokenVerifier
+from pricehub.broadcaster import Broadcaster
+from pricehub.publisher import Publisher
+from pricehub.settings import Settings
+from pricehub.stats import Stats
+from pricehub.storage import Storage
+
+__all__ = [
+    "BROADCASTER", "INSTANCE_ID", "LIMITS", "PUBLISHER", "SETTINGS", "STATS", "STORAGE",
+    "VERIFIER",
+]
+
+SETTINGS = web.AppKey("settings", Settings)
+STORAGE = web.AppKey("storage", Storage)
+BROADCASTER = web.AppKey("broadcaster", Broadcaster)
+PUBLISHER = web.AppKey("publisher", Publisher)
+STATS = web.AppKey("stats", Stats)
+LIMITS = web.AppKey("limits", ConnectionLimits)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+INSTANCE_ID = web.AppKey("instance_id", str)

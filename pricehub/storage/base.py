@@ -1,0 +1,77 @@
+"""The storage Protocol shared by the memory, Redis and failover backends.
+
+Everything crosses this boundary as bytes: a price is stored and published as its JSON
+object (``StoredPrice.payload``), so a backend never parses prices and the broadcaster
+never re-encodes them. Every collection is bounded (``history_size`` per zone) and
+instance registrations expire by TTL, which Redis honours natively (``PX``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Storage", "StorageListener", "StoredPrice"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPrice:
+    """A price after the storage accepted it: its zone, its seq and its JSON object."""
+
+    zone: str
+    seq: int
+    payload: bytes
+
+
+class StorageListener(Protocol):
+    """Who hears about prices and backend changes (the zone broadcaster)."""
+
+    def on_price(self, price: StoredPrice) -> None:
+        """Called for every accepted price of every instance, in seq order per zone."""
+
+    def on_backend_changed(self, backend: str) -> None:
+        """Called when the backend in use changes (failover to memory and back)."""
+
+
+class Storage(Protocol):
+    """Latest price, bounded history and seq per zone; pub/sub; instance registry."""
+
+    @property
+    def backend(self) -> str:
+        """``"redis"`` or ``"in-memory"``: what is serving right now."""
+
+    @property
+    def epoch(self) -> str:
+        """The seq numbering lineage; changes only when numbering restarts."""
+
+    async def start(self, listener: StorageListener) -> None:
+        """Connect, load the epoch, and start delivering prices to ``listener``."""
+
+    async def close(self) -> None:
+        """Stop delivering and release connections; idempotent."""
+
+    async def append(self, zone: str, body: bytes) -> StoredPrice:
+        """Atomically give ``body`` (a price object without seq) the zone's next seq,
+        store it as latest and in history, and publish it to every instance."""
+
+    async def latest(self, zone: str) -> StoredPrice | None:
+        """The zone's newest price, if any."""
+
+    async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
+        """Up to ``limit`` newest retained prices of the zone, oldest first."""
+
+    async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
+        """Every retained price with seq > ``seq``, oldest first; ``None`` when the
+        history no longer reaches back to ``seq + 1`` (or ``seq`` is ahead of it)."""
+
+    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        """Publish this instance's snapshot (connections, ...) for ``ttl`` seconds."""
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        """Remove this instance's registration at once (clean shutdown)."""
+
+    async def instances(self) -> dict[str, bytes]:
+        """Every live (unexpired) instance's snapshot, by instance id."""
+
+    async def check(self) -> None:
+        """Raise ``StorageUnavailable`` if the backend cannot serve right now."""

@@ -1,0 +1,127 @@
+"""In-memory storage: the embedded default and the failover target.
+
+Same semantics as the Redis backend, within one process: seqs per zone, a bounded
+history (``deque(maxlen=...)`` drops the oldest price, which ``since`` then reports as
+a gap), and instance registrations that expire by TTL.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+from pricehub.protocol import with_seq
+from pricehub.storage.base import StorageListener, StoredPrice
+
+__all__ = ["MemoryStorage"]
+
+
+class _Zone:
+    __slots__ = ("history", "seq")
+
+    def __init__(self, history_size: int) -> None:
+        self.seq = 0
+        self.history: deque[StoredPrice] = deque(maxlen=history_size)
+
+
+class MemoryStorage:
+    """A dict of zones in this process.
+
+    :param history_size: prices retained per zone (default 1000, as ``--history-size``).
+    :param epoch: numbering lineage; a fresh random one by default, since a new
+        process starts numbering from 1 again.
+    :param clock: monotonic seconds, injectable for TTL tests.
+    """
+
+    backend = "in-memory"
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        epoch: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._history_size = history_size
+        self._epoch = epoch or uuid.uuid4().hex[:12]
+        self._clock = clock
+        self._zones: dict[str, _Zone] = {}
+        self._instances: dict[str, tuple[float, bytes]] = {}
+        self._listener: StorageListener | None = None
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    async def start(self, listener: StorageListener) -> None:
+        self._listener = listener
+
+    async def close(self) -> None:
+        self._listener = None
+
+    def _zone(self, zone: str) -> _Zone:
+        state = self._zones.get(zone)
+        if state is None:
+            state = self._zones[zone] = _Zone(self._history_size)
+        return state
+
+    async def append(self, zone: str, body: bytes) -> StoredPrice:
+        price = self.record(zone, body)
+        if self._listener is not None:
+            self._listener.on_price(price)
+        return price
+
+    def record(self, zone: str, body: bytes) -> StoredPrice:
+        """Number and store a price without publishing it."""
+        state = self._zone(zone)
+        state.seq += 1
+        price = StoredPrice(zone, state.seq, with_seq(body, state.seq))
+        state.history.append(price)
+        return price
+
+    def mirror(self, price: StoredPrice) -> None:
+        """Keep a copy of a price that another backend numbered, so this store can
+        take over with no gap and no seq going backwards (failover)."""
+        state = self._zone(price.zone)
+        if price.seq > state.seq:
+            state.seq = price.seq
+            state.history.append(price)
+
+    def last_seq(self, zone: str) -> int:
+        return self._zone(zone).seq
+
+    async def latest(self, zone: str) -> StoredPrice | None:
+        history = self._zone(zone).history
+        return history[-1] if history else None
+
+    async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
+        history = self._zone(zone).history
+        return list(history)[-limit:] if limit > 0 else []
+
+    async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
+        state = self._zone(zone)
+        if seq > state.seq:
+            return None
+        if seq == state.seq:
+            return []
+        if not state.history or state.history[0].seq > seq + 1:
+            return None
+        return [price for price in state.history if price.seq > seq]
+
+    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        self._instances[instance_id] = (self._clock() + ttl, snapshot)
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+
+    async def instances(self) -> dict[str, bytes]:
+        now = self._clock()
+        expired = [key for key, (deadline, _) in self._instances.items() if deadline <= now]
+        for key in expired:
+            del self._instances[key]
+        return {key: snapshot for key, (_, snapshot) in self._instances.items()}
+
+    async def check(self) -> None:
+        return None

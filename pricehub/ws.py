@@ -1,0 +1,221 @@
+"""The two WebSocket endpoints: admission, upgrade, the read loop and teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from pricehub import protocol
+from pricehub.admission import origin_allowed
+from pricehub.connection import Connection, SendLimits
+from pricehub.exceptions import AuthError
+from pricehub.keys import BROADCASTER, LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
+from pricehub.session import Session, SessionClosed
+from pricehub.stats import DisconnectReason
+
+__all__ = ["market_socket", "prices_socket"]
+
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+CLOSE_INTERNAL = 1011
+
+log = structlog.get_logger("pricehub.ws")
+
+
+async def market_socket(request: web.Request) -> web.StreamResponse:
+    """``/api/ws/ws/market/{zone}``: one zone, resumable with ``since`` and ``epoch``."""
+    zone = request.match_info["zone"]
+    since_raw = request.query.get("since")
+    since = int(since_raw) if since_raw is not None and since_raw.isdigit() else None
+    return await serve_socket(
+        request,
+        zones=(zone,),
+        single_zone=zone,
+        since=since,
+        epoch=request.query.get("epoch") or None,
+        bad_since=since_raw is not None and since is None,
+    )
+
+
+async def prices_socket(request: web.Request) -> web.StreamResponse:
+    """``/api/ws/ws/prices?zones=a,b``: several zones (default all; ``zones=`` none,
+    for clients that resume every zone with a ``subscribe`` message)."""
+    raw = request.query.get("zones")
+    zones = (
+        request.app[SETTINGS].zones
+        if raw is None
+        else tuple(dict.fromkeys(z.strip() for z in raw.split(",") if z.strip()))
+    )
+    return await serve_socket(request, zones=zones, single_zone=None, since=None, epoch=None)
+
+
+async def serve_socket(
+    request: web.Request,
+    *,
+    zones: tuple[str, ...],
+    single_zone: str | None,
+    since: int | None,
+    epoch: str | None,
+    bad_since: bool = False,
+) -> web.StreamResponse:
+    app = request.app
+    settings, stats = app[SETTINGS], app[STATS]
+    if not origin_allowed(request, settings.allowed_origins):
+        stats.rejected_connections["origin"] += 1
+        raise web.HTTPForbidden(text="origin not allowed")
+    ws = web.WebSocketResponse(
+        autoping=False,
+        max_msg_size=settings.max_frame_size,
+        compress=settings.compression,
+        timeout=settings.shutdown_grace,
+    )
+    await ws.prepare(request)
+    remote = request.remote or "unknown"
+    admitted, allowed = await admit(request, ws, zones, remote)
+    if not admitted:
+        return ws
+    try:
+        return await run_connection(
+            request, ws, zones=zones, single_zone=single_zone, since=since, epoch=epoch,
+            bad_since=bad_since, remote=remote, allowed=allowed,
+        )
+    finally:
+        app[LIMITS].release(remote)
+
+
+async def admit(
+    request: web.Request, ws: web.WebSocketResponse, zones: tuple[str, ...], remote: str
+) -> tuple[bool, frozenset[str] | None]:
+    """Limits, token and zones, in that order; closes the socket and says why if refused.
+
+    Returns whether the socket was admitted and the zones its token allows (None: all).
+    """
+    app = request.app
+    stats = app[STATS]
+    over = app[LIMITS].acquire(remote)
+    if over is not None:
+        stats.rejected_connections[f"limit_{over}"] += 1
+        await ws.close(code=CLOSE_TRY_AGAIN, message=b"server over its connection limit")
+        return False, None
+    refusal, code, message, allowed = None, 0, "", None
+    try:
+        allowed = app[VERIFIER].allowed_zones(request.query.get("token"))
+        unknown = [zone for zone in zones if zone not in app[SETTINGS].zones]
+        if unknown:
+            refusal, code, message = "unknown_zone", CLOSE_POLICY, f"unknown zone {unknown[0][:40]}"
+        elif allowed is not None and not set(zones) <= allowed:
+            refusal, code, message = "forbidden_zone", 4003, "token does not allow this zone"
+        elif len(zones) > app[SETTINGS].max_zones_per_socket:
+            refusal, code, message = "too_many_zones", CLOSE_POLICY, "too many zones"
+    except AuthError as exc:
+        refusal, code, message = "auth", exc.close_code, exc.message
+    if refusal is None:
+        return True, allowed
+    app[LIMITS].release(remote)
+    stats.rejected_connections[refusal] += 1
+    await ws.close(code=code, message=message.encode())
+    return False, None
+
+
+async def run_connection(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    *,
+    zones: tuple[str, ...],
+    single_zone: str | None,
+    since: int | None,
+    epoch: str | None,
+    bad_since: bool,
+    remote: str,
+    allowed: frozenset[str] | None,
+) -> web.WebSocketResponse:
+    app = request.app
+    settings, stats, storage, broadcaster = app[SETTINGS], app[STATS], app[STORAGE], app[BROADCASTER]
+    transport = request.transport
+    assert transport is not None  # prepare() succeeded, so the socket is open
+    connection = Connection(
+        ws=ws,
+        transport=transport,  # type: ignore[arg-type]
+        remote=remote,
+        scheduler=broadcaster,
+        limits=SendLimits(
+            high_water=settings.send_high_water,
+            hard_limit=settings.send_hard_limit,
+            lag_timeout=settings.slow_consumer_timeout,
+        ),
+    )
+    conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
+    session = Session(
+        connection=connection, settings=settings, storage=storage, broadcaster=broadcaster,
+        stats=stats, allowed_zones=allowed, single_zone=single_zone, log=conn_log,
+    )
+    broadcaster.add(connection)
+    stats.total_connections += 1
+    started = time.monotonic()
+    conn_log.info("connected")
+    reason = DisconnectReason.CLIENT
+    try:
+        connection.send(
+            protocol.connection_established(
+                connection_id=connection.id, zones=zones, single_zone=single_zone is not None,
+                backend=storage.backend, epoch=storage.epoch,
+                heartbeat_interval=settings.heartbeat_interval, now=protocol.utc_now(),
+            )
+        )
+        if bad_since:
+            session.send_error("invalid_message", "'since' must be a non-negative integer")
+        for zone in zones:
+            await session.open_zone(zone, since=since, epoch=epoch)
+        await read_loop(ws, session)
+        reason = connection.disconnect_reason or read_loop_reason(ws)
+    except SessionClosed as exc:
+        reason = exc.disconnect_reason
+        await ws.close(code=exc.code, message=exc.reason.encode())
+    except AuthError as exc:
+        reason = DisconnectReason.AUTH
+        await ws.close(code=exc.close_code, message=exc.message.encode())
+    except (asyncio.CancelledError, ConnectionResetError):
+        reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
+        raise
+    except Exception:
+        reason = DisconnectReason.ERROR
+        stats.connection_errors += 1
+        conn_log.exception("connection_failed")
+        await ws.close(code=CLOSE_INTERNAL, message=b"internal error")
+    finally:
+        connection.closing = True
+        broadcaster.remove(connection)
+        stats.connection_closed(connection, reason)
+        conn_log.info(
+            "disconnected", reason=reason, close_code=ws.close_code,
+            duration_s=round(time.monotonic() - started, 3),
+            messages_sent=connection.messages_sent, messages_received=connection.messages_received,
+        )
+    return ws
+
+
+async def read_loop(ws: web.WebSocketResponse, session: Session) -> None:
+    connection = session.connection
+    async for message in ws:
+        connection.touch()
+        if message.type is WSMsgType.TEXT:
+            await session.handle_text(message.data)
+        elif message.type is WSMsgType.BINARY:
+            await session.handle_binary()
+        elif message.type is WSMsgType.PING:
+            await ws.pong(message.data)
+        elif message.type is WSMsgType.ERROR:
+            break
+        # PONG: touching the connection was all it was for.
+
+
+def read_loop_reason(ws: web.WebSocketResponse) -> str:
+    """Why the read loop ended, when no server-side closer said so."""
+    exc: Any = ws.exception()
+    if exc is not None and getattr(exc, "code", None) == 1009:
+        return DisconnectReason.PROTOCOL
+    return DisconnectReason.CLIENT
