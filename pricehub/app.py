@@ -18,7 +18,7 @@ import orjson
 import structlog
 from aiohttp import WSCloseCode, web
 
-from pricehub import api, heartbeat, simulator, ws
+from pricehub import api, heartbeat, metrics, simulator, ws
 from pricehub.admission import ConnectionLimits
 from pricehub.auth import TokenVerifier
 from pricehub.broadcaster import Broadcaster
@@ -57,6 +57,7 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     app.router.add_get("/api/ws/ws/market/{zone}", ws.market_socket)
     app.router.add_get("/api/ws/ws/prices", ws.prices_socket)
     api.add_routes(app)
+    metrics.add_routes(app)
     app.cleanup_ctx.extend([storage_ctx, background_ctx])
     if settings.redis_url is not None:
         from pricehub.ingest import ingest_ctx

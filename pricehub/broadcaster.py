@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pricehub import protocol
@@ -20,6 +20,10 @@ from pricehub.connection import Connection
 from pricehub.storage import StoredPrice
 
 __all__ = ["Broadcaster"]
+
+
+def _ignore(_seconds: float) -> None:
+    return None
 
 
 class Broadcaster:
@@ -31,6 +35,10 @@ class Broadcaster:
         self.conflation_events = 0
         self.slow_consumer_closes = 0
         self.updates_broadcast = 0
+        # Called once per flushed tick with the seconds from the oldest price received
+        # in that tick to its write (the metrics module installs a histogram here).
+        self.observe_latency: Callable[[float], None] = _ignore
+        self._tick_started: float | None = None
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._conflating: dict[Connection, None] = {}
@@ -67,6 +75,8 @@ class Broadcaster:
         self.updates_broadcast += 1
         if not subscribers:
             return
+        if self._tick_started is None:
+            self._tick_started = time.monotonic()
         frame = protocol.text_frame(protocol.price_update(price.payload))
         for connection in subscribers:
             connection.deliver(price, frame)
@@ -95,6 +105,9 @@ class Broadcaster:
             if connection.conflated is not None and connection not in self._conflating:
                 self._conflating[connection] = None
                 self.conflation_events += 1
+        if self._tick_started is not None:
+            self.observe_latency(time.monotonic() - self._tick_started)
+            self._tick_started = None
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
         """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
