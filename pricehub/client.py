@@ -342,11 +342,11 @@ class PriceClient:
                     self._url(), timeout=aiohttp.ClientWSTimeout(ws_close=self._close_timeout)
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return None, f"connect failed: {exc!r}"
+            return None, f"connect failed: {_explain(exc)}"
         try:
             return await self._serve(ws)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return ws.close_code, f"connection lost: {exc!r}"
+            return ws.close_code, f"connection lost: {_explain(exc)}"
         finally:
             await ws.close()
 
@@ -495,6 +495,10 @@ class PriceClient:
         # the real update wins over the initial_data copy, keeping its replay flag.
         for update in sorted(held, key=lambda u: (u.seq, u.initial)):
             await self._deliver(update)
+
+
+def _explain(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _price(

@@ -242,9 +242,9 @@ async def test_server_restart_surfaces_a_gap_then_the_new_numbering(
 ) -> None:
     log, sleep = StatusLog(), GatedSleep(open_=False)
     async with make_client(server.url, "pjm", sleep, log) as client:
+        await log.wait_for(lambda s: s.state == "connected")
         await publish(server, "pjm", 10.0, 11.0, 12.0)
         assert [u.seq for u in updates(await take(client, 3))] == [1, 2, 3]
-        await log.wait_for(lambda s: s.state == "connected")
         if how == "sigkill":
             server.kill()
         else:
@@ -271,7 +271,7 @@ async def test_attempt_cap_then_failed_then_manual_reconnect(server: ServerProce
     log, sleep = StatusLog(), GatedSleep()
     async with make_client(server.url, "pjm", sleep, log) as client:
         await publish(server, "pjm", 1.0)
-        await take(client, 1)
+        await take(client, 1)  # as initial_data or as a live update: either sets a cursor
         assert await server.stop_async() == 0
         failed = await log.wait_for(lambda s: s.state == "failed")
         with pytest.raises(ReconnectFailed, match="gave up after 5 reconnect attempts"):

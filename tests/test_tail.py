@@ -1,0 +1,159 @@
+"""``pricehub tail`` as a user runs it: a subprocess against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+
+from pricehub.client import Gap, PriceUpdate, Status
+from pricehub.tail import TableView
+from tests.serverproc import REPO, ServerProcess
+
+KEY = "tail-test-key"
+WAIT = 10.0
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture
+def server() -> Iterator[ServerProcess]:
+    with ServerProcess("--no-simulate", publish_key=KEY) as proc:
+        yield proc
+
+
+class Tail:
+    """A running ``python -m pricehub tail`` with bounded reads of its output."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr_lines: list[str] = []
+
+    async def stdout_line(self) -> str:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(WAIT):
+            return (await self.process.stdout.readline()).decode()
+
+    async def stderr_until(self, text: str) -> None:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(WAIT):
+            while not any(text in line for line in self.stderr_lines):
+                line = (await self.process.stderr.readline()).decode()
+                assert line, f"tail exited before printing {text!r}: {self.stderr_lines}"
+                self.stderr_lines.append(line)
+
+    async def stdout_until(self, *texts: str) -> str:
+        """Read stdout until every text appears in one frame; returns that frame."""
+        assert self.process.stdout is not None
+        buffer = ""
+        async with asyncio.timeout(WAIT):
+            while True:
+                chunk = (await self.process.stdout.read(4096)).decode()
+                assert chunk, f"tail exited; output so far: {buffer!r}"
+                buffer += chunk
+                frames = ANSI.sub("", buffer).split("pricehub tail ")
+                for frame in frames:
+                    if all(text in frame for text in texts):
+                        return frame
+
+    async def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(WAIT):
+            return await self.process.wait()
+
+
+StartTail = Callable[..., Awaitable[Tail]]
+
+
+@pytest.fixture
+async def run_tail() -> AsyncIterator[StartTail]:
+    """Starts ``python -m pricehub tail ARGS``; kills what is still running at the end."""
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str) -> Tail:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pricehub", "tail", *args,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        started.append(process)
+        return Tail(process)
+
+    yield start
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_json_mode_prints_one_price_object_per_line(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    tail = await run_tail("--json", "--server", server.url, "pjm")
+    await tail.stderr_until("pricehub tail: connected")
+    prices = [40.0, 41.5, -3.25, 0.0, 99.99]
+    await server.publish(*({"market_zone": "pjm", "price": p, "volume": 7} for p in prices))
+    lines = [json.loads(await tail.stdout_line()) for _ in prices]
+    assert await tail.interrupt() == 0
+
+    assert [line["seq"] for line in lines] == [1, 2, 3, 4, 5]
+    assert [line["price"] for line in lines] == prices
+    for line in lines:
+        assert line["market_zone"] == "pjm"
+        assert line["volume"] == 7
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
+        assert line["replay"] is False
+
+
+async def test_table_mode_renders_a_frame(server: ServerProcess, run_tail: StartTail) -> None:
+    await server.publish({"market_zone": "ercot", "price": 41.5, "volume": 3})
+    tail = await run_tail("--server", server.url, "--refresh", "0.05", "pjm", "ercot")
+    frame = await tail.stdout_until("connected", "ercot", "41.50")
+    assert await tail.interrupt() == 0
+    header = next(line for line in frame.splitlines() if line.startswith("ZONE"))
+    assert header.split() == [
+        "ZONE",
+        "PRICE",
+        "CHANGE",
+        "VOLUME",
+        "SEQ",
+        "UPD/S",
+        "AGE",
+        "GAPS",
+        "TIME",
+    ]
+    assert re.search(r"^pjm\s+-", frame, re.MULTILINE), frame
+
+
+async def test_unknown_zone_exits_1_with_the_reason(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    tail = await run_tail("--json", "--server", server.url, "nosuchzone")
+    async with asyncio.timeout(WAIT):
+        assert await tail.process.wait() == 1
+    assert tail.process.stderr is not None
+    assert "1008" in (await tail.process.stderr.read()).decode()
+
+
+def test_table_view_tracks_change_rate_and_gaps() -> None:
+    now = [100.0]
+    view = TableView(["pjm", "caiso"], server="http://x", clock=lambda: now[0])
+
+    def price(seq: float, value: float) -> PriceUpdate:
+        return PriceUpdate("pjm", value, None, int(seq), "2026-11-27T15:00:00.000Z")
+
+    for seq in range(1, 11):
+        now[0] += 1.0
+        view.record(price(seq, 40.0 + seq))
+    view.record(Gap("pjm", 10, "e1", "e2", None, None))
+    view.status = Status("reconnecting", attempt=2, delay=2.5, error="boom")
+    frame = ANSI.sub("", view.render())
+
+    row = next(line for line in frame.splitlines() if line.startswith("pjm")).split()
+    assert row[:8] == ["pjm", "50.00", "+1.00", "-", "10", "1.0", "0.0s", "1"]
+    assert "reconnecting in 2.5 s (attempt 2): boom" in frame
+    assert "gap in pjm after seq 10 (server history lost)" in frame
+    assert re.search(r"^caiso\s+-\s+0\.0\s+0$", frame, re.MULTILINE), frame
