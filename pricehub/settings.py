@@ -20,7 +20,9 @@ from typing import Any
 
 from pricehub.exceptions import ConfigError
 
-__all__ = ["DEFAULT_ZONES", "OPTIONS", "Option", "Settings", "build_parser", "load_settings"]
+__all__ = [
+    "DEFAULT_ZONES", "OPTIONS", "Option", "Settings", "build_parser", "example_toml", "load_settings",
+]
 
 DEFAULT_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
 ZONE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
@@ -302,3 +304,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [pricehub] must be a table")
     return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def example_toml() -> str:
+    """The documented example config (``config/pricehub.example.toml``): every key with
+    its default. A test keeps the checked-in file equal to this."""
+    lines = [
+        "# pricehub configuration: every key with its default.",
+        "# Use with `python run_server.py --config config/pricehub.example.toml`.",
+        "# Precedence: command-line flag > PRICEHUB_<KEY> environment variable > this file",
+        "# > default. Keys may also sit under a [pricehub] table.",
+        "",
+    ]
+    defaults = Settings()
+    for option in OPTIONS:
+        value = getattr(defaults, option.name)
+        lines.append(f"# {option.help}")
+        lines.append(_toml_line(option.name, value))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_line(name: str, value: Any) -> str:
+    if value is None:
+        return f"# {name} = (unset)"
+    if isinstance(value, bool):
+        return f"{name} = {str(value).lower()}"
+    if isinstance(value, tuple):
+        items = ", ".join(f'"{item}"' for item in value)
+        return f"{name} = [{items}]"
+    if isinstance(value, str):
+        return f'{name} = "{value}"'
+    return f"{name} = {value}"

@@ -1,0 +1,77 @@
+"""Helpers for in-process server tests: settings, publishing, reading frames with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp.test_utils import TestClient
+
+from pricehub.settings import Settings
+
+__all__ = [
+    "PUBLISH_KEY", "WAIT", "collect_updates", "make_settings", "publish", "receive_json",
+    "receive_until",
+]
+
+PUBLISH_KEY = "test-publish-key"
+WAIT = 10.0  # upper bound of every wait; the happy path takes milliseconds
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """In-memory, no simulator, publishing on: a server that only does what a test says."""
+    base: dict[str, Any] = {"redis_url": None, "simulate": False, "publish_key": (PUBLISH_KEY,)}
+    return Settings(**(base | overrides))
+
+
+async def publish(
+    client: TestClient[Any, Any], *prices: dict[str, Any], key: str = PUBLISH_KEY
+) -> list[dict[str, Any]]:
+    """POST prices (one object, or a batch) and return the ``accepted`` list."""
+    body: Any = prices[0] if len(prices) == 1 else list(prices)
+    response = await client.post(
+        "/api/ws/ws/broadcast/price", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status == 202, await response.text()
+    accepted: list[dict[str, Any]] = (await response.json())["accepted"]
+    return accepted
+
+
+async def receive_json(ws: aiohttp.ClientWebSocketResponse, *, timeout: float = WAIT) -> Any:
+    message = await ws.receive(timeout=timeout)
+    assert message.type is aiohttp.WSMsgType.TEXT, f"expected text, got {message!r}"
+    return orjson.loads(message.data)
+
+
+async def receive_until(
+    ws: aiohttp.ClientWebSocketResponse,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float = WAIT,
+) -> list[dict[str, Any]]:
+    """Every message up to and including the first one matching ``predicate``."""
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await receive_json(ws, timeout=timeout)
+            seen.append(message)
+            if predicate(message):
+                return seen
+
+
+async def collect_updates(
+    ws: aiohttp.ClientWebSocketResponse, zone: str, *, until_seq: int, timeout: float = WAIT
+) -> list[int]:
+    """The seqs of ``zone``'s price updates received until ``until_seq`` arrives."""
+    messages = await receive_until(
+        ws,
+        lambda m: m["type"] == "price_update" and m["market_zone"] == zone
+        and m["seq"] >= until_seq,
+        timeout=timeout,
+    )
+    return [
+        m["seq"] for m in messages if m["type"] == "price_update" and m["market_zone"] == zone
+    ]

@@ -1,0 +1,35 @@
+"""Seq/resume bookkeeping (sans-I/O)."""
+
+from __future__ import annotations
+
+from pricehub.resume import ZoneStream, plan_resume
+from pricehub.storage import StoredPrice
+
+
+def price(seq: int) -> StoredPrice:
+    return StoredPrice("pjm", seq, b'{"seq":%d}' % seq)
+
+
+def test_resume_replays_what_storage_retained() -> None:
+    outcome = plan_resume(since=3, client_epoch="e1", epoch="e1", retained=[price(4), price(5)])
+    assert outcome.recovered and [p.seq for p in outcome.replay] == [4, 5]
+    assert (outcome.from_seq, outcome.to_seq) == (4, 5)
+
+
+def test_resume_with_nothing_missed_is_recovered_and_empty() -> None:
+    outcome = plan_resume(since=5, client_epoch=None, epoch="e1", retained=[])
+    assert outcome.recovered and outcome.replay == () and (outcome.from_seq, outcome.to_seq) == (6, 5)
+
+
+def test_resume_fails_on_gap_or_other_epoch() -> None:
+    assert not plan_resume(since=1, client_epoch="e1", epoch="e1", retained=None).recovered
+    assert not plan_resume(since=1, client_epoch="old", epoch="e1", retained=[price(2)]).recovered
+
+
+def test_zone_stream_holds_while_syncing_then_releases_only_newer_in_order() -> None:
+    stream = ZoneStream("pjm")
+    stream.held.extend([price(5), price(6), price(7)])
+    released = stream.finish(delivered_up_to=6)
+    assert [p.seq for p in released] == [7]
+    assert not stream.syncing and stream.held == [] and stream.last_seq == 7
+    assert not stream.accept(7) and not stream.accept(3) and stream.accept(8)

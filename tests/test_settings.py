@@ -1,0 +1,91 @@
+"""Settings: precedence flag > environment > TOML file > default, and validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pricehub.exceptions import ConfigError
+from pricehub.settings import DEFAULT_ZONES, Settings, example_toml, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_contracts() -> None:
+    settings = load_settings([], environ={})
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.zones == DEFAULT_ZONES
+    assert (settings.heartbeat_interval, settings.heartbeat_timeout) == (30.0, 60.0)
+    assert settings.history_size == 1000 and settings.max_frame_size == 65536
+    assert (settings.max_connections, settings.max_connections_per_ip) == (50000, 1000)
+    assert settings.client_rate_limit == 20.0 and settings.workers == 1
+    assert settings.publish_key == () and settings.simulator_enabled
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text('port = 1111\nhistory_size = 5\nzones = ["pjm"]\nredis_url = "none"\n')
+    environ = {"PRICEHUB_PORT": "2222", "PRICEHUB_HISTORY_SIZE": "7"}
+    settings = load_settings(["--config", str(config), "--port", "3333"], environ=environ)
+    assert settings.port == 3333  # flag
+    assert settings.history_size == 7  # environment
+    assert settings.zones == ("pjm",)  # file
+    assert settings.redis_url is None  # 'none' means in-memory only
+    assert settings.heartbeat_interval == 30.0  # default
+
+
+def test_config_file_from_environment_and_table(tmp_path: Path) -> None:
+    config = tmp_path / "p.toml"
+    config.write_text("[pricehub]\nsimulate = false\npublish-key = ['a', 'b']\n")
+    settings = load_settings([], environ={"PRICEHUB_CONFIG": str(config)})
+    assert settings.publish_key == ("a", "b") and not settings.simulator_enabled
+
+
+def test_simulator_defaults_off_with_a_publish_key_unless_asked() -> None:
+    assert not load_settings(["--publish-key", "k"], environ={}).simulator_enabled
+    assert load_settings(["--publish-key", "k", "--simulate"], environ={}).simulator_enabled
+    assert not load_settings(["--no-simulate"], environ={}).simulator_enabled
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "http"], "port: invalid literal"),
+        (["--port", "70000"], "port must be 0..65535"),
+        (["--zones", "PJM"], "not a valid zone name"),
+        (["--zones", "pjm,pjm"], "duplicate"),
+        (["--heartbeat-interval", "60", "--heartbeat-timeout", "30"], "heartbeat_timeout"),
+        (["--history-size", "0"], "history_size must be > 0"),
+        (["--redis-url", "http://x"], "redis_url must start with"),
+        (["--workers", "2", "--redis-url", "none"], "workers > 1 needs Redis"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "file not found"),
+        (["--tls-cert", "/nonexistent.pem"], "given together"),
+        (["--log-format", "xml"], "log_format"),
+    ],
+)
+def test_invalid_settings_say_which_and_why(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(argv, environ={})
+
+
+def test_bad_environment_and_files_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="port"):
+        load_settings([], environ={"PRICEHUB_PORT": "eighty"})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = = 1")
+    with pytest.raises(ConfigError, match="broken.toml"):
+        load_settings(["--config", str(broken)], environ={})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("colour = 'red'")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings(["--config", str(unknown)], environ={})
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_settings(["--config", str(tmp_path / "missing.toml")], environ={})
+
+
+def test_example_config_documents_every_key_with_its_default() -> None:
+    shipped = REPO / "config" / "pricehub.example.toml"
+    assert shipped.read_text() == example_toml()
+    assert load_settings(["--config", str(shipped)], environ={}) == Settings()
