@@ -149,7 +149,7 @@ class _Cursor:
 
 
 Event = PriceUpdate | Gap
-_END_TYPES = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+_LOST_TYPES = (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 _WAKE = object()  # queued to wake a blocked iterator after a failure or close
 
 
@@ -375,9 +375,11 @@ class PriceClient:
                     msg = await ws.receive(timeout=silence_limit)
                 except TimeoutError:
                     return None, f"no frame from the server for {silence_limit:g} s"
-                if msg.type in _END_TYPES:
-                    reason = msg.extra if msg.type is aiohttp.WSMsgType.CLOSE else repr(msg.data)
-                    return ws.close_code, f"closed by the server: {reason or 'no reason'}"
+                if msg.type is aiohttp.WSMsgType.CLOSE:
+                    return ws.close_code, msg.extra or "closed by the server without a reason"
+                if msg.type in _LOST_TYPES:
+                    cause = f": {_explain(msg.data)}" if isinstance(msg.data, BaseException) else ""
+                    return ws.close_code, f"connection lost{cause}"
                 message = self._decode(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
                 if message is None:
                     continue

@@ -93,7 +93,8 @@ async def _tail(args: argparse.Namespace) -> int:
 
 def _describe(status: Status) -> str:
     if status.state == "reconnecting":
-        return f"reconnecting in {status.delay:.1f} s (attempt {status.attempt}): {status.error}"
+        why = f"close {status.code}: {status.error}" if status.code else status.error
+        return f"reconnecting in {status.delay:.1f} s (attempt {status.attempt}) after {why}"
     if status.state == "connecting" and status.attempt:
         return f"connecting (attempt {status.attempt})"
     return status.error if status.state == "failed" and status.error else status.state

@@ -299,6 +299,7 @@ async def test_unknown_zone_is_terminal(server: ServerProcess) -> None:
         with pytest.raises(TerminalCloseError) as caught:
             await take(client, 1)
     assert caught.value.code == 1008
+    assert str(caught.value) == "server closed the connection with 1008: unknown zone nosuchzone"
     assert sleep.delays == []
     assert [s.state for s in log.statuses] == ["connecting", "failed", "closed"]
     assert log.statuses[1].code == 1008

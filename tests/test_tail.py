@@ -149,11 +149,11 @@ def test_table_view_tracks_change_rate_and_gaps() -> None:
         now[0] += 1.0
         view.record(price(seq, 40.0 + seq))
     view.record(Gap("pjm", 10, "e1", "e2", None, None))
-    view.status = Status("reconnecting", attempt=2, delay=2.5, error="boom")
+    view.status = Status("reconnecting", attempt=2, delay=2.5, code=1001, error="going away")
     frame = ANSI.sub("", view.render())
 
     row = next(line for line in frame.splitlines() if line.startswith("pjm")).split()
     assert row[:8] == ["pjm", "50.00", "+1.00", "-", "10", "1.0", "0.0s", "1"]
-    assert "reconnecting in 2.5 s (attempt 2): boom" in frame
+    assert "reconnecting in 2.5 s (attempt 2) after close 1001: going away" in frame
     assert "gap in pjm after seq 10 (server history lost)" in frame
     assert re.search(r"^caiso\s+-\s+0\.0\s+0$", frame, re.MULTILINE), frame
