@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pricehub.protocol import with_seq
 from pricehub.storage.base import StorageListener, StoredPrice
@@ -88,6 +88,14 @@ class MemoryStorage:
         if price.seq > state.seq:
             state.seq = price.seq
             state.history.append(price)
+
+    def reset(self, zone: str, prices: Iterable[StoredPrice], *, seq: int) -> None:
+        """Replace a zone's seq and retained history (contiguous, oldest first) with
+        another backend's, once failover recovery has reconciled the two."""
+        state = self._zone(zone)
+        state.seq = seq
+        state.history.clear()
+        state.history.extend(prices)
 
     def last_seq(self, zone: str) -> int:
         return self._zone(zone).seq

@@ -1,0 +1,665 @@
+"""Redis storage: the cluster backend (redis.asyncio).
+
+Every key and channel lives under one prefix (``pricehub:`` by default, see
+``KeyLayout``). Appending a price is one Lua script (``APPEND_LUA``): INCR the zone's seq,
+splice ``"seq":N,`` into the body exactly as ``protocol.with_seq`` does, store it as
+latest and in a bounded history ZSET (score = seq), PUBLISH it. Because the script is
+atomic and one PUB/SUB connection delivers in publish order, every instance sees a
+zone's prices in seq order. Concurrent appends are pipelined: they queue up while one
+round trip is in flight and leave together in the next one.
+
+The subscriber connection can look healthy and deliver nothing (a half-open TCP
+connection, a proxy that stopped forwarding). So a watcher publishes a probe to this
+instance's own probe channel every ``probe_interval`` and expects the subscriber to
+receive *something* within ``2 * timeout``; otherwise the storage is lost.
+
+Errors never escape as driver exceptions: every Redis/socket failure surfaces as
+``StorageUnavailable``, which ``FailoverStorage`` turns into a switch to memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from pricehub.exceptions import StorageError, StorageUnavailable
+from pricehub.protocol import with_seq
+from pricehub.storage.base import StorageListener, StoredPrice
+
+__all__ = [
+    "INGEST_ACK",
+    "INGEST_GROUP",
+    "EpochChanged",
+    "IngestAck",
+    "KeyLayout",
+    "LeaseLost",
+    "RedisStorage",
+    "connect_client",
+    "notify_epoch",
+    "redis_errors",
+]
+
+INGEST_GROUP = "pricehub"  # the consumer group of the ingest stream
+EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no zone char)
+MAX_PIPELINE = 512  # appends per round trip
+
+
+class EpochChanged(StorageUnavailable):
+    """Redis's numbering lineage is not the one this instance writes under (it lost
+    its data, or another instance reconciled a divergence): reconcile before writing."""
+
+
+class LeaseLost(StorageError):
+    """The ingest lease passed to another instance; this one must stop consuming."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestAck:
+    """A stream entry whose XACK must ride in the same script as its append."""
+
+    entry_id: str
+    consumer: str  # the lease holder's token; the script refuses anyone else (fencing)
+
+
+# The ingest consumer sets this around ``Publisher.publish`` so the append and the XACK
+# are one atomic script (a crash can never separate them: exactly once), while the
+# price still goes through the one publishing path (counting by source included).
+INGEST_ACK: ContextVar[IngestAck | None] = ContextVar("pricehub_ingest_ack", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    """Every Redis key and channel pricehub uses, under ``prefix``."""
+
+    prefix: str = "pricehub:"
+
+    def seq(self, zone: str) -> str:
+        return f"{self.prefix}seq:{zone}"
+
+    def latest(self, zone: str) -> str:
+        return f"{self.prefix}latest:{zone}"
+
+    def history(self, zone: str) -> str:
+        return f"{self.prefix}history:{zone}"
+
+    def probe(self, token: str) -> str:
+        return f"{self.prefix}probe:{token}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.prefix}instance:{instance_id}"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}epoch"
+
+    @property
+    def prices(self) -> str:
+        return f"{self.prefix}prices"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}instances"
+
+    @property
+    def ingest(self) -> str:
+        return f"{self.prefix}ingest"
+
+    @property
+    def ingest_lease(self) -> str:
+        return f"{self.prefix}ingest:lease"
+
+
+# Replies are bytes throughout: clients are made with decode_responses off (the default).
+
+# KEYS: seq, history, latest, epoch [, ingest lease, ingest stream]
+# ARGV: body, history_size, channel, zone, epoch [, consumer token, group, entry id]
+APPEND_LUA = """
+if redis.call('GET', KEYS[4]) ~= ARGV[5] then
+  return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
+end
+if #KEYS == 6 and redis.call('GET', KEYS[5]) ~= ARGV[6] then
+  return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+end
+local seq = redis.call('INCR', KEYS[1])
+local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
+redis.call('SET', KEYS[3], payload)
+redis.call('ZADD', KEYS[2], seq, payload)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. payload)
+if #KEYS == 6 then
+  redis.call('XACK', KEYS[6], ARGV[7], ARGV[8])
+end
+return seq
+"""
+
+# Recovery of one zone. KEYS: seq, history, latest.
+# ARGV: history_size, channel, zone, our last seq, then (seq, payload) pairs oldest first.
+# Writes back (and publishes) the prices Redis lacks, raises the seq to ours so no
+# instance's numbering goes backwards, and reports whether a seq both sides hold
+# carries different prices (numbering diverged during the outage).
+RESTORE_LUA = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local diverged = 0
+for i = 5, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  local payload = ARGV[i + 1]
+  if seq <= current then
+    local held = redis.call('ZRANGE', KEYS[2], seq, seq, 'BYSCORE')
+    if held[1] and held[1] ~= payload then diverged = 1 end
+  else
+    redis.call('ZADD', KEYS[2], seq, payload)
+    redis.call('SET', KEYS[3], payload)
+    redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. payload)
+  end
+end
+if tonumber(ARGV[4]) > current then
+  redis.call('SET', KEYS[1], ARGV[4])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[1]) + 1))
+return diverged
+"""
+
+# KEYS: epoch. ARGV: expected, replacement, channel. Compare-and-set, announced to all.
+REPLACE_EPOCH_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], '!epoch ' .. ARGV[2])
+end
+return redis.call('GET', KEYS[1])
+"""
+
+
+def connect_client(url: str, *, timeout: float) -> aioredis.Redis:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``.
+
+    Short socket timeouts and no driver retries: a failing Redis must surface at once
+    so the instance fails over to memory within a second, instead of the driver
+    silently retrying (and reconnecting a subscriber that missed messages).
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if url.startswith("redis+sentinel://"):
+        return _sentinel_client(url, options)
+    return aioredis.Redis.from_url(url, **options)
+
+
+def _sentinel_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
+    """``redis+sentinel://[:password@]host[:port][,host[:port]...]/service[/db]``."""
+    parts = urlsplit(url)
+    hosts: list[tuple[str, int]] = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        hosts.append((host, int(port or 26379)))
+    path = [segment for segment in parts.path.split("/") if segment]
+    service = path[0] if path else "mymaster"
+    db = int(path[1]) if len(path) > 1 else 0
+    password = unquote(parts.password) if parts.password else None
+    query = parse_qs(parts.query)
+    sentinel_password = query.get("sentinel_password", [None])[0]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts,
+        sentinel_kwargs={
+            "socket_timeout": options["socket_timeout"],
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "password": sentinel_password,
+        },
+        **options,
+    )
+    client: aioredis.Redis = sentinel.master_for(service, db=db, password=password)
+    return client
+
+
+@contextlib.asynccontextmanager
+async def redis_errors(what: str) -> AsyncIterator[None]:
+    """Turn any driver or socket failure into ``StorageUnavailable``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+        raise StorageUnavailable(f"redis {what}: {exc!r}") from exc
+
+
+def _seq_of(payload: bytes) -> int:
+    """The seq of a stored price: it always starts with ``{"seq":N,``."""
+    return int(payload[7 : payload.index(b",", 7)])
+
+
+def _price(zone: str, payload: bytes) -> StoredPrice:
+    return StoredPrice(zone, _seq_of(payload), payload)
+
+
+@dataclass(slots=True)
+class _Write:
+    zone: str
+    body: bytes
+    ack: IngestAck | None
+    future: asyncio.Future[int]
+
+
+class RedisStorage:
+    """The ``Storage`` Protocol on Redis.
+
+    :param url: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL.
+    :param key_prefix: prefix of every key and channel (default ``pricehub:``).
+    :param history_size: prices retained per zone (default 1000).
+    :param timeout: socket timeout in seconds (default 0.5); the subscriber liveness
+        probe allows ``2 * timeout``.
+    :param probe_interval: seconds between subscriber liveness probes (default 1).
+    :param on_lost: called once, with the cause, when this storage stops being usable
+        (subscriber closed or silent, or a failed write); default: nothing.
+    :param log: structlog logger for listener failures (default ``pricehub.storage``).
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "pricehub:",
+        history_size: int = 1000,
+        timeout: float = 0.5,
+        probe_interval: float = 1.0,
+        on_lost: Callable[[RedisStorage, BaseException], None] | None = None,
+        log: Any = None,
+    ) -> None:
+        self.keys = KeyLayout(key_prefix)
+        self._url = url
+        self._history_size = history_size
+        self._timeout = timeout
+        self._probe_interval = probe_interval
+        self._on_lost = on_lost
+        self._log = log or structlog.get_logger("pricehub.storage")
+        self._token = uuid.uuid4().hex  # names this connection's probe channel
+        self._client: aioredis.Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._append_sha = ""
+        self._epoch: str | None = None
+        self._listener: StorageListener | None = None
+        # Last seq delivered per zone; a zone missing here takes whatever comes first.
+        self._positions: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: list[_Write] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._activity = asyncio.Event()
+        self._lost: BaseException | None = None
+        self.gaps = 0  # updates that arrived after a hole the history could not fill
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> str:
+        if self._epoch is None:
+            raise StorageUnavailable("redis storage not started")
+        return self._epoch
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None or self._lost is not None:
+            raise StorageUnavailable("redis connection not available")
+        return self._client
+
+    async def start(self, listener: StorageListener) -> None:
+        await self.connect()
+        await self.claim_epoch(uuid.uuid4().hex[:12])
+        self.deliver_to(listener, {})
+
+    async def connect(self) -> None:
+        """Connect, load the scripts and subscribe; messages wait until ``deliver_to``."""
+        client = connect_client(self._url, timeout=self._timeout)
+        self._client = client
+        try:
+            async with redis_errors("connect"):
+                await client.ping()
+                self._append_sha = await client.script_load(APPEND_LUA)
+                pubsub = self._pubsub = client.pubsub()
+                await pubsub.subscribe(self.keys.prices, self.keys.probe(self._token))
+                await self._await_subscribed(pubsub, count=2)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _await_subscribed(self, pubsub: PubSub, *, count: int) -> None:
+        # SUBSCRIBE only counts once Redis confirms it; reading state before that could
+        # miss a price published in between.
+        confirmed = 0
+        async with asyncio.timeout(2 * self._timeout):
+            while confirmed < count:
+                message = await pubsub.get_message(timeout=self._timeout)
+                if message is not None and message["type"] == "subscribe":
+                    confirmed += 1
+
+    def deliver_to(self, listener: StorageListener, positions: Mapping[str, int]) -> None:
+        """Start delivering prices, dropping those at or below ``positions``."""
+        self._listener = listener
+        self._positions = dict(positions)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *([self._flusher] if self._flusher else [])]
+        self._tasks, self._flusher = [], None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._fail_pending(StorageUnavailable("redis storage closed"))
+        pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
+        for resource in (pubsub, client):
+            if resource is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._timeout):
+                        await resource.aclose()
+
+    def _mark_lost(self, cause: BaseException) -> None:
+        if self._lost is not None:
+            return
+        self._lost = cause
+        if self._on_lost is not None:
+            self._on_lost(self, cause)
+
+    async def check(self) -> None:
+        if self._lost is not None:
+            raise StorageUnavailable(f"redis lost: {self._lost!r}")
+        async with redis_errors("ping"):
+            await self.client.ping()
+
+    # --- subscriber -------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        pubsub = self._pubsub
+        assert pubsub is not None
+        prices_channel = self.keys.prices.encode()
+        try:
+            async for message in pubsub.listen():
+                self._activity.set()
+                if message["type"] == "message" and message["channel"] == prices_channel:
+                    await self._on_message(message["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of the subscriber means it is lost
+            self._mark_lost(exc)
+        else:
+            self._mark_lost(StorageUnavailable("redis subscriber stopped"))
+
+    async def _on_message(self, data: bytes) -> None:
+        listener = self._listener
+        assert listener is not None
+        if data.startswith(EPOCH_MESSAGE):
+            self._epoch = data[len(EPOCH_MESSAGE) :].decode()
+            notify_epoch(listener, self._epoch)
+            return
+        zone_bytes, _, payload = data.partition(b" ")
+        price = _price(zone_bytes.decode(), payload)
+        last = self._positions.get(price.zone)
+        if last is not None:
+            if price.seq <= last:
+                return  # already delivered (catch-up or a restore's echo)
+            if price.seq > last + 1:
+                await self._fill_gap(listener, price.zone, last, price.seq)
+        self._positions[price.zone] = price.seq
+        self._deliver(listener, price)
+
+    def _deliver(self, listener: StorageListener, price: StoredPrice) -> None:
+        # A listener bug must show up as such, not as a lost Redis (and a failover).
+        try:
+            listener.on_price(price)
+        except Exception:
+            self._log.exception("storage_listener_failed", zone=price.zone, seq=price.seq)
+
+    async def _fill_gap(self, listener: StorageListener, zone: str, last: int, seq: int) -> None:
+        """Deliver the prices between ``last`` and ``seq`` from the history, in order:
+        blocking the reader keeps everything after them waiting in the socket."""
+        missing = await self.since(zone, last)
+        if missing is None or not missing or missing[0].seq != last + 1:
+            self.gaps += 1
+            return
+        for price in missing:
+            if price.seq >= seq:
+                break
+            self._deliver(listener, price)
+
+    async def _watch(self) -> None:
+        """Liveness of the subscriber: a probe to our own channel must come back."""
+        try:
+            while True:
+                await asyncio.sleep(self._probe_interval)
+                # Any message counts, not just the probe: a busy reader may lag behind
+                # its socket, yet a connection that keeps delivering is alive.
+                self._activity.clear()
+                async with redis_errors("probe"):
+                    await self.client.publish(self.keys.probe(self._token), b"probe")
+                try:
+                    async with asyncio.timeout(2 * self._timeout):
+                        await self._activity.wait()
+                except TimeoutError:
+                    raise StorageUnavailable(
+                        f"redis subscriber silent for {2 * self._timeout:g} s"
+                    ) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._mark_lost(exc)
+
+    # --- writes -----------------------------------------------------------------------
+
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
+        if self._lost is not None:
+            raise StorageUnavailable(f"redis lost: {self._lost!r}")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(zone, body, ack, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        seq = await future
+        return StoredPrice(zone, seq, with_seq(body, seq))
+
+    async def _flush(self) -> None:
+        """Send queued appends, many per round trip, in the order they were made."""
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
+            try:
+                results = await self._run_batch(batch)
+            except StorageUnavailable as exc:
+                self._fail_writes(batch, exc)
+                self._mark_lost(exc)
+                continue
+            except BaseException:
+                self._fail_writes(batch, StorageUnavailable("redis storage closed"))
+                raise
+            for write, result in zip(batch, results, strict=True):
+                if write.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    write.future.set_exception(self._write_error(result))
+                else:
+                    write.future.set_result(int(result))
+
+    async def _run_batch(self, batch: Sequence[_Write]) -> list[Any]:
+        keys, client = self.keys, self.client
+        pipe = client.pipeline(transaction=False)
+        for write in batch:
+            zone = write.zone
+            script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
+            args: list[str | bytes | int] = [
+                write.body, self._history_size, keys.prices, zone, self.epoch,
+            ]
+            if write.ack is not None:
+                script_keys += [keys.ingest_lease, keys.ingest]
+                args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
+            pipe.evalsha(self._append_sha, len(script_keys), *script_keys, *args)
+        async with redis_errors("append"):
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _write_error(self, error: BaseException) -> StorageError:
+        text = str(error)
+        if isinstance(error, ResponseError) and text.startswith("PRICEHUB_LEASE"):
+            return LeaseLost(text)
+        if isinstance(error, ResponseError) and text.startswith("PRICEHUB_EPOCH"):
+            cause: StorageError = EpochChanged(text)
+        else:
+            cause = StorageUnavailable(f"redis append: {error!r}")
+        self._mark_lost(cause)
+        return cause
+
+    @staticmethod
+    def _fail_writes(batch: Iterable[_Write], error: BaseException) -> None:
+        for write in batch:
+            if not write.future.done():
+                write.future.set_exception(error)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, []
+        self._fail_writes(pending, error)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def latest(self, zone: str) -> StoredPrice | None:
+        async with redis_errors("latest"):
+            payload = cast(bytes | None, await self.client.get(self.keys.latest(zone)))
+        return None if payload is None else _price(zone, payload)
+
+    async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
+        if limit <= 0:
+            return []
+        async with redis_errors("history"):
+            payloads = cast(
+                list[bytes], await self.client.zrange(self.keys.history(zone), -limit, -1)
+            )
+        return [_price(zone, payload) for payload in payloads]
+
+    async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.seq(zone))
+        pipe.zrange(self.keys.history(zone), f"({seq}", "+inf", byscore=True)
+        async with redis_errors("since"):
+            current_raw, payloads = await pipe.execute()
+        current = int(current_raw or 0)
+        if seq > current:
+            return None
+        prices = [_price(zone, payload) for payload in payloads]
+        # A retained history with a hole (bounded write-back after an outage) cannot
+        # replay across it: that is a gap, not a short answer.
+        if any(price.seq != seq + 1 + index for index, price in enumerate(prices)):
+            return None
+        if len(prices) != current - seq:
+            return None
+        return prices
+
+    # --- instance registry ------------------------------------------------------------
+
+    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.instance(instance_id), snapshot, px=max(1, int(ttl * 1000)))
+        pipe.sadd(self.keys.instances, instance_id)
+        async with redis_errors("register"):
+            await pipe.execute()
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.instance(instance_id))
+        pipe.srem(self.keys.instances, instance_id)
+        async with redis_errors("unregister"):
+            await pipe.execute()
+
+    async def instances(self) -> dict[str, bytes]:
+        """The set names every instance that registered; its snapshot key expires by
+        TTL, so a crashed instance disappears without a scan (and is pruned here)."""
+        client = self.client
+        async with redis_errors("instances"):
+            registered = cast(set[bytes], await client.smembers(self.keys.instances))
+            members = sorted(member.decode() for member in registered)
+            if not members:
+                return {}
+            snapshots = cast(
+                list[bytes | None],
+                await client.mget([self.keys.instance(member) for member in members]),
+            )
+            expired = [m for m, snap in zip(members, snapshots, strict=True) if snap is None]
+            if expired:
+                await client.srem(self.keys.instances, *expired)
+        return {m: snap for m, snap in zip(members, snapshots, strict=True) if snap is not None}
+
+    # --- recovery primitives (used by FailoverStorage) --------------------------------
+
+    async def claim_epoch(self, candidate: str) -> str:
+        """Set the epoch to ``candidate`` unless Redis has one; write under the result."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.epoch, candidate, nx=True)
+        pipe.get(self.keys.epoch)
+        async with redis_errors("epoch"):
+            _, current = await pipe.execute()
+        self._epoch = current.decode()
+        return self._epoch
+
+    async def replace_epoch(self, expected: str, replacement: str) -> str:
+        """Compare-and-set the epoch, announcing a change to every instance."""
+        async with redis_errors("epoch"):
+            current = await self.client.eval(
+                REPLACE_EPOCH_LUA, 1, self.keys.epoch, expected, replacement, self.keys.prices
+            )
+        self._epoch = current.decode()
+        return self._epoch
+
+    async def restore(
+        self, local: Mapping[str, tuple[int, Sequence[StoredPrice]]]
+    ) -> dict[str, bool]:
+        """Per zone ``(last seq, retained prices)``: write back what Redis lacks and
+        raise its seq to ours; returns, per zone, whether the numbering diverged."""
+        zones = [zone for zone, (last, _) in local.items() if last > 0]
+        if not zones:
+            return {}
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for zone in zones:
+            last, prices = local[zone]
+            pairs = [item for price in prices for item in (price.seq, price.payload)]
+            pipe.eval(
+                RESTORE_LUA, 3, keys.seq(zone), keys.history(zone), keys.latest(zone),
+                self._history_size, keys.prices, zone, last, *pairs,
+            )  # fmt: skip
+        async with redis_errors("restore"):
+            results = await pipe.execute()
+        return {zone: bool(result) for zone, result in zip(zones, results, strict=True)}
+
+    async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
+        """One consistent snapshot of every zone's seq and retained history."""
+        zone_list = list(zones)
+        pipe = self.client.pipeline(transaction=True)
+        for zone in zone_list:
+            pipe.get(self.keys.seq(zone))
+            pipe.zrange(self.keys.history(zone), 0, -1)
+        async with redis_errors("load"):
+            results = await pipe.execute()
+        return {
+            zone: (int(results[2 * i] or 0), [_price(zone, p) for p in results[2 * i + 1]])
+            for i, zone in enumerate(zone_list)
+        }
+
+
+def notify_epoch(listener: StorageListener, epoch: str) -> None:
+    """Tell ``listener`` the epoch changed, if it wants to know (``on_epoch_changed``
+    is an optional extension of ``StorageListener``)."""
+    hook = getattr(listener, "on_epoch_changed", None)
+    if hook is not None:
+        hook(epoch)

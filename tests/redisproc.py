@@ -1,0 +1,176 @@
+"""A throwaway ``redis-server`` for tests: a free port, no persistence, kill -9, restart.
+
+::
+
+    with RedisProcess() as redis_server:
+        redis_server.url          # redis://127.0.0.1:<port>/0
+        redis_server.kill()       # SIGKILL: connections drop, every key is gone
+        redis_server.start()      # the same port again, empty
+
+Never the Redis on 6379: each instance gets a port that was free a moment ago.
+Without a ``redis-server`` binary the test is skipped, except under ``CI=true``
+where a missing binary fails the run (CI must not silently skip the cluster tests).
+
+Also here, for the storage tests: ``RecordingListener`` (a ``StorageListener`` that
+records and lets a test wait, bounded, for a seq) and ``eventually`` (bounded polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+from pricehub.storage import StoredPrice
+from tests.serverproc import free_port
+
+__all__ = ["WAIT", "RecordingListener", "RedisProcess", "eventually", "redis_binary"]
+
+WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WAIT) -> None:
+    """Poll ``check`` until it is true; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s: {check.__name__}")
+        await asyncio.sleep(0.02)
+
+
+class RecordingListener:
+    """Keeps what the storage delivered; ``wait_for`` blocks (bounded) until it has it."""
+
+    def __init__(self) -> None:
+        self.prices: list[StoredPrice] = []
+        self.backends: list[str] = []
+        self.epochs: list[str] = []
+        self._changed = asyncio.Event()
+
+    def on_price(self, price: StoredPrice) -> None:
+        self.prices.append(price)
+        self._changed.set()
+
+    def on_backend_changed(self, backend: str) -> None:
+        self.backends.append(backend)
+        self._changed.set()
+
+    def on_epoch_changed(self, epoch: str) -> None:
+        self.epochs.append(epoch)
+
+    def seqs(self, zone: str) -> list[int]:
+        return [price.seq for price in self.prices if price.zone == zone]
+
+    async def wait_for(self, zone: str, seq: int) -> list[int]:
+        """The zone's delivered seqs once ``seq`` has been delivered (within ``WAIT``)."""
+        async with asyncio.timeout(WAIT):
+            while seq not in self.seqs(zone):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.seqs(zone)
+
+    async def wait_backend(self, backend: str) -> None:
+        async with asyncio.timeout(WAIT):
+            while not self.backends or self.backends[-1] != backend:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def redis_binary() -> str:
+    """The ``redis-server`` path, or skip (fail under CI) when there is none."""
+    path = shutil.which("redis-server")
+    if path is None:
+        message = "redis-server not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class RedisProcess:
+    """One ``redis-server`` on 127.0.0.1, also listening on a unix socket.
+
+    :param port: TCP port (default: a free one); kept across ``kill``/``start``.
+    :param startup_timeout: seconds until it must answer PING (default 10).
+    """
+
+    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0) -> None:
+        self.binary = redis_binary()
+        self.port = port or free_port()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"pricehub-redis-{self.port}-"))
+        self.unix_socket = self._dir / "redis.sock"
+        self._startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.unix_socket}?db=0"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Start (or restart, empty) on the same port; wait until it answers PING."""
+        if self.running:
+            raise RuntimeError("redis-server already running")
+        command = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--unixsocket", str(self.unix_socket), "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", str(self._dir),
+            "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        log = (self._dir / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + self._startup_timeout
+        while not self.ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server did not start:\n{self.log()}")
+            time.sleep(0.02)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, connections reset, data gone (no persistence)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def log(self) -> str:
+        path = self._dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> RedisProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""One contract for every storage backend: memory, Redis, and Redis-with-failover.
+
+Each test gets a fresh storage; the Redis-backed ones share one throwaway redis-server
+and are kept apart by a unique key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+
+from pricehub.protocol import PriceBody, with_seq
+from pricehub.storage import MemoryStorage, Storage
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.redis import RedisStorage
+from tests.redisproc import RecordingListener, RedisProcess, eventually
+
+ZONES = ("pjm", "ercot")
+HISTORY = 5
+
+
+def body(zone: str, price: float, *, volume: float | None = 1.0) -> bytes:
+    return PriceBody(zone, price, volume, "2026-11-27T15:00:00.000Z").encode()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+def make_storage(kind: str, redis_server: RedisProcess, prefix: str) -> Storage:
+    if kind == "memory":
+        return MemoryStorage(history_size=HISTORY)
+    if kind == "redis":
+        return RedisStorage(redis_server.url, key_prefix=prefix, history_size=HISTORY)
+    return FailoverStorage(
+        redis_server.url, zones=ZONES, key_prefix=prefix, history_size=HISTORY
+    )
+
+
+@pytest.fixture(params=["memory", "redis", "failover"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def started(
+    kind: str, redis_server: RedisProcess
+) -> AsyncIterator[tuple[Storage, RecordingListener]]:
+    storage = make_storage(kind, redis_server, f"test{uuid.uuid4().hex[:8]}:")
+    listener = RecordingListener()
+    await storage.start(listener)
+    yield storage, listener
+    await storage.close()
+    await storage.close()  # idempotent
+
+
+async def test_backend_and_epoch(kind: str, started: tuple[Storage, RecordingListener]) -> None:
+    storage, _ = started
+    assert storage.backend == ("in-memory" if kind == "memory" else "redis")
+    epoch = storage.epoch
+    assert isinstance(epoch, str)
+    assert epoch
+    await storage.append("pjm", body("pjm", 1.0))
+    assert storage.epoch == epoch
+    await storage.check()
+
+
+async def test_seqs_per_zone_and_payload(started: tuple[Storage, RecordingListener]) -> None:
+    storage, listener = started
+    first = await storage.append("pjm", body("pjm", 41.5))
+    second = await storage.append("pjm", body("pjm", -3.25, volume=None))
+    other = await storage.append("ercot", body("ercot", 12.0))
+    assert [first.seq, second.seq, other.seq] == [1, 2, 1]
+    assert first.payload == with_seq(body("pjm", 41.5), 1)
+    assert orjson.loads(second.payload) == {
+        "seq": 2, "market_zone": "pjm", "price": -3.25, "volume": None,
+        "timestamp": "2026-11-27T15:00:00.000Z",
+    }  # fmt: skip
+    assert await listener.wait_for("pjm", 2) == [1, 2]
+    assert await listener.wait_for("ercot", 1) == [1]
+    assert listener.prices[0] == first
+
+
+async def test_latest_and_bounded_history(started: tuple[Storage, RecordingListener]) -> None:
+    storage, listener = started
+    assert await storage.latest("pjm") is None
+    assert await storage.history("pjm", limit=10) == []
+    for index in range(HISTORY + 3):
+        await storage.append("pjm", body("pjm", float(index)))
+    await listener.wait_for("pjm", HISTORY + 3)
+    latest = await storage.latest("pjm")
+    assert latest is not None
+    assert latest.seq == HISTORY + 3
+    assert latest.payload == with_seq(body("pjm", float(HISTORY + 2)), HISTORY + 3)
+    assert [p.seq for p in await storage.history("pjm", limit=100)] == [4, 5, 6, 7, 8]
+    assert [p.seq for p in await storage.history("pjm", limit=2)] == [7, 8]
+    assert await storage.history("pjm", limit=0) == []
+    assert await storage.latest("ercot") is None
+
+
+async def test_since(started: tuple[Storage, RecordingListener]) -> None:
+    storage, listener = started
+    assert await storage.since("pjm", 0) == []
+    assert await storage.since("pjm", 1) is None  # ahead of the zone
+    for index in range(HISTORY + 2):  # seqs 1..7, history keeps 3..7
+        await storage.append("pjm", body("pjm", float(index)))
+    await listener.wait_for("pjm", HISTORY + 2)
+    replay = await storage.since("pjm", 4)
+    assert replay is not None
+    assert [p.seq for p in replay] == [5, 6, 7]
+    assert replay[0].payload == with_seq(body("pjm", 4.0), 5)
+    assert [p.seq for p in await storage.since("pjm", 2) or []] == [3, 4, 5, 6, 7]
+    assert await storage.since("pjm", 1) is None  # seq 2 is no longer retained
+    assert await storage.since("pjm", 0) is None
+    assert await storage.since("pjm", 7) == []
+    assert await storage.since("pjm", 8) is None
+
+
+async def test_concurrent_appends_are_numbered_once_in_order(
+    started: tuple[Storage, RecordingListener],
+) -> None:
+    storage, listener = started
+    prices = await asyncio.gather(
+        *(storage.append("pjm", body("pjm", float(i))) for i in range(200))
+    )
+    assert sorted(p.seq for p in prices) == list(range(1, 201))
+    # pipelined appends keep call order: the i-th call got seq i+1
+    assert [orjson.loads(p.payload)["price"] for p in prices] == [float(i) for i in range(200)]
+    assert await listener.wait_for("pjm", 200) == list(range(1, 201))
+
+
+async def test_instance_registry_expires(started: tuple[Storage, RecordingListener]) -> None:
+    storage, _ = started
+    await storage.register_instance("a", b'{"connections":1}', ttl=30)
+    await storage.register_instance("b", b'{"connections":2}', ttl=0.2)
+    assert await storage.instances() == {"a": b'{"connections":1}', "b": b'{"connections":2}'}
+    await storage.register_instance("a", b'{"connections":3}', ttl=30)
+    async def b_expired() -> bool:
+        return "b" not in await storage.instances()
+
+    await eventually(b_expired)
+    assert await storage.instances() == {"a": b'{"connections":3}'}
+    await storage.unregister_instance("a")
+    await storage.unregister_instance("never-registered")
+    assert await storage.instances() == {}
