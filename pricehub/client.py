@@ -262,6 +262,8 @@ class PriceClient:
         await self.close()
 
     def __aiter__(self) -> AsyncIterator[Event]:
+        if not self._closed:
+            self.start()  # iterating a client nobody started would wait forever
         return self
 
     async def __anext__(self) -> Event:
