@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 
 from pricehub.backoff import Backoff
@@ -362,3 +364,33 @@ async def test_close_ends_iteration(server: ServerProcess) -> None:
     await client.close()
     assert await take(client, 1) == []
     assert log.states()[-1] == "closed"
+
+
+@pytest.mark.parametrize(
+    ("claims", "secret", "code"),
+    [
+        ({"zones": ["pjm"]}, "jwt-test-secret-of-at-least-32-bytes", None),
+        ({"zones": ["ercot"]}, "jwt-test-secret-of-at-least-32-bytes", 4003),
+        ({"zones": ["pjm"]}, "some-other-secret-of-at-least-32-bytes", 4001),
+    ],
+    ids=["allowed", "forbidden-zone", "bad-signature"],
+)
+async def test_tokens_are_sent_and_auth_closes_are_terminal(
+    claims: dict[str, Any], secret: str, code: int | None
+) -> None:
+    token = jwt.encode({**claims, "exp": int(time.time()) + 300}, secret, algorithm="HS256")
+    log, sleep = StatusLog(), GatedSleep()
+    with ServerProcess(
+        "--no-simulate", "--jwt-secret", "jwt-test-secret-of-at-least-32-bytes", publish_key=KEY
+    ) as srv:
+        async with make_client(srv.url, "pjm", sleep, log, token=token) as client:
+            if code is None:
+                await log.wait_for(lambda s: s.state == "connected")
+                await publish(srv, "pjm", 7.0)
+                [update] = updates(await take(client, 1))
+                assert update.price == 7.0
+            else:
+                with pytest.raises(TerminalCloseError) as caught:
+                    await take(client, 1)
+                assert caught.value.code == code
+    assert sleep.delays == []
