@@ -81,6 +81,8 @@ class TokenVerifier:
             return OPEN_GRANT
         if not token:
             raise AuthError(CLOSE_INVALID_TOKEN, "subscriber token required")
+        if not token.isascii():  # compact JWTs are base64url; PyJWT would fail to encode
+            raise AuthError(CLOSE_INVALID_TOKEN, "invalid token")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, self._key, algorithms=self._algorithms, options={"require": ["exp"]}

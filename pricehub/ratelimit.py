@@ -17,7 +17,11 @@ class TokenBucket:
     __slots__ = ("_burst", "_clock", "_rate", "_stamp", "_tokens", "rejected_in_row")
 
     def __init__(
-        self, rate: float, *, burst: float | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        *,
+        burst: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._rate = rate
         self._burst = 2 * rate if burst is None else burst

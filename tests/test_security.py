@@ -1,0 +1,544 @@
+"""Every protection of issue 7, through real sockets and HTTP against ``create_app``.
+
+Publishers (bearer keys, rotation, body / batch caps, per-key rate limit), subscribers
+(JWT HS256 / RS256 / ES256, ``exp``, ``zones`` claim), the browser Origin check, the
+per-socket and per-server limits, and inputs that used to crash a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pricehub.admission import ConnectionLimits
+from pricehub.app import create_app
+from pricehub.auth import TokenVerifier, key_matches
+from pricehub.exceptions import AuthError
+from pricehub.settings import Settings
+
+WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
+SECRET = "hs256-test-secret-of-at-least-32-bytes!"
+PUBLISH = "/api/ws/ws/broadcast/price"
+MARKET = "/api/ws/ws/market/"
+PRICES = "/api/ws/ws/prices"
+
+Client = TestClient[Any, Any]
+Serve = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def serve(aiohttp_client: Any) -> Serve:
+    """``await serve(**settings)``: a test client of a fresh app; no Redis, no simulator,
+    publish keys k1 and k2, subscriber auth off unless asked for."""
+
+    async def start(**overrides: Any) -> Client:
+        options: dict[str, Any] = {
+            "redis_url": None, "publish_key": ("k1", "k2"), "simulate": False, **overrides,
+        }
+        client: Client = await aiohttp_client(create_app(Settings(**options)))
+        return client
+
+    return start
+
+
+def token(*, key: Any = SECRET, algorithm: str = "HS256", ttl: float = 60, **claims: Any) -> str:
+    payload = {"exp": int(time.time() + ttl), **claims}
+    return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def hs256_by_hand(claims: dict[str, Any], secret: bytes) -> str:
+    """An HS256 token PyJWT refuses to make (a PEM public key as the HMAC secret)."""
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode())
+    signature = hmac.new(secret, signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + b64(signature)).decode()
+
+
+async def close_code(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """Read (and drop) messages until the server closes; the close code."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            message = await ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return ws.close_code
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    """The next server message of type ``kind`` (others are skipped)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            message = await ws.receive()
+            assert message.type is WSMsgType.TEXT, (message.type, message.data)
+            data: dict[str, Any] = message.json()
+            if data["type"] == kind:
+                return data
+
+
+async def refusal(client: Client, path: str, **kwargs: Any) -> int:
+    """How a socket was refused: an HTTP status before the upgrade, or a close code."""
+    try:
+        ws = await client.ws_connect(path, **kwargs)
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+    code = await close_code(ws)
+    assert code is not None
+    return code
+
+
+async def raw_request(client: Client, request: bytes) -> bytes:
+    """Send raw bytes (headers aiohttp's client would not send) and read the answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(WAIT):
+            return await reader.read(65536)
+    finally:
+        writer.close()
+
+
+# --- publishers ---------------------------------------------------------------------------
+
+PRICE = {"market_zone": "pjm", "price": 41.5}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_publish_needs_a_bearer_key(serve: Serve) -> None:
+    client = await serve()
+    response = await client.post(PUBLISH, json=PRICE)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    response = await client.post(PUBLISH, json=PRICE, headers={"Authorization": "Basic k1"})
+    assert response.status == 401
+
+
+@pytest.mark.parametrize("wrong", ["k", "k1x", "K1", "k3", "k1,k2", "x" * 5000])
+async def test_publish_rejects_wrong_keys(serve: Serve, wrong: str) -> None:
+    client = await serve()
+    response = await client.post(PUBLISH, json=PRICE, headers=bearer(wrong))
+    assert response.status == 403
+    assert (await response.json())["error"] == "forbidden"
+
+
+async def test_every_configured_key_publishes_for_rotation(serve: Serve) -> None:
+    client = await serve()
+    seqs = []
+    for key in ("k1", "k2"):
+        response = await client.post(PUBLISH, json=PRICE, headers=bearer(key))
+        assert response.status == 202
+        seqs.append((await response.json())["accepted"][0]["seq"])
+    assert seqs == [1, 2]
+
+
+async def test_no_key_configured_disables_publishing(serve: Serve) -> None:
+    client = await serve(publish_key=())
+    for key in ("", "k1", "anything"):
+        response = await client.post(PUBLISH, json=PRICE, headers=bearer(key))
+        assert response.status == 403
+        assert (await response.json())["error"] == "publishing_disabled"
+
+
+async def test_non_utf8_authorization_header_is_refused_not_crashed(serve: Serve) -> None:
+    client = await serve()
+    answer = await raw_request(
+        client,
+        b"POST " + PUBLISH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Authorization: Bearer k1\xff\xfe\r\nConnection: close\r\n\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+
+
+async def test_body_over_the_limit_is_413(serve: Serve) -> None:
+    client = await serve(max_body_size=1000)
+    headers = {"Authorization": "Bearer k1"}
+    big = b'{"market_zone":"pjm","price":1,"volume":' + b"1" * 2000 + b"}"
+    response = await client.post(PUBLISH, data=big, headers=headers)
+    assert response.status == 413
+
+    async def chunks() -> Any:  # no Content-Length: the cap must hold while reading
+        for _ in range(30):
+            yield b" " * 100
+
+    response = await client.post(PUBLISH, data=chunks(), headers=headers)
+    assert response.status == 413
+    response = await client.post(PUBLISH, json=PRICE, headers=headers)
+    assert response.status == 202
+
+
+async def test_batch_over_the_limit_is_422(serve: Serve) -> None:
+    client = await serve(max_batch_size=3)
+    headers = {"Authorization": "Bearer k1"}
+    response = await client.post(PUBLISH, json=[PRICE] * 4, headers=headers)
+    assert response.status == 422
+    assert (await response.json())["field"] == "body"
+    response = await client.post(PUBLISH, json=[PRICE] * 3, headers=headers)
+    assert response.status == 202
+
+
+async def test_publish_rate_is_limited_per_key(serve: Serve) -> None:
+    client = await serve(publish_rate_limit=2)  # burst 4, then one every 0.5 s
+    statuses = []
+    for _ in range(6):
+        response = await client.post(PUBLISH, json=PRICE, headers={"Authorization": "Bearer k1"})
+        statuses.append(response.status)
+        if response.status == 429:
+            retry_after = response.headers["Retry-After"]
+    assert statuses[:4] == [202] * 4
+    assert statuses[-1] == 429
+    assert retry_after.isdigit()
+    assert 1 <= int(retry_after) <= 2
+    # The other key has its own bucket: one noisy publisher does not block the rest.
+    response = await client.post(PUBLISH, json=PRICE, headers={"Authorization": "Bearer k2"})
+    assert response.status == 202
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"]
+)
+async def test_publish_time_out_of_range_is_422(serve: Serve, timestamp: str) -> None:
+    client = await serve()
+    response = await client.post(
+        PUBLISH, json={**PRICE, "timestamp": timestamp}, headers={"Authorization": "Bearer k1"}
+    )
+    assert response.status == 422
+    assert (await response.json())["field"] == "timestamp"
+
+
+@pytest.mark.parametrize(
+    "limit", ["%C2%B2", "1" * 5000, "-1", "0", "x"], ids=["sup2", "long", "neg", "zero", "x"]
+)
+async def test_history_limit_garbage_is_422(serve: Serve, limit: str) -> None:
+    client = await serve()
+    response = await client.get(f"/api/ws/ws/history/pjm?limit={limit}")
+    assert response.status == 422
+
+
+def test_key_matches_needs_the_whole_key() -> None:
+    keys = ("k1", "second-key")
+    assert key_matches("k1", keys)
+    assert key_matches("second-key", keys)
+    for candidate in ("", "k", "k1 ", "second", "second-key2", "\udcff", "k1\x00"):
+        assert not key_matches(candidate, keys)
+    assert not key_matches("k1", ())
+
+
+# --- subscribers: JWT -----------------------------------------------------------------------
+
+
+def write_pem(tmp_path: Path, name: str, private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+              ) -> Path:
+    path = tmp_path / name
+    path.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+async def test_hs256_token_rules(serve: Serve) -> None:
+    client = await serve(jwt_secret=SECRET)
+    ok = await client.ws_connect(f"{MARKET}pjm?token={token()}")
+    assert (await next_json(ok, "connection_established"))["market_zone"] == "pjm"
+    await ok.close()
+    refused = {
+        "missing": f"{MARKET}pjm",
+        "empty": f"{MARKET}pjm?token=",
+        "garbage": f"{MARKET}pjm?token=not.a.jwt",
+        "wrong secret": f"{MARKET}pjm?token={token(key=SECRET + 'x')}",
+        "expired": f"{MARKET}pjm?token={token(ttl=-5)}",
+        "no exp": f"{MARKET}pjm?token={jwt.encode({'zones': ['pjm']}, SECRET)}",
+        "alg none": f"{MARKET}pjm?token={jwt.encode({'exp': 2**40}, None, algorithm='none')}",
+        "bad zones claim": f"{MARKET}pjm?token={token(zones='pjm')}",
+        "multi-zone, missing": PRICES,
+    }
+    codes = {name: await refusal(client, path) for name, path in refused.items()}
+    assert codes == dict.fromkeys(refused, 4001)
+
+
+async def test_zones_claim_restricts_zones(serve: Serve) -> None:
+    client = await serve(jwt_secret=SECRET)
+    only_pjm = token(zones=["pjm"])
+    assert await refusal(client, f"{MARKET}ercot?token={only_pjm}") == 4003
+    assert await refusal(client, f"{PRICES}?zones=pjm,ercot&token={only_pjm}") == 4003
+    assert await refusal(client, f"{PRICES}?token={only_pjm}") == 4003  # default: all zones
+    ws = await client.ws_connect(f"{PRICES}?zones=pjm&token={only_pjm}")
+    await next_json(ws, "connection_established")
+    await ws.send_json({"type": "request_price_history", "market_zone": "ercot"})
+    assert (await next_json(ws, "error"))["code"] == "forbidden_zone"
+    await ws.send_json({"type": "subscribe", "zones": ["pjm"]})
+    assert (await next_json(ws, "subscribed"))["zones"] == ["pjm"]
+    await ws.send_json({"type": "subscribe", "zones": ["ercot"]})
+    assert await close_code(ws) == 4003
+
+
+async def test_rs256_and_es256_public_keys(
+    serve: Serve, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    for private, algorithm, other in ((rsa_key, "RS256", ec_key), (ec_key, "ES256", rsa_key)):
+        pem = write_pem(tmp_path, f"{algorithm}.pem", private)
+        client = await serve(jwt_public_key=str(pem))
+        good = token(key=private, algorithm=algorithm, zones=["caiso"])
+        ws = await client.ws_connect(f"{MARKET}caiso?token={good}")
+        await next_json(ws, "connection_established")
+        await ws.close()
+        other_algorithm = "ES256" if algorithm == "RS256" else "RS256"
+        forged = {
+            # The other key type: PyJWT raises InvalidKeyError, not an InvalidTokenError.
+            "other key type": token(key=other, algorithm=other_algorithm),
+            # Algorithm confusion: the public key's PEM used as an HMAC secret.
+            "hs256 with the public pem": hs256_by_hand({"exp": 2**40}, pem.read_bytes()),
+            "expired": token(key=private, algorithm=algorithm, ttl=-5),
+        }
+        for name, forged_token in forged.items():
+            code = await refusal(client, f"{MARKET}caiso?token={forged_token}")
+            assert code == 4001, (algorithm, name)
+        assert await refusal(client, f"{MARKET}pjm?token={good}") == 4003
+        # A bad token must not leak a connection slot (each refusal released its own).
+        ws = await client.ws_connect(f"{MARKET}caiso?token={good}")
+        await next_json(ws, "connection_established")
+        await ws.close()
+
+
+def test_verifier_maps_every_bad_token_to_4001(
+    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = TokenVerifier.from_settings(
+        Settings(redis_url=None, jwt_public_key=str(write_pem(tmp_path, "k.pem", rsa_key)))
+    )
+    far = token(key=rsa_key, algorithm="RS256", ttl=10**30)
+    assert verifier.verify(far).expires_at is not None
+    for bad in ("", "a.b.c", "\udcff", "e30.e30.", token(key=rsa_key, algorithm="RS256", ttl=-1)):
+        with pytest.raises(AuthError) as caught:
+            verifier.verify(bad)
+        assert caught.value.close_code == 4001
+
+
+# --- browser Origin -------------------------------------------------------------------------
+
+
+async def test_foreign_origin_is_refused_before_the_upgrade(serve: Serve) -> None:
+    client = await serve()
+    own = f"http://{client.host}:{client.port}"
+    foreign = ("https://evil.example", "null", f"http://{client.host}:1", own + ".evil.example")
+    for origin in foreign:
+        assert await refusal(client, f"{MARKET}pjm", origin=origin) == 403, origin
+    for origin in (own, own.upper(), None):
+        ws = await client.ws_connect(f"{MARKET}pjm", origin=origin)
+        await next_json(ws, "connection_established")
+        await ws.close()
+
+
+async def test_allowed_origins_list_and_wildcard(serve: Serve) -> None:
+    client = await serve(allowed_origins=("https://App.example/",))
+    assert await refusal(client, PRICES, origin="https://other.example") == 403
+    ws = await client.ws_connect(PRICES, origin="https://app.example")
+    await next_json(ws, "connection_established")
+    await ws.close()
+    client = await serve(allowed_origins=("*",))
+    ws = await client.ws_connect(PRICES, origin="https://any.example")
+    await next_json(ws, "connection_established")
+    await ws.close()
+
+
+async def test_origin_without_host_header_is_refused(serve: Serve) -> None:
+    # aiohttp itself answers 400 today; 403 from the Origin check is as good. What must
+    # not happen: an upgrade, or a blocking DNS lookup for a missing Host.
+    client = await serve()
+    answer = await raw_request(
+        client,
+        b"GET " + MARKET.encode() + b"pjm HTTP/1.1\r\nOrigin: http://example\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    assert answer.split(b" ", 2)[1] in (b"400", b"403"), answer[:200]
+
+
+# --- limits ---------------------------------------------------------------------------------
+
+
+async def test_frame_over_the_limit_closes_1009(serve: Serve) -> None:
+    client = await serve(max_frame_size=1024)
+    ws = await client.ws_connect(f"{MARKET}pjm")
+    await next_json(ws, "connection_established")
+    await ws.send_str('{"type":"ping"}' + " " * 1000)  # just under: answered
+    await next_json(ws, "pong")
+    await ws.send_str('{"type":"ping","pad":"' + "x" * 2000 + '"}')
+    assert await close_code(ws) == 1009
+
+
+async def test_message_rate_error_then_4029(serve: Serve) -> None:
+    client = await serve(client_rate_limit=5)  # burst 10; 5 rejections in a row close
+    ws = await client.ws_connect(f"{MARKET}pjm")
+    await next_json(ws, "connection_established")
+    for _ in range(12):
+        await ws.send_json({"type": "ping"})
+    answers = []
+    async with asyncio.timeout(WAIT):
+        while len(answers) < 12:
+            answers.append((await ws.receive_json())["type"])
+    assert answers.count("pong") >= 10
+    assert "error" in answers
+    assert not ws.closed
+    for _ in range(20):
+        await ws.send_json({"type": "ping"})
+    assert await close_code(ws) == 4029
+
+
+async def test_binary_frames_count_against_the_rate(serve: Serve) -> None:
+    client = await serve(client_rate_limit=1)  # burst 2; the 1st rejection closes
+    ws = await client.ws_connect(f"{MARKET}pjm")
+    await next_json(ws, "connection_established")
+    for _ in range(2):
+        await ws.send_json({"type": "heartbeat"})
+        await next_json(ws, "heartbeat_ack")
+    await ws.send_bytes(b"\x00")
+    assert await close_code(ws) == 4029
+
+
+async def test_zones_per_socket_limit(serve: Serve) -> None:
+    client = await serve(max_zones_per_socket=2)
+    assert await refusal(client, f"{PRICES}?zones=pjm,caiso,ercot") == 1008
+    ws = await client.ws_connect(f"{PRICES}?zones=pjm,caiso")
+    await next_json(ws, "connection_established")
+    await ws.send_json({"type": "subscribe", "zones": ["ercot"]})
+    error = await next_json(ws, "error")
+    assert error["code"] == "invalid_message"
+    await ws.send_json({"type": "unsubscribe", "zones": ["caiso"]})
+    await next_json(ws, "unsubscribed")
+    await ws.send_json({"type": "subscribe", "zones": ["ercot"]})
+    assert (await next_json(ws, "subscribed"))["zones"] == ["ercot"]
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused_on"),
+    [({"max_connections": 2}, 3), ({"max_connections_per_ip": 2}, 3)],
+)
+async def test_connection_limits(serve: Serve, limits: dict[str, int], refused_on: int) -> None:
+    client = await serve(**limits)
+    sockets = []
+    for _ in range(refused_on - 1):
+        ws = await client.ws_connect(f"{MARKET}pjm")
+        await next_json(ws, "connection_established")
+        sockets.append(ws)
+    assert await refusal(client, f"{MARKET}pjm") in (1013, 503)
+    await sockets.pop().close()
+    # The slot comes back once the server has seen the close (bounded poll).
+    async with asyncio.timeout(WAIT):
+        while True:
+            ws = await client.ws_connect(f"{MARKET}pjm")
+            message = await ws.receive()
+            if message.type is WSMsgType.TEXT:
+                break
+            await asyncio.sleep(0.02)
+    assert message.json()["type"] == "connection_established"
+
+
+def test_connection_limits_book_keeping() -> None:
+    limits = ConnectionLimits(total=3, per_ip=2)
+    assert [limits.acquire("a"), limits.acquire("a"), limits.acquire("a")] == [None, None, "per_ip"]
+    assert limits.acquire("b") is None
+    assert limits.acquire("c") == "total"
+    for remote in ("a", "a", "b"):
+        limits.release(remote)
+    assert (limits.open, dict(limits.by_ip)) == (0, {})  # no per-address residue
+    with pytest.raises(RuntimeError):
+        limits.release("a")
+
+
+async def test_idle_and_slow_handshakes_are_closed(serve: Serve) -> None:
+    client = await serve(handshake_timeout=0.5)
+    for first_bytes in (b"", b"GET " + MARKET.encode() + b"pjm HTTP/1.1\r\nHost: x\r\n"):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(first_bytes)
+        started = time.monotonic()
+        async with asyncio.timeout(WAIT):
+            assert await reader.read() == b""  # EOF: the server hung up
+        assert time.monotonic() - started < 3.0
+        writer.close()
+
+
+# --- inputs that must not crash a socket ---------------------------------------------------
+
+
+async def test_garbage_on_the_socket_is_answered_not_fatal(serve: Serve) -> None:
+    client = await serve()
+    ws = await client.ws_connect(f"{PRICES}?zones=pjm")
+    await next_json(ws, "connection_established")
+    garbage: list[tuple[str | bytes, str]] = [
+        ("not json", "invalid_json"),
+        ("[1,2]", "invalid_message"),
+        ('{"type":1}', "invalid_message"),
+        ('{"type":"nope"}', "unknown_type"),
+        ('{"type":"subscribe","zones":"pjm"}', "invalid_message"),
+        ('{"type":"subscribe","zones":["nowhere"]}', "unknown_zone"),
+        ('{"type":"request_price_history","market_zone":"pjm","hours":-1}', "invalid_message"),
+        ("[" * 5000, "invalid_json"),
+        (b"\x00\x01", "invalid_message"),
+    ]
+    for frame, code in garbage:
+        await (ws.send_bytes(frame) if isinstance(frame, bytes) else ws.send_str(frame))
+        assert (await next_json(ws, "error"))["code"] == code, frame
+    await ws.send_json({"type": "ping"})
+    await next_json(ws, "pong")
+
+
+async def test_huge_history_hours_do_not_kill_the_socket(serve: Serve) -> None:
+    client = await serve()
+    ws = await client.ws_connect(f"{MARKET}pjm")
+    await next_json(ws, "connection_established")
+    await ws.send_json({"type": "request_price_history", "hours": 1e300})
+    async with asyncio.timeout(WAIT):
+        message = await ws.receive()
+    assert message.type is WSMsgType.TEXT, (message.type, message.data)
+    assert message.json()["type"] in ("price_history", "error")
+    stats = await (await client.get("/api/ws/ws/stats")).json()
+    assert stats["statistics"]["connection_errors"] == 0
+
+
+@pytest.mark.parametrize(
+    "since", ["%C2%B2", "1" * 5000, "-3", "1.5"], ids=["sup2", "long", "neg", "float"]
+)
+async def test_bad_since_is_an_error_message(serve: Serve, since: str) -> None:
+    client = await serve()
+    ws = await client.ws_connect(f"{MARKET}pjm?since={since}")
+    await next_json(ws, "connection_established")
+    assert (await next_json(ws, "error"))["code"] == "invalid_message"
+
+
+@pytest.mark.parametrize(
+    "zone", ["%C3%A9" * 60, "%F0%9F%98%80" * 40, "x" * 300, "PJM", "pjm%00"],
+    ids=["e-acute", "emoji", "long", "upper", "nul"],
+)
+async def test_odd_zone_paths_close_1008(serve: Serve, zone: str) -> None:
+    client = await serve()
+    assert await refusal(client, f"{MARKET}{zone}") == 1008
