@@ -34,7 +34,9 @@ import pytest
 from pricehub.storage import StoredPrice
 from tests.serverproc import free_port
 
-__all__ = ["WAIT", "RecordingListener", "RedisProcess", "eventually", "redis_binary"]
+__all__ = [
+    "WAIT", "RecordingListener", "RedisProcess", "TcpProxy", "eventually", "redis_binary",
+]
 
 WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
 
@@ -174,3 +176,85 @@ class RedisProcess:
     ) -> None:
         self.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class TcpProxy:
+    """A TCP relay to ``127.0.0.1:target_port`` that can go silent, through real sockets.
+
+    ``freeze()`` makes every current connection drop what it relays, both ways, while
+    staying open: a half-dead link that looks healthy. ``freeze(subscribers_only=True)``
+    does that only to connections that sent SUBSCRIBE. ``block()`` also refuses new
+    connections (a partition); ``unblock()`` accepts them again.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.blocked = False
+        self._server: asyncio.Server | None = None
+        self._links: list[_Link] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self._links:
+            link.close()
+
+    def freeze(self, *, subscribers_only: bool = False) -> None:
+        for link in self._links:
+            if link.subscriber or not subscribers_only:
+                link.frozen = True
+
+    def block(self) -> None:
+        self.blocked = True
+        self.freeze()
+
+    def unblock(self) -> None:
+        self.blocked = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blocked:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        link = _Link(writer, up_writer)
+        self._links.append(link)
+        await asyncio.gather(
+            link.relay(reader, up_writer, upstream=True),
+            link.relay(up_reader, writer, upstream=False),
+            return_exceptions=True,
+        )
+        link.close()
+
+
+class _Link:
+    def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
+        self.writers = (client, server)
+        self.frozen = False
+        self.subscriber = False
+
+    async def relay(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
+        while data := await source.read(65536):
+            if upstream and b"SUBSCRIBE" in data.upper():
+                self.subscriber = True
+            if not self.frozen:
+                sink.write(data)
+                await sink.drain()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()

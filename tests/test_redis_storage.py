@@ -1,0 +1,219 @@
+"""What only the Redis backend has: key layout, several instances on one Redis, URLs
+(unix socket, Sentinel), losing the subscriber loudly or silently, gap filling."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from pricehub.exceptions import StorageUnavailable
+from pricehub.protocol import PriceBody, with_seq
+from pricehub.storage.redis import EpochChanged, RedisStorage
+from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy, eventually
+from tests.serverproc import free_port
+
+FAST = {"timeout": 0.25, "probe_interval": 0.2}
+
+
+def body(zone: str, price: float) -> bytes:
+    return PriceBody(zone, price, None, "2026-11-27T15:00:00.000Z").encode()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+class LostRecorder:
+    def __init__(self) -> None:
+        self.causes: list[BaseException] = []
+
+    def __call__(self, storage: RedisStorage, cause: BaseException) -> None:
+        self.causes.append(cause)
+
+    async def happened(self) -> bool:
+        return bool(self.causes)
+
+
+async def test_key_layout(redis_server: RedisProcess, raw: aioredis.Redis, prefix: str) -> None:
+    storage = RedisStorage(redis_server.url, key_prefix=prefix, history_size=3)
+    await storage.start(RecordingListener())
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        await storage.append("pjm", body("pjm", 2.0))
+        await storage.register_instance("i1", b"{}", ttl=10)
+        keys = sorted([key.decode() async for key in raw.scan_iter(match=f"{prefix}*")])
+        assert keys == [
+            f"{prefix}epoch", f"{prefix}history:pjm", f"{prefix}instance:i1",
+            f"{prefix}instances", f"{prefix}latest:pjm", f"{prefix}seq:pjm",
+        ]  # fmt: skip
+        assert await raw.get(f"{prefix}seq:pjm") == b"2"
+        # the Lua script splices the seq exactly like protocol.with_seq
+        assert await raw.get(f"{prefix}latest:pjm") == with_seq(body("pjm", 2.0), 2)
+        assert await raw.zrange(f"{prefix}history:pjm", 0, -1, withscores=True) == [
+            (with_seq(body("pjm", 1.0), 1), 1.0), (with_seq(body("pjm", 2.0), 2), 2.0),
+        ]  # fmt: skip
+        assert await raw.get(f"{prefix}epoch") == storage.epoch.encode()
+        assert 0 < await raw.pttl(f"{prefix}instance:i1") <= 10_000
+    finally:
+        await storage.close()
+
+
+async def test_instances_share_seqs_epoch_and_order(
+    redis_server: RedisProcess, prefix: str
+) -> None:
+    storages = [RedisStorage(redis_server.url, key_prefix=prefix) for _ in range(3)]
+    listeners = [RecordingListener() for _ in storages]
+    for storage, listener in zip(storages, listeners, strict=True):
+        await storage.start(listener)
+    try:
+        assert len({storage.epoch for storage in storages}) == 1
+        await asyncio.gather(
+            *(storages[i % 3].append("pjm", body("pjm", float(i))) for i in range(150))
+        )
+        for listener in listeners:
+            assert await listener.wait_for("pjm", 150) == list(range(1, 151))
+        assert listeners[0].prices == listeners[1].prices == listeners[2].prices
+    finally:
+        for storage in storages:
+            await storage.close()
+
+
+async def test_unix_socket_url(redis_server: RedisProcess, prefix: str) -> None:
+    storage = RedisStorage(redis_server.unix_url, key_prefix=prefix)
+    listener = RecordingListener()
+    await storage.start(listener)
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        assert await listener.wait_for("pjm", 1) == [1]
+    finally:
+        await storage.close()
+
+
+@pytest.fixture
+def sentinel(redis_server: RedisProcess, tmp_path: Path) -> Iterator[int]:
+    """A real redis-sentinel watching ``redis_server`` as ``mymaster``."""
+    port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n"
+    )
+    process = subprocess.Popen(
+        [redis_server.binary, str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_sentinel_url(sentinel: int, prefix: str) -> None:
+    url = f"redis+sentinel://127.0.0.1:{sentinel}/mymaster/0"
+    storage = RedisStorage(url, key_prefix=prefix)
+    listener = RecordingListener()
+    for _ in range(100):  # the sentinel needs a moment to listen
+        try:
+            await storage.start(listener)
+            break
+        except StorageUnavailable:
+            await asyncio.sleep(0.05)
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        assert await listener.wait_for("pjm", 1) == [1]
+    finally:
+        await storage.close()
+
+
+async def test_flushed_redis_refuses_writes_under_old_epoch(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    lost = LostRecorder()
+    storage = RedisStorage(redis_server.url, key_prefix=prefix, on_lost=lost)
+    await storage.start(RecordingListener())
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        await raw.delete(f"{prefix}epoch", f"{prefix}seq:pjm")  # Redis lost its data
+        with pytest.raises(EpochChanged):
+            await storage.append("pjm", body("pjm", 2.0))
+        assert await raw.get(f"{prefix}seq:pjm") is None  # nothing numbered from 1 again
+        assert isinstance(lost.causes[0], EpochChanged)
+    finally:
+        await storage.close()
+
+
+async def test_killed_redis_is_noticed_at_once(prefix: str) -> None:
+    with RedisProcess() as server:
+        lost = LostRecorder()
+        storage = RedisStorage(server.url, key_prefix=prefix, on_lost=lost, **FAST)
+        await storage.start(RecordingListener())
+        try:
+            server.kill()
+            await eventually(lost.happened, within=1.0)  # the subscriber sees EOF
+            with pytest.raises(StorageUnavailable):
+                await storage.append("pjm", body("pjm", 1.0))
+            with pytest.raises(StorageUnavailable):
+                await storage.check()
+        finally:
+            await storage.close()
+
+
+async def test_silent_subscriber_is_detected(redis_server: RedisProcess, prefix: str) -> None:
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    lost = LostRecorder()
+    storage = RedisStorage(proxy.url, key_prefix=prefix, on_lost=lost, **FAST)
+    listener = RecordingListener()
+    await storage.start(listener)
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        await listener.wait_for("pjm", 1)
+        proxy.freeze(subscribers_only=True)  # open, healthy-looking, delivering nothing
+        await storage.append("pjm", body("pjm", 2.0))  # commands still work
+        await eventually(lost.happened, within=WAIT)
+        assert "silent" in str(lost.causes[0])
+        assert listener.seqs("pjm") == [1]
+    finally:
+        await storage.close()
+        await proxy.close()
+
+
+async def test_subscriber_fills_gaps_from_history(redis_server: RedisProcess, prefix: str) -> None:
+    writer = RedisStorage(redis_server.url, key_prefix=prefix)
+    await writer.start(RecordingListener())
+    late = RedisStorage(redis_server.url, key_prefix=prefix)
+    listener = RecordingListener()
+    try:
+        await late.connect()
+        await late.claim_epoch("unused")
+        for index in range(3):
+            await writer.append("pjm", body("pjm", float(index)))
+        # "delivered up to 0" while Redis is at 3: the next price reveals the hole
+        late.deliver_to(listener, {"pjm": 0})
+        await writer.append("pjm", body("pjm", 3.0))
+        assert await listener.wait_for("pjm", 4) == [1, 2, 3, 4]
+        assert late.gaps == 0
+    finally:
+        await late.close()
+        await writer.close()
