@@ -118,6 +118,7 @@ class Tile {
     this.f.high.textContent = fmtPrice(Math.max(...prices));
     this.f.low.textContent = fmtPrice(Math.min(...prices));
     this._renderSparkline(prices, open);
+    this.f.sparkline.dataset.firstSeq = String(this.series.points[0].seq);
     if (flash) this._flash();
   }
 

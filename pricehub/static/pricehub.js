@@ -118,6 +118,7 @@ export class PriceHubClient extends EventTarget {
     this._resuming = new Map(); // zone -> held initial_data price (or null) until resume_complete
     this._backend = null;
     this._zones = o.zone ? [o.zone] : [...(o.zones ?? [])];
+    this._subscribeAfterOpen = false; // multi-zone resume: socket opened with `zones=`
     this._duplicates = 0;
   }
 
@@ -202,7 +203,14 @@ export class PriceHubClient extends EventTarget {
       }
     } else {
       u.pathname = '/api/ws/ws/prices';
-      if (this.options.zones?.length) u.searchParams.set('zones', this.options.zones.join(','));
+      this._subscribeAfterOpen = this._lastSeq.size > 0 && this._zones.length > 0;
+      if (this._subscribeAfterOpen) {
+        // Resuming: open no zone (`zones=`), then one `subscribe` opens each zone with its
+        // `since`. Opening the zones here would let live updates overtake the replay.
+        u.searchParams.set('zones', '');
+      } else if (this.options.zones?.length) {
+        u.searchParams.set('zones', this.options.zones.join(','));
+      }
     }
     if (this.options.token) u.searchParams.set('token', this.options.token);
     return u.href;
@@ -327,7 +335,8 @@ export class PriceHubClient extends EventTarget {
   _onEstablished(msg) {
     const previousEpoch = this._epoch;
     const epochChanged = previousEpoch !== null && msg.epoch !== previousEpoch;
-    this._zones = Array.isArray(msg.zones) ? [...msg.zones] : [msg.market_zone];
+    if (this.options.zone) this._zones = [this.options.zone];
+    else if (!this._subscribeAfterOpen) this._zones = [...(msg.zones ?? [])];
     const resumeSince = {};
     for (const zone of this._zones) {
       if (this._lastSeq.has(zone)) resumeSince[zone] = this._lastSeq.get(zone);
@@ -340,10 +349,10 @@ export class PriceHubClient extends EventTarget {
     if (epochChanged) this._lastSeq.clear();
     this._setBackend(msg.storage_backend);
     this._startHeartbeat(msg.heartbeat_interval);
-    if (!this.options.zone && resumeZones.length) {
+    if (this._subscribeAfterOpen) {
       // The single-zone socket resumes through its URL; the multi-zone one asks here, with the
       // old epoch so the server can tell us (recovered:false) when the lineage changed.
-      this.send({ type: 'subscribe', zones: resumeZones, since: resumeSince,
+      this.send({ type: 'subscribe', zones: this.zones, since: resumeSince,
         epoch: previousEpoch });
     }
     this._setStatus('connected', { connectionId: msg.connection_id, zones: this.zones,

@@ -103,11 +103,9 @@ describe('resume on the multi-zone socket', () => {
     ws.serverClose(4008);
     clock.advance(1500);
     const next = WS.last();
+    assert.equal(new URL(next.url).search, '?zones=', 'resume opens no zone in the URL');
     next.serverOpen();
-    next.serverSend(established());
-    // The server greets every zone with its current state before it sees the subscribe.
-    next.serverSend(initialData('pjm', 6, 44));
-    next.serverSend(initialData('ercot', 1, 30));
+    next.serverSend(established({ zones: [] }));
     assert.deepEqual(next.sent, [{ type: 'subscribe', zones: ['pjm', 'ercot'],
       since: { pjm: 3, ercot: 1 }, epoch: 'e1' }]);
     next.serverSend({ type: 'subscribed', timestamp: TS, zones: ['pjm', 'ercot'] });
@@ -148,6 +146,36 @@ describe('resume on the multi-zone socket', () => {
     assert.equal(client.epoch, 'e2');
     assert.deepEqual(events.gap.map((g) => [g.zone, g.epochChanged]), [['pjm', true]]);
     assert.deepEqual(seqs(events).slice(4), ['pjm:1', 'pjm:2']);
+  });
+
+  test('a server that opened the zones anyway: its initial_data waits for the replay', () => {
+    const { clock, WS, ws, events } = connectedWithPrices();
+    ws.serverClose(1006);
+    clock.advance(1500);
+    const next = WS.last();
+    next.serverOpen();
+    next.serverSend(established());
+    next.serverSend(initialData('pjm', 5, 45));
+    next.serverSend(priceUpdate('pjm', 4, 44, { replay: true }));
+    next.serverSend(priceUpdate('pjm', 5, 45, { replay: true }));
+    next.serverSend(resumeComplete('pjm', true, 4, 5));
+    assert.deepEqual(seqs(events).slice(4), ['pjm:4', 'pjm:5']);
+  });
+
+  test('zones that never had a price are subscribed without since', () => {
+    const { client, clock, WS, events } = makeClient({ zones: ['pjm', 'spp'] });
+    client.connect();
+    assert.equal(new URL(WS.last().url).searchParams.get('zones'), 'pjm,spp');
+    WS.last().serverOpen();
+    WS.last().serverSend(established({ zones: ['pjm', 'spp'] }));
+    WS.last().serverSend(priceUpdate('pjm', 8, 40));
+    WS.last().serverClose(1011);
+    clock.advance(1500);
+    WS.last().serverOpen();
+    WS.last().serverSend(established({ zones: [] }));
+    assert.deepEqual(WS.last().sent,
+      [{ type: 'subscribe', zones: ['pjm', 'spp'], since: { pjm: 8 }, epoch: 'e1' }]);
+    assert.deepEqual(events.status.at(-1).zones, ['pjm', 'spp']);
   });
 
   test('no subscribe is sent on a first connection', () => {
