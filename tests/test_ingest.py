@@ -1,0 +1,224 @@
+"""Redis Stream ingest: once per cluster, in stream order, past bad entries and a
+consumer killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from pricehub.ingest import IngestConsumer
+from pricehub.protocol import PriceBody
+from pricehub.publisher import Publisher
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, LeaseLost
+from tests.redisproc import RecordingListener, RedisProcess, eventually
+from tests.serverproc import REPO
+
+ZONES = ("pjm", "ercot")
+ENTRIES = 1000
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"i{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+class Instance:
+    """What one server instance has for ingest: storage, publisher, consumer."""
+
+    def __init__(self, url: str, prefix: str, name: str) -> None:
+        self.storage = FailoverStorage(url, zones=ZONES, key_prefix=prefix, history_size=5000)
+        self.publisher = Publisher(self.storage)
+        self.consumer = IngestConsumer(
+            self.storage, self.publisher, zones=ZONES, consumer=name, lease_ttl=1.0
+        )
+        self.listener = RecordingListener()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.storage.start(self.listener)
+        self._task = asyncio.create_task(self.consumer.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.storage.close()
+
+    def prices(self, zone: str) -> list[float]:
+        return [orjson.loads(p.payload)["price"] for p in self.listener.prices if p.zone == zone]
+
+
+def entry(index: int) -> dict[str, str]:
+    zone = ZONES[index % 2]
+    return {"market_zone": zone, "price": str(float(index)), "volume": "1.5"}
+
+
+async def add_entries(
+    raw: aioredis.Redis, prefix: str, indexes: range, *, bad_every: int = 0
+) -> int:
+    """XADD the entries (and a malformed one every ``bad_every``); returns bad count."""
+    pipe = raw.pipeline(transaction=False)
+    bad = 0
+    for index in indexes:
+        pipe.xadd(f"{prefix}ingest", entry(index))  # type: ignore[arg-type]
+        if bad_every and index % bad_every == 0:
+            malformed = [
+                {"market_zone": "nowhere", "price": "1"},
+                {"market_zone": "pjm", "price": "NaN"},
+                {"market_zone": "pjm", "price": "cheap"},
+                {"market_zone": "pjm", "price": "1", "timestamp": "2026-11-27T15:00:00"},
+            ][bad % 4]
+            pipe.xadd(f"{prefix}ingest", malformed)  # type: ignore[arg-type]
+            bad += 1
+    await pipe.execute()
+    return bad
+
+
+def expected_prices(zone: str, count: int) -> list[float]:
+    return [float(i) for i in range(count) if ZONES[i % 2] == zone]
+
+
+async def wait_all_delivered(instance: Instance, count: int) -> None:
+    for zone in ZONES:
+        await instance.listener.wait_for(zone, len(expected_prices(zone, count)))
+
+
+async def test_two_instances_take_each_entry_once_in_stream_order(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    instances = [Instance(redis_server.url, prefix, name) for name in ("one", "two")]
+    for instance in instances:
+        await instance.start()
+    try:
+        started = time.monotonic()
+        bad = await add_entries(raw, prefix, range(ENTRIES), bad_every=50)
+        for instance in instances:
+            await wait_all_delivered(instance, ENTRIES)
+        elapsed = time.monotonic() - started
+        for instance in instances:
+            for zone in ZONES:
+                # every entry once, in stream order, numbered 1..n with no hole
+                assert instance.prices(zone) == expected_prices(zone, ENTRIES)
+                assert instance.listener.seqs(zone) == list(range(1, ENTRIES // 2 + 1))
+        stats = [instance.consumer.stats for instance in instances]
+
+        async def all_counted() -> bool:  # the append's reply can trail its broadcast
+            return sum(s.accepted for s in stats) == ENTRIES
+
+        await eventually(all_counted)
+        assert sum(s.invalid for s in stats) == bad == 20
+        published = sum(
+            count for instance in instances
+            for (_, source), count in instance.publisher.accepted.items()
+            if source == "redis-ingest"
+        )  # fmt: skip
+        assert published == ENTRIES
+        pending = await raw.xpending(f"{prefix}ingest", INGEST_GROUP)
+        assert pending["pending"] == 0
+        print(f"ingest: {ENTRIES} entries in {elapsed:.2f} s")
+    finally:
+        for instance in instances:
+            await instance.stop()
+
+
+async def test_a_fenced_consumer_cannot_append(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    instance = Instance(redis_server.url, prefix, "stale")
+    await instance.storage.start(instance.listener)
+    try:
+        await raw.set(f"{prefix}ingest:lease", "successor")
+        token = INGEST_ACK.set(IngestAck("1-0", "stale"))
+        try:
+            body = PriceBody("pjm", 1.0, None, "2026-11-27T15:00:00.000Z")
+            with pytest.raises(LeaseLost):
+                await instance.publisher.publish(body, source="redis-ingest")
+        finally:
+            INGEST_ACK.reset(token)
+        assert await raw.get(f"{prefix}seq:pjm") is None
+        assert instance.storage.backend == "redis"  # a lost lease is not a lost Redis
+    finally:
+        await instance.stop()
+
+
+DOOMED = """
+import asyncio, sys
+from pricehub.ingest import IngestConsumer
+from pricehub.publisher import Publisher
+from pricehub.storage.failover import FailoverStorage
+
+class Quiet:
+    def on_price(self, price): pass
+    def on_backend_changed(self, backend): pass
+
+async def main(url, prefix):
+    storage = FailoverStorage(url, zones=("pjm", "ercot"), key_prefix=prefix, history_size=5000)
+    await storage.start(Quiet())
+    consumer = IngestConsumer(
+        storage, Publisher(storage), zones=("pjm", "ercot"), consumer="doomed", lease_ttl=1.0
+    )
+    await consumer.run()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_consumer_killed_mid_stream_leaves_nothing_behind(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DOOMED, redis_server.url, prefix, cwd=REPO
+    )
+    survivor = Instance(redis_server.url, prefix, "survivor")
+    try:
+        async def doomed_holds_lease() -> bool:
+            return await raw.get(f"{prefix}ingest:lease") == b"doomed"
+
+        await eventually(doomed_holds_lease, within=15)
+        await survivor.start()
+        await add_entries(raw, prefix, range(ENTRIES))
+
+        async def doomed_is_busy() -> bool:
+            return int(await raw.get(f"{prefix}seq:pjm") or 0) >= 50
+
+        await eventually(doomed_is_busy)
+        doomed.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(doomed.wait(), 5)
+        left_pending = (await raw.xpending(f"{prefix}ingest", INGEST_GROUP))["pending"]
+
+        await wait_all_delivered(survivor, ENTRIES)
+        for zone in ZONES:
+            assert survivor.prices(zone) == expected_prices(zone, ENTRIES)
+            assert survivor.listener.seqs(zone) == list(range(1, ENTRIES // 2 + 1))
+        assert survivor.consumer.stats.claimed == left_pending
+        assert (await raw.xpending(f"{prefix}ingest", INGEST_GROUP))["pending"] == 0
+        print(f"ingest takeover: {left_pending} pending entries claimed from the dead consumer")
+    finally:
+        if doomed.returncode is None:
+            doomed.kill()
+            await doomed.wait()
+        await survivor.stop()
