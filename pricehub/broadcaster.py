@@ -1,10 +1,11 @@
 """The zone broadcaster: storage listener, subscriber registry and per-tick flusher.
 
-Each price is framed once (``text_frame(price_update(payload))``) and handed to every
-subscriber of its zone in one synchronous pass: no task, queue or await per client, so
-one slow or dead client never delays the others. Connections that received frames in
-this event-loop tick are flushed together by one ``call_soon`` callback, so a client
-subscribed to many zones gets all of a tick's updates in a single write.
+Each price is serialised and framed once (``text_frame(price_update(payload))``, plus
+one compressed frame when some subscriber negotiated permessage-deflate) and handed to
+every subscriber of its zone in one synchronous pass: no task, queue or await per
+client, so one slow or dead client never delays the others. Connections that received
+frames in this event-loop tick are flushed together by one ``call_soon`` callback, so a
+client subscribed to many zones gets all of a tick's updates in a single write.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pricehub import protocol
-from pricehub.connection import Connection
+from pricehub.compression import Deflater
+from pricehub.connection import CLOSE_SLOW_CONSUMER, Connection
 from pricehub.storage import StoredPrice
 
 __all__ = ["Broadcaster"]
@@ -27,11 +29,18 @@ def _ignore(_seconds: float) -> None:
 
 
 class Broadcaster:
-    """Implements ``StorageListener``; owns the set of open connections."""
+    """Implements ``StorageListener``; owns the set of open connections.
 
-    def __init__(self, *, zones: tuple[str, ...]) -> None:
+    :param zones: the configured zones (a subscriber set each).
+    :param deflater: the shared permessage-deflate compressor (default: a new one).
+    """
+
+    def __init__(self, *, zones: tuple[str, ...], deflater: Deflater | None = None) -> None:
         self.connections: dict[Connection, None] = {}
+        # Every subscriber of a zone, and the subset that gets compressed frames.
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
+        self._deflate_subscribers: dict[str, dict[Connection, None]] = {z: {} for z in zones}
+        self.deflater = deflater or Deflater()
         self.conflation_events = 0
         self.slow_consumer_closes = 0
         self.updates_broadcast = 0
@@ -54,13 +63,17 @@ class Broadcaster:
         self._conflating.pop(connection, None)
         for zone in connection.streams:
             self.subscribers[zone].pop(connection, None)
+            self._deflate_subscribers[zone].pop(connection, None)
         connection.streams.clear()
 
     def subscribe(self, zone: str, connection: Connection) -> None:
         self.subscribers[zone][connection] = None
+        if connection.deflater is not None:
+            self._deflate_subscribers[zone][connection] = None
 
     def unsubscribe(self, zone: str, connection: Connection) -> None:
         self.subscribers[zone].pop(connection, None)
+        self._deflate_subscribers[zone].pop(connection, None)
         connection.streams.pop(zone, None)
         if connection.conflated is not None:
             connection.conflated.pop(zone, None)
@@ -77,9 +90,16 @@ class Broadcaster:
             return
         if self._tick_started is None:
             self._tick_started = time.monotonic()
-        frame = protocol.text_frame(protocol.price_update(price.payload))
+        payload = protocol.price_update(price.payload)
+        frame = protocol.text_frame(payload)
+        deflating = self._deflate_subscribers[price.zone]
+        if not deflating:
+            for connection in subscribers:
+                connection.deliver(price, frame)
+            return
+        deflated = self.deflater.frame(payload)
         for connection in subscribers:
-            connection.deliver(price, frame)
+            connection.deliver(price, deflated if connection in deflating else frame)
 
     def on_backend_changed(self, backend: str) -> None:
         self.send_all(protocol.storage_backend_changed(backend, now=protocol.utc_now()))
@@ -100,10 +120,12 @@ class Broadcaster:
     def flush(self) -> None:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
+        now = time.monotonic()
+        conflating = self._conflating
         for connection in dirty:
-            connection.flush()
-            if connection.conflated is not None and connection not in self._conflating:
-                self._conflating[connection] = None
+            connection.flush(now)
+            if connection.conflated is not None and connection not in conflating:
+                conflating[connection] = None
                 self.conflation_events += 1
         if self._tick_started is not None:
             self.observe_latency(time.monotonic() - self._tick_started)
@@ -113,11 +135,12 @@ class Broadcaster:
         """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
         if connection.closing:
             return
+        connection.flush()  # queued messages precede the close frame
         connection.closing = True
         connection.disconnect_reason = reason
-        if code == 4008:
+        if code == CLOSE_SLOW_CONSUMER:
             self.slow_consumer_closes += 1
-        self.spawn(connection.ws.close(code=code, message=message.encode()[:123]))
+        self.spawn(close_socket(connection, code, message))
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -142,3 +165,18 @@ class Broadcaster:
         """Wait for the close tasks started by ``close`` (shutdown)."""
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def close_socket(connection: Connection, code: int, message: str) -> None:
+    """The close handshake, then free the socket even if the client never reads.
+
+    ``drain=False``: waiting for the transport to drain would wait forever on a client
+    that stopped reading. aiohttp bounds the wait for the client's close frame by the
+    response's ``timeout``; after that a transport still holding unsent bytes (which a
+    plain ``close`` would keep until they are sent) is aborted, so its buffer is freed.
+    """
+    try:
+        await connection.ws.close(code=code, message=message.encode()[:123], drain=False)
+    finally:
+        if connection.transport.get_write_buffer_size():
+            connection.transport.abort()

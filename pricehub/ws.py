@@ -11,6 +11,7 @@ from aiohttp import WSMsgType, web
 
 from pricehub import protocol
 from pricehub.admission import origin_allowed
+from pricehub.compression import BroadcastWebSocketResponse
 from pricehub.connection import Connection, SendLimits
 from pricehub.exceptions import AuthError
 from pricehub.keys import BROADCASTER, LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
@@ -67,7 +68,7 @@ async def serve_socket(
     if not origin_allowed(request, settings.allowed_origins):
         stats.rejected_connections["origin"] += 1
         raise web.HTTPForbidden(text="origin not allowed")
-    ws = web.WebSocketResponse(
+    ws = BroadcastWebSocketResponse(
         autoping=False,
         max_msg_size=settings.max_frame_size,
         compress=settings.compression,
@@ -174,9 +175,11 @@ async def run_connection(
         reason = connection.disconnect_reason or read_loop_reason(ws)
     except SessionClosed as exc:
         reason = exc.disconnect_reason
+        connection.flush()  # what was answered before the close goes out before it
         await ws.close(code=exc.code, message=exc.reason.encode())
     except AuthError as exc:
         reason = DisconnectReason.AUTH
+        connection.flush()
         await ws.close(code=exc.close_code, message=exc.message.encode())
     except (asyncio.CancelledError, ConnectionResetError):
         reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN

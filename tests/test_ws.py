@@ -1,0 +1,409 @@
+"""Both WebSocket endpoints through real sockets: every message type, close code and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from pricehub.app import create_app
+from pricehub.keys import BROADCASTER
+from tests.support import (
+    WAIT,
+    collect_updates,
+    make_settings,
+    publish,
+    receive_json,
+    receive_until,
+)
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> MakeClient:
+    async def factory(**overrides: Any) -> Client:
+        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
+        return client
+
+    return factory
+
+
+async def connect(client: Client, path: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+    return await client.ws_connect(path, **kwargs)
+
+
+async def test_single_zone_connect_sends_established_then_initial_data(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "pjm", "price": 41.5, "volume": 10})
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    hello = await receive_json(ws)
+    assert hello["type"] == "connection_established"
+    assert uuid.UUID(hello["connection_id"]).version == 4
+    assert hello["market_zone"] == "pjm" and "zones" not in hello
+    assert hello["storage_backend"] == "in-memory"
+    assert hello["heartbeat_interval"] == 30.0 and isinstance(hello["epoch"], str)
+    assert hello["message"] == "Connected to pjm market updates"
+    assert TIMESTAMP.match(hello["timestamp"])
+    initial = await receive_json(ws)
+    assert initial["type"] == "initial_data" and initial["market_zone"] == "pjm"
+    assert initial["latest_price"] == {
+        "market_zone": "pjm",
+        "price": 41.5,
+        "volume": 10.0,
+        "seq": 1,
+        "timestamp": initial["latest_price"]["timestamp"],
+    }
+    await publish(
+        client, {"market_zone": "pjm", "price": -3.25, "timestamp": "2026-11-27T10:00:00-05:00"}
+    )
+    update = await receive_json(ws)
+    assert update == {
+        "type": "price_update",
+        "market_zone": "pjm",
+        "price": -3.25,
+        "volume": None,
+        "seq": 2,
+        "timestamp": "2026-11-27T15:00:00.000Z",
+    }
+
+
+async def test_no_initial_data_for_a_zone_without_prices(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws = await connect(client, "/api/ws/ws/market/ercot")
+    assert (await receive_json(ws))["type"] == "connection_established"
+    await ws.send_json({"type": "ping"})
+    assert (await receive_json(ws))["type"] == "pong"  # nothing was queued before it
+
+
+async def test_multi_zone_socket_defaults_to_all_zones_and_routes_updates(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(zones=("pjm", "ercot", "caiso"))
+    ws = await connect(client, "/api/ws/ws/prices")
+    hello = await receive_json(ws)
+    assert hello["zones"] == ["pjm", "ercot", "caiso"] and "market_zone" not in hello
+    few = await connect(client, "/api/ws/ws/prices?zones=ercot,pjm")
+    assert (await receive_json(few))["zones"] == ["ercot", "pjm"]
+    await publish(client, {"market_zone": "caiso", "price": 1}, {"market_zone": "pjm", "price": 2})
+    assert [
+        (m["market_zone"], m["seq"]) for m in [await receive_json(ws), await receive_json(ws)]
+    ] == [("caiso", 1), ("pjm", 1)]
+    only = await receive_json(few)
+    assert (only["market_zone"], only["price"]) == ("pjm", 2.0)
+
+
+async def test_empty_zones_then_subscribe_and_unsubscribe(make_client: MakeClient) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "miso", "price": 30})
+    ws = await connect(client, "/api/ws/ws/prices?zones=")
+    assert (await receive_json(ws))["zones"] == []
+    await ws.send_json({"type": "subscribe", "zones": ["miso", "spp"]})
+    assert (await receive_json(ws))["type"] == "subscribed"
+    initial = await receive_json(ws)
+    assert initial["type"] == "initial_data" and initial["latest_price"]["seq"] == 1
+    await ws.send_json({"type": "unsubscribe", "zones": ["miso"]})
+    answer = await receive_json(ws)
+    assert (answer["type"], answer["zones"]) == ("unsubscribed", ["miso"])
+    await publish(client, {"market_zone": "miso", "price": 31}, {"market_zone": "spp", "price": 5})
+    update = await receive_json(ws)
+    assert update["market_zone"] == "spp"  # miso's update was not delivered
+
+
+async def test_ping_heartbeat_and_history(make_client: MakeClient) -> None:
+    client = await make_client()
+    await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(5)])
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_until(ws, lambda m: m["type"] == "initial_data")
+    await ws.send_json({"type": "ping"})
+    assert (await receive_json(ws))["type"] == "pong"
+    await ws.send_json({"type": "heartbeat"})
+    ack = await receive_json(ws)
+    assert ack["type"] == "heartbeat_ack" and TIMESTAMP.match(ack["timestamp"])
+    await ws.send_json({"type": "request_price_history", "limit": 3})
+    history = await receive_json(ws)
+    assert history["type"] == "price_history" and history["limit"] == 3
+    assert [p["seq"] for p in history["data"]] == [3, 4, 5]
+    await ws.send_json({"type": "request_price_history", "hours": 1})
+    recent = await receive_json(ws)
+    assert recent["hours"] == 1 and [p["seq"] for p in recent["data"]] == [1, 2, 3, 4, 5]
+    await publish(client, {"market_zone": "pjm", "price": 1, "timestamp": "2020-01-01T00:00:00Z"})
+    await receive_json(ws)  # the live update
+    await ws.send_json({"type": "request_price_history", "hours": 1})
+    assert 6 not in [p["seq"] for p in (await receive_json(ws))["data"]]  # too old
+
+
+async def test_history_on_multi_zone_socket_needs_a_zone(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws = await connect(client, "/api/ws/ws/prices?zones=")
+    await receive_json(ws)
+    await ws.send_json({"type": "request_price_history", "limit": 1})
+    assert (await receive_json(ws))["code"] == "invalid_message"
+    await ws.send_json({"type": "request_price_history", "limit": 1, "market_zone": "atlantis"})
+    assert (await receive_json(ws))["code"] == "unknown_zone"
+    await ws.send_json({"type": "request_price_history", "limit": 1, "market_zone": "spp"})
+    answer = await receive_json(ws)
+    assert (answer["type"], answer["market_zone"], answer["data"]) == ("price_history", "spp", [])
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{nope", "invalid_json"),
+        ("[1, 2]", "invalid_message"),
+        ('{"no_type": 1}', "invalid_message"),
+        ('{"type": "order_pizza"}', "unknown_type"),
+        ('{"type": "subscribe", "zones": "pjm"}', "invalid_message"),
+        ('{"type": "subscribe", "zones": ["atlantis"]}', "unknown_zone"),
+        ('{"type": "request_price_history", "limit": "ten"}', "invalid_message"),
+    ],
+)
+async def test_bad_input_gets_an_error_and_the_socket_stays_open(
+    make_client: MakeClient, frame: str, code: str
+) -> None:
+    client = await make_client()
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_json(ws)
+    await ws.send_str(frame)
+    error = await receive_json(ws)
+    assert (error["type"], error["code"]) == ("error", code) and error["message"]
+    await ws.send_json({"type": "ping"})
+    assert (await receive_json(ws))["type"] == "pong"
+
+
+async def test_binary_frames_are_rejected_politely(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_json(ws)
+    await ws.send_bytes(b"\x00\x01")
+    error = await receive_json(ws)
+    assert error["code"] == "invalid_message" and "binary" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/ws/ws/market/atlantis", "/api/ws/ws/market/PJM", "/api/ws/ws/prices?zones=pjm,atlantis"],
+)
+async def test_unknown_or_malformed_zone_closes_1008(make_client: MakeClient, path: str) -> None:
+    client = await make_client()
+    ws = await connect(client, path)
+    message = await ws.receive(timeout=WAIT)
+    assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1008
+
+
+async def test_oversized_frame_closes_1009(make_client: MakeClient) -> None:
+    client = await make_client(max_frame_size=1024)
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_json(ws)
+    await ws.send_str('{"type":"ping","pad":"' + "x" * 2000 + '"}')
+    message = await ws.receive(timeout=WAIT)
+    assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1009
+
+
+async def test_rate_limit_warns_then_closes_4029(make_client: MakeClient) -> None:
+    client = await make_client(client_rate_limit=2.0)  # burst 4
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_json(ws)
+    for _ in range(12):
+        await ws.send_json({"type": "ping"})
+    kinds = []
+    while True:
+        message = await ws.receive(timeout=WAIT)
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            break
+        body = message.json()
+        kinds.append(body.get("code") or body["type"])
+    assert kinds[:4] == ["pong"] * 4 and "rate_limited" in kinds
+    assert ws.close_code == 4029
+
+
+async def test_connection_limits_close_1013(make_client: MakeClient) -> None:
+    client = await make_client(max_connections=2)
+    first = await connect(client, "/api/ws/ws/market/pjm")
+    second = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_json(first)
+    await receive_json(second)
+    third = await connect(client, "/api/ws/ws/market/pjm")
+    assert (await third.receive(timeout=WAIT)).type is aiohttp.WSMsgType.CLOSE
+    assert third.close_code == 1013
+    await first.close()
+    fourth = await connect(client, "/api/ws/ws/market/pjm")
+    assert (await receive_json(fourth))["type"] == "connection_established"
+
+
+async def test_resume_replays_missed_updates_flagged_then_goes_live(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(10)])
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    epoch = (await receive_json(ws))["epoch"]
+    await ws.close()
+    ws = await connect(client, f"/api/ws/ws/market/pjm?since=6&epoch={epoch}")
+    await receive_json(ws)
+    replayed = [await receive_json(ws) for _ in range(4)]
+    assert [(m["seq"], m.get("replay")) for m in replayed] == [
+        (7, True),
+        (8, True),
+        (9, True),
+        (10, True),
+    ]
+    done = await receive_json(ws)
+    assert done["type"] == "resume_complete" and done["recovered"] is True
+    assert (done["from_seq"], done["to_seq"]) == (7, 10)
+    await publish(client, {"market_zone": "pjm", "price": 99})
+    live = await receive_json(ws)
+    assert live["seq"] == 11 and "replay" not in live
+
+
+async def test_resume_up_to_date_client_is_recovered_without_replay(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "pjm", "price": 1})
+    ws = await connect(client, "/api/ws/ws/market/pjm?since=1")
+    await receive_json(ws)
+    done = await receive_json(ws)
+    assert (done["type"], done["recovered"], done["from_seq"], done["to_seq"]) == (
+        "resume_complete",
+        True,
+        2,
+        1,
+    )
+
+
+@pytest.mark.parametrize("query", ["since=1&epoch=another-lineage", "since=50", "since=1"])
+async def test_resume_that_cannot_be_filled_sends_initial_data_and_recovered_false(
+    make_client: MakeClient, query: str
+) -> None:
+    client = await make_client(history_size=3)
+    await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(6)])
+    ws = await connect(client, f"/api/ws/ws/market/pjm?{query}")
+    await receive_json(ws)
+    initial = await receive_json(ws)
+    assert initial["type"] == "initial_data" and initial["latest_price"]["seq"] == 6
+    done = await receive_json(ws)
+    assert done["type"] == "resume_complete" and done["recovered"] is False
+    assert done["to_seq"] == 6
+
+
+async def test_bad_since_is_reported_and_the_client_gets_current_state(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "pjm", "price": 1})
+    ws = await connect(client, "/api/ws/ws/market/pjm?since=-4")
+    await receive_json(ws)
+    assert (await receive_json(ws))["code"] == "invalid_message"
+    assert (await receive_json(ws))["type"] == "initial_data"
+
+
+async def test_subscribe_with_since_resumes_per_zone(make_client: MakeClient) -> None:
+    client = await make_client()
+    await publish(client, *[{"market_zone": z, "price": 1} for z in ("pjm", "ercot") * 3])
+    ws = await connect(client, "/api/ws/ws/prices?zones=")
+    epoch = (await receive_json(ws))["epoch"]
+    await ws.send_json(
+        {"type": "subscribe", "zones": ["pjm", "ercot"], "since": {"pjm": 1}, "epoch": epoch}
+    )
+    messages = await receive_until(
+        ws, lambda m: m["type"] == "initial_data" and m["market_zone"] == "ercot"
+    )
+    assert [(m["type"], m.get("market_zone"), m.get("seq")) for m in messages] == [
+        ("subscribed", None, None),
+        ("price_update", "pjm", 2),
+        ("price_update", "pjm", 3),
+        ("resume_complete", "pjm", None),
+        ("initial_data", "ercot", None),
+    ]
+
+
+async def test_resume_with_concurrent_publisher_has_no_gap_and_no_duplicate(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(history_size=5000)
+    await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(200)])
+    total = 600
+
+    async def publisher() -> None:
+        for start in range(200, total, 10):
+            await publish(
+                client, *[{"market_zone": "pjm", "price": p} for p in range(start, start + 10)]
+            )
+
+    task = asyncio.create_task(publisher())
+    resumers = []
+    for since in (0, 50, 150):
+        ws = await connect(client, f"/api/ws/ws/market/pjm?since={since}")
+        resumers.append((since, ws))
+    await task
+    for since, ws in resumers:
+        await receive_json(ws)
+        seqs = await collect_updates(ws, "pjm", until_seq=total)
+        assert seqs == list(range(since + 1, total + 1))
+
+
+async def test_200_clients_receive_every_update_in_order(make_client: MakeClient) -> None:
+    client = await make_client()
+    url = client.make_url("/api/ws/ws/market/ercot")
+    # The test client's session pools at most 100 connections; sockets hold theirs.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async with asyncio.timeout(WAIT):
+            sockets = await asyncio.gather(*(session.ws_connect(url) for _ in range(200)))
+        for ws in sockets:
+            await receive_json(ws)
+        for start in range(0, 50, 10):
+            await publish(
+                client, *[{"market_zone": "ercot", "price": p} for p in range(start, start + 10)]
+            )
+        results = await asyncio.gather(
+            *(collect_updates(ws, "ercot", until_seq=50) for ws in sockets)
+        )
+        assert all(seqs == list(range(1, 51)) for seqs in results)
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_server_pings_and_reaper_closes_silent_clients_4000(make_client: MakeClient) -> None:
+    client = await make_client(heartbeat_interval=0.1, heartbeat_timeout=0.6)
+    # autoping=False: this client never answers pings, so only its own frames count.
+    silent = await connect(client, "/api/ws/ws/market/pjm", autoping=False)
+    lively = await connect(client, "/api/ws/ws/market/pjm")  # answers pings while reading
+    await receive_json(silent)
+    await receive_json(lively)
+    lively_closed = asyncio.create_task(lively.receive())  # keeps reading, so it pongs
+    ping = await silent.receive(timeout=WAIT)
+    assert ping.type is aiohttp.WSMsgType.PING
+    while True:
+        message = await silent.receive(timeout=WAIT)
+        if message.type is aiohttp.WSMsgType.CLOSE:
+            break
+    assert silent.close_code == 4000
+    assert not lively_closed.done()  # the reaper ran several times and spared it
+    await lively.send_json({"type": "ping"})
+    assert orjson.loads((await asyncio.wait_for(lively_closed, WAIT)).data)["type"] == "pong"
+
+
+async def test_backend_change_is_announced_to_every_client(make_client: MakeClient) -> None:
+    client = await make_client()
+    sockets = [
+        await connect(client, path)
+        for path in ("/api/ws/ws/market/pjm", "/api/ws/ws/prices?zones=")
+    ]
+    for ws in sockets:
+        await receive_json(ws)
+    client.app[BROADCASTER].on_backend_changed("redis")
+    for ws in sockets:
+        message = await receive_json(ws)
+        assert (message["type"], message["storage_backend"]) == ("storage_backend_changed", "redis")
