@@ -1,0 +1,171 @@
+"""HTTP endpoints through a real server: publish, history, stats, health, dashboard."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from pricehub.app import create_app
+from tests.support import PUBLISH_KEY, make_settings, publish, receive_json
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+PUBLISH = "/api/ws/ws/broadcast/price"
+AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> MakeClient:
+    async def factory(**overrides: Any) -> Client:
+        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
+        return client
+
+    return factory
+
+
+async def test_publish_single_and_batch_get_consecutive_seqs(make_client: MakeClient) -> None:
+    client = await make_client()
+    assert await publish(client, {"market_zone": "pjm", "price": 1}) == [
+        {"market_zone": "pjm", "seq": 1}
+    ]
+    accepted = await publish(
+        client, {"market_zone": "pjm", "price": 2}, {"market_zone": "ercot", "price": 3},
+        {"market_zone": "pjm", "price": 4},
+    )
+    assert accepted == [{"market_zone": "pjm", "seq": 2}, {"market_zone": "ercot", "seq": 1},
+                        {"market_zone": "pjm", "seq": 3}]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"Authorization": "Basic abc"}, 401), ({"Authorization": "Bearer nope"}, 403)],
+)
+async def test_publish_needs_the_right_bearer_key(
+    make_client: MakeClient, headers: dict[str, str], status: int
+) -> None:
+    client = await make_client()
+    response = await client.post(PUBLISH, json={"market_zone": "pjm", "price": 1},
+                                 headers=headers)
+    assert response.status == status
+    history = await (await client.get("/api/ws/ws/history/pjm")).json()
+    assert history["data"] == []  # nothing was published
+
+
+async def test_publish_accepts_any_of_several_keys(make_client: MakeClient) -> None:
+    client = await make_client(publish_key=("old-key", "new-key"))
+    for key in ("old-key", "new-key"):
+        response = await client.post(PUBLISH, json={"market_zone": "pjm", "price": 1},
+                                     headers={"Authorization": f"Bearer {key}"})
+        assert response.status == 202
+
+
+async def test_publishing_disabled_without_keys_is_403(make_client: MakeClient) -> None:
+    client = await make_client(publish_key=())
+    response = await client.post(PUBLISH, json={"market_zone": "pjm", "price": 1}, headers=AUTH)
+    assert response.status == 403
+    assert (await response.json())["error"] == "publishing_disabled"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"market_zone": "pjm"}, "price"),
+        ({"market_zone": "atlantis", "price": 1}, "market_zone"),
+        ({"market_zone": "pjm", "price": 1, "timestamp": "2026-11-27T15:00:00"}, "timestamp"),
+        ([{"market_zone": "pjm", "price": 1}, {"market_zone": "pjm", "price": "x"}], "[1].price"),
+        ("just a string", "body"),
+    ],
+)
+async def test_invalid_publish_is_422_naming_the_field_and_publishes_nothing(
+    make_client: MakeClient, body: Any, field: str
+) -> None:
+    client = await make_client()
+    response = await client.post(PUBLISH, json=body, headers=AUTH)
+    assert response.status == 422
+    assert (await response.json())["field"] == field
+    assert (await (await client.get("/api/ws/ws/history/pjm")).json())["data"] == []
+
+
+async def test_invalid_json_body_and_oversized_body(make_client: MakeClient) -> None:
+    client = await make_client(max_body_size=1024)
+    response = await client.post(PUBLISH, data=b"{nope", headers=AUTH)
+    assert response.status == 422
+    big = [{"market_zone": "pjm", "price": 1}] * 100
+    response = await client.post(PUBLISH, json=big, headers=AUTH)
+    assert response.status == 413
+
+
+async def test_history_endpoint(make_client: MakeClient) -> None:
+    client = await make_client()
+    await publish(client, *[{"market_zone": "spp", "price": p} for p in range(5)])
+    body = await (await client.get("/api/ws/ws/history/spp?limit=2")).json()
+    assert body["market_zone"] == "spp" and [p["seq"] for p in body["data"]] == [4, 5]
+    assert len((await (await client.get("/api/ws/ws/history/spp")).json())["data"]) == 5
+    assert (await client.get("/api/ws/ws/history/atlantis")).status == 404
+    assert (await client.get("/api/ws/ws/history/NOT-A-ZONE")).status == 422
+    assert (await client.get("/api/ws/ws/history/spp?limit=zero")).status == 422
+
+
+async def test_stats_count_connections_and_messages(make_client: MakeClient) -> None:
+    client = await make_client()
+    first = await client.ws_connect("/api/ws/ws/market/pjm")
+    second = await client.ws_connect("/api/ws/ws/prices?zones=pjm,ercot")
+    await receive_json(first)
+    await receive_json(second)
+    await first.send_json({"type": "ping"})
+    await receive_json(first)
+    await publish(client, {"market_zone": "ercot", "price": 1})
+    await receive_json(second)
+    stats = await (await client.get("/api/ws/ws/stats")).json()
+    assert stats["total_connections"] == 2
+    assert stats["connections_by_zone"] == {"pjm": 2, "ercot": 1}
+    assert sorted(stats["active_zones"]) == ["ercot", "pjm"]
+    assert "cluster" not in stats  # in-memory only
+    assert TIMESTAMP.match(stats["timestamp"])
+    statistics = stats["statistics"]
+    assert statistics == {
+        "total_connections": 2, "total_disconnections": 0,
+        "total_messages_sent": 4,  # 2 x connection_established, pong, one update
+        "total_messages_received": 1, "connection_errors": 0, "active_connections": 2,
+        "active_zones": 2, "storage_backend": "in-memory",
+    }
+    await first.close()
+    await second.close()
+
+
+async def test_health_reports_in_memory_and_healthy(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.get("/api/ws/ws/health")
+    assert response.status == 200
+    health = await response.json()
+    assert health["status"] == "healthy" and health["storage_backend"] == "in-memory"
+    assert health["checks"]["redis"] == "disabled" and health["error_rate"] == 0.0
+    assert health["active_connections"] == 0 and "statistics" in health
+    assert TIMESTAMP.match(health["timestamp"])
+
+
+async def test_unreachable_redis_at_start_runs_in_memory_and_says_so(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(redis_url="redis://127.0.0.1:1/0", redis_timeout=0.2)
+    ws = await client.ws_connect("/api/ws/ws/market/pjm")
+    assert (await receive_json(ws))["storage_backend"] == "in-memory"
+    stats = await (await client.get("/api/ws/ws/stats")).json()
+    assert stats["statistics"]["storage_backend"] == "in-memory"
+    health = await (await client.get("/api/ws/ws/health")).json()
+    assert health["storage_backend"] == "in-memory"
+    assert health["status"] == "degraded" and health["checks"]["redis"] == "unavailable"
+
+
+async def test_dashboard_and_client_module_are_served(make_client: MakeClient) -> None:
+    client = await make_client()
+    page = await client.get("/")
+    assert page.status == 200 and "text/html" in page.headers["Content-Type"]
+    assert "/static/pricehub.js" in await page.text() or "dashboard.js" in await page.text()
+    module = await client.get("/static/pricehub.js")
+    assert module.status == 200 and "javascript" in module.headers["Content-Type"]
