@@ -1,0 +1,135 @@
+"""The server as operators run it: README commands, CLI, graceful shutdown (subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.serverproc import REPO, ServerProcess, free_port
+from tests.support import WAIT, receive_json
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_block(heading: str) -> list[str]:
+    """The shell lines of the first ```bash block after ``heading`` in the README."""
+    section = README.split(heading, 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    (test_command,) = readme_block("## Run the tests")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert f"exec {test_command}" in ci.splitlines()
+
+
+@pytest.fixture
+async def embedded_default() -> AsyncIterator[str]:
+    """The README's run command exactly, with only the port (and an unreachable Redis,
+    so the machine's own Redis is never touched) changed through the environment."""
+    (run_command,) = readme_block("## Run the server")
+    port = free_port()
+    env = {**os.environ, "PRICEHUB_PORT": str(port),
+           "PRICEHUB_REDIS_URL": "redis://127.0.0.1:1/0", "PRICEHUB_LOG_FORMAT": "json"}
+    argv = shlex.split(run_command)
+    assert argv[:2] == ["python", "run_server.py"]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *argv[1:], cwd=REPO, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), WAIT)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+
+
+async def connect_when_up(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await session.ws_connect(url)
+            except aiohttp.ClientConnectorError:
+                await asyncio.sleep(0.05)  # polling for the port to open, bounded above
+
+
+async def test_readme_run_command_streams_simulated_prices_in_memory(
+    embedded_default: str,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await connect_when_up(session, embedded_default + "/api/ws/ws/prices")
+        hello = await receive_json(ws)
+        assert hello["storage_backend"] == "in-memory" and len(hello["zones"]) == 7
+        async with asyncio.timeout(WAIT):
+            while (message := await receive_json(ws))["type"] != "price_update":
+                pass
+        assert message["market_zone"] in hello["zones"] and message["seq"] >= 1
+        await ws.close()
+
+
+async def test_readme_curl_publish_example_works() -> None:
+    (curl_line,) = [line for line in readme_block("## Publish a price") if "curl" in line]
+    with ServerProcess("--no-simulate", publish_key="change-me") as server:
+        command = curl_line.replace("http://127.0.0.1:8080", server.url)
+        result = await asyncio.to_thread(
+            subprocess.run, ["bash", "-c", command + " -sS --fail"], capture_output=True,
+            timeout=WAIT,
+        )
+        assert result.returncode == 0, result.stderr
+        assert orjson.loads(result.stdout)["accepted"][0]["seq"] == 1
+
+
+async def test_sigterm_closes_every_socket_with_1001_and_exits_0() -> None:
+    server = ServerProcess("--no-simulate", publish_key="k")
+    await server.start_async()
+    try:
+        async with aiohttp.ClientSession() as session:
+            sockets = [await session.ws_connect(server.ws_url + path) for path in
+                       ("/api/ws/ws/market/pjm", "/api/ws/ws/prices", "/api/ws/ws/prices")]
+            for ws in sockets:
+                await receive_json(ws)
+            stopping = asyncio.create_task(server.stop_async())
+            for ws in sockets:
+                message = await ws.receive(timeout=WAIT)
+                assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1001
+            assert await stopping == 0
+    finally:
+        if server.running:
+            server.kill()
+    assert '"event":"stopped"' in server.log() or "stopped" in server.log()
+
+
+@pytest.mark.parametrize("argv", [["-m", "pricehub", "--help"], ["run_server.py", "--help"]])
+def test_help_lists_the_contract_flags(argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                            timeout=WAIT)
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--redis-url", "--zones", "--publish-key", "--simulate",
+                 "--no-simulate", "--heartbeat-interval", "--heartbeat-timeout",
+                 "--history-size", "--allowed-origins", "--workers", "--tls-cert", "--tls-key",
+                 "--log-format", "--jwt-secret", "--jwt-public-key", "--max-frame-size",
+                 "--max-connections", "--max-connections-per-ip", "--client-rate-limit",
+                 "--config"):
+        assert re.search(rf"(^|\s){re.escape(flag)}[\s,=]", result.stdout), flag
+
+
+def test_bad_configuration_exits_2_with_a_precise_message(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pricehub", "--port", "eighty"], cwd=REPO, capture_output=True,
+        text=True, timeout=WAIT,
+    )
+    assert result.returncode == 2
+    assert "configuration error" in result.stderr and "port" in result.stderr
