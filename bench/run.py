@@ -1,0 +1,608 @@
+"""pricehub fan-out benchmark: starts each server, drives it with picows load clients, reports.
+
+Run from the repository root (see bench/README.md)::
+
+    python bench/run.py                 # all four scenarios, all four servers (~12 min)
+    python bench/run.py --quick         # everything small, about a minute (smoke test)
+    python bench/run.py --scenario 1 --servers naive ceiling --clients 500 --duration 5
+
+Every measurement gets a fresh server process. Load clients (``bench/loadclient.py``) run in
+several processes; the publisher (``bench/publisher.py``) runs in this one. Server CPU comes from
+``/proc/<pid>/stat`` (the server and its descendants), RSS from ``/proc/<pid>/status``.
+Everything listens and connects on 127.0.0.1 only, every wait has a deadline, and every child
+process is killed when this one ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import secrets
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from processes import (
+    HOST,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    machine_line,
+    process_tree,
+    rss_kib,
+    spawn,
+    stop,
+)
+from publisher import PublishLog, publish
+from report import (
+    idle_table,
+    merge_reports,
+    record,
+    slow_table,
+    stream_table,
+    summarise,
+    target_checks,
+)
+
+__all__ = ["main"]
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
+MARKET_PATH = "/api/ws/ws/market/"
+PRICES_PATH = "/api/ws/ws/prices?zones="
+PUBLISH_PATH = "/api/ws/ws/broadcast/price"
+SERVER_START_TIMEOUT = 30.0
+SERVER_NAMES = ("pricehub", "naive", "websockets", "ceiling")
+BASELINE_SCRIPTS = {
+    "naive": "naive_aiohttp.py",
+    "websockets": "websockets_broadcast.py",
+    "ceiling": "raw_ceiling.py",
+}
+# pricehub's defaults (1,000 per IP) would refuse scenario 3's 10,000 loopback sockets.
+PRICEHUB_FLAGS = (
+    "--redis-url",
+    "none",
+    "--no-simulate",
+    "--log-format",
+    "json",
+    "--max-connections",
+    "100000",
+    "--max-connections-per-ip",
+    "100000",
+)
+HANDSHAKES_IN_FLIGHT = 100  # over all client processes; below the servers' listen backlog
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A streaming scenario: readers on one socket kind, a publisher at a fixed tick rate."""
+
+    clients: int  # readers + stalled
+    zones: tuple[str, ...]  # published every tick, one price each, in one POST
+    multi_zone: bool  # readers use /prices?zones=<all zones>, else /market/<first zone>
+    rate: float  # ticks per second
+    warmup: float  # seconds published before the measured window
+    duration: float  # measured seconds
+    drain: float = 2.0  # seconds after the last publish still inside the CPU window
+    # Clients that stop reading right after their handshake. They subscribe to every published
+    # zone on the multi-zone socket, so their backlog builds several times faster than a
+    # reader's traffic and reaches a server's buffer limits within a bounded run.
+    stalled: int = 0
+
+
+@dataclass(frozen=True)
+class Idle:
+    """The idle scenario: open many sockets (measuring the handshake rate), then hold them."""
+
+    connections: int
+    settle: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    streams: dict[int, Stream]
+    idle: Idle
+    servers: tuple[str, ...]
+    client_procs: int
+    # On a 2-core machine the server gets a core of its own; clients, publisher and driver share
+    # the other. Unpinned, every tick wakes the server and all client processes at once and the
+    # scheduler's sharing shows up as latency that is not the server's.
+    server_cpus: frozenset[int]
+    client_cpus: frozenset[int]
+    out: Path
+    pricehub_args: tuple[str, ...]
+
+
+FULL = {
+    1: Stream(clients=2000, zones=ZONES[:1], multi_zone=False, rate=20, warmup=3, duration=15),
+    2: Stream(clients=1000, zones=ZONES, multi_zone=True, rate=10, warmup=3, duration=15),
+    4: Stream(
+        clients=1000, zones=ZONES, multi_zone=False, rate=20, warmup=10, duration=15, stalled=1
+    ),
+}
+FULL_IDLE = Idle(connections=10_000, settle=2)
+QUICK = {
+    number: replace(stream, clients=stream.clients // 10, warmup=1, duration=1.5, drain=0.5)
+    for number, stream in FULL.items()
+}
+QUICK_IDLE = Idle(connections=1000, settle=0.5)
+
+# ----------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    name: str
+    process: asyncio.subprocess.Process
+    ws_base: str
+    publish_url: str
+    publish_key: str
+
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid)
+
+
+def server_argv(
+    name: str, port: int, publish_port: int, key: str, extra: Iterable[str]
+) -> list[str]:
+    common = ["--host", HOST, "--port", str(port), "--publish-key", key]
+    if name == "pricehub":
+        return [sys.executable, "run_server.py", *common, *PRICEHUB_FLAGS, *extra]
+    script = str(BENCH / "servers" / BASELINE_SCRIPTS[name])
+    if name == "websockets":  # websockets serves no POST: its publish endpoint has its own port
+        common += ["--publish-port", str(publish_port)]
+    return [sys.executable, script, *common]
+
+
+async def wait_listening(port: int, process: asyncio.subprocess.Process, deadline: float) -> None:
+    while True:
+        if process.returncode is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        try:
+            _reader, writer = await asyncio.open_connection(HOST, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on port {port}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return
+
+
+@contextlib.asynccontextmanager
+async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Server]:
+    port = free_port()
+    publish_port = free_port() if name == "websockets" else port
+    key = secrets.token_hex(8)
+    argv = server_argv(name, port, publish_port, key, plan.pricehub_args)
+    log = plan.out / f"{label}-{name}.log"
+    process = await spawn(argv, log=log, cwd=REPO, pipes=False, cpus=plan.server_cpus)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        for listening in {port, publish_port}:
+            await wait_listening(listening, process, deadline)
+        publish_url = f"http://{HOST}:{publish_port}{PUBLISH_PATH}"
+        yield Server(name, process, f"ws://{HOST}:{port}", publish_url, key)
+    finally:
+        await stop(process)
+
+
+# ----------------------------------------------------------------------------- load clients
+
+
+@dataclass
+class ClientProc:
+    process: asyncio.subprocess.Process
+    stalled: bool
+
+    async def send(self, command: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def expect(self, event: str, within: float) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), within)
+        if not line:
+            raise RuntimeError(f"load client exited ({self.process.returncode}); see its log")
+        answer: dict[str, Any] = json.loads(line)
+        if answer.get("event") != event:
+            raise RuntimeError(f"load client said {answer!r}, expected {event!r}")
+        return answer
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` as at most ``parts`` near-equal positive shares."""
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+@contextlib.asynccontextmanager
+async def client_fleet(
+    groups: list[tuple[str, int, bool]], plan: Plan, label: str, t0: float
+) -> AsyncIterator[tuple[list[ClientProc], list[dict[str, Any]]]]:
+    """Start one load-client process per (url, connections, stalled) group, open every
+    connection at the same moment, yield the processes with their ``connected`` events."""
+    procs: list[ClientProc] = []
+    try:
+        for index, (url, count, stalled) in enumerate(groups):
+            argv = [
+                sys.executable,
+                str(BENCH / "loadclient.py"),
+                "--url",
+                url,
+                "--t0",
+                str(t0),
+                "--connections",
+                str(count),
+                "--concurrency",
+                str(max(1, HANDSHAKES_IN_FLIGHT // len(groups))),
+            ]
+            argv += ["--stall"] if stalled else []
+            log = plan.out / f"{label}-client{index}.log"
+            process = await spawn(argv, log=log, cwd=REPO, pipes=True, cpus=plan.client_cpus)
+            procs.append(ClientProc(process, stalled))
+        for proc in procs:
+            await proc.expect("ready", 30)
+        for proc in procs:
+            await proc.send({"cmd": "connect"})
+        timeout = 30 + sum(count for _url, count, _stalled in groups) / 100
+        connected = [await proc.expect("connected", timeout) for proc in procs]
+        yield procs, connected
+    finally:
+        for proc in procs:
+            with contextlib.suppress(OSError, RuntimeError):
+                await proc.send({"cmd": "exit"})
+        await asyncio.gather(*(stop(proc.process) for proc in procs))
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Snapshot:
+    at: float
+    server_cpu: float
+    client_cpu: float
+    machine_cpu: float
+    rss_kib: int
+
+
+def snapshot(server: Server, procs: list[ClientProc]) -> Snapshot:
+    pids = server.pids()
+    clients = cpu_seconds(p.process.pid for p in procs)
+    # Taken first so that the driver's own CPU is inside "others" only as far as it publishes.
+    return Snapshot(time.time(), cpu_seconds(pids), clients, machine_busy_seconds(), rss_kib(pids))
+
+
+async def sample_peak_rss(server: Server, peak: list[int]) -> None:
+    while True:
+        peak[0] = max(peak[0], rss_kib(server.pids()))
+        await asyncio.sleep(0.2)
+
+
+def stream_groups(server: Server, stream: Stream, plan: Plan) -> list[tuple[str, int, bool]]:
+    all_zones = server.ws_base + PRICES_PATH + ",".join(stream.zones)
+    readers_url = all_zones if stream.multi_zone else server.ws_base + MARKET_PATH + stream.zones[0]
+    groups = [
+        (readers_url, n, False) for n in split(stream.clients - stream.stalled, plan.client_procs)
+    ]
+    return groups + ([(all_zones, stream.stalled, True)] if stream.stalled else [])
+
+
+async def measure_stream(
+    server: Server, stream: Stream, procs: list[ClientProc], t0: float
+) -> tuple[Snapshot, Snapshot, PublishLog, list[int]]:
+    """Publish through warm-up and window; CPU/RSS snapshots at the window's two ends."""
+    peak = [0]
+    sampler = asyncio.create_task(sample_peak_rss(server, peak))
+    log = PublishLog()
+    measure_from = time.time() + stream.warmup
+    publisher = asyncio.create_task(
+        publish(
+            url=server.publish_url,
+            key=server.publish_key,
+            zones=stream.zones,
+            rate=stream.rate,
+            seconds=stream.warmup + stream.duration,
+            t0=t0,
+            measure_from=measure_from,
+            log=log,
+        )
+    )
+    await asyncio.sleep(max(0.0, measure_from - time.time()))
+    before = snapshot(server, procs)
+    await publisher
+    await asyncio.sleep(stream.drain)
+    after = snapshot(server, procs)
+    sampler.cancel()
+    return before, after, log, peak
+
+
+async def run_stream(
+    name: str, stream: Stream, plan: Plan, label: str, t0: float
+) -> dict[str, Any]:
+    """One server, one streaming scenario: connect, warm up, measure, drain, collect."""
+    async with running_server(name, plan, label) as server:
+        groups = stream_groups(server, stream, plan)
+        async with client_fleet(groups, plan, f"{label}-{name}", t0) as (procs, connected):
+            before, after, log, peak = await measure_stream(server, stream, procs, t0)
+            stalled = [proc for proc in procs if proc.stalled]
+            for proc in stalled:  # let it read what reached it, to see how it ended
+                await proc.send({"cmd": "resume"})
+            await asyncio.sleep(max(1.0, stream.drain) if stalled else 0)
+            command = {"cmd": "report", "window": [before.at, after.at], "ranges": log.ranges()}
+            for proc in procs:
+                await proc.send(command)
+            reports = [await proc.expect("report", 60) for proc in procs]
+    return stream_result(name, stream, connected, before, after, log, peak[0], procs, reports)
+
+
+def stream_result(
+    name: str,
+    stream: Stream,
+    connected: list[dict[str, Any]],
+    before: Snapshot,
+    after: Snapshot,
+    log: PublishLog,
+    peak_kib: int,
+    procs: list[ClientProc],
+    reports: list[dict[str, Any]],
+) -> dict[str, Any]:
+    window = after.at - before.at
+    cpu = after.server_cpu - before.server_cpu
+    clients = after.client_cpu - before.client_cpu
+    others = after.machine_cpu - before.machine_cpu - cpu - clients
+    ranges = log.ranges()
+    # A reader subscribes to one zone (or to all), a stalled client to all.
+    all_expected = sum(high - low + 1 for low, high in ranges.values())
+    first = ranges.get(stream.zones[0], [1, 0])
+    reader_expected = all_expected if stream.multi_zone else first[1] - first[0] + 1
+    groups = {
+        flag: merge_reports([r for r, p in zip(reports, procs, strict=True) if p.stalled is flag])
+        for flag in (False, True)
+    }
+    readers = summarise(groups[False], reader_expected)
+    delivered = readers["deliveries_in_window"]
+    return {
+        "server": name,
+        "clients": stream.clients,
+        "connected": sum(c["ok"] for c in connected),
+        "connect_failed": sum(c["failed"] for c in connected),
+        "connect_errors": [c["errors"] for c in connected if c["errors"]],
+        "window_s": window,
+        "server_cpu_s": cpu,
+        "server_core_pct": 100 * cpu / window,
+        "client_core_pct": 100 * clients / window,
+        "others_core_pct": 100 * others / window,
+        "cpu_us_per_delivery": 1e6 * cpu / delivered if delivered else None,
+        "deliveries_per_s": readers["measured_deliveries"] / stream.duration,
+        "rss_start_mib": before.rss_kib / 1024,
+        "rss_mib": after.rss_kib / 1024,
+        "rss_peak_mib": peak_kib / 1024,
+        "publish_skipped": log.skipped,
+        "publish_failed": dict(log.failed),
+        "ranges": ranges,
+        "readers": readers,
+        "stalled": summarise(groups[True], all_expected) if stream.stalled else None,
+    }
+
+
+async def run_idle(name: str, idle: Idle, plan: Plan, label: str, t0: float) -> dict[str, Any]:
+    """One server, idle scenario: handshake rate while opening, RSS per held connection."""
+    async with running_server(name, plan, label) as server:
+        await asyncio.sleep(0.5)  # let start-up allocations finish before the baseline
+        rss_before, cpu_before = rss_kib(server.pids()), cpu_seconds(server.pids())
+        url = server.ws_base + MARKET_PATH + ZONES[0]
+        groups = [(url, n, False) for n in split(idle.connections, plan.client_procs)]
+        async with client_fleet(groups, plan, f"{label}-{name}", t0) as (_procs, connected):
+            cpu_after = cpu_seconds(server.pids())
+            await asyncio.sleep(idle.settle)
+            rss_after = rss_kib(server.pids())
+    ok = sum(c["ok"] for c in connected)
+    elapsed = max(c["finished"] for c in connected) - min(c["started"] for c in connected)
+    return {
+        "server": name,
+        "connections": idle.connections,
+        "connected": ok,
+        "connect_failed": sum(c["failed"] for c in connected),
+        "connect_errors": [c["errors"] for c in connected if c["errors"]],
+        "handshakes_per_s": ok / elapsed if elapsed > 0 else None,
+        "cpu_us_per_handshake": 1e6 * (cpu_after - cpu_before) / ok if ok else None,
+        "rss_before_mib": rss_before / 1024,
+        "rss_after_mib": rss_after / 1024,
+        "rss_kib_per_connection": (rss_after - rss_before) / ok if ok else None,
+    }
+
+
+async def run_plan(plan: Plan, scenarios: list[int]) -> dict[str, list[dict[str, Any]]]:
+    t0 = float(int(time.time()))
+    results: dict[str, list[dict[str, Any]]] = {}
+    for scenario in scenarios:
+        for name in plan.servers:
+            print(
+                f"scenario {scenario}: {name} (load average {os.getloadavg()[0]:.1f})", flush=True
+            )
+            if scenario == 3:
+                results.setdefault("3", []).append(await run_idle(name, plan.idle, plan, "s3", t0))
+                continue
+            stream = plan.streams[scenario]
+            if stream.stalled:
+                without = replace(stream, clients=stream.clients - stream.stalled, stalled=0)
+                run = await run_stream(name, without, plan, f"s{scenario}-without", t0)
+                results.setdefault(f"{scenario}-without", []).append(run)
+            run = await run_stream(name, stream, plan, f"s{scenario}", t0)
+            results.setdefault(str(scenario), []).append(run)
+            (plan.out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def render(results: dict[str, list[dict[str, Any]]], plan: Plan, argv: list[str]) -> str:
+    parts = [
+        f"Machine: {machine_line(REPO)}",
+        "",
+        f"Command: `python bench/run.py {' '.join(argv)}`",
+        "",
+    ]
+    for key, title in (
+        ("1", "Scenario 1: {clients} subscribers on one zone, {rate:g} updates/s"),
+        (
+            "2",
+            "Scenario 2: {clients} clients on the multi-zone socket, all 7 zones, "
+            "{rate:g} updates/s per zone",
+        ),
+    ):
+        if key in results:
+            stream = plan.streams[int(key)]
+            parts += [
+                f"### {title.format(**vars(stream))}",
+                "",
+                f"Measured {stream.duration:g} s after {stream.warmup:g} s of warm-up.",
+                "",
+                stream_table(results[key]),
+                "",
+            ]
+    if "3" in results:
+        parts += [
+            f"### Scenario 3: {plan.idle.connections:,} idle connections",
+            "",
+            idle_table(results["3"]),
+            "",
+        ]
+    if "4" in results:
+        stream = plan.streams[4]
+        parts += [
+            f"### Scenario 4: {stream.clients - stream.stalled} readers on {stream.zones[0]}, "
+            f"one client that stops reading, {stream.rate:g} updates/s", "",
+            f"The slow client subscribes to all {len(stream.zones)} published zones and stops "
+            f"reading after its handshake, {stream.warmup:g} s before the {stream.duration:g} s "
+            "measured window; \"without\" is the same run without it.", "",
+            slow_table(results["4-without"], results["4"]), "",
+            "Readers, in the run with the slow client:", "", stream_table(results["4"]), "",
+        ]  # fmt: skip
+    if checks := target_checks(results):
+        parts += ["### pricehub against issue 4's targets", "", *checks, ""]
+    return "\n".join(parts)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scenario",
+        type=int,
+        nargs="+",
+        choices=[1, 2, 3, 4],
+        default=[1, 2, 3, 4],
+        help="scenarios to run (default: all)",
+    )
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=SERVER_NAMES,
+        default=list(SERVER_NAMES),
+        help="servers to compare (default: all four; pricehub is skipped while "
+        "run_server.py does not exist)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: about a minute in all")
+    parser.add_argument("--clients", type=int, help="clients per run (scenario 3: connections)")
+    parser.add_argument("--duration", type=float, help="measured seconds per streaming run")
+    parser.add_argument("--warmup", type=float, help="seconds published before measuring")
+    parser.add_argument("--rate", type=float, help="ticks (updates per zone) per second")
+    parser.add_argument("--client-procs", type=int, default=2, help="load-client processes (2)")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin the server to the first CPU and the rest to the others",
+    )
+    parser.add_argument("--out", type=Path, help="logs and results.json (bench/out/<time>/)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="also write the tables into bench/RESULTS.md, between its markers",
+    )
+    parser.add_argument(
+        "--pricehub-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra run_server.py flag, repeatable: --pricehub-arg=--workers=2",
+    )
+    return parser.parse_args(argv)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    chosen = {
+        key: getattr(args, key)
+        for key in ("clients", "duration", "warmup", "rate")
+        if getattr(args, key) is not None
+    }
+    streams = {
+        number: replace(stream, **chosen)
+        for number, stream in (QUICK if args.quick else FULL).items()
+    }
+    idle = QUICK_IDLE if args.quick else FULL_IDLE
+    if args.clients is not None:
+        idle = replace(idle, connections=args.clients)
+    servers = tuple(args.servers)
+    if "pricehub" in servers and not (REPO / "run_server.py").exists():
+        print("pricehub skipped: run_server.py does not exist yet", file=sys.stderr)
+        servers = tuple(name for name in servers if name != "pricehub")
+    cpus = frozenset(os.sched_getaffinity(0))
+    server_cpus = frozenset({min(cpus)}) if args.pin and len(cpus) > 1 else cpus
+    return Plan(
+        streams=streams,
+        idle=idle,
+        servers=servers,
+        client_procs=args.client_procs,
+        server_cpus=server_cpus,
+        client_cpus=cpus - server_cpus or cpus,
+        out=args.out or BENCH / "out" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        pricehub_args=tuple(args.pricehub_arg),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    args = parse_args(raw)
+    plan = build_plan(args)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    os.sched_setaffinity(0, plan.client_cpus)  # the publisher runs on the clients' side
+    # 10,000 sockets in one server: lift the soft fd limit; servers and clients inherit it.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # SIGTERM ends the run as Ctrl-C does, so every `finally` stops its child processes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        results = asyncio.run(run_plan(plan, sorted(args.scenario)))
+    except KeyboardInterrupt:
+        print("interrupted; child processes stopped", file=sys.stderr)
+        return 130
+    text = render(results, plan, raw)
+    print(text)
+    (plan.out / "results.md").write_text(text + "\n")
+    if args.record:
+        record(text, BENCH / "RESULTS.md")
+    print(f"logs and raw results: {plan.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
