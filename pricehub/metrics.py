@@ -1,14 +1,326 @@
-"""Prometheus ``/metrics`` (placeholder: the observability issue fills it in)."""
+"""Prometheus ``/metrics``: one registry per application, read from plain counters.
+
+The fan-out path only bumps plain integers on the objects that own them (connections,
+broadcaster, stats, publisher, storage); nothing there calls into ``prometheus_client``.
+A custom collector reads those integers when Prometheus scrapes, so a scrape costs one
+pass over the open connections and a message costs nothing extra. The only native
+prometheus metric is the publish-to-send latency histogram, observed once per flushed
+event-loop tick (not per message or per client).
+
+Every metric is declared once in ``METRICS`` (name, type, help, labels, how to read it);
+``docs/operations.md`` lists the same names and a test keeps the two in step.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["REGISTRY", "add_routes"]
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from pricehub import __version__
+from pricehub.admission import ConnectionLimits
+from pricehub.broadcaster import Broadcaster
+from pricehub.keys import BROADCASTER, INSTANCE_ID, LIMITS, PUBLISHER, SETTINGS, STATS, STORAGE
+from pricehub.publisher import SOURCES, Publisher
+from pricehub.settings import Settings
+from pricehub.stats import DisconnectReason, Stats
+from pricehub.storage import Storage
+
+__all__ = [
+    "LATENCY_BUCKETS", "METRICS", "REGISTRY", "MetricSpec", "PricehubCollector", "Sources",
+    "add_routes",
+]
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+BACKENDS = ("redis", "in-memory")
+# Publish-to-send happens within one or a few loop iterations: sub-millisecond when all
+# is well, so the buckets are fine there and coarse up to the seconds of a stalled loop.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+)
+
+Sample = tuple[tuple[str, ...], float]
+
+
+@dataclass(frozen=True, slots=True)
+class SendQueues:
+    """Unsent bytes per open socket, measured once per scrape."""
+
+    total_bytes: int
+    max_bytes: int
+    conflating: int
+
+    @classmethod
+    def measure(cls, broadcaster: Broadcaster) -> SendQueues:
+        sizes = [c.transport.get_write_buffer_size() for c in broadcaster.connections]
+        conflating = sum(1 for c in broadcaster.connections if c.conflated is not None)
+        return cls(sum(sizes), max(sizes, default=0), conflating)
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """What one scrape reads: the application's objects, looked up once."""
+
+    broadcaster: Broadcaster
+    stats: Stats
+    publisher: Publisher
+    storage: Storage
+    settings: Settings
+    limits: ConnectionLimits
+    instance_id: str
+    send: SendQueues
+
+    @classmethod
+    def from_app(cls, app: web.Application) -> Sources:
+        broadcaster = app[BROADCASTER]
+        return cls(
+            broadcaster=broadcaster, stats=app[STATS], publisher=app[PUBLISHER],
+            storage=app[STORAGE], settings=app[SETTINGS], limits=app[LIMITS],
+            instance_id=app[INSTANCE_ID], send=SendQueues.measure(broadcaster),
+        )
+
+    def storage_counter(self, name: str) -> int:
+        """A counter the failover storage keeps (0 for backends that have none)."""
+        return int(getattr(self.storage, name, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One exposed metric: Prometheus name (counters end in ``_total``), type, help,
+    label names, and how to read its samples from a scrape's ``Sources``."""
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+    read: Callable[[Sources], Iterable[Sample]]
+    labels: tuple[str, ...] = ()
+
+    def family(self, samples: Iterable[Sample] = ()) -> Metric:
+        family: CounterMetricFamily | GaugeMetricFamily
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        else:
+            family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for labels, value in samples:
+            family.add_metric(list(labels), value)
+        return family
+
+
+def scalar(read: Callable[[Sources], float]) -> Callable[[Sources], Iterable[Sample]]:
+    return lambda sources: [((), read(sources))]
+
+
+def by_key(counter: Counter[str], preset: Iterable[str] = ()) -> list[Sample]:
+    """One sample per key; ``preset`` keys appear at 0 before their first event so a
+    rate() over them works from the start."""
+    keys = dict.fromkeys(preset) | dict.fromkeys(sorted(counter))
+    return [((key,), counter[key]) for key in keys]
+
+
+def accepted_prices(sources: Sources) -> list[Sample]:
+    accepted = sources.publisher.accepted
+    keys = dict.fromkeys(
+        (zone, source) for zone in sources.settings.zones for source in SOURCES
+    ) | dict.fromkeys(sorted(accepted))
+    return [(key, accepted[key]) for key in keys]
+
+
+def zone_subscribers(sources: Sources) -> list[Sample]:
+    return [((zone,), len(subs)) for zone, subs in sources.broadcaster.subscribers.items()]
+
+
+def storage_backend(sources: Sources) -> list[Sample]:
+    current = sources.storage.backend
+    return [((backend,), float(backend == current)) for backend in BACKENDS]
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "pricehub_info", "gauge", "Always 1; labels identify this instance.",
+        lambda s: [((__version__, s.instance_id), 1.0)], ("version", "instance_id"),
+    ),
+    # --- connections
+    MetricSpec(
+        "pricehub_connections_open", "gauge", "Open WebSocket connections.",
+        scalar(lambda s: len(s.broadcaster.connections)),
+    ),
+    MetricSpec(
+        "pricehub_zone_subscribers", "gauge",
+        "Open WebSocket connections subscribed to the zone (a multi-zone socket counts "
+        "once in each of its zones).",
+        zone_subscribers, ("zone",),
+    ),
+    MetricSpec(
+        "pricehub_connections_limit", "gauge",
+        "Configured maximum of open WebSocket connections (--max-connections).",
+        scalar(lambda s: s.limits.total),
+    ),
+    MetricSpec(
+        "pricehub_connections_accepted_total", "counter",
+        "WebSocket connections admitted (after origin, limit, token and zone checks).",
+        scalar(lambda s: s.stats.total_connections),
+    ),
+    MetricSpec(
+        "pricehub_connections_rejected_total", "counter",
+        "WebSocket upgrades refused at admission, by reason (origin, limit_total, "
+        "limit_per_ip, auth, unknown_zone, forbidden_zone, too_many_zones).",
+        lambda s: by_key(s.stats.rejected_connections), ("reason",),
+    ),
+    MetricSpec(
+        "pricehub_disconnections_total", "counter",
+        "Admitted WebSocket connections that ended, by reason.",
+        lambda s: by_key(s.stats.disconnections, DisconnectReason.ALL), ("reason",),
+    ),
+    MetricSpec(
+        "pricehub_connection_errors_total", "counter",
+        "Connections ended by an internal server error (close 1011).",
+        scalar(lambda s: s.stats.connection_errors),
+    ),
+    # --- messages
+    MetricSpec(
+        "pricehub_messages_sent_total", "counter",
+        "WebSocket frames written to clients (server pings included).",
+        scalar(lambda s: s.stats.messages_sent(s.broadcaster)),
+    ),
+    MetricSpec(
+        "pricehub_messages_received_total", "counter",
+        "Text and binary frames received from clients.",
+        scalar(lambda s: s.stats.messages_received(s.broadcaster)),
+    ),
+    MetricSpec(
+        "pricehub_client_errors_total", "counter",
+        "error messages sent to clients, by error code.",
+        lambda s: by_key(s.stats.protocol_errors), ("code",),
+    ),
+    # --- prices
+    MetricSpec(
+        "pricehub_price_updates_accepted_total", "counter",
+        "Prices accepted by this instance and given a seq, by zone and source "
+        "(http, redis-ingest, simulator).",
+        accepted_prices, ("zone", "source"),
+    ),
+    MetricSpec(
+        "pricehub_price_updates_broadcast_total", "counter",
+        "Prices received from the storage for fan-out (from every instance of the cluster).",
+        scalar(lambda s: s.broadcaster.updates_broadcast),
+    ),
+    MetricSpec(
+        "pricehub_ingest_rejected_total", "counter",
+        "Redis ingest entries dropped as invalid (logged and acknowledged), by reason.",
+        lambda s: by_key(s.stats.ingest_rejected), ("reason",),
+    ),
+    # --- send path
+    MetricSpec(
+        "pricehub_send_buffer_bytes", "gauge",
+        "Bytes written but not yet accepted by the kernel, summed over open sockets.",
+        scalar(lambda s: s.send.total_bytes),
+    ),
+    MetricSpec(
+        "pricehub_send_buffer_max_bytes", "gauge",
+        "Unsent bytes of the most backlogged open socket.",
+        scalar(lambda s: s.send.max_bytes),
+    ),
+    MetricSpec(
+        "pricehub_slow_consumers", "gauge",
+        "Open sockets currently conflating (over the send high-water mark).",
+        scalar(lambda s: s.send.conflating),
+    ),
+    MetricSpec(
+        "pricehub_slow_consumer_conflations_total", "counter",
+        "Times a socket started conflating: only the newest price per zone kept for it.",
+        scalar(lambda s: s.broadcaster.conflation_events),
+    ),
+    MetricSpec(
+        "pricehub_slow_consumer_closes_total", "counter",
+        "Sockets closed with 4008 for staying too slow (hard limit or lag timeout).",
+        scalar(lambda s: s.broadcaster.slow_consumer_closes),
+    ),
+    # --- storage
+    MetricSpec(
+        "pricehub_storage_backend", "gauge", "1 for the storage backend serving now, else 0.",
+        storage_backend, ("backend",),
+    ),
+    MetricSpec(
+        "pricehub_storage_failovers_total", "counter",
+        "Switches from Redis to the in-memory fallback.",
+        scalar(lambda s: s.storage_counter("failovers")),
+    ),
+    MetricSpec(
+        "pricehub_storage_recoveries_total", "counter",
+        "Switches back from the in-memory fallback to Redis.",
+        scalar(lambda s: s.storage_counter("recoveries")),
+    ),
+    MetricSpec(
+        "pricehub_redis_errors_total", "counter", "Redis operations that failed.",
+        scalar(lambda s: s.storage_counter("redis_errors")),
+    ),
+    # --- background work
+    MetricSpec(
+        "pricehub_reaper_runs_total", "counter", "Passes of the heartbeat reaper.",
+        scalar(lambda s: s.stats.reaper_runs),
+    ),
+    MetricSpec(
+        "pricehub_reaper_closes_total", "counter",
+        "Sockets the heartbeat reaper closed with 4000.",
+        scalar(lambda s: s.stats.reaper_closes),
+    ),
+    MetricSpec(
+        "pricehub_event_loop_lag_seconds", "gauge",
+        "Latest event-loop lag sample: how late a timer fired.",
+        scalar(lambda s: s.stats.loop_lag),
+    ),
+    MetricSpec(
+        "pricehub_event_loop_lag_max_seconds", "gauge",
+        "Worst event-loop lag sample of the last 10 seconds (what health checks).",
+        scalar(lambda s: s.stats.max_loop_lag()),
+    ),
+    MetricSpec(
+        "pricehub_shutting_down", "gauge", "1 once graceful shutdown has started.",
+        scalar(lambda s: float(s.stats.shutting_down)),
+    ),
+)
+
+
+class PricehubCollector(Collector):
+    """Reads ``METRICS`` from one application at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: the registry checks for duplicates without reading the app.
+        for spec in METRICS:
+            yield spec.family()
+
+    def collect(self) -> Iterator[Metric]:
+        sources = Sources.from_app(self._app)
+        for spec in METRICS:
+            yield spec.family(spec.read(sources))
+
+
+def latency_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "pricehub_publish_to_send_latency_seconds",
+        "Seconds from the first price of an event-loop tick reaching the broadcaster to "
+        "the write of that tick's frames (one observation per flushed tick).",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -17,5 +329,17 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app[REGISTRY] = CollectorRegistry(auto_describe=True)
+    """A registry for this application only (test apps never share series), the process
+    collectors, pricehub's collector, the latency histogram and ``GET /metrics``."""
+    registry = app[REGISTRY] = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    registry.register(PricehubCollector(app))
+    histogram = latency_histogram(registry)
+
+    async def install_latency_observer(app: web.Application) -> None:
+        app[BROADCASTER].observe_latency = histogram.observe
+
+    app.on_startup.append(install_latency_observer)
     app.router.add_get("/metrics", metrics_handler)
