@@ -17,8 +17,8 @@
 /** Close codes after which retrying cannot help (unknown zone, bad token, forbidden zone). */
 export const TERMINAL_CLOSE_CODES = Object.freeze([1008, 4001, 4003]);
 
-/** Code used locally when the client gives up on a silent (half-open) socket. */
-export const CLIENT_STALE_CODE = 4000;
+/** Code used locally when the client gives up on a silent or stuck socket. */
+export const CLIENT_TIMEOUT_CODE = 4000;
 
 /** Documented defaults of every tunable option. */
 export const DEFAULT_OPTIONS = Object.freeze({
@@ -26,6 +26,9 @@ export const DEFAULT_OPTIONS = Object.freeze({
   jitterMs: 1000,
   maxAttempts: 5,
   stableAfterMs: 10000,
+  // Browsers can take minutes to fail a connect to a black-holed host, and a server that
+  // accepts but never greets would otherwise leave the client "connecting" forever.
+  establishTimeoutMs: 10000,
   // A socket with no frame for this many heartbeat intervals is presumed dead: browsers
   // cannot see protocol-level pings, and a half-open TCP connection never fires `close`.
   staleAfterIntervals: 2,
@@ -85,6 +88,7 @@ export class PriceHubClient extends EventTarget {
    * @param {number} [options.jitterMs=1000]
    * @param {number} [options.maxAttempts=5]
    * @param {number} [options.stableAfterMs=10000]
+   * @param {number} [options.establishTimeoutMs=10000] socket creation -> connection_established
    * @param {number} [options.staleAfterIntervals=2]
    * @param {Function} [options.WebSocket] WebSocket constructor (default: globalThis.WebSocket)
    * @param {Function} [options.fetch] fetch implementation (default: globalThis.fetch)
@@ -110,6 +114,7 @@ export class PriceHubClient extends EventTarget {
     this._attempts = 0; // reconnect attempts made since the last stable connection
     this._retryTimer = null;
     this._stableTimer = null;
+    this._establishTimer = null;
     this._heartbeatTimer = null;
     this._lastFrameAt = 0;
     this._epoch = null;
@@ -228,6 +233,10 @@ export class PriceHubClient extends EventTarget {
       return;
     }
     this._ws = ws;
+    this._establishTimer = this._timers.setTimeout(() => {
+      this._establishTimer = null;
+      this._abandon('no connection_established from the server');
+    }, this.options.establishTimeoutMs);
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (event) => this._onMessage(ws, event);
     ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
@@ -278,10 +287,18 @@ export class PriceHubClient extends EventTarget {
     const ws = this._ws;
     this._ws = null;
     this._clearTimer('_stableTimer', 'clearTimeout');
+    this._clearTimer('_establishTimer', 'clearTimeout');
     this._clearTimer('_heartbeatTimer', 'clearInterval');
     this._resuming.clear();
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     return ws;
+  }
+
+  /** Give up on the current socket now and retry: its close handshake could hang. */
+  _abandon(reason) {
+    const ws = this._detach();
+    if (ws) ws.close(CLIENT_TIMEOUT_CODE, reason);
+    this._scheduleRetry(CLIENT_TIMEOUT_CODE, reason);
   }
 
   _cancelRetry() { this._clearTimer('_retryTimer', 'clearTimeout'); }
@@ -302,13 +319,8 @@ export class PriceHubClient extends EventTarget {
     const intervalMs = Number(intervalS) * 1000;
     if (!(intervalMs > 0)) return;
     this._heartbeatTimer = this._timers.setInterval(() => {
-      const ws = this._ws;
-      if (!ws) return;
       if (this._now() - this._lastFrameAt > intervalMs * this.options.staleAfterIntervals) {
-        // The close handshake of a half-open socket could hang; give up on it right away.
-        this._detach();
-        ws.close(CLIENT_STALE_CODE, 'no frame from server');
-        this._scheduleRetry(CLIENT_STALE_CODE, 'no frame from server');
+        this._abandon('no frame from the server');
         return;
       }
       this.send({ type: 'heartbeat' });
@@ -333,6 +345,7 @@ export class PriceHubClient extends EventTarget {
   }
 
   _onEstablished(msg) {
+    this._clearTimer('_establishTimer', 'clearTimeout');
     const previousEpoch = this._epoch;
     const epochChanged = previousEpoch !== null && msg.epoch !== previousEpoch;
     if (this.options.zone) this._zones = [this.options.zone];

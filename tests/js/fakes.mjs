@@ -68,6 +68,8 @@ export function fakeWebSocketClass() {
 
     // --- server side ---
     serverOpen() { this.readyState = 1; this.onopen?.({}); }
+    /** Open and greet, as a pricehub server does. */
+    serverAccept(overrides = {}) { this.serverOpen(); this.serverSend(established(overrides)); }
     serverSend(message) { this.onmessage?.({ data: JSON.stringify(message) }); }
     serverClose(code, reason = '') {
       this.readyState = 3;

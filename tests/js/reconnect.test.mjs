@@ -37,8 +37,8 @@ describe('attempt cap and manual reconnect', () => {
     const { client, clock, WS, events } = makeClient();
     client.connect();
     WS.last().refuse();
-    for (let i = 0; i < 5; i += 1) {
-      clock.advance(60_000);
+    for (const delay of [1500, 2500, 4500, 8500, 16500]) {
+      clock.advance(delay);
       WS.last().refuse();
     }
     assert.deepEqual(statusTrail(events), [
@@ -89,9 +89,9 @@ describe('attempt cap and manual reconnect', () => {
     WS.last().refuse();
     client.reconnect();
     assert.equal(WS.sockets.length, 2);
-    clock.advance(60_000);
+    clock.advance(5_000);
     assert.equal(WS.sockets.length, 2, 'the cancelled backoff timer must not fire');
-    WS.last().serverOpen();
+    WS.last().serverAccept();
     client.reconnect();
     assert.equal(WS.sockets.length, 2);
   });
@@ -101,13 +101,11 @@ describe('attempt counter resets only after 10 s of stable connection', () => {
   test('a server that accepts and drops does not get endless retries', () => {
     const { client, clock, WS, events } = makeClient();
     client.connect();
-    for (let i = 0; i < 10; i += 1) {
-      const ws = WS.last();
-      ws.serverOpen();
-      ws.serverSend(established());
+    while (client.status !== 'failed') {
+      WS.last().serverAccept();
       clock.advance(9_999); // open, but not for 10 s
-      ws.serverClose(1011);
-      clock.advance(60_000);
+      WS.last().serverClose(1011);
+      if (client.status === 'reconnecting') clock.advance(events.status.at(-1).delayMs);
     }
     const attempts = events.status.filter((s) => s.status === 'reconnecting').map((s) => s.attempt);
     assert.deepEqual(attempts, [1, 2, 3, 4, 5]);
@@ -122,7 +120,7 @@ describe('attempt counter resets only after 10 s of stable connection', () => {
     clock.advance(1500);
     WS.last().refuse();
     clock.advance(2500);
-    WS.last().serverOpen(); // attempt 2 succeeded
+    WS.last().serverAccept(); // attempt 2 succeeded
     clock.advance(10_000);
     WS.last().serverClose(1001);
     assert.equal(events.status.at(-1).attempt, 1);
@@ -134,7 +132,7 @@ describe('attempt counter resets only after 10 s of stable connection', () => {
     client.connect();
     WS.last().refuse();
     clock.advance(1500);
-    WS.last().serverOpen();
+    WS.last().serverAccept();
     clock.advance(9_000);
     WS.last().serverClose(1001);
     assert.equal(events.status.at(-1).attempt, 2);
@@ -197,7 +195,7 @@ describe('heartbeat', () => {
     client.connect();
     const ws = WS.last();
     ws.serverOpen();
-    clock.advance(20_000);
+    clock.advance(5_000);
     assert.equal(ws.sent.length, 0, 'no heartbeat before connection_established');
     ws.serverSend(established({ heartbeat_interval: 5 }));
     for (let i = 1; i <= 3; i += 1) {
@@ -219,6 +217,23 @@ describe('heartbeat', () => {
     assert.equal(ws.closedWith.code, 4000);
     assert.equal(events.status.at(-1).status, 'reconnecting');
     assert.equal(events.status.at(-1).code, 4000);
+  });
+
+  test('a socket that never delivers connection_established is abandoned after 10 s', () => {
+    const { client, clock, WS, events } = makeClient();
+    client.connect();
+    const ws = WS.last();
+    ws.serverOpen(); // accepted, but the greeting never comes
+    clock.advance(9_999);
+    assert.equal(client.status, 'connecting');
+    clock.advance(1);
+    assert.equal(ws.closedWith.code, 4000);
+    assert.equal(events.status.at(-1).status, 'reconnecting');
+    clock.advance(1500);
+    WS.last().serverOpen();
+    WS.last().serverSend(established());
+    clock.advance(60_000);
+    assert.equal(client.status, 'connected', 'the greeting must stop the establish timer');
   });
 
   test('heartbeats stop when the socket closes', () => {
