@@ -90,7 +90,10 @@ def normalise_timestamp(value: str) -> str:
         raise ValueError(f"not an ISO-8601 time: {value!r}") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"time has no UTC offset: {value!r}")
-    return format_timestamp(moment)
+    try:
+        return format_timestamp(moment)
+    except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
+        raise ValueError(f"time out of range: {value!r}") from None
 
 
 # --- published prices -------------------------------------------------------------------
