@@ -71,8 +71,12 @@ def utc_now() -> str:
 
 def format_timestamp(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``: ``2026-11-27T15:21:16.123Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    m = moment.astimezone(UTC)
+    # Not strftime: its %Y does not zero-pad years before 1000 on every platform.
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond // 1000:03d}Z"
+    )
 
 
 def normalise_timestamp(value: str) -> str:
