@@ -56,6 +56,24 @@ RECORD_BANNER = """() => {
     .observe(text, {childList: true, characterData: true, subtree: true});
 }"""
 
+# Simulates a network drop: the client sees a close it did not ask for and must resume.
+DROP_SOCKET = """() => {
+  const client = window.pricehubDashboard.client;
+  window.replays = 0;
+  client.on('price', ({flags}) => { if (flags.replay) window.replays += 1; });
+  const pjmSeq = client.lastSeq('pjm');
+  client._ws.close();
+  return pjmSeq;
+}"""
+PJM_PAST_SEQ = "s => window.pricehubDashboard.client.lastSeq('pjm') > s"
+RESUME_RESULT = """() => {
+  const d = window.pricehubDashboard;
+  const seqs = d.tiles.get('pjm').series.points.map(p => p.seq);
+  const holes = seqs.filter((s, i) => i > 0 && s !== seqs[i - 1] + 1);
+  return {replays: window.replays, gaps: d.counters.gaps,
+          duplicates: d.client.duplicatesDropped, holes};
+}"""
+
 
 def _playwright() -> Any:
     """``sync_playwright``, or skip (fail under CI=true) when the browser stack is missing."""
@@ -176,6 +194,25 @@ def test_live_prices_survive_a_server_restart(
     expect(page.locator("#stat-gaps")).not_to_have_text("0")
     assert _get_json(f"{server.url}/api/ws/ws/stats")["statistics"]["total_connections"] >= 1
     assert page_errors == []
+
+
+def test_dropped_socket_resumes_without_holes(browser: Any, server: ServerProcess) -> None:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(f"{server.url}/?{FAST_BACKOFF}")
+    badge = page.locator("#conn-badge")
+    expect(badge).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    page.wait_for_function(UPDATES_AT_LEAST, arg=20, timeout=WAIT_MS)
+    dropped_at = page.evaluate(DROP_SOCKET)
+    # Back live, and pjm moved past the drop (the replay or live updates came in).
+    page.wait_for_function(PJM_PAST_SEQ, arg=dropped_at + 5, timeout=WAIT_MS)
+    expect(badge).to_have_attribute("data-state", "live")
+    result = page.evaluate(RESUME_RESULT)
+    assert result["replays"] >= 1, "the server's replay never reached the page"
+    assert result["gaps"] == 0
+    assert result["duplicates"] == 0
+    assert result["holes"] == [], "seqs missing from the pjm series after the resume"
 
 
 def test_terminal_close_offers_the_button_without_retrying(
