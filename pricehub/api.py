@@ -14,6 +14,7 @@ from pricehub.auth import key_matches
 from pricehub.exceptions import StorageError, ValidationError
 from pricehub.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, STATS, STORAGE
 from pricehub.ratelimit import TokenBucket
+from pricehub.stats import health_report
 
 __all__ = ["STATIC_DIR", "add_routes"]
 
@@ -73,8 +74,6 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 async def health_handler(request: web.Request) -> web.Response:
-    from pricehub.stats import health_report
-
     app = request.app
     settings, stats, storage = app[SETTINGS], app[STATS], app[STORAGE]
     try:
@@ -102,6 +101,36 @@ async def health_handler(request: web.Request) -> web.Response:
             "timestamp": protocol.utc_now(),
         },
         status=report.http_status,
+    )
+
+
+async def connections_handler(request: web.Request) -> web.Response:
+    """Per-connection statistics, newest first (``?limit=N``, at most 1000).
+
+    Remote addresses are left out on purpose: this endpoint is as public as the stats.
+    """
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or int(raw) <= 0:
+        return json_error(422, "invalid_limit", "limit must be a positive integer")
+    now = time.monotonic()
+    connections = list(request.app[BROADCASTER].connections)[::-1][: min(int(raw), 1000)]
+    return json_response(
+        {
+            "connections": [
+                {
+                    "connection_id": c.id,
+                    "zones": sorted(c.streams),
+                    "connected_s": round(now - c.opened_at, 3),
+                    "idle_s": round(now - c.last_seen, 3),
+                    "messages_sent": c.messages_sent,
+                    "messages_received": c.messages_received,
+                    "conflating": c.conflated is not None,
+                }
+                for c in connections
+            ],
+            "total": len(request.app[BROADCASTER].connections),
+            "timestamp": protocol.utc_now(),
+        }
     )
 
 
@@ -184,6 +213,7 @@ def add_routes(app: web.Application) -> None:
     app[PUBLISH_BUCKETS] = {}
     app.router.add_get("/api/ws/ws/stats", stats_handler)
     app.router.add_get("/api/ws/ws/health", health_handler)
+    app.router.add_get("/api/ws/ws/connections", connections_handler)
     app.router.add_get("/api/ws/ws/history/{zone}", history_handler)
     app.router.add_post("/api/ws/ws/broadcast/price", publish_handler)
     app.router.add_get("/", dashboard_handler)

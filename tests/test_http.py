@@ -169,3 +169,25 @@ async def test_dashboard_and_client_module_are_served(make_client: MakeClient) -
     assert "/static/pricehub.js" in await page.text() or "dashboard.js" in await page.text()
     module = await client.get("/static/pricehub.js")
     assert module.status == 200 and "javascript" in module.headers["Content-Type"]
+
+
+async def test_per_connection_statistics(make_client: MakeClient) -> None:
+    client = await make_client()
+    first = await client.ws_connect("/api/ws/ws/market/pjm")
+    await receive_json(first)
+    second = await client.ws_connect("/api/ws/ws/prices?zones=ercot,spp")
+    hello = await receive_json(second)
+    for _ in range(3):
+        await second.send_json({"type": "heartbeat"})
+        await receive_json(second)
+    body = await (await client.get("/api/ws/ws/connections")).json()
+    assert body["total"] == 2
+    newest = body["connections"][0]
+    assert newest["connection_id"] == hello["connection_id"]
+    assert newest["zones"] == ["ercot", "spp"]
+    assert (newest["messages_sent"], newest["messages_received"]) == (4, 3)
+    assert newest["conflating"] is False and "remote" not in newest
+    assert body["connections"][1]["zones"] == ["pjm"]
+    one = await (await client.get("/api/ws/ws/connections?limit=1")).json()
+    assert len(one["connections"]) == 1
+    assert (await client.get("/api/ws/ws/connections?limit=-1")).status == 422
