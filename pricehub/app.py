@@ -23,7 +23,14 @@ from pricehub.admission import ConnectionLimits
 from pricehub.auth import TokenVerifier
 from pricehub.broadcaster import Broadcaster
 from pricehub.keys import (
-    BROADCASTER, INSTANCE_ID, LIMITS, PUBLISHER, SETTINGS, STATS, STORAGE, VERIFIER,
+    BROADCASTER,
+    INSTANCE_ID,
+    LIMITS,
+    PUBLISHER,
+    SETTINGS,
+    STATS,
+    STORAGE,
+    VERIFIER,
 )
 from pricehub.logs import AccessLogger
 from pricehub.publisher import Publisher

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -321,7 +321,7 @@ def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
     return Subscribe(zones, since, epoch)
 
 
-_DECODERS: dict[str, Any] = {
+_DECODERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
     "ping": lambda obj: Ping(),
     "heartbeat": lambda obj: Heartbeat(),
     "request_price_history": _decode_history,

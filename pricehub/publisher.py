@@ -11,7 +11,7 @@ from collections import Counter
 from pricehub.protocol import PriceBody
 from pricehub.storage import Storage, StoredPrice
 
-__all__ = ["Publisher", "SOURCES"]
+__all__ = ["SOURCES", "Publisher"]
 
 SOURCES = ("http", "redis-ingest", "simulator")
 

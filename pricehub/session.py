@@ -30,7 +30,7 @@ CLOSE_RATE_LIMITED = 4029
 DEFAULT_HISTORY_LIMIT = 100
 
 
-class SessionClosed(Exception):  # noqa: N818 - a control-flow signal, not an error
+class SessionClosed(Exception):
     """The session decided to close the socket with ``code``."""
 
     def __init__(self, code: int, reason: str, disconnect_reason: str) -> None:

@@ -21,7 +21,13 @@ from typing import Any
 from pricehub.exceptions import ConfigError
 
 __all__ = [
-    "DEFAULT_ZONES", "OPTIONS", "Option", "Settings", "build_parser", "example_toml", "load_settings",
+    "DEFAULT_ZONES",
+    "OPTIONS",
+    "Option",
+    "Settings",
+    "build_parser",
+    "example_toml",
+    "load_settings",
 ]
 
 DEFAULT_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")

@@ -135,12 +135,13 @@ async def run_connection(
     allowed: frozenset[str] | None,
 ) -> web.WebSocketResponse:
     app = request.app
-    settings, stats, storage, broadcaster = app[SETTINGS], app[STATS], app[STORAGE], app[BROADCASTER]
+    settings, stats = app[SETTINGS], app[STATS]
+    storage, broadcaster = app[STORAGE], app[BROADCASTER]
     transport = request.transport
     assert transport is not None  # prepare() succeeded, so the socket is open
     connection = Connection(
         ws=ws,
-        transport=transport,  # type: ignore[arg-type]
+        transport=transport,
         remote=remote,
         scheduler=broadcaster,
         limits=SendLimits(

@@ -18,7 +18,8 @@ def test_resume_replays_what_storage_retained() -> None:
 
 def test_resume_with_nothing_missed_is_recovered_and_empty() -> None:
     outcome = plan_resume(since=5, client_epoch=None, epoch="e1", retained=[])
-    assert outcome.recovered and outcome.replay == () and (outcome.from_seq, outcome.to_seq) == (6, 5)
+    assert outcome.recovered and outcome.replay == ()
+    assert (outcome.from_seq, outcome.to_seq) == (6, 5)
 
 
 def test_resume_fails_on_gap_or_other_epoch() -> None:

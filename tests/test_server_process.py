@@ -57,7 +57,9 @@ async def embedded_default() -> AsyncIterator[str]:
         assert process.returncode == 0, stderr.decode()[-2000:]
 
 
-async def connect_when_up(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+async def connect_when_up(
+    session: aiohttp.ClientSession, url: str
+) -> aiohttp.ClientWebSocketResponse:
     async with asyncio.timeout(30):
         while True:
             try:

@@ -75,13 +75,13 @@ def test_bad_environment_and_files_are_reported(tmp_path: Path) -> None:
         load_settings([], environ={"PRICEHUB_PORT": "eighty"})
     broken = tmp_path / "broken.toml"
     broken.write_text("port = = 1")
-    with pytest.raises(ConfigError, match="broken.toml"):
+    with pytest.raises(ConfigError, match=r"broken\.toml"):
         load_settings(["--config", str(broken)], environ={})
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("colour = 'red'")
     with pytest.raises(ConfigError, match="unknown setting"):
         load_settings(["--config", str(unknown)], environ={})
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_settings(["--config", str(tmp_path / "missing.toml")], environ={})
 
 
