@@ -174,6 +174,8 @@ async def run_connection(
             await session.open_zone(zone, since=since, epoch=epoch)
         await read_loop(ws, session)
         reason = connection.disconnect_reason or read_loop_reason(ws)
+        if reason == DisconnectReason.PROTOCOL:
+            stats.protocol_errors["message_too_large"] += 1
     except SessionClosed as exc:
         reason = exc.disconnect_reason
         connection.flush()  # what was answered before the close goes out before it

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from pricehub.app import create_app
-from pricehub.keys import BROADCASTER
+from pricehub.keys import BROADCASTER, STATS
 from tests.support import (
     WAIT,
     collect_updates,
@@ -209,6 +209,11 @@ async def test_oversized_frame_closes_1009(make_client: MakeClient) -> None:
     await ws.send_str('{"type":"ping","pad":"' + "x" * 2000 + '"}')
     message = await ws.receive(timeout=WAIT)
     assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1009
+    stats = client.app[STATS]
+    async with asyncio.timeout(WAIT):
+        while stats.protocol_errors["message_too_large"] != 1:
+            await asyncio.sleep(0.01)  # the server notices the close on its next read
+    assert stats.disconnections["protocol"] == 1
 
 
 async def test_rate_limit_warns_then_closes_4029(make_client: MakeClient) -> None:
