@@ -1,14 +1,15 @@
 """Logging, configured once at start: structlog for pricehub and aiohttp alike.
 
 JSON lines off a TTY (for log shippers), a console renderer on one (for people). Every
-record, structlog's or the stdlib's (aiohttp's server errors, the access log), goes
-through one processor chain, so every line has ``timestamp``, ``level``, ``logger`` and
-``event`` and the same redaction.
+record, structlog's or the stdlib's (aiohttp's server errors, the access log, Python
+warnings), goes through one processor chain, so every line has ``timestamp``,
+``level``, ``logger`` and ``event`` and the same redaction.
 
 Secrets never reach the output. Two layers, because a secret can hide in a field name
 or inside a message: fields named like credentials are replaced outright, and every
 string value (exception text included) is scrubbed of subscriber tokens in URLs
-(``token=...``), bearer credentials and anything shaped like a JWT.
+(``token=...``), bearer credentials, anything shaped like a JWT and URL passwords
+(``redis://:password@host``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SECRET_PATTERNS = (
     (re.compile(r"(bearer\s+)[^\s'\",;]+", re.IGNORECASE), rf"\1{REDACTED}"),
     # header.payload.signature of a JWT; the header always starts with '{"' = 'eyJ'.
     (re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*"), REDACTED),
+    # The password of a URL's userinfo (redis://user:password@host).
+    (re.compile(r"(://[^:/@\s]*:)[^@/\s]+@"), rf"\1{REDACTED}@"),
 )
 
 
@@ -121,6 +124,9 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())
+    # Python warnings (a library's deprecation, PyJWT's short-key notice) would otherwise
+    # be printed raw to stderr, breaking the one-JSON-object-per-line stream.
+    logging.captureWarnings(True)
 
 
 def safe_path(request: web.BaseRequest) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from prometheus_client import (
@@ -25,10 +25,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from pricehub import __version__
@@ -39,6 +38,9 @@ from pricehub.publisher import SOURCES, Publisher
 from pricehub.settings import Settings
 from pricehub.stats import DisconnectReason, Stats
 from pricehub.storage import Storage
+
+if TYPE_CHECKING:
+    from pricehub.ingest import IngestStats
 
 __all__ = [
     "LATENCY_BUCKETS", "METRICS", "REGISTRY", "MetricSpec", "PricehubCollector", "Sources",
@@ -84,19 +86,26 @@ class Sources:
     limits: ConnectionLimits
     instance_id: str
     send: SendQueues
+    ingest: IngestStats | None  # with Redis only
+
 
     @classmethod
-    def from_app(cls, app: web.Application) -> Sources:
+    def from_app(cls, app: web.Application, *, ingest: IngestStats | None) -> Sources:
         broadcaster = app[BROADCASTER]
         return cls(
             broadcaster=broadcaster, stats=app[STATS], publisher=app[PUBLISHER],
             storage=app[STORAGE], settings=app[SETTINGS], limits=app[LIMITS],
             instance_id=app[INSTANCE_ID], send=SendQueues.measure(broadcaster),
+            ingest=ingest,
         )
 
     def storage_counter(self, name: str) -> int:
         """A counter the failover storage keeps (0 for backends that have none)."""
         return int(getattr(self.storage, name, 0))
+
+    def ingest_counter(self, name: str) -> int:
+        """A counter of the Redis ingest consumer (0 without Redis)."""
+        return int(getattr(self.ingest, name, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +229,19 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.broadcaster.updates_broadcast),
     ),
     MetricSpec(
-        "pricehub_ingest_rejected_total", "counter",
-        "Redis ingest entries dropped as invalid (logged and acknowledged), by reason.",
-        lambda s: by_key(s.stats.ingest_rejected), ("reason",),
+        "pricehub_ingest_invalid_total", "counter",
+        "Redis ingest entries dropped as invalid (logged and acknowledged).",
+        scalar(lambda s: s.ingest_counter("invalid")),
+    ),
+    MetricSpec(
+        "pricehub_ingest_leases_total", "counter",
+        "Times this instance became the cluster's ingest consumer.",
+        scalar(lambda s: s.ingest_counter("leases")),
+    ),
+    MetricSpec(
+        "pricehub_ingest_claimed_total", "counter",
+        "Pending ingest entries taken over from a previous consumer.",
+        scalar(lambda s: s.ingest_counter("claimed")),
     ),
     # --- send path
     MetricSpec(
@@ -266,8 +285,14 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.storage_counter("recoveries")),
     ),
     MetricSpec(
-        "pricehub_redis_errors_total", "counter", "Redis operations that failed.",
+        "pricehub_redis_errors_total", "counter",
+        "Redis operations and probes that failed (errors and timeouts).",
         scalar(lambda s: s.storage_counter("redis_errors")),
+    ),
+    MetricSpec(
+        "pricehub_epoch_changes_total", "counter",
+        "Seq numbering lineage changes: history lost, clients cannot resume across it.",
+        scalar(lambda s: s.storage_counter("epoch_changes")),
     ),
     # --- background work
     MetricSpec(
@@ -297,10 +322,14 @@ METRICS: tuple[MetricSpec, ...] = (
 
 
 class PricehubCollector(Collector):
-    """Reads ``METRICS`` from one application at scrape time."""
+    """Reads ``METRICS`` from one application at scrape time.
 
-    def __init__(self, app: web.Application) -> None:
+    :param ingest: the Redis ingest consumer's counters (``IngestStats``), if any.
+    """
+
+    def __init__(self, app: web.Application, *, ingest: IngestStats | None = None) -> None:
         self._app = app
+        self._ingest = ingest
 
     def describe(self) -> Iterator[Metric]:
         # Names only: the registry checks for duplicates without reading the app.
@@ -308,7 +337,7 @@ class PricehubCollector(Collector):
             yield spec.family()
 
     def collect(self) -> Iterator[Metric]:
-        sources = Sources.from_app(self._app)
+        sources = Sources.from_app(self._app, ingest=self._ingest)
         for spec in METRICS:
             yield spec.family(spec.read(sources))
 
@@ -323,9 +352,27 @@ def latency_histogram(registry: CollectorRegistry) -> Histogram:
     )
 
 
+def ingest_stats(app: web.Application) -> IngestStats | None:
+    """Give the Redis ingest consumer counters to fill (it reads them from the app).
+
+    Only with Redis configured: the ingest module imports the Redis driver, which the
+    in-memory default never loads.
+    """
+    if app[SETTINGS].redis_url is None:
+        return None
+    from pricehub.ingest import INGEST_STATS, IngestStats
+
+    stats = app[INGEST_STATS] = IngestStats()
+    return stats
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    """The text format 0.0.4 by default; OpenMetrics when the scraper asks for it (as
+    Prometheus does), negotiated like prometheus_client's own exporters."""
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(
+        body=encode(request.app[REGISTRY]), headers={"Content-Type": content_type}
+    )
 
 
 def add_routes(app: web.Application) -> None:
@@ -335,7 +382,7 @@ def add_routes(app: web.Application) -> None:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(PricehubCollector(app))
+    registry.register(PricehubCollector(app, ingest=ingest_stats(app)))
     histogram = latency_histogram(registry)
 
     async def install_latency_observer(app: web.Application) -> None:

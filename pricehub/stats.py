@@ -66,8 +66,6 @@ class Stats:
     rejected_connections: Counter[str] = field(default_factory=Counter)
     disconnections: Counter[str] = field(default_factory=Counter)
     protocol_errors: Counter[str] = field(default_factory=Counter)
-    # Redis ingest entries dropped as invalid, by reason (the ingest task counts them).
-    ingest_rejected: Counter[str] = field(default_factory=Counter)
     closed_messages_sent: int = 0
     closed_messages_received: int = 0
     reaper_runs: int = 0
