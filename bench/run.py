@@ -134,7 +134,7 @@ FULL = {
 }
 FULL_IDLE = Idle(connections=10_000, settle=2)
 QUICK = {
-    number: replace(stream, clients=stream.clients // 10, warmup=1, duration=1.5, drain=0.5)
+    number: replace(stream, clients=stream.clients // 10, warmup=0.5, duration=1, drain=0.3)
     for number, stream in FULL.items()
 }
 QUICK_IDLE = Idle(connections=1000, settle=0.5)
@@ -146,12 +146,19 @@ QUICK_IDLE = Idle(connections=1000, settle=0.5)
 class Server:
     name: str
     process: asyncio.subprocess.Process
+    ports: set[int]
     ws_base: str
     publish_url: str
     publish_key: str
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid)
+
+    async def listening(self) -> None:
+        """Return once every port accepts connections; raise if the server died or is late."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        for port in self.ports:
+            await wait_listening(port, self.process, deadline)
 
 
 def server_argv(
@@ -183,6 +190,7 @@ async def wait_listening(port: int, process: asyncio.subprocess.Process, deadlin
 
 @contextlib.asynccontextmanager
 async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Server]:
+    """Start a server (not waiting for it: see ``Server.listening``); stop it on exit."""
     port = free_port()
     publish_port = free_port() if name == "websockets" else port
     key = secrets.token_hex(8)
@@ -190,11 +198,8 @@ async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Ser
     log = plan.out / f"{label}-{name}.log"
     process = await spawn(argv, log=log, cwd=REPO, pipes=False, cpus=plan.server_cpus)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        for listening in {port, publish_port}:
-            await wait_listening(listening, process, deadline)
         publish_url = f"http://{HOST}:{publish_port}{PUBLISH_PATH}"
-        yield Server(name, process, f"ws://{HOST}:{port}", publish_url, key)
+        yield Server(name, process, {port, publish_port}, f"ws://{HOST}:{port}", publish_url, key)
     finally:
         await stop(process)
 
@@ -202,10 +207,20 @@ async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Ser
 # ----------------------------------------------------------------------------- load clients
 
 
+@dataclass(frozen=True)
+class Group:
+    """The connections one load-client process opens: same path, same zones."""
+
+    path: str
+    zones: tuple[str, ...]
+    connections: int
+    stalled: bool = False
+
+
 @dataclass
 class ClientProc:
     process: asyncio.subprocess.Process
-    stalled: bool
+    group: Group
 
     async def send(self, command: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -231,34 +246,28 @@ def split(total: int, parts: int) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def client_fleet(
-    groups: list[tuple[str, int, bool]], plan: Plan, label: str, t0: float
+    server: Server, groups: list[Group], plan: Plan, label: str, t0: float
 ) -> AsyncIterator[tuple[list[ClientProc], list[dict[str, Any]]]]:
-    """Start one load-client process per (url, connections, stalled) group, open every
-    connection at the same moment, yield the processes with their ``connected`` events."""
+    """Start one load-client process per group, open every connection at the same moment,
+    yield the processes with their ``connected`` events."""
     procs: list[ClientProc] = []
+    concurrency = max(1, HANDSHAKES_IN_FLIGHT // len(groups))
     try:
-        for index, (url, count, stalled) in enumerate(groups):
-            argv = [
-                sys.executable,
-                str(BENCH / "loadclient.py"),
-                "--url",
-                url,
-                "--t0",
-                str(t0),
-                "--connections",
-                str(count),
-                "--concurrency",
-                str(max(1, HANDSHAKES_IN_FLIGHT // len(groups))),
-            ]
-            argv += ["--stall"] if stalled else []
+        for index, group in enumerate(groups):
+            argv = [sys.executable, str(BENCH / "loadclient.py"),
+                    "--url", server.ws_base + group.path, "--t0", str(t0),
+                    "--connections", str(group.connections),
+                    "--concurrency", str(concurrency)]  # fmt: skip
+            argv += ["--stall"] if group.stalled else []
             log = plan.out / f"{label}-client{index}.log"
             process = await spawn(argv, log=log, cwd=REPO, pipes=True, cpus=plan.client_cpus)
-            procs.append(ClientProc(process, stalled))
-        for proc in procs:
+            procs.append(ClientProc(process, group))
+        for proc in procs:  # the server starts meanwhile
             await proc.expect("ready", 30)
+        await server.listening()
         for proc in procs:
             await proc.send({"cmd": "connect"})
-        timeout = 30 + sum(count for _url, count, _stalled in groups) / 100
+        timeout = 30 + sum(group.connections for group in groups) / 100
         connected = [await proc.expect("connected", timeout) for proc in procs]
         yield procs, connected
     finally:
@@ -283,7 +292,6 @@ class Snapshot:
 def snapshot(server: Server, procs: list[ClientProc]) -> Snapshot:
     pids = server.pids()
     clients = cpu_seconds(p.process.pid for p in procs)
-    # Taken first so that the driver's own CPU is inside "others" only as far as it publishes.
     return Snapshot(time.time(), cpu_seconds(pids), clients, machine_busy_seconds(), rss_kib(pids))
 
 
@@ -293,13 +301,17 @@ async def sample_peak_rss(server: Server, peak: list[int]) -> None:
         await asyncio.sleep(0.2)
 
 
-def stream_groups(server: Server, stream: Stream, plan: Plan) -> list[tuple[str, int, bool]]:
-    all_zones = server.ws_base + PRICES_PATH + ",".join(stream.zones)
-    readers_url = all_zones if stream.multi_zone else server.ws_base + MARKET_PATH + stream.zones[0]
-    groups = [
-        (readers_url, n, False) for n in split(stream.clients - stream.stalled, plan.client_procs)
-    ]
-    return groups + ([(all_zones, stream.stalled, True)] if stream.stalled else [])
+def stream_groups(stream: Stream, plan: Plan) -> list[Group]:
+    all_zones = PRICES_PATH + ",".join(stream.zones)
+    if stream.multi_zone:
+        path, zones = all_zones, stream.zones
+    else:
+        path, zones = MARKET_PATH + stream.zones[0], stream.zones[:1]
+    readers = split(stream.clients - stream.stalled, plan.client_procs)
+    groups = [Group(path, zones, count) for count in readers]
+    return groups + (
+        [Group(all_zones, stream.zones, stream.stalled, True)] if stream.stalled else []
+    )
 
 
 async def measure_stream(
@@ -336,18 +348,37 @@ async def run_stream(
 ) -> dict[str, Any]:
     """One server, one streaming scenario: connect, warm up, measure, drain, collect."""
     async with running_server(name, plan, label) as server:
-        groups = stream_groups(server, stream, plan)
-        async with client_fleet(groups, plan, f"{label}-{name}", t0) as (procs, connected):
+        groups = stream_groups(stream, plan)
+        fleet = client_fleet(server, groups, plan, f"{label}-{name}", t0)
+        async with fleet as (procs, connected):
             before, after, log, peak = await measure_stream(server, stream, procs, t0)
-            stalled = [proc for proc in procs if proc.stalled]
+            stalled = [proc for proc in procs if proc.group.stalled]
             for proc in stalled:  # let it read what reached it, to see how it ended
                 await proc.send({"cmd": "resume"})
-            await asyncio.sleep(max(1.0, stream.drain) if stalled else 0)
-            command = {"cmd": "report", "window": [before.at, after.at], "ranges": log.ranges()}
+            await asyncio.sleep(stream.drain if stalled else 0)
+            ranges = log.ranges()
             for proc in procs:
-                await proc.send(command)
+                mine = {zone: ranges[zone] for zone in proc.group.zones if zone in ranges}
+                await proc.send({"cmd": "report", "window": [before.at, after.at], "ranges": mine})
             reports = [await proc.expect("report", 60) for proc in procs]
     return stream_result(name, stream, connected, before, after, log, peak[0], procs, reports)
+
+
+def summarise_group(
+    procs: list[ClientProc],
+    reports: list[dict[str, Any]],
+    ranges: dict[str, list[int]],
+    *,
+    stalled: bool,
+) -> dict[str, Any] | None:
+    """Readers' (or stalled clients') reports added up; None when there are none."""
+    mine = [(proc, report) for proc, report in zip(procs, reports, strict=True)
+            if proc.group.stalled is stalled]  # fmt: skip
+    if not mine:
+        return None
+    zones = mine[0][0].group.zones  # a group's processes all subscribe to the same zones
+    expected = sum(ranges[zone][1] - ranges[zone][0] + 1 for zone in zones if zone in ranges)
+    return summarise(merge_reports([report for _proc, report in mine]), expected)
 
 
 def stream_result(
@@ -366,15 +397,8 @@ def stream_result(
     clients = after.client_cpu - before.client_cpu
     others = after.machine_cpu - before.machine_cpu - cpu - clients
     ranges = log.ranges()
-    # A reader subscribes to one zone (or to all), a stalled client to all.
-    all_expected = sum(high - low + 1 for low, high in ranges.values())
-    first = ranges.get(stream.zones[0], [1, 0])
-    reader_expected = all_expected if stream.multi_zone else first[1] - first[0] + 1
-    groups = {
-        flag: merge_reports([r for r, p in zip(reports, procs, strict=True) if p.stalled is flag])
-        for flag in (False, True)
-    }
-    readers = summarise(groups[False], reader_expected)
+    readers = summarise_group(procs, reports, ranges, stalled=False)
+    assert readers is not None, "every streaming run has readers"
     delivered = readers["deliveries_in_window"]
     return {
         "server": name,
@@ -396,18 +420,19 @@ def stream_result(
         "publish_failed": dict(log.failed),
         "ranges": ranges,
         "readers": readers,
-        "stalled": summarise(groups[True], all_expected) if stream.stalled else None,
+        "stalled": summarise_group(procs, reports, ranges, stalled=True),
     }
 
 
 async def run_idle(name: str, idle: Idle, plan: Plan, label: str, t0: float) -> dict[str, Any]:
     """One server, idle scenario: handshake rate while opening, RSS per held connection."""
     async with running_server(name, plan, label) as server:
+        await server.listening()
         await asyncio.sleep(0.5)  # let start-up allocations finish before the baseline
         rss_before, cpu_before = rss_kib(server.pids()), cpu_seconds(server.pids())
-        url = server.ws_base + MARKET_PATH + ZONES[0]
-        groups = [(url, n, False) for n in split(idle.connections, plan.client_procs)]
-        async with client_fleet(groups, plan, f"{label}-{name}", t0) as (_procs, connected):
+        path, zones = MARKET_PATH + ZONES[0], ZONES[:1]
+        groups = [Group(path, zones, n) for n in split(idle.connections, plan.client_procs)]
+        async with client_fleet(server, groups, plan, f"{label}-{name}", t0) as (_, connected):
             cpu_after = cpu_seconds(server.pids())
             await asyncio.sleep(idle.settle)
             rss_after = rss_kib(server.pids())
