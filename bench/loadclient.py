@@ -209,9 +209,10 @@ async def connect_all(
 
     async def one() -> None:
         async with gate:
+            subscriber = Subscriber(recorder)
             try:
-                transport, subscriber = await ws_connect(
-                    lambda: Subscriber(recorder),
+                transport, _listener = await ws_connect(
+                    lambda: subscriber,
                     args.url,
                     websocket_handshake_timeout=args.handshake_timeout,
                     socket_factory=stalled_socket if args.stall else None,

@@ -88,8 +88,12 @@ def _find(runs: list[Run], name: str) -> Run | None:
     return next((run for run in runs if run["server"] == name), None)
 
 
+def _field(run: Run | None, key: str) -> float | None:
+    return run[key] if run else None
+
+
 def _cpu(run: Run | None) -> float | None:
-    return run["cpu_us_per_delivery"] if run else None
+    return _field(run, "cpu_us_per_delivery")
 
 
 def _p99(run: Run | None) -> float | None:
@@ -161,8 +165,8 @@ def idle_table(runs: list[Run]) -> str:
         rate, per_conn = run["handshakes_per_s"], run["rss_kib_per_connection"]
         rows.append([
             run["server"], f"{run['connected']}/{run['connections']}", fmt(rate, 0),
-            ratio(rate, naive and naive["handshakes_per_s"]), fmt(run["cpu_us_per_handshake"], 0),
-            fmt(per_conn), ratio(per_conn, naive and naive["rss_kib_per_connection"]),
+            ratio(rate, _field(naive, "handshakes_per_s")), fmt(run["cpu_us_per_handshake"], 0),
+            fmt(per_conn), ratio(per_conn, _field(naive, "rss_kib_per_connection")),
             f"{run['rss_before_mib']:.1f} -> {run['rss_after_mib']:.1f}",
         ])  # fmt: skip
     return markdown_table(header, rows)

@@ -52,15 +52,12 @@ from report import (
     summarise,
     target_checks,
 )
+from servers.common import MARKET_PREFIX, PRICES_PATH, PUBLISH_PATH, ZONES
 
 __all__ = ["main"]
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
-MARKET_PATH = "/api/ws/ws/market/"
-PRICES_PATH = "/api/ws/ws/prices?zones="
-PUBLISH_PATH = "/api/ws/ws/broadcast/price"
 SERVER_START_TIMEOUT = 30.0
 SERVER_NAMES = ("pricehub", "naive", "websockets", "ceiling")
 BASELINE_SCRIPTS = {
@@ -69,17 +66,8 @@ BASELINE_SCRIPTS = {
     "ceiling": "raw_ceiling.py",
 }
 # pricehub's defaults (1,000 per IP) would refuse scenario 3's 10,000 loopback sockets.
-PRICEHUB_FLAGS = (
-    "--redis-url",
-    "none",
-    "--no-simulate",
-    "--log-format",
-    "json",
-    "--max-connections",
-    "100000",
-    "--max-connections-per-ip",
-    "100000",
-)
+PRICEHUB_FLAGS = ("--redis-url", "none", "--no-simulate", "--log-format", "json",
+                  "--max-connections", "100000", "--max-connections-per-ip", "100000")  # fmt: skip
 HANDSHAKES_IN_FLIGHT = 100  # over all client processes; below the servers' listen backlog
 
 # ----------------------------------------------------------------------------- configuration
@@ -302,11 +290,11 @@ async def sample_peak_rss(server: Server, peak: list[int]) -> None:
 
 
 def stream_groups(stream: Stream, plan: Plan) -> list[Group]:
-    all_zones = PRICES_PATH + ",".join(stream.zones)
+    all_zones = PRICES_PATH + "?zones=" + ",".join(stream.zones)
     if stream.multi_zone:
         path, zones = all_zones, stream.zones
     else:
-        path, zones = MARKET_PATH + stream.zones[0], stream.zones[:1]
+        path, zones = MARKET_PREFIX + stream.zones[0], stream.zones[:1]
     readers = split(stream.clients - stream.stalled, plan.client_procs)
     groups = [Group(path, zones, count) for count in readers]
     return groups + (
@@ -430,7 +418,7 @@ async def run_idle(name: str, idle: Idle, plan: Plan, label: str, t0: float) -> 
         await server.listening()
         await asyncio.sleep(0.5)  # let start-up allocations finish before the baseline
         rss_before, cpu_before = rss_kib(server.pids()), cpu_seconds(server.pids())
-        path, zones = MARKET_PATH + ZONES[0], ZONES[:1]
+        path, zones = MARKET_PREFIX + ZONES[0], ZONES[:1]
         groups = [Group(path, zones, n) for n in split(idle.connections, plan.client_procs)]
         async with client_fleet(server, groups, plan, f"{label}-{name}", t0) as (_, connected):
             cpu_after = cpu_seconds(server.pids())

@@ -23,6 +23,8 @@ from aiohttp import web
 
 __all__ = [
     "CLOSE_UNKNOWN_ZONE",
+    "MARKET_PREFIX",
+    "PRICES_PATH",
     "PUBLISH_PATH",
     "ZONES",
     "Broadcast",
