@@ -137,11 +137,12 @@ def slow_table(without: list[Run], with_slow: list[Run]) -> str:
     header = [
         "server", "readers p99 ms without", "with slow client", "with/without", "max ms with",
         "readers lost (with)", "slow client end", "server RSS MiB (window start -> end, peak)",
-        "publishes skipped/failed",
+        "publishes skipped/failed", "others core % without/with",
     ]  # fmt: skip
     rows = []
     for run in with_slow:
-        base_p99 = _p99(_find(without, run["server"]))
+        base = _find(without, run["server"])
+        base_p99 = _p99(base)
         readers, slow = run["readers"], run["stalled"]
         codes = ", ".join(f"closed {code}" for code in slow["close_codes"]) or "open"
         rows.append([
@@ -150,6 +151,7 @@ def slow_table(without: list[Run], with_slow: list[Run]) -> str:
             f"{codes}; {slow['conflated']} conflated; {slow['frames']} frames",
             f"{run['rss_start_mib']:.1f} -> {run['rss_mib']:.1f}, {run['rss_peak_mib']:.1f}",
             f"{run['publish_skipped']}/{sum(run['publish_failed'].values())}",
+            f"{fmt(_field(base, 'others_core_pct'), 0)}/{fmt(run['others_core_pct'], 0)}",
         ])  # fmt: skip
     return markdown_table(header, rows)
 
@@ -158,7 +160,7 @@ def idle_table(runs: list[Run]) -> str:
     naive = _find(runs, "naive")
     header = [
         "server", "connected", "handshakes/s", "x naive", "server CPU µs/handshake",
-        "RSS KiB/connection", "x naive", "RSS MiB before -> after",
+        "RSS KiB/connection", "x naive", "RSS MiB before -> after", "others core %",
     ]  # fmt: skip
     rows = []
     for run in runs:
@@ -168,6 +170,7 @@ def idle_table(runs: list[Run]) -> str:
             ratio(rate, _field(naive, "handshakes_per_s")), fmt(run["cpu_us_per_handshake"], 0),
             fmt(per_conn), ratio(per_conn, _field(naive, "rss_kib_per_connection")),
             f"{run['rss_before_mib']:.1f} -> {run['rss_after_mib']:.1f}",
+            fmt(run["others_core_pct"], 0),
         ])  # fmt: skip
     return markdown_table(header, rows)
 
