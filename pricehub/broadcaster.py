@@ -21,7 +21,10 @@ from pricehub.compression import Deflater
 from pricehub.connection import CLOSE_SLOW_CONSUMER, Connection
 from pricehub.storage import StoredPrice
 
-__all__ = ["Broadcaster"]
+__all__ = ["DEFAULT_CLOSE_GRACE", "Broadcaster", "close_socket"]
+
+DEFAULT_CLOSE_GRACE = 5.0
+FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
 
 
 def _ignore(_seconds: float) -> None:
@@ -33,10 +36,20 @@ class Broadcaster:
 
     :param zones: the configured zones (a subscriber set each).
     :param deflater: the shared permessage-deflate compressor (default: a new one).
+    :param close_grace: seconds a socket closed by the server may take to send what is
+        queued for it and finish the close handshake before it is aborted (default
+        ``DEFAULT_CLOSE_GRACE``, as ``--shutdown-grace``).
     """
 
-    def __init__(self, *, zones: tuple[str, ...], deflater: Deflater | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        zones: tuple[str, ...],
+        deflater: Deflater | None = None,
+        close_grace: float = DEFAULT_CLOSE_GRACE,
+    ) -> None:
         self.connections: dict[Connection, None] = {}
+        self.close_grace = close_grace
         # Every subscriber of a zone, and the subset that gets compressed frames.
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
         self._deflate_subscribers: dict[str, dict[Connection, None]] = {z: {} for z in zones}
@@ -140,7 +153,7 @@ class Broadcaster:
         connection.disconnect_reason = reason
         if code == CLOSE_SLOW_CONSUMER:
             self.slow_consumer_closes += 1
-        self.spawn(close_socket(connection, code, message))
+        self.spawn(close_socket(connection, code, message, grace=self.close_grace))
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -167,16 +180,24 @@ class Broadcaster:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def close_socket(connection: Connection, code: int, message: str) -> None:
+async def close_socket(connection: Connection, code: int, message: str, *, grace: float) -> None:
     """The close handshake, then free the socket even if the client never reads.
 
-    ``drain=False``: waiting for the transport to drain would wait forever on a client
-    that stopped reading. aiohttp bounds the wait for the client's close frame by the
-    response's ``timeout``; after that a transport still holding unsent bytes (which a
-    plain ``close`` would keep until they are sent) is aborted, so its buffer is freed.
+    aiohttp's ``close`` may return as soon as the close frame is queued, and a closed
+    transport keeps its unsent bytes until the client reads them: for a client that
+    stopped reading, forever. So the buffer gets ``grace`` seconds to drain (the close
+    frame is behind it; a client that reads again in time sees the close code), then
+    the transport is aborted, which frees it. ``drain=False``: aiohttp's drain would wait
+    for that client without a deadline.
     """
+    transport = connection.transport
     try:
-        await connection.ws.close(code=code, message=message.encode()[:123], drain=False)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await connection.ws.close(code=code, message=message.encode()[:123], drain=False)
+                # asyncio has no event for "transport drained" once it is closing.
+                while transport.get_write_buffer_size():  # noqa: ASYNC110
+                    await asyncio.sleep(FLUSH_POLL)
     finally:
-        if connection.transport.get_write_buffer_size():
-            connection.transport.abort()
+        if transport.get_write_buffer_size():
+            transport.abort()

@@ -4,23 +4,29 @@ Frames are not written one by one. ``queue`` appends a pre-built frame to the ou
 marks the connection dirty; the broadcaster flushes every dirty connection once per
 event-loop tick with a single ``transport.write``.
 
-A client that does not read lets its transport buffer grow (the bytes the kernel socket
-buffer could not take). The connection then stops queueing individual price updates and
-keeps only the newest price per zone, sent with ``conflated: true`` once the buffer has
-drained, when either
+A client that does not keep up stops getting individual price updates: the connection
+keeps only the newest price per zone and sends it with ``conflated: true`` once
+everything written before has reached the client. That happens when either
 
-* more than ``high_water`` bytes are waiting (a burst it cannot absorb), or
-* bytes have been waiting at every flush for ``stuck_after`` seconds (a trickle it does
-  not read: at a few KB/s the high-water mark alone would take minutes to reach).
+* more than ``high_water`` bytes are unsent: in pricehub's transport buffer, or in the
+  kernel's send queue (``SIOCOUTQ``, Linux), which autotunes up to megabytes and would
+  otherwise hide a stalled reader for minutes; or
+* the client has not received what was written ``max_lag`` seconds ago (a trickle it
+  does not read: at a few KB/s no byte threshold is reached in useful time).
 
-Above ``hard_limit`` waiting bytes, or conflating for longer than ``lag_timeout``, it is
-closed with 4008. Memory per connection is therefore bounded whatever the client does:
-at most ``hard_limit`` plus one tick's frames, and one price per zone while conflating.
+Above ``hard_limit`` bytes in pricehub's own buffer, or conflating for longer than
+``lag_timeout``, it is closed with 4008. Memory per connection is therefore bounded
+whatever the client does: at most ``hard_limit`` plus one tick's frames, and one price
+per zone while conflating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import socket
+import struct
+import termios
 import time
 import uuid
 from typing import TYPE_CHECKING, Protocol
@@ -35,14 +41,25 @@ if TYPE_CHECKING:
     from pricehub.storage import StoredPrice
 
 __all__ = [
-    "CLOSE_SLOW_CONSUMER", "DEFAULT_STUCK_AFTER", "Connection", "FlushScheduler", "SendLimits",
+    "CLOSE_SLOW_CONSUMER", "DEFAULT_MAX_LAG", "Connection", "FlushScheduler", "SendLimits",
+    "kernel_unsent",
 ]
 
 CLOSE_SLOW_CONSUMER = 4008
 PING_FRAME = b"\x89\x00"
-# A reader whose kernel socket buffer stayed full this long is behind by at least that
-# buffer (16 KiB+, i.e. many seconds of one zone's updates): stale for a trading UI.
-DEFAULT_STUCK_AFTER = 2.0
+# Prices this late are stale for a trading UI: better the newest one when it catches up.
+DEFAULT_MAX_LAG = 2.0
+_NO_BYTES = bytes(4)
+
+
+def kernel_unsent(sock: socket.socket | None) -> int:
+    """Bytes the kernel has not yet had acknowledged by the peer (0 where unknown)."""
+    if sock is None or sock.fileno() < 0:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _NO_BYTES))[0])
+    except OSError:  # not Linux, or not a TCP socket: count pricehub's own buffer only
+        return 0
 
 
 class FlushScheduler(Protocol):
@@ -56,10 +73,19 @@ class FlushScheduler(Protocol):
 
 
 class SendLimits:
-    """Outbound limits (``--send-high-water``, ``--send-hard-limit``,
-    ``--slow-consumer-timeout``); one instance can be shared by every connection."""
+    """Outbound limits; one instance can be shared by every connection.
 
-    __slots__ = ("hard_limit", "high_water", "lag_timeout", "stuck_after")
+    :param high_water: unsent bytes (pricehub + kernel) above which updates are conflated
+        (``--send-high-water``).
+    :param hard_limit: bytes in pricehub's buffer above which the socket is closed with
+        4008 (``--send-hard-limit``).
+    :param lag_timeout: seconds a socket may stay conflated before 4008
+        (``--slow-consumer-timeout``).
+    :param max_lag: seconds after which bytes the client has still not received make it
+        conflated (default ``DEFAULT_MAX_LAG``); it is checked every ``max_lag / 2``.
+    """
+
+    __slots__ = ("check_interval", "hard_limit", "high_water", "lag_timeout", "max_lag")
 
     def __init__(
         self,
@@ -67,21 +93,23 @@ class SendLimits:
         high_water: int,
         hard_limit: int,
         lag_timeout: float,
-        stuck_after: float = DEFAULT_STUCK_AFTER,
+        max_lag: float = DEFAULT_MAX_LAG,
     ) -> None:
         self.high_water = high_water
         self.hard_limit = hard_limit
         self.lag_timeout = lag_timeout
-        self.stuck_after = stuck_after
+        self.max_lag = max_lag
+        self.check_interval = max_lag / 2
 
 
 class Connection:
     """Per-socket state; all methods are synchronous and never await the client."""
 
     __slots__ = (
-        "closing", "conflated", "conflating_since", "deflater", "disconnect_reason", "id",
-        "last_ping", "last_seen", "limits", "messages_received", "messages_sent", "opened_at",
-        "outbox", "remote", "scheduler", "streams", "stuck_since", "transport", "ws",
+        "bytes_written", "checkpoint_at", "checkpoint_bytes", "closing", "conflated",
+        "conflating_since", "deflater", "disconnect_reason", "id", "last_ping", "last_seen",
+        "limits", "messages_received", "messages_sent", "next_check", "opened_at", "outbox",
+        "remote", "scheduler", "sock", "streams", "transport", "writes", "ws",
     )
 
     def __init__(
@@ -106,14 +134,19 @@ class Connection:
         # None while healthy; zone -> newest price while the client is too slow.
         self.conflated: dict[str, StoredPrice] | None = None
         self.conflating_since = 0.0
-        # When bytes were first seen still waiting after a flush (0.0: none waiting).
-        self.stuck_since = 0.0
         self.closing = False
         # Set by whoever closes the socket from the server side (DisconnectReason).
         self.disconnect_reason: str | None = None
         self.opened_at = self.last_seen = self.last_ping = time.monotonic()
+        # Lag: the client had not yet received everything up to ``checkpoint_bytes``
+        # (of ``bytes_written``) when last checked; it was written at ``checkpoint_at``.
+        self.sock: socket.socket | None = transport.get_extra_info("socket")
+        self.bytes_written = self.checkpoint_bytes = 0
+        self.checkpoint_at = self.opened_at
+        self.next_check = self.opened_at + limits.check_interval
         self.messages_sent = 0
         self.messages_received = 0
+        self.writes = 0  # transport writes: messages_sent / writes is the coalescing factor
 
     # --- queueing ---------------------------------------------------------------------
 
@@ -168,43 +201,50 @@ class Connection:
         transport = self.transport
         if self.closing or transport.is_closing():
             return
-        transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        transport.write(data)
+        self.bytes_written += len(data)
         self.messages_sent += len(outbox)
+        self.writes += 1
         waiting = transport.get_write_buffer_size()
-        if waiting:
-            self._check_backlog(waiting, time.monotonic() if now is None else now)
-        else:
-            self.stuck_since = 0.0
-
-    def _check_backlog(self, waiting: int, now: float) -> None:
-        """Bytes the kernel could not take are waiting: conflate or close if too many."""
-        limits = self.limits
-        if waiting > limits.hard_limit:
+        if waiting > self.limits.hard_limit:
             self.scheduler.close(
                 self, CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full", reason="slow_consumer"
             )
             return
-        if not self.stuck_since:
-            self.stuck_since = now
-        if self.conflated is None and (
-            waiting > limits.high_water or now - self.stuck_since >= limits.stuck_after
-        ):
-            self.conflated = {}
-            self.conflating_since = now
+        if now is None:
+            now = time.monotonic()
+        if self.conflated is None and (waiting > self.limits.high_water or now >= self.next_check):
+            self._check_lag(waiting, now)
+
+    def _check_lag(self, waiting: int, now: float) -> None:
+        """Start conflating if too much is unsent or the client lags more than ``max_lag``."""
+        limits = self.limits
+        self.next_check = now + limits.check_interval
+        unsent = waiting + kernel_unsent(self.sock)
+        if unsent <= limits.high_water:
+            if self.bytes_written - unsent >= self.checkpoint_bytes:
+                # Everything written at the checkpoint has arrived: move it to now.
+                self.checkpoint_bytes, self.checkpoint_at = self.bytes_written, now
+                return
+            if now - self.checkpoint_at < limits.max_lag:
+                return
+        self.conflated = {}
+        self.conflating_since = now
 
     def release_conflated(self, now: float) -> bool:
         """Called periodically while conflating; True when back to normal.
 
-        Released only once nothing is waiting any more (the kernel took every byte), so a
+        Released only once the client has received every byte written so far, so a
         reader that keeps falling behind stays conflated until ``lag_timeout`` closes it.
         """
         if self.conflated is None:
             return True
         if self.closing:
             return False
-        if not self.transport.get_write_buffer_size():
+        if not self.transport.get_write_buffer_size() and not kernel_unsent(self.sock):
             pending, self.conflated = self.conflated, None
-            self.stuck_since = 0.0
+            self.checkpoint_bytes, self.checkpoint_at = self.bytes_written, now
             for price in pending.values():
                 self.send(protocol.price_update(price.payload, conflated=True))
             return True
