@@ -17,12 +17,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pricehub import protocol
-from pricehub.compression import Deflater
+from pricehub.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.connection import CLOSE_SLOW_CONSUMER, Connection
 from pricehub.storage import StoredPrice
 
 __all__ = ["DEFAULT_CLOSE_GRACE", "Broadcaster", "close_socket"]
 
+# Close grace for sockets whose response does not say (``--shutdown-grace``'s default).
 DEFAULT_CLOSE_GRACE = 5.0
 FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
 
@@ -36,20 +37,10 @@ class Broadcaster:
 
     :param zones: the configured zones (a subscriber set each).
     :param deflater: the shared permessage-deflate compressor (default: a new one).
-    :param close_grace: seconds a socket closed by the server may take to send what is
-        queued for it and finish the close handshake before it is aborted (default
-        ``DEFAULT_CLOSE_GRACE``, as ``--shutdown-grace``).
     """
 
-    def __init__(
-        self,
-        *,
-        zones: tuple[str, ...],
-        deflater: Deflater | None = None,
-        close_grace: float = DEFAULT_CLOSE_GRACE,
-    ) -> None:
+    def __init__(self, *, zones: tuple[str, ...], deflater: Deflater | None = None) -> None:
         self.connections: dict[Connection, None] = {}
-        self.close_grace = close_grace
         # Every subscriber of a zone, and the subset that gets compressed frames.
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
         self._deflate_subscribers: dict[str, dict[Connection, None]] = {z: {} for z in zones}
@@ -153,7 +144,11 @@ class Broadcaster:
         connection.disconnect_reason = reason
         if code == CLOSE_SLOW_CONSUMER:
             self.slow_consumer_closes += 1
-        self.spawn(close_socket(connection, code, message, grace=self.close_grace))
+        ws = connection.ws
+        grace = (
+            ws.close_timeout if isinstance(ws, BroadcastWebSocketResponse) else DEFAULT_CLOSE_GRACE
+        )
+        self.spawn(close_socket(connection, code, message, grace=grace))
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -182,6 +177,9 @@ class Broadcaster:
 
 async def close_socket(connection: Connection, code: int, message: str, *, grace: float) -> None:
     """The close handshake, then free the socket even if the client never reads.
+
+    ``grace`` is the socket's close timeout (``--shutdown-grace``), so shutdown, which
+    closes every socket this way, ends within it too.
 
     aiohttp's ``close`` may return as soon as the close frame is queued, and a closed
     transport keeps its unsent bytes until the client reads them: for a client that

@@ -135,7 +135,8 @@ def negotiate(header: str | None) -> str | None:
 
 
 class BroadcastWebSocketResponse(web.WebSocketResponse):
-    """aiohttp's WebSocketResponse with pricehub's permessage-deflate negotiation.
+    """aiohttp's WebSocketResponse with pricehub's permessage-deflate negotiation (and its
+    close timeout readable, for the broadcaster's bounded close).
 
     With ``compress=True`` aiohttp would answer the offer itself (without
     ``server_no_context_takeover`` unless asked, and with whatever window the client
@@ -145,6 +146,11 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
     """
 
     deflate = False
+
+    @property
+    def close_timeout(self) -> float:
+        """The constructor's ``timeout`` (``--shutdown-grace``): how long a close may take."""
+        return float(self._timeout)
 
     def _handshake(self, request: BaseRequest) -> tuple[CIMultiDict[str], str | None, int, bool]:
         wanted = bool(self.compress)  # the constructor's ``compress`` until prepared

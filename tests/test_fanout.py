@@ -196,10 +196,9 @@ async def test_stalled_reader_is_conflated_then_4008_while_readers_get_every_upd
 ) -> None:
     client = await make_client(
         send_high_water=16 * 1024, send_hard_limit=64 * 1024 * 1024,
-        slow_consumer_timeout=0.5,
+        slow_consumer_timeout=0.5, shutdown_grace=0.5,
     )
     broadcaster, stats = client.app[BROADCASTER], client.app[STATS]
-    broadcaster.close_grace = 0.5
     readers = await readers_for(client, ["/api/ws/ws/market/pjm", "/api/ws/ws/prices"])
     stalled, connection = await open_stalled(client, "/api/ws/ws/market/pjm")
     total = 6 * BATCH
