@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -13,10 +13,20 @@ from aiohttp.test_utils import TestClient
 from pricehub.settings import Settings
 
 __all__ = [
-    "PUBLISH_KEY", "WAIT", "collect_updates", "make_settings", "publish", "receive_json",
+    "PUBLISH_KEY",
+    "WAIT",
+    "Client",
+    "MakeClient",
+    "collect_updates",
+    "eventually",
+    "make_settings",
+    "publish",
+    "receive_json",
     "receive_until",
 ]
 
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
 PUBLISH_KEY = "test-publish-key"
 WAIT = 10.0  # upper bound of every wait; the happy path takes milliseconds
 
@@ -75,3 +85,11 @@ async def collect_updates(
     return [
         m["seq"] for m in messages if m["type"] == "price_update" and m["market_zone"] == zone
     ]
+
+
+async def eventually(condition: Callable[[], bool], *, timeout: float = WAIT) -> None:
+    """Wait until ``condition()`` holds, polling server-side state that has no event to
+    await (a counter another task updates); fails after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - no event exists for arbitrary state
+            await asyncio.sleep(0.005)

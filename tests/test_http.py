@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
-from pricehub.app import create_app
-from tests.support import PUBLISH_KEY, make_settings, publish, receive_json
+from tests.support import PUBLISH_KEY, MakeClient, publish, receive_json
 
-Client = TestClient[Any, Any]
-MakeClient = Callable[..., Awaitable[Client]]
 PUBLISH = "/api/ws/ws/broadcast/price"
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any) -> MakeClient:
-    async def factory(**overrides: Any) -> Client:
-        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
-        return client
-
-    return factory
 
 
 async def test_publish_single_and_batch_get_consecutive_seqs(make_client: MakeClient) -> None:

@@ -5,37 +5,25 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 
-from pricehub.app import create_app
 from pricehub.keys import BROADCASTER, STATS
 from tests.support import (
     WAIT,
+    Client,
+    MakeClient,
     collect_updates,
-    make_settings,
+    eventually,
     publish,
     receive_json,
     receive_until,
 )
 
-Client = TestClient[Any, Any]
-MakeClient = Callable[..., Awaitable[Client]]
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any) -> MakeClient:
-    async def factory(**overrides: Any) -> Client:
-        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
-        return client
-
-    return factory
 
 
 async def connect(client: Client, path: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
@@ -210,9 +198,8 @@ async def test_oversized_frame_closes_1009(make_client: MakeClient) -> None:
     message = await ws.receive(timeout=WAIT)
     assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1009
     stats = client.app[STATS]
-    async with asyncio.timeout(WAIT):
-        while stats.protocol_errors["message_too_large"] != 1:
-            await asyncio.sleep(0.01)  # the server notices the close on its next read
+    # The server notices the close on its next read, a moment after the client does.
+    await eventually(lambda: stats.protocol_errors["message_too_large"] == 1)
     assert stats.disconnections["protocol"] == 1
 
 
