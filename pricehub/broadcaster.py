@@ -37,9 +37,15 @@ class Broadcaster:
 
     :param zones: the configured zones (a subscriber set each).
     :param deflater: the shared permessage-deflate compressor (default: a new one).
+    :param flush_delay: seconds to wait after the first frame of a batch before writing
+        it (default 0: the end of the current event-loop tick). A few milliseconds let
+        updates that arrive in separate ticks share one write per client.
     """
 
-    def __init__(self, *, zones: tuple[str, ...], deflater: Deflater | None = None) -> None:
+    def __init__(
+        self, *, zones: tuple[str, ...], deflater: Deflater | None = None, flush_delay: float = 0.0
+    ) -> None:
+        self.flush_delay = flush_delay
         self.connections: dict[Connection, None] = {}
         # Every subscriber of a zone, and the subset that gets compressed frames.
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
@@ -119,7 +125,10 @@ class Broadcaster:
         self._dirty.append(connection)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self.flush_delay > 0:
+                asyncio.get_running_loop().call_later(self.flush_delay, self.flush)
+            else:
+                asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
