@@ -137,8 +137,8 @@ GARBAGE: list[str | bytes] = [
     "not json", "[1,2]", '{"type":1}', '{"type":"nope"}', "[" * 3000, '"\\ud800"',
     '{"type":"subscribe","zones":"pjm"}', '{"type":"subscribe","zones":["nowhere"]}',
     '{"type":"subscribe","zones":["pjm"],"since":{"pjm":-1}}',
-    '{"type":"request_price_history","hours":1e300}',
-    '{"type":"request_price_history","limit":18446744073709551615}',
+    '{"type":"request_price_history","market_zone":"pjm","hours":1e300}',
+    '{"type":"request_price_history","market_zone":"pjm","limit":18446744073709551615}',
     '{"type":"unsubscribe","zones":["pjm","ercot"]}', b"\x00" * 100,
 ]
 
