@@ -46,25 +46,28 @@ def stats_with(**fields: Any) -> Stats:
 
 
 @pytest.mark.parametrize(
-    ("stats", "overrides", "status", "failing"),
+    ("make_stats", "overrides", "status", "failing"),
     [
-        (Stats(), {}, "healthy", {}),
-        (Stats(), {"redis_configured": False, "backend": "in-memory"}, "healthy",
+        (Stats, {}, "healthy", {}),
+        (Stats, {"redis_configured": False, "backend": "in-memory"}, "healthy",
          {"redis": "disabled"}),
-        (Stats(), {"backend": "in-memory"}, "degraded", {"redis": "unavailable"}),
-        (stats_with(total_connections=10, connection_errors=1), {}, "degraded",
+        (Stats, {"backend": "in-memory"}, "degraded", {"redis": "unavailable"}),
+        (lambda: stats_with(total_connections=10, connection_errors=1), {}, "degraded",
          {"error_rate": "high"}),
-        (stats_with(loop_lag=0.6), {}, "degraded", {"event_loop": "lagging"}),
-        (stats_with(shutting_down=True), {}, "unhealthy", {"shutdown": "shutting_down"}),
-        (Stats(), {"storage_ok": False}, "unhealthy", {"storage": "unavailable"}),
-        (stats_with(shutting_down=True), {"backend": "in-memory"}, "unhealthy",
+        (lambda: stats_with(loop_lag=0.6), {}, "degraded", {"event_loop": "lagging"}),
+        (lambda: stats_with(shutting_down=True), {}, "unhealthy",
+         {"shutdown": "shutting_down"}),
+        (Stats, {"storage_ok": False}, "unhealthy", {"storage": "unavailable"}),
+        (lambda: stats_with(shutting_down=True), {"backend": "in-memory"}, "unhealthy",
          {"shutdown": "shutting_down", "redis": "unavailable"}),
     ],
 )  # fmt: skip
 def test_verdict_and_the_checks_that_decide_it(
-    stats: Stats, overrides: dict[str, Any], status: str, failing: dict[str, str]
+    make_stats: Callable[[], Stats], overrides: dict[str, Any], status: str,
+    failing: dict[str, str],
 ) -> None:
-    got_status, http_status, checks = report(stats, **overrides)
+    # Stats are built in the test, not at collection: their samples age in real time.
+    got_status, http_status, checks = report(make_stats(), **overrides)
     assert got_status == status
     assert http_status == (503 if status == "unhealthy" else 200)
     all_ok = dict.fromkeys(("redis", "storage", "event_loop", "error_rate", "shutdown"), "ok")

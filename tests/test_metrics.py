@@ -277,12 +277,18 @@ async def test_openmetrics_when_the_scraper_asks_for_it(make_client: MakeClient)
     assert value(samples, "pricehub_price_updates_accepted_total", zone="pjm", source="http") == 1
 
 
-async def test_promtool_finds_nothing_to_complain_about(make_client: MakeClient) -> None:
+def require_promtool() -> str:
+    """promtool's path; skip without it, except in CI (``CI=true``), where that fails."""
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI") == "true":
             pytest.fail("promtool is required in CI (Debian package 'prometheus')")
         pytest.skip("promtool not installed")
+    return promtool
+
+
+async def test_promtool_finds_nothing_to_complain_about(make_client: MakeClient) -> None:
+    promtool = require_promtool()
     client = await make_client()
     ws = await open_socket(client, "/api/ws/ws/market/pjm")
     await ws.send_str("not json")  # a labelled client-error series
@@ -301,9 +307,7 @@ async def test_promtool_finds_nothing_to_complain_about(make_client: MakeClient)
 
 def test_promtool_check_fails_on_a_bad_exposition() -> None:
     """The check above can fail: promtool does flag convention breaks."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed")
+    promtool = require_promtool()
     bad = b"# HELP pricehub_things Things.\n# TYPE pricehub_things counter\npricehub_things 1\n"
     result = subprocess.run(
         [promtool, "check", "metrics"], input=bad, capture_output=True, timeout=WAIT,
@@ -314,12 +318,26 @@ def test_promtool_check_fails_on_a_bad_exposition() -> None:
 
 async def test_every_declared_metric_is_exposed_and_documented(make_client: MakeClient) -> None:
     client = await make_client()
+    families = list(text_string_to_metric_families(await scrape_text(client)))
     exposed = {
-        family.name for family in text_string_to_metric_families(await scrape_text(client))
+        family.name for family in families
         # prometheus_client adds the histogram's creation time as a family of its own.
         if family.name.startswith("pricehub_") and not family.name.endswith("_created")
     }
-    declared = {spec.name.removesuffix("_total") for spec in METRICS} | {LATENCY}
-    assert exposed == declared
-    documented = set(re.findall(r"`(pricehub_[a-z_]+)", OPERATIONS_MD.read_text()))
-    assert documented == {spec.name for spec in METRICS} | {LATENCY}
+    declared = {spec.name for spec in METRICS} | {LATENCY}
+    assert exposed == {name.removesuffix("_total") for name in declared}
+    page = OPERATIONS_MD.read_text()
+    assert set(re.findall(r"`(pricehub_[a-z_]+)", page)) == declared  # the tables
+    sample_names = {sample.name for family in families for sample in family.samples}
+    assert set(re.findall(r"pricehub_[a-z_]+", page)) <= sample_names | declared  # no typos
+
+
+def test_documented_alert_rules_pass_promtool(tmp_path: Path) -> None:
+    promtool = require_promtool()
+    (rules,) = re.findall(r"```yaml\n(.*?)```", OPERATIONS_MD.read_text(), flags=re.DOTALL)
+    path = tmp_path / "rules.yml"
+    path.write_text(rules)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, timeout=WAIT, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
