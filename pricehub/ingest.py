@@ -70,6 +70,7 @@ end
 return 0
 """
 
+STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
 LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
 
 Entry = tuple[bytes, dict[bytes, bytes]]
@@ -126,18 +127,30 @@ class IngestConsumer:
         self._renew_every = lease_ttl / 3
         self._block_ms = max(1, int(block * 1000))
         self._batch = batch
+        self._stopping = asyncio.Event()
         self.stats = stats or IngestStats()
 
     async def run(self) -> None:
-        """Forever: wait for Redis and the lease, consume until either is lost."""
-        while True:
+        """Until ``stop``: wait for Redis and the lease, consume until either is lost."""
+        while not self._stopping.is_set():
             try:
                 client = self._storage.redis_client()
                 if await self._acquire(client):
                     await self._consume(client)
             except (StorageError, RedisError, OSError) as exc:
                 log.debug("ingest_paused", reason=str(exc))
-            await asyncio.sleep(self._renew_every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._renew_every):
+                    await self._stopping.wait()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the entry in hand (within one ``block``).
+
+        Cooperative on purpose: cancelling a task inside a blocking XREADGROUP can
+        leave redis-py (8.1, Python 3.11) waiting on its socket with the
+        cancellation swallowed, so shutdown would hang.
+        """
+        self._stopping.set()
 
     async def release(self) -> None:
         """Hand the lease over at once (clean shutdown)."""
@@ -155,9 +168,11 @@ class IngestConsumer:
         self.stats.leases += 1
         log.info("ingest_lease_acquired", consumer=self._consumer)
         renew_at = time.monotonic() + self._renew_every
-        while True:
+        while not self._stopping.is_set():
             entries = await self._claim_pending(client) or await self._read_new(client)
             for entry_id, fields in entries:
+                if self._stopping.is_set():
+                    return  # the rest stay pending, for us or a successor, in order
                 if time.monotonic() >= renew_at:
                     renew_at = await self._renew(client)
                 await self._handle(client, entry_id, fields)
@@ -232,8 +247,12 @@ async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        consumer.stop()
+        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_GRACE)
         with contextlib.suppress(StorageError, RedisError, OSError):
             await consumer.release()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("ingest_failed", error=repr(task.exception()))

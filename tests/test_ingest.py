@@ -4,7 +4,6 @@ consumer killed mid-stream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 import time
@@ -63,9 +62,8 @@ class Instance:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self.consumer.stop()
+            await asyncio.wait_for(self._task, 5)
         await self.storage.close()
 
     def prices(self, zone: str) -> list[float]:

@@ -24,7 +24,6 @@ closed gate (appends wait, for a few round trips):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -153,9 +152,8 @@ class FailoverStorage:
         tasks = [*self._background, *([self._probe_task] if self._probe_task else [])]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=2 * self._timeout)  # see RedisStorage.close
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.close()

@@ -358,9 +358,9 @@ class RedisStorage:
         self._tasks, self._flusher = [], None
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            # Bounded: a task cancelled inside a redis-py read can fail to end.
+            await asyncio.wait(tasks, timeout=2 * self._timeout)
         self._fail_pending(StorageUnavailable("redis storage closed"))
         pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
         for resource in (pubsub, client):
