@@ -165,6 +165,7 @@ class IngestConsumer:
 
     async def _consume(self, client: aioredis.Redis) -> None:
         await self._ensure_group(client)
+        await self._forget_idle_consumers(client)
         self.stats.leases += 1
         log.info("ingest_lease_acquired", consumer=self._consumer)
         renew_at = time.monotonic() + self._renew_every
@@ -191,6 +192,16 @@ class IngestConsumer:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def _forget_idle_consumers(self, client: aioredis.Redis) -> None:
+        """Drop previous consumers with nothing pending: every restart names a new
+        one, and the group would otherwise list them forever."""
+        consumers: Any = await client.xinfo_consumers(self._keys.ingest, INGEST_GROUP)
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != self._consumer and int(consumer["pending"]) == 0:
+                await client.xgroup_delconsumer(self._keys.ingest, INGEST_GROUP, name)
 
     async def _claim_pending(self, client: aioredis.Redis) -> list[Entry]:
         """Entries delivered but never acknowledged (a dead holder's, or ours from

@@ -214,6 +214,15 @@ async def test_a_consumer_killed_mid_stream_leaves_nothing_behind(
             assert survivor.listener.seqs(zone) == list(range(1, ENTRIES // 2 + 1))
         assert survivor.consumer.stats.claimed == left_pending
         assert (await raw.xpending(f"{prefix}ingest", INGEST_GROUP))["pending"] == 0
+        await survivor.stop()
+        survivor = Instance(redis_server.url, prefix, "restarted")
+        await survivor.start()  # a new lease term forgets the dead, idle consumers
+
+        async def dead_consumers_forgotten() -> bool:
+            consumers = await raw.xinfo_consumers(f"{prefix}ingest", INGEST_GROUP)
+            return {c["name"] for c in consumers} <= {b"restarted"}
+
+        await eventually(dead_consumers_forgotten)
         print(f"ingest takeover: {left_pending} pending entries claimed from the dead consumer")
     finally:
         if doomed.returncode is None:

@@ -59,7 +59,7 @@ class FailoverStorage:
     :param log: structlog logger (default ``pricehub.storage``).
 
     Counters for the metrics module: ``failovers``, ``recoveries``, ``redis_errors``,
-    ``epoch_changes``.
+    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill).
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class FailoverStorage:
         self.recoveries = 0
         self.redis_errors = 0
         self.epoch_changes = 0
+        self.gaps = 0
 
     @classmethod
     def from_settings(
@@ -275,6 +276,7 @@ class FailoverStorage:
         if price.seq == last + 1:
             self._memory.mirror(price)
         else:  # a hole the history could not fill: keep the mirror contiguous
+            self.gaps += 1
             self._memory.reset(price.zone, [price], seq=price.seq)
         if self._listener is not None:
             self._listener.on_price(price)
