@@ -214,6 +214,9 @@ class Session:
 def filter_hours(prices: list[StoredPrice], hours: float) -> list[StoredPrice]:
     """Prices whose market time is within the last ``hours`` (history is time-ordered
     only by seq, so each one is checked)."""
-    cutoff = protocol.format_timestamp(datetime.now(UTC) - timedelta(hours=hours))
+    try:
+        cutoff = protocol.format_timestamp(datetime.now(UTC) - timedelta(hours=hours))
+    except OverflowError:  # further back than datetime reaches: everything retained
+        return prices
     # ISO-8601 UTC strings of one fixed format compare like the times they denote.
     return [price for price in prices if orjson.loads(price.payload)["timestamp"] >= cutoff]

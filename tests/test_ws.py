@@ -399,3 +399,13 @@ async def test_backend_change_is_announced_to_every_client(make_client: MakeClie
     for ws in sockets:
         message = await receive_json(ws)
         assert (message["type"], message["storage_backend"]) == ("storage_backend_changed", "redis")
+
+
+async def test_history_for_absurdly_many_hours_returns_everything(make_client: MakeClient) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "pjm", "price": 1})
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_until(ws, lambda m: m["type"] == "initial_data")
+    await ws.send_json({"type": "request_price_history", "hours": 1e300})
+    answer = await receive_json(ws)
+    assert answer["type"] == "price_history" and [p["seq"] for p in answer["data"]] == [1]
