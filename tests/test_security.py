@@ -131,7 +131,10 @@ async def test_publish_needs_a_bearer_key(serve: Serve) -> None:
     assert response.status == 401
 
 
-@pytest.mark.parametrize("wrong", ["k", "k1x", "K1", "k3", "k1,k2", "x" * 5000])
+@pytest.mark.parametrize(
+    "wrong", ["k", "k1x", "K1", "k3", "k1,k2", "x" * 5000],
+    ids=["prefix", "longer", "case", "other", "both", "long"],
+)
 async def test_publish_rejects_wrong_keys(serve: Serve, wrong: str) -> None:
     client = await serve()
     response = await client.post(PUBLISH, json=PRICE, headers=bearer(wrong))
@@ -301,6 +304,15 @@ async def test_zones_claim_restricts_zones(serve: Serve) -> None:
     assert await close_code(ws) == 4003
 
 
+async def test_socket_is_closed_when_its_token_expires(serve: Serve) -> None:
+    client = await serve(jwt_secret=SECRET)
+    ws = await client.ws_connect(f"{MARKET}pjm?token={token(ttl=1.5)}")
+    await next_json(ws, "connection_established")
+    started = time.monotonic()
+    assert await close_code(ws) == 4001  # within WAIT: access does not outlive the token
+    assert time.monotonic() - started < 3.0
+
+
 async def test_rs256_and_es256_public_keys(
     serve: Serve, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
@@ -411,6 +423,15 @@ async def test_message_rate_error_then_4029(serve: Serve) -> None:
     assert not ws.closed
     for _ in range(20):
         await ws.send_json({"type": "ping"})
+    assert await close_code(ws) == 4029
+
+
+async def test_pings_count_against_the_rate(serve: Serve) -> None:
+    client = await serve(client_rate_limit=5)  # a ping costs a pong write like any answer
+    ws = await client.ws_connect(f"{MARKET}pjm")
+    await next_json(ws, "connection_established")
+    for _ in range(40):
+        await ws.ping(b"p" * 125)
     assert await close_code(ws) == 4029
 
 
