@@ -103,12 +103,20 @@ class RedisProcess:
     """One ``redis-server`` on 127.0.0.1, also listening on a unix socket.
 
     :param port: TCP port (default: a free one); kept across ``kill``/``start``.
+    :param tls: ``(cert, key)`` PEM files: the TCP port speaks TLS only (default None).
     :param startup_timeout: seconds until it must answer PING (default 10).
     """
 
-    def __init__(self, *, port: int | None = None, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        tls: tuple[Path, Path] | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
         self.binary = redis_binary()
         self.port = port or free_port()
+        self.tls = tls
         self._dir = Path(tempfile.mkdtemp(prefix=f"pricehub-redis-{self.port}-"))
         self.unix_socket = self._dir / "redis.sock"
         self._startup_timeout = startup_timeout
@@ -116,6 +124,8 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -136,6 +146,13 @@ class RedisProcess:
             "--save", "", "--appendonly", "no", "--dir", str(self._dir),
             "--daemonize", "no", "--loglevel", "warning",
         ]  # fmt: skip
+        if self.tls is not None:
+            cert, key = self.tls
+            command[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            command += [
+                "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+            ]  # fmt: skip
         log = (self._dir / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -147,8 +164,11 @@ class RedisProcess:
             time.sleep(0.02)
 
     def ping(self) -> bool:
+        """PING over the unix socket (plain, whatever the TCP port speaks)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(0.5)
+                sock.connect(str(self.unix_socket))
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -107,6 +108,36 @@ async def test_unix_socket_url(redis_server: RedisProcess, prefix: str) -> None:
         assert await listener.wait_for("pjm", 1) == [1]
     finally:
         await storage.close()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server speaking TLS only, with a self-signed certificate for 127.0.0.1."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with RedisProcess(tls=(cert, key)) as server:
+        yield server
+
+
+async def test_rediss_url(tls_redis: RedisProcess, prefix: str) -> None:
+    storage = RedisStorage(tls_redis.url, key_prefix=prefix)
+    listener = RecordingListener()
+    await storage.start(listener)
+    try:
+        await storage.append("pjm", body("pjm", 1.0))
+        assert await listener.wait_for("pjm", 1) == [1]
+    finally:
+        await storage.close()
+    plain = RedisStorage(f"redis://127.0.0.1:{tls_redis.port}/0", key_prefix=prefix)
+    with pytest.raises(StorageUnavailable):  # the port really speaks TLS only
+        await plain.start(RecordingListener())
 
 
 @pytest.fixture
