@@ -9,6 +9,7 @@ from typing import Any
 from loadclient import bucket_value
 
 __all__ = [
+    "Run",
     "idle_table",
     "merge_reports",
     "record",
@@ -18,8 +19,6 @@ __all__ = [
     "target_checks",
 ]
 
-RESULTS_BEGIN = "<!-- bench:results:begin -->"
-RESULTS_END = "<!-- bench:results:end -->"
 Run = dict[str, Any]
 
 
@@ -242,15 +241,25 @@ def target_checks(results: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def record(text: str, path: Path) -> None:
-    """Replace the generated block of RESULTS.md, keeping the hand-written text around it."""
-    block = f"{RESULTS_BEGIN}\n{text}\n{RESULTS_END}"
-    old = (
-        path.read_text()
-        if path.exists()
-        else f"# Benchmark results\n\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
-    )
-    if RESULTS_BEGIN not in old:
-        old += f"\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
-    head, rest = old.split(RESULTS_BEGIN, 1)
-    path.write_text(head + block + rest.split(RESULTS_END, 1)[1])
+def record(sections: dict[int, str], path: Path) -> None:
+    """Replace each given scenario's generated block in RESULTS.md (appending the blocks it does
+    not have yet), keeping every other scenario's block and the hand-written text around them."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    for scenario, section in sections.items():
+        begin, end = (
+            f"<!-- bench:scenario {scenario} -->",
+            f"<!-- bench:end scenario {scenario} -->",
+        )
+        block = f"{begin}\n{section}\n{end}"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:  # before the first block of a later scenario, to keep them in order
+            later = [mark for n in range(scenario + 1, 10)
+                     if (mark := f"<!-- bench:scenario {n} -->") in text]  # fmt: skip
+            if later:
+                head, rest = text.split(later[0], 1)
+                text = f"{head}{block}\n\n{later[0]}{rest}"
+            else:
+                text = text.rstrip("\n") + f"\n\n{block}\n"
+    path.write_text(text)

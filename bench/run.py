@@ -45,6 +45,7 @@ from processes import (
 )
 from publisher import PublishLog, publish
 from report import (
+    Run,
     idle_table,
     merge_reports,
     record,
@@ -59,6 +60,7 @@ __all__ = ["main"]
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+RESULTS = BENCH / "RESULTS.md"
 SERVER_START_TIMEOUT = 30.0
 SERVER_NAMES = ("pricehub", "naive", "websockets", "ceiling")
 BASELINE_SCRIPTS = {
@@ -487,52 +489,50 @@ async def run_plan(plan: Plan, scenarios: list[int]) -> dict[str, list[dict[str,
 # ----------------------------------------------------------------------------- output
 
 
-def render(results: dict[str, list[dict[str, Any]]], plan: Plan, argv: list[str]) -> str:
-    parts = [
-        f"Machine: {machine_line(REPO)}",
-        "",
-        f"Command: `python bench/run.py {' '.join(argv)}`",
-        "",
-    ]
-    for key, title in (
-        ("1", "Scenario 1: {clients} subscribers on one zone, {rate:g} updates/s"),
-        (
-            "2",
-            "Scenario 2: {clients} clients on the multi-zone socket, all 7 zones, "
-            "{rate:g} updates/s per zone",
-        ),
-    ):
-        if key in results:
-            stream = plan.streams[int(key)]
-            parts += [
-                f"### {title.format(**vars(stream))}",
-                "",
-                f"Measured {stream.duration:g} s after {stream.warmup:g} s of warm-up.",
-                "",
-                stream_table(results[key]),
-                "",
-            ]
-    if "3" in results:
-        parts += [
-            f"### Scenario 3: {plan.idle.connections:,} idle connections",
-            "",
-            idle_table(results["3"]),
-            "",
-        ]
-    if "4" in results:
-        stream = plan.streams[4]
-        parts += [
-            f"### Scenario 4: {stream.clients - stream.stalled} readers on {stream.zones[0]}, "
-            f"one client that stops reading, {stream.rate:g} updates/s", "",
-            f"The slow client subscribes to all {len(stream.zones)} published zones and stops "
-            f"reading after its handshake, {stream.warmup:g} s before the {stream.duration:g} s "
-            "measured window; \"without\" is the same run without it.", "",
-            slow_table(results["4-without"], results["4"]), "",
-            "Readers, in the run with the slow client:", "", stream_table(results["4"]), "",
-        ]  # fmt: skip
-    if checks := target_checks(results):
-        parts += ["### pricehub against issue 4's targets", "", *checks, ""]
-    return "\n".join(parts)
+def _stream_section(
+    key: str, title: str, stream: Stream, results: dict[str, list[Run]]
+) -> list[str]:
+    return [f"### {title.format(**vars(stream))}", "",
+            f"Measured {stream.duration:g} s after {stream.warmup:g} s of warm-up.", "",
+            stream_table(results[key])]  # fmt: skip
+
+
+def _slow_section(stream: Stream, results: dict[str, list[Run]]) -> list[str]:
+    return [
+        f"### Scenario 4: {stream.clients - stream.stalled} readers on {stream.zones[0]}, "
+        f"one client that stops reading, {stream.rate:g} updates/s", "",
+        f"The slow client subscribes to all {len(stream.zones)} published zones and stops "
+        f"reading after its handshake, {stream.warmup:g} s before the {stream.duration:g} s "
+        "measured window; \"without\" is the same run without it.", "",
+        slow_table(results["4-without"], results["4"]), "",
+        "Readers, in the run with the slow client:", "", stream_table(results["4"]),
+    ]  # fmt: skip
+
+
+def render(
+    results: dict[str, list[Run]], plan: Plan, machine: str, argv: list[str]
+) -> dict[int, str]:
+    """One Markdown section per scenario run, each with the machine line and its target checks."""
+    origin = f"Machine: {machine}. Command: `python bench/run.py {' '.join(argv)}`."
+    sections = {}
+    for scenario in sorted({int(key.split("-")[0]) for key in results}):
+        if scenario == 1:
+            title = "Scenario 1: {clients} subscribers on one zone, {rate:g} updates/s"
+            body = _stream_section("1", title, plan.streams[1], results)
+        elif scenario == 2:
+            title = ("Scenario 2: {clients} clients on the multi-zone socket, all 7 zones, "
+                     "{rate:g} updates/s per zone")  # fmt: skip
+            body = _stream_section("2", title, plan.streams[2], results)
+        elif scenario == 3:
+            body = [f"### Scenario 3: {plan.idle.connections:,} idle connections", "",
+                    idle_table(results["3"])]  # fmt: skip
+        else:
+            body = _slow_section(plan.streams[4], results)
+        mine = {key: runs for key, runs in results.items() if key.split("-")[0] == str(scenario)}
+        checks = target_checks(mine)
+        targets = ["", "pricehub against issue 4's targets:", "", *checks] if checks else []
+        sections[scenario] = "\n".join([*body[:2], origin, "", *body[2:], *targets])
+    return sections
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -580,6 +580,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also write the tables into bench/RESULTS.md, between its markers",
     )
     parser.add_argument(
+        "--record-from",
+        type=Path,
+        metavar="DIR",
+        help="run nothing: write DIR/results.json's tables into bench/RESULTS.md",
+    )
+    parser.add_argument(
         "--pricehub-arg",
         action="append",
         default=[],
@@ -624,7 +630,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
+    if args.record_from:
+        saved = json.loads((args.record_from / "results.json").read_text())
+        record({int(key): text for key, text in saved["sections"].items()}, RESULTS)
+        return 0
     plan = build_plan(args)
+    machine = machine_line(REPO)  # taken now: the date and tree of the run, not of its end
     plan.out.mkdir(parents=True, exist_ok=True)
     os.sched_setaffinity(0, plan.client_cpus)  # the publisher runs on the clients' side
     # 10,000 sockets in one server: lift the soft fd limit; servers and clients inherit it.
@@ -637,11 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; child processes stopped", file=sys.stderr)
         return 130
-    text = render(results, plan, raw)
+    sections = render(results, plan, machine, raw)
+    text = "\n\n".join(sections.values())
     print(text)
     (plan.out / "results.md").write_text(text + "\n")
+    saved = json.loads((plan.out / "results.json").read_text())
+    (plan.out / "results.json").write_text(json.dumps({**saved, "sections": sections}, indent=1))
     if args.record:
-        record(text, BENCH / "RESULTS.md")
+        record(sections, RESULTS)
     print(f"logs and raw results: {plan.out}", file=sys.stderr)
     return 0
 
