@@ -88,7 +88,7 @@ async def eventually(
 
 
 async def open_socket(client: Client, path: str, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
-    ws = await client.ws_connect(path, **kwargs)
+    ws: aiohttp.ClientWebSocketResponse = await client.ws_connect(path, **kwargs)
     assert (await receive_json(ws))["type"] == "connection_established"
     return ws
 
@@ -271,7 +271,7 @@ async def test_openmetrics_when_the_scraper_asks_for_it(make_client: MakeClient)
     assert text.endswith("# EOF\n")
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in openmetrics_families(text)
+        for family in openmetrics_families(text)  # type: ignore[no-untyped-call]
         for sample in family.samples
     }
     assert value(samples, "pricehub_price_updates_accepted_total", zone="pjm", source="http") == 1
@@ -298,6 +298,7 @@ async def test_promtool_finds_nothing_to_complain_about(make_client: MakeClient)
     exposition = await scrape_text(client)
     assert "pricehub_client_errors_total{" in exposition
     assert "pricehub_connections_rejected_total{" in exposition
+    assert "\nprocess_open_fds " in exposition  # gathered in a thread, still exported
     result = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=exposition.encode(),
         capture_output=True, timeout=WAIT,
