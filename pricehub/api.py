@@ -95,7 +95,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "storage_backend": storage.backend,
             "active_connections": len(broadcaster.connections),
             "statistics": stats.statistics(broadcaster, backend=storage.backend),
-            "error_rate": stats.error_rate(),
+            "error_rate": report.error_rate,
             "checks": report.checks,
             "uptime_s": round(time.time() - stats.started_at, 3),
             "timestamp": protocol.utc_now(),

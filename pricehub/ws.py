@@ -100,6 +100,8 @@ async def admit(
     over = app[LIMITS].acquire(remote)
     if over is not None:
         stats.rejected_connections[f"limit_{over}"] += 1
+        log.info("connection_rejected", reason=f"limit_{over}", close_code=CLOSE_TRY_AGAIN,
+                 remote=remote)
         await ws.close(code=CLOSE_TRY_AGAIN, message=b"server over its connection limit")
         return False, None
     refusal, code, message, allowed = None, 0, "", None
@@ -118,6 +120,7 @@ async def admit(
         return True, allowed
     app[LIMITS].release(remote)
     stats.rejected_connections[refusal] += 1
+    log.info("connection_rejected", reason=refusal, close_code=code, remote=remote)
     await ws.close(code=code, message=message.encode())
     return False, None
 
@@ -191,6 +194,7 @@ async def run_connection(
         reason = DisconnectReason.ERROR
         stats.connection_errors += 1
         conn_log.exception("connection_failed")
+        connection.flush()
         await ws.close(code=CLOSE_INTERNAL, message=b"internal error")
     finally:
         connection.closing = True
