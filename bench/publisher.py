@@ -123,4 +123,5 @@ async def publish(
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         if in_flight:
-            await asyncio.wait(in_flight, timeout=TIMEOUT)
+            _done, pending = await asyncio.wait(in_flight, timeout=TIMEOUT)
+            log.failed["no answer"] += len(pending)  # cancelled when the session closes
