@@ -1,11 +1,22 @@
 """The zone broadcaster: storage listener, subscriber registry and per-tick flusher.
 
 Each price is serialised and framed once (``text_frame(price_update(payload))``, plus
-one compressed frame when some subscriber negotiated permessage-deflate) and handed to
-every subscriber of its zone in one synchronous pass: no task, queue or await per
-client, so one slow or dead client never delays the others. Connections that received
-frames in this event-loop tick are flushed together by one ``call_soon`` callback, so a
-client subscribed to many zones gets all of a tick's updates in a single write.
+one compressed frame when some subscriber negotiated permessage-deflate). Nothing is
+awaited and no task or queue exists per client, so one slow or dead client never delays
+the others. One ``call_soon`` callback per event-loop tick then writes what the tick
+produced, one ``transport.write`` per client:
+
+* connections in step with their zones are grouped in *audiences* (same zones, same
+  encoding): the tick's frames for those zones are joined once per audience and the same
+  ``bytes`` is written to every member (the per-delivery cost of a raw broadcast);
+* the others (opening or resuming a zone, conflated, or with a message of their own
+  queued behind this tick's broadcasts) get each frame in their own outbox.
+
+A connection moves to its audience at the end of a flush once every zone of it is in
+step: not syncing, and its last ``seq`` equal to the last one broadcast, so shared frames
+can never repeat or skip a ``seq`` for it. It leaves (``detach``) whenever that stops
+being true; the tick's shared frames it has not been written yet go to its outbox then,
+in order.
 """
 
 from __future__ import annotations
@@ -21,15 +32,39 @@ from pricehub.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.connection import CLOSE_SLOW_CONSUMER, Connection
 from pricehub.storage import StoredPrice
 
-__all__ = ["DEFAULT_CLOSE_GRACE", "Broadcaster", "close_socket"]
+__all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
 
 # Close grace for sockets whose response does not say (``--shutdown-grace``'s default).
 DEFAULT_CLOSE_GRACE = 5.0
 FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
 
+# One accepted price of the current tick: zone, plain frame, compressed frame (or None).
+TickFrame = tuple[str, bytes, bytes | None]
+
 
 def _ignore(_seconds: float) -> None:
     return None
+
+
+class Audience:
+    """Connections with the same zones and encoding: byte-identical data every tick."""
+
+    __slots__ = ("deflate", "dirty", "members", "zones")
+
+    def __init__(self, zones: frozenset[str], *, deflate: bool) -> None:
+        self.zones = zones
+        self.deflate = deflate
+        self.members: dict[Connection, None] = {}
+        self.dirty = False  # some of this tick's frames are for it and not yet written
+
+    def frames(self, tick: list[TickFrame]) -> list[bytes]:
+        """Its share of the tick, in the order the prices were accepted."""
+        deflate, zones = self.deflate, self.zones
+        return [
+            (deflated or plain) if deflate else plain
+            for zone, plain, deflated in tick
+            if zone in zones
+        ]
 
 
 class Broadcaster:
@@ -47,9 +82,13 @@ class Broadcaster:
     ) -> None:
         self.flush_delay = flush_delay
         self.connections: dict[Connection, None] = {}
-        # Every subscriber of a zone, and the subset that gets compressed frames.
+        # Every subscriber of a zone; those outside an audience; the zone's audiences.
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
-        self._deflate_subscribers: dict[str, dict[Connection, None]] = {z: {} for z in zones}
+        self._individual: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
+        self._audiences_of: dict[str, dict[Audience, None]] = {zone: {} for zone in zones}
+        self._audiences: dict[tuple[frozenset[str], bool], Audience] = {}
+        self._last_seq: dict[str, int] = dict.fromkeys(zones, 0)
+        self._deflating: dict[str, int] = dict.fromkeys(zones, 0)  # deflate subscribers
         self.deflater = deflater or Deflater()
         self.conflation_events = 0
         self.slow_consumer_closes = 0
@@ -58,7 +97,10 @@ class Broadcaster:
         # in that tick to its write (the metrics module installs a histogram here).
         self.observe_latency: Callable[[float], None] = _ignore
         self._tick_started: float | None = None
+        self._tick: list[TickFrame] = []
+        self._dirty_audiences: list[Audience] = []
         self._dirty: list[Connection] = []
+        self._candidates: dict[Connection, None] = {}
         self._flush_scheduled = False
         self._conflating: dict[Connection, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -69,47 +111,121 @@ class Broadcaster:
         self.connections[connection] = None
 
     def remove(self, connection: Connection) -> None:
+        self._leave_audience(connection)
         self.connections.pop(connection, None)
         self._conflating.pop(connection, None)
+        self._candidates.pop(connection, None)
         for zone in connection.streams:
-            self.subscribers[zone].pop(connection, None)
-            self._deflate_subscribers[zone].pop(connection, None)
+            self._drop_subscriber(zone, connection)
         connection.streams.clear()
 
     def subscribe(self, zone: str, connection: Connection) -> None:
-        self.subscribers[zone][connection] = None
-        if connection.deflater is not None:
-            self._deflate_subscribers[zone][connection] = None
+        self.detach(connection)
+        if connection not in self.subscribers[zone]:
+            self.subscribers[zone][connection] = None
+            self._deflating[zone] += connection.deflater is not None
+        self._individual[zone][connection] = None
+        self._candidates[connection] = None
 
     def unsubscribe(self, zone: str, connection: Connection) -> None:
-        self.subscribers[zone].pop(connection, None)
-        self._deflate_subscribers[zone].pop(connection, None)
+        self.detach(connection)
+        self._drop_subscriber(zone, connection)
         connection.streams.pop(zone, None)
         if connection.conflated is not None:
             connection.conflated.pop(zone, None)
 
+    def _drop_subscriber(self, zone: str, connection: Connection) -> None:
+        subscribers = self.subscribers[zone]
+        if connection in subscribers:
+            del subscribers[connection]
+            self._deflating[zone] -= connection.deflater is not None
+        self._individual[zone].pop(connection, None)
+
     def connections_by_zone(self) -> dict[str, int]:
         return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
+
+    # --- audiences --------------------------------------------------------------------
+
+    def detach(self, connection: Connection) -> None:
+        """Take a connection out of its audience; it gets frames one by one from now on,
+        starting with this tick's shared frames it has not been written yet."""
+        audience = connection.audience
+        if audience is None:
+            return
+        self._leave_audience(connection)
+        pending = audience.frames(self._tick) if audience.dirty else []
+        if pending and not connection.outbox:
+            self.mark_dirty(connection)
+        connection.outbox.extend(pending)
+        for zone in audience.zones:
+            # Shared writes do not touch the streams: everything up to the zone's last
+            # broadcast seq has now been written or queued.
+            connection.streams[zone].last_seq = self._last_seq[zone]
+            self._individual[zone][connection] = None
+        self._candidates[connection] = None
+
+    def _leave_audience(self, connection: Connection) -> None:
+        audience = connection.audience
+        if audience is None:
+            return
+        connection.audience = None
+        del audience.members[connection]
+        if not audience.members:
+            del self._audiences[audience.zones, audience.deflate]
+            for zone in audience.zones:
+                del self._audiences_of[zone][audience]
+
+    def _join_audience(self, connection: Connection) -> bool:
+        """Move a connection into its audience if every zone of it is in step."""
+        if connection.closing or connection.conflated is not None or connection.outbox:
+            return False
+        streams = connection.streams
+        if not streams:
+            return False
+        last_seq = self._last_seq
+        for zone, stream in streams.items():
+            if stream.syncing or stream.last_seq != last_seq[zone]:
+                return False
+        key = (frozenset(streams), connection.deflater is not None)
+        audience = self._audiences.get(key)
+        if audience is None:
+            audience = self._audiences[key] = Audience(key[0], deflate=key[1])
+            for zone in audience.zones:
+                self._audiences_of[zone][audience] = None
+        audience.members[connection] = None
+        connection.audience = audience
+        for zone in streams:
+            del self._individual[zone][connection]
+        return True
 
     # --- StorageListener --------------------------------------------------------------
 
     def on_price(self, price: StoredPrice) -> None:
-        subscribers = self.subscribers.get(price.zone)
+        zone = price.zone
         self.updates_broadcast += 1
-        if not subscribers:
+        if zone not in self._last_seq:
+            return
+        # Audience members are in step with the zone's last seq, so an older or repeated
+        # one is for nobody among them (individual streams check for themselves).
+        audiences = self._audiences_of[zone] if price.seq > self._last_seq[zone] else {}
+        self._last_seq[zone] = max(price.seq, self._last_seq[zone])
+        individual = self._individual[zone]
+        if not audiences and not individual:
             return
         if self._tick_started is None:
             self._tick_started = time.monotonic()
         payload = protocol.price_update(price.payload)
         frame = protocol.text_frame(payload)
-        deflating = self._deflate_subscribers[price.zone]
-        if not deflating:
-            for connection in subscribers:
-                connection.deliver(price, frame)
-            return
-        deflated = self.deflater.frame(payload)
-        for connection in subscribers:
-            connection.deliver(price, deflated if connection in deflating else frame)
+        deflated = self.deflater.frame(payload) if self._deflating[zone] else None
+        if audiences:
+            self._tick.append((zone, frame, deflated))
+            for audience in audiences:
+                if not audience.dirty:
+                    audience.dirty = True
+                    self._dirty_audiences.append(audience)
+            self._schedule_flush()
+        for connection in individual:
+            connection.deliver(price, deflated if connection.deflater and deflated else frame)
 
     def on_backend_changed(self, backend: str) -> None:
         self.send_all(protocol.storage_backend_changed(backend, now=protocol.utc_now()))
@@ -123,6 +239,9 @@ class Broadcaster:
 
     def mark_dirty(self, connection: Connection) -> None:
         self._dirty.append(connection)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             if self.flush_delay > 0:
@@ -132,22 +251,51 @@ class Broadcaster:
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
         now = time.monotonic()
-        conflating = self._conflating
+        fell_behind = self._flush_audiences(now)
+        dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush(now)
-            if connection.conflated is not None and connection not in conflating:
-                conflating[connection] = None
+            if connection.conflated is not None:
+                fell_behind.append(connection)
+        for connection in fell_behind:
+            self.detach(connection)
+            if connection not in self._conflating:
+                self._conflating[connection] = None
                 self.conflation_events += 1
+        self._candidates = {
+            connection: None
+            for connection in self._candidates
+            if not self._join_audience(connection) and not connection.closing
+        }
         if self._tick_started is not None:
             self.observe_latency(time.monotonic() - self._tick_started)
             self._tick_started = None
+
+    def _flush_audiences(self, now: float) -> list[Connection]:
+        """One shared write per audience member; the members that started conflating."""
+        tick, self._tick = self._tick, []
+        audiences, self._dirty_audiences = self._dirty_audiences, []
+        fell_behind = []
+        for audience in audiences:
+            audience.dirty = False
+            frames = audience.frames(tick)
+            data, count = b"".join(frames), len(frames)
+            for connection in audience.members:
+                if connection.outbox:  # its own messages were queued first this tick
+                    connection.flush(now, data, count)
+                else:
+                    connection.write(data, count, now)
+                if connection.conflated is not None:
+                    fell_behind.append(connection)
+        return fell_behind
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
         """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
         if connection.closing:
             return
+        if connection.audience is not None and connection.audience.dirty:
+            self.detach(connection)  # its share of the tick goes out before the close
         connection.flush()  # queued messages precede the close frame
         connection.closing = True
         connection.disconnect_reason = reason
@@ -170,7 +318,10 @@ class Broadcaster:
         """Send conflated prices to clients that drained; close the ones lagging too long."""
         now = time.monotonic()
         for connection in list(self._conflating):
-            if connection.release_conflated(now) or connection.closing:
+            if connection.release_conflated(now):
+                del self._conflating[connection]
+                self._candidates[connection] = None
+            elif connection.closing:
                 del self._conflating[connection]
 
     async def run_conflation_monitor(self, *, interval: float = 0.05) -> None:

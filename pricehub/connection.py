@@ -1,8 +1,12 @@
 """One client socket as the broadcaster sees it: zones, outbox, slow-consumer state.
 
-Frames are not written one by one. ``queue`` appends a pre-built frame to the outbox and
-marks the connection dirty; the broadcaster flushes every dirty connection once per
-event-loop tick with a single ``transport.write``.
+Frames are not written one by one. A connection that is in step with its zones belongs
+to an *audience* (``Audience``): every connection with the same zones and encoding, which
+get byte-identical data each tick, so the broadcaster joins a tick's frames once per
+audience and writes that one ``bytes`` to each member. Any other connection (its zones
+being opened or resumed, conflated, or with a message of its own queued behind this
+tick's broadcasts) gets frames one by one in its outbox (``deliver``, ``queue``), written
+by one ``transport.write`` per tick. Either way a client gets one write per tick.
 
 A client that does not keep up stops getting individual price updates: the connection
 keeps only the newest price per zone and sends it with ``conflated: true`` once
@@ -38,6 +42,7 @@ from pricehub.resume import ZoneStream
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from pricehub.broadcaster import Audience
     from pricehub.storage import StoredPrice
 
 __all__ = [
@@ -68,6 +73,8 @@ class FlushScheduler(Protocol):
     deflater: Deflater
 
     def mark_dirty(self, connection: Connection) -> None: ...
+
+    def detach(self, connection: Connection) -> None: ...
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None: ...
 
@@ -106,7 +113,7 @@ class Connection:
     """Per-socket state; all methods are synchronous and never await the client."""
 
     __slots__ = (
-        "bytes_written", "checkpoint_at", "checkpoint_bytes", "closing", "conflated",
+        "audience", "bytes_written", "checkpoint_at", "checkpoint_bytes", "closing", "conflated",
         "conflating_since", "deflater", "disconnect_reason", "id", "last_ping", "last_seen",
         "limits", "messages_received", "messages_sent", "next_check", "opened_at", "outbox",
         "remote", "scheduler", "sock", "streams", "transport", "writes", "ws",
@@ -131,6 +138,8 @@ class Connection:
         self.deflater = scheduler.deflater if negotiated_deflate(ws) else None
         self.streams: dict[str, ZoneStream] = {}
         self.outbox: list[bytes] = []
+        # Set by the broadcaster while this connection gets its audience's shared writes.
+        self.audience: Audience | None = None
         # None while healthy; zone -> newest price while the client is too slow.
         self.conflated: dict[str, StoredPrice] | None = None
         self.conflating_since = 0.0
@@ -161,6 +170,11 @@ class Connection:
     def queue(self, frame: bytes) -> None:
         if self.closing:
             return
+        audience = self.audience
+        if audience is not None and audience.dirty:
+            # This tick's broadcasts are still in the audience's shared write: take them
+            # into the outbox first, so they keep their place before this frame.
+            self.scheduler.detach(self)
         if not self.outbox:
             self.scheduler.mark_dirty(self)
         self.outbox.append(frame)
@@ -192,19 +206,26 @@ class Connection:
 
     # --- writing ----------------------------------------------------------------------
 
-    def flush(self, now: float | None = None) -> None:
-        """Write the whole outbox with one write, then check the client keeps up."""
-        outbox = self.outbox
-        if not outbox:
-            return
-        self.outbox = []
+    def flush(self, now: float | None = None, shared: bytes = b"", count: int = 0) -> None:
+        """Write the outbox, then ``shared`` (``count`` frames of the audience's tick), with
+        one write; then check the client keeps up."""
+        outbox, self.outbox = self.outbox, []
+        count += len(outbox)
+        if shared:
+            outbox.append(shared)
+        if outbox:
+            data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+            self.write(data, count, time.monotonic() if now is None else now)
+
+    def write(self, data: bytes, count: int, now: float) -> None:
+        """One ``transport.write`` of ``count`` frames (the broadcaster's hot loop calls it
+        directly for audience members with nothing of their own queued)."""
         transport = self.transport
         if self.closing or transport.is_closing():
             return
-        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
         transport.write(data)
         self.bytes_written += len(data)
-        self.messages_sent += len(outbox)
+        self.messages_sent += count
         self.writes += 1
         waiting = transport.get_write_buffer_size()
         if waiting > self.limits.hard_limit:
@@ -212,8 +233,6 @@ class Connection:
                 self, CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full", reason="slow_consumer"
             )
             return
-        if now is None:
-            now = time.monotonic()
         if self.conflated is None and (waiting > self.limits.high_water or now >= self.next_check):
             self._check_lag(waiting, now)
 

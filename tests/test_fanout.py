@@ -188,6 +188,15 @@ async def test_stalled_reader_is_conflated_then_gets_the_newest_price_flagged(
     assert seen[-1].get("conflated") is True and seen[-1]["price"] == 1.5
     assert all("conflated" not in m for m in seen[:-1])
     assert connection.conflated is None  # released once it drained
+    # Back in step: it rejoins the shared writes and misses nothing from now on.
+    after = await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(50)])
+    seqs = []
+    while len(seqs) < 50:
+        message = await stalled.message()
+        if message["type"] == "price_update":
+            seqs.append(message["seq"])
+    assert seqs == [item["seq"] for item in after]
+    assert connection.audience is not None
     stalled.close()
 
 
@@ -282,6 +291,51 @@ async def test_a_tick_of_many_zones_is_one_write_per_client_in_publish_order(
     after = [(c.writes, c.messages_sent) for c in broadcaster.connections]
     deltas = [(w - w0, m - m0) for (w0, m0), (w, m) in zip(before, after, strict=True)]
     assert deltas == [(1, len(prices))] * 3  # one write each, carrying the whole tick
+
+
+async def test_own_messages_and_subscriptions_mid_stream_keep_every_zone_in_order(
+    make_client: MakeClient,
+) -> None:
+    """Replies, (un)subscriptions and broadcasts interleaved in the same ticks: each zone
+    still arrives complete and in order, and the replies arrive."""
+    client = await make_client(client_rate_limit=1000)
+    broadcaster = client.app[BROADCASTER]
+    (ws,) = await readers_for(client, ["/api/ws/ws/prices?zones=pjm,ercot"])
+    (watcher,) = await readers_for(client, ["/api/ws/ws/prices?zones=pjm,ercot"])
+    seen: dict[str, list[int]] = {"pjm": [], "ercot": [], "caiso": []}
+    replies: list[str] = []
+
+    async def read(rounds: int) -> None:
+        while seen["pjm"][-1:] != [2 * rounds] or seen["caiso"][-1:] != [rounds]:
+            message = await receive_json(ws)
+            if message["type"] == "price_update":
+                seen[message["market_zone"]].append(message["seq"])
+            else:
+                replies.append(message["type"])
+
+    rounds = 30
+    reading = asyncio.create_task(read(rounds))
+    pjm, ercot, caiso = ({"market_zone": zone, "price": 1} for zone in ("pjm", "ercot", "caiso"))
+    for n in range(rounds):
+        await publish(client, pjm, ercot)
+        await ws.send_json({"type": "ping"})
+        if n == 10:
+            await ws.send_json({"type": "subscribe", "zones": ["caiso"]})
+        if n == 20:
+            await ws.send_json({"type": "unsubscribe", "zones": ["ercot"]})
+        await publish(client, pjm, caiso)
+    await asyncio.wait_for(reading, WAIT)
+    assert seen["pjm"] == list(range(1, 2 * rounds + 1))
+    assert seen["ercot"] == list(range(1, len(seen["ercot"]) + 1)) and len(seen["ercot"]) >= 20
+    caiso = seen["caiso"]  # live from the subscription on (initial_data had the one before)
+    assert caiso == list(range(caiso[0], rounds + 1))
+    assert replies.count("pong") >= rounds - 1 and "subscribed" in replies
+    assert "unsubscribed" in replies
+    # Both sockets are back in shared writes: different zones, different audiences.
+    connections = list(broadcaster.connections)
+    await until(lambda: all(c.audience is not None for c in connections))
+    assert len({id(c.audience) for c in connections}) == 2
+    await watcher.close()
 
 
 # --- permessage-deflate -----------------------------------------------------------------------
