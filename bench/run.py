@@ -287,12 +287,6 @@ def snapshot(server: Server, procs: list[ClientProc]) -> Snapshot:
     return Snapshot(time.time(), cpu_seconds(pids), clients, machine_busy_seconds(), rss_kib(pids))
 
 
-async def sample_peak_rss(server: Server, peak: list[int]) -> None:
-    while True:
-        peak[0] = max(peak[0], rss_kib(server.pids()))
-        await asyncio.sleep(0.2)
-
-
 def stream_groups(stream: Stream, plan: Plan) -> list[Group]:
     all_zones = PRICES_PATH + "?zones=" + ",".join(stream.zones)
     if stream.multi_zone:
@@ -306,12 +300,29 @@ def stream_groups(stream: Stream, plan: Plan) -> list[Group]:
     )
 
 
+@dataclass
+class Window:
+    """One streaming run's measured window."""
+
+    before: Snapshot
+    after: Snapshot
+    log: PublishLog
+    peak_rss_kib: int
+
+
 async def measure_stream(
     server: Server, stream: Stream, procs: list[ClientProc], t0: float
-) -> tuple[Snapshot, Snapshot, PublishLog, list[int]]:
+) -> Window:
     """Publish through warm-up and window; CPU/RSS snapshots at the window's two ends."""
-    peak = [0]
-    sampler = asyncio.create_task(sample_peak_rss(server, peak))
+    peak = 0
+
+    async def sample_peak_rss() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_kib(server.pids()))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample_peak_rss())
     log = PublishLog()
     measure_from = time.time() + stream.warmup
     publisher = asyncio.create_task(
@@ -332,7 +343,7 @@ async def measure_stream(
     await asyncio.sleep(stream.drain)
     after = snapshot(server, procs)
     sampler.cancel()
-    return before, after, log, peak
+    return Window(before, after, log, peak)
 
 
 async def run_stream(
@@ -343,17 +354,18 @@ async def run_stream(
         groups = stream_groups(stream, plan)
         fleet = client_fleet(server, groups, plan, f"{label}-{name}", t0)
         async with fleet as (procs, connected):
-            before, after, log, peak = await measure_stream(server, stream, procs, t0)
+            window = await measure_stream(server, stream, procs, t0)
             stalled = [proc for proc in procs if proc.group.stalled]
             for proc in stalled:  # let it read what reached it, to see how it ended
                 await proc.send({"cmd": "resume"})
             await asyncio.sleep(stream.drain if stalled else 0)
-            ranges = log.ranges()
+            ranges = window.log.ranges()
+            span = [window.before.at, window.after.at]
             for proc in procs:
                 mine = {zone: ranges[zone] for zone in proc.group.zones if zone in ranges}
-                await proc.send({"cmd": "report", "window": [before.at, after.at], "ranges": mine})
+                await proc.send({"cmd": "report", "window": span, "ranges": mine})
             reports = [await proc.expect("report", 60) for proc in procs]
-    return stream_result(name, stream, connected, before, after, log, peak[0], procs, reports)
+    return stream_result(name, stream, connected, window, procs, reports)
 
 
 def summarise_group(
@@ -377,14 +389,12 @@ def stream_result(
     name: str,
     stream: Stream,
     connected: list[dict[str, Any]],
-    before: Snapshot,
-    after: Snapshot,
-    log: PublishLog,
-    peak_kib: int,
+    window: Window,
     procs: list[ClientProc],
     reports: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    window = after.at - before.at
+    before, after, log = window.before, window.after, window.log
+    seconds = after.at - before.at
     cpu = after.server_cpu - before.server_cpu
     clients = after.client_cpu - before.client_cpu
     others = after.machine_cpu - before.machine_cpu - cpu - clients
@@ -398,16 +408,16 @@ def stream_result(
         "connected": sum(c["ok"] for c in connected),
         "connect_failed": sum(c["failed"] for c in connected),
         "connect_errors": [c["errors"] for c in connected if c["errors"]],
-        "window_s": window,
+        "window_s": seconds,
         "server_cpu_s": cpu,
-        "server_core_pct": 100 * cpu / window,
-        "client_core_pct": 100 * clients / window,
-        "others_core_pct": 100 * others / window,
+        "server_core_pct": 100 * cpu / seconds,
+        "client_core_pct": 100 * clients / seconds,
+        "others_core_pct": 100 * others / seconds,
         "cpu_us_per_delivery": 1e6 * cpu / delivered if delivered else None,
         "deliveries_per_s": readers["measured_deliveries"] / stream.duration,
         "rss_start_mib": before.rss_kib / 1024,
         "rss_mib": after.rss_kib / 1024,
-        "rss_peak_mib": peak_kib / 1024,
+        "rss_peak_mib": window.peak_rss_kib / 1024,
         "publish_skipped": log.skipped,
         "publish_failed": dict(log.failed),
         "ranges": ranges,

@@ -32,6 +32,7 @@ __all__ = [
     "Registry",
     "add_publish_routes",
     "add_subscribe_routes",
+    "aiohttp_app",
     "parse_args",
     "run_aiohttp",
     "subscription_zones",
@@ -202,6 +203,20 @@ def parse_args(description: str, *, publish_port: bool = False) -> argparse.Name
     if publish_port:
         parser.add_argument("--publish-port", type=int, required=True, help="HTTP publish port")
     return parser.parse_args()
+
+
+def aiohttp_app(
+    *,
+    key: str,
+    registry: Registry[Conn],
+    pick: Callable[[web.Request, web.WebSocketResponse], Conn],
+    broadcast: Broadcast,
+) -> web.Application:
+    """An aiohttp server of the contract subset, its fan-out given by ``broadcast``."""
+    app = web.Application()
+    add_subscribe_routes(app, registry, pick)
+    add_publish_routes(app, key=key, broadcast=broadcast)
+    return app
 
 
 def run_aiohttp(app: web.Application, args: argparse.Namespace) -> None:

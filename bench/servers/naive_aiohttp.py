@@ -1,8 +1,8 @@
 """Naive baseline: an aiohttp broadcaster that awaits ``send_str`` for each client in turn.
 
-This is the shape most tutorials (and pricehub's seed) use: the update is serialised once, but
-every client costs a framing, a write and an await, and one client whose buffer is full stalls
-the loop for everybody behind it.
+The common tutorial shape: the update is serialised once, but every client costs a framing, a
+write and an await, and a client whose buffer is full (aiohttp then waits for it to drain) holds
+up that update for every subscriber after it, and the publish request that carries it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from aiohttp import web
-from common import Registry, add_publish_routes, add_subscribe_routes, parse_args, run_aiohttp
+from common import Registry, aiohttp_app, parse_args, run_aiohttp
 
 __all__ = ["build_app"]
 
@@ -24,10 +24,9 @@ def build_app(*, key: str) -> web.Application:
             with contextlib.suppress(ConnectionError):
                 await ws.send_str(text)
 
-    app = web.Application()
-    add_subscribe_routes(app, registry, lambda _request, ws: ws)
-    add_publish_routes(app, key=key, broadcast=broadcast)
-    return app
+    return aiohttp_app(
+        key=key, registry=registry, pick=lambda _request, ws: ws, broadcast=broadcast
+    )
 
 
 if __name__ == "__main__":

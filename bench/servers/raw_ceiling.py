@@ -12,7 +12,7 @@ import asyncio
 import struct
 
 from aiohttp import web
-from common import Registry, add_publish_routes, add_subscribe_routes, parse_args, run_aiohttp
+from common import Registry, aiohttp_app, parse_args, run_aiohttp
 
 __all__ = ["build_app", "text_frame"]
 
@@ -47,10 +47,7 @@ def build_app(*, key: str) -> web.Application:
             if not transport.is_closing():
                 transport.write(frame)
 
-    app = web.Application()
-    add_subscribe_routes(app, registry, _transport_of)
-    add_publish_routes(app, key=key, broadcast=broadcast)
-    return app
+    return aiohttp_app(key=key, registry=registry, pick=_transport_of, broadcast=broadcast)
 
 
 if __name__ == "__main__":
