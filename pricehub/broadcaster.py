@@ -49,15 +49,17 @@ def _ignore(_seconds: float) -> None:
 class Audience:
     """Connections with the same zones and encoding: byte-identical data every tick."""
 
-    __slots__ = ("deflate", "dirty", "members", "zones")
+    __slots__ = ("bytes", "deflate", "dirty", "frames", "members", "writes", "zones")
 
     def __init__(self, zones: frozenset[str], *, deflate: bool) -> None:
         self.zones = zones
         self.deflate = deflate
         self.members: dict[Connection, None] = {}
         self.dirty = False  # some of this tick's frames are for it and not yet written
+        # What each member got while in it: counted here once per tick, not per member.
+        self.bytes = self.frames = self.writes = 0
 
-    def frames(self, tick: list[TickFrame]) -> list[bytes]:
+    def share(self, tick: list[TickFrame]) -> list[bytes]:
         """Its share of the tick, in the order the prices were accepted."""
         deflate, zones = self.deflate, self.zones
         return [
@@ -101,6 +103,9 @@ class Broadcaster:
         self._dirty_audiences: list[Audience] = []
         self._dirty: list[Connection] = []
         self._candidates: dict[Connection, None] = {}
+        # Members that fell behind or were closed during the shared writes: they leave
+        # their audience once the loop over it is done.
+        self._leaving: list[Connection] | None = None
         self._flush_scheduled = False
         self._conflating: dict[Connection, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -153,7 +158,7 @@ class Broadcaster:
         if audience is None:
             return
         self._leave_audience(connection)
-        pending = audience.frames(self._tick) if audience.dirty else []
+        pending = audience.share(self._tick) if audience.dirty else []
         if pending and not connection.outbox:
             self.mark_dirty(connection)
         connection.outbox.extend(pending)
@@ -168,7 +173,7 @@ class Broadcaster:
         audience = connection.audience
         if audience is None:
             return
-        connection.audience = None
+        connection.leave()
         del audience.members[connection]
         if not audience.members:
             del self._audiences[audience.zones, audience.deflate]
@@ -193,7 +198,7 @@ class Broadcaster:
             for zone in audience.zones:
                 self._audiences_of[zone][audience] = None
         audience.members[connection] = None
-        connection.audience = audience
+        connection.join(audience)
         for zone in streams:
             del self._individual[zone][connection]
         return True
@@ -252,15 +257,15 @@ class Broadcaster:
     def flush(self) -> None:
         self._flush_scheduled = False
         now = time.monotonic()
-        fell_behind = self._flush_audiences(now)
+        leaving = self._flush_audiences(now)
         dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush(now)
             if connection.conflated is not None:
-                fell_behind.append(connection)
-        for connection in fell_behind:
+                leaving.append(connection)
+        for connection in leaving:
             self.detach(connection)
-            if connection not in self._conflating:
+            if connection.conflated is not None and connection not in self._conflating:
                 self._conflating[connection] = None
                 self.conflation_events += 1
         self._candidates = {
@@ -273,28 +278,42 @@ class Broadcaster:
             self._tick_started = None
 
     def _flush_audiences(self, now: float) -> list[Connection]:
-        """One shared write per audience member; the members that started conflating."""
+        """The shared writes: per member a ``transport.write`` of the same ``bytes`` and
+        nothing else unless bytes are left waiting or a lag check is due (this loop is the
+        per-delivery cost). Returns the members that must leave their audience."""
         tick, self._tick = self._tick, []
         audiences, self._dirty_audiences = self._dirty_audiences, []
-        fell_behind = []
+        leaving = self._leaving = []
         for audience in audiences:
             audience.dirty = False
-            frames = audience.frames(tick)
+            frames = audience.share(tick)
             data, count = b"".join(frames), len(frames)
+            audience.bytes += len(data)
+            audience.frames += count
+            audience.writes += 1
             for connection in audience.members:
-                if connection.outbox:  # its own messages were queued first this tick
-                    connection.flush(now, data, count)
-                else:
-                    connection.write(data, count, now)
-                if connection.conflated is not None:
-                    fell_behind.append(connection)
-        return fell_behind
+                if connection.outbox:  # its own messages, queued first this tick, go first
+                    connection.flush(now)
+                    if connection.closing:
+                        continue
+                transport = connection.transport
+                if transport.is_closing():
+                    continue
+                transport.write(data)
+                if transport.get_write_buffer_size() or now >= connection.next_check:
+                    connection.check_backlog(now)
+                    if connection.conflated is not None:
+                        leaving.append(connection)
+        self._leaving = None
+        return leaving
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
         """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
         if connection.closing:
             return
-        if connection.audience is not None and connection.audience.dirty:
+        if self._leaving is not None:  # during the shared writes: leave after the loop
+            self._leaving.append(connection)
+        else:
             self.detach(connection)  # its share of the tick goes out before the close
         connection.flush()  # queued messages precede the close frame
         connection.closing = True

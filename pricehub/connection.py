@@ -113,10 +113,11 @@ class Connection:
     """Per-socket state; all methods are synchronous and never await the client."""
 
     __slots__ = (
-        "audience", "bytes_written", "checkpoint_at", "checkpoint_bytes", "closing", "conflated",
-        "conflating_since", "deflater", "disconnect_reason", "id", "last_ping", "last_seen",
-        "limits", "messages_received", "messages_sent", "next_check", "opened_at", "outbox",
-        "remote", "scheduler", "sock", "streams", "transport", "writes", "ws",
+        "_bytes", "_frames", "_writes", "audience", "audience_base", "checkpoint_at",
+        "checkpoint_bytes", "closing", "conflated", "conflating_since", "deflater",
+        "disconnect_reason", "id", "last_ping", "last_seen", "limits", "messages_received",
+        "next_check", "opened_at", "outbox", "remote", "scheduler", "sock", "streams",
+        "transport", "ws",
     )
 
     def __init__(
@@ -138,8 +139,10 @@ class Connection:
         self.deflater = scheduler.deflater if negotiated_deflate(ws) else None
         self.streams: dict[str, ZoneStream] = {}
         self.outbox: list[bytes] = []
-        # Set by the broadcaster while this connection gets its audience's shared writes.
+        # Set by the broadcaster while this connection gets its audience's shared writes;
+        # the audience's counters when it joined (its shares are counted there, once).
         self.audience: Audience | None = None
+        self.audience_base = (0, 0, 0)
         # None while healthy; zone -> newest price while the client is too slow.
         self.conflated: dict[str, StoredPrice] | None = None
         self.conflating_since = 0.0
@@ -150,12 +153,46 @@ class Connection:
         # Lag: the client had not yet received everything up to ``checkpoint_bytes``
         # (of ``bytes_written``) when last checked; it was written at ``checkpoint_at``.
         self.sock: socket.socket | None = transport.get_extra_info("socket")
-        self.bytes_written = self.checkpoint_bytes = 0
+        self.checkpoint_bytes = 0
         self.checkpoint_at = self.opened_at
         self.next_check = self.opened_at + limits.check_interval
-        self.messages_sent = 0
+        # Written outside an audience: bytes, frames (messages), transport writes.
+        self._bytes = self._frames = self._writes = 0
         self.messages_received = 0
-        self.writes = 0  # transport writes: messages_sent / writes is the coalescing factor
+
+    # --- counters ---------------------------------------------------------------------
+
+    def _shared(self) -> tuple[int, int, int]:
+        """Bytes, frames and writes received through the audience since joining it."""
+        audience = self.audience
+        if audience is None:
+            return 0, 0, 0
+        base = self.audience_base
+        return audience.bytes - base[0], audience.frames - base[1], audience.writes - base[2]
+
+    @property
+    def bytes_written(self) -> int:
+        return self._bytes + self._shared()[0]
+
+    @property
+    def messages_sent(self) -> int:
+        return self._frames + self._shared()[1]
+
+    @property
+    def writes(self) -> int:
+        """Transport writes: ``messages_sent / writes`` is the coalescing factor."""
+        return self._writes + self._shared()[2]
+
+    def join(self, audience: Audience) -> None:
+        self.audience = audience
+        self.audience_base = (audience.bytes, audience.frames, audience.writes)
+
+    def leave(self) -> None:
+        shared_bytes, shared_frames, shared_writes = self._shared()
+        self._bytes += shared_bytes
+        self._frames += shared_frames
+        self._writes += shared_writes
+        self.audience = None
 
     # --- queueing ---------------------------------------------------------------------
 
@@ -206,34 +243,38 @@ class Connection:
 
     # --- writing ----------------------------------------------------------------------
 
-    def flush(self, now: float | None = None, shared: bytes = b"", count: int = 0) -> None:
-        """Write the outbox, then ``shared`` (``count`` frames of the audience's tick), with
-        one write; then check the client keeps up."""
-        outbox, self.outbox = self.outbox, []
-        count += len(outbox)
-        if shared:
-            outbox.append(shared)
+    def flush(self, now: float | None = None) -> None:
+        """Write the whole outbox with one write, then check the client keeps up."""
+        outbox = self.outbox
         if outbox:
+            self.outbox = []
             data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-            self.write(data, count, time.monotonic() if now is None else now)
+            self.write(data, len(outbox), time.monotonic() if now is None else now)
 
     def write(self, data: bytes, count: int, now: float) -> None:
-        """One ``transport.write`` of ``count`` frames (the broadcaster's hot loop calls it
-        directly for audience members with nothing of their own queued)."""
+        """One ``transport.write`` of ``count`` frames (audience members get theirs from
+        the broadcaster's shared-write loop instead)."""
         transport = self.transport
         if self.closing or transport.is_closing():
             return
         transport.write(data)
-        self.bytes_written += len(data)
-        self.messages_sent += count
-        self.writes += 1
-        waiting = transport.get_write_buffer_size()
+        self._bytes += len(data)
+        self._frames += count
+        self._writes += 1
+        if transport.get_write_buffer_size() or now >= self.next_check:
+            self.check_backlog(now)
+
+    def check_backlog(self, now: float) -> None:
+        """After a write that left bytes waiting, or when a lag check is due: close,
+        conflate, or nothing (the broadcaster's shared writes call it the same way)."""
+        waiting = self.transport.get_write_buffer_size()
         if waiting > self.limits.hard_limit:
             self.scheduler.close(
                 self, CLOSE_SLOW_CONSUMER, "slow consumer: send buffer full", reason="slow_consumer"
             )
-            return
-        if self.conflated is None and (waiting > self.limits.high_water or now >= self.next_check):
+        elif self.conflated is None and (
+            waiting > self.limits.high_water or now >= self.next_check
+        ):
             self._check_lag(waiting, now)
 
     def _check_lag(self, waiting: int, now: float) -> None:
@@ -241,10 +282,11 @@ class Connection:
         limits = self.limits
         self.next_check = now + limits.check_interval
         unsent = waiting + kernel_unsent(self.sock)
+        written = self.bytes_written
         if unsent <= limits.high_water:
-            if self.bytes_written - unsent >= self.checkpoint_bytes:
+            if written - unsent >= self.checkpoint_bytes:
                 # Everything written at the checkpoint has arrived: move it to now.
-                self.checkpoint_bytes, self.checkpoint_at = self.bytes_written, now
+                self.checkpoint_bytes, self.checkpoint_at = written, now
                 return
             if now - self.checkpoint_at < limits.max_lag:
                 return
