@@ -109,11 +109,11 @@ async def connections_handler(request: web.Request) -> web.Response:
 
     Remote addresses are left out on purpose: this endpoint is as public as the stats.
     """
-    raw = request.query.get("limit", "100")
-    if not raw.isdigit() or int(raw) <= 0:
+    requested = protocol.parse_count(request.query.get("limit", "100"))
+    if not requested:
         return json_error(422, "invalid_limit", "limit must be a positive integer")
     now = time.monotonic()
-    connections = list(request.app[BROADCASTER].connections)[::-1][: min(int(raw), 1000)]
+    connections = list(request.app[BROADCASTER].connections)[::-1][: min(requested, 1000)]
     return json_response(
         {
             "connections": [
@@ -147,10 +147,10 @@ async def history_handler(request: web.Request) -> web.Response:
     zone = _zone_or_error(request)
     if isinstance(zone, web.Response):
         return zone
-    raw = request.query.get("limit", str(DEFAULT_HISTORY_LIMIT))
-    if not raw.isdigit() or int(raw) <= 0:
+    requested = protocol.parse_count(request.query.get("limit", str(DEFAULT_HISTORY_LIMIT)))
+    if not requested:
         return json_error(422, "invalid_limit", "limit must be a positive integer")
-    limit = min(int(raw), request.app[SETTINGS].history_size)
+    limit = min(requested, request.app[SETTINGS].history_size)
     prices = await request.app[STORAGE].history(zone, limit=limit)
     body = b'{"market_zone":"%s","data":[%s]}' % (
         zone.encode(), b",".join(price.payload for price in prices)

@@ -49,6 +49,9 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     """The pricehub application. ``storage`` overrides the one chosen from the settings."""
     app = web.Application(client_max_size=settings.max_body_size, handler_args={
         "access_log_class": AccessLogger,
+        # aiohttp closes a connection that has not sent a whole request by then (idle
+        # or slowloris sockets; its default is an hour). Also the HTTP keep-alive idle.
+        "keepalive_timeout": settings.handshake_timeout,
     })
     storage = storage or create_storage(settings, log=log)
     app[SETTINGS] = settings

@@ -371,7 +371,8 @@ async def close_socket(connection: Connection, code: int, message: str, *, grace
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                await connection.ws.close(code=code, message=message.encode()[:123], drain=False)
+                reason = protocol.close_reason(message)
+                await connection.ws.close(code=code, message=reason, drain=False)
                 # asyncio has no event for "transport drained" once it is closing.
                 while transport.get_write_buffer_size():  # noqa: ASYNC110
                     await asyncio.sleep(FLUSH_POLL)

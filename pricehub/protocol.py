@@ -33,6 +33,7 @@ __all__ = [
     "RequestHistory",
     "Subscribe",
     "Unsubscribe",
+    "close_reason",
     "connection_established",
     "decode_client_message",
     "encode",
@@ -41,6 +42,7 @@ __all__ = [
     "initial_data",
     "is_valid_zone_name",
     "normalise_timestamp",
+    "parse_count",
     "price_history",
     "price_update",
     "resume_complete",
@@ -91,13 +93,32 @@ def normalise_timestamp(value: str) -> str:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not an ISO-8601 time: {value!r}") from None
+        raise ValueError(f"not an ISO-8601 time: {value[:40]!r}") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise ValueError(f"time has no UTC offset: {value!r}")
+        raise ValueError(f"time has no UTC offset: {value[:40]!r}")
     try:
         return format_timestamp(moment)
     except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
-        raise ValueError(f"time out of range: {value!r}") from None
+        raise ValueError(f"time out of range: {value[:40]!r}") from None
+
+
+def parse_count(text: str, *, max_digits: int = 18) -> int | None:
+    """A non-negative decimal integer from a query parameter, or None.
+
+    ``str.isdigit`` is not enough: it accepts digits ``int`` rejects (``"²"``) and
+    strings too long for ``int`` (over 4300 digits): a 500 instead of a 4xx.
+    """
+    if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
+def close_reason(text: str) -> bytes:
+    """A close frame's reason: at most 123 bytes of valid UTF-8 (RFC 6455 5.5, 7.1.6).
+
+    Longer, the frame is invalid and the client sees 1002 instead of our code.
+    """
+    return text.encode()[:123].decode(errors="ignore").encode()
 
 
 # --- published prices -------------------------------------------------------------------

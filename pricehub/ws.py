@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ from aiohttp import WSMsgType, web
 
 from pricehub import protocol
 from pricehub.admission import origin_allowed
+from pricehub.auth import CLOSE_INVALID_TOKEN, Grant
+from pricehub.broadcaster import Broadcaster
 from pricehub.compression import BroadcastWebSocketResponse
 from pricehub.connection import Connection, SendLimits
 from pricehub.exceptions import AuthError
@@ -31,7 +34,7 @@ async def market_socket(request: web.Request) -> web.StreamResponse:
     """``/api/ws/ws/market/{zone}``: one zone, resumable with ``since`` and ``epoch``."""
     zone = request.match_info["zone"]
     since_raw = request.query.get("since")
-    since = int(since_raw) if since_raw is not None and since_raw.isdigit() else None
+    since = None if since_raw is None else protocol.parse_count(since_raw)
     return await serve_socket(
         request,
         zones=(zone,),
@@ -76,13 +79,13 @@ async def serve_socket(
     )
     await ws.prepare(request)
     remote = request.remote or "unknown"
-    admitted, allowed = await admit(request, ws, zones, remote)
-    if not admitted:
+    grant = await admit(request, ws, zones, remote)
+    if grant is None:
         return ws
     try:
         return await run_connection(
             request, ws, zones=zones, single_zone=single_zone, since=since, epoch=epoch,
-            bad_since=bad_since, remote=remote, allowed=allowed,
+            bad_since=bad_since, remote=remote, grant=grant,
         )
     finally:
         app[LIMITS].release(remote)
@@ -90,10 +93,10 @@ async def serve_socket(
 
 async def admit(
     request: web.Request, ws: web.WebSocketResponse, zones: tuple[str, ...], remote: str
-) -> tuple[bool, frozenset[str] | None]:
+) -> Grant | None:
     """Limits, token and zones, in that order; closes the socket and says why if refused.
 
-    Returns whether the socket was admitted and the zones its token allows (None: all).
+    Returns what the token grants, or None when the socket was refused.
     """
     app = request.app
     stats = app[STATS]
@@ -103,10 +106,11 @@ async def admit(
         log.info("connection_rejected", reason=f"limit_{over}", close_code=CLOSE_TRY_AGAIN,
                  remote=remote)
         await ws.close(code=CLOSE_TRY_AGAIN, message=b"server over its connection limit")
-        return False, None
-    refusal, code, message, allowed = None, 0, "", None
+        return None
+    refusal, code, message, grant = None, 0, "", None
     try:
-        allowed = app[VERIFIER].allowed_zones(request.query.get("token"))
+        grant = app[VERIFIER].verify(request.query.get("token"))
+        allowed = grant.zones
         unknown = [zone for zone in zones if zone not in app[SETTINGS].zones]
         if unknown:
             refusal, code, message = "unknown_zone", CLOSE_POLICY, f"unknown zone {unknown[0][:40]}"
@@ -117,12 +121,12 @@ async def admit(
     except AuthError as exc:
         refusal, code, message = "auth", exc.close_code, exc.message
     if refusal is None:
-        return True, allowed
+        return grant
     app[LIMITS].release(remote)
     stats.rejected_connections[refusal] += 1
     log.info("connection_rejected", reason=refusal, close_code=code, remote=remote)
-    await ws.close(code=code, message=message.encode())
-    return False, None
+    await ws.close(code=code, message=protocol.close_reason(message))
+    return None
 
 
 async def run_connection(
@@ -135,7 +139,7 @@ async def run_connection(
     epoch: str | None,
     bad_since: bool,
     remote: str,
-    allowed: frozenset[str] | None,
+    grant: Grant,
 ) -> web.WebSocketResponse:
     app = request.app
     settings, stats = app[SETTINGS], app[STATS]
@@ -156,9 +160,10 @@ async def run_connection(
     conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
     session = Session(
         connection=connection, settings=settings, storage=storage, broadcaster=broadcaster,
-        stats=stats, allowed_zones=allowed, single_zone=single_zone, log=conn_log,
+        stats=stats, allowed_zones=grant.zones, single_zone=single_zone, log=conn_log,
     )
     broadcaster.add(connection)
+    expiry = close_at_expiry(broadcaster, connection, grant.expires_at)
     stats.total_connections += 1
     started = time.monotonic()
     conn_log.info("connected")
@@ -182,11 +187,11 @@ async def run_connection(
     except SessionClosed as exc:
         reason = exc.disconnect_reason
         connection.flush()  # what was answered before the close goes out before it
-        await ws.close(code=exc.code, message=exc.reason.encode())
+        await ws.close(code=exc.code, message=protocol.close_reason(exc.reason))
     except AuthError as exc:
         reason = DisconnectReason.AUTH
         connection.flush()
-        await ws.close(code=exc.close_code, message=exc.message.encode())
+        await ws.close(code=exc.close_code, message=protocol.close_reason(exc.message))
     except (asyncio.CancelledError, ConnectionResetError):
         reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
         raise
@@ -197,6 +202,8 @@ async def run_connection(
         connection.flush()
         await ws.close(code=CLOSE_INTERNAL, message=b"internal error")
     finally:
+        if expiry is not None:
+            expiry.cancel()
         connection.closing = True
         broadcaster.remove(connection)
         stats.connection_closed(connection, reason)
@@ -208,6 +215,19 @@ async def run_connection(
     return ws
 
 
+def close_at_expiry(
+    broadcaster: Broadcaster, connection: Connection, expires_at: float | None
+) -> asyncio.TimerHandle | None:
+    """Access ends with the token: at its ``exp`` the socket is closed with 4001."""
+    if expires_at is None:
+        return None
+    close = functools.partial(
+        broadcaster.close, connection, CLOSE_INVALID_TOKEN, "token expired",
+        reason=DisconnectReason.AUTH,
+    )
+    return asyncio.get_running_loop().call_later(max(0.0, expires_at - time.time()), close)
+
+
 async def read_loop(ws: web.WebSocketResponse, session: Session) -> None:
     connection = session.connection
     async for message in ws:
@@ -217,7 +237,8 @@ async def read_loop(ws: web.WebSocketResponse, session: Session) -> None:
         elif message.type is WSMsgType.BINARY:
             await session.handle_binary()
         elif message.type is WSMsgType.PING:
-            await ws.pong(message.data)
+            if session.admit_message():  # pings count against the rate like any frame
+                await ws.pong(message.data)
         elif message.type is WSMsgType.ERROR:
             break
         # PONG: touching the connection was all it was for.
