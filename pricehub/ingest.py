@@ -233,7 +233,11 @@ class IngestConsumer:
                     "ingest_invalid_entry", entry_id=entry_id.decode(), field=exc.field,
                     error=exc.message, invalid_total=self.stats.invalid,
                 )  # fmt: skip
-            await client.xack(self._keys.ingest, INGEST_GROUP, entry_id)
+            # Acknowledged and deleted together: the stream stays bounded by the backlog.
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xack(self._keys.ingest, INGEST_GROUP, entry_id)
+                pipe.xdel(self._keys.ingest, entry_id)
+                await pipe.execute()
             return
         token = INGEST_ACK.set(IngestAck(entry_id.decode(), self._consumer))
         try:

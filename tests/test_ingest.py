@@ -137,6 +137,7 @@ async def test_two_instances_take_each_entry_once_in_stream_order(
         assert published == ENTRIES
         pending = await raw.xpending(f"{prefix}ingest", INGEST_GROUP)
         assert pending["pending"] == 0
+        assert await raw.xlen(f"{prefix}ingest") == 0  # consumed entries are deleted
         print(f"ingest: {ENTRIES} entries in {elapsed:.2f} s")
     finally:
         for instance in instances:

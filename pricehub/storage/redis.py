@@ -142,6 +142,9 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. payload)
 if #KEYS == 6 then
   redis.call('XACK', KEYS[6], ARGV[7], ARGV[8])
+  -- The stream is a queue, not an archive: a consumed entry is deleted so it stays
+  -- bounded by the backlog (history lives in the per-zone ZSETs).
+  redis.call('XDEL', KEYS[6], ARGV[8])
 end
 return seq
 """
