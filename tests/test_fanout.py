@@ -11,7 +11,7 @@ import socket
 import struct
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -76,10 +76,10 @@ class RawSocket:
         return raw
 
     def stall(self) -> None:
-        self.writer.transport.pause_reading()
+        cast(asyncio.Transport, self.writer.transport).pause_reading()
 
     def resume(self) -> None:
-        self.writer.transport.resume_reading()
+        cast(asyncio.Transport, self.writer.transport).resume_reading()
 
     async def frame(self) -> tuple[int, bytes]:
         """The next frame: (first header byte, payload)."""
@@ -276,7 +276,7 @@ async def test_a_tick_of_many_zones_is_one_write_per_client_in_publish_order(
     client = await make_client()
     broadcaster = client.app[BROADCASTER]
     readers = await readers_for(client, ["/api/ws/ws/prices"] * 3)
-    prices = [
+    prices: list[dict[str, Any]] = [
         {"market_zone": zone, "price": index}
         for index, zone in enumerate(["pjm", "ercot", "pjm", "caiso", "ercot", "pjm", "spp"])
     ]
@@ -327,8 +327,8 @@ async def test_own_messages_and_subscriptions_mid_stream_keep_every_zone_in_orde
     await asyncio.wait_for(reading, WAIT)
     assert seen["pjm"] == list(range(1, 2 * rounds + 1))
     assert seen["ercot"] == list(range(1, len(seen["ercot"]) + 1)) and len(seen["ercot"]) >= 20
-    caiso = seen["caiso"]  # live from the subscription on (initial_data had the one before)
-    assert caiso == list(range(caiso[0], rounds + 1))
+    live = seen["caiso"]  # from the subscription on (initial_data had the one before)
+    assert live == list(range(live[0], rounds + 1))
     assert replies.count("pong") >= rounds - 1 and "subscribed" in replies
     assert "unsubscribed" in replies
     # Both sockets are back in shared writes: different zones, different audiences.
@@ -408,6 +408,11 @@ async def test_compressed_broadcast_frames_are_built_once_and_shared(
         assert orjson.loads(inflate(payload))["seq"] == seq  # no context from earlier frames
     plain_frames = [await plain.frame() for _ in range(3)]
     assert all(first == 0x81 for first, _ in plain_frames)
+    deflating = [c for c in client.app[BROADCASTER].connections if c.deflater is not None]
+    assert len(deflating) == 2
+    for connection in deflating:
+        # aiohttp's own per-connection compressor (~256 KiB of zlib state) never existed.
+        assert connection.ws._writer._compressobj is None
     for raw in [*sockets, plain]:
         raw.close()
 
@@ -420,7 +425,7 @@ async def check_client_session(
     """What any standard client must see: hello, live updates, a big history answer."""
     assert (await receive())["type"] == "connection_established"
     await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(300)])
-    seqs = []
+    seqs: list[int] = []
     while len(seqs) < 300:
         message = await receive()
         if message["type"] == "price_update":
