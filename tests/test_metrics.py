@@ -11,39 +11,33 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from pricehub import __version__
-from pricehub.app import create_app
 from pricehub.metrics import METRICS
 from pricehub.stats import DisconnectReason
-from tests.support import WAIT, collect_updates, make_settings, publish, receive_json
+from tests.support import (
+    WAIT,
+    Client,
+    MakeClient,
+    collect_updates,
+    publish,
+    receive_json,
+)
 
-Client = TestClient[Any, Any]
-MakeClient = Callable[..., Awaitable[Client]]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 OPERATIONS_MD = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 LATENCY = "pricehub_publish_to_send_latency_seconds"
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any) -> MakeClient:
-    async def factory(**overrides: Any) -> Client:
-        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
-        return client
-
-    return factory
 
 
 async def scrape_text(client: Client) -> str:
