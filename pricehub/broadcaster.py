@@ -307,16 +307,24 @@ class Broadcaster:
         self._leaving = None
         return leaving
 
-    def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
-        """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
+    def seal(self, connection: Connection) -> None:
+        """Before a close frame: write out what the connection has (its share of this
+        tick included) and stop giving it frames. Runs for every close of a
+        ``BroadcastWebSocketResponse``, whoever starts it."""
         if connection.closing:
             return
         if self._leaving is not None:  # during the shared writes: leave after the loop
             self._leaving.append(connection)
         else:
             self.detach(connection)  # its share of the tick goes out before the close
-        connection.flush()  # queued messages precede the close frame
+        connection.flush()
         connection.closing = True
+
+    def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
+        """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
+        if connection.closing:
+            return
+        self.seal(connection)
         connection.disconnect_reason = reason
         if code == CLOSE_SLOW_CONSUMER:
             self.slow_consumer_closes += 1

@@ -20,7 +20,7 @@ its inflate window lazily, only for clients that actually send compressed frames
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from collections.abc import Callable
 
 from aiohttp import hdrs, web
 from aiohttp.web_request import BaseRequest
@@ -34,7 +34,6 @@ __all__ = [
     "BroadcastWebSocketResponse",
     "Deflater",
     "negotiate",
-    "negotiated_deflate",
 ]
 
 # LZ77 window of the shared compressor. A client that asks for a smaller server window
@@ -135,8 +134,10 @@ def negotiate(header: str | None) -> str | None:
 
 
 class BroadcastWebSocketResponse(web.WebSocketResponse):
-    """aiohttp's WebSocketResponse with pricehub's permessage-deflate negotiation (and its
-    close timeout readable, for the broadcaster's bounded close).
+    """aiohttp's WebSocketResponse for sockets the broadcaster writes to directly: with
+    pricehub's permessage-deflate negotiation, its close timeout readable, and a hook run
+    before its close frame is sent (``before_close``: the connection stops taking frames
+    and writes out what it has, so nothing can follow the close frame, whoever closes).
 
     With ``compress=True`` aiohttp would answer the offer itself (without
     ``server_no_context_takeover`` unless asked, and with whatever window the client
@@ -146,6 +147,15 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
     """
 
     deflate = False
+    before_close: Callable[[], None] | None = None
+
+    async def close(
+        self, *, code: int = 1000, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        hook, self.before_close = self.before_close, None
+        if hook is not None:
+            hook()
+        return await super().close(code=code, message=message, drain=drain)
 
     @property
     def close_timeout(self) -> float:
@@ -162,8 +172,3 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
             return headers, subprotocol, 0, False
         headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = answer
         return headers, subprotocol, WINDOW_BITS, True
-
-
-def negotiated_deflate(ws: Any) -> bool:
-    """Whether ``ws`` (any WebSocketResponse) agreed permessage-deflate with pricehub."""
-    return isinstance(ws, BroadcastWebSocketResponse) and ws.deflate

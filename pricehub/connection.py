@@ -36,7 +36,7 @@ import uuid
 from typing import TYPE_CHECKING, Protocol
 
 from pricehub import protocol
-from pricehub.compression import Deflater, negotiated_deflate
+from pricehub.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.resume import ZoneStream
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ class FlushScheduler(Protocol):
     def mark_dirty(self, connection: Connection) -> None: ...
 
     def detach(self, connection: Connection) -> None: ...
+
+    def seal(self, connection: Connection) -> None: ...
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None: ...
 
@@ -136,7 +138,11 @@ class Connection:
         self.scheduler = scheduler
         self.limits = limits
         # The process-wide compressor when this client negotiated permessage-deflate.
-        self.deflater = scheduler.deflater if negotiated_deflate(ws) else None
+        self.deflater = None
+        if isinstance(ws, BroadcastWebSocketResponse):
+            if ws.deflate:
+                self.deflater = scheduler.deflater
+            ws.before_close = self._sealed_by_close
         self.streams: dict[str, ZoneStream] = {}
         self.outbox: list[bytes] = []
         # Set by the broadcaster while this connection gets its audience's shared writes;
@@ -159,6 +165,9 @@ class Connection:
         # Written outside an audience: bytes, frames (messages), transport writes.
         self._bytes = self._frames = self._writes = 0
         self.messages_received = 0
+
+    def _sealed_by_close(self) -> None:
+        self.scheduler.seal(self)
 
     # --- counters ---------------------------------------------------------------------
 

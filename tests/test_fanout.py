@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import struct
@@ -74,6 +75,15 @@ class RawSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
         raw.response_headers = head.decode()
         return raw
+
+    def send_text(self, payload: bytes) -> None:
+        """A masked client text frame (payload under 126 bytes)."""
+        self.send_frame(0x81, payload)
+
+    def send_frame(self, first: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        self.writer.write(bytes((first, 0x80 | len(payload))) + mask + masked)
 
     def stall(self) -> None:
         cast(asyncio.Transport, self.writer.transport).pause_reading()
@@ -265,6 +275,39 @@ async def test_a_reader_that_trickles_behind_is_conflated_by_lag_alone(
             await asyncio.sleep(0.1)  # a slow trickle, as a real feed is
     assert connection.transport.get_write_buffer_size() < 64 * 1024
     stalled.close()
+
+
+async def test_the_close_frame_is_the_last_frame_when_the_session_closes_mid_stream(
+    make_client: MakeClient,
+) -> None:
+    """A close decided outside the broadcaster (here 4029, for flooding) while prices
+    stream: nothing, shared or not, is written after the close frame."""
+    client = await make_client(client_rate_limit=1)
+    raw = await RawSocket.open(client, "/api/ws/ws/market/pjm")
+    assert (await raw.message())["type"] == "connection_established"
+    streaming = asyncio.Event()
+
+    async def stream() -> None:
+        while True:
+            await publish(client, *[{"market_zone": "pjm", "price": 1}] * 20)
+            streaming.set()
+
+    publishing = asyncio.create_task(stream())
+    await asyncio.wait_for(streaming.wait(), WAIT)
+    for _ in range(20):
+        raw.send_text(b'{"type":"ping"}')
+    while True:
+        first, payload = await raw.frame()
+        if first & 0x0F == 0x8:
+            break
+    assert struct.unpack("!H", payload[:2])[0] == 4029
+    await asyncio.sleep(0.2)  # prices keep coming meanwhile: none may follow the close
+    raw.send_frame(0x88, payload[:2])  # the client's close answer: the server hangs up
+    assert await asyncio.wait_for(raw.reader.read(), WAIT) == b""
+    publishing.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+        await publishing
+    raw.close()
 
 
 # --- coalescing ---------------------------------------------------------------------------
