@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from pricehub.app import create_app
+from tests.redisproc import RedisProcess
 from tests.support import Client, MakeClient, make_settings
 
 
@@ -19,3 +23,24 @@ def make_client(aiohttp_client: Any) -> MakeClient:
         return client
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisProcess]:
+    """A redis-server of the test module's own on a free port (never the machine's)."""
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix, so tests sharing one redis-server never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of ``redis_server``, to look at keys or write ingest entries."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()

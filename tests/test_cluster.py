@@ -77,6 +77,7 @@ def client_session() -> aiohttp.ClientSession:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisProcess]:
+    """A fresh redis-server per test here (not per module): these tests kill it."""
     with RedisProcess() as server:
         yield server
 

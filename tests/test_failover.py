@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,11 +49,6 @@ def make(url: str, prefix: str, log: EventLog | None = None) -> FailoverStorage:
 
 def assert_contiguous(seqs: list[int]) -> None:
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"f{uuid.uuid4().hex[:8]}:"
 
 
 @contextlib.asynccontextmanager

@@ -7,8 +7,6 @@ import asyncio
 import signal
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -24,24 +22,6 @@ from tests.serverproc import REPO
 
 ZONES = ("pjm", "ercot")
 ENTRIES = 1000
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisProcess]:
-    with RedisProcess() as server:
-        yield server
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"i{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture
-async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 class Instance:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,24 +23,6 @@ FAST = {"timeout": 0.25, "probe_interval": 0.2}
 
 def body(zone: str, price: float) -> bytes:
     return PriceBody(zone, price, None, "2026-11-27T15:00:00.000Z").encode()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisProcess]:
-    with RedisProcess() as server:
-        yield server
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}:"
-
-
-@pytest.fixture
-async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 class LostRecorder:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -25,12 +25,6 @@ HISTORY = 5
 
 def body(zone: str, price: float, *, volume: float | None = 1.0) -> bytes:
     return PriceBody(zone, price, volume, "2026-11-27T15:00:00.000Z").encode()
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisProcess]:
-    with RedisProcess() as server:
-        yield server
 
 
 def make_storage(kind: str, redis_server: RedisProcess, prefix: str) -> Storage:
