@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,53 +54,23 @@ def _bool(value: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Option:
-    """One setting: its name (flag ``--name-with-dashes``), parser and help text."""
+    """One setting as the command line, environment and TOML file see it."""
 
     name: str
     parse: Callable[[str], Any]
     help: str
-    flag_only_bool: bool = False
+    boolean_flag: bool = False
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", str, "address to listen on"),
-    Option("port", int, "TCP port to listen on"),
-    Option("redis_url", _optional, "Redis URL used when reachable; 'none' = in-memory only"),
-    Option("zones", _split, "comma list of market zones served"),
-    Option("publish_key", _split, "bearer key(s), comma list; none disables HTTP publishing"),
-    Option("simulate", _bool, "built-in price simulator (default: on without publish keys)", True),
-    Option("simulate_interval", float, "seconds between simulated ticks per zone"),
-    Option("heartbeat_interval", float, "seconds between server pings"),
-    Option("heartbeat_timeout", float, "silence (seconds) after which a client is closed (4000)"),
-    Option("history_size", int, "price objects retained per zone"),
-    Option("allowed_origins", _split, "browser Origins allowed to open sockets; '*' = any"),
-    Option("workers", int, "worker processes sharing the port (needs Redis when > 1)"),
-    Option("tls_cert", _optional, "PEM certificate: serve https/wss directly"),
-    Option("tls_key", _optional, "PEM private key for --tls-cert"),
-    Option("log_format", _optional, "'console' or 'json' (default: console on a TTY)"),
-    Option("log_level", str, "minimum log level (debug, info, warning, error)"),
-    Option("jwt_secret", _optional, "HS256 secret: subscriber tokens required"),
-    Option("jwt_public_key", _optional, "PEM file (RS256/ES256): subscriber tokens required"),
-    Option("max_frame_size", int, "largest client frame in bytes (bigger: close 1009)"),
-    Option("max_connections", int, "open sockets in total (over: 1013 / HTTP 503)"),
-    Option("max_connections_per_ip", int, "open sockets per remote address"),
-    Option("client_rate_limit", float, "client messages per second per connection (burst 2x)"),
-    Option("max_zones_per_socket", int, "zones one multi-zone socket may subscribe to"),
-    Option("max_body_size", int, "largest publish request body in bytes (over: 413)"),
-    Option("max_batch_size", int, "price objects in one publish request"),
-    Option("publish_rate_limit", float, "publish requests per second per key (over: 429)"),
-    Option("send_high_water", int, "unsent bytes per socket above which updates are conflated"),
-    Option("send_hard_limit", int, "unsent bytes per socket above which it is closed (4008)"),
-    Option("slow_consumer_timeout", float, "seconds a socket may stay above high water (4008)"),
-    Option("compression", _bool, "permessage-deflate for clients that offer it", True),
-    Option("handshake_timeout", float, "seconds a client has to finish the upgrade"),
-    Option("shutdown_grace", float, "seconds to drain sockets on shutdown"),
-    Option("key_prefix", str, "prefix of every Redis key and channel"),
-    Option("redis_timeout", float, "Redis socket timeout in seconds (failover trigger)"),
-    Option("redis_probe_interval", float, "seconds between probes of a lost Redis"),
-    Option("loop_lag_threshold", float, "event-loop lag (seconds) that makes health degraded"),
-)
-_OPTION_NAMES = {option.name for option in OPTIONS}
+def _option(
+    default: Any, help_text: str, parse: Callable[[str], Any], *, boolean_flag: bool = False
+) -> Any:
+    """A ``Settings`` field that also describes its option, so the flag, its help, the
+    environment variable and the TOML key are all derived from the one declaration."""
+    return field(
+        default=default,
+        metadata={"help": help_text, "parse": parse, "boolean_flag": boolean_flag},
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,43 +80,78 @@ class Settings:
     Defaults are those of ``PROTOCOL.md``'s operator contract.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    redis_url: str | None = "redis://127.0.0.1:6379/0"
-    zones: tuple[str, ...] = DEFAULT_ZONES
-    publish_key: tuple[str, ...] = ()
+    host: str = _option("127.0.0.1", "address to listen on", str)
+    port: int = _option(8080, "TCP port to listen on", int)
+    redis_url: str | None = _option(
+        "redis://127.0.0.1:6379/0",
+        "Redis URL used when reachable; 'none' = in-memory only",
+        _optional,
+    )
+    zones: tuple[str, ...] = _option(DEFAULT_ZONES, "comma list of market zones served", _split)
+    publish_key: tuple[str, ...] = _option(
+        (), "bearer key(s), comma list; none disables HTTP publishing", _split
+    )
     # None means "on when no publish key is given" (resolved by ``simulator_enabled``).
-    simulate: bool | None = None
-    simulate_interval: float = 1.0
-    heartbeat_interval: float = 30.0
-    heartbeat_timeout: float = 60.0
-    history_size: int = 1000
-    allowed_origins: tuple[str, ...] = ()
-    workers: int = 1
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    log_format: str | None = None
-    log_level: str = "info"
-    jwt_secret: str | None = None
-    jwt_public_key: str | None = None
-    max_frame_size: int = 65536
-    max_connections: int = 50000
-    max_connections_per_ip: int = 1000
-    client_rate_limit: float = 20.0
-    max_zones_per_socket: int = 64
-    max_body_size: int = 1024 * 1024
-    max_batch_size: int = 1000
-    publish_rate_limit: float = 200.0
-    send_high_water: int = 256 * 1024
-    send_hard_limit: int = 4 * 1024 * 1024
-    slow_consumer_timeout: float = 30.0
-    compression: bool = False
-    handshake_timeout: float = 10.0
-    shutdown_grace: float = 5.0
-    key_prefix: str = "pricehub:"
-    redis_timeout: float = 0.5
-    redis_probe_interval: float = 1.0
-    loop_lag_threshold: float = 0.5
+    simulate: bool | None = _option(
+        None,
+        "built-in price simulator (default: on without publish keys)",
+        _bool,
+        boolean_flag=True,
+    )
+    simulate_interval: float = _option(1.0, "seconds between simulated ticks per zone", float)
+    heartbeat_interval: float = _option(30.0, "seconds between server pings", float)
+    heartbeat_timeout: float = _option(
+        60.0, "silence (seconds) after which a client is closed (4000)", float
+    )
+    history_size: int = _option(1000, "price objects retained per zone", int)
+    allowed_origins: tuple[str, ...] = _option(
+        (), "browser Origins allowed to open sockets; '*' = any", _split
+    )
+    workers: int = _option(1, "worker processes sharing the port (needs Redis when > 1)", int)
+    tls_cert: str | None = _option(None, "PEM certificate: serve https/wss directly", _optional)
+    tls_key: str | None = _option(None, "PEM private key for --tls-cert", _optional)
+    log_format: str | None = _option(
+        None, "'console' or 'json' (default: console on a TTY)", _optional
+    )
+    log_level: str = _option("info", "minimum log level (debug, info, warning, error)", str)
+    jwt_secret: str | None = _option(None, "HS256 secret: subscriber tokens required", _optional)
+    jwt_public_key: str | None = _option(
+        None, "PEM file (RS256/ES256): subscriber tokens required", _optional
+    )
+    max_frame_size: int = _option(65536, "largest client frame in bytes (bigger: close 1009)", int)
+    max_connections: int = _option(50000, "open sockets in total (over: 1013 / HTTP 503)", int)
+    max_connections_per_ip: int = _option(1000, "open sockets per remote address", int)
+    client_rate_limit: float = _option(
+        20.0, "client messages per second per connection (burst 2x)", float
+    )
+    max_zones_per_socket: int = _option(64, "zones one multi-zone socket may subscribe to", int)
+    max_body_size: int = _option(
+        1024 * 1024, "largest publish request body in bytes (over: 413)", int
+    )
+    max_batch_size: int = _option(1000, "price objects in one publish request", int)
+    publish_rate_limit: float = _option(
+        200.0, "publish requests per second per key (over: 429)", float
+    )
+    send_high_water: int = _option(
+        256 * 1024, "unsent bytes per socket above which updates are conflated", int
+    )
+    send_hard_limit: int = _option(
+        4 * 1024 * 1024, "unsent bytes per socket above which it is closed (4008)", int
+    )
+    slow_consumer_timeout: float = _option(
+        30.0, "seconds a socket may stay above high water (4008)", float
+    )
+    compression: bool = _option(
+        False, "permessage-deflate for clients that offer it", _bool, boolean_flag=True
+    )
+    handshake_timeout: float = _option(10.0, "seconds a client has to finish the upgrade", float)
+    shutdown_grace: float = _option(5.0, "seconds to drain sockets on shutdown", float)
+    key_prefix: str = _option("pricehub:", "prefix of every Redis key and channel", str)
+    redis_timeout: float = _option(0.5, "Redis socket timeout in seconds (failover trigger)", float)
+    redis_probe_interval: float = _option(1.0, "seconds between probes of a lost Redis", float)
+    loop_lag_threshold: float = _option(
+        0.5, "event-loop lag (seconds) that makes health degraded", float
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -166,14 +171,21 @@ class Settings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "settings") -> Settings:
         """Build from already-typed or string values; unknown keys are an error."""
-        unknown = sorted(set(values) - _OPTION_NAMES)
+        unknown = sorted(set(values) - _OPTIONS_BY_NAME.keys())
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")
         return cls(**{name: _coerce(name, value, source) for name, value in values.items()})
 
 
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(f.name, f.metadata["parse"], f.metadata["help"], f.metadata["boolean_flag"])
+    for f in fields(Settings)
+)
+_OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
-    option = next(option for option in OPTIONS if option.name == name)
+    option = _OPTIONS_BY_NAME[name]
     try:
         if isinstance(value, str):
             return option.parse(value)
@@ -264,7 +276,7 @@ def build_parser(prog: str = "pricehub") -> argparse.ArgumentParser:
         flag = "--" + option.name.replace("_", "-")
         default = getattr(defaults, option.name)
         help_text = f"{option.help} (default: {_show(default)})"
-        if option.flag_only_bool:
+        if option.boolean_flag:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, dest=option.name, type=str, help=help_text)
