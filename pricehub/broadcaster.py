@@ -30,6 +30,7 @@ from typing import Any
 from pricehub import protocol
 from pricehub.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.connection import CLOSE_SLOW_CONSUMER, Connection
+from pricehub.stats import DisconnectReason
 from pricehub.storage import StoredPrice
 
 __all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
@@ -234,6 +235,17 @@ class Broadcaster:
 
     def on_backend_changed(self, backend: str) -> None:
         self.send_all(protocol.storage_backend_changed(backend, now=protocol.utc_now()))
+
+    def on_epoch_changed(self, epoch: str) -> None:
+        """Numbering diverged across instances during an outage, so a connected client may
+        have missed prices it was never told about. Only a reconnect can tell it: it
+        resumes with its old epoch, gets ``recovered: false`` plus ``initial_data``, and
+        learns the new epoch from ``connection_established`` (1001: reconnect, resume)."""
+        for connection in list(self.connections):
+            self.close(
+                connection, 1001, f"seq lineage changed to {epoch}; reconnect and resume",
+                reason=DisconnectReason.EPOCH_CHANGED,
+            )
 
     def send_all(self, payload: bytes) -> None:
         frame = protocol.text_frame(payload)

@@ -42,8 +42,12 @@ class DisconnectReason:
     SHUTDOWN = "shutdown"
     ERROR = "error"
     PROTOCOL = "protocol"
+    EPOCH_CHANGED = "epoch_changed"
 
-    ALL = (CLIENT, HEARTBEAT, SLOW_CONSUMER, RATE_LIMIT, AUTH, SHUTDOWN, ERROR, PROTOCOL)
+    ALL = (
+        CLIENT, HEARTBEAT, SLOW_CONSUMER, RATE_LIMIT, AUTH, SHUTDOWN, ERROR, PROTOCOL,
+        EPOCH_CHANGED,
+    )
 
 
 class _Checkpoint(NamedTuple):

@@ -153,6 +153,7 @@ from pricehub.storage.failover import FailoverStorage
 class Quiet:
     def on_price(self, price): pass
     def on_backend_changed(self, backend): pass
+    def on_epoch_changed(self, epoch): pass
 
 async def main(url, prefix):
     storage = FailoverStorage(url, zones=("pjm", "ercot"), key_prefix=prefix, history_size=5000)

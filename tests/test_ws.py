@@ -409,3 +409,22 @@ async def test_history_for_absurdly_many_hours_returns_everything(make_client: M
     await ws.send_json({"type": "request_price_history", "hours": 1e300})
     answer = await receive_json(ws)
     assert answer["type"] == "price_history" and [p["seq"] for p in answer["data"]] == [1]
+
+
+async def test_epoch_change_closes_sockets_with_1001_so_clients_resume(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, {"market_zone": "pjm", "price": 1})
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    epoch = (await receive_json(ws))["epoch"]
+    await receive_json(ws)  # initial_data
+    client.app[BROADCASTER].on_epoch_changed("a-new-lineage")
+    message = await ws.receive(timeout=WAIT)
+    assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1001
+    # The resume the client then makes with its old epoch is answered as a gap.
+    again = await connect(client, f"/api/ws/ws/market/pjm?since=1&epoch={epoch}x")
+    await receive_json(again)
+    assert (await receive_json(again))["type"] == "initial_data"
+    assert (await receive_json(again))["recovered"] is False
+    await eventually(lambda: client.app[STATS].disconnections["epoch_changed"] == 1)

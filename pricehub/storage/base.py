@@ -32,6 +32,10 @@ class StorageListener(Protocol):
     def on_backend_changed(self, backend: str) -> None:
         """Called when the backend in use changes (failover to memory and back)."""
 
+    def on_epoch_changed(self, epoch: str) -> None:
+        """Called when the numbering lineage changed (instances diverged during an outage):
+        what connected clients saw may differ from what the cluster now holds."""
+
 
 class Storage(Protocol):
     """Latest price, bounded history and seq per zone; pub/sub; instance registry."""

@@ -33,7 +33,7 @@ import structlog
 from pricehub.exceptions import ConfigError, StorageUnavailable
 from pricehub.storage.base import StorageListener, StoredPrice
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import INGEST_ACK, RedisStorage, notify_epoch
+from pricehub.storage.redis import INGEST_ACK, RedisStorage
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -260,7 +260,7 @@ class FailoverStorage:
         listener = self._listener
         if listener is not None:
             if changed:
-                notify_epoch(listener, epoch)
+                listener.on_epoch_changed(epoch)
             listener.on_backend_changed(REDIS)
             for price in catch_up:
                 listener.on_price(price)
@@ -288,7 +288,7 @@ class FailoverStorage:
         self.epoch_changes += 1
         self._log.info("storage_epoch_changed", epoch=epoch)
         if self._listener is not None:
-            notify_epoch(self._listener, epoch)
+            self._listener.on_epoch_changed(epoch)
 
     # --- Storage ----------------------------------------------------------------------
 

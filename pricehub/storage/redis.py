@@ -49,7 +49,6 @@ __all__ = [
     "LeaseLost",
     "RedisStorage",
     "connect_client",
-    "notify_epoch",
     "redis_errors",
 ]
 
@@ -408,7 +407,7 @@ class RedisStorage:
         assert listener is not None
         if data.startswith(EPOCH_MESSAGE):
             self._epoch = data[len(EPOCH_MESSAGE) :].decode()
-            notify_epoch(listener, self._epoch)
+            listener.on_epoch_changed(self._epoch)
             return
         zone_bytes, _, payload = data.partition(b" ")
         price = _price(zone_bytes.decode(), payload)
@@ -662,11 +661,3 @@ class RedisStorage:
             zone: (int(results[2 * i] or 0), [_price(zone, p) for p in results[2 * i + 1]])
             for i, zone in enumerate(zone_list)
         }
-
-
-def notify_epoch(listener: StorageListener, epoch: str) -> None:
-    """Tell ``listener`` the epoch changed, if it wants to know (``on_epoch_changed``
-    is an optional extension of ``StorageListener``)."""
-    hook = getattr(listener, "on_epoch_changed", None)
-    if hook is not None:
-        hook(epoch)
