@@ -22,11 +22,13 @@ from pricehub import api, heartbeat, metrics, simulator, ws
 from pricehub.admission import ConnectionLimits
 from pricehub.auth import TokenVerifier
 from pricehub.broadcaster import Broadcaster
+from pricehub.connection import SendLimits
 from pricehub.keys import (
     BROADCASTER,
     INSTANCE_ID,
     LIMITS,
     PUBLISHER,
+    SEND_LIMITS,
     SETTINGS,
     STATS,
     STORAGE,
@@ -57,7 +59,13 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     app[SETTINGS] = settings
     app[STORAGE] = storage
     app[STATS] = Stats()
-    app[BROADCASTER] = Broadcaster(zones=settings.zones)
+    app[BROADCASTER] = Broadcaster(zones=settings.zones, flush_delay=settings.flush_delay)
+    app[SEND_LIMITS] = SendLimits(
+        high_water=settings.send_high_water,
+        hard_limit=settings.send_hard_limit,
+        lag_timeout=settings.slow_consumer_timeout,
+        max_lag=settings.send_max_lag,
+    )
     app[PUBLISHER] = Publisher(storage)
     app[LIMITS] = ConnectionLimits(
         total=settings.max_connections, per_ip=settings.max_connections_per_ip

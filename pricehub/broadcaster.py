@@ -334,17 +334,28 @@ class Broadcaster:
 
     def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
         """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
-        if connection.closing:
-            return
+        if not connection.closing:
+            grace = self._begin_close(connection, code, reason)
+            self.spawn(close_socket(connection, code, message, grace=grace))
+
+    async def close_now(
+        self, connection: Connection, code: int, message: str, *, reason: str
+    ) -> None:
+        """Close a connection and wait for it, within the socket's close grace."""
+        if not connection.closing:
+            grace = self._begin_close(connection, code, reason)
+            await close_socket(connection, code, message, grace=grace)
+
+    def _begin_close(self, connection: Connection, code: int, reason: str) -> float:
+        """Seal the connection (nothing may follow the close frame); returns the grace."""
         self.seal(connection)
         connection.disconnect_reason = reason
         if code == CLOSE_SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         ws = connection.ws
-        grace = (
-            ws.close_timeout if isinstance(ws, BroadcastWebSocketResponse) else DEFAULT_CLOSE_GRACE
-        )
-        self.spawn(close_socket(connection, code, message, grace=grace))
+        if isinstance(ws, BroadcastWebSocketResponse):
+            return ws.close_timeout
+        return DEFAULT_CLOSE_GRACE
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -7,14 +7,15 @@ from aiohttp import web
 from pricehub.admission import ConnectionLimits
 from pricehub.auth import TokenVerifier
 from pricehub.broadcaster import Broadcaster
+from pricehub.connection import SendLimits
 from pricehub.publisher import Publisher
 from pricehub.settings import Settings
 from pricehub.stats import Stats
 from pricehub.storage import Storage
 
 __all__ = [
-    "BROADCASTER", "INSTANCE_ID", "LIMITS", "PUBLISHER", "SETTINGS", "STATS", "STORAGE",
-    "VERIFIER",
+    "BROADCASTER", "INSTANCE_ID", "LIMITS", "PUBLISHER", "SEND_LIMITS", "SETTINGS", "STATS",
+    "STORAGE", "VERIFIER",
 ]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,5 +24,6 @@ BROADCASTER = web.AppKey("broadcaster", Broadcaster)
 PUBLISHER = web.AppKey("publisher", Publisher)
 STATS = web.AppKey("stats", Stats)
 LIMITS = web.AppKey("limits", ConnectionLimits)
+SEND_LIMITS = web.AppKey("send_limits", SendLimits)  # one per app, shared by every socket
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 INSTANCE_ID = web.AppKey("instance_id", str)

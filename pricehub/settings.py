@@ -133,13 +133,25 @@ class Settings:
         200.0, "publish requests per second per key (over: 429)", float
     )
     send_high_water: int = _option(
-        256 * 1024, "unsent bytes per socket above which updates are conflated", int
+        256 * 1024,
+        "unsent bytes per socket (pricehub buffer + kernel send queue) above which updates "
+        "are conflated",
+        int,
     )
+    # 1 MiB: with conflation this buffer barely grows, and max_connections x this is
+    # the worst case an operator must size memory for.
     send_hard_limit: int = _option(
-        4 * 1024 * 1024, "unsent bytes per socket above which it is closed (4008)", int
+        1024 * 1024, "bytes in pricehub's own buffer per socket above which it is closed (4008)",
+        int,
     )
     slow_consumer_timeout: float = _option(
-        30.0, "seconds a socket may stay above high water (4008)", float
+        30.0, "seconds a socket may stay conflated (4008)", float
+    )
+    send_max_lag: float = _option(
+        2.0, "seconds after which bytes a client has not received make it conflated", float
+    )
+    flush_delay: float = _option(
+        0.0, "seconds to batch updates before writing (0: end of the event-loop tick)", float
     )
     compression: bool = _option(
         False, "permessage-deflate for clients that offer it", _bool, boolean_flag=True
@@ -220,6 +232,8 @@ def _check_ranges(settings: Settings) -> None:
         raise ConfigError(f"port must be 0..65535, got {settings.port}")
     if settings.heartbeat_timeout <= settings.heartbeat_interval:
         raise ConfigError("heartbeat_timeout must be greater than heartbeat_interval")
+    if settings.flush_delay < 0:
+        raise ConfigError(f"flush_delay must be >= 0, got {settings.flush_delay!r}")
     if settings.send_hard_limit <= settings.send_high_water:
         raise ConfigError("send_hard_limit must be greater than send_high_water")
     if settings.log_format not in (None, "console", "json"):
@@ -253,7 +267,8 @@ _CHECKS: tuple[Callable[[Settings], None], ...] = (
         "heartbeat_interval", "heartbeat_timeout", "history_size", "workers", "max_frame_size",
         "max_connections", "max_connections_per_ip", "client_rate_limit", "max_zones_per_socket",
         "max_body_size", "max_batch_size", "publish_rate_limit", "send_high_water",
-        "send_hard_limit", "slow_consumer_timeout", "handshake_timeout", "simulate_interval",
+        "send_hard_limit", "slow_consumer_timeout", "send_max_lag", "handshake_timeout",
+        "simulate_interval",
         "redis_timeout", "redis_probe_interval", "loop_lag_threshold",
     ),
     _check_zones,

@@ -15,9 +15,9 @@ from pricehub.admission import origin_allowed
 from pricehub.auth import CLOSE_INVALID_TOKEN, Grant
 from pricehub.broadcaster import Broadcaster
 from pricehub.compression import BroadcastWebSocketResponse
-from pricehub.connection import Connection, SendLimits
+from pricehub.connection import Connection
 from pricehub.exceptions import AuthError
-from pricehub.keys import BROADCASTER, LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
+from pricehub.keys import BROADCASTER, LIMITS, SEND_LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
 from pricehub.session import Session, SessionClosed
 from pricehub.stats import DisconnectReason
 
@@ -151,11 +151,7 @@ async def run_connection(
         transport=transport,
         remote=remote,
         scheduler=broadcaster,
-        limits=SendLimits(
-            high_water=settings.send_high_water,
-            hard_limit=settings.send_hard_limit,
-            lag_timeout=settings.slow_consumer_timeout,
-        ),
+        limits=app[SEND_LIMITS],
     )
     conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
     session = Session(
@@ -186,12 +182,11 @@ async def run_connection(
             stats.protocol_errors["message_too_large"] += 1
     except SessionClosed as exc:
         reason = exc.disconnect_reason
-        connection.flush()  # what was answered before the close goes out before it
-        await ws.close(code=exc.code, message=protocol.close_reason(exc.reason))
+        # Bounded: a client that stopped reading cannot hold this handler (close_socket).
+        await broadcaster.close_now(connection, exc.code, exc.reason, reason=reason)
     except AuthError as exc:
         reason = DisconnectReason.AUTH
-        connection.flush()
-        await ws.close(code=exc.close_code, message=protocol.close_reason(exc.message))
+        await broadcaster.close_now(connection, exc.close_code, exc.message, reason=reason)
     except (asyncio.CancelledError, ConnectionResetError):
         reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
         raise
@@ -199,8 +194,7 @@ async def run_connection(
         reason = DisconnectReason.ERROR
         stats.connection_errors += 1
         conn_log.exception("connection_failed")
-        connection.flush()
-        await ws.close(code=CLOSE_INTERNAL, message=b"internal error")
+        await broadcaster.close_now(connection, CLOSE_INTERNAL, "internal error", reason=reason)
     finally:
         if expiry is not None:
             expiry.cancel()
