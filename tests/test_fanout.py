@@ -18,29 +18,23 @@ import aiohttp
 import orjson
 import pytest
 import websockets
-from aiohttp.test_utils import TestClient
 
-from pricehub.app import create_app
 from pricehub.broadcaster import Broadcaster
 from pricehub.compression import Deflater, negotiate
 from pricehub.connection import Connection
 from pricehub.keys import BROADCASTER, STATS
-from tests.support import WAIT, collect_updates, make_settings, publish, receive_json
+from tests.support import (
+    WAIT,
+    Client,
+    MakeClient,
+    collect_updates,
+    publish,
+    receive_json,
+)
 
-Client = TestClient[Any, Any]
-MakeClient = Callable[..., Awaitable[Client]]
 BATCH = 500  # prices per publish request: ~60 KiB of frames in one tick
 STALLED_RCVBUF = 4096
 STALLED_MSS = 536
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any) -> MakeClient:
-    async def factory(**overrides: Any) -> Client:
-        client: Client = await aiohttp_client(create_app(make_settings(**overrides)))
-        return client
-
-    return factory
 
 
 class RawSocket:
