@@ -190,7 +190,10 @@ async def publish_handler(request: web.Request) -> web.Response:
         )
     if request.content_length is not None and request.content_length > settings.max_body_size:
         return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
-    raw = await request.read()  # client_max_size also enforces the cap for chunked bodies
+    try:
+        raw = await request.read()  # client_max_size also caps chunked bodies
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
     try:
         bodies = protocol.validate_publish_body(
             raw, zones=settings.zones, now=protocol.utc_now(), max_batch=settings.max_batch_size

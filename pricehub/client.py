@@ -77,16 +77,20 @@ class PriceUpdate:
     initial: bool = False
 
     def as_price_object(self) -> dict[str, Any]:
-        """The PROTOCOL.md price object (plus the ``replay``/``conflated`` flags)."""
-        return {
+        """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true
+        (as on the wire)."""
+        price: dict[str, Any] = {
             "market_zone": self.zone,
             "price": self.price,
             "volume": self.volume,
             "seq": self.seq,
             "timestamp": self.timestamp,
-            "replay": self.replay,
-            "conflated": self.conflated,
         }
+        if self.replay:
+            price["replay"] = True
+        if self.conflated:
+            price["conflated"] = True
+        return price
 
 
 @dataclass(frozen=True, slots=True)

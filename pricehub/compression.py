@@ -147,14 +147,14 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
     """
 
     deflate = False
-    before_close: Callable[[], None] | None = None
+    before_close: Callable[[int], None] | None = None
 
     async def close(
         self, *, code: int = 1000, message: bytes = b"", drain: bool = True
     ) -> bool:
         hook, self.before_close = self.before_close, None
         if hook is not None:
-            hook()
+            hook(code)
         return await super().close(code=code, message=message, drain=drain)
 
     @property

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_MESSAGE_TOO_BIG = 1009
 PING_FRAME = b"\x89\x00"
 # Prices this late are stale for a trading UI: better the newest one when it catches up.
 DEFAULT_MAX_LAG = 2.0
@@ -166,7 +167,15 @@ class Connection:
         self._bytes = self._frames = self._writes = 0
         self.messages_received = 0
 
-    def _sealed_by_close(self) -> None:
+    def _sealed_by_close(self, code: int) -> None:
+        if code == CLOSE_MESSAGE_TOO_BIG and not self.closing:
+            # aiohttp closes an oversized frame's socket itself (1009); the contract's
+            # error code still goes out first, so the client learns why.
+            self.send(
+                protocol.error(
+                    "message_too_large", "frame larger than the limit", now=protocol.utc_now()
+                )
+            )
         self.scheduler.seal(self)
 
     # --- counters ---------------------------------------------------------------------

@@ -326,7 +326,7 @@ def _decode_history(obj: dict[str, Any]) -> RequestHistory:
         raise _invalid("'limit' must be a positive integer")
     if hours is not None and limit is not None:
         raise _invalid("give 'hours' or 'limit', not both")
-    return RequestHistory(zone, None if hours is None else float(hours), limit)
+    return RequestHistory(zone, hours, limit)  # echoed back as asked
 
 
 def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:

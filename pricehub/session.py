@@ -182,7 +182,7 @@ class Session:
                 zone,
                 (price.payload for price in prices),
                 hours=request.hours,
-                limit=None if request.hours is not None else limit,
+                limit=None if request.hours is not None else request.limit or limit,
                 now=protocol.utc_now(),
             )
         )

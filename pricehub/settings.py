@@ -105,7 +105,7 @@ class Settings:
     )
     history_size: int = _option(1000, "price objects retained per zone", int)
     allowed_origins: tuple[str, ...] = _option(
-        (), "browser Origins allowed to open sockets; '*' = any", _split
+        (), "browser Origins allowed to open sockets; '*' = any (default: same origin only)", _split
     )
     workers: int = _option(1, "worker processes sharing the port (needs Redis when > 1)", int)
     tls_cert: str | None = _option(None, "PEM certificate: serve https/wss directly", _optional)
@@ -290,7 +290,10 @@ def build_parser(prog: str = "pricehub") -> argparse.ArgumentParser:
     for option in OPTIONS:
         flag = "--" + option.name.replace("_", "-")
         default = getattr(defaults, option.name)
-        help_text = f"{option.help} (default: {_show(default)})"
+        # Help that already explains its default ("default: ...") is not given a second one.
+        help_text = option.help if "default:" in option.help else (
+            f"{option.help} (default: {_show(default)})"
+        )
         if option.boolean_flag:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -84,6 +85,15 @@ async def test_invalid_json_body_and_oversized_body(make_client: MakeClient) -> 
     big = [{"market_zone": "pjm", "price": 1}] * 100
     response = await client.post(PUBLISH, json=big, headers=AUTH)
     assert response.status == 413
+    assert (await response.json())["error"] == "body_too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked encoding
+        yield b"[" + b'{"market_zone":"pjm","price":1},' * 60
+        yield b'{"market_zone":"pjm","price":1}]'
+
+    response = await client.post(PUBLISH, data=chunks(), headers=AUTH)
+    assert response.status == 413
+    assert (await response.json())["error"] == "body_too_large"
 
 
 async def test_history_endpoint(make_client: MakeClient) -> None:

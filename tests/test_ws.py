@@ -119,6 +119,9 @@ async def test_ping_heartbeat_and_history(make_client: MakeClient) -> None:
     await ws.send_json({"type": "heartbeat"})
     ack = await receive_json(ws)
     assert ack["type"] == "heartbeat_ack" and TIMESTAMP.match(ack["timestamp"])
+    await ws.send_json({"type": "request_price_history", "limit": 5000})
+    capped = await receive_json(ws)  # the limit is echoed as asked; the data is capped
+    assert capped["limit"] == 5000 and len(capped["data"]) == 5
     await ws.send_json({"type": "request_price_history", "limit": 3})
     history = await receive_json(ws)
     assert history["type"] == "price_history" and history["limit"] == 3
@@ -195,6 +198,8 @@ async def test_oversized_frame_closes_1009(make_client: MakeClient) -> None:
     ws = await connect(client, "/api/ws/ws/market/pjm")
     await receive_json(ws)
     await ws.send_str('{"type":"ping","pad":"' + "x" * 2000 + '"}')
+    error = await receive_json(ws)
+    assert (error["type"], error["code"]) == ("error", "message_too_large")
     message = await ws.receive(timeout=WAIT)
     assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1009
     stats = client.app[STATS]
