@@ -12,42 +12,30 @@ Without a ``redis-server`` binary the test is skipped, except under ``CI=true``
 where a missing binary fails the run (CI must not silently skip the cluster tests).
 
 Also here, for the storage tests: ``RecordingListener`` (a ``StorageListener`` that
-records and lets a test wait, bounded, for a seq) and ``eventually`` (bounded polling).
+records and lets a test wait, bounded, for a seq).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
-import pytest
-
 from pricehub.storage import StoredPrice
 from tests.serverproc import free_port
+from tests.support import missing_tool
 
 __all__ = [
-    "WAIT", "RecordingListener", "RedisProcess", "TcpProxy", "eventually", "redis_binary",
+    "WAIT", "RecordingListener", "RedisProcess", "TcpProxy", "redis_binary",
 ]
 
 WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = WAIT) -> None:
-    """Poll ``check`` until it is true; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s: {check.__name__}")
-        await asyncio.sleep(0.02)
 
 
 class RecordingListener:
@@ -92,10 +80,7 @@ def redis_binary() -> str:
     """The ``redis-server`` path, or skip (fail under CI) when there is none."""
     path = shutil.which("redis-server")
     if path is None:
-        message = "redis-server not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_tool("redis-server not installed (apt-get install redis-server)")
     return path
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from pricehub.settings import Settings
@@ -20,6 +24,7 @@ __all__ = [
     "collect_updates",
     "eventually",
     "make_settings",
+    "missing_tool",
     "publish",
     "receive_json",
     "receive_until",
@@ -87,9 +92,25 @@ async def collect_updates(
     ]
 
 
-async def eventually(condition: Callable[[], bool], *, timeout: float = WAIT) -> None:
-    """Wait until ``condition()`` holds, polling server-side state that has no event to
-    await (a counter another task updates); fails after ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - no event exists for arbitrary state
-            await asyncio.sleep(0.005)
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], *, within: float = WAIT
+) -> None:
+    """Wait until ``condition()`` (sync or async) holds, polling state that has no event
+    to await (a counter another task or process updates); fails after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if time.monotonic() > deadline:
+            name = getattr(condition, "__name__", "condition")
+            raise AssertionError(f"{name} not met within {within} s")
+        await asyncio.sleep(0.01)
+
+
+def missing_tool(message: str) -> NoReturn:
+    """A tool a test needs is not installed: a failure under ``CI=true`` (CI must have
+    everything), a skip with the reason elsewhere."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)

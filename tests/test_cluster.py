@@ -22,8 +22,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from tests.redisproc import RedisProcess, eventually
+from tests.redisproc import RedisProcess
 from tests.serverproc import REPO, ServerProcess, free_port
+from tests.support import eventually
 
 KEY = "cluster-test-key"
 ZONES = ("pjm", "ercot")

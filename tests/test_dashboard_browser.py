@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from tests.serverproc import REPO, ServerProcess
+from tests.support import missing_tool
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -85,9 +86,7 @@ def _playwright() -> Any:
     if problem is None and not os.access(CHROMIUM, os.X_OK):
         problem = f"{CHROMIUM} not found (apt-get install chromium)"
     if problem is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run under CI: {problem}")
-        pytest.skip(problem)
+        missing_tool(problem)
     return sync_playwright
 
 

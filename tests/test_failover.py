@@ -21,7 +21,8 @@ from pricehub.exceptions import StorageUnavailable
 from pricehub.protocol import PriceBody
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import INGEST_ACK, IngestAck
-from tests.redisproc import RecordingListener, RedisProcess, TcpProxy, eventually
+from tests.redisproc import RecordingListener, RedisProcess, TcpProxy
+from tests.support import eventually
 
 ZONES = ("pjm", "ercot")
 FAST = {"timeout": 0.25, "probe_interval": 0.2}

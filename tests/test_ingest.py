@@ -17,8 +17,9 @@ from pricehub.protocol import PriceBody
 from pricehub.publisher import Publisher
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, LeaseLost
-from tests.redisproc import RecordingListener, RedisProcess, eventually
+from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import REPO
+from tests.support import eventually
 
 ZONES = ("pjm", "ercot")
 ENTRIES = 1000

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -30,6 +29,7 @@ from tests.support import (
     Client,
     MakeClient,
     collect_updates,
+    missing_tool,
     publish,
     receive_json,
 )
@@ -275,9 +275,7 @@ def require_promtool() -> str:
     """promtool's path; skip without it, except in CI (``CI=true``), where that fails."""
     promtool = shutil.which("promtool")
     if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (Debian package 'prometheus')")
-        pytest.skip("promtool not installed")
+        missing_tool("promtool not installed (Debian package 'prometheus')")
     return promtool
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -16,8 +15,9 @@ import redis.asyncio as aioredis
 from pricehub.exceptions import StorageUnavailable
 from pricehub.protocol import PriceBody, with_seq
 from pricehub.storage.redis import EpochChanged, RedisStorage
-from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy, eventually
+from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
+from tests.support import eventually, missing_tool
 
 FAST = {"timeout": 0.25, "probe_interval": 0.2}
 
@@ -101,8 +101,7 @@ async def test_unix_socket_url(redis_server: RedisProcess, prefix: str) -> None:
 def tls_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """A redis-server speaking TLS only, with a self-signed certificate for 127.0.0.1."""
     if shutil.which("openssl") is None:
-        missing = "openssl CLI not installed"
-        pytest.fail(missing) if os.environ.get("CI") == "true" else pytest.skip(missing)
+        missing_tool("openssl CLI not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",

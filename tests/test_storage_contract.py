@@ -17,7 +17,8 @@ from pricehub.protocol import PriceBody, with_seq
 from pricehub.storage import MemoryStorage, Storage
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import RedisStorage
-from tests.redisproc import RecordingListener, RedisProcess, eventually
+from tests.redisproc import RecordingListener, RedisProcess
+from tests.support import eventually
 
 ZONES = ("pjm", "ercot")
 HISTORY = 5
