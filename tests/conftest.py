@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 
 from pricehub.app import create_app
 from tests.redisproc import RedisProcess
-from tests.support import Client, MakeClient, make_settings
+from tests.serverproc import ServerProcess
+from tests.support import PUBLISH_KEY, Client, MakeClient, make_settings
 
 
 @pytest.fixture
@@ -44,3 +45,11 @@ async def raw(redis_server: RedisProcess) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server.url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def server() -> Iterator[ServerProcess]:
+    """A real ``run_server.py`` subprocess: in memory, no simulator, publishing with
+    ``PUBLISH_KEY`` (``await server.publish(...)``)."""
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as proc:
+        yield proc

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -28,16 +28,10 @@ from pricehub.client import (
     TerminalCloseError,
 )
 from tests.serverproc import ServerProcess
+from tests.support import PUBLISH_KEY
 
-KEY = "client-test-key"
 WAIT = 10.0  # upper bound of every wait; the happy path takes milliseconds
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    with ServerProcess("--no-simulate", publish_key=KEY) as proc:
-        yield proc
 
 
 class TcpProxy:
@@ -381,7 +375,10 @@ async def test_tokens_are_sent_and_auth_closes_are_terminal(
     token = jwt.encode({**claims, "exp": int(time.time()) + 300}, secret, algorithm="HS256")
     log, sleep = StatusLog(), GatedSleep()
     with ServerProcess(
-        "--no-simulate", "--jwt-secret", "jwt-test-secret-of-at-least-32-bytes", publish_key=KEY
+        "--no-simulate",
+        "--jwt-secret",
+        "jwt-test-secret-of-at-least-32-bytes",
+        publish_key=PUBLISH_KEY,
     ) as srv:
         async with make_client(srv.url, "pjm", sleep, log, token=token) as client:
             if code is None:

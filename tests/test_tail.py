@@ -7,7 +7,7 @@ import json
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -15,15 +15,8 @@ from pricehub.client import Gap, PriceUpdate, Status
 from pricehub.tail import TableView
 from tests.serverproc import REPO, ServerProcess
 
-KEY = "tail-test-key"
 WAIT = 10.0
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-@pytest.fixture
-def server() -> Iterator[ServerProcess]:
-    with ServerProcess("--no-simulate", publish_key=KEY) as proc:
-        yield proc
 
 
 class Tail:
