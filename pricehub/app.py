@@ -23,6 +23,7 @@ from pricehub.admission import ConnectionLimits
 from pricehub.auth import TokenVerifier
 from pricehub.broadcaster import Broadcaster
 from pricehub.connection import SendLimits
+from pricehub.exceptions import StorageError
 from pricehub.keys import (
     BROADCASTER,
     INSTANCE_ID,
@@ -96,30 +97,45 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
     """The reaper, conflation monitor, registry, loop-lag probe and simulator."""
     settings, broadcaster, stats = app[SETTINGS], app[BROADCASTER], app[STATS]
-    jobs: list[Callable[[], Coroutine[Any, Any, None]]] = [
-        lambda: heartbeat.run_reaper(
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+        "reaper": lambda: heartbeat.run_reaper(
             broadcaster, stats,
             interval=settings.heartbeat_interval, timeout=settings.heartbeat_timeout,
         ),
-        broadcaster.run_conflation_monitor,
-        lambda: run_registry(app),
-        lambda: run_loop_lag_probe(stats),
-    ]
+        "conflation_monitor": broadcaster.run_conflation_monitor,
+        "registry": lambda: run_registry(app),
+        "loop_lag_probe": lambda: run_loop_lag_probe(stats),
+    }
     if settings.simulator_enabled:
-        jobs.append(
-            lambda: simulator.run_simulator(
-                app[PUBLISHER], settings.zones, interval=settings.simulate_interval
-            )
+        jobs["simulator"] = lambda: simulator.run_simulator(
+            app[PUBLISHER], settings.zones, interval=settings.simulate_interval
         )
-    tasks = [asyncio.create_task(job()) for job in jobs]
+    tasks = [watch(asyncio.create_task(job(), name=name), stats) for name, job in jobs.items()]
     yield
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    with contextlib.suppress(Exception):
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(StorageError):
         await app[STORAGE].unregister_instance(app[INSTANCE_ID])
+    crashes = [result for result in results if isinstance(result, Exception)]
+    if crashes:
+        raise crashes[0]  # already logged when it happened; surface it at cleanup too
+
+
+def watch(task: asyncio.Task[None], stats: Stats) -> asyncio.Task[None]:
+    """Log a background task's crash when it happens (not only at shutdown) and mark the
+    instance unhealthy: a dead reaper or simulator must not go unnoticed for days."""
+
+    def done(finished: asyncio.Task[None]) -> None:
+        if finished.cancelled() or finished.exception() is None:
+            return
+        stats.failed_tasks.append(finished.get_name())
+        log.error(
+            "background_task_failed", task=finished.get_name(), exc_info=finished.exception()
+        )
+
+    task.add_done_callback(done)
+    return task
 
 
 async def run_registry(app: web.Application) -> None:
@@ -132,7 +148,7 @@ async def run_registry(app: web.Application) -> None:
                 "connections_by_zone": broadcaster.connections_by_zone(),
             }
         )
-        with contextlib.suppress(Exception):  # the storage logs its own failures
+        with contextlib.suppress(StorageError):  # failover logs and counts Redis errors
             await app[STORAGE].register_instance(
                 app[INSTANCE_ID], snapshot, ttl=3 * REGISTRY_INTERVAL
             )

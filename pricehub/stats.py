@@ -75,6 +75,9 @@ class Stats:
     reaper_runs: int = 0
     reaper_closes: int = 0
     shutting_down: bool = False
+    # Names of background tasks (reaper, simulator, ...) that crashed: the instance can no
+    # longer keep its promises, so health turns unhealthy and an orchestrator restarts it.
+    failed_tasks: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     _lag_samples: deque[tuple[float, float]] = field(
         default_factory=deque, init=False, repr=False
@@ -183,7 +186,8 @@ def health_report(
 ) -> HealthReport:
     """``healthy`` / ``degraded`` / ``unhealthy`` and the checks that decided it.
 
-    ``unhealthy`` (503): shutting down, or the storage cannot serve. ``degraded`` (200):
+    ``unhealthy`` (503): shutting down, the storage cannot serve, or a background task
+    (reaper, conflation monitor, ...) crashed. ``degraded`` (200):
     Redis configured but the in-memory fallback serving, error rate at or over
     ``error_rate_threshold`` percent, or event-loop lag over ``loop_lag_threshold`` s.
     """
@@ -195,8 +199,9 @@ def health_report(
         "event_loop": "ok" if stats.max_loop_lag(now=now) <= loop_lag_threshold else "lagging",
         "error_rate": "ok" if error_rate < error_rate_threshold else "high",
         "shutdown": "shutting_down" if stats.shutting_down else "ok",
+        "background": "failed: " + ",".join(stats.failed_tasks) if stats.failed_tasks else "ok",
     }
-    if stats.shutting_down or not storage_ok:
+    if stats.shutting_down or not storage_ok or stats.failed_tasks:
         return HealthReport("unhealthy", 503, checks, error_rate)
     degraded = checks["redis"] == "unavailable" or any(
         checks[name] != "ok" for name in ("event_loop", "error_rate")

@@ -70,7 +70,9 @@ def test_verdict_and_the_checks_that_decide_it(
     got_status, http_status, checks = report(make_stats(), **overrides)
     assert got_status == status
     assert http_status == (503 if status == "unhealthy" else 200)
-    all_ok = dict.fromkeys(("redis", "storage", "event_loop", "error_rate", "shutdown"), "ok")
+    all_ok = dict.fromkeys(
+        ("redis", "storage", "event_loop", "error_rate", "shutdown", "background"), "ok"
+    )
     assert checks == all_ok | failing
 
 
@@ -163,7 +165,7 @@ async def test_healthy_server_says_so_with_every_check(make_app: MakeApp) -> Non
     assert code == 200 and body["status"] == "healthy"
     assert body["checks"] == {
         "redis": "disabled", "storage": "ok", "event_loop": "ok", "error_rate": "ok",
-        "shutdown": "ok",
+        "shutdown": "ok", "background": "ok",
     }
     assert body["error_rate"] == 0.0
 

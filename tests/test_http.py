@@ -7,8 +7,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from tests.support import PUBLISH_KEY, MakeClient, publish, receive_json
+from pricehub.app import create_app
+from pricehub.keys import STATS
+from pricehub.storage import MemoryStorage
+from tests.support import (
+    PUBLISH_KEY,
+    MakeClient,
+    eventually,
+    make_settings,
+    publish,
+    receive_json,
+)
 
 PUBLISH = "/api/ws/ws/broadcast/price"
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
@@ -187,3 +198,25 @@ async def test_per_connection_statistics(make_client: MakeClient) -> None:
     one = await (await client.get("/api/ws/ws/connections?limit=1")).json()
     assert len(one["connections"]) == 1
     assert (await client.get("/api/ws/ws/connections?limit=-1")).status == 422
+
+
+class RegistryBug(MemoryStorage):
+    """A storage whose registry write has a bug (not a storage outage)."""
+
+    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        raise RuntimeError("bug in register_instance")
+
+
+async def test_a_crashed_background_task_makes_health_unhealthy_and_surfaces() -> None:
+    app = create_app(make_settings(), storage=RegistryBug())
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        await eventually(lambda: app[STATS].failed_tasks == ["registry"])
+        response = await client.get("/api/ws/ws/health")
+        body = await response.json()
+        assert response.status == 503 and body["status"] == "unhealthy"
+        assert body["checks"]["background"] == "failed: registry"
+    finally:
+        with pytest.raises(RuntimeError, match="bug in register_instance"):
+            await client.close()  # cleanup re-raises the crash instead of hiding it
