@@ -19,7 +19,6 @@ from pricehub.stats import health_report
 __all__ = ["STATIC_DIR", "add_routes"]
 
 STATIC_DIR = Path(__file__).parent / "static"
-DEFAULT_HISTORY_LIMIT = 100
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
 
 
@@ -147,7 +146,8 @@ async def history_handler(request: web.Request) -> web.Response:
     zone = _zone_or_error(request)
     if isinstance(zone, web.Response):
         return zone
-    requested = protocol.parse_count(request.query.get("limit", str(DEFAULT_HISTORY_LIMIT)))
+    default = str(protocol.DEFAULT_HISTORY_LIMIT)
+    requested = protocol.parse_count(request.query.get("limit", default))
     if not requested:
         return json_error(422, "invalid_limit", "limit must be a positive integer")
     limit = min(requested, request.app[SETTINGS].history_size)

@@ -26,6 +26,7 @@ import orjson
 from pricehub.exceptions import ProtocolError, ValidationError
 
 __all__ = [
+    "DEFAULT_HISTORY_LIMIT",
     "ClientMessage",
     "Heartbeat",
     "Ping",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 ZONE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+DEFAULT_HISTORY_LIMIT = 100  # prices in a history answer when the client names no limit
 
 
 def is_valid_zone_name(zone: object) -> bool:

@@ -27,7 +27,6 @@ from pricehub.storage import Storage, StoredPrice
 __all__ = ["CLOSE_RATE_LIMITED", "Session", "SessionClosed"]
 
 CLOSE_RATE_LIMITED = 4029
-DEFAULT_HISTORY_LIMIT = 100
 
 
 class SessionClosed(Exception):
@@ -170,7 +169,7 @@ class Session:
             self.check_zone_allowed(zone)
         except AuthError as exc:
             raise ProtocolError("forbidden_zone", exc.message) from None
-        limit = min(request.limit or DEFAULT_HISTORY_LIMIT, self.settings.history_size)
+        limit = min(request.limit or protocol.DEFAULT_HISTORY_LIMIT, self.settings.history_size)
         if request.hours is not None:
             prices = filter_hours(
                 await self.storage.history(zone, limit=self.settings.history_size), request.hours

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pricehub.exceptions import ConfigError
+from pricehub.protocol import is_valid_zone_name
 
 __all__ = [
     "DEFAULT_ZONES",
@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 DEFAULT_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
-ZONE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
 ENV_PREFIX = "PRICEHUB_"
 
 
@@ -119,7 +118,7 @@ class Settings:
         None, "PEM file (RS256/ES256): subscriber tokens required", _optional
     )
     max_frame_size: int = _option(65536, "largest client frame in bytes (bigger: close 1009)", int)
-    max_connections: int = _option(50000, "open sockets in total (over: 1013 / HTTP 503)", int)
+    max_connections: int = _option(50000, "open sockets in total (over: close 1013)", int)
     max_connections_per_ip: int = _option(1000, "open sockets per remote address", int)
     client_rate_limit: float = _option(
         20.0, "client messages per second per connection (burst 2x)", float
@@ -221,7 +220,7 @@ def _check_zones(settings: Settings) -> None:
     if not settings.zones:
         raise ConfigError("zones: at least one zone is required")
     for zone in settings.zones:
-        if not ZONE_RE.match(zone):
+        if not is_valid_zone_name(zone):
             raise ConfigError(f"zones: {zone!r} is not a valid zone name ([a-z0-9_]{{1,32}})")
     if len(set(settings.zones)) != len(settings.zones):
         raise ConfigError("zones: duplicate zone names")

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType, web
 
 from pricehub import protocol
 from pricehub.admission import origin_allowed
-from pricehub.auth import CLOSE_INVALID_TOKEN, Grant
+from pricehub.auth import CLOSE_FORBIDDEN_ZONE, CLOSE_INVALID_TOKEN, Grant
 from pricehub.broadcaster import Broadcaster
 from pricehub.compression import BroadcastWebSocketResponse
 from pricehub.connection import Connection
@@ -115,7 +115,8 @@ async def admit(
         if unknown:
             refusal, code, message = "unknown_zone", CLOSE_POLICY, f"unknown zone {unknown[0][:40]}"
         elif allowed is not None and not set(zones) <= allowed:
-            refusal, code, message = "forbidden_zone", 4003, "token does not allow this zone"
+            refusal, code = "forbidden_zone", CLOSE_FORBIDDEN_ZONE
+            message = "token does not allow this zone"
         elif len(zones) > app[SETTINGS].max_zones_per_socket:
             refusal, code, message = "too_many_zones", CLOSE_POLICY, "too many zones"
     except AuthError as exc:
@@ -187,7 +188,9 @@ async def run_connection(
     except AuthError as exc:
         reason = DisconnectReason.AUTH
         await broadcaster.close_now(connection, exc.close_code, exc.message, reason=reason)
-    except (asyncio.CancelledError, ConnectionResetError):
+    except ConnectionResetError:  # e.g. answering a ping as the client vanished
+        reason = connection.disconnect_reason or DisconnectReason.CLIENT
+    except asyncio.CancelledError:
         reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
         raise
     except Exception:
