@@ -71,10 +71,6 @@ class TokenVerifier:
             return cls(key=key, algorithms=[algorithm])
         return cls(key=None, algorithms=[])
 
-    @property
-    def enabled(self) -> bool:
-        return self._key is not None
-
     def verify(self, token: str | None) -> Grant:
         """The grant of a token; raise ``AuthError`` (4001) if missing, invalid or expired."""
         if self._key is None:
@@ -97,10 +93,6 @@ class TokenVerifier:
         # huge one (signed by a buggy issuer) would overflow a float.
         expires_at = float(min(int(claims["exp"]), FAR_FUTURE))
         return Grant(zones=_zones_claim(claims.get("zones")), expires_at=expires_at)
-
-    def allowed_zones(self, token: str | None) -> frozenset[str] | None:
-        """The zones a token allows (``None``: all); raise ``AuthError`` (4001) if bad."""
-        return self.verify(token).zones
 
 
 def _zones_claim(zones: object) -> frozenset[str] | None:

@@ -119,7 +119,7 @@ class Connection:
         "_bytes", "_frames", "_writes", "audience", "audience_base", "checkpoint_at",
         "checkpoint_bytes", "closing", "conflated", "conflating_since", "deflater",
         "disconnect_reason", "id", "last_ping", "last_seen", "limits", "messages_received",
-        "next_check", "opened_at", "outbox", "remote", "scheduler", "sock", "streams",
+        "next_check", "opened_at", "outbox", "scheduler", "sock", "streams",
         "transport", "ws",
     )
 
@@ -128,14 +128,12 @@ class Connection:
         *,
         ws: web.WebSocketResponse,
         transport: asyncio.Transport,
-        remote: str,
         scheduler: FlushScheduler,
         limits: SendLimits,
     ) -> None:
         self.id = str(uuid.uuid4())
         self.ws = ws
         self.transport = transport
-        self.remote = remote
         self.scheduler = scheduler
         self.limits = limits
         # The process-wide compressor when this client negotiated permessage-deflate.

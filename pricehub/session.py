@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import orjson
-import structlog
 
 from pricehub import protocol
 from pricehub.auth import CLOSE_FORBIDDEN_ZONE
@@ -52,7 +51,6 @@ class Session:
         stats: Stats,
         allowed_zones: frozenset[str] | None,
         single_zone: str | None,
-        log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self.connection = connection
         self.settings = settings
@@ -61,7 +59,6 @@ class Session:
         self.stats = stats
         self.allowed_zones = allowed_zones
         self.single_zone = single_zone
-        self.log = log
         self.bucket = TokenBucket(settings.client_rate_limit)
 
     # --- opening zones ----------------------------------------------------------------

@@ -172,10 +172,6 @@ class Settings:
     def simulator_enabled(self) -> bool:
         return (not self.publish_key) if self.simulate is None else self.simulate
 
-    @property
-    def auth_enabled(self) -> bool:
-        return self.jwt_secret is not None or self.jwt_public_key is not None
-
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

@@ -150,14 +150,13 @@ async def run_connection(
     connection = Connection(
         ws=ws,
         transport=transport,
-        remote=remote,
         scheduler=broadcaster,
         limits=app[SEND_LIMITS],
     )
     conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
     session = Session(
         connection=connection, settings=settings, storage=storage, broadcaster=broadcaster,
-        stats=stats, allowed_zones=grant.zones, single_zone=single_zone, log=conn_log,
+        stats=stats, allowed_zones=grant.zones, single_zone=single_zone,
     )
     broadcaster.add(connection)
     expiry = close_at_expiry(broadcaster, connection, grant.expires_at)
