@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
@@ -34,6 +34,8 @@ from pricehub.exceptions import ConfigError, StorageUnavailable
 from pricehub.storage.base import StorageListener, StoredPrice
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import INGEST_ACK, RedisStorage
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -320,54 +322,42 @@ class FailoverStorage:
     async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
         return await self._memory.history(zone, limit=limit)
 
+    async def _on_redis(self, call: Callable[[RedisStorage], Awaitable[T]]) -> T | None:
+        """``call`` on the connected Redis; None when there is none or it was just lost
+        (which starts the failover), so the caller falls back to memory."""
+        redis = self._redis
+        if redis is None:
+            return None
+        try:
+            return await call(redis)
+        except StorageUnavailable as exc:
+            self._on_lost(redis, exc)
+            return None
+
     async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
         found = await self._memory.since(zone, seq)
-        redis = self._redis
-        if found is None and redis is not None and seq > self._memory.last_seq(zone):
+        if found is None and seq > self._memory.last_seq(zone):
             # The client saw a newer seq on a faster instance; Redis has it already.
-            try:
-                return await redis.since(zone, seq)
-            except StorageUnavailable as exc:
-                self._on_lost(redis, exc)
+            return await self._on_redis(lambda redis: redis.since(zone, seq))
         return found
 
     async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
         await self._memory.register_instance(instance_id, snapshot, ttl=ttl)
-        redis = self._redis
-        if redis is not None:
-            try:
-                await redis.register_instance(instance_id, snapshot, ttl=ttl)
-            except StorageUnavailable as exc:
-                self._on_lost(redis, exc)
+        await self._on_redis(lambda redis: redis.register_instance(instance_id, snapshot, ttl=ttl))
 
     async def unregister_instance(self, instance_id: str) -> None:
         await self._memory.unregister_instance(instance_id)
-        redis = self._redis
-        if redis is not None:
-            try:
-                await redis.unregister_instance(instance_id)
-            except StorageUnavailable as exc:
-                self._on_lost(redis, exc)
+        await self._on_redis(lambda redis: redis.unregister_instance(instance_id))
 
     async def instances(self) -> dict[str, bytes]:
-        redis = self._redis
-        if redis is not None:
-            try:
-                return await redis.instances()
-            except StorageUnavailable as exc:
-                self._on_lost(redis, exc)
-        return await self._memory.instances()
+        found = await self._on_redis(lambda redis: redis.instances())
+        return found if found is not None else await self._memory.instances()
 
     async def check(self) -> None:
         """Never raises: this storage serves from memory when Redis is away (health
         reports that as ``degraded`` through ``backend``). A failing PING here is one
         more way to notice Redis is gone."""
-        redis = self._redis
-        if redis is not None:
-            try:
-                await redis.check()
-            except StorageUnavailable as exc:
-                self._on_lost(redis, exc)
+        await self._on_redis(lambda redis: redis.check())
 
 
 class _Mirror:
