@@ -300,6 +300,11 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.storage_counter("redis_errors")),
     ),
     MetricSpec(
+        "pricehub_storage_gaps_total", "counter",
+        "Prices from Redis that arrived after a hole its history could not fill.",
+        scalar(lambda s: s.storage_counter("gaps")),
+    ),
+    MetricSpec(
         "pricehub_epoch_changes_total", "counter",
         "Seq numbering lineage changes: history lost, clients cannot resume across it.",
         scalar(lambda s: s.storage_counter("epoch_changes")),
