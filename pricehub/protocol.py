@@ -50,6 +50,7 @@ __all__ = [
     "simple",
     "storage_backend_changed",
     "text_frame",
+    "timestamp_of",
     "utc_now",
     "validate_ingest_fields",
     "validate_price",
@@ -154,6 +155,19 @@ def with_seq(body: bytes, seq: int) -> bytes:
     assigned atomically by the storage without parsing the JSON again.
     """
     return b'{"seq":%d,%s' % (seq, body[1:])
+
+
+_TIMESTAMP_TAIL = len(b'"2026-11-27T15:21:16.123Z"}')
+
+
+def timestamp_of(payload: bytes) -> str:
+    """The market time of a stored price object, without parsing the JSON.
+
+    ``PriceBody.encode`` writes ``timestamp`` last and its format has a fixed width, and
+    ``with_seq`` only splices the front, so it is always the last 24 characters before
+    the closing quote and brace (a test keeps this true).
+    """
+    return payload[-_TIMESTAMP_TAIL + 1 : -2].decode()
 
 
 _PRICE_FIELDS = frozenset({"market_zone", "price", "volume", "timestamp"})

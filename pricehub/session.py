@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-import orjson
-
 from pricehub import protocol
 from pricehub.auth import CLOSE_FORBIDDEN_ZONE
 from pricehub.broadcaster import Broadcaster
@@ -215,4 +213,4 @@ def filter_hours(prices: list[StoredPrice], hours: float) -> list[StoredPrice]:
     except OverflowError:  # further back than datetime reaches: everything retained
         return prices
     # ISO-8601 UTC strings of one fixed format compare like the times they denote.
-    return [price for price in prices if orjson.loads(price.payload)["timestamp"] >= cutoff]
+    return [price for price in prices if protocol.timestamp_of(price.payload) >= cutoff]

@@ -94,13 +94,13 @@ class Stats:
         self.closed_messages_sent += connection.messages_sent
         self.closed_messages_received += connection.messages_received
 
-    def messages_sent(self, broadcaster: Broadcaster) -> int:
-        return self.closed_messages_sent + sum(c.messages_sent for c in broadcaster.connections)
-
-    def messages_received(self, broadcaster: Broadcaster) -> int:
-        return self.closed_messages_received + sum(
-            c.messages_received for c in broadcaster.connections
-        )
+    def messages(self, broadcaster: Broadcaster) -> tuple[int, int]:
+        """Messages sent and received since start, closed and open sockets, in one pass."""
+        sent, received = self.closed_messages_sent, self.closed_messages_received
+        for connection in broadcaster.connections:
+            sent += connection.messages_sent
+            received += connection.messages_received
+        return sent, received
 
     # --- event-loop lag ---------------------------------------------------------------
 
@@ -151,11 +151,12 @@ class Stats:
     # --- documents --------------------------------------------------------------------
 
     def statistics(self, broadcaster: Broadcaster, *, backend: str) -> dict[str, Any]:
+        sent, received = self.messages(broadcaster)
         return {
             "total_connections": self.total_connections,
             "total_disconnections": self.total_disconnections,
-            "total_messages_sent": self.messages_sent(broadcaster),
-            "total_messages_received": self.messages_received(broadcaster),
+            "total_messages_sent": sent,
+            "total_messages_received": received,
             "connection_errors": self.connection_errors,
             "active_connections": len(broadcaster.connections),
             "active_zones": len(broadcaster.connections_by_zone()),

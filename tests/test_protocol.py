@@ -96,6 +96,12 @@ def test_ingest_fields_are_strings_parsed_like_the_http_body() -> None:
                                         now=NOW)
 
 
+@pytest.mark.parametrize("stamp", [NOW, "0999-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"])
+def test_timestamp_of_reads_the_stored_price_without_parsing(stamp: str) -> None:
+    stored = protocol.with_seq(protocol.PriceBody("pjm", -1.5, None, stamp).encode(), 123456)
+    assert protocol.timestamp_of(stored) == orjson.loads(stored)["timestamp"] == stamp
+
+
 def test_with_seq_and_price_update_splice_valid_json() -> None:
     body = protocol.PriceBody("pjm", 41.5, 10.0, NOW).encode()
     stored = protocol.with_seq(body, 42)
