@@ -280,10 +280,16 @@ class Broadcaster:
             if connection.conflated is not None and connection not in self._conflating:
                 self._conflating[connection] = None
                 self.conflation_events += 1
+        # Kept for another try: connections that could join later by themselves (an
+        # outbox still draining, a zone still syncing). Conflating or zone-less ones are
+        # dropped: release_conflated and subscribe put them back when that changes.
         self._candidates = {
             connection: None
             for connection in self._candidates
-            if not self._join_audience(connection) and not connection.closing
+            if not connection.closing
+            and connection.conflated is None
+            and connection.streams
+            and not self._join_audience(connection)
         }
         if self._tick_started is not None:
             self.observe_latency(time.monotonic() - self._tick_started)
