@@ -38,14 +38,14 @@ from pricehub.broadcaster import Broadcaster
 from pricehub.keys import BROADCASTER, INSTANCE_ID, LIMITS, PUBLISHER, SETTINGS, STATS, STORAGE
 from pricehub.publisher import SOURCES, Publisher
 from pricehub.settings import Settings
-from pricehub.stats import DisconnectReason, Stats
+from pricehub.stats import ConnectionTotals, DisconnectReason, Stats
 from pricehub.storage import Storage
 
 if TYPE_CHECKING:
     from pricehub.ingest import IngestStats
 
 __all__ = [
-    "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "ConnectionTotals", "MetricSpec",
+    "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "MetricSpec",
     "PricehubCollector", "ProcessMetrics", "Sources", "add_routes",
 ]
 
@@ -59,30 +59,6 @@ LATENCY_BUCKETS = (
 )
 
 Sample = tuple[tuple[str, ...], float]
-
-
-@dataclass(slots=True)
-class ConnectionTotals:
-    """What the open sockets hold, gathered in one pass per scrape (at 50k sockets
-    every extra pass is milliseconds of event loop)."""
-
-    messages_sent: int = 0
-    messages_received: int = 0
-    buffered_bytes: int = 0
-    max_buffered_bytes: int = 0
-    conflating: int = 0
-
-    @classmethod
-    def measure(cls, broadcaster: Broadcaster) -> ConnectionTotals:
-        totals = cls()
-        for connection in broadcaster.connections:
-            totals.messages_sent += connection.messages_sent
-            totals.messages_received += connection.messages_received
-            buffered = connection.transport.get_write_buffer_size()
-            totals.buffered_bytes += buffered
-            totals.max_buffered_bytes = max(totals.max_buffered_bytes, buffered)
-            totals.conflating += connection.conflated is not None
-        return totals
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from pricehub.connection import Connection
 
 __all__ = [
-    "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "DisconnectReason", "HealthReport", "Stats",
+    "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals", "DisconnectReason",
+    "HealthReport", "Stats",
     "health_report",
 ]
 
@@ -61,6 +62,30 @@ def _first_checkpoint() -> deque[_Checkpoint]:
 
 
 @dataclass(slots=True)
+class ConnectionTotals:
+    """What the open sockets hold, gathered in one pass per scrape (at 50k sockets
+    every extra pass is milliseconds of event loop)."""
+
+    messages_sent: int = 0
+    messages_received: int = 0
+    buffered_bytes: int = 0
+    max_buffered_bytes: int = 0
+    conflating: int = 0
+
+    @classmethod
+    def measure(cls, broadcaster: Broadcaster) -> ConnectionTotals:
+        totals = cls()
+        for connection in broadcaster.connections:
+            totals.messages_sent += connection.messages_sent
+            totals.messages_received += connection.messages_received
+            buffered = connection.transport.get_write_buffer_size()
+            totals.buffered_bytes += buffered
+            totals.max_buffered_bytes = max(totals.max_buffered_bytes, buffered)
+            totals.conflating += connection.conflated is not None
+        return totals
+
+
+@dataclass(slots=True)
 class Stats:
     """Process-wide counters (seed names, see ``PROTOCOL.md``)."""
 
@@ -94,13 +119,6 @@ class Stats:
         self.closed_messages_sent += connection.messages_sent
         self.closed_messages_received += connection.messages_received
 
-    def messages(self, broadcaster: Broadcaster) -> tuple[int, int]:
-        """Messages sent and received since start, closed and open sockets, in one pass."""
-        sent, received = self.closed_messages_sent, self.closed_messages_received
-        for connection in broadcaster.connections:
-            sent += connection.messages_sent
-            received += connection.messages_received
-        return sent, received
 
     # --- event-loop lag ---------------------------------------------------------------
 
@@ -151,12 +169,14 @@ class Stats:
     # --- documents --------------------------------------------------------------------
 
     def statistics(self, broadcaster: Broadcaster, *, backend: str) -> dict[str, Any]:
-        sent, received = self.messages(broadcaster)
+        open_sockets = ConnectionTotals.measure(broadcaster)
         return {
             "total_connections": self.total_connections,
             "total_disconnections": self.total_disconnections,
-            "total_messages_sent": sent,
-            "total_messages_received": received,
+            "total_messages_sent": self.closed_messages_sent + open_sockets.messages_sent,
+            "total_messages_received": (
+                self.closed_messages_received + open_sockets.messages_received
+            ),
             "connection_errors": self.connection_errors,
             "active_connections": len(broadcaster.connections),
             "active_zones": len(broadcaster.connections_by_zone()),
