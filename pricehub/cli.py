@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pricehub.exceptions import ConfigError
-from pricehub.logs import configure_logging
-from pricehub.settings import load_settings
+from pricehub.server.errors import ConfigError
+from pricehub.server.logs import configure_logging
+from pricehub.server.settings import load_settings
 
 __all__ = ["main"]
 
@@ -15,7 +15,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["tail"]:
-        from pricehub.tail import main as tail_main
+        from pricehub.client.tail import main as tail_main
 
         return tail_main(args[1:])
     if args[:1] == ["serve"]:
@@ -27,10 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     if settings.workers > 1:
-        from pricehub.workers import run_workers
+        from pricehub.server.workers import run_workers
 
         return run_workers(settings)
-    from pricehub.server import serve
+    from pricehub.server.runner import serve
 
     return serve(settings)
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pricehub.app import create_app
+from pricehub.server.app import create_app
 from tests.redisproc import RedisProcess
 from tests.serverproc import ServerProcess
 from tests.support import PUBLISH_KEY, Client, MakeClient, make_settings

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from pricehub.settings import Settings
+from pricehub.server.settings import Settings
 
 __all__ = [
     "PUBLISH_KEY",

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pricehub.backoff import TERMINAL_CLOSE_CODES, Backoff, GiveUp, Retry
+from pricehub.client.backoff import TERMINAL_CLOSE_CODES, Backoff, GiveUp, Retry
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""pricehub.client against a real server subprocess, through real sockets.
+"""pricehub.client.client against a real server subprocess, through real sockets.
 
 Reconnect delays are checked exactly by injecting ``random`` and ``sleep``; connection loss
 without a server restart is produced by a TCP proxy between client and server that can cut
@@ -18,8 +18,8 @@ import aiohttp
 import jwt
 import pytest
 
-from pricehub.backoff import Backoff
-from pricehub.client import (
+from pricehub.client.backoff import Backoff
+from pricehub.client.client import (
     Gap,
     PriceClient,
     PriceUpdate,

@@ -17,10 +17,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pricehub.exceptions import StorageUnavailable
-from pricehub.protocol import PriceBody
+from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import INGEST_ACK, IngestAck
+from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess, TcpProxy
 from tests.support import eventually
 

@@ -19,10 +19,10 @@ import orjson
 import pytest
 import websockets
 
-from pricehub.broadcaster import Broadcaster
-from pricehub.compression import Deflater, negotiate
-from pricehub.connection import Connection
-from pricehub.keys import BROADCASTER, STATS
+from pricehub.server.fanout.broadcaster import Broadcaster
+from pricehub.server.keys import BROADCASTER, STATS
+from pricehub.server.socket.compression import Deflater, negotiate
+from pricehub.server.socket.connection import Connection
 from tests.support import (
     WAIT,
     Client,

@@ -28,9 +28,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pricehub import protocol
-from pricehub.auth import CLOSE_INVALID_TOKEN, TokenVerifier
-from pricehub.exceptions import AuthError, ProtocolError, ValidationError
+from pricehub.server.errors import AuthError
+from pricehub.server.policy.auth import TokenVerifier
+from pricehub.wire import messages
+from pricehub.wire.codes import CloseCode
+from pricehub.wire.errors import ProtocolError, ValidationError
 
 settings.register_profile(
     "fuzz-ci", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -148,7 +150,7 @@ ingest_entries = st.one_of(
 # --- checks of a successful result ----------------------------------------------------------
 
 
-def check_price(body: protocol.PriceBody) -> None:
+def check_price(body: messages.PriceBody) -> None:
     assert body.market_zone in ZONES
     assert isinstance(body.price, float)
     assert math.isfinite(body.price)
@@ -157,21 +159,21 @@ def check_price(body: protocol.PriceBody) -> None:
     orjson.loads(body.encode())  # what gets stored and broadcast is valid JSON
 
 
-def check_message(message: protocol.ClientMessage) -> None:
+def check_message(message: messages.ClientMessage) -> None:
     match message:
-        case protocol.Subscribe(zones=zones, since=since, epoch=epoch):
+        case messages.Subscribe(zones=zones, since=since, epoch=epoch):
             assert all(isinstance(zone, str) for zone in zones)
             assert all(isinstance(seq, int) and seq >= 0 for seq in since.values())
             assert epoch is None or isinstance(epoch, str)
-        case protocol.Unsubscribe(zones=zones):
+        case messages.Unsubscribe(zones=zones):
             assert all(isinstance(zone, str) for zone in zones)
-        case protocol.RequestHistory(market_zone=zone, hours=hours, limit=limit):
+        case messages.RequestHistory(market_zone=zone, hours=hours, limit=limit):
             assert zone is None or isinstance(zone, str)
             assert hours is None or (math.isfinite(hours) and hours > 0)
             assert limit is None or (isinstance(limit, int) and limit > 0)
             assert hours is None or limit is None
         case _:
-            assert isinstance(message, protocol.Ping | protocol.Heartbeat)
+            assert isinstance(message, messages.Ping | messages.Heartbeat)
 
 
 def check_protocol_error(error: ProtocolError) -> None:
@@ -180,7 +182,7 @@ def check_protocol_error(error: ProtocolError) -> None:
 
 
 def check_auth_error(error: AuthError) -> None:
-    assert error.close_code == CLOSE_INVALID_TOKEN
+    assert error.close_code == CloseCode.INVALID_TOKEN
 
 
 def check_field(error: ValidationError) -> None:
@@ -198,7 +200,7 @@ def check_field(error: ValidationError) -> None:
 @example('{"type":"subscribe","zones":[],"since":{"pjm":-1}}')
 def test_client_message_decoder(frame: str | bytes) -> None:
     try:
-        message = protocol.decode_client_message(frame)
+        message = messages.decode_client_message(frame)
     except ProtocolError as exc:
         check_protocol_error(exc)
     else:
@@ -211,7 +213,7 @@ def test_client_message_decoder(frame: str | bytes) -> None:
 @example(b'{"market_zone":"pjm","price":1,"timestamp":"9999-12-31T23:59:59-01:00"}')
 def test_publish_body_validator(raw: bytes) -> None:
     try:
-        bodies = protocol.validate_publish_body(raw, zones=ZONES, now=NOW, max_batch=5)
+        bodies = messages.validate_publish_body(raw, zones=ZONES, now=NOW, max_batch=5)
     except ValidationError as exc:
         check_field(exc)
     else:
@@ -226,7 +228,7 @@ def test_publish_body_validator(raw: bytes) -> None:
 @example({b"market_zone": b"pjm", b"price": b"\xff"})
 def test_ingest_fields_validator(fields: dict[bytes, bytes] | dict[str, str]) -> None:
     try:
-        body = protocol.validate_ingest_fields(fields, zones=ZONES, now=NOW)
+        body = messages.validate_ingest_fields(fields, zones=ZONES, now=NOW)
     except ValidationError as exc:
         check_field(exc)
     else:
@@ -241,10 +243,10 @@ def test_times_with_an_offset_normalise_to_utc_milliseconds(moment: datetime) ->
         expected = moment.astimezone(UTC)
     except OverflowError:
         with pytest.raises(ValueError, match="range"):
-            protocol.normalise_timestamp(moment.isoformat())
+            messages.normalise_timestamp(moment.isoformat())
         return
     e = expected  # spelled out field by field: an oracle independent of strftime/isoformat
-    assert protocol.normalise_timestamp(moment.isoformat()) == (
+    assert messages.normalise_timestamp(moment.isoformat()) == (
         f"{e.year:04d}-{e.month:02d}-{e.day:02d}T{e.hour:02d}:{e.minute:02d}:{e.second:02d}"
         f".{e.microsecond // 1000:03d}Z"
     )

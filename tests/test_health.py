@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from pricehub.app import create_app
-from pricehub.exceptions import StorageUnavailable
-from pricehub.stats import ERROR_RATE_WINDOW, LOOP_LAG_WINDOW, Stats, health_report
+from pricehub.server.app import create_app
+from pricehub.server.stats import ERROR_RATE_WINDOW, LOOP_LAG_WINDOW, Stats, health_report
 from pricehub.storage import MemoryStorage, StoredPrice
+from pricehub.storage.errors import StorageUnavailable
 from tests.redisproc import RedisProcess
 from tests.serverproc import free_port
 from tests.support import WAIT, make_settings, publish, receive_json

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pricehub.app import create_app
-from pricehub.keys import STATS
+from pricehub.server.app import create_app
+from pricehub.server.keys import STATS
 from pricehub.storage import MemoryStorage
 from tests.support import (
     PUBLISH_KEY,

@@ -12,11 +12,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pricehub.ingest import IngestConsumer
-from pricehub.protocol import PriceBody
-from pricehub.publisher import Publisher
+from pricehub.server.ingest import IngestConsumer
+from pricehub.server.publisher import Publisher
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, LeaseLost
+from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import REPO
 from tests.support import eventually
@@ -147,8 +147,8 @@ async def test_a_fenced_consumer_cannot_append(
 
 DOOMED = """
 import asyncio, sys
-from pricehub.ingest import IngestConsumer
-from pricehub.publisher import Publisher
+from pricehub.server.ingest import IngestConsumer
+from pricehub.server.publisher import Publisher
 from pricehub.storage.failover import FailoverStorage
 
 class Quiet:

@@ -18,8 +18,8 @@ import jwt
 import pytest
 import structlog
 
-from pricehub.app import create_app
-from pricehub.logs import configure_logging, redact_text
+from pricehub.server.app import create_app
+from pricehub.server.logs import configure_logging, redact_text
 from tests.serverproc import ServerProcess
 from tests.support import WAIT, make_settings, receive_json
 

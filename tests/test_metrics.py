@@ -22,8 +22,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from pricehub import __version__
-from pricehub.metrics import METRICS
-from pricehub.stats import DisconnectReason
+from pricehub.server.http.metrics import METRICS
+from pricehub.wire.codes import DisconnectReason
 from tests.support import (
     WAIT,
     Client,
@@ -115,7 +115,7 @@ async def test_scripted_session_moves_every_counter_by_exactly_its_share(
 
     assert moved(before, after, "pricehub_connections_accepted_total") == 3
     assert moved(before, after, "pricehub_connections_rejected_total", reason="unknown_zone") == 1
-    for reason in DisconnectReason.ALL:
+    for reason in DisconnectReason:
         expected = 1 if reason == DisconnectReason.CLIENT else 0
         assert moved(before, after, "pricehub_disconnections_total", reason=reason) == expected
     assert value(after, "pricehub_connections_open") == 2

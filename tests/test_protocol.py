@@ -7,8 +7,8 @@ import struct
 import orjson
 import pytest
 
-from pricehub import protocol
-from pricehub.exceptions import ProtocolError, ValidationError
+from pricehub.wire import messages
+from pricehub.wire.errors import ProtocolError, ValidationError
 
 ZONES = ("pjm", "ercot")
 NOW = "2026-11-27T15:00:00.000Z"
@@ -24,18 +24,18 @@ NOW = "2026-11-27T15:00:00.000Z"
     ],
 )
 def test_timestamps_are_normalised_to_utc_milliseconds(given: str, expected: str) -> None:
-    assert protocol.normalise_timestamp(given) == expected
+    assert messages.normalise_timestamp(given) == expected
 
 
 @pytest.mark.parametrize("given", ["2026-11-27T15:21:16", "yesterday", "", "2026-13-01T00:00Z"])
 def test_timestamps_without_offset_or_garbage_are_rejected(given: str) -> None:
     with pytest.raises(ValueError, match=r"offset|ISO|range"):
-        protocol.normalise_timestamp(given)
+        messages.normalise_timestamp(given)
 
 
 def test_valid_price_with_defaults() -> None:
-    body = protocol.validate_price({"market_zone": "pjm", "price": -12}, zones=ZONES, now=NOW)
-    assert body == protocol.PriceBody("pjm", -12.0, None, NOW)
+    body = messages.validate_price({"market_zone": "pjm", "price": -12}, zones=ZONES, now=NOW)
+    assert body == messages.PriceBody("pjm", -12.0, None, NOW)
     assert orjson.loads(body.encode()) == {
         "market_zone": "pjm", "price": -12.0, "volume": None, "timestamp": NOW,
     }
@@ -62,7 +62,7 @@ def test_valid_price_with_defaults() -> None:
 )
 def test_invalid_prices_name_the_field(item: object, field: str) -> None:
     with pytest.raises(ValidationError) as caught:
-        protocol.validate_price(item, zones=ZONES, now=NOW)
+        messages.validate_price(item, zones=ZONES, now=NOW)
     assert caught.value.field == field
 
 
@@ -70,54 +70,54 @@ def test_publish_body_batch_names_the_index_and_caps_size() -> None:
     good = {"market_zone": "pjm", "price": 1}
     raw = orjson.dumps([good, {"market_zone": "pjm", "price": None}])
     with pytest.raises(ValidationError) as caught:
-        protocol.validate_publish_body(raw, zones=ZONES, now=NOW, max_batch=10)
+        messages.validate_publish_body(raw, zones=ZONES, now=NOW, max_batch=10)
     assert caught.value.field == "[1].price"
     with pytest.raises(ValidationError, match="exceeds"):
-        protocol.validate_publish_body(
+        messages.validate_publish_body(
             orjson.dumps([good] * 3), zones=ZONES, now=NOW, max_batch=2
         )
     with pytest.raises(ValidationError, match="invalid JSON"):
-        protocol.validate_publish_body(b"{", zones=ZONES, now=NOW, max_batch=2)
-    assert len(protocol.validate_publish_body(orjson.dumps([good] * 2), zones=ZONES, now=NOW,
+        messages.validate_publish_body(b"{", zones=ZONES, now=NOW, max_batch=2)
+    assert len(messages.validate_publish_body(orjson.dumps([good] * 2), zones=ZONES, now=NOW,
                                               max_batch=2)) == 2
 
 
 def test_ingest_fields_are_strings_parsed_like_the_http_body() -> None:
-    body = protocol.validate_ingest_fields(
+    body = messages.validate_ingest_fields(
         {b"market_zone": b"ercot", b"price": b"41.5", b"volume": b"120"}, zones=ZONES, now=NOW
     )
-    assert body == protocol.PriceBody("ercot", 41.5, 120.0, NOW)
+    assert body == messages.PriceBody("ercot", 41.5, 120.0, NOW)
     with pytest.raises(ValidationError) as caught:
-        protocol.validate_ingest_fields({"market_zone": "ercot", "price": "cheap"}, zones=ZONES,
+        messages.validate_ingest_fields({"market_zone": "ercot", "price": "cheap"}, zones=ZONES,
                                         now=NOW)
     assert caught.value.field == "price"
     with pytest.raises(ValidationError):
-        protocol.validate_ingest_fields({"market_zone": "ercot", "price": "nan"}, zones=ZONES,
+        messages.validate_ingest_fields({"market_zone": "ercot", "price": "nan"}, zones=ZONES,
                                         now=NOW)
 
 
 @pytest.mark.parametrize("stamp", [NOW, "0999-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"])
 def test_timestamp_of_reads_the_stored_price_without_parsing(stamp: str) -> None:
-    stored = protocol.with_seq(protocol.PriceBody("pjm", -1.5, None, stamp).encode(), 123456)
-    assert protocol.timestamp_of(stored) == orjson.loads(stored)["timestamp"] == stamp
+    stored = messages.with_seq(messages.PriceBody("pjm", -1.5, None, stamp).encode(), 123456)
+    assert messages.timestamp_of(stored) == orjson.loads(stored)["timestamp"] == stamp
 
 
 def test_with_seq_and_price_update_splice_valid_json() -> None:
-    body = protocol.PriceBody("pjm", 41.5, 10.0, NOW).encode()
-    stored = protocol.with_seq(body, 42)
+    body = messages.PriceBody("pjm", 41.5, 10.0, NOW).encode()
+    stored = messages.with_seq(body, 42)
     assert orjson.loads(stored) == {
         "seq": 42, "market_zone": "pjm", "price": 41.5, "volume": 10.0, "timestamp": NOW,
     }
-    update = orjson.loads(protocol.price_update(stored, replay=True, conflated=True))
+    update = orjson.loads(messages.price_update(stored, replay=True, conflated=True))
     assert update["type"] == "price_update"
     assert update["replay"] is True and update["conflated"] is True and update["seq"] == 42
-    assert "replay" not in orjson.loads(protocol.price_update(stored))
+    assert "replay" not in orjson.loads(messages.price_update(stored))
 
 
 @pytest.mark.parametrize("length", [0, 125, 126, 65535, 65536, 70000])
 def test_text_frame_header_encodes_the_length(length: int) -> None:
     payload = b"x" * length
-    frame = protocol.text_frame(payload)
+    frame = messages.text_frame(payload)
     assert frame[0] == 0x81  # FIN + text opcode
     second = frame[1]
     assert second & 0x80 == 0  # server frames are unmasked
@@ -134,18 +134,18 @@ def test_text_frame_header_encodes_the_length(length: int) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ('{"type":"ping"}', protocol.Ping()),
-        ('{"type":"heartbeat"}', protocol.Heartbeat()),
-        ('{"type":"request_price_history","hours":2}', protocol.RequestHistory(None, 2.0, None)),
+        ('{"type":"ping"}', messages.Ping()),
+        ('{"type":"heartbeat"}', messages.Heartbeat()),
+        ('{"type":"request_price_history","hours":2}', messages.RequestHistory(None, 2.0, None)),
         ('{"type":"request_price_history","limit":5,"market_zone":"pjm"}',
-         protocol.RequestHistory("pjm", None, 5)),
+         messages.RequestHistory("pjm", None, 5)),
         ('{"type":"subscribe","zones":["pjm","pjm","ercot"],"since":{"pjm":3},"epoch":"e"}',
-         protocol.Subscribe(("pjm", "ercot"), {"pjm": 3}, "e")),
-        ('{"type":"unsubscribe","zones":["pjm"]}', protocol.Unsubscribe(("pjm",))),
+         messages.Subscribe(("pjm", "ercot"), {"pjm": 3}, "e")),
+        ('{"type":"unsubscribe","zones":["pjm"]}', messages.Unsubscribe(("pjm",))),
     ],
 )
-def test_client_messages_decode(raw: str, expected: protocol.ClientMessage) -> None:
-    assert protocol.decode_client_message(raw) == expected
+def test_client_messages_decode(raw: str, expected: messages.ClientMessage) -> None:
+    assert messages.decode_client_message(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -170,23 +170,23 @@ def test_client_messages_decode(raw: str, expected: protocol.ClientMessage) -> N
 )
 def test_bad_client_messages_map_to_contract_codes(raw: str | bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as caught:
-        protocol.decode_client_message(raw)
+        messages.decode_client_message(raw)
     assert caught.value.code == code
 
 
 def test_server_messages_carry_type_and_timestamp() -> None:
-    stored = protocol.with_seq(protocol.PriceBody("pjm", 1.0, None, NOW).encode(), 1)
-    messages = [
-        protocol.simple("pong", now=NOW),
-        protocol.initial_data("pjm", stored, now=NOW),
-        protocol.resume_complete("pjm", recovered=True, from_seq=1, to_seq=3, now=NOW),
-        protocol.price_history("pjm", [stored], hours=None, limit=1, now=NOW),
-        protocol.zones_message("subscribed", ["pjm"], now=NOW),
-        protocol.storage_backend_changed("redis", now=NOW),
-        protocol.error("unknown_type", "x", now=NOW),
+    stored = messages.with_seq(messages.PriceBody("pjm", 1.0, None, NOW).encode(), 1)
+    frames = [
+        messages.simple("pong", now=NOW),
+        messages.initial_data("pjm", stored, now=NOW),
+        messages.resume_complete("pjm", recovered=True, from_seq=1, to_seq=3, now=NOW),
+        messages.price_history("pjm", [stored], hours=None, limit=1, now=NOW),
+        messages.zones_message("subscribed", ["pjm"], now=NOW),
+        messages.storage_backend_changed("redis", now=NOW),
+        messages.error("unknown_type", "x", now=NOW),
     ]
-    for raw in messages:
+    for raw in frames:
         message = orjson.loads(raw)
         assert message["timestamp"] == NOW and isinstance(message["type"], str)
-    assert orjson.loads(messages[1])["latest_price"]["seq"] == 1
-    assert orjson.loads(messages[3])["data"][0]["seq"] == 1
+    assert orjson.loads(frames[1])["latest_price"]["seq"] == 1
+    assert orjson.loads(frames[3])["data"][0]["seq"] == 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from pricehub.exceptions import StorageUnavailable
-from pricehub.protocol import PriceBody, with_seq
+from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.redis import EpochChanged, RedisStorage
+from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
 from tests.support import eventually, missing_tool

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pricehub.resume import ZoneStream, plan_resume
+from pricehub.server.policy.resume import ZoneStream, plan_resume
 from pricehub.storage import StoredPrice
 
 

@@ -25,11 +25,11 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pricehub.admission import ConnectionLimits
-from pricehub.app import create_app
-from pricehub.auth import TokenVerifier, key_matches
-from pricehub.exceptions import AuthError
-from pricehub.settings import Settings
+from pricehub.server.app import create_app
+from pricehub.server.errors import AuthError
+from pricehub.server.policy.admission import ConnectionLimits
+from pricehub.server.policy.auth import TokenVerifier, key_matches
+from pricehub.server.settings import Settings
 
 WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
 SECRET = "hs256-test-secret-of-at-least-32-bytes!"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pricehub.exceptions import ConfigError
-from pricehub.settings import DEFAULT_ZONES, Settings, example_toml, load_settings
+from pricehub.server.errors import ConfigError
+from pricehub.server.settings import DEFAULT_ZONES, Settings, example_toml, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

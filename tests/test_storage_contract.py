@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from pricehub.protocol import PriceBody, with_seq
 from pricehub.storage import MemoryStorage, Storage
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import RedisStorage
+from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.support import eventually
 

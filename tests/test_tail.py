@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from pricehub.client import Gap, PriceUpdate, Status
-from pricehub.tail import TableView
+from pricehub.client.client import Gap, PriceUpdate, Status
+from pricehub.client.tail import TableView
 from tests.serverproc import REPO, ServerProcess
 
 WAIT = 10.0

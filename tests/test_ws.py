@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from pricehub.keys import BROADCASTER, STATS
+from pricehub.server.keys import BROADCASTER, STATS
 from tests.support import (
     WAIT,
     Client,

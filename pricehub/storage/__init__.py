@@ -14,7 +14,7 @@ from pricehub.storage.memory import MemoryStorage
 if TYPE_CHECKING:
     import structlog
 
-    from pricehub.settings import Settings
+    from pricehub.server.settings import Settings
 
 __all__ = ["MemoryStorage", "Storage", "StorageListener", "StoredPrice", "create_storage"]
 

@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from pricehub.exceptions import ConfigError, StorageUnavailable
+from pricehub.server.errors import ConfigError
 from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import INGEST_ACK, RedisStorage
 
@@ -40,7 +41,7 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from pricehub.settings import Settings
+    from pricehub.server.settings import Settings
 
 __all__ = ["FailoverStorage"]
 

@@ -12,8 +12,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from pricehub.protocol import with_seq
 from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.wire.messages import with_seq
 
 __all__ = ["MemoryStorage"]
 

@@ -36,9 +36,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from pricehub.exceptions import StorageError, StorageUnavailable
-from pricehub.protocol import with_seq
 from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.errors import StorageError, StorageUnavailable
+from pricehub.wire.messages import with_seq
 
 __all__ = [
     "INGEST_ACK",

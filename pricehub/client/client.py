@@ -1,0 +1,529 @@
+"""Reconnecting asyncio client of the pricehub WebSocket feed (aiohttp).
+
+::
+
+    async with PriceClient("http://127.0.0.1:8080", ["pjm", "ercot"]) as client:
+        async for event in client:
+            if isinstance(event, Gap):
+                ...  # history was lost; event.zone restarts from the next update
+            else:
+                print(event.zone, event.seq, event.price)
+
+One zone uses ``/api/ws/ws/market/{zone}`` (resume with ``since``/``epoch`` in the query),
+several use ``/api/ws/ws/prices?zones=...`` (resume with a ``subscribe`` message). The
+client keeps the last delivered ``seq`` of every zone, so after any retryable close it
+reconnects per ``pricehub.client.backoff`` and asks for exactly what it missed. Each zone's
+updates come out once and in ``seq`` order; when the server cannot fill a gap
+(``resume_complete`` with ``recovered: false``) a ``Gap`` comes out first.
+
+Connection state is reported to an ``on_status`` callback as ``Status`` values:
+``connecting`` -> ``connected`` -> (``reconnecting`` -> ``connecting`` -> ...) and finally
+``failed`` or ``closed``. After ``failed`` the iterator raises ``TerminalCloseError`` (close
+code 1008/4001/4003) or ``ReconnectFailed`` (attempts exhausted); ``reconnect()`` starts
+over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+from yarl import URL
+
+from pricehub.client.backoff import Backoff, GiveUp
+from pricehub.wire import paths
+from pricehub.wire.codes import MessageType
+from pricehub.wire.errors import PriceHubError
+
+__all__ = [
+    "ClientError",
+    "ConnectionState",
+    "Gap",
+    "PriceClient",
+    "PriceUpdate",
+    "ReconnectFailed",
+    "Status",
+    "TerminalCloseError",
+]
+
+logger = logging.getLogger(__name__)
+
+ConnectionState = Literal["connecting", "connected", "reconnecting", "failed", "closed"]
+
+_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+@dataclass(frozen=True, slots=True)
+class PriceUpdate:
+    """One price of one zone.
+
+    ``timestamp`` is the wire string (ISO-8601 UTC, milliseconds, ``Z``). ``replay`` marks an
+    update re-sent during a resume, ``conflated`` one after which the server skipped updates
+    for a slow reader, ``initial`` the zone's current price sent on (re)subscribe.
+    """
+
+    zone: str
+    price: float
+    volume: float | None
+    seq: int
+    timestamp: str
+    replay: bool = False
+    conflated: bool = False
+    initial: bool = False
+
+    def as_price_object(self) -> dict[str, Any]:
+        """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true
+        (as on the wire)."""
+        price: dict[str, Any] = {
+            "market_zone": self.zone,
+            "price": self.price,
+            "volume": self.volume,
+            "seq": self.seq,
+            "timestamp": self.timestamp,
+        }
+        if self.replay:
+            price["replay"] = True
+        if self.conflated:
+            price["conflated"] = True
+        return price
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Updates of ``zone`` after ``last_seq`` were lost and will never be delivered.
+
+    ``epoch`` differs from ``previous_epoch`` when the server's numbering restarted (history
+    lost, e.g. an in-memory server restarted); otherwise the missing updates were older than
+    the retained history. ``from_seq``/``to_seq`` are the server's ``resume_complete`` fields.
+    """
+
+    zone: str
+    last_seq: int
+    previous_epoch: str
+    epoch: str
+    from_seq: int | None
+    to_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A connection state change; ``attempt``/``delay`` describe the next reconnect,
+    ``code``/``error`` why the previous connection ended."""
+
+    state: ConnectionState
+    attempt: int = 0
+    delay: float | None = None
+    code: int | None = None
+    error: str | None = None
+
+
+class ClientError(PriceHubError):
+    """Base of the errors the client raises from its iterator."""
+
+
+class TerminalCloseError(ClientError):
+    """The server closed with a code that forbids retrying (1008, 4001, 4003)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"server closed the connection with {code}: {reason or 'no reason'}")
+        self.code = code
+        self.reason = reason
+
+
+class ReconnectFailed(ClientError):
+    """Every reconnect attempt failed; call ``PriceClient.reconnect()`` to try again."""
+
+    def __init__(self, attempts: int, error: str | None) -> None:
+        super().__init__(f"gave up after {attempts} reconnect attempts (last error: {error})")
+        self.attempts = attempts
+        self.error = error
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Last delivered seq of a zone and the epoch it belongs to."""
+
+    epoch: str
+    seq: int
+
+
+Event = PriceUpdate | Gap
+_LOST_TYPES = (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+_WAKE = object()  # queued to wake a blocked iterator after a failure or close
+
+
+class PriceClient:
+    """Subscribe to one or more zones and iterate over their updates, reconnecting.
+
+    ``server`` is the base URL (``http(s)://`` or ``ws(s)://``, an optional path prefix is
+    kept); ``zones`` one zone name or several. Keyword-only options:
+
+    * ``token`` (None): subscriber token, sent as the ``token`` query parameter.
+    * ``backoff`` (``Backoff()``): the reconnect policy; inject ``random``/``clock`` there.
+    * ``sleep`` (``asyncio.sleep``): awaited with each reconnect delay; tests inject one
+      that records the delay and returns at once.
+    * ``heartbeat_interval`` (None): seconds between ``heartbeat`` messages; None uses the
+      server's ``heartbeat_interval``. No frame for twice the interval counts as a dead
+      connection.
+    * ``open_timeout`` (10.0): seconds to open the socket and get ``connection_established``.
+    * ``close_timeout`` (2.0): seconds to wait for the server's answer to a client close.
+    * ``max_queue`` (1024): updates buffered for the iterator; when full the client stops
+      reading the socket so a slow consumer is handled by the server's flow control.
+    * ``on_status`` (None): called with every ``Status``.
+    * ``session`` (None): an ``aiohttp.ClientSession`` to use; by default the client owns one.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        zones: str | Iterable[str],
+        *,
+        token: str | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        heartbeat_interval: float | None = None,
+        open_timeout: float = 10.0,
+        close_timeout: float = 2.0,
+        max_queue: int = 1024,
+        on_status: Callable[[Status], None] | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.zones: tuple[str, ...] = tuple(
+            dict.fromkeys([zones] if isinstance(zones, str) else zones)
+        )
+        if not self.zones:
+            raise ValueError("at least one zone is required")
+        base = URL(server)
+        if base.scheme not in _SCHEMES:
+            raise ValueError(f"server must be an http(s):// or ws(s):// URL, got {server!r}")
+        self._base = base.with_scheme(_SCHEMES[base.scheme])
+        self.token = token
+        self._backoff = backoff or Backoff()
+        self._sleep = sleep
+        self._heartbeat_override = heartbeat_interval
+        self._open_timeout = open_timeout
+        self._close_timeout = close_timeout
+        self._on_status = on_status
+        self._session = session
+        self._owns_session = session is None
+        self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max_queue)
+        self._cursors: dict[str, _Cursor] = {}
+        self._held: dict[str, list[PriceUpdate]] = {}  # zones awaiting resume_complete
+        self._epoch: str | None = None  # epoch of the current connection
+        self._task: asyncio.Task[None] | None = None
+        self._failure: ClientError | None = None
+        self._closed = False
+        self.status = Status("connecting")
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background (needs a running event loop)."""
+        if self._closed:
+            raise ClientError("the client is closed")
+        if self._task is None:
+            if self._session is None:
+                self._session = aiohttp.ClientSession()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task.add_done_callback(self._on_task_done)
+
+    async def reconnect(self) -> None:
+        """Reconnect now with a fresh attempt counter, resuming where delivery stopped.
+
+        Use it after ``failed`` (a ``ReconnectFailed``, or a ``TerminalCloseError`` once the
+        cause is fixed, e.g. a new ``token``); on a live connection it drops the socket.
+        """
+        if self._closed:
+            raise ClientError("the client is closed")
+        await self._stop_task()
+        self._failure = None
+        self._backoff.reset()
+        self.start()
+
+    async def close(self) -> None:
+        """Close the socket and end iteration; pending updates are discarded."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_task()
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._set_status(Status("closed"))
+        self._wake()
+
+    async def __aenter__(self) -> PriceClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if not self._closed:
+            self.start()  # iterating a client nobody started would wait forever
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._queue.empty():
+                if self._closed:
+                    raise StopAsyncIteration
+                if self._failure is not None:
+                    raise self._failure
+            item = await self._queue.get()
+            if item is not _WAKE:
+                return item  # type: ignore[return-value]
+
+    async def _stop_task(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        # A bug in the loop must end iteration loudly, not leave the iterator waiting.
+        if task.cancelled() or task.exception() is None:
+            return
+        self._failure = ClientError(f"client loop crashed: {task.exception()!r}")
+        self._set_status(Status("failed", error=str(self._failure)))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue has no blocked reader
+            self._queue.put_nowait(_WAKE)
+
+    def _set_status(self, status: Status) -> None:
+        self.status = status
+        if self._on_status is not None:
+            try:
+                self._on_status(status)
+            except Exception:  # a broken callback must not kill the connection loop
+                logger.exception("on_status callback failed")
+
+    # --- connection loop --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            self._set_status(Status("connecting", attempt=attempt))
+            code, error = await self._connect_once()
+            decision = self._backoff.closed(code)
+            if isinstance(decision, GiveUp):
+                self._give_up(decision, error)
+                return
+            attempt = decision.attempt
+            self._set_status(
+                Status(
+                    "reconnecting", attempt=attempt, delay=decision.delay, code=code, error=error
+                )
+            )
+            await self._sleep(decision.delay)
+
+    def _give_up(self, decision: GiveUp, error: str | None) -> None:
+        if decision.reason == "terminal" and decision.code is not None:
+            self._failure = TerminalCloseError(decision.code, error or "")
+        else:
+            self._failure = ReconnectFailed(decision.attempts, error)
+        self._set_status(Status("failed", code=decision.code, error=str(self._failure)))
+        self._wake()
+
+    async def _connect_once(self) -> tuple[int | None, str | None]:
+        """One connection, from open to close: the close code (None if it never opened
+        or died without a close frame) and a description of why it ended."""
+        assert self._session is not None
+        # Zones with a cursor resume; their output is held until resume_complete.
+        self._held = {zone: [] for zone in self._cursors}
+        self._epoch = None
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                ws = await self._session.ws_connect(
+                    self._url(), timeout=aiohttp.ClientWSTimeout(ws_close=self._close_timeout)
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return None, f"connect failed: {_explain(exc)}"
+        try:
+            return await self._serve(ws)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return ws.close_code, f"connection lost: {_explain(exc)}"
+        finally:
+            await ws.close()
+
+    def _url(self) -> URL:
+        path = self._base.path.rstrip("/")
+        query: dict[str, str] = {}
+        if len(self.zones) == 1:
+            zone = self.zones[0]
+            url = self._base.with_path(path + paths.ws_market(zone))
+            cursor = self._cursors.get(zone)
+            if cursor is not None:
+                query.update(since=str(cursor.seq), epoch=cursor.epoch)
+        else:
+            url = self._base.with_path(path + paths.WS_PRICES)
+            query["zones"] = ",".join(self.zones)
+        if self.token is not None:
+            query["token"] = self.token
+        return url.with_query(query)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str | None]:
+        silence_limit = self._open_timeout  # until connection_established says otherwise
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=silence_limit)
+                except TimeoutError:
+                    return None, f"no frame from the server for {silence_limit:g} s"
+                if msg.type is aiohttp.WSMsgType.CLOSE:
+                    return ws.close_code, msg.extra or "closed by the server without a reason"
+                if msg.type in _LOST_TYPES:
+                    cause = f": {_explain(msg.data)}" if isinstance(msg.data, BaseException) else ""
+                    return ws.close_code, f"connection lost{cause}"
+                message = self._decode(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
+                if message is None:
+                    continue
+                if heartbeat is not None:
+                    await self._dispatch(message)
+                elif message.get("type") != MessageType.CONNECTION_ESTABLISHED:
+                    logger.warning("ignoring %s before connection_established", message.get("type"))
+                else:
+                    try:
+                        interval = await self._on_established(ws, message)
+                    except (KeyError, TypeError, ValueError) as exc:
+                        return None, f"malformed connection_established: {exc!r}"
+                    heartbeat = asyncio.create_task(self._heartbeat(ws, interval))
+                    silence_limit = 2 * interval
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+
+    @staticmethod
+    def _decode(data: str) -> dict[str, Any] | None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            logger.warning("ignoring a frame that is not JSON: %.200s", data)
+            return None
+        if not isinstance(message, dict):
+            logger.warning("ignoring a frame that is not a JSON object: %.200s", data)
+            return None
+        return message
+
+    async def _heartbeat(self, ws: aiohttp.ClientWebSocketResponse, interval: float) -> None:
+        frame = json.dumps({"type": MessageType.HEARTBEAT})
+        with contextlib.suppress(aiohttp.ClientError, ConnectionError):
+            while not ws.closed:
+                await asyncio.sleep(interval)
+                await ws.send_str(frame)
+
+    async def _on_established(
+        self, ws: aiohttp.ClientWebSocketResponse, message: Mapping[str, Any]
+    ) -> float:
+        """Record the epoch, start the stability timer, ask multi-zone resumes; returns
+        the heartbeat interval."""
+        self._epoch = str(message["epoch"])
+        self._backoff.opened()
+        self._set_status(Status("connected"))
+        if len(self.zones) > 1:
+            await self._send_resumes(ws)
+        return float(self._heartbeat_override or message["heartbeat_interval"])
+
+    async def _send_resumes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # One subscribe per epoch: a disconnect in the middle of resuming after an epoch
+        # change can leave cursors of two lineages, and `subscribe` carries one epoch.
+        by_epoch: dict[str, dict[str, int]] = {}
+        for zone, cursor in self._cursors.items():
+            by_epoch.setdefault(cursor.epoch, {})[zone] = cursor.seq
+        for epoch, since in by_epoch.items():
+            await ws.send_str(
+                json.dumps(
+                    {
+                        "type": MessageType.SUBSCRIBE, "zones": list(since), "since": since,
+                        "epoch": epoch,
+                    }
+                )
+            )
+
+    async def _dispatch(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        try:
+            if kind == MessageType.PRICE_UPDATE:
+                await self._offer(_price(message, message))
+            elif kind == MessageType.INITIAL_DATA:
+                await self._offer(_price(message["latest_price"], message, initial=True))
+            elif kind == MessageType.RESUME_COMPLETE:
+                await self._on_resume_complete(message)
+            elif kind == MessageType.ERROR:
+                logger.warning("server error %s: %s", message.get("code"), message.get("message"))
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("ignoring a malformed %s message (%r): %.200s", kind, exc, message)
+
+    async def _offer(self, update: PriceUpdate) -> None:
+        held = self._held.get(update.zone)
+        if held is not None:
+            held.append(update)
+        else:
+            await self._deliver(update)
+
+    async def _deliver(self, update: PriceUpdate) -> None:
+        """Pass ``update`` on unless its seq was already delivered (in this epoch)."""
+        cursor = self._cursors.get(update.zone)
+        if cursor is not None and cursor.epoch == self._epoch and update.seq <= cursor.seq:
+            return
+        assert self._epoch is not None  # updates only follow connection_established
+        self._cursors[update.zone] = _Cursor(self._epoch, update.seq)
+        await self._queue.put(update)
+
+    async def _on_resume_complete(self, message: Mapping[str, Any]) -> None:
+        zone = str(message["market_zone"])
+        held = self._held.pop(zone, None)
+        cursor = self._cursors.get(zone)
+        if held is None or cursor is None:
+            return  # not a resume this client asked for
+        assert self._epoch is not None
+        if not message["recovered"]:
+            await self._queue.put(
+                Gap(
+                    zone,
+                    cursor.seq,
+                    cursor.epoch,
+                    self._epoch,
+                    message.get("from_seq"),
+                    message.get("to_seq"),
+                )
+            )
+            if cursor.epoch != self._epoch:
+                del self._cursors[zone]  # a new lineage: its seqs start over
+        # Replay, live updates and initial_data may interleave while resuming; seq order
+        # plus the cursor turn them into one ordered, duplicate-free stream. On equal seqs
+        # the real update wins over the initial_data copy, keeping its replay flag.
+        for update in sorted(held, key=lambda u: (u.seq, u.initial)):
+            await self._deliver(update)
+
+
+def _explain(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _price(
+    obj: Mapping[str, Any], message: Mapping[str, Any], *, initial: bool = False
+) -> PriceUpdate:
+    volume = obj.get("volume")
+    return PriceUpdate(
+        zone=str(obj["market_zone"]),
+        price=float(obj["price"]),
+        volume=None if volume is None else float(volume),
+        seq=int(obj["seq"]),
+        timestamp=str(obj["timestamp"]),
+        replay=bool(message.get("replay", False)),
+        conflated=bool(message.get("conflated", False)),
+        initial=initial,
+    )

@@ -1,0 +1,233 @@
+"""``pricehub tail``: watch zones live, as a refreshing terminal table or as JSON lines.
+
+``pricehub tail [--server http://127.0.0.1:8080] [--json] ZONE...``
+
+The table (plain ANSI escapes, redrawn every ``--refresh`` seconds) shows per zone the
+last price, its change from the previous one, volume, seq, update rate, age and gaps, under
+a line with the connection state. ``--json`` prints one price object per line on stdout,
+for ``jq``; connection states and gaps go to stderr. Ctrl-C exits 0; giving up on the
+server (attempts exhausted, or a terminal close such as an unknown zone) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from pricehub.client.backoff import Backoff
+from pricehub.client.client import ClientError, Gap, PriceClient, PriceUpdate, Status
+
+__all__ = ["TableView", "build_parser", "main"]
+
+RATE_WINDOW = 10.0  # seconds of arrivals behind the UPD/S column
+_RESET, _RED, _GREEN, _YELLOW, _BOLD = "\x1b[0m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[1m"
+_STATE_COLOURS = {"connected": _GREEN, "failed": _RED, "closed": _RED}
+_HOME, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
+_HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pricehub tail", description="Watch pricehub zones live.")
+    parser.add_argument("zones", nargs="+", metavar="ZONE", help="zone names, e.g. pjm ercot")
+    parser.add_argument(
+        "--server", default="http://127.0.0.1:8080", help="base URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON price object per line on stdout"
+    )
+    parser.add_argument("--token", help="subscriber token, when the server requires one")
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        help="reconnect attempts before giving up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--refresh", type=float, default=0.5, help="table redraw period in s (default: %(default)s)"
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``pricehub tail``; ``argv`` are the arguments after ``tail``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_tail(args))
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: a normal end for a filter. Point stdout at
+        # /dev/null so the interpreter's final flush does not report the same error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    output: _JsonOutput | _TableOutput
+    output = _JsonOutput(sys.stdout, sys.stderr) if args.json else _TableOutput(args, sys.stdout)
+    client = PriceClient(
+        args.server,
+        args.zones,
+        token=args.token,
+        backoff=Backoff(max_attempts=args.max_attempts),
+        on_status=output.status,
+    )
+    async with client, output:
+        try:
+            async for event in client:
+                output.event(event)
+        except ClientError as exc:
+            print(f"pricehub tail: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _describe(status: Status) -> str:
+    if status.state == "reconnecting":
+        why = f"close {status.code}: {status.error}" if status.code else status.error
+        return f"reconnecting in {status.delay:.1f} s (attempt {status.attempt}) after {why}"
+    if status.state == "connecting" and status.attempt:
+        return f"connecting (attempt {status.attempt})"
+    return status.error if status.state == "failed" and status.error else status.state
+
+
+def _describe_gap(gap: Gap) -> str:
+    cause = "server history lost" if gap.epoch != gap.previous_epoch else "too far behind"
+    return f"gap in {gap.zone} after seq {gap.last_seq} ({cause})"
+
+
+class _JsonOutput:
+    """Price objects on ``out``, everything else on ``err``."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self._out = out
+        self._err = err
+
+    def status(self, status: Status) -> None:
+        print(f"pricehub tail: {_describe(status)}", file=self._err, flush=True)
+
+    def event(self, event: PriceUpdate | Gap) -> None:
+        if isinstance(event, Gap):
+            print(f"pricehub tail: {_describe_gap(event)}", file=self._err, flush=True)
+        else:
+            self._out.write(json.dumps(event.as_price_object()) + "\n")
+            self._out.flush()
+
+    async def __aenter__(self) -> _JsonOutput:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+@dataclass
+class _Row:
+    last: PriceUpdate | None = None
+    change: float | None = None
+    gaps: int = 0
+    arrivals: deque[float] = field(default_factory=deque)
+
+
+class TableView:
+    """What the table shows, and its rendering; pure apart from the injected clock."""
+
+    def __init__(
+        self, zones: Sequence[str], *, server: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._started = clock()
+        self.server = server
+        self.status = Status("connecting")
+        self.note = ""
+        self.rows = {zone: _Row() for zone in zones}
+
+    def record(self, event: PriceUpdate | Gap) -> None:
+        row = self.rows.setdefault(event.zone, _Row())
+        if isinstance(event, Gap):
+            row.gaps += 1
+            self.note = _describe_gap(event)
+            return
+        if row.last is not None:
+            row.change = event.price - row.last.price
+        row.last = event
+        if not (event.replay or event.initial):  # bursts would inflate the live rate
+            row.arrivals.append(self._clock())
+
+    def rate(self, row: _Row) -> float:
+        now = self._clock()
+        while row.arrivals and row.arrivals[0] < now - RATE_WINDOW:
+            row.arrivals.popleft()
+        return len(row.arrivals) / max(min(now - self._started, RATE_WINDOW), 1.0)
+
+    def render(self) -> str:
+        """One frame: home the cursor, draw every line, clear what is left below."""
+        colour = _STATE_COLOURS.get(self.status.state, _YELLOW)
+        lines = [
+            f"{_BOLD}pricehub tail{_RESET} {self.server}  {colour}{_describe(self.status)}{_RESET}",
+            self.note,
+            f"{_BOLD}{'ZONE':<12}{'PRICE':>12}{'CHANGE':>10}{'VOLUME':>10}{'SEQ':>9}"
+            f"{'UPD/S':>7}{'AGE':>8}{'GAPS':>6}  TIME{_RESET}",
+        ]
+        lines += [self._line(zone, row) for zone, row in self.rows.items()]
+        return _HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW
+
+    def _line(self, zone: str, row: _Row) -> str:
+        rate = f"{self.rate(row):>7.1f}"
+        if row.last is None:
+            return f"{zone:<12}{'-':>12}{'':>10}{'':>10}{'':>9}{rate}{'':>8}{row.gaps:>6}"
+        change = "" if row.change is None else f"{row.change:+.2f}"
+        tint = _GREEN if (row.change or 0) > 0 else _RED if (row.change or 0) < 0 else ""
+        volume = "-" if row.last.volume is None else f"{row.last.volume:g}"
+        age = f"{self._clock() - row.arrivals[-1]:.1f}s" if row.arrivals else "-"
+        return (
+            f"{zone:<12}{row.last.price:>12.2f}{tint}{change:>10}{_RESET}{volume:>10}"
+            f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}"
+        )
+
+
+class _TableOutput:
+    """Keeps a ``TableView`` current and redraws it periodically on ``out``."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
+        self.view = TableView(args.zones, server=args.server)
+        self._out = out
+        self._period = args.refresh
+        self._task: asyncio.Task[None] | None = None
+
+    def status(self, status: Status) -> None:
+        self.view.status = status
+
+    def event(self, event: PriceUpdate | Gap) -> None:
+        self.view.record(event)
+
+    async def _redraw(self) -> None:
+        while True:
+            self._draw()
+            await asyncio.sleep(self._period)
+
+    def _draw(self) -> None:
+        self._out.write(self.view.render())
+        self._out.flush()
+
+    async def __aenter__(self) -> _TableOutput:
+        self._out.write(_HIDE_CURSOR)
+        self._task = asyncio.create_task(self._redraw())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._draw()  # the final state, e.g. why the client gave up
+        self._out.write(_SHOW_CURSOR)
+        self._out.flush()

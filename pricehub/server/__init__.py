@@ -1,0 +1,1 @@
+"""The pricehub server: app, settings, runner; http/, socket/, fanout/, policy/."""

@@ -1,0 +1,1 @@
+"""Fan-out: one encode per update, one write per connection per tick."""

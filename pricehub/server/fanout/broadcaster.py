@@ -1,0 +1,419 @@
+"""The zone broadcaster: storage listener, subscriber registry and per-tick flusher.
+
+Each price is serialised and framed once (``text_frame(price_update(payload))``, plus
+one compressed frame when some subscriber negotiated permessage-deflate). Nothing is
+awaited and no task or queue exists per client, so one slow or dead client never delays
+the others. One ``call_soon`` callback per event-loop tick then writes what the tick
+produced, one ``transport.write`` per client:
+
+* connections in step with their zones are grouped in *audiences* (same zones, same
+  encoding): the tick's frames for those zones are joined once per audience and the same
+  ``bytes`` is written to every member (the per-delivery cost of a raw broadcast);
+* the others (opening or resuming a zone, conflated, or with a message of their own
+  queued behind this tick's broadcasts) get each frame in their own outbox.
+
+A connection moves to its audience at the end of a flush once every zone of it is in
+step: not syncing, and its last ``seq`` equal to the last one broadcast, so shared frames
+can never repeat or skip a ``seq`` for it. It leaves (``detach``) whenever that stops
+being true; the tick's shared frames it has not been written yet go to its outbox then,
+in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
+from pricehub.server.socket.connection import Connection
+from pricehub.storage import StoredPrice
+from pricehub.wire import messages
+from pricehub.wire.codes import CloseCode, DisconnectReason
+
+__all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
+
+# Close grace for sockets whose response does not say (``--shutdown-grace``'s default).
+DEFAULT_CLOSE_GRACE = 5.0
+FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
+
+# One accepted price of the current tick: zone, plain frame, compressed frame (or None).
+TickFrame = tuple[str, bytes, bytes | None]
+
+
+def _ignore(_seconds: float) -> None:
+    return None
+
+
+class Audience:
+    """Connections with the same zones and encoding: byte-identical data every tick."""
+
+    __slots__ = ("bytes", "deflate", "dirty", "frames", "members", "writes", "zones")
+
+    def __init__(self, zones: frozenset[str], *, deflate: bool) -> None:
+        self.zones = zones
+        self.deflate = deflate
+        self.members: dict[Connection, None] = {}
+        self.dirty = False  # some of this tick's frames are for it and not yet written
+        # What each member got while in it: counted here once per tick, not per member.
+        self.bytes = self.frames = self.writes = 0
+
+    def share(self, tick: list[TickFrame]) -> list[bytes]:
+        """Its share of the tick, in the order the prices were accepted."""
+        deflate, zones = self.deflate, self.zones
+        return [
+            (deflated or plain) if deflate else plain
+            for zone, plain, deflated in tick
+            if zone in zones
+        ]
+
+
+class Broadcaster:
+    """Implements ``StorageListener``; owns the set of open connections.
+
+    :param zones: the configured zones (a subscriber set each).
+    :param deflater: the shared permessage-deflate compressor (default: a new one).
+    :param flush_delay: seconds to wait after the first frame of a batch before writing
+        it (default 0: the end of the current event-loop tick). A few milliseconds let
+        updates that arrive in separate ticks share one write per client.
+    """
+
+    def __init__(
+        self, *, zones: tuple[str, ...], deflater: Deflater | None = None, flush_delay: float = 0.0
+    ) -> None:
+        self.flush_delay = flush_delay
+        self.connections: dict[Connection, None] = {}
+        # Every subscriber of a zone; those outside an audience; the zone's audiences.
+        self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
+        self._individual: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
+        self._audiences_of: dict[str, dict[Audience, None]] = {zone: {} for zone in zones}
+        self._audiences: dict[tuple[frozenset[str], bool], Audience] = {}
+        self._last_seq: dict[str, int] = dict.fromkeys(zones, 0)
+        self._deflating: dict[str, int] = dict.fromkeys(zones, 0)  # deflate subscribers
+        self.deflater = deflater or Deflater()
+        self.conflation_events = 0
+        self.slow_consumer_closes = 0
+        self.updates_broadcast = 0
+        # Called once per flushed tick with the seconds from the oldest price received
+        # in that tick to its write (the metrics module installs a histogram here).
+        self.observe_latency: Callable[[float], None] = _ignore
+        self._tick_started: float | None = None
+        self._tick: list[TickFrame] = []
+        self._dirty_audiences: list[Audience] = []
+        self._dirty: list[Connection] = []
+        self._candidates: dict[Connection, None] = {}
+        # Members that fell behind or were closed during the shared writes: they leave
+        # their audience once the loop over it is done.
+        self._leaving: list[Connection] | None = None
+        self._flush_scheduled = False
+        self._conflating: dict[Connection, None] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- registry ---------------------------------------------------------------------
+
+    def add(self, connection: Connection) -> None:
+        self.connections[connection] = None
+
+    def remove(self, connection: Connection) -> None:
+        self._leave_audience(connection)
+        self.connections.pop(connection, None)
+        self._conflating.pop(connection, None)
+        self._candidates.pop(connection, None)
+        for zone in connection.streams:
+            self._drop_subscriber(zone, connection)
+        connection.streams.clear()
+
+    def subscribe(self, zone: str, connection: Connection) -> None:
+        self.detach(connection)
+        if connection not in self.subscribers[zone]:
+            self.subscribers[zone][connection] = None
+            self._deflating[zone] += connection.deflater is not None
+        self._individual[zone][connection] = None
+        self._candidates[connection] = None
+
+    def unsubscribe(self, zone: str, connection: Connection) -> None:
+        self.detach(connection)
+        self._drop_subscriber(zone, connection)
+        connection.streams.pop(zone, None)
+        if connection.conflated is not None:
+            connection.conflated.pop(zone, None)
+
+    def _drop_subscriber(self, zone: str, connection: Connection) -> None:
+        subscribers = self.subscribers[zone]
+        if connection in subscribers:
+            del subscribers[connection]
+            self._deflating[zone] -= connection.deflater is not None
+        self._individual[zone].pop(connection, None)
+
+    def connections_by_zone(self) -> dict[str, int]:
+        return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
+
+    # --- audiences --------------------------------------------------------------------
+
+    def detach(self, connection: Connection) -> None:
+        """Take a connection out of its audience; it gets frames one by one from now on,
+        starting with this tick's shared frames it has not been written yet."""
+        audience = connection.audience
+        if audience is None:
+            return
+        self._leave_audience(connection)
+        pending = audience.share(self._tick) if audience.dirty else []
+        if pending and not connection.outbox:
+            self.mark_dirty(connection)
+        connection.outbox.extend(pending)
+        for zone in audience.zones:
+            # Shared writes do not touch the streams: everything up to the zone's last
+            # broadcast seq has now been written or queued.
+            connection.streams[zone].last_seq = self._last_seq[zone]
+            self._individual[zone][connection] = None
+        self._candidates[connection] = None
+
+    def _leave_audience(self, connection: Connection) -> None:
+        audience = connection.audience
+        if audience is None:
+            return
+        connection.leave()
+        del audience.members[connection]
+        if not audience.members:
+            del self._audiences[audience.zones, audience.deflate]
+            for zone in audience.zones:
+                del self._audiences_of[zone][audience]
+
+    def _join_audience(self, connection: Connection) -> bool:
+        """Move a connection into its audience if every zone of it is in step."""
+        if connection.closing or connection.conflated is not None or connection.outbox:
+            return False
+        streams = connection.streams
+        if not streams:
+            return False
+        last_seq = self._last_seq
+        for zone, stream in streams.items():
+            if stream.syncing or stream.last_seq != last_seq[zone]:
+                return False
+        key = (frozenset(streams), connection.deflater is not None)
+        audience = self._audiences.get(key)
+        if audience is None:
+            audience = self._audiences[key] = Audience(key[0], deflate=key[1])
+            for zone in audience.zones:
+                self._audiences_of[zone][audience] = None
+        audience.members[connection] = None
+        connection.join(audience)
+        for zone in streams:
+            del self._individual[zone][connection]
+        return True
+
+    # --- StorageListener --------------------------------------------------------------
+
+    def on_price(self, price: StoredPrice) -> None:
+        zone = price.zone
+        self.updates_broadcast += 1
+        if zone not in self._last_seq:
+            return
+        # Audience members are in step with the zone's last seq, so an older or repeated
+        # one is for nobody among them (individual streams check for themselves).
+        audiences = self._audiences_of[zone] if price.seq > self._last_seq[zone] else {}
+        self._last_seq[zone] = max(price.seq, self._last_seq[zone])
+        individual = self._individual[zone]
+        if not audiences and not individual:
+            return
+        if self._tick_started is None:
+            self._tick_started = time.monotonic()
+        payload = messages.price_update(price.payload)
+        frame = messages.text_frame(payload)
+        deflated = self.deflater.frame(payload) if self._deflating[zone] else None
+        if audiences:
+            self._tick.append((zone, frame, deflated))
+            for audience in audiences:
+                if not audience.dirty:
+                    audience.dirty = True
+                    self._dirty_audiences.append(audience)
+            self._schedule_flush()
+        for connection in individual:
+            connection.deliver(price, deflated if connection.deflater and deflated else frame)
+
+    def on_backend_changed(self, backend: str) -> None:
+        self.send_all(messages.storage_backend_changed(backend, now=messages.utc_now()))
+
+    def on_epoch_changed(self, epoch: str) -> None:
+        """Numbering diverged across instances during an outage, so a connected client may
+        have missed prices it was never told about. Only a reconnect can tell it: it
+        resumes with its old epoch, gets ``recovered: false`` plus ``initial_data``, and
+        learns the new epoch from ``connection_established`` (1001: reconnect, resume)."""
+        for connection in list(self.connections):
+            self.close(
+                connection, CloseCode.GOING_AWAY,
+                f"seq lineage changed to {epoch}; reconnect and resume",
+                reason=DisconnectReason.EPOCH_CHANGED,
+            )
+
+    def send_all(self, payload: bytes) -> None:
+        frame = messages.text_frame(payload)
+        for connection in self.connections:
+            connection.queue(frame)
+
+    # --- FlushScheduler ---------------------------------------------------------------
+
+    def mark_dirty(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self.flush_delay > 0:
+                asyncio.get_running_loop().call_later(self.flush_delay, self.flush)
+            else:
+                asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        now = time.monotonic()
+        leaving = self._flush_audiences(now)
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush(now)
+            if connection.conflated is not None:
+                leaving.append(connection)
+        for connection in leaving:
+            self.detach(connection)
+            if connection.conflated is not None and connection not in self._conflating:
+                self._conflating[connection] = None
+                self.conflation_events += 1
+        # Kept for another try: connections that could join later by themselves (an
+        # outbox still draining, a zone still syncing). Conflating or zone-less ones are
+        # dropped: release_conflated and subscribe put them back when that changes.
+        self._candidates = {
+            connection: None
+            for connection in self._candidates
+            if not connection.closing
+            and connection.conflated is None
+            and connection.streams
+            and not self._join_audience(connection)
+        }
+        if self._tick_started is not None:
+            self.observe_latency(time.monotonic() - self._tick_started)
+            self._tick_started = None
+
+    def _flush_audiences(self, now: float) -> list[Connection]:
+        """The shared writes: per member a ``transport.write`` of the same ``bytes`` and
+        nothing else unless bytes are left waiting or a lag check is due (this loop is the
+        per-delivery cost). Returns the members that must leave their audience."""
+        tick, self._tick = self._tick, []
+        audiences, self._dirty_audiences = self._dirty_audiences, []
+        leaving = self._leaving = []
+        for audience in audiences:
+            audience.dirty = False
+            frames = audience.share(tick)
+            data, count = b"".join(frames), len(frames)
+            audience.bytes += len(data)
+            audience.frames += count
+            audience.writes += 1
+            for connection in audience.members:
+                if connection.outbox:  # its own messages, queued first this tick, go first
+                    connection.flush(now)
+                    if connection.closing:
+                        continue
+                transport = connection.transport
+                if transport.is_closing():
+                    continue
+                transport.write(data)
+                if transport.get_write_buffer_size() or now >= connection.next_check:
+                    connection.check_backlog(now)
+                    if connection.conflated is not None:
+                        leaving.append(connection)
+        self._leaving = None
+        return leaving
+
+    def seal(self, connection: Connection) -> None:
+        """Before a close frame: write out what the connection has (its share of this
+        tick included) and stop giving it frames. Runs for every close of a
+        ``BroadcastWebSocketResponse``, whoever starts it."""
+        if connection.closing:
+            return
+        if self._leaving is not None:  # during the shared writes: leave after the loop
+            self._leaving.append(connection)
+        else:
+            self.detach(connection)  # its share of the tick goes out before the close
+        connection.flush()
+        connection.closing = True
+
+    def close(self, connection: Connection, code: int, message: str, *, reason: str) -> None:
+        """Close a connection from synchronous code; ``reason`` is a DisconnectReason."""
+        if not connection.closing:
+            grace = self._begin_close(connection, code, reason)
+            self.spawn(close_socket(connection, code, message, grace=grace))
+
+    async def close_now(
+        self, connection: Connection, code: int, message: str, *, reason: str
+    ) -> None:
+        """Close a connection and wait for it, within the socket's close grace."""
+        if not connection.closing:
+            grace = self._begin_close(connection, code, reason)
+            await close_socket(connection, code, message, grace=grace)
+
+    def _begin_close(self, connection: Connection, code: int, reason: str) -> float:
+        """Seal the connection (nothing may follow the close frame); returns the grace."""
+        self.seal(connection)
+        connection.disconnect_reason = reason
+        if code == CloseCode.SLOW_CONSUMER:
+            self.slow_consumer_closes += 1
+        ws = connection.ws
+        if isinstance(ws, BroadcastWebSocketResponse):
+            return ws.close_timeout
+        return DEFAULT_CLOSE_GRACE
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- background -------------------------------------------------------------------
+
+    def release_conflated(self) -> None:
+        """Send conflated prices to clients that drained; close the ones lagging too long."""
+        now = time.monotonic()
+        for connection in list(self._conflating):
+            if connection.release_conflated(now):
+                del self._conflating[connection]
+                self._candidates[connection] = None
+            elif connection.closing:
+                del self._conflating[connection]
+
+    async def run_conflation_monitor(self, *, interval: float = 0.05) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.release_conflated()
+
+    async def drain(self) -> None:
+        """Wait for the close tasks started by ``close`` (shutdown)."""
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def close_socket(connection: Connection, code: int, message: str, *, grace: float) -> None:
+    """The close handshake, then free the socket even if the client never reads.
+
+    ``grace`` is the socket's close timeout (``--shutdown-grace``), so shutdown, which
+    closes every socket this way, ends within it too.
+
+    aiohttp's ``close`` may return as soon as the close frame is queued, and a closed
+    transport keeps its unsent bytes until the client reads them: for a client that
+    stopped reading, forever. So the buffer gets ``grace`` seconds to drain (the close
+    frame is behind it; a client that reads again in time sees the close code), then
+    the transport is aborted, which frees it. ``drain=False``: aiohttp's drain would wait
+    for that client without a deadline.
+    """
+    transport = connection.transport
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                reason = messages.close_reason(message)
+                await connection.ws.close(code=code, message=reason, drain=False)
+                # asyncio has no event for "transport drained" once it is closing.
+                while transport.get_write_buffer_size():  # noqa: ASYNC110
+                    await asyncio.sleep(FLUSH_POLL)
+    finally:
+        if transport.get_write_buffer_size():
+            transport.abort()

@@ -1,0 +1,1 @@
+"""HTTP endpoints: the JSON API, /metrics and the dashboard."""

@@ -1,0 +1,274 @@
+"""Redis Stream ingest: ``XADD pricehub:ingest * market_zone pjm price 41.5 [volume V]
+[timestamp T]``, taken once per cluster and published like an HTTP price.
+
+Ordering is the hard part: "a zone's entries get their seqs in stream order, whichever
+instance takes them". A consumer group alone does not give that (two consumers can read
+entries 1 and 2 of a zone and append them in either order), so exactly one instance
+consumes at a time: the holder of a lease (``<prefix>ingest:lease``, ``SET NX PX``,
+renewed by its holder). It reads through the consumer group and handles entries one
+after another, in stream order.
+
+Exactly once: an entry's append and its XACK are one Lua script (see ``INGEST_ACK`` in
+``pricehub.storage.redis``), so a crash cannot separate them, and the script refuses
+to run unless the caller still holds the lease: an instance that stalled past its lease
+cannot append once its successor started (a fencing token).
+
+Takeover: when the holder dies its lease expires (``lease_ttl``); the next holder first
+XAUTOCLAIMs the pending entries (delivered to the dead consumer but, by atomicity, never
+appended), oldest first, then goes on with new ones. A holder shutting down cleanly
+releases the lease at once.
+
+Invalid entries are validated like the HTTP body, logged (throttled), counted and
+acknowledged, never retried. While the instance serves from memory (Redis away),
+ingest pauses: entries wait in the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from redis.exceptions import RedisError, ResponseError
+
+from pricehub.server.keys import INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
+from pricehub.server.publisher import Publisher
+from pricehub.storage.errors import StorageError
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, KeyLayout, LeaseLost
+from pricehub.wire.errors import ValidationError
+from pricehub.wire.messages import utc_now, validate_ingest_fields
+
+__all__ = ["INGEST_STATS", "IngestConsumer", "IngestStats", "ingest_ctx"]
+
+log = structlog.get_logger("pricehub.ingest")
+
+# KEYS: lease. ARGV: token, ttl ms. Take the lease if free, extend it if ours.
+LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: token. Give the lease up, if it is still ours.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
+LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """Counters for the metrics module."""
+
+    accepted: int = 0
+    invalid: int = 0
+    leases: int = 0  # times this instance became the consumer
+    claimed: int = 0  # pending entries taken over from a previous consumer
+
+
+# Optional: set ``app[INGEST_STATS] = IngestStats()`` in ``create_app`` to read the
+# counters (the app is frozen by the time ``ingest_ctx`` runs).
+INGEST_STATS = web.AppKey("ingest_stats", IngestStats)
+
+
+class IngestConsumer:
+    """Consumes the ingest stream while holding the cluster-wide lease.
+
+    :param storage: the Redis-backed storage (its live client is used).
+    :param publisher: where valid prices go (``source="redis-ingest"``).
+    :param zones: the configured zones (validation).
+    :param consumer: this instance's name in the group and its lease token.
+    :param lease_ttl: seconds a lease lives without renewal (default 2): how long a
+        dead holder's entries wait before another instance takes them.
+    :param block: seconds one read waits for new entries (default 0.25); keep it under
+        the Redis socket timeout.
+    :param batch: entries per read (default 100).
+    :param stats: counters to update (default: a fresh ``IngestStats``).
+    """
+
+    def __init__(
+        self,
+        storage: FailoverStorage,
+        publisher: Publisher,
+        *,
+        zones: Sequence[str],
+        consumer: str,
+        lease_ttl: float = 2.0,
+        block: float = 0.25,
+        batch: int = 100,
+        stats: IngestStats | None = None,
+    ) -> None:
+        self._storage = storage
+        self._publisher = publisher
+        self._zones = frozenset(zones)
+        self._consumer = consumer
+        self._keys = KeyLayout(storage.key_prefix)
+        self._lease_ms = int(lease_ttl * 1000)
+        self._renew_every = lease_ttl / 3
+        self._block_ms = max(1, int(block * 1000))
+        self._batch = batch
+        self._stopping = asyncio.Event()
+        self.stats = stats or IngestStats()
+
+    async def run(self) -> None:
+        """Until ``stop``: wait for Redis and the lease, consume until either is lost."""
+        while not self._stopping.is_set():
+            try:
+                client = self._storage.redis_client()
+                if await self._acquire(client):
+                    await self._consume(client)
+            except (StorageError, RedisError, OSError) as exc:
+                log.debug("ingest_paused", reason=str(exc))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._renew_every):
+                    await self._stopping.wait()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the entry in hand (within one ``block``).
+
+        Cooperative on purpose: cancelling a task inside a blocking XREADGROUP can
+        leave redis-py (8.1, Python 3.11) waiting on its socket with the
+        cancellation swallowed, so shutdown would hang.
+        """
+        self._stopping.set()
+
+    async def release(self) -> None:
+        """Hand the lease over at once (clean shutdown)."""
+        client = self._storage.redis_client()
+        await client.eval(RELEASE_LUA, 1, self._keys.ingest_lease, self._consumer)
+
+    async def _acquire(self, client: aioredis.Redis) -> bool:
+        held = await client.eval(
+            LEASE_LUA, 1, self._keys.ingest_lease, self._consumer, self._lease_ms
+        )
+        return bool(held)
+
+    async def _consume(self, client: aioredis.Redis) -> None:
+        await self._ensure_group(client)
+        await self._forget_idle_consumers(client)
+        self.stats.leases += 1
+        log.info("ingest_lease_acquired", consumer=self._consumer)
+        renew_at = time.monotonic() + self._renew_every
+        while not self._stopping.is_set():
+            entries = await self._claim_pending(client) or await self._read_new(client)
+            for entry_id, fields in entries:
+                if self._stopping.is_set():
+                    return  # the rest stay pending, for us or a successor, in order
+                if time.monotonic() >= renew_at:
+                    renew_at = await self._renew(client)
+                await self._handle(client, entry_id, fields)
+            if time.monotonic() >= renew_at:
+                renew_at = await self._renew(client)
+
+    async def _renew(self, client: aioredis.Redis) -> float:
+        if not await self._acquire(client):
+            raise LeaseLost("ingest lease taken by another instance")
+        return time.monotonic() + self._renew_every
+
+    async def _ensure_group(self, client: aioredis.Redis) -> None:
+        # From id 0: entries added before the group existed are prices for us too.
+        try:
+            await client.xgroup_create(self._keys.ingest, INGEST_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _forget_idle_consumers(self, client: aioredis.Redis) -> None:
+        """Drop previous consumers with nothing pending: every restart names a new
+        one, and the group would otherwise list them forever."""
+        consumers: Any = await client.xinfo_consumers(self._keys.ingest, INGEST_GROUP)
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != self._consumer and int(consumer["pending"]) == 0:
+                await client.xgroup_delconsumer(self._keys.ingest, INGEST_GROUP, name)
+
+    async def _claim_pending(self, client: aioredis.Redis) -> list[Entry]:
+        """Entries delivered but never acknowledged (a dead holder's, or ours from
+        before Redis failed), oldest first: they come before anything new."""
+        response = await client.xautoclaim(
+            self._keys.ingest, INGEST_GROUP, self._consumer,
+            min_idle_time=0, start_id="0-0", count=self._batch,
+        )  # fmt: skip
+        entries = cast(list[Entry], response[1])
+        self.stats.claimed += len(entries)
+        return entries
+
+    async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
+        # RESP2 (the client default): [[stream, [(id, fields), ...]]], or nothing.
+        response: Any = await client.xreadgroup(
+            INGEST_GROUP, self._consumer, {self._keys.ingest: ">"},
+            count=self._batch, block=self._block_ms,
+        )  # fmt: skip
+        return cast(list[Entry], response[0][1]) if response else []
+
+    async def _handle(self, client: aioredis.Redis, entry_id: bytes, fields: Any) -> None:
+        try:
+            body = validate_ingest_fields(fields, zones=self._zones, now=utc_now())
+        except ValidationError as exc:
+            self.stats.invalid += 1
+            # Throttled: a broken publisher must not turn into a log flood.
+            if self.stats.invalid <= LOGGED_INVALID or self.stats.invalid % 1000 == 0:
+                log.warning(
+                    "ingest_invalid_entry", entry_id=entry_id.decode(), field=exc.field,
+                    error=exc.message, invalid_total=self.stats.invalid,
+                )  # fmt: skip
+            # Acknowledged and deleted together: the stream stays bounded by the backlog.
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xack(self._keys.ingest, INGEST_GROUP, entry_id)
+                pipe.xdel(self._keys.ingest, entry_id)
+                await pipe.execute()
+            return
+        token = INGEST_ACK.set(IngestAck(entry_id.decode(), self._consumer))
+        try:
+            await self._publisher.publish(body, source="redis-ingest")
+        finally:
+            INGEST_ACK.reset(token)
+        self.stats.accepted += 1
+
+
+async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: consume the ingest stream when the storage is Redis."""
+    storage = app[STORAGE]
+    if not isinstance(storage, FailoverStorage):
+        yield
+        return
+    settings = app[SETTINGS]
+    consumer = IngestConsumer(
+        storage, app[PUBLISHER], zones=settings.zones, consumer=app[INSTANCE_ID],
+        block=settings.redis_timeout / 2, stats=app.get(INGEST_STATS),
+    )  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield
+    finally:
+        consumer.stop()
+        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task}, timeout=STOP_GRACE)
+        with contextlib.suppress(StorageError, RedisError, OSError):
+            await consumer.release()
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("ingest_failed", error=repr(task.exception()))

@@ -1,0 +1,1 @@
+"""One WebSocket client: the handler, its session, its connection, compression."""

@@ -1,0 +1,82 @@
+"""Every code of the wire contract, spelled once: close codes, error codes, reasons.
+
+Server, clients and tests import these; no other module writes ``4008`` or
+``"unknown_zone"`` as a literal (as python-websockets keeps one ``CloseCode``).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+__all__ = ["NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "MessageType"]
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of ``PROTOCOL.md`` ("Close codes")."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down, or the seq lineage changed: resume
+    POLICY = 1008  # unknown zone, too many zones
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # over the connection limit
+    HEARTBEAT_TIMEOUT = 4000
+    INVALID_TOKEN = 4001
+    FORBIDDEN_ZONE = 4003
+    SLOW_CONSUMER = 4008
+    RATE_LIMITED = 4029
+
+
+# A client must not reconnect after these without a change of its own (zone, token).
+NO_RETRY_CLOSE_CODES: frozenset[int] = frozenset(
+    {CloseCode.POLICY, CloseCode.INVALID_TOKEN, CloseCode.FORBIDDEN_ZONE}
+)
+
+
+class ErrorCode(StrEnum):
+    """``code`` of an ``error`` message (the socket stays open)."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    UNKNOWN_ZONE = "unknown_zone"
+    FORBIDDEN_ZONE = "forbidden_zone"
+    RATE_LIMITED = "rate_limited"
+    MESSAGE_TOO_LARGE = "message_too_large"
+
+
+class DisconnectReason(StrEnum):
+    """Why a socket ended (the ``reason`` label of the disconnection metric and logs)."""
+
+    CLIENT = "client_close"
+    HEARTBEAT = "heartbeat_timeout"
+    SLOW_CONSUMER = "slow_consumer"
+    RATE_LIMIT = "rate_limit"
+    AUTH = "auth"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+    PROTOCOL = "protocol"
+    EPOCH_CHANGED = "epoch_changed"
+
+
+class MessageType(StrEnum):
+    """``type`` of every message, both directions (``PROTOCOL.md`` tables)."""
+
+    # server -> client
+    CONNECTION_ESTABLISHED = "connection_established"
+    INITIAL_DATA = "initial_data"
+    PRICE_UPDATE = "price_update"
+    RESUME_COMPLETE = "resume_complete"
+    PONG = "pong"
+    HEARTBEAT_ACK = "heartbeat_ack"
+    PRICE_HISTORY = "price_history"
+    SUBSCRIBED = "subscribed"
+    UNSUBSCRIBED = "unsubscribed"
+    STORAGE_BACKEND_CHANGED = "storage_backend_changed"
+    ERROR = "error"
+    # client -> server
+    PING = "ping"
+    HEARTBEAT = "heartbeat"
+    REQUEST_PRICE_HISTORY = "request_price_history"
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"

@@ -1,0 +1,34 @@
+"""Errors of the wire contract: what a client message or a published price did wrong."""
+
+from __future__ import annotations
+
+__all__ = ["PriceHubError", "ProtocolError", "ValidationError"]
+
+
+class PriceHubError(Exception):
+    """Base class of all pricehub errors (server, storage and client alike)."""
+
+
+class ProtocolError(PriceHubError):
+    """A client message broke the wire contract.
+
+    ``code`` is one of the contract's error codes (``ErrorCode``); the connection stays
+    open after it is reported.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ValidationError(PriceHubError):
+    """A published price (HTTP body or Redis ingest entry) is invalid.
+
+    ``field`` names the offending field so a publisher can fix its payload.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

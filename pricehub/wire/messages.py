@@ -1,0 +1,481 @@
+"""The wire contract (``PROTOCOL.md``) as pure functions: no sockets, no clocks of its own.
+
+Three parts:
+
+* client messages: ``decode_client_message`` turns a frame into one of the message
+  dataclasses or raises ``ProtocolError`` with the contract's error code;
+* published prices: ``validate_price`` (and the HTTP / Redis-ingest wrappers) turn
+  untrusted input into a ``PriceBody`` or raise ``ValidationError`` naming the field;
+* server messages: builders returning the exact bytes of a text frame's payload, and
+  ``text_frame`` which wraps a payload into a complete WebSocket frame once, so the same
+  bytes can be written to every subscriber.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from pricehub.wire.errors import ProtocolError, ValidationError
+
+__all__ = [
+    "DEFAULT_HISTORY_LIMIT",
+    "ClientMessage",
+    "Heartbeat",
+    "Ping",
+    "PriceBody",
+    "RequestHistory",
+    "Subscribe",
+    "Unsubscribe",
+    "close_reason",
+    "connection_established",
+    "decode_client_message",
+    "encode",
+    "error",
+    "format_timestamp",
+    "initial_data",
+    "is_valid_zone_name",
+    "normalise_timestamp",
+    "parse_count",
+    "price_history",
+    "price_update",
+    "resume_complete",
+    "simple",
+    "storage_backend_changed",
+    "text_frame",
+    "timestamp_of",
+    "utc_now",
+    "validate_ingest_fields",
+    "validate_price",
+    "validate_publish_body",
+    "with_seq",
+    "zones_message",
+]
+
+ZONE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+DEFAULT_HISTORY_LIMIT = 100  # prices in a history answer when the client names no limit
+
+
+def is_valid_zone_name(zone: object) -> bool:
+    return isinstance(zone, str) and ZONE_RE.match(zone) is not None
+
+
+# --- time -------------------------------------------------------------------------------
+
+
+def utc_now() -> str:
+    return format_timestamp(datetime.now(UTC))
+
+
+def format_timestamp(moment: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``: ``2026-11-27T15:21:16.123Z``."""
+    m = moment.astimezone(UTC)
+    # Not strftime: its %Y does not zero-pad years before 1000 on every platform.
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+        f".{m.microsecond // 1000:03d}Z"
+    )
+
+
+def normalise_timestamp(value: str) -> str:
+    """Any ISO-8601 time with an offset, as UTC milliseconds; no offset is an error.
+
+    A trading feed must not guess time zones, so a naive time is rejected rather
+    than read as local or UTC.
+    """
+    text = value.strip()
+    if text.endswith(("z", "Z")):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"not an ISO-8601 time: {value[:40]!r}") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"time has no UTC offset: {value[:40]!r}")
+    try:
+        return format_timestamp(moment)
+    except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
+        raise ValueError(f"time out of range: {value[:40]!r}") from None
+
+
+def parse_count(text: str, *, max_digits: int = 18) -> int | None:
+    """A non-negative decimal integer from a query parameter, or None.
+
+    ``str.isdigit`` is not enough: it accepts digits ``int`` rejects (``"²"``) and
+    strings too long for ``int`` (over 4300 digits): a 500 instead of a 4xx.
+    """
+    if 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
+def close_reason(text: str) -> bytes:
+    """A close frame's reason: at most 123 bytes of valid UTF-8 (RFC 6455 5.5, 7.1.6).
+
+    Longer, the frame is invalid and the client sees 1002 instead of our code.
+    """
+    return text.encode()[:123].decode(errors="ignore").encode()
+
+
+# --- published prices -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PriceBody:
+    """A validated price, before the storage gives it its ``seq``."""
+
+    market_zone: str
+    price: float
+    volume: float | None
+    timestamp: str
+
+    def encode(self) -> bytes:
+        """The JSON object without ``seq``; ``with_seq`` adds it once the seq is known."""
+        return orjson.dumps(
+            {
+                "market_zone": self.market_zone,
+                "price": self.price,
+                "volume": self.volume,
+                "timestamp": self.timestamp,
+            }
+        )
+
+
+def with_seq(body: bytes, seq: int) -> bytes:
+    """Insert ``"seq"`` into an encoded ``PriceBody``.
+
+    Done by splicing bytes (the Redis Lua script does the same) so the seq can be
+    assigned atomically by the storage without parsing the JSON again.
+    """
+    return b'{"seq":%d,%s' % (seq, body[1:])
+
+
+_TIMESTAMP_TAIL = len(b'"2026-11-27T15:21:16.123Z"}')
+
+
+def timestamp_of(payload: bytes) -> str:
+    """The market time of a stored price object, without parsing the JSON.
+
+    ``PriceBody.encode`` writes ``timestamp`` last and its format has a fixed width, and
+    ``with_seq`` only splices the front, so it is always the last 24 characters before
+    the closing quote and brace (a test keeps this true).
+    """
+    return payload[-_TIMESTAMP_TAIL + 1 : -2].decode()
+
+
+_PRICE_FIELDS = frozenset({"market_zone", "price", "volume", "timestamp"})
+
+
+def _finite_number(name: str, value: object) -> float:
+    # bool is an int subclass; "price": true is a publisher bug, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(name, "must be a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValidationError(name, "must be finite")
+    return number
+
+
+def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBody:
+    """Validate one price object (already JSON-decoded). ``now`` is the default timestamp."""
+    if not isinstance(item, dict):
+        raise ValidationError("body", "a price must be a JSON object")
+    unknown = sorted(set(item) - _PRICE_FIELDS, key=str)
+    if unknown:
+        raise ValidationError(str(unknown[0]), "unknown field")
+    zone = item.get("market_zone")
+    if zone is None:
+        raise ValidationError("market_zone", "is required")
+    if not is_valid_zone_name(zone) or zone not in zones:
+        raise ValidationError("market_zone", f"unknown zone {zone!r}")
+    if "price" not in item:
+        raise ValidationError("price", "is required")
+    price = _finite_number("price", item["price"])
+    volume_raw = item.get("volume")
+    volume = None if volume_raw is None else _finite_number("volume", volume_raw)
+    if volume is not None and volume < 0:
+        raise ValidationError("volume", "must be >= 0")
+    timestamp_raw = item.get("timestamp")
+    if timestamp_raw is None:
+        timestamp = now
+    elif isinstance(timestamp_raw, str):
+        try:
+            timestamp = normalise_timestamp(timestamp_raw)
+        except ValueError as exc:
+            raise ValidationError("timestamp", str(exc)) from None
+    else:
+        raise ValidationError("timestamp", "must be an ISO-8601 string")
+    return PriceBody(str(zone), price, volume, timestamp)
+
+
+def validate_publish_body(
+    raw: bytes, *, zones: Collection[str], now: str, max_batch: int
+) -> list[PriceBody]:
+    """The HTTP publish body: one price object or a list of them (all or nothing)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValidationError("body", "invalid JSON") from None
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise ValidationError("body", "empty list")
+    if len(items) > max_batch:
+        raise ValidationError("body", f"batch of {len(items)} exceeds {max_batch}")
+    bodies = []
+    for index, item in enumerate(items):
+        try:
+            bodies.append(validate_price(item, zones=zones, now=now))
+        except ValidationError as exc:
+            field = f"[{index}].{exc.field}" if isinstance(data, list) else exc.field
+            raise ValidationError(field, exc.message) from None
+    return bodies
+
+
+def validate_ingest_fields(
+    fields: Mapping[bytes, bytes] | Mapping[str, str], *, zones: Collection[str], now: str
+) -> PriceBody:
+    """A Redis Stream entry (all values are strings) validated like the HTTP body."""
+    item: dict[str, Any] = {}
+    for key, value in fields.items():
+        try:
+            name = key.decode() if isinstance(key, bytes) else key
+            text = value.decode() if isinstance(value, bytes) else value
+        except UnicodeDecodeError:
+            raise ValidationError("entry", "not UTF-8") from None
+        item[name] = text
+    for name in ("price", "volume"):
+        if name in item:
+            item[name] = _parse_number_text(name, item[name])
+    return validate_price(item, zones=zones, now=now)
+
+
+def _parse_number_text(name: str, text: str) -> float | None:
+    if text.strip().lower() in {"", "null", "none"} and name == "volume":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValidationError(name, f"not a number: {text[:40]!r}") from None
+
+
+# --- client messages --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHistory:
+    market_zone: str | None
+    hours: float | None
+    limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    zones: tuple[str, ...]
+    since: Mapping[str, int]
+    epoch: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    zones: tuple[str, ...]
+
+
+ClientMessage = Ping | Heartbeat | RequestHistory | Subscribe | Unsubscribe
+
+
+def decode_client_message(data: str | bytes) -> ClientMessage:
+    """Parse one client text frame; raise ``ProtocolError`` with the contract's code."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("invalid_message", "message must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "missing string field 'type'")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+    return decoder(obj)
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError("invalid_message", message)
+
+
+def _zone_list(obj: dict[str, Any]) -> tuple[str, ...]:
+    zones = obj.get("zones")
+    if not isinstance(zones, list) or not all(isinstance(zone, str) for zone in zones):
+        raise _invalid("'zones' must be a list of strings")
+    return tuple(dict.fromkeys(zones))  # de-duplicated, order kept
+
+
+def _decode_history(obj: dict[str, Any]) -> RequestHistory:
+    zone = obj.get("market_zone")
+    if zone is not None and not isinstance(zone, str):
+        raise _invalid("'market_zone' must be a string")
+    hours, limit = obj.get("hours"), obj.get("limit")
+    if hours is not None and (
+        isinstance(hours, bool) or not isinstance(hours, int | float)
+        or not math.isfinite(hours) or hours <= 0
+    ):
+        raise _invalid("'hours' must be a positive number")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise _invalid("'limit' must be a positive integer")
+    if hours is not None and limit is not None:
+        raise _invalid("give 'hours' or 'limit', not both")
+    return RequestHistory(zone, hours, limit)  # echoed back as asked
+
+
+def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
+    zones = _zone_list(obj)
+    since = obj.get("since") or {}
+    if not isinstance(since, dict) or not all(
+        isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 for seq in since.values()
+    ):
+        raise _invalid("'since' must map zones to non-negative integers")
+    epoch = obj.get("epoch")
+    if epoch is not None and not isinstance(epoch, str):
+        raise _invalid("'epoch' must be a string")
+    return Subscribe(zones, since, epoch)
+
+
+_DECODERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
+    "ping": lambda obj: Ping(),
+    "heartbeat": lambda obj: Heartbeat(),
+    "request_price_history": _decode_history,
+    "subscribe": _decode_subscribe,
+    "unsubscribe": lambda obj: Unsubscribe(_zone_list(obj)),
+}
+
+
+# --- server messages --------------------------------------------------------------------
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(message)
+
+
+def simple(kind: str, *, now: str) -> bytes:
+    """``pong``, ``heartbeat_ack``: a type and the server time."""
+    return b'{"type":"%s","timestamp":"%s"}' % (kind.encode(), now.encode())
+
+
+def connection_established(
+    *,
+    connection_id: str,
+    zones: Sequence[str],
+    single_zone: bool,
+    backend: str,
+    epoch: str,
+    heartbeat_interval: float,
+    now: str,
+) -> bytes:
+    message: dict[str, Any] = {"type": "connection_established", "connection_id": connection_id}
+    if single_zone:
+        message["market_zone"] = zones[0]
+        text = f"Connected to {zones[0]} market updates"
+    else:
+        message["zones"] = list(zones)
+        text = f"Connected to {', '.join(zones) or 'no'} market updates"
+    message |= {
+        "storage_backend": backend,
+        "epoch": epoch,
+        "heartbeat_interval": heartbeat_interval,
+        "message": text,
+        "timestamp": now,
+    }
+    return encode(message)
+
+
+def price_update(payload: bytes, *, replay: bool = False, conflated: bool = False) -> bytes:
+    """A ``price_update`` built by splicing the stored price object (no re-encoding)."""
+    flags = (b'"replay":true,' if replay else b"") + (b'"conflated":true,' if conflated else b"")
+    return b'{"type":"price_update",' + flags + payload[1:]
+
+
+def initial_data(zone: str, payload: bytes, *, now: str) -> bytes:
+    return encode(
+        {
+            "type": "initial_data",
+            "market_zone": zone,
+            "latest_price": orjson.Fragment(payload),
+            "timestamp": now,
+        }
+    )
+
+
+def resume_complete(zone: str, *, recovered: bool, from_seq: int, to_seq: int, now: str) -> bytes:
+    return encode(
+        {
+            "type": "resume_complete",
+            "market_zone": zone,
+            "recovered": recovered,
+            "from_seq": from_seq,
+            "to_seq": to_seq,
+            "timestamp": now,
+        }
+    )
+
+
+def price_history(
+    zone: str, payloads: Iterable[bytes], *, hours: float | None, limit: int | None, now: str
+) -> bytes:
+    message: dict[str, Any] = {
+        "type": "price_history",
+        "market_zone": zone,
+        "data": [orjson.Fragment(payload) for payload in payloads],
+    }
+    if hours is not None:
+        message["hours"] = hours
+    else:
+        message["limit"] = limit
+    message["timestamp"] = now
+    return encode(message)
+
+
+def zones_message(kind: str, zones: Sequence[str], *, now: str) -> bytes:
+    """``subscribed`` / ``unsubscribed``."""
+    return encode({"type": kind, "zones": list(zones), "timestamp": now})
+
+
+def storage_backend_changed(backend: str, *, now: str) -> bytes:
+    return encode({"type": "storage_backend_changed", "storage_backend": backend, "timestamp": now})
+
+
+def error(code: str, message: str, *, now: str) -> bytes:
+    return encode({"type": "error", "code": code, "message": message, "timestamp": now})
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented server-to-client text frame (RFC 6455 5.2).
+
+    Built once per update and written as-is to every subscriber's transport: this is
+    what makes fan-out cost one ``write`` per client instead of one encode per client.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
