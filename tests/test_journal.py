@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -42,7 +43,29 @@ def reopen(path: Path, **options: object) -> tuple[Journal, Recovered]:
 
 
 def segments(path: Path) -> list[Path]:
-    return sorted(path.glob("wal-*.log"))
+    return files(path, "wal-*.log")
+
+
+# Small sync helpers: the async tests touch files only through these.
+def files(path: Path, pattern: str) -> list[Path]:
+    return sorted(path.glob(pattern))
+
+
+def disk_usage(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.name != "LOCK")
+
+
+def append_bytes(path: Path, data: bytes) -> int:
+    """Append ``data`` to ``path``; the new size."""
+    with open(path, "ab") as out:
+        out.write(data)
+    return path.stat().st_size
+
+
+def fill_disk(filler: Path) -> None:
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as out:
+        while True:
+            out.write(b"x" * 4096)
 
 
 # --- helpers for child processes ----------------------------------------------------
@@ -147,7 +170,7 @@ async def test_append_then_reopen_gives_exactly_the_prices(tmp_path: Path) -> No
     journal, recovered = reopen(tmp_path, new_epoch="e1")
     assert recovered.fresh_reason == "new data dir" and recovered.epoch == "e1"
     written = {zone: [price(zone, seq) for seq in range(1, 151)] for zone in ("pjm", "miso")}
-    for zone, prices in written.items():
+    for prices in written.values():
         await journal.append(prices[:50])
         for item in prices[50:]:
             await journal.append([item])
@@ -224,12 +247,12 @@ async def test_snapshots_keep_disk_near_history_times_zones(tmp_path: Path) -> N
         peak = max(peak, journal.stats().bytes_on_disk)
     await journal.close()
     stats = journal.stats()
-    on_disk = sum(p.stat().st_size for p in tmp_path.iterdir() if p.name != "LOCK")
+    on_disk = disk_usage(tmp_path)
     # snapshot (1x) + log up to compact_factor (4x) + the next snapshot (1x) at most
     assert stats.snapshots >= 3 and stats.last_snapshot_at is not None
     assert peak <= 6 * history * record, (peak, history * record)
     assert on_disk <= 6 * history * record and on_disk == stats.bytes_on_disk
-    assert len(segments(tmp_path)) <= 2 and len(list(tmp_path.glob("snap-*"))) == 1
+    assert len(segments(tmp_path)) <= 2 and len(files(tmp_path, "snap-*")) == 1
     _, recovered = reopen(tmp_path, history_size=history)
     assert [p.seq for p in recovered.zones["pjm"].prices] == list(range(951, 1001))
 
@@ -280,9 +303,7 @@ async def test_torn_tail_is_cut_with_a_warning(tmp_path: Path) -> None:
     await write_prices(tmp_path, 20)
     last = segments(tmp_path)[-1]
     frame = (b"\x40\x00\x00\x00\x12\x34\x56\x78") + b"half a record"
-    with open(last, "ab") as out:
-        out.write(frame)
-    size = last.stat().st_size
+    size = append_bytes(last, frame)
     with capture_logs() as logs:
         journal, recovered = reopen(tmp_path)
     await journal.close()
@@ -299,8 +320,8 @@ async def test_torn_tail_is_cut_with_a_warning(tmp_path: Path) -> None:
 
 async def test_zero_filled_tail_is_torn_not_damage(tmp_path: Path) -> None:
     await write_prices(tmp_path, 5)
-    with open(segments(tmp_path)[-1], "ab") as out:
-        out.write(b"\0" * 4096)  # the file grew, its data never reached the disk
+    # The file grew, its data never reached the disk.
+    append_bytes(segments(tmp_path)[-1], b"\0" * 4096)
     journal, recovered = reopen(tmp_path)
     await journal.close()
     assert recovered.recovered and recovered.torn_bytes == 4096
@@ -313,7 +334,9 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def assert_moved_aside_fresh(path: Path, recovered: Recovered, logs: list[dict[str, object]]):
+def assert_moved_aside_fresh(
+    path: Path, recovered: Recovered, logs: list[MutableMapping[str, Any]]
+) -> None:
     assert not recovered.recovered and recovered.epoch == "new" and recovered.zones == {}
     assert "damaged" in (recovered.fresh_reason or "")
     aside = sorted(p.name for p in path.glob("*.corrupt-*"))
@@ -334,7 +357,7 @@ async def test_damage_in_the_middle_is_moved_aside_and_a_new_epoch_starts(
     await journal.append([price("pjm", 1)])
     await journal.close()
     assert_moved_aside_fresh(tmp_path, recovered, logs)
-    kept = list(tmp_path.glob(damaged.name + ".corrupt-*"))
+    kept = files(tmp_path, damaged.name + ".corrupt-*")
     assert len(kept) == 1 and len(kept[0].read_bytes()) == len(original)  # never deleted
     _, recovered = reopen(tmp_path)  # the new lineage is durable
     assert recovered.epoch == "new" and recovered.zones["pjm"].seq == 1
@@ -345,13 +368,29 @@ async def test_damaged_snapshot_is_moved_aside_and_a_new_epoch_starts(tmp_path: 
     await journal.append([price("pjm", seq) for seq in range(1, 30)])
     await journal.snapshot()
     await journal.close()
-    (snapshot,) = tmp_path.glob("snap-*.snap")
+    (snapshot,) = files(tmp_path, "snap-*.snap")
     flip_byte(snapshot, snapshot.stat().st_size // 2)
     with capture_logs() as logs:
         journal, recovered = reopen(tmp_path, new_epoch="new")
     await journal.close()
     assert_moved_aside_fresh(tmp_path, recovered, logs)
-    assert list(tmp_path.glob(snapshot.name + ".corrupt-*"))
+    assert files(tmp_path, snapshot.name + ".corrupt-*")
+
+
+async def test_unreadable_segment_is_moved_aside(tmp_path: Path) -> None:
+    await write_prices(tmp_path, 3)
+    make_unreadable(segments(tmp_path)[-1])
+    with capture_logs() as logs:
+        journal, recovered = reopen(tmp_path, new_epoch="new")
+    await journal.close()
+    assert_moved_aside_fresh(tmp_path, recovered, logs)
+    assert "unreadable" in (recovered.fresh_reason or "")
+
+
+def make_unreadable(path: Path) -> None:
+    """Root reads through any mode bits: a directory in the file's place cannot be read."""
+    path.rename(path.with_name(path.name + ".orig"))
+    path.mkdir()
 
 
 # --- the lock and the directory -------------------------------------------------------
@@ -406,6 +445,18 @@ def test_read_only_dir_is_a_one_line_error(tmp_path: Path) -> None:
         assert "\n" not in str(refused.value)
 
 
+async def append_until_full(journal: Journal, acked: list[StoredPrice]) -> tuple[int, DiskError]:
+    """Append until the disk refuses (the segment's last page may take a few more);
+    the seq that failed and the error."""
+    for seq in range(acked[-1].seq + 1, acked[-1].seq + 100):
+        try:
+            await journal.append([price("pjm", seq, size=500)])
+        except DiskError as error:
+            return seq, error
+        acked.append(price("pjm", seq, size=500))
+    raise AssertionError("the disk never filled up")
+
+
 async def test_disk_full_fails_the_append_then_heals_when_space_is_freed(
     tmp_path: Path,
 ) -> None:
@@ -415,15 +466,9 @@ async def test_disk_full_fails_the_append_then_heals_when_space_is_freed(
         acked = [price("pjm", 1, size=500)]
         await journal.append(acked)
         filler = mountpoint / "filler"
-        with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as out:
-            while True:
-                out.write(b"x" * 4096)
-        seq = 2
-        with pytest.raises(DiskError, match="No space left on device"):
-            for _ in range(100):  # the segment's last page may still take a few
-                await journal.append([price("pjm", seq, size=500)])
-                acked.append(price("pjm", seq, size=500))
-                seq += 1
+        fill_disk(filler)
+        seq, error = await append_until_full(journal, acked)
+        assert "No space left on device" in str(error)
         assert journal.stats().last_error is not None
         with pytest.raises(DiskError):  # still full: still failing, nothing corrupted
             await journal.append([price("pjm", seq, size=500)])

@@ -124,7 +124,8 @@ class Recovered:
 
 @dataclass(frozen=True, slots=True)
 class JournalStats:
-    """For health and metrics. ``records`` and ``writes`` count since open;
+    """For health and metrics. ``bytes_on_disk`` counts snapshots and segments (not the
+    LOCK file nor files moved aside). ``records`` and ``writes`` count since open;
     ``log_records`` is what the log holds since the last snapshot; ``last_error`` is
     cleared by the next successful write."""
 
@@ -425,7 +426,7 @@ def _listing(directory: Path) -> tuple[list[int], list[int]]:
     snapshot is by construction incomplete and was never the authority)."""
     snapshots, segments = [], []
     for entry in os.scandir(directory):
-        if entry.name.endswith(_TMP_SUFFIX):
+        if entry.name.startswith(_SNAPSHOT_PREFIX) and entry.name.endswith(_TMP_SUFFIX):
             _unlink_quietly(Path(entry.path))
         elif (number := _number(entry.name, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX)) is not None:
             snapshots.append(number)
@@ -434,8 +435,16 @@ def _listing(directory: Path) -> tuple[list[int], list[int]]:
     return sorted(snapshots), sorted(segments)
 
 
+def _read(path: Path) -> bytes:
+    """A data file's bytes; one that cannot be read (EIO, ...) is damage like a bad CRC."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _Damaged(path.name, f"unreadable: {exc.strerror or exc}") from exc
+
+
 def _load_snapshot(path: Path, state: _State) -> None:
-    data = path.read_bytes()
+    data = _read(path)
     if not data.startswith(fmt.SNAPSHOT_MAGIC):
         raise _Damaged(path.name, "not a snapshot (bad magic)")
     scan = fmt.scan_frames(data, len(fmt.SNAPSHOT_MAGIC))
@@ -472,7 +481,7 @@ def _cut(path: Path, size: int) -> None:
 
 def _replay_segment(path: Path, state: _State, log: Any) -> tuple[int, int]:
     """Apply one segment's records; (records, torn bytes cut)."""
-    data = path.read_bytes()
+    data = _read(path)
     if _is_torn_header(data):
         if data:
             log.warning("journal_torn_tail", file=path.name, offset=0, cut_bytes=len(data))
