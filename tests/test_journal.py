@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from pricehub.exceptions import StorageUnavailable
 from pricehub.storage.base import StoredPrice
+from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.journal import (
     DiskError,
     Journal,

@@ -54,9 +54,9 @@ from typing import Any
 
 import structlog
 
-from pricehub.exceptions import StorageUnavailable
 from pricehub.storage import journal_format as fmt
 from pricehub.storage.base import StoredPrice
+from pricehub.storage.errors import StorageUnavailable
 
 __all__ = [
     "DiskError",
