@@ -14,6 +14,37 @@ from tests.redisproc import RedisProcess
 from tests.serverproc import ServerProcess
 from tests.support import PUBLISH_KEY, Client, MakeClient, make_settings
 
+# Markers, derived once here instead of on every test: what a test needs decides how
+# fast it is. ``pytest -m unit`` runs the pure tests (no sockets, no processes) in seconds.
+_KIND_BY_FIXTURE = {
+    "make_client": "app", "aiohttp_client": "app", "aiohttp_server": "app",
+    "server": "process", "redis_server": "redis", "raw": "redis",
+}
+_KIND_BY_IMPORT = {
+    "RedisProcess": "redis", "RedisCluster": "redis", "SentinelSetup": "redis",
+    "ServerProcess": "process", "subprocess": "process", "chromium": "browser",
+    "async_playwright": "browser",
+}
+
+
+# Pure but long (thousands of generated inputs): kept out of the seconds-long unit run.
+_KIND_BY_MODULE = {"tests.test_fuzz": "fuzz"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kinds = {
+            kind for name, kind in _KIND_BY_FIXTURE.items()
+            if name in getattr(item, "fixturenames", ())
+        }
+        module = getattr(item, "module", None)
+        names = vars(module) if module is not None else {}
+        kinds |= {kind for name, kind in _KIND_BY_IMPORT.items() if name in names}
+        if module is not None and module.__name__ in _KIND_BY_MODULE:
+            kinds.add(_KIND_BY_MODULE[module.__name__])
+        for kind in kinds or {"unit"}:
+            item.add_marker(getattr(pytest.mark, kind))
+
 
 @pytest.fixture
 def make_client(aiohttp_client: Any) -> MakeClient:
