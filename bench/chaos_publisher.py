@@ -1,0 +1,127 @@
+"""The chaos soak's publisher: one price per POST at a fixed rate, alternating instances.
+
+Tick ``n`` goes to instance ``n % instances`` and zone ``zones[n % len(zones)]``. Each price
+carries a nonce (1, 2, 3, ...) as its ``volume`` and its send time (ms) as its ``timestamp``, so
+a delivered price names the POST it came from. Every 202 is kept with the ``(zone, seq)`` it was
+given; every other outcome (an HTTP status, a refused connection, a timeout) is counted and kept
+with its time. Open loop: a tick due while ``MAX_IN_FLIGHT`` POSTs are unanswered is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+
+from bench.chaos_clients import Body
+
+__all__ = ["Accepted", "PublishLog", "Publisher"]
+
+PUBLISH_PATH = "/api/ws/ws/broadcast/price"
+MAX_IN_FLIGHT = 64
+TIMEOUT = 5.0
+
+
+def iso_ms(moment: float) -> str:
+    stamp = datetime.fromtimestamp(moment, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A price an instance answered 202 for."""
+
+    nonce: int
+    zone: str
+    seq: int
+    instance: int
+    body: Body
+    sent: float
+    answered: float
+
+
+@dataclass
+class PublishLog:
+    sent_at: dict[int, float] = field(default_factory=dict)  # nonce -> send time
+    accepted: list[Accepted] = field(default_factory=list)
+    refused: list[tuple[float, int, str]] = field(default_factory=list)  # (time, instance, why)
+    statuses: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+
+
+class Publisher:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        key: str,
+        zones: Sequence[str],
+        *,
+        rate: float,
+        rng: random.Random,
+    ) -> None:
+        self.urls = [url + PUBLISH_PATH for url in urls]
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.zones = tuple(zones)
+        self.rate = rate
+        self.rng = rng
+        self.log = PublishLog()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until ``stop`` is set, then wait (bounded) for the POSTs in flight."""
+        timeout = aiohttp.ClientTimeout(total=TIMEOUT)
+        in_flight: set[asyncio.Task[None]] = set()
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            tick = 0
+            while not stop.is_set():
+                tick += 1
+                await asyncio.sleep(max(0.0, start + tick / self.rate - loop.time()))
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    self.log.skipped += 1
+                    continue
+                task = asyncio.create_task(self._post(session, tick))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=TIMEOUT + 1)
+
+    async def _post(self, session: aiohttp.ClientSession, nonce: int) -> None:
+        instance = nonce % len(self.urls)
+        zone = self.zones[nonce % len(self.zones)]
+        sent = time.time()
+        price = {
+            "market_zone": zone,
+            "price": round(self.rng.uniform(-20, 200), 2),
+            "volume": nonce,
+            "timestamp": iso_ms(sent),
+        }
+        body: Body = (float(price["price"]), float(nonce), str(price["timestamp"]))
+        self.log.sent_at[nonce] = sent
+        try:
+            async with session.post(
+                self.urls[instance], data=orjson.dumps(price), headers=self.headers
+            ) as response:
+                status = str(response.status)
+                answer = await response.json() if response.status == 202 else None
+        except TimeoutError:
+            status, answer = "timeout", None
+        except (aiohttp.ClientError, OSError) as exc:
+            status, answer = type(exc).__name__, None
+        self.log.statuses[status] += 1
+        if answer is None:
+            self.log.refused.append((time.time(), instance, status))
+            return
+        for item in answer["accepted"]:
+            self.log.accepted.append(
+                Accepted(
+                    nonce, item["market_zone"], int(item["seq"]), instance, body, sent, time.time()
+                )
+            )
