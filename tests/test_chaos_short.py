@@ -1,0 +1,56 @@
+"""The short chaos soak (issue 13) as a test: ``python -m bench.chaos --short --seed 1 --json``.
+
+It starts its own redis-server and two pricehub instances on free ports (see bench/chaos.py),
+injects each fault kind once and checks what 60 resuming clients saw. About 40 s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from bench.chaos_faults import KINDS
+from tests.serverproc import REPO
+from tests.support import missing_tool
+
+SOAK_TIMEOUT = 150.0
+
+
+def run_short_soak() -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.chaos", "--short", "--seed", "1", "--json"]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=SOAK_TIMEOUT, check=False
+    )
+    assert result.returncode == 0, f"harness failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+@pytest.mark.timeout(SOAK_TIMEOUT + 30)  # the suite's default (120 s) is shorter than the soak
+def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
+    if shutil.which("redis-server") is None:
+        missing_tool("redis-server not installed (apt-get install redis-server)")
+    report = run_short_soak()
+    counts = report["counts"]
+    for name in ("undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted"):
+        assert isinstance(counts[name], int), f"no count for {name}"
+
+    # The harness really saw faults and traffic, so the zeros below mean something.
+    faults = report["faults"]
+    assert {fault["kind"] for fault in faults} == set(KINDS)
+    assert all(fault["end"] is not None for fault in faults)
+    assert report["publish"]["accepted"] > 500
+    assert report["clients"]["live_deliveries"] > 5000
+    assert report["clients"]["connects"] > report["config"]["clients"]  # faults made them reconnect
+
+    examples = report["examples"]
+    assert counts["undeclared_gaps"] == 0, examples["undeclared_gaps"]
+    assert counts["duplicates"] == 0, examples["duplicates"]
+    # TODO(issue 13): assert counts["conflicting_keys"] == 0 and counts["lost_accepted"] == 0
+    # here once the split-brain fix (Redis outage: both instances number the same seqs) lands;
+    # until then both are non-zero after Redis faults and only reported.
