@@ -223,9 +223,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             clients = make_clients(args.clients, cluster, recorder, args.seed)
             watchers = [EpochWatcher(i.index, i.ws, recorder) for i in cluster.instances]
-            tasks = [
-                asyncio.create_task(x.run(session, stop_clients)) for x in (*clients, *watchers)
-            ]
+            runners = [c.run(session, stop_clients) for c in clients]
+            runners += [w.run(session, stop_clients) for w in watchers]
+            tasks = [asyncio.create_task(runner) for runner in runners]
             await wait_connected(clients)
             publisher = Publisher(
                 [i.http for i in cluster.instances],

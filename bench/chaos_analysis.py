@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from bench.chaos_clients import Body, Recorder, Span
@@ -114,13 +114,11 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
     if not values:
         return {"count": 0, "p50": None, "p99": None, "max": None}
     ordered = sorted(values)
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)  # noqa: E731
-    return {
-        "count": len(ordered),
-        "p50": pick(0.50),
-        "p99": pick(0.99),
-        "max": round(ordered[-1], 1),
-    }
+
+    def pick(quantile: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 1)
+
+    return {"count": len(ordered), "p50": pick(0.50), "p99": pick(0.99), "max": pick(1.0)}
 
 
 def latency(recorder: Recorder, log: PublishLog, faults: Sequence[Fault]) -> dict[str, Any]:
@@ -147,12 +145,11 @@ def mass_closes(recorder: Recorder, faults: Sequence[Fault]) -> list[float]:
     ]  # fmt: skip
 
 
-def per_fault(faults: Sequence[Fault], events: dict[str, Iterable[float]]) -> list[Counter[str]]:
+def per_fault(faults: Sequence[Fault], events: Mapping[str, Iterable[float]]) -> list[Counter[str]]:
     """Each event time charged to its fault (``fault_at``); the last entry is outside faults."""
-    counters: list[Counter[str]] = [Counter() for _ in range(len(faults) + 1)]
+    counters = [Counter(dict.fromkeys(events, 0)) for _ in range(len(faults) + 1)]
     index = {id(fault): i for i, fault in enumerate(faults)}
     for name, times in events.items():
-        counters[len(faults)][name] += 0
         for moment in times:
             fault = fault_at(faults, moment)
             counters[len(faults) if fault is None else index[id(fault)]][name] += 1
@@ -190,6 +187,7 @@ def analyse(
         "reorders": len(recorder.reorders),
         "undeclared_epoch_switches": len(recorder.epoch_switches),
         "tracebacks": sum(s.get("tracebacks", 0) for s in servers.values()),
+        "harness_exceptions": sum(recorder.client_exceptions.values()),
     }
     return {
         "counts": counts,
@@ -205,6 +203,7 @@ def analyse(
             "recovered_true": recorder.recovered, "live_deliveries": len(recorder.live),
             "replayed": recorder.replayed, "conflated": recorder.conflated,
             "backend_changes": len(recorder.backend_changes), "errors": dict(recorder.errors),
+            "harness_exceptions": dict(recorder.client_exceptions),
             "epochs_seen": len({e for ev in recorder.epoch_events.values() for _, e in ev}),
         },
         "faults": [f.as_dict(origin) | dict(c) for f, c in zip(faults, charged, strict=False)],

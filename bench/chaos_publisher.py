@@ -97,13 +97,8 @@ class Publisher:
         instance = nonce % len(self.urls)
         zone = self.zones[nonce % len(self.zones)]
         sent = time.time()
-        price = {
-            "market_zone": zone,
-            "price": round(self.rng.uniform(-20, 200), 2),
-            "volume": nonce,
-            "timestamp": iso_ms(sent),
-        }
-        body: Body = (float(price["price"]), float(nonce), str(price["timestamp"]))
+        body: Body = (round(self.rng.uniform(-20, 200), 2), float(nonce), iso_ms(sent))
+        price = {"market_zone": zone, "price": body[0], "volume": nonce, "timestamp": body[2]}
         self.log.sent_at[nonce] = sent
         try:
             async with session.post(

@@ -48,6 +48,8 @@ def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
     assert report["clients"]["live_deliveries"] > 5000
     assert report["clients"]["connects"] > report["config"]["clients"]  # faults made them reconnect
 
+    assert counts["harness_exceptions"] == 0, report["clients"]["harness_exceptions"]
+
     examples = report["examples"]
     assert counts["undeclared_gaps"] == 0, examples["undeclared_gaps"]
     assert counts["duplicates"] == 0, examples["duplicates"]
