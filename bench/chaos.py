@@ -190,7 +190,14 @@ async def wait_connected(clients: Sequence[ResumingClient]) -> None:
         await asyncio.sleep(0.1)
 
 
-async def run_faults(args: argparse.Namespace, cluster: Cluster, deadline: float) -> list[Fault]:
+def load(clients: Sequence[ResumingClient]) -> list[int]:
+    """Connected clients per instance."""
+    return [sum(c.connected and c.instance == i for c in clients) for i in range(INSTANCES)]
+
+
+async def run_faults(
+    args: argparse.Namespace, cluster: Cluster, clients: Sequence[ResumingClient], deadline: float
+) -> list[Fault]:
     budget = deadline - time.time() - SETTLE
     plans = plan_faults(
         random.Random(f"{args.seed}-faults"), short=args.short, budget=budget, instances=INSTANCES
@@ -200,11 +207,9 @@ async def run_faults(args: argparse.Namespace, cluster: Cluster, deadline: float
         if not args.short and time.time() + plan.gap + plan.hold > deadline - SETTLE:
             break
         await asyncio.sleep(plan.gap)
-        say(
-            f"fault {len(faults) + 1}/{len(plans)}: {plan.kind} target {plan.target} "
-            f"hold {plan.hold:.1f} s"
-        )
-        faults.append(await inject(plan, cluster.redis, cluster.instances))
+        fault = await inject(plan, cluster.redis, cluster.instances, load(clients))
+        faults.append(fault)
+        say(f"fault {len(faults)}/{len(plans)}: {fault.as_dict(fault.start)}")
     return faults
 
 
@@ -239,7 +244,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(WARMUP)
             cluster.rss_start = cluster.rss()
             deadline = origin + (args.duration if not args.short else 1e9)
-            faults = await run_faults(args, cluster, deadline)
+            faults = await run_faults(args, cluster, clients, deadline)
             await asyncio.sleep(max(SETTLE, (deadline - time.time()) if not args.short else 0))
             stop_publisher.set()
             await publishing

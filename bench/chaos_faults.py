@@ -12,7 +12,7 @@ import random
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bench.chaos_procs import Instance, RedisServer
@@ -41,7 +41,7 @@ RESTART_ESTIMATE = 2.0  # planning only: a restart and a recovery take about thi
 @dataclass(frozen=True, slots=True)
 class FaultPlan:
     kind: str
-    target: int  # instance index (instance faults); 0 for Redis
+    target: int  # instance faults: the preferred instance on a tie (see ``inject``); Redis: 0
     gap: float
     hold: float
 
@@ -91,9 +91,25 @@ def plan_faults(
         used += cost
 
 
-async def inject(plan: FaultPlan, redis: RedisServer, instances: Sequence[Instance]) -> Fault:
-    """Inject one fault, hold it, undo it; returns what happened when."""
+def busiest(plan: FaultPlan, load: Sequence[int]) -> FaultPlan:
+    """An instance fault hits the instance carrying the most clients (the planned one on a
+    tie): clients that fled a stopped instance stay where they landed, so a fixed target
+    could hit an instance nobody is connected to."""
+    if not plan.kind.startswith("instance"):
+        return plan
+    target = max(range(len(load)), key=lambda i: (load[i], i == plan.target))
+    return replace(plan, target=target)
+
+
+async def inject(
+    plan: FaultPlan, redis: RedisServer, instances: Sequence[Instance], load: Sequence[int]
+) -> Fault:
+    """Inject one fault, hold it, undo it; returns what happened when. ``load``: clients
+    connected to each instance right now."""
+    plan = busiest(plan, load)
     fault = Fault(plan, start=time.time())
+    if plan.kind.startswith("instance"):
+        fault.notes["clients_on_target"] = load[plan.target]
     if plan.kind == "redis_kill":
         redis.signal(signal.SIGKILL)
         await redis.wait_exit()

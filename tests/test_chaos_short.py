@@ -44,6 +44,7 @@ def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
     faults = report["faults"]
     assert {fault["kind"] for fault in faults} == set(KINDS)
     assert all(fault["end"] is not None for fault in faults)
+    assert all(f["clients_on_target"] > 0 for f in faults if f["kind"].startswith("instance"))
     assert report["publish"]["accepted"] > 500
     assert report["clients"]["live_deliveries"] > 5000
     assert report["clients"]["connects"] > report["config"]["clients"]  # faults made them reconnect
