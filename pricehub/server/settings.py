@@ -250,9 +250,15 @@ def _check_files(settings: Settings) -> None:
 
 def _check_redis(settings: Settings) -> None:
     url = settings.redis_url
-    schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+    schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
     if url is not None and not url.startswith(schemes):
         raise ConfigError(f"redis_url must start with one of {', '.join(schemes)}, got {url!r}")
+    if url is not None and url.startswith("redis+cluster://") and (
+        "{" in settings.key_prefix or "}" in settings.key_prefix
+    ):
+        # The zone is the hash tag of every key on a cluster; braces in the prefix
+        # would become the tag instead and put every zone in one slot.
+        raise ConfigError("key_prefix must not contain '{' or '}' with redis+cluster://")
     if settings.workers > 1 and url is None:
         raise ConfigError("workers > 1 needs Redis: the workers form a cluster through it")
 

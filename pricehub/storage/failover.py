@@ -32,6 +32,7 @@ import structlog
 
 from pricehub.server.errors import ConfigError
 from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import INGEST_ACK, RedisStorage
@@ -200,11 +201,7 @@ class FailoverStorage:
     # --- recovery ---------------------------------------------------------------------
 
     async def _switch_to_redis(self, *, recovering: bool) -> None:
-        redis = RedisStorage(
-            self._url, key_prefix=self._key_prefix, history_size=self._history_size,
-            timeout=self._timeout, probe_interval=self._probe_interval,
-            on_lost=self._on_lost, log=self._log,
-        )  # fmt: skip
+        redis = self._new_redis()
         await redis.connect()
         self._gate.clear()
         try:
@@ -217,6 +214,17 @@ class FailoverStorage:
             raise
         finally:
             self._gate.set()
+
+    def _new_redis(self) -> RedisStorage:
+        """A connection of the kind the URL names (a Redis Cluster or one node)."""
+        options: dict[str, Any] = {
+            "key_prefix": self._key_prefix, "history_size": self._history_size,
+            "timeout": self._timeout, "probe_interval": self._probe_interval,
+            "on_lost": self._on_lost, "log": self._log,
+        }  # fmt: skip
+        if is_cluster_url(self._url):
+            return RedisClusterStorage(self._url, zones=self._zones, **options)
+        return RedisStorage(self._url, **options)
 
     async def _reconcile(
         self, redis: RedisStorage

@@ -43,6 +43,7 @@ from pricehub.wire.messages import with_seq
 __all__ = [
     "INGEST_ACK",
     "INGEST_GROUP",
+    "RESTORE_LUA",
     "EpochChanged",
     "IngestAck",
     "KeyLayout",
@@ -270,6 +271,9 @@ class RedisStorage:
     """
 
     backend = "redis"
+    # Hooks for RedisClusterStorage (pricehub.storage.cluster): the write-back script and
+    # the channel a zone's prices are published on.
+    _restore_script = RESTORE_LUA
 
     def __init__(
         self,
@@ -641,12 +645,16 @@ class RedisStorage:
             last, prices = local[zone]
             pairs = [item for price in prices for item in (price.seq, price.payload)]
             pipe.eval(
-                RESTORE_LUA, 3, keys.seq(zone), keys.history(zone), keys.latest(zone),
-                self._history_size, keys.prices, zone, last, *pairs,
+                self._restore_script, 3, keys.seq(zone), keys.history(zone), keys.latest(zone),
+                self._history_size, self._channel(zone), zone, last, *pairs,
             )  # fmt: skip
         async with redis_errors("restore"):
             results = await pipe.execute()
         return {zone: bool(result) for zone, result in zip(zones, results, strict=True)}
+
+    def _channel(self, zone: str) -> str:
+        """The channel ``zone``'s prices are published on (one for all zones here)."""
+        return self.keys.prices
 
     async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
         """One consistent snapshot of every zone's seq and retained history."""

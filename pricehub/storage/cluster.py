@@ -1,0 +1,485 @@
+"""Redis Cluster storage: ``redis+cluster://host:port[,host:port...]/`` (Redis >= 7).
+
+``RedisClusterStorage`` is ``RedisStorage`` with three things swapped through small hooks:
+
+* the key layout (``ClusterKeyLayout``): every key and channel of a zone carries the zone
+  as hash tag (``pricehub:{pjm}:seq``, ``:history``, ``:latest``, ``:epoch``,
+  ``:ingested``, channel ``pricehub:{pjm}:prices``), so a zone's append script, its
+  reads and its Pub/Sub channel live in one hash slot, on one master;
+* the client (``connect_cluster``): redis-py's asyncio ``RedisCluster`` with no driver
+  retries (a script whose reply was lost must never be run twice), MOVED/ASK followed;
+* fan-out over sharded Pub/Sub: the append script ``SPUBLISH``-es to the zone's channel,
+  and this instance holds one subscriber connection per master that serves one of its
+  zones (``SSUBSCRIBE`` of that master's zone channels, one command per slot, plus a
+  probe channel hashed onto that master for the liveness watch).
+
+No script needs two slots:
+
+* the epoch has a global key (``pricehub:epoch``, claimed with ``SET NX``) and a mirror
+  per zone inside the zone's slot (``pricehub:{pjm}:epoch``), which the append script
+  checks. Every connect (and every epoch replacement) copies the global epoch into every
+  zone's mirror, announcing a change on the zone's channel; a shard that lost its data
+  has no mirror, so its appends are refused and the instance reconciles (writes back)
+  instead of numbering from 1 again;
+* the instance registry keys share the hash tag ``{registry}`` (one slot, small writes);
+* stream ingest cannot XACK inside the append script (the stream is in another slot), so
+  the append is idempotent per entry instead: the zone's slot keeps the last ingest entry
+  id applied (``pricehub:{pjm}:ingested``) and the script skips an entry id <= it; XACK
+  and XDEL follow in a separate round trip. Stream ids only grow and a zone's entries are
+  applied in stream order, so an entry re-delivered after a crash between the append and
+  the XACK (or taken by a stalled ex-holder of the lease) is skipped: exactly once.
+
+Topology changes (a master replaced by its replica, a slot migrated) show up as a dead
+subscriber connection, a ``sunsubscribe`` push, or a failed write: the storage is then
+lost, ``FailoverStorage`` serves from memory, and the next probe connects afresh (new
+slot map, new subscriptions) and reconciles (docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import quote, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+
+from pricehub.storage.base import StoredPrice
+from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.redis import (
+    INGEST_GROUP,
+    RESTORE_LUA,
+    KeyLayout,
+    RedisStorage,
+    _price,
+    _Write,
+    connect_client,
+    redis_errors,
+)
+
+__all__ = [
+    "CLUSTER_SCHEME",
+    "ClusterKeyLayout",
+    "RedisClusterStorage",
+    "connect_cluster",
+    "is_cluster_url",
+]
+
+CLUSTER_SCHEME = "redis+cluster://"
+LOAD_CHUNK = 2000  # zones per pipelined round trip when loading every zone's state
+PROBE_TAGS = 10_000  # hash tags tried to find a probe channel on each master
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEME)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterKeyLayout(KeyLayout):
+    """``KeyLayout`` with a zone's keys and channel under the hash tag ``{zone}``.
+
+    The ingest stream and its lease keep their names (``pricehub:ingest`` is the
+    contract): each is one key, used alone.
+    """
+
+    def _zone(self, zone: str, name: str) -> str:
+        return f"{self.prefix}{{{zone}}}:{name}"
+
+    def seq(self, zone: str) -> str:
+        return self._zone(zone, "seq")
+
+    def latest(self, zone: str) -> str:
+        return self._zone(zone, "latest")
+
+    def history(self, zone: str) -> str:
+        return self._zone(zone, "history")
+
+    def zone_epoch(self, zone: str) -> str:
+        return self._zone(zone, "epoch")
+
+    def ingested(self, zone: str) -> str:
+        return self._zone(zone, "ingested")
+
+    def channel(self, zone: str) -> str:
+        return self._zone(zone, "prices")
+
+    def probe(self, token: str) -> str:
+        return f"{self.prefix}{{probe-{token}}}"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.prefix}{{registry}}:instance:{instance_id}"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}{{registry}}:instances"
+
+
+# KEYS: seq, history, latest, zone epoch [, zone ingested]
+# ARGV: body, history_size, channel, message prefix, epoch [, ingest entry id]
+# As APPEND_LUA, with the zone's epoch mirror and SPUBLISH; an ingest entry whose id is
+# not above the zone's last applied one was applied before: skipped, returns 0.
+CLUSTER_APPEND_LUA = """
+if redis.call('GET', KEYS[4]) ~= ARGV[5] then
+  return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
+end
+if #KEYS == 5 then
+  local last = redis.call('GET', KEYS[5])
+  if last then
+    local lms, lsq = string.match(last, '^(%d+)-(%d+)$')
+    local ms, sq = string.match(ARGV[6], '^(%d+)-(%d+)$')
+    lms, lsq, ms, sq = tonumber(lms), tonumber(lsq), tonumber(ms), tonumber(sq)
+    if ms < lms or (ms == lms and sq <= lsq) then return 0 end
+  end
+end
+local seq = redis.call('INCR', KEYS[1])
+local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
+redis.call('SET', KEYS[3], payload)
+redis.call('ZADD', KEYS[2], seq, payload)
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+redis.call('SPUBLISH', ARGV[3], ARGV[4] .. payload)
+if #KEYS == 5 then redis.call('SET', KEYS[5], ARGV[6]) end
+return seq
+"""
+
+# KEYS: zone epoch. ARGV: epoch, channel. Copy the global epoch into the zone's slot;
+# a change is announced on the zone's channel (ordered before the zone's next price).
+MIRROR_EPOCH_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SPUBLISH', ARGV[2], '!epoch ' .. ARGV[1])
+end
+return 1
+"""
+
+# KEYS: epoch. ARGV: expected, replacement. Compare-and-set (announced per zone after).
+CAS_EPOCH_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: seq, history. A zone's seq and retained history, read atomically.
+LOAD_ZONE_LUA = """
+return {redis.call('GET', KEYS[1]) or '0', redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+
+# The write-back script of RedisStorage, publishing on the zone's sharded channel.
+CLUSTER_RESTORE_LUA = RESTORE_LUA.replace("'PUBLISH'", "'SPUBLISH'")
+
+
+@dataclass(frozen=True, slots=True)
+class _ClusterUrl:
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+
+
+def _parse_cluster_url(url: str) -> _ClusterUrl:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]/``."""
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        nodes.append((host or "127.0.0.1", int(port or 6379)))
+    username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    return _ClusterUrl(
+        nodes, unquote(username) or None, unquote(password) if password else None
+    )
+
+
+def connect_cluster(url: str, *, timeout: float) -> AsyncRedisCluster:
+    """A cluster client on the startup nodes of ``url``, with short timeouts and no
+    driver retries (see ``connect_client``): MOVED/ASK are still followed (the command
+    did not run), but a connection error is never resent (the script may have run)."""
+    parsed = _parse_cluster_url(url)
+    return AsyncRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        username=parsed.username,
+        password=parsed.password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        require_full_coverage=True,
+        health_check_interval=0,
+    )
+
+
+def _node_url(node: ClusterNode, parsed: _ClusterUrl) -> str:
+    auth = ""
+    if parsed.password is not None:
+        auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password, safe='')}@"
+    return f"redis://{auth}{node.host}:{node.port}/0"
+
+
+@dataclass(slots=True)
+class _Shard:
+    """One master's subscriber: its connection, its channels and its probe."""
+
+    name: str
+    client: aioredis.Redis
+    pubsub: PubSub
+    probe: str
+    channels: int
+    activity: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RedisClusterStorage(RedisStorage):
+    """The ``Storage`` Protocol on a Redis Cluster (``RedisStorage`` through hooks).
+
+    :param url: ``redis+cluster://host:port[,host:port...]/``.
+    :param zones: the configured zones: subscribed and given the epoch mirror.
+    Other parameters: as ``RedisStorage``.
+    """
+
+    _restore_script = CLUSTER_RESTORE_LUA
+
+    def __init__(self, url: str, *, zones: Sequence[str], **options: Any) -> None:
+        super().__init__(url, **options)
+        self.keys: ClusterKeyLayout = ClusterKeyLayout(self.keys.prefix)
+        self._zones = tuple(zones)
+        self._shards: list[_Shard] = []
+
+    @property
+    def cluster(self) -> AsyncRedisCluster:
+        return cast(AsyncRedisCluster, self.client)
+
+    # --- hooks of RedisStorage ---------------------------------------------------------
+
+    def _channel(self, zone: str) -> str:
+        return self.keys.channel(zone)
+
+    @staticmethod
+    def _message_prefix(zone: str) -> str:
+        """What precedes the payload on the channel (``RedisStorage._on_message``)."""
+        return f"{zone} "
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        client = connect_cluster(self._url, timeout=self._timeout)
+        # The cluster client speaks the command API the shared code paths use; it is
+        # typed as the single-node client there.
+        self._client = cast(aioredis.Redis, client)
+        try:
+            async with redis_errors("connect"):
+                await client.initialize()
+                await client.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
+                self._append_sha = await client.script_load(CLUSTER_APPEND_LUA)
+                await self._subscribe_shards(client)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _subscribe_shards(self, client: AsyncRedisCluster) -> None:
+        """One subscriber per master serving a zone: SSUBSCRIBE one slot at a time
+        (a multi-channel SSUBSCRIBE must stay in one slot), then its probe channel."""
+        by_node: dict[str, tuple[ClusterNode, dict[int, list[str]]]] = {}
+        for zone in self._zones:
+            channel = self.keys.channel(zone)
+            node = client.get_node_from_key(channel)
+            if node is None:
+                raise StorageUnavailable(f"redis cluster: no master for {channel}")
+            slots = by_node.setdefault(node.name, (node, {}))[1]
+            slots.setdefault(key_slot(channel.encode()), []).append(channel)
+        parsed = _parse_cluster_url(self._url)
+        for name, (node, slots) in by_node.items():
+            sub_client = connect_client(_node_url(node, parsed), timeout=self._timeout)
+            shard = _Shard(name, sub_client, sub_client.pubsub(), self._probe_on(client, name),
+                           sum(len(channels) for channels in slots.values()) + 1)
+            self._shards.append(shard)
+            for channels in slots.values():
+                await shard.pubsub.ssubscribe(*channels)
+            await shard.pubsub.ssubscribe(shard.probe)
+            await self._await_ssubscribed(shard)
+
+    def _probe_on(self, client: AsyncRedisCluster, node_name: str) -> str:
+        """A probe channel of this connection that hashes onto ``node_name``."""
+        for index in range(PROBE_TAGS):
+            channel = self.keys.probe(f"{self._token}-{index}")
+            node = client.get_node_from_key(channel)
+            if node is not None and node.name == node_name:
+                return channel
+        raise StorageUnavailable(f"redis cluster: no probe channel for {node_name}")
+
+    async def _await_ssubscribed(self, shard: _Shard) -> None:
+        # As _await_subscribed: reading state before Redis confirmed could miss a price.
+        confirmed = 0
+        async with asyncio.timeout(2 * self._timeout):
+            while confirmed < shard.channels:
+                message = await shard.pubsub.get_message(timeout=self._timeout)
+                if message is not None and message["type"] == "ssubscribe":
+                    confirmed += 1
+
+    async def close(self) -> None:
+        await super().close()
+        shards, self._shards = self._shards, []
+        for shard in shards:
+            for resource in (shard.pubsub, shard.client):
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self._timeout):
+                        await resource.aclose()
+
+    async def check(self) -> None:
+        if self._lost is not None:
+            raise StorageUnavailable(f"redis lost: {self._lost!r}")
+        async with redis_errors("ping"):
+            # Masters only: a replica being down is not an outage of the feed.
+            await self.cluster.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
+
+    # --- subscriber -------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        await asyncio.gather(*(self._read_shard(shard) for shard in self._shards))
+
+    async def _read_shard(self, shard: _Shard) -> None:
+        probe = shard.probe.encode()
+        try:
+            async for message in shard.pubsub.listen():
+                shard.activity.set()
+                kind = message["type"]
+                if kind == "smessage" and message["channel"] != probe:
+                    await self._on_message(message["data"])
+                elif kind == "sunsubscribe":
+                    # The slot moved (failover, resharding): its prices now come from
+                    # another master; reconnecting re-subscribes there and catches up.
+                    raise StorageUnavailable(
+                        f"redis cluster: {message['channel']!r} moved off {shard.name}"
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of a shard subscriber means it is lost
+            self._mark_lost(exc)
+        else:
+            self._mark_lost(StorageUnavailable(f"redis shard subscriber {shard.name} stopped"))
+
+    async def _watch(self) -> None:
+        """Liveness of every shard subscriber: a probe to each must come back."""
+        try:
+            while True:
+                await asyncio.sleep(self._probe_interval)
+                for shard in self._shards:
+                    shard.activity.clear()
+                pipe = self.cluster.pipeline(transaction=False)
+                for shard in self._shards:
+                    pipe.spublish(shard.probe, b"probe")
+                async with redis_errors("probe"):
+                    await pipe.execute()
+                for shard in self._shards:
+                    await self._await_activity(shard)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._mark_lost(exc)
+
+    async def _await_activity(self, shard: _Shard) -> None:
+        try:
+            async with asyncio.timeout(2 * self._timeout):
+                await shard.activity.wait()
+        except TimeoutError:
+            await asyncio.sleep(0)  # see RedisStorage._watch: a loop stall is not death
+            if not shard.activity.is_set():
+                raise StorageUnavailable(
+                    f"redis shard subscriber {shard.name} silent for {2 * self._timeout:g} s"
+                ) from None
+
+    # --- writes -----------------------------------------------------------------------
+
+    async def _run_batch(self, batch: Sequence[_Write]) -> list[Any]:
+        keys, epoch = self.keys, self.epoch
+        pipe = self.cluster.pipeline(transaction=False)
+        for write in batch:
+            zone = write.zone
+            script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone),
+                           keys.zone_epoch(zone)]  # fmt: skip
+            args: list[str | bytes | int] = [
+                write.body, self._history_size, keys.channel(zone),
+                self._message_prefix(zone), epoch,
+            ]  # fmt: skip
+            if write.ack is not None:
+                script_keys.append(keys.ingested(zone))
+                args.append(write.ack.entry_id)
+            # execute_command: redis-py blocks its pipelined ``evalsha`` helper on a
+            # cluster (a script is routed by its first key, which is what we want).
+            pipe.execute_command(
+                "EVALSHA", self._append_sha, len(script_keys), *script_keys, *args
+            )
+        async with redis_errors("append"):
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        await self._ack_ingested(batch, results)
+        return results
+
+    async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
+        """XACK + XDEL the ingest entries whose script ran (applied now or before).
+        Not atomic with the append: a failure here leaves them pending, and their next
+        delivery is skipped by the script (the zone's last applied id)."""
+        done = [
+            write.ack.entry_id
+            for write, result in zip(batch, results, strict=True)
+            if write.ack is not None and not isinstance(result, BaseException)
+        ]
+        if not done:
+            return
+        pipe = self.cluster.pipeline(transaction=False)
+        pipe.xack(self.keys.ingest, INGEST_GROUP, *done)
+        pipe.xdel(self.keys.ingest, *done)
+        try:
+            async with redis_errors("ingest ack"):
+                await pipe.execute()
+        except StorageUnavailable as exc:
+            self._mark_lost(exc)  # the appends stand; the entries are taken again later
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
+        """Every zone's seq and retained history, each zone read atomically (a script
+        in its slot; a MULTI over many zones would cross slots)."""
+        zone_list = list(zones)
+        state: dict[str, tuple[int, list[StoredPrice]]] = {}
+        for start in range(0, len(zone_list), LOAD_CHUNK):
+            chunk = zone_list[start : start + LOAD_CHUNK]
+            pipe = self.cluster.pipeline(transaction=False)
+            for zone in chunk:
+                pipe.eval(LOAD_ZONE_LUA, 2, self.keys.seq(zone), self.keys.history(zone))
+            async with redis_errors("load"):
+                results = await pipe.execute()
+            for zone, (seq, payloads) in zip(chunk, results, strict=True):
+                state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
+        return state
+
+    # --- epoch ------------------------------------------------------------------------
+
+    async def claim_epoch(self, candidate: str) -> str:
+        epoch = await super().claim_epoch(candidate)
+        await self._mirror_epoch(epoch)
+        return epoch
+
+    async def replace_epoch(self, expected: str, replacement: str) -> str:
+        async with redis_errors("epoch"):
+            current = await self.cluster.eval(
+                CAS_EPOCH_LUA, 1, self.keys.epoch, expected, replacement
+            )
+        self._epoch = current.decode()
+        await self._mirror_epoch(self._epoch)
+        return self._epoch
+
+    async def _mirror_epoch(self, epoch: str) -> None:
+        """Copy the global epoch into every zone's slot (what the append script checks)."""
+        for start in range(0, len(self._zones), LOAD_CHUNK):
+            pipe = self.cluster.pipeline(transaction=False)
+            for zone in self._zones[start : start + LOAD_CHUNK]:
+                pipe.eval(
+                    MIRROR_EPOCH_LUA, 1, self.keys.zone_epoch(zone), epoch,
+                    self.keys.channel(zone),
+                )  # fmt: skip
+            async with redis_errors("epoch mirror"):
+                await pipe.execute()
