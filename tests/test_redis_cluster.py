@@ -15,12 +15,16 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
+import orjson
 import pytest
+import redis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
+from pricehub.server.errors import ConfigError
+from pricehub.server.settings import Settings
 from pricehub.storage.cluster import ClusterKeyLayout, RedisClusterStorage
+from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import IngestAck
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisCluster
@@ -44,14 +48,9 @@ def cluster() -> Iterator[RedisCluster]:
 async def instances(
     cluster: RedisCluster, prefix: str, count: int = 2
 ) -> AsyncIterator[list[ServerProcess]]:
-    started = [
-        ServerProcess(
-            "--no-simulate", "--zones", ",".join(ZONES), "--key-prefix", prefix,
-            "--redis-timeout", "1", "--redis-probe-interval", "0.2",
-            publish_key=KEY, redis_url=cluster.url,
-        )  # fmt: skip
-        for _ in range(count)
-    ]
+    args = ["--no-simulate", "--zones", ",".join(ZONES), "--key-prefix", prefix,
+            "--redis-timeout", "1", "--redis-probe-interval", "0.2"]  # fmt: skip
+    started = [ServerProcess(*args, publish_key=KEY, redis_url=cluster.url) for _ in range(count)]
     try:
         await asyncio.gather(*(server.start_async() for server in started))
         yield started
@@ -70,6 +69,13 @@ def client_of(cluster: RedisCluster) -> AsyncRedisCluster:
 
 def body(zone: str, price: float) -> bytes:
     return PriceBody(zone, price, None, "2026-11-27T15:00:00.000Z").encode()
+
+
+def test_settings_accept_a_cluster_url_and_refuse_braces_in_its_prefix() -> None:
+    url = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001/"
+    assert Settings(redis_url=url).redis_url == url
+    with pytest.raises(ConfigError, match="key_prefix"):
+        Settings(redis_url=url, key_prefix="ph{x}:")
 
 
 def test_a_zone_lives_in_one_slot_and_zones_spread_over_masters(
@@ -195,6 +201,26 @@ async def test_an_ingest_entry_delivered_again_is_not_appended_again(
         await storage.close()
 
 
+async def test_wait_replicas_acknowledges_a_price_once_its_replica_has_it(
+    cluster: RedisCluster, prefix: str
+) -> None:
+    url = cluster.url + "?wait_replicas=1"
+    storage = RedisClusterStorage(url, zones=ZONES, key_prefix=prefix, timeout=2.0)
+    await storage.start(RecordingListener())
+    try:
+        for zone in ZONES:
+            price = await storage.append(zone, body(zone, 3.0))
+            key = ClusterKeyLayout(prefix).latest(zone)
+            (replica,) = cluster.replica_of(cluster.node_for_key(key))
+            reader = redis.Redis(port=replica, single_connection_client=True)
+            reader.execute_command("READONLY")
+            assert reader.get(key) == price.payload  # there when append returned
+            reader.close()
+        assert storage.unreplicated == 0
+    finally:
+        await storage.close()
+
+
 async def test_a_master_killed_under_load_loses_and_repeats_nothing(
     cluster: RedisCluster, prefix: str
 ) -> None:
@@ -266,3 +292,28 @@ async def test_a_master_killed_under_load_loses_and_repeats_nothing(
             f"{promoted_after:.2f} s; repeated under two seqs: {repeated}"
         )
         await asyncio.gather(*(s.close() for s in subscribers))
+
+
+async def test_unreachable_cluster_serves_from_memory_then_writes_back(prefix: str) -> None:
+    """Its own cluster, started only after pricehub: from memory at start, then back on
+    the cluster with what was accepted meanwhile written back."""
+    late = RedisCluster()
+    storage = FailoverStorage(
+        late.url, zones=ZONES, key_prefix=prefix, timeout=1.0, probe_interval=0.2
+    )
+    listener = RecordingListener()
+    await storage.start(listener)
+    try:
+        assert storage.backend == "in-memory"
+        for index in range(3):
+            await storage.append("caiso", body("caiso", float(index)))
+        with late:
+            await listener.wait_backend("redis")  # bounded (WAIT in tests.redisproc)
+            price = await storage.append("caiso", body("caiso", 3.0))
+            assert price.seq == 4
+            client = client_of(late)
+            stored = await client.zrange(ClusterKeyLayout(prefix).history("caiso"), 0, -1)
+            await client.aclose()
+            assert [orjson.loads(p)["seq"] for p in stored] == [1, 2, 3, 4]
+    finally:
+        await storage.close()

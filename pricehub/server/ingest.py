@@ -35,7 +35,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from pricehub.server.keys import INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
 from pricehub.server.publisher import Publisher
@@ -138,7 +138,8 @@ class IngestConsumer:
                 client = self._storage.redis_client()
                 if await self._acquire(client):
                     await self._consume(client)
-            except (StorageError, RedisError, OSError) as exc:
+            # RedisClusterException: a cluster with a slot uncovered (mid-failover).
+            except (StorageError, RedisError, RedisClusterException, OSError) as exc:
                 log.debug("ingest_paused", reason=str(exc))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._renew_every):
@@ -268,7 +269,7 @@ async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
         if not done:
             task.cancel()
             await asyncio.wait({task}, timeout=STOP_GRACE)
-        with contextlib.suppress(StorageError, RedisError, OSError):
+        with contextlib.suppress(StorageError, RedisError, RedisClusterException, OSError):
             await consumer.release()
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("ingest_failed", error=repr(task.exception()))

@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from pricehub.server.settings import Settings
 from pricehub.storage.redis import connect_client
@@ -69,7 +69,7 @@ def redis_problem(settings: Settings) -> str | None:
 
     try:
         asyncio.run(ping())
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         return str(exc) or type(exc).__name__
     return None
 

@@ -42,7 +42,7 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -181,10 +181,11 @@ class _ClusterUrl:
     nodes: list[tuple[str, int]]
     username: str | None
     password: str | None
+    wait_replicas: int  # ?wait_replicas=N: WAIT N after each batch of appends
 
 
 def _parse_cluster_url(url: str) -> _ClusterUrl:
-    """``redis+cluster://[[user]:password@]host:port[,host:port...]/``."""
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]/[?wait_replicas=N]``."""
     parts = urlsplit(url)
     credentials, _, hosts = parts.netloc.rpartition("@")
     nodes: list[tuple[str, int]] = []
@@ -192,8 +193,9 @@ def _parse_cluster_url(url: str) -> _ClusterUrl:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
         nodes.append((host or "127.0.0.1", int(port or 6379)))
     username, _, password = credentials.partition(":") if credentials else ("", "", "")
+    wait = parse_qs(parts.query).get("wait_replicas", ["0"])[0]
     return _ClusterUrl(
-        nodes, unquote(username) or None, unquote(password) if password else None
+        nodes, unquote(username) or None, unquote(password) if password else None, int(wait)
     )
 
 
@@ -248,6 +250,8 @@ class RedisClusterStorage(RedisStorage):
         self.keys: ClusterKeyLayout = ClusterKeyLayout(self.keys.prefix)
         self._zones = tuple(zones)
         self._shards: list[_Shard] = []
+        self._wait_replicas = _parse_cluster_url(url).wait_replicas
+        self.unreplicated = 0  # batches a master acknowledged before enough replicas had them
 
     @property
     def cluster(self) -> AsyncRedisCluster:
@@ -266,10 +270,8 @@ class RedisClusterStorage(RedisStorage):
     # --- lifecycle --------------------------------------------------------------------
 
     async def connect(self) -> None:
-        client = connect_cluster(self._url, timeout=self._timeout)
-        # The cluster client speaks the command API the shared code paths use; it is
-        # typed as the single-node client there.
-        self._client = cast(aioredis.Redis, client)
+        self._client = connect_client(self._url, timeout=self._timeout)  # connect_cluster
+        client = self.cluster
         try:
             async with redis_errors("connect"):
                 await client.initialize()
@@ -415,8 +417,30 @@ class RedisClusterStorage(RedisStorage):
             )
         async with redis_errors("append"):
             results: list[Any] = await pipe.execute(raise_on_error=False)
+        if self._wait_replicas:
+            await self._wait_for_replicas({write.zone for write in batch})
         await self._ack_ingested(batch, results)
         return results
+
+    async def _wait_for_replicas(self, zones: Iterable[str]) -> None:
+        """``WAIT N`` on every master the batch wrote to: its prices are acknowledged
+        only once N replicas have them (or the timeout passed: counted, not refused, so
+        a replica being down does not stop the feed). A failure here means the master
+        is gone: lost, but the appends stand (the mirror writes them back if needed)."""
+        cluster = self.cluster
+        nodes = {node.name: node for zone in zones
+                 if (node := cluster.get_node_from_key(self.keys.seq(zone))) is not None}
+        wait_ms = max(1, int(self._timeout * 1000 / 2))
+        try:
+            async with redis_errors("wait"):
+                counts = await asyncio.gather(*(
+                    cluster.execute_command("WAIT", self._wait_replicas, wait_ms, target_nodes=node)
+                    for node in nodes.values()
+                ))  # fmt: skip
+        except StorageUnavailable as exc:
+            self._mark_lost(exc)
+            return
+        self.unreplicated += sum(int(count) < self._wait_replicas for count in counts)
 
     async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
         """XACK + XDEL the ingest entries whose script ran (applied now or before).

@@ -34,7 +34,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from pricehub.storage.base import StorageListener, StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
@@ -187,7 +187,8 @@ return redis.call('GET', KEYS[1])
 
 
 def connect_client(url: str, *, timeout: float) -> aioredis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``.
+    """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
+    ``redis+cluster://``.
 
     Short socket timeouts and no driver retries: a failing Redis must surface at once
     so the instance fails over to memory within a second, instead of the driver
@@ -201,6 +202,11 @@ def connect_client(url: str, *, timeout: float) -> aioredis.Redis:
     }
     if url.startswith("redis+sentinel://"):
         return _sentinel_client(url, options)
+    if url.startswith("redis+cluster://"):
+        from pricehub.storage.cluster import connect_cluster  # imports this module
+
+        # Same command API; typed as the single-node client for the shared code paths.
+        return cast(aioredis.Redis, connect_cluster(url, timeout=timeout))
     return aioredis.Redis.from_url(url, **options)
 
 
@@ -235,7 +241,8 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
     """Turn any driver or socket failure into ``StorageUnavailable``."""
     try:
         yield
-    except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+    # RedisClusterException (no reachable node, a slot not covered) is no RedisError.
+    except (RedisError, RedisClusterException, OSError) as exc:  # TimeoutError: OSError
         raise StorageUnavailable(f"redis {what}: {exc!r}") from exc
 
 
