@@ -426,20 +426,18 @@ class RedisClusterStorage(RedisStorage):
         """``WAIT N`` on every master the batch wrote to: its prices are acknowledged
         only once N replicas have them (or the timeout passed: counted, not refused, so
         a replica being down does not stop the feed). A failure here means the master
-        is gone: lost, but the appends stand (the mirror writes them back if needed)."""
+        died with the batch unconfirmed: ``StorageUnavailable`` fails the whole batch, so
+        its prices are numbered in memory and written back on recovery, never 202-ed on
+        an unconfirmed copy alone."""
         cluster = self.cluster
         nodes = {node.name: node for zone in zones
                  if (node := cluster.get_node_from_key(self.keys.seq(zone))) is not None}
         wait_ms = max(1, int(self._timeout * 1000 / 2))
-        try:
-            async with redis_errors("wait"):
-                counts = await asyncio.gather(*(
-                    cluster.execute_command("WAIT", self._wait_replicas, wait_ms, target_nodes=node)
-                    for node in nodes.values()
-                ))  # fmt: skip
-        except StorageUnavailable as exc:
-            self._mark_lost(exc)
-            return
+        async with redis_errors("wait"):
+            counts = await asyncio.gather(*(
+                cluster.execute_command("WAIT", self._wait_replicas, wait_ms, target_nodes=node)
+                for node in nodes.values()
+            ))  # fmt: skip
         self.unreplicated += sum(int(count) < self._wait_replicas for count in counts)
 
     async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
