@@ -18,21 +18,27 @@ records and lets a test wait, bounded, for a seq).
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import redis
 
 from pricehub.storage import StoredPrice
 from tests.serverproc import free_port
 from tests.support import missing_tool
 
 __all__ = [
-    "WAIT", "RecordingListener", "RedisProcess", "TcpProxy", "redis_binary",
+    "WAIT", "RecordingListener", "RedisCluster", "RedisProcess", "SentinelSetup", "TcpProxy",
+    "free_cluster_port", "redis_binary", "redis_cli_binary",
 ]
 
 WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
@@ -263,3 +269,535 @@ class _Link:
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
+
+
+# --- Sentinel and Cluster harnesses (issue 17) ----------------------------------------
+#
+# Both drive several ``redis-server`` processes on loopback free ports and poll them
+# with short-timeout synchronous clients; every wait is bounded and raises
+# ``TimeoutError`` with the relevant logs.
+
+SENTINEL_SERVICE = "mymaster"
+
+
+def redis_cli_binary() -> str:
+    """The ``redis-cli`` path, or skip (fail under CI) when there is none."""
+    path = shutil.which("redis-cli")
+    if path is None:
+        missing_tool("redis-cli not installed (apt-get install redis-tools)")
+    return path
+
+
+def _sync_client(port: int) -> Any:
+    """A synchronous client of ``127.0.0.1:port`` that gives up fast."""
+    return redis.Redis(
+        host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0,
+        decode_responses=True,
+    )  # fmt: skip
+
+
+def _query(port: int, *command: str) -> Any:
+    """One command on ``127.0.0.1:port``; ``None`` when the node does not answer."""
+    client = _sync_client(port)
+    try:
+        return client.execute_command(*command)
+    except (redis.RedisError, OSError):
+        return None
+    finally:
+        client.close()
+
+
+def _info_field(text: Any, name: str) -> str | None:
+    """``name``'s value in an INFO-style ``key:value`` text (or dict from redis-py)."""
+    if isinstance(text, dict):
+        value = text.get(name)
+        return None if value is None else str(value)
+    if not isinstance(text, str):
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return None
+
+
+def _poll(
+    what: str, condition: Callable[[], bool], timeout: float, logs: Callable[[], str]
+) -> None:
+    """Call ``condition`` every 50 ms until it holds; ``TimeoutError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s\n{logs()}")
+        time.sleep(0.05)
+
+
+def free_cluster_port() -> int:
+    """A port below 55535 that is free on 127.0.0.1, and whose cluster bus port
+    (port + 10000) is free too."""
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) found")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class _Node:
+    """One ``redis-server`` (or sentinel) child process on ``127.0.0.1:port``."""
+
+    def __init__(self, binary: str, port: int, directory: Path, args: Sequence[str]) -> None:
+        self.port = port
+        self.log_path = directory / f"redis-{port}.log"
+        self._command = [binary, *args]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self._command, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def kill(self) -> None:
+        """SIGKILL (only this child) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def log(self) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"--- {self.port} ---\n{text[-3000:]}"
+
+
+def _wait_answering(nodes: Sequence[_Node], timeout: float, logs: Callable[[], str]) -> None:
+    def answering() -> bool:
+        for node in nodes:
+            if not node.running:
+                raise RuntimeError(f"redis-server on {node.port} exited\n{logs()}")
+        return all(_query(node.port, "PING") for node in nodes)
+
+    _poll("redis-server answering PING", answering, timeout, logs)
+
+
+class SentinelSetup:
+    """One master, one replica and three sentinels on loopback free ports.
+
+    ::
+
+        with SentinelSetup() as sentinel:
+            sentinel.url                  # redis+sentinel://127.0.0.1:p1,.../mymaster/0
+            sentinel.kill_master()        # SIGKILL the current master
+            sentinel.wait_for_promotion() # until every sentinel names the replica
+
+    ``__enter__`` returns once the replica is in sync (``master_link_status:up``) and every
+    sentinel knows the replica and the two other sentinels, so a failover can be
+    authorised (quorum 2 of 3) the moment the master dies.
+
+    :param down_after_ms: ``sentinel down-after-milliseconds`` (default 500).
+    :param failover_timeout_ms: ``sentinel failover-timeout`` (default 2000).
+    :param startup_timeout: seconds for the whole set-up (default 30).
+    """
+
+    def __init__(
+        self,
+        *,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.binary = redis_binary()
+        self._dir = Path(tempfile.mkdtemp(prefix="pricehub-sentinel-"))
+        self._down_after_ms = down_after_ms
+        self._failover_timeout_ms = failover_timeout_ms
+        self._startup_timeout = startup_timeout
+        self.master = self._data_node(free_port(), [])
+        self.replica = self._data_node(
+            free_port(), ["--replicaof", "127.0.0.1", str(self.master.port)]
+        )
+        self.sentinels = [self._sentinel_node(free_port()) for _ in range(3)]
+
+    def _data_node(self, port: int, extra: list[str]) -> _Node:
+        data = self._dir / str(port)
+        data.mkdir()
+        args = [
+            "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(data), "--daemonize", "no", "--loglevel", "notice",
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0", *extra,
+        ]  # fmt: skip
+        return _Node(self.binary, port, self._dir, args)
+
+    def _sentinel_node(self, port: int) -> _Node:
+        config = self._dir / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {self._dir}\n"
+            "sentinel resolve-hostnames no\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {self.master.port} 2\n"
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {self._down_after_ms}\n"
+            f"sentinel failover-timeout {SENTINEL_SERVICE} {self._failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {SENTINEL_SERVICE} 1\n"
+        )
+        return _Node(self.binary, port, self._dir, [str(config), "--sentinel"])
+
+    # --- addresses --------------------------------------------------------------------
+
+    @property
+    def sentinel_ports(self) -> list[int]:
+        return [node.port for node in self.sentinels]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{SENTINEL_SERVICE}/0"
+
+    def master_port(self) -> int | None:
+        """The master port a majority of live sentinels report, or None."""
+        votes: dict[int, int] = {}
+        for port in self.sentinel_ports:
+            answer = _query(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE)
+            if answer:
+                votes[int(answer[1])] = votes.get(int(answer[1]), 0) + 1
+        best = max(votes.items(), key=lambda item: item[1], default=None)
+        return best[0] if best is not None and best[1] >= 2 else None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> SentinelSetup:
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        self.master.start()
+        self.replica.start()
+        _wait_answering([self.master, self.replica], self._startup_timeout, self.logs)
+        _poll(
+            "replica in sync",
+            lambda: _info_field(_query(self.replica.port, "INFO", "replication"),
+                                "master_link_status") == "up",
+            max(deadline - time.monotonic(), 0.1), self.logs,
+        )  # fmt: skip
+        for node in self.sentinels:
+            node.start()
+        _wait_answering(self.sentinels, max(deadline - time.monotonic(), 0.1), self.logs)
+        _poll(
+            "sentinels know the replica and each other", self._sentinels_ready,
+            max(deadline - time.monotonic(), 0.1), self.logs,
+        )  # fmt: skip
+
+    def _sentinels_ready(self) -> bool:
+        for port in self.sentinel_ports:
+            replicas = _query(port, "SENTINEL", "REPLICAS", SENTINEL_SERVICE) or []
+            peers = _query(port, "SENTINEL", "SENTINELS", SENTINEL_SERVICE) or []
+            known = [
+                r for r in replicas
+                if _pairs(r).get("port") == str(self.replica.port)
+                and "disconnected" not in _pairs(r).get("flags", "")
+                and "s_down" not in _pairs(r).get("flags", "")
+            ]  # fmt: skip
+            if not known or len(peers) < 2:
+                return False
+        return self.master_port() == self.master.port
+
+    def kill_master(self) -> int:
+        """SIGKILL the data node the sentinels currently call master; its port."""
+        port = self.master_port()
+        node = next((n for n in (self.master, self.replica) if n.port == port), None)
+        if node is None or not node.running:
+            raise RuntimeError(f"no running master (sentinels say {port})")
+        node.kill()
+        return node.port
+
+    def wait_for_promotion(self, timeout: float = 15.0) -> int:
+        """Block until the sentinels report a live replica as master (and it says
+        ``role:master``); its port. ``TimeoutError`` after ``timeout`` s."""
+        survivors = [n for n in (self.master, self.replica) if n.running]
+
+        def promoted() -> bool:
+            port = self.master_port()
+            return (
+                any(n.port == port for n in survivors)
+                and _info_field(_query(port or 0, "INFO", "replication"), "role") == "master"
+            )
+
+        _poll("sentinel promotion", promoted, timeout, self.logs)
+        port = self.master_port()
+        assert port is not None
+        return port
+
+    def logs(self) -> str:
+        return "\n".join(n.log() for n in (self.master, self.replica, *self.sentinels))
+
+    def _stop(self) -> None:
+        for node in (*self.sentinels, self.replica, self.master):
+            node.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    """redis-py gives SENTINEL REPLICAS entries as dicts or flat [k, v, ...] lists."""
+    if isinstance(flat, dict):
+        return {str(k): str(v) for k, v in flat.items()}
+    items = list(flat)
+    return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+class RedisCluster:
+    """A six-node Redis Cluster (three masters, one replica each) on loopback ports.
+
+    ::
+
+        with RedisCluster() as cluster:
+            cluster.url                     # redis+cluster://127.0.0.1:p1,p2,p3/
+            cluster.masters()               # [(port, [(first_slot, last_slot), ...]), ...]
+            port = cluster.node_for_key("pricehub:{pjm}:seq")
+            cluster.kill(port)              # SIGKILL that master
+            cluster.wait_for_failover(port) # until its replica took over, state ok
+
+    Ports are picked so that the cluster bus port (port + 10000) is free too. Without
+    ``redis-server`` or ``redis-cli`` the test is skipped (fails under ``CI=true``).
+
+    :param node_timeout_ms: ``--cluster-node-timeout`` (default 1000).
+    :param startup_timeout: seconds for the whole set-up (default 60).
+    """
+
+    NODES = 6
+
+    def __init__(self, *, node_timeout_ms: int = 1000, startup_timeout: float = 60.0) -> None:
+        self.binary = redis_binary()
+        self.cli = redis_cli_binary()
+        self._dir = Path(tempfile.mkdtemp(prefix="pricehub-cluster-"))
+        self._startup_timeout = startup_timeout
+        ports: list[int] = []
+        while len(ports) < self.NODES:
+            port = free_cluster_port()
+            if port not in ports and port + 10000 not in ports and port - 10000 not in ports:
+                ports.append(port)
+        self._node_timeout_ms = node_timeout_ms
+        self.nodes = {port: self._cluster_node(port) for port in ports}
+        self.started_in: float | None = None  # seconds __enter__ took
+        self._killed_slots: dict[int, list[tuple[int, int]]] = {}
+
+    def _cluster_node(self, port: int) -> _Node:
+        args = [
+            "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            "--cluster-config-file", str(self._dir / f"nodes-{port}.conf"),
+            "--cluster-node-timeout", str(self._node_timeout_ms),
+            "--save", "", "--appendonly", "no", "--dir", str(self._dir),
+            "--daemonize", "no", "--loglevel", "notice",
+        ]  # fmt: skip
+        return _Node(self.binary, port, self._dir, args)
+
+    # --- addresses --------------------------------------------------------------------
+
+    @property
+    def ports(self) -> list[int]:
+        return list(self.nodes)
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """``(host, port)`` of the first three nodes, as given in ``url``."""
+        return [("127.0.0.1", port) for port in self.ports[:3]]
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"{host}:{port}" for host, port in self.startup_nodes)
+        return f"redis+cluster://{hosts}/"
+
+    def live_ports(self) -> list[int]:
+        return [port for port, node in self.nodes.items() if node.running]
+
+    # --- topology ---------------------------------------------------------------------
+
+    def cluster_nodes(self) -> list[dict[str, Any]]:
+        """CLUSTER NODES as seen by the first live node that answers: one dict per node
+        with ``port``, ``id``, ``flags`` (set), ``master`` (id or ``-``), ``slots``."""
+        for port in self.live_ports():
+            text = _query(port, "CLUSTER", "NODES")
+            if isinstance(text, str):
+                return [_parse_node_line(line) for line in text.splitlines() if line]
+        return []
+
+    def masters(self) -> list[tuple[int, list[tuple[int, int]]]]:
+        """``(port, slot ranges)`` of every master not flagged as failed, by port."""
+        return sorted(
+            (node["port"], node["slots"]) for node in self.cluster_nodes()
+            if "master" in node["flags"] and "fail" not in node["flags"] and node["slots"]
+        )  # fmt: skip
+
+    def replica_of(self, master_port: int) -> list[int]:
+        """Ports of the replicas of the master on ``master_port``."""
+        nodes = self.cluster_nodes()
+        ids = [n["id"] for n in nodes if n["port"] == master_port]
+        return sorted(n["port"] for n in nodes if ids and n["master"] == ids[0])
+
+    def keyslot(self, key: str) -> int:
+        for port in self.live_ports():
+            answer = _query(port, "CLUSTER", "KEYSLOT", key)
+            if answer is not None:
+                return int(answer)
+        raise RuntimeError("no cluster node answers")
+
+    def node_for_key(self, key: str) -> int:
+        """The port of the master serving ``key``'s slot (CLUSTER KEYSLOT + slot map)."""
+        slot = self.keyslot(key)
+        for port, ranges in self.masters():
+            if any(first <= slot <= last for first, last in ranges):
+                return port
+        raise RuntimeError(f"slot {slot} has no live master")
+
+    def cluster_ok(self, ports: Sequence[int] | None = None) -> bool:
+        """``cluster_state:ok`` on every one of ``ports`` (default: every live node)."""
+        return all(
+            _info_field(_query(port, "CLUSTER", "INFO"), "cluster_state") == "ok"
+            for port in (ports if ports is not None else self.live_ports())
+        )
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> RedisCluster:
+        started = time.monotonic()
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        self.started_in = time.monotonic() - started
+        return self
+
+    def _start(self) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.1)
+
+        for node in self.nodes.values():
+            node.start()
+        _wait_answering(list(self.nodes.values()), left(), self.logs)
+        create = subprocess.run(
+            [self.cli, "--cluster", "create",
+             *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, text=True, timeout=left(), check=False,
+        )  # fmt: skip
+        if create.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed ({create.returncode}):\n"
+                f"{create.stdout}\n{create.stderr}\n{self.logs()}"
+            )
+        _poll("cluster_state:ok on every node", self.cluster_ok, left(), self.logs)
+        _poll("every node sees 3 masters with slots and 3 replicas", self._converged,
+              left(), self.logs)  # fmt: skip
+        _poll("every replica in sync", self._replicas_synced, left(), self.logs)
+
+    def _converged(self) -> bool:
+        for port in self.ports:
+            text = _query(port, "CLUSTER", "NODES")
+            if not isinstance(text, str):
+                return False
+            nodes = [_parse_node_line(line) for line in text.splitlines() if line]
+            masters = [n for n in nodes if "master" in n["flags"] and n["slots"]]
+            replicas = [n for n in nodes if "slave" in n["flags"]]
+            if len(masters) != 3 or len(replicas) != 3 or any(
+                "fail" in n["flags"] or "fail?" in n["flags"] for n in nodes
+            ):
+                return False
+        return True
+
+    def _replicas_synced(self) -> bool:
+        replicas = [n["port"] for n in self.cluster_nodes() if "slave" in n["flags"]]
+        return len(replicas) == 3 and all(
+            _info_field(_query(port, "INFO", "replication"), "master_link_status") == "up"
+            for port in replicas
+        )
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (a child of this harness, never anything else)."""
+        self._killed_slots[port] = next((r for p, r in self.masters() if p == port), [])
+        self.nodes[port].kill()
+
+    def wait_for_failover(self, killed_port: int, timeout: float = 20.0) -> int | None:
+        """Block until another node serves every slot ``killed_port`` had, the killed node
+        is flagged ``fail`` and every live node says ``cluster_state:ok``; the port of the
+        master now holding those slots (None if the killed node was a replica).
+        ``TimeoutError`` after ``timeout`` s."""
+        slots = self._killed_slots.get(killed_port, [])
+        owner: list[int] = []
+
+        def failed_over() -> bool:
+            nodes = self.cluster_nodes()
+            killed = [n for n in nodes if n["port"] == killed_port]
+            if not killed or "fail" not in killed[0]["flags"] or killed[0]["slots"]:
+                return False
+            if slots:
+                first = slots[0][0]
+                owner[:] = [
+                    n["port"] for n in nodes
+                    if "master" in n["flags"] and "fail" not in n["flags"]
+                    and any(a <= first <= b for a, b in n["slots"])
+                ]  # fmt: skip
+                if not owner:
+                    return False
+            return self.cluster_ok()
+
+        _poll(f"failover of {killed_port}", failed_over, timeout, self.logs)
+        return owner[0] if owner else None
+
+    def logs(self) -> str:
+        return "\n".join(node.log() for node in self.nodes.values())
+
+    def _stop(self) -> None:
+        for node in self.nodes.values():
+            node.kill()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop()
+
+
+def _parse_node_line(line: str) -> dict[str, Any]:
+    """One CLUSTER NODES line: ``id ip:port@bus flags master ping pong epoch link slots...``."""
+    fields = line.split()
+    address = fields[1].split("@")[0]
+    slots: list[tuple[int, int]] = []
+    for item in fields[8:]:
+        if item.startswith("["):
+            continue  # a slot being imported or migrated
+        first, _, last = item.partition("-")
+        slots.append((int(first), int(last or first)))
+    return {
+        "id": fields[0],
+        "port": int(address.rpartition(":")[2]),
+        "flags": set(fields[2].split(",")),
+        "master": fields[3],
+        "link": fields[7],
+        "slots": slots,
+    }
