@@ -145,7 +145,10 @@ async def test_sharded_pubsub_through_the_asyncio_cluster_client(
         # the driver opened the SSUBSCRIBE connection on the slot's master
         assert list(pubsub.node_pubsub_mapping) == [f"127.0.0.1:{owner}"]
         numsub = redis.Redis(port=owner, decode_responses=True)
-        assert numsub.execute_command("PUBSUB", "SHARDNUMSUB", CHANNEL) == [CHANNEL, 1]
+        shardnumsub = numsub.execute_command(  # type: ignore[no-untyped-call]
+            "PUBSUB", "SHARDNUMSUB", CHANNEL
+        )
+        assert shardnumsub == [CHANNEL, 1]
         numsub.close()
         assert await client.spublish(CHANNEL, "41.5") == 1
         assert (await next_sharded(pubsub))[0] == "41.5"
