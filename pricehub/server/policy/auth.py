@@ -17,6 +17,7 @@ import hmac
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,10 @@ class FailedAttempts:
 
     WINDOW = 60.0
 
-    def __init__(self, *, limit: int, max_addresses: int = 10_000,
-                 clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, *, limit: int, max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.limit = limit
         self.max_addresses = max_addresses
         self._clock = clock
