@@ -164,7 +164,7 @@ async def test_admission_answers_with_http_status_before_the_stream(
     token = jwt.encode({"exp": int(time.time()) + 60, "zones": ["pjm"]}, secret)
     assert (await client.get(paths.sse_market("nowhere") + f"?token={token}")).status == 404
     missing = await client.get(MARKET)
-    assert missing.status == 401 and (await missing.json())["error"] == "unauthorized"
+    assert missing.status == 401 and (await missing.json())["error"] == "invalid_token"
     assert (await client.get(paths.sse_market("ercot") + f"?token={token}")).status == 403
     evil = await client.get(MARKET + f"?token={token}", headers={"Origin": "https://evil.example"})
     assert evil.status == 403

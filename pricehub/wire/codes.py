@@ -107,3 +107,9 @@ class HttpErrorCode(StrEnum):
     INVALID_PRICE = "invalid_price"
     INVALID_TIMESTAMP = "invalid_timestamp"
     INVALID_NUMBER = "invalid_number"
+    # Server-Sent Events streams, refused before they start.
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"  # 403: browser Origin not allowed
+    OVER_CAPACITY = "over_capacity"  # 503: over a connection limit
+    TOO_MANY_ZONES = "too_many_zones"  # 422: over --max-zones-per-socket
+    INVALID_CURSOR = "invalid_cursor"  # 400: malformed Last-Event-ID
+    INVALID_SINCE = "invalid_since"  # 400: malformed since

@@ -36,7 +36,7 @@ from pricehub.server.policy.auth import Grant
 from pricehub.server.socket.session import Session
 from pricehub.server.sse.connection import SseConnection
 from pricehub.wire import messages, sse
-from pricehub.wire.codes import DisconnectReason
+from pricehub.wire.codes import DisconnectReason, HttpErrorCode
 from pricehub.wire.errors import ProtocolError
 
 __all__ = ["market_stream", "prices_stream"]
@@ -47,9 +47,10 @@ log = structlog.get_logger("pricehub.sse")
 class Refused(Exception):
     """Admission said no: the HTTP status, a stable error code, a message, a stats key."""
 
-    def __init__(self, status: int, code: str, message: str, reason: str) -> None:
+    def __init__(self, status: int, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.reason = status, code, message, reason
+        self.status, self.code, self.message = status, code, message
+        self.reason = reason or code  # the rejected-connections key (as on the WebSocket)
 
 
 async def market_stream(request: web.Request) -> web.StreamResponse:
@@ -77,7 +78,8 @@ async def serve_stream(
         grant, resume = admit(request, zones, single_zone=single_zone)
         over = app[LIMITS].acquire(remote)
         if over is not None:
-            raise Refused(503, "over_capacity", "server over its connection limit", f"limit_{over}")
+            message = "server over its connection limit"
+            raise Refused(503, HttpErrorCode.OVER_CAPACITY, message, f"limit_{over}")
     except Refused as refused:
         app[STATS].rejected_connections[refused.reason] += 1
         log.info("stream_rejected", reason=refused.reason, status=refused.status, remote=remote)
@@ -95,19 +97,19 @@ def admit(
     grant and, per zone to resume, ``(since, epoch)``."""
     settings = request.app[SETTINGS]
     if not origin_allowed(request, settings.allowed_origins):
-        raise Refused(403, "origin_not_allowed", "origin not allowed", "origin")
+        raise Refused(403, HttpErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed", "origin")
     try:
         grant = request.app[VERIFIER].verify(_token(request))
     except AuthError as exc:
-        raise Refused(401, "unauthorized", exc.message, "auth") from None
+        raise Refused(401, HttpErrorCode.INVALID_TOKEN, exc.message, "auth") from None
     unknown = [zone for zone in zones if zone not in settings.zones]
     if unknown:
-        raise Refused(404, "unknown_zone", f"unknown zone {unknown[0][:40]}", "unknown_zone")
+        raise Refused(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {unknown[0][:40]}")
     if grant.zones is not None and not set(zones) <= grant.zones:
-        raise Refused(403, "forbidden_zone", "token does not allow this zone", "forbidden_zone")
+        raise Refused(403, HttpErrorCode.FORBIDDEN_ZONE, "token does not allow this zone")
     if not zones or len(zones) > settings.max_zones_per_socket:
         raise Refused(
-            422, "too_many_zones",
+            422, HttpErrorCode.TOO_MANY_ZONES,
             f"a stream carries 1 to {settings.max_zones_per_socket} zones", "too_many_zones",
         )  # fmt: skip
     return grant, resume_points(request, zones, single_zone=single_zone)
@@ -132,14 +134,15 @@ def resume_points(
         try:
             cursor = sse.decode_cursor(last_id, zones)
         except ProtocolError as exc:
-            raise Refused(400, "invalid_cursor", exc.message, "invalid_cursor") from None
+            raise Refused(400, HttpErrorCode.INVALID_CURSOR, exc.message) from None
         return {zone: (seq, cursor.epoch) for zone, seq in cursor.seqs.items()}
     since_raw = request.query.get("since")
     if not single_zone or since_raw is None:
         return {}
     since = messages.parse_count(since_raw)
     if since is None:
-        raise Refused(400, "invalid_since", "'since' must be a non-negative integer", "invalid")
+        message = "'since' must be a non-negative integer"
+        raise Refused(400, HttpErrorCode.INVALID_SINCE, message)
     return {zones[0]: (since, request.query.get("epoch") or None)}
 
 
