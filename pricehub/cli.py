@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from pricehub.server.errors import ConfigError
-from pricehub.server.logs import configure_logging
+from pricehub.server.logs import configure_logging, redact_text
 from pricehub.server.settings import load_settings
 
 __all__ = ["main"]
@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args)
     except ConfigError as exc:
-        print(f"pricehub: configuration error: {exc}", file=sys.stderr)
+        # A mistyped URL may carry a password: redacted like every log line.
+        print(f"pricehub: configuration error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     if settings.workers > 1:

@@ -608,6 +608,8 @@ class RedisCluster:
             "--cluster-node-timeout", str(self._node_timeout_ms),
             "--save", "", "--appendonly", "no", "--dir", str(self._dir),
             "--daemonize", "no", "--loglevel", "notice",
+            # replicas sync at once (the default waits 5 s for more replicas to join)
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         return _Node(self.binary, port, self._dir, args)
 

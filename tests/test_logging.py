@@ -166,6 +166,12 @@ def test_secrets_are_redacted_from_fields_messages_and_tracebacks(restore_loggin
         ("eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9.c2ln", "[redacted]"),
         ("redis://user:pw@host:6379/0", "redis://user:[redacted]@host:6379/0"),
         ("redis://127.0.0.1:6379/0 and http://h:8080/x?since=2", None),
+        ("GET /?key=k1&api_key=k2&limit=5", "GET /?key=[redacted]&api_key=[redacted]&limit=5"),
+        ("b'Authorization: Bearer\\x01 k-9'", "b'Authorization: [redacted]'"),
+        ("redis://:p@ss@host/0", "redis://:[redacted]@host/0"),
+        ("got 'redis//:pw@host/0'", "got 'redis//:[redacted]@host/0'"),
+        ("redsi://:pw@host", "redsi://:[redacted]@host"),
+        ("redis://pw@host/0", "redis://[redacted]@host/0"),
     ],
 )
 def test_redact_text(text: str, expected: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import orjson
 import pytest
@@ -190,3 +191,17 @@ def test_server_messages_carry_type_and_timestamp() -> None:
         assert message["timestamp"] == NOW and isinstance(message["type"], str)
     assert orjson.loads(frames[1])["latest_price"]["seq"] == 1
     assert orjson.loads(frames[3])["data"][0]["seq"] == 1
+
+
+SHARED_CONTRACT = Path(__file__).resolve().parents[1].parent / "shared" / "PROTOCOL.md"
+
+
+@pytest.mark.skipif(
+    not SHARED_CONTRACT.is_file(),
+    reason="../shared/PROTOCOL.md is not beside this checkout (the contract lives outside it)",
+)
+def test_docs_protocol_is_the_shared_contract_verbatim() -> None:
+    shipped = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
+    assert shipped.read_bytes() == SHARED_CONTRACT.read_bytes(), (
+        "docs/PROTOCOL.md differs from ../shared/PROTOCOL.md: copy the shared file over it"
+    )

@@ -5,7 +5,8 @@ For the Redis Cluster backend (issue 17). These tests check the harness itself (
 behaviour the backend has to build on:
 
 * keys and channels sharing the hash tag ``{pjm}`` land in one slot, on one master;
-* sharded Pub/Sub (SSUBSCRIBE / SPUBLISH) through ``redis.asyncio.cluster.RedisCluster``;
+* sharded Pub/Sub (SSUBSCRIBE / SPUBLISH) through ``redis.asyncio.cluster.RedisCluster``
+  (``pubsub()`` returns a ``ClusterPubSub``; new in redis-py 8.0, setup.cfg says >= 5.0);
 * a SIGKILLed master is replaced by its replica within a bounded time, the data survives;
 * after that failover a subscriber-only ``ClusterPubSub`` keeps pointing at the dead node
   (``get_sharded_message`` raises ``ConnectionError``, SPUBLISH reaches 0 receivers) until
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio.cluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -35,6 +37,12 @@ WAIT = 10.0  # bound of every wait on messages or topology; the happy path is mi
 FAILOVER_BOUND = 15.0  # node timeout 1 s: detection plus election takes 2-4 s here
 ZONE_KEYS = ("pricehub:{pjm}:seq", "pricehub:{pjm}:history", "pricehub:{pjm}:prices")
 CHANNEL = "pricehub:{pjm}:prices"
+# asyncio ClusterPubSub (SSUBSCRIBE/SPUBLISH on redis.asyncio.cluster.RedisCluster) is new
+# in redis-py 8.0.0; before that the asyncio cluster client had no pubsub() at all.
+needs_async_cluster_pubsub = pytest.mark.skipif(
+    not hasattr(redis.asyncio.cluster, "ClusterPubSub"),
+    reason=f"redis-py {redis.__version__}: asyncio cluster pub/sub needs redis-py >= 8.0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +143,7 @@ async def test_hash_tagged_keys_share_one_slot(
     direct.close()
 
 
+@needs_async_cluster_pubsub
 async def test_sharded_pubsub_through_the_asyncio_cluster_client(
     cluster: RedisCluster, client: AsyncRedisCluster
 ) -> None:
@@ -145,7 +154,10 @@ async def test_sharded_pubsub_through_the_asyncio_cluster_client(
         # the driver opened the SSUBSCRIBE connection on the slot's master
         assert list(pubsub.node_pubsub_mapping) == [f"127.0.0.1:{owner}"]
         numsub = redis.Redis(port=owner, decode_responses=True)
-        assert numsub.execute_command("PUBSUB", "SHARDNUMSUB", CHANNEL) == [CHANNEL, 1]
+        shardnumsub = numsub.execute_command(  # type: ignore[no-untyped-call]
+            "PUBSUB", "SHARDNUMSUB", CHANNEL
+        )
+        assert shardnumsub == [CHANNEL, 1]
         numsub.close()
         assert await client.spublish(CHANNEL, "41.5") == 1
         assert (await next_sharded(pubsub))[0] == "41.5"
@@ -189,6 +201,7 @@ async def test_master_kill_fails_over_and_keeps_replicated_data(
         await client.aclose()
 
 
+@needs_async_cluster_pubsub
 async def test_sharded_subscription_follows_failover_after_slot_refresh(
     fresh_cluster: RedisCluster,
 ) -> None:

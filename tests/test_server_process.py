@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,8 +17,9 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.redisproc import RedisProcess
 from tests.serverproc import REPO, ServerProcess, free_port
-from tests.support import WAIT, receive_json
+from tests.support import WAIT, eventually, receive_json
 
 README = (REPO / "README.md").read_text()
 
@@ -135,3 +137,95 @@ def test_bad_configuration_exits_2_with_a_precise_message(tmp_path: Path) -> Non
     )
     assert result.returncode == 2
     assert "configuration error" in result.stderr and "port" in result.stderr
+
+
+# --- issue 11: a taken port, malformed HTTP and secrets in the process's output ----------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_port_in_use_is_one_line_and_exit_2_before_anything_starts(
+    redis_server: RedisProcess, workers: int
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess(
+            "--workers", str(workers), port=port, redis_url=redis_server.url,
+            startup_timeout=WAIT,
+        )
+        with pytest.raises(RuntimeError, match="server exited with 2"):
+            await server.start_async()
+    output = server.log()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], output
+    assert "Traceback" not in output and "ingest_lease_acquired" not in output
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a fresh TCP connection; what the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HEADER_SECRET = "header-secret-6d1e"
+MALFORMED = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\x01 " + HEADER_SECRET.encode()
+    + b"\r\n\r\n",
+    b"POST /api/ws/ws/broadcast/price HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+    b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\nnot-gzip!!",
+)
+
+
+async def test_malformed_http_is_one_warning_line_without_traceback_or_secret() -> None:
+    async with asyncio.timeout(30):
+        with ServerProcess("--no-simulate", publish_key="k") as server:
+            for data in MALFORMED:
+                answer = await asyncio.to_thread(raw_request, server.port, data)
+                assert answer.split(b" ", 2)[1] == b"400", answer
+            await eventually(lambda: server.log().count("bad_http_request") >= len(MALFORMED))
+            output = server.log()
+    assert "Traceback" not in output and HEADER_SECRET not in output
+    events = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
+    warnings = [e for e in events if e["event"] == "bad_http_request"]
+    assert len(warnings) == len(MALFORMED)
+    assert all(e["level"] == "warning" and e["remote"] == "127.0.0.1" for e in warnings)
+    assert not [e for e in events if e["level"] == "error"]
+
+
+async def test_credentials_in_query_strings_never_reach_the_access_log() -> None:
+    secrets = {"key": "q-key-3b7a", "api_key": "q-apikey-90fe", "token": "q-token-1c4d"}
+    with ServerProcess("--no-simulate") as server:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.url + "/", params={**secrets, "limit": "5"}) as response,
+        ):
+            assert response.status == 200
+        await eventually(lambda: '"path":"/?' in server.log())
+        output = server.log()
+    assert "limit=5" in output
+    for secret in secrets.values():
+        assert secret not in output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--redis-url", "redsi://:url-secret-77aa@127.0.0.1:6379/0"],  # a mistyped scheme
+        ["--workers", "2", "--redis-url", "redis://:url-secret-77aa@127.0.0.1:1/0"],
+    ],
+    ids=["settings", "workers"],
+)
+def test_a_redis_password_is_never_printed(argv: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pricehub", "--port", str(free_port()), *argv], cwd=REPO,
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "url-secret-77aa" not in result.stdout + result.stderr
+    assert "[redacted]" in result.stderr

@@ -23,12 +23,14 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from pricehub.wire import paths
 
 __all__ = [
-    "QUIET_PATHS", "REDACTED", "AccessLogger", "configure_logging", "redact_secrets",
-    "redact_text", "safe_path",
+    "QUIET_PATHS", "REDACTED", "AccessLogger", "BadRequestFilter", "bad_request_reason",
+    "configure_logging", "redact_secrets", "redact_text", "safe_path",
 ]
 
 REDACTED = "[redacted]"
@@ -37,18 +39,37 @@ SECRET_KEYS = frozenset(
 )
 # Scraped every few seconds: logged at debug so they do not drown the INFO stream.
 QUIET_PATHS = frozenset({paths.METRICS, paths.HEALTH})
+# Query parameters whose value is a credential, wherever a URL is printed.
+SECRET_QUERY = r"[\w.-]*(?:token|key|secret|password|passwd|pwd|auth)"
 SECRET_PATTERNS = (
-    (re.compile(r"([?&;]token=)[^&;#\s'\"]+", re.IGNORECASE), rf"\1{REDACTED}"),
+    (re.compile(rf"([?&;]{SECRET_QUERY}=)[^&;#\s'\"]+", re.IGNORECASE), rf"\1{REDACTED}"),
+    # A whole credential header, however malformed (aiohttp's parse errors quote the
+    # raw line: b'Authorization: Bearer\\x01 key').
+    (
+        re.compile(
+            r"((?:proxy-)?authorization|cookie|x-api-key)(\s*[:=]\s*(?:bearer |basic )?)[^\n'\"]+",
+            re.IGNORECASE,
+        ),
+        rf"\1\2{REDACTED}",
+    ),
     (re.compile(r"(bearer\s+)[^\s'\",;]+", re.IGNORECASE), rf"\1{REDACTED}"),
     # header.payload.signature of a JWT; the header always starts with '{"' = 'eyJ'.
     (re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*"), REDACTED),
-    # The password of a URL's userinfo (redis://user:password@host).
-    (re.compile(r"(://[^:/@\s]*:)[^@/\s]+@"), rf"\1{REDACTED}@"),
+    # The password of a URL's userinfo (redis://user:password@host), up to the last '@'
+    # of the URL (a password may hold an unescaped '@').
+    (re.compile(r"(://[^:/@\s'\"]*:)[^\s'\"]*@"), rf"\1{REDACTED}@"),
+    # Userinfo without a ':' (redis://password@host: a password in the user slot).
+    (re.compile(r"(://)[^:/@\s'\"]+@"), rf"\1{REDACTED}@"),
+    # A mistyped URL (redis//:pw@host, redis:/:pw@host): anything between a ':' (not
+    # a scheme's '://') and an '@' in one word is taken for a password.
+    (re.compile(r":(?!//)[^\s'\"@]*@"), rf":{REDACTED}@"),
 )
 
 
 def redact_text(text: str) -> str:
-    """``text`` with subscriber tokens, bearer credentials and JWTs replaced."""
+    """``text`` with every credential replaced: subscriber tokens and keys in query
+    strings, credential headers, bearer values, JWTs and URL passwords (mistyped URLs
+    included). Used for every log line, and for whatever pricehub prints itself."""
     for pattern, replacement in SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -129,14 +150,56 @@ def configure_logging(
     # Python warnings (a library's deprecation, PyJWT's short-key notice) would otherwise
     # be printed raw to stderr, breaking the one-JSON-object-per-line stream.
     logging.captureWarnings(True)
+    server_logger = logging.getLogger("aiohttp.server")
+    for old in [f for f in server_logger.filters if isinstance(f, BadRequestFilter)]:
+        server_logger.removeFilter(old)
+    server_logger.addFilter(BadRequestFilter())
+
+
+_SECRET_NAME = re.compile(SECRET_QUERY, re.IGNORECASE)
 
 
 def safe_path(request: web.BaseRequest) -> str:
-    """The request path and query, with any ``token`` query value redacted."""
-    if "token" not in request.query:
+    """The request path and query, with credential query values (``token``, ``key``,
+    ``api_key``, ...) redacted."""
+    if not any(_SECRET_NAME.fullmatch(name) for name in request.query):
         return request.path_qs
-    query = [(key, REDACTED if key == "token" else value) for key, value in request.query.items()]
+    query = [
+        (name, REDACTED if _SECRET_NAME.fullmatch(name) else value)
+        for name, value in request.query.items()
+    ]
     return str(request.rel_url.with_query(query))
+
+
+class BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (malformed HTTP, a corrupt gzip body) at
+    error level with a traceback, through ``aiohttp.server``. Anyone can send one, so
+    that is log flooding and false alerts: it becomes one ``bad_http_request`` warning
+    line (remote, reason; no traceback, no raw bytes). Real handler crashes pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        reason = bad_request_reason(record.exc_info[1] if record.exc_info else None)
+        if reason is None:
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        structlog.get_logger("pricehub.http").warning(
+            "bad_http_request", remote=remote, reason=reason
+        )
+        return False
+
+
+def bad_request_reason(exc: BaseException | None) -> str | None:
+    """The first line of the parse error behind ``exc`` (or its causes), else None."""
+    for _ in range(8):  # a cause chain is short; the bound rules out a cycle
+        if exc is None:
+            return None
+        if isinstance(exc, HttpProcessingError):
+            return (exc.message.strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, RequestPayloadError):
+            reason = bad_request_reason(exc.__cause__)
+            return reason or type(exc).__name__
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class AccessLogger(AbstractAccessLogger):

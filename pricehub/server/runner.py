@@ -1,5 +1,10 @@
 """Serve one instance until SIGTERM/SIGINT, then shut down gracefully and exit 0.
 
+The listening sockets are bound first, before the application exists: a port already
+in use is then one line on stderr and exit 2, with nothing started (no storage, no
+Redis ingest lease, no background task). aiohttp's ``AppRunner.setup`` runs the
+startup contexts, so binding through ``TCPSite`` after it would come too late.
+
 Shutdown order: stop accepting, close every socket with 1001 (``on_shutdown``), stop
 the background tasks and the storage (``cleanup_ctx``), all within ``shutdown_grace``.
 """
@@ -7,8 +12,11 @@ the background tasks and the storage (``cleanup_ctx``), all within ``shutdown_gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 import ssl
+import sys
 
 import structlog
 from aiohttp import web
@@ -17,9 +25,14 @@ from pricehub.server.app import create_app
 from pricehub.server.logs import AccessLogger
 from pricehub.server.settings import Settings
 
-__all__ = ["serve", "serve_async"]
+__all__ = ["BindError", "bind_sockets", "serve", "serve_async"]
 
 log = structlog.get_logger("pricehub.server")
+BACKLOG = 1024
+
+
+class BindError(Exception):
+    """The listening address cannot be bound (in use, not local, no permission)."""
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -30,38 +43,83 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` resolves to, as asyncio's
+    ``create_server`` would make them (SO_REUSEADDR, IPv6-only next to IPv4).
+
+    Raises ``BindError`` naming ``host:port`` when any cannot be bound.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(
+            (info[0], info[1], info[2], info[3], info[4]) for info in infos
+        ):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sockets
+
+
 async def serve_async(settings: Settings, *, reuse_port: bool = False) -> None:
+    sockets = bind_sockets(settings.host, settings.port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(
-        create_app(settings),
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_grace,
-    )
-    await runner.setup()
+    try:
+        runner = web.AppRunner(
+            create_app(settings),
+            handle_signals=False,
+            access_log_class=AccessLogger,
+            shutdown_timeout=settings.shutdown_grace,
+        )
+        await runner.setup()
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     try:
         context = ssl_context(settings)
-        site = web.TCPSite(
-            runner, settings.host, settings.port, ssl_context=context, reuse_port=reuse_port,
-            backlog=1024,
-        )
-        await site.start()
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=context).start()
         scheme = "https" if context else "http"
+        port = sockets[0].getsockname()[1]
         log.info(
-            "listening", url=f"{scheme}://{settings.host}:{settings.port}",
+            "listening", url=f"{scheme}://{settings.host}:{port}",
             zones=list(settings.zones), simulator=settings.simulator_enabled,
         )
         await stop.wait()
         log.info("shutting_down")
     finally:
         await runner.cleanup()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
     log.info("stopped")
 
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Run until a signal; returns the process exit code."""
-    asyncio.run(serve_async(settings, reuse_port=reuse_port))
+    """Run until a signal; returns the process exit code (2: the address is unusable)."""
+    try:
+        asyncio.run(serve_async(settings, reuse_port=reuse_port))
+    except BindError as exc:
+        print(f"pricehub: {exc}", file=sys.stderr)
+        return 2
     return 0

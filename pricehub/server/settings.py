@@ -163,6 +163,16 @@ class Settings:
     loop_lag_threshold: float = _option(
         0.5, "event-loop lag (seconds) that makes health degraded", float
     )
+    operator_key: tuple[str, ...] = _option(
+        (), "bearer key(s), comma list, for stats, connections and /metrics (see "
+        "docs/security.md; with subscriber auth on and no key they are closed)", _split
+    )
+    body_timeout: float = _option(
+        10.0, "seconds a publisher has to send the whole request body (over: 408)", float
+    )
+    auth_failure_limit: int = _option(
+        10, "failed publish/operator key attempts per minute per address (over: 429)", int
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -276,6 +286,7 @@ _CHECKS: tuple[Callable[[Settings], None], ...] = (
     _check_ranges,
     _check_files,
     _check_redis,
+    _positive("body_timeout", "auth_failure_limit"),
 )
 
 

@@ -39,13 +39,21 @@ STOP_MARGIN = 5.0  # seconds on top of shutdown_grace before a worker is killed
 
 def run_workers(settings: Settings) -> int:
     """Serve with ``settings.workers`` processes; returns the exit code (2: refused)."""
+    from pricehub.server.logs import redact_text
+    from pricehub.server.runner import BindError, bind_sockets
+
+    try:  # the port first, as a single process does: refused before anything starts
+        for sock in bind_sockets(settings.host, settings.port, reuse_port=True):
+            sock.close()
+    except BindError as exc:
+        print(f"pricehub: {exc}", file=sys.stderr)
+        return 2
     problem = redis_problem(settings)
     if problem is not None:
-        print(
+        print(redact_text(
             f"pricehub: --workers {settings.workers} needs a reachable Redis to form a "
-            f"cluster, and {settings.redis_url!r} is not: {problem}",
-            file=sys.stderr,
-        )
+            f"cluster, and {settings.redis_url!r} is not: {problem}"
+        ), file=sys.stderr)
         return 2
     if settings.port == 0:
         print("pricehub: --workers needs a fixed --port (0 gives each worker its own)",

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-__all__ = ["NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "MessageType"]
+__all__ = [
+    "NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "HttpErrorCode",
+    "MessageType",
+]
 
 
 class CloseCode(IntEnum):
@@ -80,3 +83,33 @@ class MessageType(StrEnum):
     REQUEST_PRICE_HISTORY = "request_price_history"
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
+
+
+class HttpErrorCode(StrEnum):
+    """``error`` of an HTTP endpoint's JSON error body (``{"error", "message", ...}``)."""
+
+    UNAUTHORIZED = "unauthorized"  # 401: no or malformed credentials
+    FORBIDDEN = "forbidden"  # 403: wrong key
+    INVALID_TOKEN = "invalid_token"  # 401: subscriber token missing, invalid or expired
+    FORBIDDEN_ZONE = "forbidden_zone"  # 403: the token's ``zones`` claim leaves it out
+    OPERATOR_KEY_REQUIRED = "operator_key_required"  # 403: auth on, no --operator-key set
+    PUBLISHING_DISABLED = "publishing_disabled"
+    RATE_LIMITED = "rate_limited"
+    AUTH_RATE_LIMITED = "auth_rate_limited"  # 429: too many failed key attempts
+    BODY_TOO_LARGE = "body_too_large"
+    BODY_TIMEOUT = "body_timeout"  # 408: the body did not arrive within --body-timeout
+    INVALID_BODY = "invalid_body"  # 400: the body cannot be decoded (corrupt gzip, ...)
+    INVALID_LIMIT = "invalid_limit"
+    INVALID_ZONE = "invalid_zone"
+    UNKNOWN_ZONE = "unknown_zone"
+    # 422 of a published price, by the field at fault; ``invalid_price`` for the rest
+    # (not JSON, empty batch, unknown field).
+    INVALID_PRICE = "invalid_price"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    INVALID_NUMBER = "invalid_number"
+    # Server-Sent Events streams, refused before they start.
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"  # 403: browser Origin not allowed
+    OVER_CAPACITY = "over_capacity"  # 503: over a connection limit
+    TOO_MANY_ZONES = "too_many_zones"  # 422: over --max-zones-per-socket
+    INVALID_CURSOR = "invalid_cursor"  # 400: malformed Last-Event-ID
+    INVALID_SINCE = "invalid_since"  # 400: malformed since

@@ -18,7 +18,7 @@ import re
 import struct
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -84,13 +84,24 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
-def normalise_timestamp(value: str) -> str:
+# Published times outside [EARLIEST_TIMESTAMP, now + MAX_FUTURE] are refused: a feed has
+# no prices from before 2000, and a year-9999 typo would sort after every real price and
+# sit at the end of the history for good.
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_FUTURE = timedelta(days=1)
+
+
+def normalise_timestamp(value: str, *, now: str | None = None) -> str:
     """Any ISO-8601 time with an offset, as UTC milliseconds; no offset is an error.
 
     A trading feed must not guess time zones, so a naive time is rejected rather
-    than read as local or UTC.
+    than read as local or UTC. Only printable ASCII is accepted (``fromisoformat``
+    ignores a trailing NUL). With ``now`` (a ``utc_now()`` string), a time before
+    2000-01-01 or more than a day after ``now`` is rejected too.
     """
     text = value.strip()
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(f"not an ISO-8601 time: {value[:40]!r}")
     if text.endswith(("z", "Z")):
         text = text[:-1] + "+00:00"
     try:
@@ -100,9 +111,20 @@ def normalise_timestamp(value: str) -> str:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"time has no UTC offset: {value[:40]!r}")
     try:
-        return format_timestamp(moment)
+        formatted = format_timestamp(moment)
     except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
         raise ValueError(f"time out of range: {value[:40]!r}") from None
+    if now is not None:
+        _check_window(moment, now, value)
+    return formatted
+
+
+def _check_window(moment: datetime, now: str, value: str) -> None:
+    latest = datetime.fromisoformat(now.replace("Z", "+00:00")) + MAX_FUTURE
+    if not EARLIEST_TIMESTAMP <= moment <= latest:
+        raise ValueError(
+            f"time out of range (2000-01-01 to 1 day from now): {value[:40]!r}"
+        )
 
 
 def parse_count(text: str, *, max_digits: int = 18) -> int | None:
@@ -180,7 +202,7 @@ def _finite_number(name: str, value: object) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise ValidationError(name, "must be finite")
-    return number
+    return number + 0.0  # -0.0 + 0.0 == 0.0: one zero on the wire, not "-0.0"
 
 
 def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBody:
@@ -207,7 +229,7 @@ def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBo
         timestamp = now
     elif isinstance(timestamp_raw, str):
         try:
-            timestamp = normalise_timestamp(timestamp_raw)
+            timestamp = normalise_timestamp(timestamp_raw, now=now)
         except ValueError as exc:
             raise ValidationError("timestamp", str(exc)) from None
     else:

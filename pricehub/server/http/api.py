@@ -1,20 +1,29 @@
-"""HTTP endpoints: stats, health, history, publish, and the dashboard's static files."""
+"""HTTP endpoints: stats, health, history, publish, and the dashboard's static files.
+
+Who may call which is decided in ``guard`` (keys, tokens, operator endpoints).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
+from pricehub.server.http import guard
+from pricehub.server.http.replies import json_error, json_response
 from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, STATS, STORAGE
-from pricehub.server.policy.auth import key_matches
+from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
 from pricehub.storage.errors import StorageError
 from pricehub.wire import messages, paths
+from pricehub.wire.codes import HttpErrorCode
 from pricehub.wire.errors import ValidationError
 
 __all__ = ["STATIC_DIR", "add_routes"]
@@ -23,15 +32,7 @@ STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
 
 
-def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
-
-
-def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    return json_response({"error": code, "message": message, **extra}, status=status)
+log = structlog.get_logger("pricehub.http")
 
 
 async def cluster_section(app: web.Application) -> dict[str, Any] | None:
@@ -63,6 +64,7 @@ async def stats_handler(request: web.Request) -> web.Response:
         "total_connections": len(broadcaster.connections),
         "connections_by_zone": by_zone,
         "active_zones": sorted(by_zone),
+        "connections_by_transport": broadcaster.connections_by_transport(),
         "statistics": app[STATS].statistics(broadcaster, backend=storage.backend),
         "instance_id": app[INSTANCE_ID],
     }
@@ -88,6 +90,13 @@ async def health_handler(request: web.Request) -> web.Response:
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
     )
+    if not guard.operator_allowed(request):
+        # Open to load balancers, but while the operator endpoints are protected it
+        # says no more than they need: the status code, the status and the checks.
+        return json_response(
+            {"status": report.status, "checks": report.checks, "timestamp": messages.utc_now()},
+            status=report.http_status,
+        )
     broadcaster = app[BROADCASTER]
     return json_response(
         {
@@ -111,7 +120,7 @@ async def connections_handler(request: web.Request) -> web.Response:
     """
     requested = messages.parse_count(request.query.get("limit", "100"))
     if not requested:
-        return json_error(422, "invalid_limit", "limit must be a positive integer")
+        return json_error(422, HttpErrorCode.INVALID_LIMIT, "limit must be a positive integer")
     now = time.monotonic()
     connections = list(request.app[BROADCASTER].connections)[::-1][: min(requested, 1000)]
     return json_response(
@@ -137,9 +146,9 @@ async def connections_handler(request: web.Request) -> web.Response:
 def _zone_or_error(request: web.Request) -> str | web.Response:
     zone = request.match_info["zone"]
     if not messages.is_valid_zone_name(zone):
-        return json_error(422, "invalid_zone", "zone names are [a-z0-9_]{1,32}")
+        return json_error(422, HttpErrorCode.INVALID_ZONE, "zone names are [a-z0-9_]{1,32}")
     if zone not in request.app[SETTINGS].zones:
-        return json_error(404, "unknown_zone", f"unknown zone {zone}")
+        return json_error(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {zone}")
     return zone
 
 
@@ -147,10 +156,13 @@ async def history_handler(request: web.Request) -> web.Response:
     zone = _zone_or_error(request)
     if isinstance(zone, web.Response):
         return zone
+    grant = guard.subscriber_grant(request, zone)  # a zone's history is its feed
+    if isinstance(grant, web.Response):
+        return grant
     default = str(messages.DEFAULT_HISTORY_LIMIT)
     requested = messages.parse_count(request.query.get("limit", default))
     if not requested:
-        return json_error(422, "invalid_limit", "limit must be a positive integer")
+        return json_error(422, HttpErrorCode.INVALID_LIMIT, "limit must be a positive integer")
     limit = min(requested, request.app[SETTINGS].history_size)
     prices = await request.app[STORAGE].history(zone, limit=limit)
     body = b'{"market_zone":"%s","data":[%s]}' % (
@@ -160,23 +172,29 @@ async def history_handler(request: web.Request) -> web.Response:
 
 
 def _publisher_refusal(request: web.Request) -> web.Response | str:
-    """401/403/429 before the body is read; returns the key on success."""
+    """403/429/401 before the body is read; returns the key on success."""
     keys = request.app[SETTINGS].publish_key
     if not keys:
-        return json_error(403, "publishing_disabled", "no publish key is configured")
-    header = request.headers.get("Authorization", "")
-    scheme, _, candidate = header.partition(" ")
-    if scheme.lower() != "bearer" or not candidate:
-        return json_response(
-            {"error": "unauthorized", "message": "Authorization: Bearer <key> required"},
-            status=401, headers={"WWW-Authenticate": "Bearer"},
+        return json_error(
+            403, HttpErrorCode.PUBLISHING_DISABLED, "no publish key is configured"
         )
-    if not key_matches(candidate.strip(), keys):
-        return json_error(403, "forbidden", "wrong publish key")
-    return candidate.strip()
+    return guard.bearer_refusal(request, keys, what="publish key")
 
 
-async def publish_handler(request: web.Request) -> web.Response:
+# The field a ``ValidationError`` names (``[3].timestamp`` in a batch) -> its 422 code.
+FIELD_CODES = {
+    "timestamp": HttpErrorCode.INVALID_TIMESTAMP,
+    "market_zone": HttpErrorCode.INVALID_ZONE,
+    "price": HttpErrorCode.INVALID_NUMBER,
+    "volume": HttpErrorCode.INVALID_NUMBER,
+}
+
+
+def validation_code(field: str) -> HttpErrorCode:
+    return FIELD_CODES.get(field.rpartition(".")[2], HttpErrorCode.INVALID_PRICE)
+
+
+async def publish_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     key = _publisher_refusal(request)
@@ -185,22 +203,19 @@ async def publish_handler(request: web.Request) -> web.Response:
     bucket = app[PUBLISH_BUCKETS].setdefault(key, TokenBucket(settings.publish_rate_limit))
     if not bucket.take():
         wait = max(1, round(bucket.retry_after() + 0.5))
-        return json_response(
-            {"error": "rate_limited", "message": "publish rate over limit"},
-            status=429, headers={"Retry-After": str(wait)},
+        return json_error(
+            429, HttpErrorCode.RATE_LIMITED, "publish rate over limit",
+            headers={"Retry-After": str(wait)},
         )
-    if request.content_length is not None and request.content_length > settings.max_body_size:
-        return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
-    try:
-        raw = await request.read()  # client_max_size also caps chunked bodies
-    except web.HTTPRequestEntityTooLarge:
-        return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
+    raw = await read_body(request)
+    if isinstance(raw, web.StreamResponse):
+        return raw
     try:
         bodies = messages.validate_publish_body(
             raw, zones=settings.zones, now=messages.utc_now(), max_batch=settings.max_batch_size
         )
     except ValidationError as exc:
-        return json_error(422, "invalid_price", exc.message, field=exc.field)
+        return json_error(422, validation_code(exc.field), exc.message, field=exc.field)
     publisher = app[PUBLISHER]
     accepted = []
     for body in bodies:
@@ -209,12 +224,55 @@ async def publish_handler(request: web.Request) -> web.Response:
     return json_response({"accepted": accepted}, status=202)
 
 
+async def read_body(request: web.Request) -> bytes | web.StreamResponse:
+    """The whole body within ``--body-timeout``, or the error already sent.
+
+    A body that is too slow (408) or cannot be decoded (400: corrupt gzip/deflate) ends
+    the connection: the rest of it would otherwise be read and thrown away (aiohttp's
+    lingering close), holding the connection or raising the same error again.
+    """
+    settings = request.app[SETTINGS]
+    too_large = json_error(
+        413, HttpErrorCode.BODY_TOO_LARGE, f"body over {settings.max_body_size} bytes"
+    )
+    if request.content_length is not None and request.content_length > settings.max_body_size:
+        return too_large
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            return await request.read()  # client_max_size also caps chunked bodies
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+    except TimeoutError:
+        log.warning("body_timeout", remote=request.remote, timeout_s=settings.body_timeout)
+        return await send_and_close(request, json_error(
+            408, HttpErrorCode.BODY_TIMEOUT,
+            f"request body not received within {settings.body_timeout} s",
+        ))
+    except RequestPayloadError as exc:
+        reason = bad_request_reason(exc)
+        log.warning("bad_http_request", remote=request.remote, reason=reason)
+        return await send_and_close(request, json_error(
+            400, HttpErrorCode.INVALID_BODY, f"request body cannot be decoded: {reason}"
+        ))
+
+
+async def send_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` now and close the connection once it is flushed."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.protocol is not None:
+        request.protocol.force_close()  # the transport flushes the response first
+    return response
+
+
 async def dashboard_handler(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
 def add_routes(app: web.Application) -> None:
     app[PUBLISH_BUCKETS] = {}
+    guard.install(app)
     app.router.add_get(paths.STATS, stats_handler)
     app.router.add_get(paths.HEALTH, health_handler)
     app.router.add_get(paths.CONNECTIONS, connections_handler)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from pricehub.server.settings import Settings
 from pricehub.wire.codes import CloseCode
 
 __all__ = [
+    "FailedAttempts",
     "Grant",
     "TokenVerifier",
     "key_matches",
@@ -85,10 +90,20 @@ class TokenVerifier:
             # PyJWTError, not InvalidTokenError: a token signed for another key type
             # raises InvalidKeyError, which is not an InvalidTokenError.
             raise AuthError(CloseCode.INVALID_TOKEN, "invalid token") from None
-        # PyJWT checked that ``exp`` is an integer in the future; clamp it because a
-        # huge one (signed by a buggy issuer) would overflow a float.
+        _check_numeric_dates(claims)
+        # PyJWT checked that ``exp`` is in the future; clamp it because a huge one
+        # (signed by a buggy issuer) would overflow a float.
         expires_at = float(min(int(claims["exp"]), FAR_FUTURE))
         return Grant(zones=_zones_claim(claims.get("zones")), expires_at=expires_at)
+
+
+def _check_numeric_dates(claims: dict[str, Any]) -> None:
+    """``exp``/``nbf``/``iat`` must be JSON numbers (RFC 7519 NumericDate). PyJWT runs
+    ``int()`` on them, so a string ``"exp": "9999999999"`` would otherwise pass."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise AuthError(CloseCode.INVALID_TOKEN, f"invalid '{name}' claim")
 
 
 def _zones_claim(zones: object) -> frozenset[str] | None:
@@ -133,3 +148,48 @@ def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
 
 def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+class FailedAttempts:
+    """Failed key attempts per remote address, in fixed one-minute windows.
+
+    ``limit`` failures within a window refuse every further attempt from that address
+    (429, right key or not) until the window ends: guessing a key costs a minute per
+    ``limit`` tries. At most ``max_addresses`` are remembered; a new address evicts the
+    one that failed least recently (dropping its count: under a flood of addresses the
+    stalest failures are forgotten first, and memory stays bounded).
+    """
+
+    WINDOW = 60.0
+
+    def __init__(
+        self, *, limit: int, max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def retry_after(self, remote: str) -> int | None:
+        """Whole seconds until ``remote`` may try again, or None when it may now."""
+        entry = self._windows.get(remote)
+        if entry is None:
+            return None
+        started, count = entry
+        left = started + self.WINDOW - self._clock()
+        if left <= 0:
+            del self._windows[remote]
+            return None
+        return max(1, math.ceil(left)) if count >= self.limit else None
+
+    def failed(self, remote: str) -> None:
+        """Count one failed attempt of ``remote``."""
+        now = self._clock()
+        started, count = self._windows.get(remote, (now, 0))
+        if started + self.WINDOW <= now:
+            started, count = now, 0
+        elif remote not in self._windows and len(self._windows) >= self.max_addresses:
+            self._windows.popitem(last=False)
+        self._windows[remote] = (started, count + 1)
+        self._windows.move_to_end(remote)
