@@ -315,12 +315,15 @@ class RedisClusterStorage(RedisStorage):
 
     async def _await_ssubscribed(self, shard: _Shard) -> None:
         # As _await_subscribed: reading state before Redis confirmed could miss a price.
+        # Bounded by progress, not in total: thousands of zones take a while to confirm,
+        # but a silent connection fails within one timeout.
         confirmed = 0
-        async with asyncio.timeout(2 * self._timeout):
-            while confirmed < shard.channels:
-                message = await shard.pubsub.get_message(timeout=self._timeout)
-                if message is not None and message["type"] == "ssubscribe":
-                    confirmed += 1
+        while confirmed < shard.channels:
+            message = await shard.pubsub.get_message(timeout=self._timeout)
+            if message is None:
+                raise StorageUnavailable(f"redis cluster: {shard.name} did not confirm SSUBSCRIBE")
+            if message["type"] == "ssubscribe":
+                confirmed += 1
 
     async def close(self) -> None:
         await super().close()
