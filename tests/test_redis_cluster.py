@@ -221,6 +221,54 @@ async def test_wait_replicas_acknowledges_a_price_once_its_replica_has_it(
         await storage.close()
 
 
+def migrate_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
+    """Move ``slot`` with its keys from master ``source`` to master ``target`` (what
+    ``redis-cli --cluster reshard`` does, for one slot)."""
+    nodes = {port: redis.Redis(port=port, decode_responses=True) for port, _ in cluster.masters()}
+    try:
+        ids = {port: client.execute_command("CLUSTER", "MYID") for port, client in nodes.items()}
+        nodes[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := nodes[source].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            nodes[source].execute_command(
+                "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys
+            )
+        for client in nodes.values():
+            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for client in nodes.values():
+            client.close()
+
+
+async def test_a_zone_slot_moved_to_another_master_is_followed(
+    cluster: RedisCluster, prefix: str
+) -> None:
+    """Resharding: Redis tells the subscriber ``sunsubscribe``; the instance takes the
+    memory path and reconnects to the slot's new master, numbering on without a gap."""
+    storage = FailoverStorage(
+        cluster.url, zones=ZONES, key_prefix=prefix, timeout=1.0, probe_interval=0.2
+    )
+    listener = RecordingListener()
+    await storage.start(listener)
+    try:
+        for index in range(5):
+            await storage.append("nyiso", body("nyiso", float(index)))
+        await listener.wait_for("nyiso", 5)
+        key = ClusterKeyLayout(prefix).seq("nyiso")
+        source = cluster.node_for_key(key)
+        target = next(port for port, _ in cluster.masters() if port != source)
+        await asyncio.to_thread(migrate_slot, cluster, cluster.keyslot(key), source, target)
+        await listener.wait_backend("in-memory")  # the sunsubscribe
+        await listener.wait_backend("redis")  # reconnected on the new slot map
+        for index in range(5, 10):
+            await storage.append("nyiso", body("nyiso", float(index)))
+        assert await listener.wait_for("nyiso", 10) == list(range(1, 11))
+        assert cluster.node_for_key(key) == target
+        assert storage.epoch_changes == 0
+    finally:
+        await storage.close()
+
+
 async def test_a_master_killed_under_load_loses_and_repeats_nothing(
     cluster: RedisCluster, prefix: str
 ) -> None:
