@@ -75,6 +75,7 @@ __all__ = [
 
 CLUSTER_SCHEME = "redis+cluster://"
 LOAD_CHUNK = 2000  # zones per pipelined round trip when loading every zone's state
+LOGGED_UNREPLICATED = 10  # log every short WAIT up to this many, then one in a thousand
 PROBE_TAGS = 10_000  # hash tags tried to find a probe channel on each master
 
 
@@ -441,7 +442,15 @@ class RedisClusterStorage(RedisStorage):
                 cluster.execute_command("WAIT", self._wait_replicas, wait_ms, target_nodes=node)
                 for node in nodes.values()
             ))  # fmt: skip
-        self.unreplicated += sum(int(count) < self._wait_replicas for count in counts)
+        short = sum(int(count) < self._wait_replicas for count in counts)
+        if short:
+            self.unreplicated += short
+            # Throttled: a dead replica makes every batch short until it is replaced.
+            if self.unreplicated <= LOGGED_UNREPLICATED or self.unreplicated % 1000 == 0:
+                self._log.warning(
+                    "storage_unreplicated", wait_replicas=self._wait_replicas,
+                    masters=short, total=self.unreplicated,
+                )  # fmt: skip
 
     async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
         """XACK + XDEL the ingest entries whose script ran (applied now or before).
