@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -22,6 +22,8 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from pricehub.server.errors import ConfigError
+from pricehub.server.ingest import IngestConsumer
+from pricehub.server.publisher import Publisher
 from pricehub.server.settings import Settings
 from pricehub.storage.cluster import ClusterKeyLayout, RedisClusterStorage
 from pricehub.storage.failover import FailoverStorage
@@ -213,7 +215,7 @@ async def test_wait_replicas_acknowledges_a_price_once_its_replica_has_it(
             key = ClusterKeyLayout(prefix).latest(zone)
             (replica,) = cluster.replica_of(cluster.node_for_key(key))
             reader = redis.Redis(port=replica, single_connection_client=True)
-            reader.execute_command("READONLY")
+            command(reader, "READONLY")
             assert reader.get(key) == price.payload  # there when append returned
             reader.close()
         assert storage.unreplicated == 0
@@ -221,20 +223,23 @@ async def test_wait_replicas_acknowledges_a_price_once_its_replica_has_it(
         await storage.close()
 
 
+def command(client: redis.Redis, *args: Any) -> Any:
+    """A raw command on a synchronous client (redis-py leaves it untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def migrate_slot(cluster: RedisCluster, slot: int, source: int, target: int) -> None:
     """Move ``slot`` with its keys from master ``source`` to master ``target`` (what
     ``redis-cli --cluster reshard`` does, for one slot)."""
     nodes = {port: redis.Redis(port=port, decode_responses=True) for port, _ in cluster.masters()}
     try:
-        ids = {port: client.execute_command("CLUSTER", "MYID") for port, client in nodes.items()}
-        nodes[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
-        nodes[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
-        while keys := nodes[source].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-            nodes[source].execute_command(
-                "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys
-            )
+        ids = {port: command(client, "CLUSTER", "MYID") for port, client in nodes.items()}
+        command(nodes[target], "CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        command(nodes[source], "CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := command(nodes[source], "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            command(nodes[source], "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
         for client in nodes.values():
-            client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+            command(client, "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
     finally:
         for client in nodes.values():
             client.close()
@@ -360,8 +365,66 @@ async def test_unreachable_cluster_serves_from_memory_then_writes_back(prefix: s
             price = await storage.append("caiso", body("caiso", 3.0))
             assert price.seq == 4
             client = client_of(late)
-            stored = await client.zrange(ClusterKeyLayout(prefix).history("caiso"), 0, -1)
+            history_key = ClusterKeyLayout(prefix).history("caiso")
+            stored = cast(list[bytes], await client.zrange(history_key, 0, -1))
             await client.aclose()
             assert [orjson.loads(p)["seq"] for p in stored] == [1, 2, 3, 4]
     finally:
+        await storage.close()
+
+
+async def test_stream_ingest_through_a_master_kill_takes_each_entry_once_in_order(
+    cluster: RedisCluster, prefix: str
+) -> None:
+    """Entries keep coming while the master of one zone (not the stream's) is killed: the
+    instance pauses ingest in memory, resumes on the promoted replica, and every entry is
+    numbered once, in stream order (the zone's last applied entry id skips repeats)."""
+    keys = ClusterKeyLayout(prefix)
+    stream_master = cluster.node_for_key(keys.ingest)
+    victims = [
+        zone for zone in ZONES
+        if (port := cluster.node_for_key(keys.seq(zone))) != stream_master
+        and cluster.replica_of(port)
+    ]  # fmt: skip
+    if not victims:
+        pytest.skip("every zone shares the stream's master or lost its replica")
+    victim = cluster.node_for_key(keys.seq(victims[0]))
+    storage = FailoverStorage(
+        cluster.url, zones=ZONES, key_prefix=prefix, timeout=1.0, probe_interval=0.2
+    )
+    listener = RecordingListener()
+    await storage.start(listener)
+    publisher = Publisher(storage)
+    consumer = IngestConsumer(
+        storage, publisher, zones=ZONES, consumer="only", block=0.2, lease_ttl=1.0
+    )
+    consuming = asyncio.create_task(consumer.run())
+    producer = client_of(cluster)
+    added = 0
+
+    async def produce(count: int) -> None:
+        nonlocal added
+        for _ in range(count):
+            zone = ZONES[added % len(ZONES)]
+            await producer.xadd(keys.ingest, {"market_zone": zone, "price": str(added)})
+            added += 1
+
+    try:
+        await produce(200)
+        cluster.kill(victim)
+        await produce(100)
+        await asyncio.to_thread(cluster.wait_for_failover, victim, FAILOVER_BOUND)
+        await produce(100)
+        per_zone = added // len(ZONES)
+        for zone in ZONES:
+            await asyncio.wait_for(listener.wait_for(zone, per_zone), SLOW)
+        for number, zone in enumerate(ZONES):
+            assert listener.seqs(zone) == list(range(1, per_zone + 1))
+            prices = [orjson.loads(p.payload)["price"] for p in listener.prices if p.zone == zone]
+            assert prices == [float(i) for i in range(number, added, len(ZONES))]
+        assert storage.failovers >= 1 and storage.backend == "redis"
+    finally:
+        consumer.stop()
+        await asyncio.wait({consuming}, timeout=5)
+        await producer.aclose()
         await storage.close()
