@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import WSMsgType
 
@@ -336,3 +337,77 @@ async def new_socket_refused(server: ServerProcess) -> bool:
                 return message.type is not WSMsgType.TEXT
         except (aiohttp.ClientError, OSError):
             return True
+
+
+# --- amplification: what one socket may make the server queue (issue 11 item 1) ----------
+
+AMP_SOCKETS = 8
+AMP_HISTORY = 2000  # per zone: a `since: 0` subscribe to every zone replays 14,000 prices
+AMP_FRAMES = 40  # the rate limit's burst: all of them handled before anything is written
+# Per socket, over the pre-attack baseline: about --send-hard-limit (1 MiB) and what it
+# takes to produce it. Before the fix each socket queued ~40 MB (14,000 replayed prices
+# per subscribe, twenty subscribes, plus twenty 2,000-price histories).
+AMP_RSS_PER_SOCKET_KB = 3 * 1024
+HEALTH_BUDGET = 0.5  # seconds: health must answer this fast while the attack runs
+
+
+def amplifying_frames() -> bytes:
+    """The burst: subscribes replaying every zone from seq 0, and the largest histories."""
+    zones = ["pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone"]
+    subscribe = orjson.dumps(
+        {"type": "subscribe", "zones": zones, "since": dict.fromkeys(zones, 0)}
+    )
+    frames = [
+        client_frame(0x1, subscribe if n % 2 == 0 else orjson.dumps(
+            {"type": "request_price_history", "market_zone": zones[n % 7], "limit": AMP_HISTORY}
+        ))
+        for n in range(AMP_FRAMES)
+    ]
+    return b"".join(frames)
+
+
+async def health_latency(session: aiohttp.ClientSession, url: str) -> float:
+    started = time.monotonic()
+    async with session.get(url + "/api/ws/ws/health") as response:
+        assert response.status == 200
+    return time.monotonic() - started
+
+
+async def test_sockets_that_never_read_cannot_make_the_server_queue_replays() -> None:
+    with ServerProcess(
+        "--no-simulate", "--history-size", str(AMP_HISTORY), "--log-level", "warning",
+        publish_key=KEY,
+    ) as server:
+        assert server.process is not None
+        pid = server.process.pid
+        zones = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
+        for zone in zones:
+            for start in range(0, AMP_HISTORY, 1000):
+                await server.publish(
+                    *({"market_zone": zone, "price": float(n)} for n in range(start, start + 1000))
+                )
+        async with aiohttp.ClientSession() as session:
+            await health_latency(session, server.url)
+            baseline = rss_kb(pid)
+            burst = amplifying_frames()
+            attackers = [
+                await RawSocket.open(server.port, "/api/ws/ws/prices?zones=", receive_buffer=4096)
+                for _ in range(AMP_SOCKETS)
+            ]
+            for sock in attackers:  # never read: the server's writes back up at once
+                sock.writer.write(burst)
+            # Observe a fixed window: the server handles the bursts (before the fix, all of
+            # them within it) while health is probed and RSS sampled.
+            latencies, peak = [], baseline
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                latencies.append(await health_latency(session, server.url))
+                peak = max(peak, rss_kb(pid))
+                await asyncio.sleep(0.05)
+            for sock in attackers:
+                sock.abort()
+    growth = peak - baseline
+    print(f"\nRSS kB: baseline {baseline}, peak {peak} (+{growth // AMP_SOCKETS} per socket); "
+          f"health max {max(latencies):.3f} s over {len(latencies)} probes")
+    assert growth < AMP_SOCKETS * AMP_RSS_PER_SOCKET_KB
+    assert max(latencies) < HEALTH_BUDGET

@@ -32,5 +32,5 @@ def test_zone_stream_holds_while_syncing_then_releases_only_newer_in_order() -> 
     stream.held.extend([price(5), price(6), price(7)])
     released = stream.finish(delivered_up_to=6)
     assert [p.seq for p in released] == [7]
-    assert not stream.syncing and stream.held == [] and stream.last_seq == 7
+    assert not stream.syncing and not stream.held and stream.last_seq == 7
     assert not stream.accept(7) and not stream.accept(3) and stream.accept(8)
