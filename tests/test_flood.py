@@ -411,3 +411,48 @@ async def test_sockets_that_never_read_cannot_make_the_server_queue_replays() ->
           f"health max {max(latencies):.3f} s over {len(latencies)} probes")
     assert growth < AMP_SOCKETS * AMP_RSS_PER_SOCKET_KB
     assert max(latencies) < HEALTH_BUDGET
+
+
+# --- control frames count against the rate (issue 11 item 3) -------------------------------
+
+
+async def test_a_flood_of_unsolicited_pongs_is_closed_4029_and_health_stays_fast() -> None:
+    with ServerProcess("--no-simulate", "--log-level", "warning", publish_key=KEY) as server:
+        flooders = [
+            await RawSocket.open(server.port, "/api/ws/ws/market/pjm") for _ in range(4)
+        ]
+        pong = client_frame(0xA, b"")
+        codes = []
+        async with aiohttp.ClientSession() as session:
+            for sock in flooders:
+                # Far more than the burst (40) and the run of rejections (20) that close.
+                sock.writer.write(pong * 2000)
+            latencies = [await health_latency(session, server.url) for _ in range(5)]
+            for sock in flooders:
+                async with asyncio.timeout(WAIT):
+                    codes.append(await sock.close_code())
+                sock.abort()
+    print(f"\npong flood: close codes {codes}, health max {max(latencies):.3f} s")
+    assert codes == [4029] * 4
+    assert max(latencies) < HEALTH_BUDGET
+
+
+# --- the close code in the log is the one sent (issue 11 item 12) ---------------------------
+
+
+async def test_shutdown_close_is_logged_with_the_code_clients_receive() -> None:
+    with ServerProcess("--no-simulate", "--log-format", "json", publish_key=KEY) as server:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(server.ws_url + "/api/ws/ws/market/pjm")
+            hello = await ws.receive_json(timeout=WAIT)
+            assert server.process is not None
+            server.process.terminate()  # SIGTERM: every socket gets 1001
+            message = await ws.receive(timeout=WAIT)
+            assert message.type is WSMsgType.CLOSE and ws.close_code == 1001
+            assert await server.stop_async() == 0
+        lines = [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    gone = [
+        line for line in lines
+        if line["event"] == "disconnected" and line.get("connection_id") == hello["connection_id"]
+    ]
+    assert [(line["reason"], line["close_code"]) for line in gone] == [("shutdown", 1001)]
