@@ -90,21 +90,37 @@ class RawSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
 
-    async def close_code(self) -> int | None:
-        """Skip server frames until its close frame; its code (None: dropped without one)."""
-        while True:
-            try:
-                first, second = await self.reader.readexactly(2)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return None
+    async def frame(self) -> tuple[int, bytes] | None:
+        """The next server frame: (opcode, payload); None when the stream ends."""
+        try:
+            first, second = await self.reader.readexactly(2)
             length = second & 0x7F
             if length == 126:
                 (length,) = struct.unpack("!H", await self.reader.readexactly(2))
             elif length == 127:
                 (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(length)
-            if first & 0x0F == 0x8:
+            return first & 0x0F, await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def message(self) -> dict[str, Any] | int | None:
+        """The next text message; at the close frame its code (None: dropped without one)."""
+        while (frame := await self.frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x1:
+                message: dict[str, Any] = orjson.loads(payload)
+                return message
+            if opcode == 0x8:
                 return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else None
+        return None
+
+    async def close_code(self) -> int | None:
+        """Skip server frames until its close frame; its code (None: dropped without one)."""
+        while (frame := await self.frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else None
+        return None
 
     def abort(self) -> None:
         self.writer.transport.abort()
