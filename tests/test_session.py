@@ -389,3 +389,17 @@ def test_policy_from_settings_derives_the_budgets_from_the_send_limits() -> None
     policy = SessionPolicy.from_settings(settings, allowed_zones=None, single_zone="pjm")
     assert (policy.chunk_bytes, policy.reply_budget) == (16 * 1024, 192 * 1024)
     assert policy.zones == frozenset(settings.zones) and policy.single_zone == "pjm"
+
+
+# --- the handler's one exception table -------------------------------------------------------
+
+
+def test_every_exception_maps_to_one_reason_and_close_code() -> None:
+    import asyncio
+
+    from pricehub.server.socket.handler import failure
+
+    assert failure(ConnectionResetError()) == ("client_close", None)
+    assert failure(asyncio.CancelledError()) == ("shutdown", None)
+    assert failure(ValueError("bug")) == ("error", 1011)
+    assert failure(KeyboardInterrupt()) is None  # not the handler's to swallow

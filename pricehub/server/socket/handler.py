@@ -201,33 +201,47 @@ async def run_connection(
         await driver.run(session.start(zones, since=since, epoch=epoch, bad_since=bad_since))
         await read_loop(ws, session, driver)
         reason = connection.disconnect_reason or read_loop_reason(ws)
-        if reason == DisconnectReason.PROTOCOL:
-            stats.protocol_errors[ErrorCode.MESSAGE_TOO_LARGE] += 1
     except BaseException as exc:
         outcome = failure(exc)
         if outcome is None:
             raise
-        reason, code = outcome
-        if code is None:
-            reason = connection.disconnect_reason or reason
-        else:
-            stats.connection_errors += 1
-            conn_log.exception("connection_failed")
-            await broadcaster.close_now(connection, code, "internal error", reason=reason)
+        reason = await end_on_failure(outcome, driver, conn_log)
         if isinstance(exc, asyncio.CancelledError):
             raise
     finally:
         if expiry is not None:
             expiry.cancel()
-        connection.closing = True
-        broadcaster.remove(connection)
-        stats.connection_closed(connection, reason)
-        conn_log.info(
-            "disconnected", reason=reason, close_code=close_code_of(ws),
-            duration_s=round(time.monotonic() - started, 3),
-            messages_sent=connection.messages_sent, messages_received=connection.messages_received,
-        )
+        teardown(driver, reason, conn_log, duration=time.monotonic() - started)
     return ws
+
+
+async def end_on_failure(
+    outcome: tuple[DisconnectReason, CloseCode | None], driver: Driver, conn_log: Any
+) -> str:
+    """Apply a ``FAILURES`` row; returns the disconnect reason."""
+    reason, code = outcome
+    connection = driver.connection
+    if code is None:
+        return connection.disconnect_reason or reason
+    driver.stats.connection_errors += 1
+    conn_log.exception("connection_failed")
+    await driver.broadcaster.close_now(connection, code, "internal error", reason=reason)
+    return reason
+
+
+def teardown(driver: Driver, reason: str, conn_log: Any, *, duration: float) -> None:
+    """Unregister, count and log one ended connection."""
+    connection, stats = driver.connection, driver.stats
+    connection.closing = True
+    driver.broadcaster.remove(connection)
+    if reason == DisconnectReason.PROTOCOL:
+        stats.protocol_errors[ErrorCode.MESSAGE_TOO_LARGE] += 1
+    stats.connection_closed(connection, reason)
+    conn_log.info(
+        "disconnected", reason=reason, close_code=close_code_of(connection.ws),
+        duration_s=round(duration, 3),
+        messages_sent=connection.messages_sent, messages_received=connection.messages_received,
+    )
 
 
 def close_code_of(ws: web.WebSocketResponse) -> int | None:
