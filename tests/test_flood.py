@@ -358,7 +358,7 @@ async def new_socket_refused(server: ServerProcess) -> bool:
 # --- amplification: what one socket may make the server queue (issue 11 item 1) ----------
 
 AMP_SOCKETS = 8
-AMP_HISTORY = 2000  # per zone: a `since: 0` subscribe to every zone replays 14,000 prices
+AMP_HISTORY = 10000  # per zone: a `since: 0` subscribe to every zone replays 70,000 prices
 AMP_FRAMES = 40  # the rate limit's burst: all of them handled before anything is written
 # Per socket, over the pre-attack baseline: about --send-hard-limit (1 MiB) and what it
 # takes to produce it. Before the fix each socket queued ~40 MB (14,000 replayed prices

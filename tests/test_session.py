@@ -385,10 +385,13 @@ def test_fit_history_keeps_the_newest_that_fit() -> None:
 def test_policy_from_settings_derives_the_budgets_from_the_send_limits() -> None:
     from pricehub.server.settings import Settings
 
-    settings = Settings(redis_url=None, send_high_water=64 * 1024, send_hard_limit=256 * 1024)
+    settings = Settings(redis_url=None, send_high_water=32 * 1024, send_hard_limit=256 * 1024)
     policy = SessionPolicy.from_settings(settings, allowed_zones=None, single_zone="pjm")
-    assert (policy.chunk_bytes, policy.reply_budget) == (16 * 1024, 192 * 1024)
+    assert (policy.chunk_bytes, policy.reply_budget) == (8 * 1024, 224 * 1024)
     assert policy.zones == frozenset(settings.zones) and policy.single_zone == "pjm"
+    policy = SessionPolicy.from_settings(Settings(redis_url=None), allowed_zones=None,
+                                         single_zone=None)
+    assert (policy.chunk_bytes, policy.reply_budget) == (16 * 1024, 768 * 1024)
 
 
 # --- the handler's one exception table -------------------------------------------------------

@@ -450,7 +450,7 @@ async def fill(client: Client, zone: str, count: int) -> None:
 async def test_a_reading_client_gets_its_whole_paced_replay_once_in_order_then_live(
     make_client: MakeClient,
 ) -> None:
-    """Seven zones of 3,000 prices (~2.3 MB of replay, paced in 64 KiB chunks) while a
+    """Seven zones of 3,000 prices (~2.3 MB of replay, paced in 16 KiB chunks) while a
     publisher keeps going: every seq of every zone once, in order, replay then live."""
     client = await make_client(history_size=4000)  # room for the live ones: nothing evicted
     for zone in ALL_ZONES:
@@ -470,7 +470,9 @@ async def test_a_reading_client_gets_its_whole_paced_replay_once_in_order_then_l
     seen: dict[str, list[tuple[int, bool]]] = {zone: [] for zone in ALL_ZONES}
     completes: dict[str, dict[str, Any]] = {}
     async with asyncio.timeout(3 * WAIT):
-        while any(not s or s[-1][0] < 3000 + live for s in seen.values()):
+        while len(completes) < len(ALL_ZONES) or any(
+            not s or s[-1][0] < 3000 + live for s in seen.values()
+        ):
             message = await receive_json(ws)
             if message["type"] == "price_update":
                 assert not message.get("conflated")

@@ -35,8 +35,9 @@ from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, MessageT
 from pricehub.wire.errors import ProtocolError
 
 __all__ = [
-    "Attach", "Close", "Detach", "Drain", "Effect", "Job", "Pong", "ReadHistory", "ReadLatest",
-    "ReadSince", "Retained", "Send", "SendError", "Session", "SessionPolicy", "filter_hours",
+    "REPLAY_CHUNK", "Attach", "Close", "Detach", "Drain", "Effect", "Job", "Pong", "ReadHistory",
+    "ReadLatest", "ReadSince", "Retained", "Send", "SendError", "Session", "SessionPolicy",
+    "filter_hours", "fit_history",
 ]
 
 
@@ -135,6 +136,8 @@ Job = Generator[Effect, Any, None]
 
 # An answer's JSON around its ``data`` list: type, zone, limit/hours, timestamp.
 _HISTORY_ENVELOPE = 256
+# Replay bytes produced per loop turn (~140 prices, about a millisecond of CPU).
+REPLAY_CHUNK = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,7 +163,7 @@ class SessionPolicy:
     max_zones: int = 64
     history_size: int = 1000
     rate: float = 20.0
-    chunk_bytes: int = 64 * 1024
+    chunk_bytes: int = REPLAY_CHUNK
     reply_budget: int = 768 * 1024
     held_limit: int = HELD_LIMIT
 
@@ -175,9 +178,10 @@ class SessionPolicy:
             max_zones=settings.max_zones_per_socket,
             history_size=settings.history_size,
             rate=settings.client_rate_limit,
-            # A quarter of the high-water mark: the driver waits for half of it, so a
-            # replay alone never makes a reading client look slow (conflated).
-            chunk_bytes=max(1, settings.send_high_water // 4),
+            # At most a quarter of the high-water mark (the driver waits for half of it,
+            # so a replay alone never makes a reading client look slow, conflated) and
+            # at most REPLAY_CHUNK: about a millisecond of the loop per turn.
+            chunk_bytes=max(1, min(REPLAY_CHUNK, settings.send_high_water // 4)),
             reply_budget=settings.send_hard_limit - settings.send_high_water,
         )
 
