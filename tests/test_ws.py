@@ -590,3 +590,33 @@ def test_aiohttp_private_api_is_what_compression_overrides() -> None:
     source = inspect.getsource(web.WebSocketResponse._handshake)
     assert "return (" in source and "compress" in source and "notakeover" in source
     assert web.WebSocketResponse(timeout=7.0)._timeout == 7.0
+
+
+async def test_a_client_busy_reading_a_long_replay_is_not_taken_for_dead(
+    make_client: MakeClient,
+) -> None:
+    """Its own frames wait unread behind the replay, so what it receives is its sign of
+    life: a replay read slowly for longer than the heartbeat timeout is not closed 4000."""
+    from tests.test_flood import RawSocket
+
+    client = await make_client(
+        history_size=3000, heartbeat_interval=0.2, heartbeat_timeout=0.6,
+        send_high_water=16 * 1024, send_hard_limit=64 * 1024,
+    )
+    await fill(client, "pjm", 3000)
+    sock = await RawSocket.open(client.port, "/api/ws/ws/market/pjm?since=0", receive_buffer=4096)
+    started, seqs = asyncio.get_running_loop().time(), list[int]()
+    async with asyncio.timeout(WAIT):
+        while not seqs or seqs[-1] < 3000:
+            message = await sock.message()
+            assert isinstance(message, dict), f"closed with {message}"
+            if message["type"] == "price_update":
+                seqs.append(message["seq"])
+                if len(seqs) % 100 == 0:
+                    await asyncio.sleep(0.03)  # a slow reader: ~1 s for the whole replay
+        done = await sock.message()
+        assert isinstance(done, dict) and done["type"] == "resume_complete"
+    elapsed = asyncio.get_running_loop().time() - started
+    sock.abort()
+    assert seqs == list(range(1, 3001)) and elapsed > 0.6
+    assert client.app[STATS].disconnections["heartbeat_timeout"] == 0
