@@ -491,6 +491,7 @@ async def stalled_replay(client: Client, *, since: int) -> tuple[Any, Any]:
     """A raw socket that asks for a replay and does not read: (socket, its connection)."""
     from tests.test_flood import RawSocket
 
+    assert client.port is not None
     sock = await RawSocket.open(
         client.port, f"/api/ws/ws/market/pjm?since={since}", receive_buffer=4096
     )
@@ -604,6 +605,7 @@ async def test_a_client_busy_reading_a_long_replay_is_not_taken_for_dead(
         send_high_water=16 * 1024, send_hard_limit=64 * 1024,
     )
     await fill(client, "pjm", 3000)
+    assert client.port is not None
     sock = await RawSocket.open(client.port, "/api/ws/ws/market/pjm?since=0", receive_buffer=4096)
     started, seqs = asyncio.get_running_loop().time(), list[int]()
     async with asyncio.timeout(WAIT):
