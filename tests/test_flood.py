@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import WSMsgType
 
@@ -89,21 +90,37 @@ class RawSocket:
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
 
-    async def close_code(self) -> int | None:
-        """Skip server frames until its close frame; its code (None: dropped without one)."""
-        while True:
-            try:
-                first, second = await self.reader.readexactly(2)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return None
+    async def frame(self) -> tuple[int, bytes] | None:
+        """The next server frame: (opcode, payload); None when the stream ends."""
+        try:
+            first, second = await self.reader.readexactly(2)
             length = second & 0x7F
             if length == 126:
                 (length,) = struct.unpack("!H", await self.reader.readexactly(2))
             elif length == 127:
                 (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await self.reader.readexactly(length)
-            if first & 0x0F == 0x8:
+            return first & 0x0F, await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def message(self) -> dict[str, Any] | int | None:
+        """The next text message; at the close frame its code (None: dropped without one)."""
+        while (frame := await self.frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x1:
+                message: dict[str, Any] = orjson.loads(payload)
+                return message
+            if opcode == 0x8:
                 return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else None
+        return None
+
+    async def close_code(self) -> int | None:
+        """Skip server frames until its close frame; its code (None: dropped without one)."""
+        while (frame := await self.frame()) is not None:
+            opcode, payload = frame
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else None
+        return None
 
     def abort(self) -> None:
         self.writer.transport.abort()
@@ -336,3 +353,125 @@ async def new_socket_refused(server: ServerProcess) -> bool:
                 return message.type is not WSMsgType.TEXT
         except (aiohttp.ClientError, OSError):
             return True
+
+
+# --- amplification: what one socket may make the server queue (issue 11 item 1) ----------
+
+AMP_SOCKETS = 8
+AMP_HISTORY = 10000  # per zone: a `since: 0` subscribe to every zone replays 70,000 prices
+AMP_FRAMES = 40  # the rate limit's burst: all of them handled before anything is written
+# Per socket, over the pre-attack baseline: about --send-hard-limit (1 MiB) and what it
+# takes to produce it. Before the fix each socket queued ~40 MB already at a history of
+# 2,000 (14,000 replayed prices per subscribe, twenty subscribes, twenty histories);
+# measured now: ~0.14 MB per socket at 10,000.
+AMP_RSS_PER_SOCKET_KB = 3 * 1024
+HEALTH_BUDGET = 0.5  # seconds: health must answer this fast while the attack runs
+
+
+def amplifying_frames() -> bytes:
+    """The burst: subscribes replaying every zone from seq 0, and the largest histories."""
+    zones = ["pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone"]
+    subscribe = orjson.dumps(
+        {"type": "subscribe", "zones": zones, "since": dict.fromkeys(zones, 0)}
+    )
+    frames = [
+        client_frame(0x1, subscribe if n % 2 == 0 else orjson.dumps(
+            {"type": "request_price_history", "market_zone": zones[n % 7], "limit": AMP_HISTORY}
+        ))
+        for n in range(AMP_FRAMES)
+    ]
+    return b"".join(frames)
+
+
+async def health_latency(session: aiohttp.ClientSession, url: str) -> float:
+    started = time.monotonic()
+    async with session.get(url + "/api/ws/ws/health") as response:
+        assert response.status == 200
+    return time.monotonic() - started
+
+
+async def test_sockets_that_never_read_cannot_make_the_server_queue_replays() -> None:
+    with ServerProcess(
+        "--no-simulate", "--history-size", str(AMP_HISTORY), "--log-level", "warning",
+        publish_key=KEY,
+    ) as server:
+        assert server.process is not None
+        pid = server.process.pid
+        zones = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
+        for zone in zones:
+            for start in range(0, AMP_HISTORY, 1000):
+                await server.publish(
+                    *({"market_zone": zone, "price": float(n)} for n in range(start, start + 1000))
+                )
+        async with aiohttp.ClientSession() as session:
+            await health_latency(session, server.url)
+            baseline = rss_kb(pid)
+            burst = amplifying_frames()
+            attackers = [
+                await RawSocket.open(server.port, "/api/ws/ws/prices?zones=", receive_buffer=4096)
+                for _ in range(AMP_SOCKETS)
+            ]
+            for sock in attackers:  # never read: the server's writes back up at once
+                sock.writer.write(burst)
+            # Observe a fixed window: the server handles the bursts (before the fix, all of
+            # them within it) while health is probed and RSS sampled.
+            latencies, peak = [], baseline
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                latencies.append(await health_latency(session, server.url))
+                peak = max(peak, rss_kb(pid))
+                await asyncio.sleep(0.05)
+            for sock in attackers:
+                sock.abort()
+    growth = peak - baseline
+    print(f"\nRSS kB: baseline {baseline}, peak {peak} (+{growth // AMP_SOCKETS} per socket); "
+          f"health max {max(latencies):.3f} s over {len(latencies)} probes: "
+          f"{[round(x, 3) for x in latencies[:8]]}")
+    assert growth < AMP_SOCKETS * AMP_RSS_PER_SOCKET_KB
+    assert max(latencies) < HEALTH_BUDGET
+
+
+# --- control frames count against the rate (issue 11 item 3) -------------------------------
+
+
+async def test_a_flood_of_unsolicited_pongs_is_closed_4029_and_health_stays_fast() -> None:
+    with ServerProcess("--no-simulate", "--log-level", "warning", publish_key=KEY) as server:
+        flooders = [
+            await RawSocket.open(server.port, "/api/ws/ws/market/pjm") for _ in range(4)
+        ]
+        pong = client_frame(0xA, b"")
+        codes = []
+        async with aiohttp.ClientSession() as session:
+            for sock in flooders:
+                # Far more than the burst (40) and the run of rejections (20) that close.
+                sock.writer.write(pong * 2000)
+            latencies = [await health_latency(session, server.url) for _ in range(5)]
+            for sock in flooders:
+                async with asyncio.timeout(WAIT):
+                    codes.append(await sock.close_code())
+                sock.abort()
+    print(f"\npong flood: close codes {codes}, health max {max(latencies):.3f} s")
+    assert codes == [4029] * 4
+    assert max(latencies) < HEALTH_BUDGET
+
+
+# --- the close code in the log is the one sent (issue 11 item 12) ---------------------------
+
+
+async def test_shutdown_close_is_logged_with_the_code_clients_receive() -> None:
+    with ServerProcess("--no-simulate", "--log-format", "json", publish_key=KEY) as server:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(server.ws_url + "/api/ws/ws/market/pjm")
+            hello = await ws.receive_json(timeout=WAIT)
+            assert server.process is not None
+            server.process.terminate()  # SIGTERM: every socket gets 1001
+            message = await ws.receive(timeout=WAIT)
+            assert message.type is WSMsgType.CLOSE and ws.close_code == 1001
+            # Wait for the exit (a second SIGTERM would not be a graceful stop).
+            assert await asyncio.to_thread(server.process.wait, WAIT) == 0
+        lines = [orjson.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    gone = [
+        line for line in lines
+        if line["event"] == "disconnected" and line.get("connection_id") == hello["connection_id"]
+    ]
+    assert [(line["reason"], line["close_code"]) for line in gone] == [("shutdown", 1001)]

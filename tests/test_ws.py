@@ -433,3 +433,192 @@ async def test_epoch_change_closes_sockets_with_1001_so_clients_resume(
     assert (await receive_json(again))["type"] == "initial_data"
     assert (await receive_json(again))["recovered"] is False
     await eventually(lambda: client.app[STATS].disconnections["epoch_changed"] == 1)
+
+
+# --- paced replays and histories (issue 11 item 1) ------------------------------------------
+
+ALL_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
+
+
+async def fill(client: Client, zone: str, count: int) -> None:
+    for start in range(0, count, 1000):
+        await publish(client, *[
+            {"market_zone": zone, "price": float(p)} for p in range(start, min(count, start + 1000))
+        ])
+
+
+async def test_a_reading_client_gets_its_whole_paced_replay_once_in_order_then_live(
+    make_client: MakeClient,
+) -> None:
+    """Seven zones of 3,000 prices (~2.3 MB of replay, paced in 16 KiB chunks) while a
+    publisher keeps going: every seq of every zone once, in order, replay then live."""
+    client = await make_client(history_size=4000)  # room for the live ones: nothing evicted
+    for zone in ALL_ZONES:
+        await fill(client, zone, 3000)
+    ws = await connect(client, "/api/ws/ws/prices?zones=")
+    await receive_json(ws)
+    await ws.send_json(
+        {"type": "subscribe", "zones": list(ALL_ZONES), "since": dict.fromkeys(ALL_ZONES, 0)}
+    )
+    live = 20  # batches of one price per zone, published while the replay is under way
+
+    async def publisher() -> None:
+        for n in range(live):
+            await publish(client, *[{"market_zone": z, "price": float(n)} for z in ALL_ZONES])
+
+    task = asyncio.create_task(publisher())
+    seen: dict[str, list[tuple[int, bool]]] = {zone: [] for zone in ALL_ZONES}
+    completes: dict[str, dict[str, Any]] = {}
+    async with asyncio.timeout(3 * WAIT):
+        while len(completes) < len(ALL_ZONES) or any(
+            not s or s[-1][0] < 3000 + live for s in seen.values()
+        ):
+            message = await receive_json(ws)
+            if message["type"] == "price_update":
+                assert not message.get("conflated")
+                seen[message["market_zone"]].append((message["seq"], "replay" in message))
+            elif message["type"] == "resume_complete":
+                completes[message["market_zone"]] = message
+    await task
+    for zone, updates in seen.items():
+        assert [seq for seq, _ in updates] == list(range(1, 3000 + live + 1)), zone
+        to_seq = completes[zone]["to_seq"]
+        assert completes[zone]["recovered"] is True and to_seq >= 3000
+        assert all(replay == (seq <= to_seq) for seq, replay in updates), zone
+
+
+async def stalled_replay(client: Client, *, since: int) -> tuple[Any, Any]:
+    """A raw socket that asks for a replay and does not read: (socket, its connection)."""
+    from tests.test_flood import RawSocket
+
+    assert client.port is not None
+    sock = await RawSocket.open(
+        client.port, f"/api/ws/ws/market/pjm?since={since}", receive_buffer=4096
+    )
+    broadcaster = client.app[BROADCASTER]
+    await eventually(lambda: len(broadcaster.connections) == 1)
+    connection = next(iter(broadcaster.connections))
+    # Stalled mid-replay: the zone is still syncing and its unsent bytes are what a
+    # paced replay may have queued, far less than the replay itself.
+    await eventually(lambda: connection.unsent() > 0 and connection.streams["pjm"].syncing)
+    return sock, connection
+
+
+async def test_a_replay_whose_hold_overflows_reads_on_from_storage_with_no_gap(
+    make_client: MakeClient,
+) -> None:
+    """Live updates held during a stalled replay overflow the hold (1024): the oldest are
+    dropped and read from storage again, so the client still sees every seq once."""
+    client = await make_client(history_size=10000, send_high_water=16 * 1024,
+                               send_hard_limit=64 * 1024)
+    await fill(client, "pjm", 5000)
+    sock, connection = await stalled_replay(client, since=0)
+    await fill(client, "pjm", 1500)  # seqs 5001..6500, published while it is stalled
+    stream = connection.streams["pjm"]
+    assert stream.syncing and len(stream.held) == 1024 and stream.missing_after(5000)
+    assert connection.unsent() < 200 * 1024  # never the whole 550 KB replay
+    seqs: list[int] = []
+    replayed, complete = 0, None
+    async with asyncio.timeout(WAIT):
+        while complete is None or seqs[-1] < 6500:
+            message = await sock.message()
+            assert isinstance(message, dict), message
+            if message["type"] == "price_update":
+                seqs.append(message["seq"])
+                replayed += bool(message.get("replay"))
+            elif message["type"] == "resume_complete":
+                complete = message
+    sock.abort()
+    assert seqs == list(range(1, 6501))
+    assert complete is not None and complete["recovered"] is True
+    assert complete["to_seq"] == replayed >= 6500 - 1024  # the dropped part was replayed
+
+
+async def test_a_replay_that_falls_behind_the_history_is_closed_4008(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(history_size=3000, send_high_water=16 * 1024,
+                               send_hard_limit=64 * 1024)
+    await fill(client, "pjm", 3000)
+    sock, _ = await stalled_replay(client, since=0)
+    await fill(client, "pjm", 4500)  # the history rolls past what the replay reached
+    async with asyncio.timeout(WAIT):
+        while isinstance(message := await sock.message(), dict):
+            assert message["type"] in ("connection_established", "price_update")
+    sock.abort()
+    assert message == 4008
+    await eventually(lambda: client.app[STATS].disconnections["slow_consumer"] == 1)
+
+
+async def test_a_history_over_the_reply_budget_is_cut_to_the_newest_with_an_error(
+    make_client: MakeClient,
+) -> None:
+    # Budget: send_hard_limit - send_high_water = 48 KiB, about 400 prices.
+    client = await make_client(history_size=2000, send_high_water=16 * 1024,
+                               send_hard_limit=64 * 1024)
+    await fill(client, "pjm", 2000)
+    ws = await connect(client, "/api/ws/ws/market/pjm")
+    await receive_until(ws, lambda m: m["type"] == "initial_data")
+    await ws.send_json({"type": "request_price_history", "limit": 2000})
+    error = await receive_json(ws)
+    assert (error["type"], error["code"]) == ("error", "invalid_message")
+    assert "cut to the newest" in error["message"]
+    answer = await receive_json(ws)
+    seqs = [price["seq"] for price in answer["data"]]
+    assert answer["type"] == "price_history" and answer["limit"] == 2000
+    assert 300 < len(seqs) < 2000 and seqs == list(range(2001 - len(seqs), 2001))
+    assert len(orjson.dumps(answer)) <= 48 * 1024
+    await ws.send_json({"type": "request_price_history", "limit": 100})  # fits: not cut
+    answer = await receive_json(ws)
+    assert [price["seq"] for price in answer["data"]] == list(range(1901, 2001))
+
+
+# --- aiohttp's private API that compression.py overrides (issue 12) -------------------------
+
+
+def test_aiohttp_private_api_is_what_compression_overrides() -> None:
+    """``BroadcastWebSocketResponse`` overrides ``WebSocketResponse._handshake`` and reads
+    ``_timeout``, neither of them public. This pins the versions it was written for: on
+    another one, re-check both (and the permessage-deflate tests) before widening it."""
+    import inspect
+
+    from aiohttp import web
+
+    version = tuple(int(part) for part in aiohttp.__version__.split(".")[:2])
+    assert (3, 10) <= version < (3, 15), aiohttp.__version__
+    parameters = list(inspect.signature(web.WebSocketResponse._handshake).parameters)
+    assert parameters == ["self", "request"]
+    source = inspect.getsource(web.WebSocketResponse._handshake)
+    assert "return (" in source and "compress" in source and "notakeover" in source
+    assert web.WebSocketResponse(timeout=7.0)._timeout == 7.0
+
+
+async def test_a_client_busy_reading_a_long_replay_is_not_taken_for_dead(
+    make_client: MakeClient,
+) -> None:
+    """Its own frames wait unread behind the replay, so what it receives is its sign of
+    life: a replay read slowly for longer than the heartbeat timeout is not closed 4000."""
+    from tests.test_flood import RawSocket
+
+    client = await make_client(
+        history_size=3000, heartbeat_interval=0.2, heartbeat_timeout=0.6,
+        send_high_water=16 * 1024, send_hard_limit=64 * 1024,
+    )
+    await fill(client, "pjm", 3000)
+    assert client.port is not None
+    sock = await RawSocket.open(client.port, "/api/ws/ws/market/pjm?since=0", receive_buffer=4096)
+    started, seqs = asyncio.get_running_loop().time(), list[int]()
+    async with asyncio.timeout(WAIT):
+        while not seqs or seqs[-1] < 3000:
+            message = await sock.message()
+            assert isinstance(message, dict), f"closed with {message}"
+            if message["type"] == "price_update":
+                seqs.append(message["seq"])
+                if len(seqs) % 100 == 0:
+                    await asyncio.sleep(0.03)  # a slow reader: ~1 s for the whole replay
+        done = await sock.message()
+        assert isinstance(done, dict) and done["type"] == "resume_complete"
+    elapsed = asyncio.get_running_loop().time() - started
+    sock.abort()
+    assert seqs == list(range(1, 3001)) and elapsed > 0.6
+    assert client.app[STATS].disconnections["heartbeat_timeout"] == 0

@@ -148,6 +148,10 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
 
     deflate = False
     before_close: Callable[[int], None] | None = None
+    # The code of the close frame pricehub sent first (None: the client closed first, or
+    # not closed yet). aiohttp's ``close_code`` becomes the *client's* code once its
+    # answer arrives (a client answers 1001 with 1000), so logs use this one.
+    sent_close_code: int | None = None
 
     async def close(
         self, *, code: int = 1000, message: bytes = b"", drain: bool = True
@@ -155,13 +159,23 @@ class BroadcastWebSocketResponse(web.WebSocketResponse):
         hook, self.before_close = self.before_close, None
         if hook is not None:
             hook(code)
+        if not self.closed and self.close_code is None and self.sent_close_code is None:
+            self.sent_close_code = code
         return await super().close(code=code, message=message, drain=drain)
 
     @property
     def close_timeout(self) -> float:
         """The constructor's ``timeout`` (``--shutdown-grace``): how long a close may take."""
+        # aiohttp keeps it private (``_timeout``); pinned by tests/test_ws.py's
+        # aiohttp version guard, with ``_handshake`` below.
         return float(self._timeout)
 
+    # PRIVATE aiohttp API: ``WebSocketResponse._handshake(request) -> (headers,
+    # protocol, compress, notakeover)`` is not public, and no public hook lets a server
+    # choose its own permessage-deflate answer. Written for setup.cfg's aiohttp range
+    # (3.10+), verified on 3.14.5; a test
+    # (tests/test_ws.py, test_aiohttp_private_api_is_what_compression_overrides) fails on
+    # aiohttp 3.15+ or another signature, so an upgrade cannot silently break the handshake.
     def _handshake(self, request: BaseRequest) -> tuple[CIMultiDict[str], str | None, int, bool]:
         wanted = bool(self.compress)  # the constructor's ``compress`` until prepared
         headers, subprotocol, _compress, _notakeover = super()._handshake(request)

@@ -353,3 +353,16 @@ class Connection:
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
+
+    # --- pacing (a session's replays and histories wait for these) ---------------------
+
+    def unsent(self) -> int:
+        """Bytes queued for this client that it has not received: the outbox,
+        pricehub's transport buffer and the kernel's send queue."""
+        queued = sum(map(len, self.outbox))
+        return queued + self.transport.get_write_buffer_size() + kernel_unsent(self.sock)
+
+    def bytes_received(self) -> int:
+        """Bytes written so far that the client has received (acknowledged)."""
+        waiting = self.transport.get_write_buffer_size() + kernel_unsent(self.sock)
+        return self.bytes_written - waiting

@@ -25,11 +25,12 @@ from pricehub.server.policy.admission import origin_allowed
 from pricehub.server.policy.auth import Grant
 from pricehub.server.socket.compression import BroadcastWebSocketResponse
 from pricehub.server.socket.connection import Connection
-from pricehub.server.socket.session import Session, SessionClosed
+from pricehub.server.socket.driver import Driver
+from pricehub.server.socket.session import Session, SessionPolicy
 from pricehub.wire import messages
-from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode
 
-__all__ = ["market_socket", "prices_socket"]
+__all__ = ["FAILURES", "failure", "market_socket", "prices_socket"]
 
 log = structlog.get_logger("pricehub.ws")
 
@@ -137,6 +138,25 @@ async def admit(
     return None
 
 
+# How a connection ends on an exception: its DisconnectReason, and the close code to send
+# (None: nothing to send, the socket is gone or closing already). The first matching row
+# wins. When pricehub closes because of the exception, the exception is the reason;
+# otherwise a server-side closer that already said why (``disconnect_reason``) wins.
+FAILURES: tuple[tuple[type[BaseException], DisconnectReason, CloseCode | None], ...] = (
+    (ConnectionResetError, DisconnectReason.CLIENT, None),  # e.g. a pong to a vanished client
+    (asyncio.CancelledError, DisconnectReason.SHUTDOWN, None),  # re-raised
+    (Exception, DisconnectReason.ERROR, CloseCode.INTERNAL_ERROR),  # logged, counted
+)
+
+
+def failure(exc: BaseException) -> tuple[DisconnectReason, CloseCode | None] | None:
+    """The ``FAILURES`` row of ``exc`` (None: not ours to handle, e.g. KeyboardInterrupt)."""
+    for kind, reason, code in FAILURES:
+        if isinstance(exc, kind):
+            return reason, code
+    return None
+
+
 async def run_connection(
     request: web.Request,
     ws: web.WebSocketResponse,
@@ -149,22 +169,21 @@ async def run_connection(
     remote: str,
     grant: Grant,
 ) -> web.WebSocketResponse:
+    """Set up, run the session until the socket ends, tear down (log and count)."""
     app = request.app
-    settings, stats = app[SETTINGS], app[STATS]
-    storage, broadcaster = app[STORAGE], app[BROADCASTER]
+    settings, stats, storage, broadcaster = (
+        app[SETTINGS], app[STATS], app[STORAGE], app[BROADCASTER]
+    )
     transport = request.transport
     assert transport is not None  # prepare() succeeded, so the socket is open
     connection = Connection(
-        ws=ws,
-        transport=transport,
-        scheduler=broadcaster,
-        limits=app[SEND_LIMITS],
+        ws=ws, transport=transport, scheduler=broadcaster, limits=app[SEND_LIMITS]
     )
-    conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
     session = Session(
-        connection=connection, settings=settings, storage=storage, broadcaster=broadcaster,
-        stats=stats, allowed_zones=grant.zones, single_zone=single_zone,
+        SessionPolicy.from_settings(settings, allowed_zones=grant.zones, single_zone=single_zone)
     )
+    driver = Driver(connection, storage=storage, broadcaster=broadcaster, stats=stats)
+    conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)
     broadcaster.add(connection)
     expiry = close_at_expiry(broadcaster, connection, grant.expires_at)
     stats.total_connections += 1
@@ -179,45 +198,57 @@ async def run_connection(
                 heartbeat_interval=settings.heartbeat_interval, now=messages.utc_now(),
             )
         )
-        if bad_since:
-            session.send_error("invalid_message", "'since' must be a non-negative integer")
-        for zone in zones:
-            await session.open_zone(zone, since=since, epoch=epoch)
-        await read_loop(ws, session)
+        await driver.run(session.start(zones, since=since, epoch=epoch, bad_since=bad_since))
+        await read_loop(ws, session, driver)
         reason = connection.disconnect_reason or read_loop_reason(ws)
-        if reason == DisconnectReason.PROTOCOL:
-            stats.protocol_errors["message_too_large"] += 1
-    except SessionClosed as exc:
-        reason = exc.disconnect_reason
-        # Bounded: a client that stopped reading cannot hold this handler (close_socket).
-        await broadcaster.close_now(connection, exc.code, exc.reason, reason=reason)
-    except AuthError as exc:
-        reason = DisconnectReason.AUTH
-        await broadcaster.close_now(connection, exc.close_code, exc.message, reason=reason)
-    except ConnectionResetError:  # e.g. answering a ping as the client vanished
-        reason = connection.disconnect_reason or DisconnectReason.CLIENT
-    except asyncio.CancelledError:
-        reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
-        raise
-    except Exception:
-        reason = DisconnectReason.ERROR
-        stats.connection_errors += 1
-        conn_log.exception("connection_failed")
-        await broadcaster.close_now(
-            connection, CloseCode.INTERNAL_ERROR, "internal error", reason=reason
-        )
+    except BaseException as exc:
+        outcome = failure(exc)
+        if outcome is None:
+            raise
+        reason = await end_on_failure(outcome, driver, conn_log)
+        if isinstance(exc, asyncio.CancelledError):
+            raise
     finally:
         if expiry is not None:
             expiry.cancel()
-        connection.closing = True
-        broadcaster.remove(connection)
-        stats.connection_closed(connection, reason)
-        conn_log.info(
-            "disconnected", reason=reason, close_code=ws.close_code,
-            duration_s=round(time.monotonic() - started, 3),
-            messages_sent=connection.messages_sent, messages_received=connection.messages_received,
-        )
+        teardown(driver, reason, conn_log, duration=time.monotonic() - started)
     return ws
+
+
+async def end_on_failure(
+    outcome: tuple[DisconnectReason, CloseCode | None], driver: Driver, conn_log: Any
+) -> str:
+    """Apply a ``FAILURES`` row; returns the disconnect reason."""
+    reason, code = outcome
+    connection = driver.connection
+    if code is None:
+        return connection.disconnect_reason or reason
+    driver.stats.connection_errors += 1
+    conn_log.exception("connection_failed")
+    await driver.broadcaster.close_now(connection, code, "internal error", reason=reason)
+    return reason
+
+
+def teardown(driver: Driver, reason: str, conn_log: Any, *, duration: float) -> None:
+    """Unregister, count and log one ended connection."""
+    connection, stats = driver.connection, driver.stats
+    connection.closing = True
+    driver.broadcaster.remove(connection)
+    if reason == DisconnectReason.PROTOCOL:
+        stats.protocol_errors[ErrorCode.MESSAGE_TOO_LARGE] += 1
+    stats.connection_closed(connection, reason)
+    conn_log.info(
+        "disconnected", reason=reason, close_code=close_code_of(connection.ws),
+        duration_s=round(duration, 3),
+        messages_sent=connection.messages_sent, messages_received=connection.messages_received,
+    )
+
+
+def close_code_of(ws: web.WebSocketResponse) -> int | None:
+    """The close code that ended the socket: the one pricehub sent, if it closed first
+    (aiohttp's ``close_code`` is then the client's answer), else the client's."""
+    sent = ws.sent_close_code if isinstance(ws, BroadcastWebSocketResponse) else None
+    return sent if sent is not None else ws.close_code
 
 
 def close_at_expiry(
@@ -233,20 +264,28 @@ def close_at_expiry(
     return asyncio.get_running_loop().call_later(max(0.0, expires_at - time.time()), close)
 
 
-async def read_loop(ws: web.WebSocketResponse, session: Session) -> None:
-    connection = session.connection
+async def read_loop(ws: web.WebSocketResponse, session: Session, driver: Driver) -> None:
+    """Each frame is one session job, run to its end before the next frame is read: a
+    client's requests are answered one at a time, in order, and a client that sends
+    faster than its answers drain is held back by TCP."""
+    connection = driver.connection
     async for message in ws:
         connection.touch()
-        if message.type is WSMsgType.TEXT:
-            await session.handle_text(message.data)
-        elif message.type is WSMsgType.BINARY:
-            await session.handle_binary()
-        elif message.type is WSMsgType.PING:
-            if session.admit_message():  # pings count against the rate like any frame
-                await ws.pong(message.data)
-        elif message.type is WSMsgType.ERROR:
+        kind = message.type
+        if kind is WSMsgType.TEXT:
+            job = session.text(message.data)
+        elif kind is WSMsgType.BINARY:
+            job = session.binary()
+        elif kind is WSMsgType.PING:
+            job = session.ping(message.data)
+        elif kind is WSMsgType.PONG:
+            job = session.pong()
+        elif kind is WSMsgType.ERROR:
             break
-        # PONG: touching the connection was all it was for.
+        else:
+            continue
+        connection.messages_received += 1
+        await driver.run(job)
 
 
 def read_loop_reason(ws: web.WebSocketResponse) -> str:

@@ -1,209 +1,457 @@
-"""What one WebSocket client may ask and how it is answered.
+"""What one WebSocket client may ask and how it is answered: a state machine without I/O.
 
 The session owns the protocol conversation of one socket: opening zones (initial data
-or resume), answering client messages, and turning bad input into the contract's error
-messages. Socket setup, admission and teardown live in ``pricehub.server.socket.handler``.
+or a resume), answering client frames, and turning bad input into the contract's error
+messages. It does no I/O itself. Every entry point (``start``, ``text``, ``binary``,
+``ping``, ``pong``, ``handle``) returns a *job*: a generator of effects (``Send`` a
+message, ``Attach`` a zone's stream to the fan-out, read storage with ``ReadSince``...,
+wait for the socket to ``Drain``, ``Close`` it). Whoever runs the job performs each effect
+and sends a read's answer back into the generator (``pricehub.server.socket.driver``
+does this against the real socket; ``tests/test_session.py`` does it with plain values).
+
+A job is one client request, and the driver runs one job at a time per socket, so a
+client's requests are answered one after another, never concurrently. Anything large
+(a replay, a history) is produced only as the socket drains: a ``Drain`` precedes it
+and every ``chunk_bytes`` of a replay, and one answer never exceeds ``reply_budget``
+bytes (a history is cut to the newest prices that fit, with an ``error`` saying so).
+What one socket can make the server queue is therefore bounded by the socket's send
+limits, whatever it asks for (``docs/security.md``, "Per-socket budget").
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from pricehub.server.errors import AuthError
-from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.policy.ratelimit import TokenBucket
-from pricehub.server.policy.resume import ZoneStream, plan_resume
+from pricehub.server.policy.resume import HELD_LIMIT, ZoneStream, plan_resume
 from pricehub.server.settings import Settings
-from pricehub.server.socket.connection import Connection
-from pricehub.server.stats import Stats
-from pricehub.storage import Storage, StoredPrice
+from pricehub.storage import StoredPrice
 from pricehub.wire import messages
-from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, MessageType
 from pricehub.wire.errors import ProtocolError
 
-__all__ = ["Session", "SessionClosed"]
+__all__ = [
+    "REPLAY_CHUNK", "Attach", "Close", "Detach", "Drain", "Effect", "Job", "Pong", "ReadHistory",
+    "ReadLatest", "ReadSince", "Retained", "Send", "SendError", "Session", "SessionPolicy",
+    "filter_hours", "fit_history",
+]
 
 
-class SessionClosed(Exception):
-    """The session decided to close the socket with ``code``."""
+# --- effects ------------------------------------------------------------------------------
 
-    def __init__(self, code: int, reason: str, disconnect_reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-        self.disconnect_reason = disconnect_reason
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Queue one server message (a text frame's payload) for this client."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendError:
+    """Queue an ``error`` message; ``code`` is also counted in the stats."""
+
+    code: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer a protocol-level ping frame with ``data``."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Attach:
+    """Subscribe the socket to ``stream.zone`` with this stream (replacing any other):
+    live updates then reach ``stream``, held while it is syncing."""
+
+    stream: ZoneStream
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Unsubscribe the socket from ``zone``."""
+
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Wait until what the socket has not yet sent is below its low-water mark. The job
+    ends here if the socket closes meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the socket with ``code``; ``reason`` is a DisconnectReason. Ends the job."""
+
+    code: int
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLatest:
+    """Answer: ``storage.latest(zone)``."""
+
+    zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHistory:
+    """Answer: ``storage.history(zone, limit=limit)``."""
+
+    zone: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSince:
+    """Answer: a ``Retained`` (the epoch before the read, ``storage.since(zone, seq)``)."""
+
+    zone: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """The answer to ``ReadSince``."""
+
+    epoch: str
+    prices: list[StoredPrice] | None
+
+
+Effect = (
+    Send | SendError | Pong | Attach | Detach | Drain | Close | ReadLatest | ReadHistory
+    | ReadSince
+)
+# What an entry point returns; the runner sends each read's answer back in (else None).
+Job = Generator[Effect, Any, None]
+
+# An answer's JSON around its ``data`` list: type, zone, limit/hours, timestamp.
+_HISTORY_ENVELOPE = 256
+# Replay bytes produced per loop turn (~140 prices, about a millisecond of CPU).
+REPLAY_CHUNK = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionPolicy:
+    """Everything a session needs to know besides the client's frames.
+
+    :param zones: the configured zones.
+    :param allowed_zones: the token's ``zones`` claim (None: every zone).
+    :param single_zone: the zone of a ``/market/{zone}`` socket (None: multi-zone socket).
+    :param max_zones: ``--max-zones-per-socket``.
+    :param history_size: ``--history-size`` (the largest history anyone can ask for).
+    :param rate: ``--client-rate-limit`` (frames per second, burst twice that).
+    :param chunk_bytes: replay bytes produced between two ``Drain`` waits.
+    :param reply_budget: the largest answer in bytes (``send_hard_limit -
+        send_high_water``: queued after a drain, it cannot push the socket over its hard
+        limit by itself).
+    :param held_limit: live updates held per syncing zone.
+    """
+
+    zones: frozenset[str]
+    allowed_zones: frozenset[str] | None = None
+    single_zone: str | None = None
+    max_zones: int = 64
+    history_size: int = 1000
+    rate: float = 20.0
+    chunk_bytes: int = REPLAY_CHUNK
+    reply_budget: int = 768 * 1024
+    held_limit: int = HELD_LIMIT
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, allowed_zones: frozenset[str] | None, single_zone: str | None
+    ) -> SessionPolicy:
+        return cls(
+            zones=frozenset(settings.zones),
+            allowed_zones=allowed_zones,
+            single_zone=single_zone,
+            max_zones=settings.max_zones_per_socket,
+            history_size=settings.history_size,
+            rate=settings.client_rate_limit,
+            # At most a quarter of the high-water mark (the driver waits for half of it,
+            # so a replay alone never makes a reading client look slow, conflated) and
+            # at most REPLAY_CHUNK: about a millisecond of the loop per turn.
+            chunk_bytes=max(1, min(REPLAY_CHUNK, settings.send_high_water // 4)),
+            reply_budget=settings.send_hard_limit - settings.send_high_water,
+        )
 
 
 class Session:
-    """One socket's protocol state on top of its ``Connection``."""
+    """One socket's protocol state.
+
+    :param clock: monotonic seconds for the rate limit (injectable for tests).
+    :param now: the server time stamped on messages (injectable for tests).
+    """
 
     def __init__(
         self,
+        policy: SessionPolicy,
         *,
-        connection: Connection,
-        settings: Settings,
-        storage: Storage,
-        broadcaster: Broadcaster,
-        stats: Stats,
-        allowed_zones: frozenset[str] | None,
-        single_zone: str | None,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], str] = messages.utc_now,
     ) -> None:
-        self.connection = connection
-        self.settings = settings
-        self.storage = storage
-        self.broadcaster = broadcaster
-        self.stats = stats
-        self.allowed_zones = allowed_zones
-        self.single_zone = single_zone
-        self.bucket = TokenBucket(settings.client_rate_limit)
+        self.policy = policy
+        self.now = now
+        self.bucket = TokenBucket(policy.rate, clock=clock)
+        # The zones this socket is subscribed to, with where it is in each.
+        self.streams: dict[str, ZoneStream] = {}
+        self.closed = False
 
-    # --- opening zones ----------------------------------------------------------------
+    # --- entry points -------------------------------------------------------------------
 
-    def check_zone_allowed(self, zone: str) -> None:
-        if self.allowed_zones is not None and zone not in self.allowed_zones:
-            raise AuthError(CloseCode.FORBIDDEN_ZONE, f"token does not allow zone {zone}")
+    def start(
+        self, zones: Sequence[str], *, since: int | None, epoch: str | None, bad_since: bool
+    ) -> Job:
+        """Right after ``connection_established``: open the socket's zones."""
+        if bad_since:
+            yield self._error(ErrorCode.INVALID_MESSAGE, "'since' must be a non-negative integer")
+        for zone in zones:
+            yield from self._open_zone(zone, since=since, epoch=epoch)
 
-    async def open_zone(self, zone: str, *, since: int | None, epoch: str | None) -> None:
-        """Subscribe first, then read storage, then release held live updates."""
-        self.broadcaster.unsubscribe(zone, self.connection)
-        stream = self.connection.streams[zone] = ZoneStream(zone)
-        self.broadcaster.subscribe(zone, self.connection)
-        delivered = await (
-            self._initial(zone) if since is None else self._resume(zone, since, epoch)
+    def text(self, data: str | bytes) -> Job:
+        """One text frame: a client message, or an ``error`` saying what is wrong with it."""
+        if not (yield from self._admit()):
+            return
+        try:
+            message = messages.decode_client_message(data)
+        except ProtocolError as exc:
+            yield self._error(exc.code, exc.message)
+            return
+        yield from self.handle(message)
+
+    def binary(self) -> Job:
+        if (yield from self._admit()):
+            yield self._error(
+                ErrorCode.INVALID_MESSAGE, "binary frames are not supported; send JSON text"
+            )
+
+    def ping(self, data: bytes) -> Job:
+        """A protocol-level ping: it costs a pong write, so it counts like any frame."""
+        if (yield from self._admit()):
+            yield Pong(data)
+
+    def pong(self) -> Job:
+        """An (often unsolicited) pong: nothing to answer, but parsing it costs CPU, so it
+        counts against the rate like any frame (a pong flood is closed with 4029)."""
+        yield from self._admit()
+
+    def handle(self, message: messages.ClientMessage) -> Job:
+        """Answer one decoded, admitted client message."""
+        if self.closed:
+            return
+        try:
+            yield from self._dispatch(message)
+        except ProtocolError as exc:
+            yield self._error(exc.code, exc.message)
+
+    # --- admission ----------------------------------------------------------------------
+
+    def _admit(self) -> Generator[Effect, Any, bool]:
+        """Count a client frame against the rate limit; False if it must be dropped."""
+        if self.closed:
+            return False
+        if self.bucket.take():
+            return True
+        if self.bucket.sustained_overflow:
+            yield self._close(
+                CloseCode.RATE_LIMITED, "message rate over limit", DisconnectReason.RATE_LIMIT
+            )
+        else:
+            yield self._error(ErrorCode.RATE_LIMITED, "too many messages; slow down")
+        return False
+
+    def _close(self, code: int, message: str, reason: str) -> Close:
+        self.closed = True
+        return Close(code, message, reason)
+
+    def _error(self, code: str, message: str) -> SendError:
+        return SendError(code, messages.error(code, message, now=self.now()))
+
+    # --- client messages ----------------------------------------------------------------
+
+    def _dispatch(self, message: messages.ClientMessage) -> Job:
+        match message:
+            case messages.Ping():
+                yield Send(messages.simple(MessageType.PONG, now=self.now()))
+            case messages.Heartbeat():
+                yield Send(messages.simple(MessageType.HEARTBEAT_ACK, now=self.now()))
+            case messages.RequestHistory():
+                yield from self._history(message)
+            case messages.Subscribe():
+                yield from self._subscribe(message.zones, message.since, message.epoch)
+            case messages.Unsubscribe():
+                yield from self._unsubscribe(message.zones)
+
+    def _known_zone(self, zone: str) -> str:
+        if zone not in self.policy.zones:
+            raise ProtocolError(ErrorCode.UNKNOWN_ZONE, f"unknown zone {zone[:40]!r}")
+        return zone
+
+    def _forbidden(self, zone: str) -> bool:
+        allowed = self.policy.allowed_zones
+        return allowed is not None and zone not in allowed
+
+    def _history(self, request: messages.RequestHistory) -> Job:
+        policy = self.policy
+        zone = request.market_zone or policy.single_zone
+        if zone is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "'market_zone' is required on this socket"
+            )
+        self._known_zone(zone)
+        if self._forbidden(zone):
+            raise ProtocolError(ErrorCode.FORBIDDEN_ZONE, f"token does not allow zone {zone}")
+        limit = min(request.limit or messages.DEFAULT_HISTORY_LIMIT, policy.history_size)
+        yield Drain()  # the previous answers first: one answer queued at a time
+        if request.hours is not None:
+            prices = filter_hours((yield ReadHistory(zone, policy.history_size)), request.hours)
+        else:
+            prices = yield ReadHistory(zone, limit)
+        kept = fit_history(prices, policy.reply_budget)
+        if len(kept) < len(prices):
+            yield self._error(
+                ErrorCode.INVALID_MESSAGE,
+                f"history cut to the newest {len(kept)} of {len(prices)} prices: one answer "
+                f"carries at most {policy.reply_budget} bytes; ask for fewer",
+            )
+        yield Send(
+            messages.price_history(
+                zone,
+                (price.payload for price in kept),
+                hours=request.hours,
+                limit=None if request.hours is not None else request.limit or limit,
+                now=self.now(),
+            )
         )
-        if self.connection.streams.get(zone) is not stream:
-            return  # unsubscribed or re-subscribed while we were reading storage
-        for price in stream.finish(delivered_up_to=delivered):
-            self.connection.send(messages.price_update(price.payload))
 
-    async def _initial(self, zone: str) -> int:
-        latest = await self.storage.latest(zone)
+    def _subscribe(
+        self, zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None
+    ) -> Job:
+        for zone in zones:
+            self._known_zone(zone)
+        for zone in zones:
+            if self._forbidden(zone):
+                yield self._close(
+                    CloseCode.FORBIDDEN_ZONE, f"token does not allow zone {zone}",
+                    DisconnectReason.AUTH,
+                )
+                return
+        if len(set(self.streams) | set(zones)) > self.policy.max_zones:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, f"at most {self.policy.max_zones} zones per socket"
+            )
+        yield Send(messages.zones_message(MessageType.SUBSCRIBED, zones, now=self.now()))
+        for zone in zones:
+            yield from self._open_zone(zone, since=since.get(zone), epoch=epoch)
+
+    def _unsubscribe(self, zones: tuple[str, ...]) -> Job:
+        for zone in zones:
+            self._known_zone(zone)
+        for zone in zones:
+            self.streams.pop(zone, None)
+            yield Detach(zone)
+        yield Send(messages.zones_message(MessageType.UNSUBSCRIBED, zones, now=self.now()))
+
+    # --- opening zones ------------------------------------------------------------------
+
+    def _open_zone(self, zone: str, *, since: int | None, epoch: str | None) -> Job:
+        """Subscribe first, then read storage, then release the held live updates."""
+        stream = self.streams[zone] = ZoneStream(zone, held_limit=self.policy.held_limit)
+        yield Drain()  # what is queued goes first: one zone's data queued at a time
+        yield Attach(stream)
+        if since is None:
+            delivered = yield from self._initial(zone)
+        else:
+            resumed = yield from self._resume(stream, since, epoch)
+            if resumed is None:
+                return  # closed: the client fell behind the retained history
+            delivered = resumed
+        for price in stream.finish(delivered_up_to=delivered):
+            yield Send(messages.price_update(price.payload))
+
+    def _initial(self, zone: str) -> Generator[Effect, Any, int]:
+        latest: StoredPrice | None = yield ReadLatest(zone)
         if latest is None:
             return 0
-        self.connection.send(messages.initial_data(zone, latest.payload, now=messages.utc_now()))
+        yield Send(messages.initial_data(zone, latest.payload, now=self.now()))
         return latest.seq
 
-    async def _resume(self, zone: str, since: int, epoch: str | None) -> int:
-        current_epoch = self.storage.epoch
-        retained = await self.storage.since(zone, since)
+    def _resume(
+        self, stream: ZoneStream, since: int, epoch: str | None
+    ) -> Generator[Effect, Any, int | None]:
+        zone = stream.zone
+        retained: Retained = yield ReadSince(zone, since)
         outcome = plan_resume(
-            since=since, client_epoch=epoch, epoch=current_epoch, retained=retained
+            since=since, client_epoch=epoch, epoch=retained.epoch, retained=retained.prices
         )
-        if not outcome.recovered:
-            delivered = await self._initial(zone)
-            to_seq = delivered
+        if outcome.recovered:
+            replayed = yield from self._replay(stream, retained, since)
+            if replayed is None:
+                return None
+            delivered = to_seq = replayed
         else:
-            for price in outcome.replay:
-                self.connection.send(messages.price_update(price.payload, replay=True))
-            delivered = to_seq = outcome.to_seq
-        self.connection.send(
+            delivered = yield from self._initial(zone)
+            to_seq = delivered
+        yield Send(
             messages.resume_complete(
                 zone, recovered=outcome.recovered, from_seq=outcome.from_seq, to_seq=to_seq,
-                now=messages.utc_now(),
+                now=self.now(),
             )
         )
         return delivered
 
-    # --- client messages --------------------------------------------------------------
+    def _replay(
+        self, stream: ZoneStream, retained: Retained, since: int
+    ) -> Generator[Effect, Any, int | None]:
+        """Send the retained prices as the client reads them; then, while the live updates
+        held meanwhile do not follow on (the hold overflowed), read on from storage.
+        Returns the last seq replayed, or None after closing a client that fell behind
+        the retained history (4008: it reconnects and resumes from what it has)."""
+        cursor, prices = since, retained.prices or []
+        while True:
+            budget = 0
+            for price in prices:
+                if budget >= self.policy.chunk_bytes:
+                    yield Drain()
+                    budget = 0
+                payload = messages.price_update(price.payload, replay=True)
+                budget += len(payload)
+                yield Send(payload)
+            if prices:
+                cursor = prices[-1].seq
+            if not stream.missing_after(cursor):
+                return cursor
+            yield Drain()
+            more: Retained = yield ReadSince(stream.zone, cursor)
+            if more.prices is None or more.epoch != retained.epoch:
+                yield self._close(
+                    CloseCode.SLOW_CONSUMER, "slow consumer: replay fell behind the history",
+                    DisconnectReason.SLOW_CONSUMER,
+                )
+                return None
+            if not more.prices:
+                return cursor  # a hole storage cannot fill either: go live
+            prices = more.prices
 
-    def admit_message(self) -> bool:
-        """Count a client frame against the rate limit; False if it must be dropped."""
-        self.connection.messages_received += 1
-        if self.bucket.take():
-            return True
-        if self.bucket.sustained_overflow:
-            raise SessionClosed(
-                CloseCode.RATE_LIMITED, "message rate over limit", DisconnectReason.RATE_LIMIT
-            )
-        self.send_error("rate_limited", "too many messages; slow down")
-        return False
 
-    async def handle_binary(self) -> None:
-        if self.admit_message():
-            self.send_error("invalid_message", "binary frames are not supported; send JSON text")
-
-    async def handle_text(self, data: str | bytes) -> None:
-        """Answer one text frame; bad input becomes an ``error`` message, never a crash."""
-        if not self.admit_message():
-            return
-        try:
-            message = messages.decode_client_message(data)
-            await self.dispatch(message)
-        except ProtocolError as exc:
-            self.send_error(exc.code, exc.message)
-
-    def send_error(self, code: str, message: str) -> None:
-        self.stats.protocol_errors[code] += 1
-        self.connection.send(messages.error(code, message, now=messages.utc_now()))
-
-    async def dispatch(self, message: messages.ClientMessage) -> None:
-        now = messages.utc_now()
-        match message:
-            case messages.Ping():
-                self.connection.send(messages.simple("pong", now=now))
-            case messages.Heartbeat():
-                self.connection.send(messages.simple("heartbeat_ack", now=now))
-            case messages.RequestHistory():
-                await self.send_history(message)
-            case messages.Subscribe():
-                await self.subscribe(message.zones, message.since, message.epoch)
-            case messages.Unsubscribe():
-                self.unsubscribe(message.zones)
-
-    def known_zone(self, zone: str) -> str:
-        if zone not in self.broadcaster.subscribers:
-            raise ProtocolError("unknown_zone", f"unknown zone {zone[:40]!r}")
-        return zone
-
-    async def send_history(self, request: messages.RequestHistory) -> None:
-        zone = request.market_zone or self.single_zone
-        if zone is None:
-            raise ProtocolError("invalid_message", "'market_zone' is required on this socket")
-        self.known_zone(zone)
-        try:
-            self.check_zone_allowed(zone)
-        except AuthError as exc:
-            raise ProtocolError("forbidden_zone", exc.message) from None
-        limit = min(request.limit or messages.DEFAULT_HISTORY_LIMIT, self.settings.history_size)
-        if request.hours is not None:
-            prices = filter_hours(
-                await self.storage.history(zone, limit=self.settings.history_size), request.hours
-            )
-        else:
-            prices = await self.storage.history(zone, limit=limit)
-        self.connection.send(
-            messages.price_history(
-                zone,
-                (price.payload for price in prices),
-                hours=request.hours,
-                limit=None if request.hours is not None else request.limit or limit,
-                now=messages.utc_now(),
-            )
-        )
-
-    async def subscribe(
-        self, zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None
-    ) -> None:
-        for zone in zones:
-            self.known_zone(zone)
-        for zone in zones:
-            self.check_zone_allowed(zone)  # AuthError: the socket closes with 4003
-        total = len(set(self.connection.streams) | set(zones))
-        if total > self.settings.max_zones_per_socket:
-            raise ProtocolError(
-                "invalid_message", f"at most {self.settings.max_zones_per_socket} zones per socket"
-            )
-        self.connection.send(messages.zones_message("subscribed", zones, now=messages.utc_now()))
-        for zone in zones:
-            await self.open_zone(zone, since=since.get(zone), epoch=epoch)
-
-    def unsubscribe(self, zones: tuple[str, ...]) -> None:
-        for zone in zones:
-            self.known_zone(zone)
-        for zone in zones:
-            self.broadcaster.unsubscribe(zone, self.connection)
-        self.connection.send(messages.zones_message("unsubscribed", zones, now=messages.utc_now()))
+def fit_history(prices: list[StoredPrice], budget: int) -> list[StoredPrice]:
+    """The newest of ``prices`` (oldest first, as given) whose answer fits ``budget`` bytes."""
+    room = budget - _HISTORY_ENVELOPE
+    for index in range(len(prices) - 1, -1, -1):
+        room -= len(prices[index].payload) + 1  # and its comma
+        if room < 0:
+            return prices[index + 1:]
+    return prices
 
 
 def filter_hours(prices: list[StoredPrice], hours: float) -> list[StoredPrice]:
