@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiohttp import web
+
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.socket.connection import Connection
 from pricehub.server.socket.session import (
@@ -98,7 +100,9 @@ class Driver:
         connection, broadcaster, storage = self.connection, self.broadcaster, self.storage
         match effect:
             case Pong(data):
-                await connection.ws.pong(data)
+                ws = connection.ws
+                if isinstance(ws, web.WebSocketResponse):  # SSE clients send no frames
+                    await ws.pong(data)
             case Attach(stream):
                 broadcaster.unsubscribe(stream.zone, connection)
                 connection.streams[stream.zone] = stream

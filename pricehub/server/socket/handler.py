@@ -244,9 +244,11 @@ def teardown(driver: Driver, reason: str, conn_log: Any, *, duration: float) -> 
     )
 
 
-def close_code_of(ws: web.WebSocketResponse) -> int | None:
+def close_code_of(ws: web.StreamResponse) -> int | None:
     """The close code that ended the socket: the one pricehub sent, if it closed first
     (aiohttp's ``close_code`` is then the client's answer), else the client's."""
+    if not isinstance(ws, web.WebSocketResponse):
+        return None
     sent = ws.sent_close_code if isinstance(ws, BroadcastWebSocketResponse) else None
     return sent if sent is not None else ws.close_code
 

@@ -218,6 +218,12 @@ class Session:
         for zone in zones:
             yield from self._open_zone(zone, since=since, epoch=epoch)
 
+    def resume(self, zones: Sequence[str], *, since: Mapping[str, int], epoch: str | None) -> Job:
+        """Open ``zones``, each resumed from its own ``since`` seq (a zone missing there
+        starts fresh): an SSE stream reconnecting with its cursor."""
+        for zone in zones:
+            yield from self._open_zone(zone, since=since.get(zone), epoch=epoch)
+
     def text(self, data: str | bytes) -> Job:
         """One text frame: a client message, or an ``error`` saying what is wrong with it."""
         if not (yield from self._admit()):

@@ -5,7 +5,7 @@ starts (there is no close frame to carry a code): 403 Origin, 503 over a connect
 limit, 401 token, 404 unknown zone, 403 zone not allowed by the token, 422 too many
 zones, 400 malformed ``since`` or ``Last-Event-ID``. Then ``retry: 1000``, the
 ``connection_established`` event, and each zone opened exactly as on the WebSocket
-(``Session.open_zone``: initial data, or a resume from the cursor with the same
+(``Session.resume``: initial data, or a resume from the cursor with the same
 ``recovered`` rules). From then on the broadcaster writes to the stream; this handler
 only waits for the stream to end (server close, shutdown, client gone) and writes the
 terminating chunk.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 
 import orjson
 import structlog
@@ -33,7 +34,8 @@ from pricehub.server.keys import (
 )
 from pricehub.server.policy.admission import normalise_origin, origin_allowed
 from pricehub.server.policy.auth import Grant
-from pricehub.server.socket.session import Session
+from pricehub.server.socket.driver import Driver
+from pricehub.server.socket.session import Session, SessionPolicy
 from pricehub.server.sse.connection import SseConnection
 from pricehub.wire import messages, sse
 from pricehub.wire.codes import DisconnectReason, HttpErrorCode
@@ -92,9 +94,9 @@ async def serve_stream(
 
 def admit(
     request: web.Request, zones: tuple[str, ...], *, single_zone: bool
-) -> tuple[Grant, dict[str, tuple[int, str | None]]]:
+) -> tuple[Grant, ResumeFrom]:
     """Origin, token, zones and cursor, in that order; raises ``Refused``. Returns the
-    grant and, per zone to resume, ``(since, epoch)``."""
+    grant and where to resume."""
     settings = request.app[SETTINGS]
     if not origin_allowed(request, settings.allowed_origins):
         raise Refused(403, HttpErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed", "origin")
@@ -124,9 +126,18 @@ def _token(request: web.Request) -> str | None:
     return token or None
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeFrom:
+    """Per zone, the last seq the client has (a zone missing: start fresh), and the epoch
+    those seqs belong to (None: trusted to be the current one, as on the WebSocket)."""
+
+    since: dict[str, int] = field(default_factory=dict)
+    epoch: str | None = None
+
+
 def resume_points(
     request: web.Request, zones: tuple[str, ...], *, single_zone: bool
-) -> dict[str, tuple[int, str | None]]:
+) -> ResumeFrom:
     """``Last-Event-ID`` (what EventSource sends on its own reconnects) wins over the
     ``since``/``epoch`` query of the single-zone stream."""
     last_id = request.headers.get("Last-Event-ID")
@@ -135,15 +146,15 @@ def resume_points(
             cursor = sse.decode_cursor(last_id, zones)
         except ProtocolError as exc:
             raise Refused(400, HttpErrorCode.INVALID_CURSOR, exc.message) from None
-        return {zone: (seq, cursor.epoch) for zone, seq in cursor.seqs.items()}
+        return ResumeFrom(dict(cursor.seqs), cursor.epoch)
     since_raw = request.query.get("since")
     if not single_zone or since_raw is None:
-        return {}
+        return ResumeFrom()
     since = messages.parse_count(since_raw)
     if since is None:
         message = "'since' must be a non-negative integer"
         raise Refused(400, HttpErrorCode.INVALID_SINCE, message)
-    return {zones[0]: (since, request.query.get("epoch") or None)}
+    return ResumeFrom({zones[0]: since}, request.query.get("epoch") or None)
 
 
 def error_response(request: web.Request, refused: Refused) -> web.Response:
@@ -188,7 +199,7 @@ async def start_response(request: web.Request) -> web.StreamResponse:
 async def run_stream(
     request: web.Request,
     zones: tuple[str, ...],
-    resume: dict[str, tuple[int, str | None]],
+    resume: ResumeFrom,
     *,
     grant: Grant,
     single_zone: bool,
@@ -205,9 +216,11 @@ async def run_stream(
         scheduler=broadcaster, limits=app[SEND_LIMITS],
     )  # fmt: skip
     session = Session(
-        connection=connection, settings=settings, storage=storage, broadcaster=broadcaster,
-        stats=stats, allowed_zones=grant.zones, single_zone=zones[0] if single_zone else None,
-    )  # fmt: skip
+        SessionPolicy.from_settings(
+            settings, allowed_zones=grant.zones, single_zone=zones[0] if single_zone else None
+        )
+    )
+    driver = Driver(connection, storage=storage, broadcaster=broadcaster, stats=stats)
     stream_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=request.remote)
     broadcaster.add(connection)
     stats.total_connections += 1
@@ -216,9 +229,7 @@ async def run_stream(
     reason: str = DisconnectReason.CLIENT
     try:
         connection.send(established(connection, zones, single_zone=single_zone, app=app))
-        for zone in zones:
-            since, epoch = resume.get(zone, (None, None))
-            await session.open_zone(zone, since=since, epoch=epoch)
+        await driver.run(session.resume(zones, since=resume.since, epoch=resume.epoch))
         expiry = grant.expires_at
         async with asyncio.timeout_at(_loop_deadline(expiry)):
             await connection.finished.wait()
