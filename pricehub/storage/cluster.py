@@ -29,10 +29,12 @@ No script needs two slots:
   applied in stream order, so an entry re-delivered after a crash between the append and
   the XACK (or taken by a stalled ex-holder of the lease) is skipped: exactly once.
 
-Topology changes (a master replaced by its replica, a slot migrated) show up as a dead
-subscriber connection, a ``sunsubscribe`` push, or a failed write: the storage is then
-lost, ``FailoverStorage`` serves from memory, and the next probe connects afresh (new
-slot map, new subscriptions) and reconciles (docs/cluster.md).
+A master replaced by its replica shows up as a dead subscriber connection or a failed
+write: the storage is then lost, ``FailoverStorage`` serves from memory, and the next
+probe connects afresh (new slot map, new subscriptions) and reconciles. A slot migrated
+by resharding shows up as a ``sunsubscribe`` push: followed in place (``_follow``), the
+zone's channel subscribed on its new master and the gap replayed from the history
+(docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -236,6 +238,13 @@ class _Shard:
     activity: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+async def _close_shard(shard: _Shard, timeout: float) -> None:
+    for resource in (shard.pubsub, shard.client):
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await resource.aclose()
+
+
 class RedisClusterStorage(RedisStorage):
     """The ``Storage`` Protocol on a Redis Cluster (``RedisStorage`` through hooks).
 
@@ -252,6 +261,9 @@ class RedisClusterStorage(RedisStorage):
         self._zones = tuple(zones)
         self._shards: list[_Shard] = []
         self._wait_replicas = _parse_cluster_url(url).wait_replicas
+        self._delivering = asyncio.Lock()
+        self._confirmations: dict[bytes, asyncio.Event] = {}  # SSUBSCRIBEs awaited
+        self.moves = 0  # zone channels followed to another master (resharding)
         self.unreplicated = 0  # batches a master acknowledged before enough replicas had them
 
     @property
@@ -294,16 +306,27 @@ class RedisClusterStorage(RedisStorage):
                 raise StorageUnavailable(f"redis cluster: no master for {channel}")
             slots = by_node.setdefault(node.name, (node, {}))[1]
             slots.setdefault(key_slot(channel.encode()), []).append(channel)
-        parsed = _parse_cluster_url(self._url)
-        for name, (node, slots) in by_node.items():
-            sub_client = connect_client(_node_url(node, parsed), timeout=self._timeout)
-            shard = _Shard(name, sub_client, sub_client.pubsub(), self._probe_on(client, name),
-                           sum(len(channels) for channels in slots.values()) + 1)
-            self._shards.append(shard)
+        for node, slots in by_node.values():
+            self._shards.append(await self._open_shard(client, node, slots))
+
+    async def _open_shard(
+        self, client: AsyncRedisCluster, node: ClusterNode, slots: dict[int, list[str]]
+    ) -> _Shard:
+        """A subscriber on ``node``: ``slots``' channels and a probe, confirmed."""
+        sub_client = connect_client(_node_url(node, _parse_cluster_url(self._url)),
+                                    timeout=self._timeout)  # fmt: skip
+        count = sum(len(channels) for channels in slots.values()) + 1
+        shard = _Shard(node.name, sub_client, sub_client.pubsub(),
+                       self._probe_on(client, node.name), count)  # fmt: skip
+        try:
             for channels in slots.values():
                 await shard.pubsub.ssubscribe(*channels)
             await shard.pubsub.ssubscribe(shard.probe)
             await self._await_ssubscribed(shard)
+        except BaseException:
+            await _close_shard(shard, self._timeout)
+            raise
+        return shard
 
     def _probe_on(self, client: AsyncRedisCluster, node_name: str) -> str:
         """A probe channel of this connection that hashes onto ``node_name``."""
@@ -330,10 +353,7 @@ class RedisClusterStorage(RedisStorage):
         await super().close()
         shards, self._shards = self._shards, []
         for shard in shards:
-            for resource in (shard.pubsub, shard.client):
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self._timeout):
-                        await resource.aclose()
+            await _close_shard(shard, self._timeout)
 
     async def check(self) -> None:
         if self._lost is not None:
@@ -354,19 +374,63 @@ class RedisClusterStorage(RedisStorage):
                 shard.activity.set()
                 kind = message["type"]
                 if kind == "smessage" and message["channel"] != probe:
-                    await self._on_message(message["data"])
+                    # One delivery at a time across shards: a zone's catch-up after its
+                    # slot moved must not interleave with its new shard's gap filling.
+                    async with self._delivering:
+                        await self._on_message(message["data"])
+                elif kind == "ssubscribe":
+                    self._confirmed(message["channel"])
                 elif kind == "sunsubscribe":
-                    # The slot moved (failover, resharding): its prices now come from
-                    # another master; reconnecting re-subscribes there and catches up.
-                    raise StorageUnavailable(
-                        f"redis cluster: {message['channel']!r} moved off {shard.name}"
-                    )
+                    await self._follow(message["channel"])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure of a shard subscriber means it is lost
             self._mark_lost(exc)
         else:
             self._mark_lost(StorageUnavailable(f"redis shard subscriber {shard.name} stopped"))
+
+    def _confirmed(self, channel: bytes) -> None:
+        waiter = self._confirmations.pop(channel, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def _follow(self, raw_channel: bytes) -> None:
+        """Redis moved a zone's slot to another master (resharding; a failover shows up
+        as a dead connection instead): subscribe to the zone's channel there, then feed
+        the zone's newest price through the delivery path, which fills the gap from the
+        history and drops what was delivered already. Any failure: the storage is lost
+        (memory, then a fresh connect)."""
+        channel = raw_channel.decode()
+        zone = self._zone_of(channel)
+        if zone is None:
+            return  # our probe channel: its slot moved too; the watch notices silence
+        client = self.cluster
+        async with redis_errors("follow slot"):
+            await client.nodes_manager.initialize()
+            node = client.get_node_from_key(channel)
+            if node is None:
+                raise StorageUnavailable(f"redis cluster: no master for {channel}")
+            target = next((s for s in self._shards if s.name == node.name), None)
+            if target is None:
+                target = await self._open_shard(client, node, {0: [channel]})
+                self._shards.append(target)
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._read_shard(target)
+                ))  # fmt: skip
+            else:
+                waiter = self._confirmations[raw_channel] = asyncio.Event()
+                await target.pubsub.ssubscribe(channel)
+                async with asyncio.timeout(2 * self._timeout):
+                    await waiter.wait()
+            latest = await self.latest(zone)
+        self.moves += 1
+        if latest is not None:
+            async with self._delivering:
+                await self._on_message(self._message_prefix(zone).encode() + latest.payload)
+
+    def _zone_of(self, channel: str) -> str | None:
+        zone = next((z for z in self._zones if self.keys.channel(z) == channel), None)
+        return zone
 
     async def _watch(self) -> None:
         """Liveness of every shard subscriber: a probe to each must come back."""
