@@ -264,6 +264,7 @@ class RedisClusterStorage(RedisStorage):
         self._delivering = asyncio.Lock()
         self._confirmations: dict[bytes, asyncio.Event] = {}  # SSUBSCRIBEs awaited
         self.moves = 0  # zone channels followed to another master (resharding)
+        self._zone_by_channel: dict[str, str] | None = None
         self.unreplicated = 0  # batches a master acknowledged before enough replicas had them
 
     @property
@@ -429,8 +430,9 @@ class RedisClusterStorage(RedisStorage):
                 await self._on_message(self._message_prefix(zone).encode() + latest.payload)
 
     def _zone_of(self, channel: str) -> str | None:
-        zone = next((z for z in self._zones if self.keys.channel(z) == channel), None)
-        return zone
+        if self._zone_by_channel is None:  # built on the first move only
+            self._zone_by_channel = {self.keys.channel(zone): zone for zone in self._zones}
+        return self._zone_by_channel.get(channel)
 
     async def _watch(self) -> None:
         """Liveness of every shard subscriber: a probe to each must come back."""
