@@ -62,7 +62,8 @@ class FailoverStorage:
     :param log: structlog logger (default ``pricehub.storage``).
 
     Counters for the metrics module: ``failovers``, ``recoveries``, ``redis_errors``,
-    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill).
+    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill),
+    ``foreign_messages`` (messages on our channel that are not our feed's: dropped).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class FailoverStorage:
         self.redis_errors = 0
         self.epoch_changes = 0
         self.gaps = 0
+        self._foreign_before = 0  # foreign messages counted by connections since closed
 
     @classmethod
     def from_settings(
@@ -135,6 +137,11 @@ class FailoverStorage:
     def key_prefix(self) -> str:
         return self._key_prefix
 
+    @property
+    def foreign_messages(self) -> int:
+        redis = self._redis
+        return self._foreign_before + (redis.foreign_messages if redis is not None else 0)
+
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, listener: StorageListener) -> None:
@@ -170,6 +177,7 @@ class FailoverStorage:
         if redis is not self._redis or self._mode != REDIS:
             return  # an old connection's last words, or already failed over
         self._mode, self._redis = MEMORY, None
+        self._foreign_before += redis.foreign_messages
         self.failovers += 1
         self._log.warning("storage_failover", backend=MEMORY, error=str(cause), epoch=self._epoch)
         self._spawn(redis.close())

@@ -291,6 +291,12 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.storage_counter("gaps")),
     ),
     MetricSpec(
+        "pricehub_storage_foreign_messages_total", "counter",
+        "Messages on this feed's Redis channel that were not its prices (another feed's "
+        "lineage, or not a price at all): dropped, never delivered, logged (throttled).",
+        scalar(lambda s: s.storage_counter("foreign_messages")),
+    ),
+    MetricSpec(
         "pricehub_epoch_changes_total", "counter",
         "Seq numbering lineage changes: history lost, clients cannot resume across it.",
         scalar(lambda s: s.storage_counter("epoch_changes")),
