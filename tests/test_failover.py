@@ -17,9 +17,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from pricehub.storage.base import IngestAck
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_ACK, IngestAck
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess, TcpProxy
 from tests.support import eventually
@@ -225,10 +225,6 @@ async def test_ingest_writes_never_fall_back_to_memory(prefix: str) -> None:
     storage = make(server.url, prefix)
     await storage.start(RecordingListener())
     async with running(storage):
-        token = INGEST_ACK.set(IngestAck("1-0", "consumer"))
-        try:
-            with pytest.raises(StorageUnavailable):
-                await storage.append("pjm", body("pjm", 1.0))
-        finally:
-            INGEST_ACK.reset(token)
+        with pytest.raises(StorageUnavailable):
+            await storage.append("pjm", body("pjm", 1.0), ack=IngestAck("1-0", "consumer"))
         assert await storage.latest("pjm") is None

@@ -19,8 +19,8 @@ from pricehub.storage.redis import EpochChanged, RedisStorage
 from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
-from tests.test_failover import EventLog
 from tests.support import eventually, missing_tool
+from tests.test_failover import EventLog
 
 FAST = {"timeout": 0.25, "probe_interval": 0.2}
 

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from pricehub.server.errors import ConfigError
-from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import INGEST_ACK, RedisStorage
+from pricehub.storage.redis import RedisStorage
 
 T = TypeVar("T")
 
@@ -303,8 +303,12 @@ class FailoverStorage:
 
     # --- Storage ----------------------------------------------------------------------
 
-    async def append(self, zone: str, body: bytes) -> StoredPrice:
-        ack = INGEST_ACK.get()
+    def ingest_source(self) -> IngestSource:
+        return self
+
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
         while True:
             redis = self._redis
             if self._mode == REDIS and redis is not None:

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -41,12 +40,11 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.wire.messages import with_seq
 
 __all__ = [
-    "INGEST_ACK",
     "INGEST_GROUP",
     "EpochChanged",
     "IngestAck",
@@ -70,20 +68,6 @@ class EpochChanged(StorageUnavailable):
 
 class LeaseLost(StorageError):
     """The ingest lease passed to another instance; this one must stop consuming."""
-
-
-@dataclass(frozen=True, slots=True)
-class IngestAck:
-    """A stream entry whose XACK must ride in the same script as its append."""
-
-    entry_id: str
-    consumer: str  # the lease holder's token; the script refuses anyone else (fencing)
-
-
-# The ingest consumer sets this around ``Publisher.publish`` so the append and the XACK
-# are one atomic script (a crash can never separate them: exactly once), while the
-# price still goes through the one publishing path (counting by source included).
-INGEST_ACK: ContextVar[IngestAck | None] = ContextVar("pricehub_ingest_ack", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +404,9 @@ class RedisStorage:
         self._lost = cause
         if self._on_lost is not None:
             self._on_lost(self, cause)
+
+    def ingest_source(self) -> IngestSource | None:
+        return None  # the ingest runs on FailoverStorage, which create_storage gives
 
     async def check(self) -> None:
         if self._lost is not None:
