@@ -172,7 +172,9 @@ async def test_flushed_redis_refuses_writes_under_old_epoch(
         with pytest.raises(EpochChanged):
             await storage.append("pjm", body("pjm", 2.0))
         assert await raw.get(f"{prefix}seq:pjm") is None  # nothing numbered from 1 again
-        assert isinstance(lost.causes[0], EpochChanged)
+        # Refused, not lost: the connection is fine, its owner reconciles (issue 13's
+        # cascade was a refusal like this one switching the instance to memory).
+        assert not lost.causes
     finally:
         await storage.close()
 

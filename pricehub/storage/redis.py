@@ -51,6 +51,7 @@ __all__ = [
     "KeyLayout",
     "LeaseLost",
     "RedisStorage",
+    "WriteInDoubt",
     "connect_client",
     "redis_errors",
 ]
@@ -64,6 +65,11 @@ LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a 
 class EpochChanged(StorageUnavailable):
     """Redis's numbering lineage is not the one this instance writes under (it lost
     its data, or another instance reconciled a divergence): reconcile before writing."""
+
+
+class WriteInDoubt(StorageUnavailable):
+    """The connection failed with the append sent: Redis may or may not have run it
+    (its reply is what was lost). Retrying blindly could number one price twice."""
 
 
 class LeaseLost(StorageError):
@@ -559,8 +565,11 @@ class RedisStorage:
                 script_keys += [keys.ingest_lease, keys.ingest]
                 args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
             pipe.evalsha(self._append_sha, len(script_keys), *script_keys, *args)
-        async with redis_errors("append"):
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+        try:
+            async with redis_errors("append"):
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+        except StorageUnavailable as exc:
+            raise WriteInDoubt(str(exc)) from exc
         return results
 
     def _write_error(self, error: BaseException) -> StorageError:
@@ -568,9 +577,10 @@ class RedisStorage:
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_LEASE"):
             return LeaseLost(text)
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_EPOCH"):
-            cause: StorageError = EpochChanged(text)
-        else:
-            cause = StorageUnavailable(f"redis append: {error!r}")
+            # Refused, nothing written, and the connection is fine: the owner
+            # reconciles and retries (it must not fail over to numbering alone).
+            return EpochChanged(text)
+        cause = StorageUnavailable(f"redis append: {error!r}")
         self._mark_lost(cause)
         return cause
 
