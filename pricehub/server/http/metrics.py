@@ -290,6 +290,23 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.storage_counter("gaps")),
     ),
     MetricSpec(
+        "pricehub_storage_holds_total", "counter",
+        "Redis outages during which this instance held publishes instead of numbering "
+        "alone (it has peers).",
+        scalar(lambda s: s.storage_counter("holds")),
+    ),
+    MetricSpec(
+        "pricehub_storage_held_refusals_total", "counter",
+        "Publishes refused (503) because Redis stayed away longer than --redis-hold.",
+        scalar(lambda s: s.storage_counter("held_refusals")),
+    ),
+    MetricSpec(
+        "pricehub_storage_resyncs_total", "counter",
+        "Reconciles with Redis because the epoch moved (a peer declared a divergence, or "
+        "Redis lost its data), appends held meanwhile: not failovers.",
+        scalar(lambda s: s.storage_counter("resyncs")),
+    ),
+    MetricSpec(
         "pricehub_storage_foreign_messages_total", "counter",
         "Messages on this feed's Redis channel that were not its prices (another feed's "
         "lineage, or not a price at all): dropped, never delivered, logged (throttled).",
