@@ -129,7 +129,8 @@ class FailoverStorage:
         self._instance_id: str | None = None  # ours, once registered
         self._quiet = False  # holding for a resync after the epoch moved, not an outage
         self._outage_started = time.monotonic()
-        self._served = asyncio.Event()  # set while Redis serves appends: held ones wait
+        # Cleared while appends are held (mode HOLD); held appends wait for it.
+        self._released = asyncio.Event()
         self._held = 0
         self._probe_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -201,7 +202,7 @@ class FailoverStorage:
             await self._switch_to_redis(recovering=False)
         except StorageUnavailable as exc:
             self.redis_errors += 1
-            self._mode = self._outage_mode()
+            self._set_mode(self._outage_mode(), quiet=False)
             self._outage_started = time.monotonic()
             self.holds += self._mode == HOLD
             self._log.warning(
@@ -225,6 +226,13 @@ class FailoverStorage:
 
     # --- failover ---------------------------------------------------------------------
 
+    def _set_mode(self, mode: str, *, quiet: bool) -> None:
+        self._mode, self._quiet = mode, quiet
+        if mode == HOLD:
+            self._released.clear()
+        else:
+            self._released.set()  # held appends go on (in the order they came)
+
     def _outage_mode(self) -> str:
         return HOLD if self._hold > 0 and self.has_peers else MEMORY
 
@@ -236,11 +244,10 @@ class FailoverStorage:
             return  # an old connection's last words, or already failed over
         self._redis = None
         self._foreign_before += redis.foreign_messages
-        self._served.clear()
         self._outage_started = time.monotonic()
         self._spawn(redis.close())
         if isinstance(cause, EpochChanged):
-            self._mode, self._quiet = HOLD, True
+            self._set_mode(HOLD, quiet=True)
             self.resyncs += 1
             self._log.info("storage_resync", reason=str(cause), epoch=self._epoch)
         else:
@@ -248,7 +255,7 @@ class FailoverStorage:
         self._start_probe()
 
     def _enter_outage(self, cause: BaseException) -> None:
-        self._mode, self._quiet = self._outage_mode(), False
+        self._set_mode(self._outage_mode(), quiet=False)
         self.failovers += 1
         self.holds += self._mode == HOLD
         self._log.warning(
@@ -345,9 +352,9 @@ class FailoverStorage:
             self._memory.reset(zone, _contiguous_tail(prices, seq), seq=seq)
         changed = epoch != self._epoch
         quiet = self._quiet
-        self._epoch, self._redis, self._mode, self._quiet = epoch, redis, REDIS, False
+        self._epoch, self._redis = epoch, redis
+        self._set_mode(REDIS, quiet=False)
         redis.deliver_to(_Mirror(self, redis), {zone: seq for zone, (seq, _) in state.items()})
-        self._served.set()  # held appends go on, in the order they came
         if not recovering:
             return
         self.recoveries += not quiet
@@ -446,7 +453,7 @@ class FailoverStorage:
         self._held += 1
         try:
             async with asyncio.timeout(remaining):
-                await self._served.wait()
+                await self._released.wait()
         except TimeoutError:
             pass  # the caller's next turn refuses it
         finally:
