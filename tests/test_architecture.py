@@ -110,3 +110,27 @@ def test_client_imports_neither_server_nor_storage() -> None:
             dep for dep in imports if dep.startswith(("pricehub.server", "pricehub.storage"))
         }
         assert not forbidden, f"{name} imports {sorted(forbidden)}"
+
+
+def runtime_imports(name: str) -> set[str]:
+    """What a module imports when it runs: ``if TYPE_CHECKING:`` blocks left out."""
+    path = all_modules()[name]
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_app_keys_and_stats_depend_on_no_component() -> None:
+    """Using an app key does not load the whole server; stats reads plain numbers (and
+    Protocols), not the fan-out's classes; ingest reaches storage by its Protocol."""
+    assert not {m for m in runtime_imports("pricehub.server.keys") if m.startswith("pricehub")}
+    assert not graph()["pricehub.server.stats"]
+    assert "pricehub.storage.failover" not in graph()["pricehub.server.ingest"]
