@@ -398,3 +398,49 @@ async def test_epoch_moved_by_a_peer_mid_append_is_no_failover(prefix: str) -> N
             assert [price.seq for price in prices] == list(range(4, 24))  # in Redis, once
             assert await listeners[0].wait_for("pjm", 23) == list(range(1, 24))
             assert await listeners[1].wait_for("pjm", 23) == list(range(1, 24))
+
+
+async def test_a_fault_of_each_kind_with_peers_never_collides(prefix: str) -> None:
+    """A short soak at the storage level: two instances publishing, Redis paused
+    briefly, killed and restarted, and paused longer than the hold window. One seq never
+    names two prices, every accepted price is delivered to both, in order, and the epoch
+    never changes (nobody numbered alone)."""
+    with RedisProcess() as server:
+        storages = await peers(server.url, prefix, hold=1.0)
+        listeners = [RecordingListener(), RecordingListener()]
+        for storage, listener in zip(storages, listeners, strict=True):
+            await storage.start(listener)
+        async with running(*storages):
+            await register_all(storages)
+            epoch = storages[0].epoch
+            stop = asyncio.Event()
+            accepted: list[StoredPrice] = []
+            refused: list[Exception] = []
+            publisher = asyncio.create_task(
+                publish_alternating(storages, stop, accepted, refused)
+            )
+            for fault, length in (("pause", 0.5), ("kill", 0.5), ("pause", 1.8)):
+                target = len(accepted) + 20
+                await eventually(lambda: len(accepted) >= target, within=10)  # noqa: B023
+                if fault == "pause":
+                    server.pause()
+                    await asyncio.sleep(length)
+                    server.resume()
+                else:
+                    server.kill()
+                    await asyncio.sleep(length)
+                    server.start()
+            target = len(accepted) + 20
+            await eventually(lambda: len(accepted) >= target, within=10)
+            stop.set()
+            await asyncio.wait_for(publisher, 10)
+
+            assert refused  # the long pause outlasted the window: refused, not numbered
+            last = max(price.seq for price in accepted)
+            for storage, listener in zip(storages, listeners, strict=True):
+                assert await listener.wait_for("pjm", last) == list(range(1, last + 1))
+                assert storage.epoch == epoch and listener.epochs == []
+            assert all_prices(listeners[0]) == all_prices(listeners[1])
+            assert len({p.seq for p in accepted}) == len(accepted)
+            delivered = {(p.seq, p.payload) for p in listeners[0].prices}
+            assert {(p.seq, p.payload) for p in accepted} <= delivered
