@@ -19,7 +19,9 @@ instance's own probe channel every ``probe_interval`` and expects the subscriber
 receive *something* within ``2 * timeout``; otherwise the storage is lost.
 
 Errors never escape as driver exceptions: every Redis/socket failure surfaces as
-``StorageUnavailable``, which ``FailoverStorage`` turns into a switch to memory.
+``StorageUnavailable``, which ``FailoverStorage`` turns into a failover (or a hold of
+appends, with peers). Two kinds say more: ``WriteInDoubt`` (the append was sent, its
+reply lost) and ``EpochChanged`` (refused, nothing written, the connection is fine).
 """
 
 from __future__ import annotations
