@@ -169,7 +169,18 @@ class RedisProcess:
         """SIGKILL: no shutdown, connections reset, data gone (no persistence)."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
+            self.process.send_signal(signal.SIGCONT)  # a paused process dies only then
             self.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and silent, commands wait in the socket."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``: everything sent meanwhile is served, in order."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
 
     def log(self) -> str:
         path = self._dir / "redis.log"

@@ -317,3 +317,106 @@ async def test_workers_refuse_without_redis() -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
     assert b"needs a reachable Redis" in stderr
+
+
+async def post_status(
+    session: aiohttp.ClientSession, server: ServerProcess, price: dict[str, Any]
+) -> tuple[int, Any, str | None]:
+    async with session.post(
+        server.url + "/api/ws/ws/broadcast/price", json=price,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as response:  # fmt: skip
+        return response.status, await response.json(), response.headers.get("Retry-After")
+
+
+async def test_redis_outages_with_two_instances_never_number_alone(
+    redis_server: RedisProcess,
+) -> None:
+    """Issue 13 end to end: a SIGSTOP shorter than --redis-hold costs only latency (every
+    202 delivered once, in order, on both instances; no close, no epoch change); a
+    SIGKILL longer than it answers 503 + Retry-After, and after it the lineage goes on."""
+    hold = 2.0
+    async with servers(2, redis_server.url, "--redis-hold", str(hold)) as instances, \
+            client_session() as session:  # fmt: skip
+        urls = [s.ws_url + "/api/ws/ws/market/pjm" for s in instances]
+        subscribers = await subscribe(session, urls, 20)
+        epoch = subscribers[0].messages[0]["epoch"]
+
+        async def both_see_a_peer() -> bool:  # /stats reads the registry (who else is up)
+            stats = [await get_json(session, s.url + "/api/ws/ws/stats") for s in instances]
+            return all(len(s.get("cluster", {}).get("instances", [])) == 2 for s in stats)
+
+        await eventually(both_see_a_peer, within=SLOW)
+        accepted: dict[int, float] = {}
+        answers: list[int] = []
+        stop = asyncio.Event()
+
+        async def publish() -> None:
+            for index in itertools.count():
+                if stop.is_set():
+                    return
+                status, body, _ = await post_status(
+                    session, instances[index % 2], {"market_zone": "pjm", "price": index}
+                )
+                answers.append(status)
+                if status == 202:
+                    seq = body["accepted"][0]["seq"]
+                    assert seq not in accepted, "one seq named two prices"
+                    accepted[seq] = float(index)
+                await asyncio.sleep(0.01)
+
+        publisher = asyncio.create_task(publish())
+        await eventually(lambda: len(accepted) >= 10, within=SLOW)
+        redis_server.pause()
+        paused = time.monotonic()
+        await asyncio.sleep(hold / 2)
+        redis_server.resume()
+        target = len(accepted) + 10
+        await eventually(lambda: len(accepted) >= target, within=SLOW)
+        stop.set()
+        await asyncio.wait_for(publisher, SLOW)
+        assert set(answers) == {202}, "a short pause is no refusal"
+        short_outage = time.monotonic() - paused
+
+        redis_server.kill()
+        status, body, retry_after = await post_status(
+            session, instances[0], {"market_zone": "pjm", "price": -1.0}
+        )
+        assert status == 503 and body["error"] == "storage_unavailable", body
+        assert retry_after is not None and int(retry_after) >= 1
+        redis_server.start()
+        for index, server in enumerate(instances):
+            async def accepted_again(
+                server: ServerProcess = server, price: float = 5000.0 + index
+            ) -> bool:
+                status, body, _ = await post_status(
+                    session, server, {"market_zone": "pjm", "price": price}
+                )
+                if status == 202:
+                    seq = body["accepted"][0]["seq"]
+                    assert seq not in accepted, "one seq named two prices"
+                    accepted[seq] = price
+                return status == 202
+
+            await eventually(accepted_again, within=SLOW)
+
+        last = max(accepted)
+        assert sorted(accepted) == list(range(1, last + 1))
+
+        async def delivered() -> bool:
+            return all(s.seqs("pjm")[-1:] == [last] for s in subscribers)
+
+        await eventually(delivered, within=SLOW)
+        for subscriber in subscribers:
+            assert subscriber.close_code is None  # nobody was disconnected
+            updates = [m for m in subscriber.messages if m["type"] == "price_update"]
+            seqs = [m["seq"] for m in updates]
+            assert seqs == list(range(seqs[0], last + 1))  # once each, in order
+            assert all(accepted[m["seq"]] == m["price"] for m in updates)  # the same price
+            assert all(m.get("epoch", epoch) == epoch for m in subscriber.messages)
+        for server in instances:
+            health = await get_json(session, server.url + "/api/ws/ws/health")
+            assert health["storage_backend"] == "redis"
+        print(f"pause {short_outage:.2f} s and a kill: {len(accepted)} prices, no collision, "
+              f"no close, epoch {epoch} kept")
+        await asyncio.gather(*(s.close() for s in subscribers))

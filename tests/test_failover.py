@@ -17,9 +17,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.base import IngestAck, StoredPrice
+from pricehub.storage.errors import StorageHeld, StorageUnavailable
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_ACK, IngestAck
+from pricehub.storage.redis import KeyLayout
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess, TcpProxy
 from tests.support import eventually
@@ -150,11 +151,17 @@ async def test_lost_data_without_lost_connection(prefix: str) -> None:
                 await storage.append("pjm", body("pjm", float(index)))
             raw = aioredis.Redis.from_url(server.url)
             await raw.flushall()
-            await storage.append("pjm", body("pjm", 3.0))  # refused by Redis -> memory
-            await listener.wait_backend("redis")
+            # Refused by Redis (its epoch is gone): held, reconciled (the mirror is
+            # written back), then numbered 4 in Redis. Not a failover: the backend never
+            # changed for the clients, the epoch is the same, nothing numbered alone.
+            price = await storage.append("pjm", body("pjm", 3.0))
+            assert price.seq == 4
             await storage.append("pjm", body("pjm", 4.0))
             assert await listener.wait_for("pjm", 5) == [1, 2, 3, 4, 5]
             assert int(await raw.get(f"{prefix}seq:pjm")) == 5
+            assert listener.backends == [] and listener.epochs == []
+            assert (storage.failovers, storage.resyncs) == (0, 1)
+            assert await raw.get(f"{prefix}epoch") == storage.epoch.encode()
             await raw.aclose()
 
 
@@ -225,10 +232,215 @@ async def test_ingest_writes_never_fall_back_to_memory(prefix: str) -> None:
     storage = make(server.url, prefix)
     await storage.start(RecordingListener())
     async with running(storage):
-        token = INGEST_ACK.set(IngestAck("1-0", "consumer"))
-        try:
-            with pytest.raises(StorageUnavailable):
-                await storage.append("pjm", body("pjm", 1.0))
-        finally:
-            INGEST_ACK.reset(token)
+        with pytest.raises(StorageUnavailable):
+            await storage.append("pjm", body("pjm", 1.0), ack=IngestAck("1-0", "consumer"))
         assert await storage.latest("pjm") is None
+
+
+# --- several instances: hold instead of numbering alone (issue 13) -------------------
+
+
+async def peers(url: str, prefix: str, count: int = 2, **options: Any) -> list[FailoverStorage]:
+    """Storages that know each other through the instance registry, as app instances
+    do (the registry, not a flag, is what tells them they have peers)."""
+    storages = [
+        FailoverStorage(url, zones=ZONES, key_prefix=prefix, log=EventLog(), **FAST, **options)
+        for _ in range(count)
+    ]
+    return storages
+
+
+async def register_all(storages: list[FailoverStorage]) -> None:
+    for index, storage in enumerate(storages):
+        await storage.register_instance(f"i{index}", b"{}", ttl=30)
+    for storage in storages:
+        await storage.instances()
+        assert storage.has_peers
+
+
+def all_prices(listener: RecordingListener) -> list[tuple[str, int, bytes]]:
+    return [(p.zone, p.seq, p.payload) for p in listener.prices]
+
+
+async def publish_alternating(
+    storages: list[FailoverStorage], stop: asyncio.Event, accepted: list[StoredPrice],
+    refused: list[Exception],
+) -> None:
+    """Two publishers (one per instance) until ``stop``; what each append answered."""
+
+    async def one(storage: FailoverStorage, base: float) -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                accepted.append(await storage.append("pjm", body("pjm", base + count)))
+            except StorageHeld as exc:
+                refused.append(exc)
+                await asyncio.sleep(0.05)
+            count += 1
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(one(s, 1000.0 * i) for i, s in enumerate(storages)))
+
+
+async def test_short_pause_with_peers_costs_only_latency(prefix: str) -> None:
+    """SIGSTOP shorter than the hold window, two instances publishing: nobody numbers
+    alone, so the epoch stays, every accepted price is delivered once, in order, to both
+    instances, and one (zone, epoch, seq) never names two prices."""
+    with RedisProcess() as server:
+        storages = await peers(server.url, prefix, hold=5.0)
+        listeners = [RecordingListener(), RecordingListener()]
+        for storage, listener in zip(storages, listeners, strict=True):
+            await storage.start(listener)
+        async with running(*storages):
+            await register_all(storages)
+            epoch = storages[0].epoch
+            stop = asyncio.Event()
+            accepted: list[StoredPrice] = []
+            refused: list[Exception] = []
+            publisher = asyncio.create_task(
+                publish_alternating(storages, stop, accepted, refused)
+            )
+            await listeners[0].wait_for("pjm", 20)
+            server.pause()
+            await listeners[0].wait_backend("in-memory")
+            await listeners[1].wait_backend("in-memory")
+            await asyncio.sleep(1.0)  # publishes wait meanwhile
+            server.resume()
+            await listeners[0].wait_backend("redis")
+            await listeners[1].wait_backend("redis")
+            await listeners[0].wait_for("pjm", len(listeners[0].seqs("pjm")) + 20)
+            stop.set()
+            await asyncio.wait_for(publisher, 10)
+
+            assert not refused
+            for storage, listener in zip(storages, listeners, strict=True):
+                assert storage.epoch == epoch and listener.epochs == []
+                assert storage.holds == 1
+            last = max(price.seq for price in accepted)
+            for listener in listeners:
+                await listener.wait_for("pjm", last)
+            assert all_prices(listeners[0]) == all_prices(listeners[1])
+            assert listeners[0].seqs("pjm") == list(range(1, last + 1))
+            delivered = {(p.seq, p.payload) for p in listeners[0].prices}
+            assert len({p.seq for p in accepted}) == len(accepted)  # one seq, one price
+            assert {(p.seq, p.payload) for p in accepted} <= delivered  # 202 means kept
+
+
+async def test_long_kill_with_peers_refuses_then_recovers_without_epoch_change(
+    prefix: str,
+) -> None:
+    """SIGKILL longer than the hold window: appends are refused (StorageHeld, nothing
+    written), never numbered alone; Redis restarted empty gets the history back from the
+    mirrors and the lineage goes on."""
+    with RedisProcess() as server:
+        storages = await peers(server.url, prefix, hold=0.8)
+        listeners = [RecordingListener(), RecordingListener()]
+        for storage, listener in zip(storages, listeners, strict=True):
+            await storage.start(listener)
+        async with running(*storages):
+            await register_all(storages)
+            epoch = storages[0].epoch
+            for index in range(4):
+                await storages[index % 2].append("pjm", body("pjm", float(index)))
+            await listeners[1].wait_for("pjm", 4)
+            server.kill()
+            await listeners[0].wait_backend("in-memory")
+            started = time.monotonic()
+            with pytest.raises(StorageHeld) as held:
+                await storages[0].append("pjm", body("pjm", 99.0))
+            assert 0.3 < time.monotonic() - started < 2.0  # waited the window, not more
+            assert held.value.retry_after >= 1
+            started = time.monotonic()
+            with pytest.raises(StorageHeld):  # the window is over: refused at once
+                await storages[1].append("pjm", body("pjm", 98.0))
+            assert time.monotonic() - started < 0.5
+            assert await storages[0].latest("pjm") == await storages[1].latest("pjm")
+            server.start()
+            await listeners[0].wait_backend("redis")
+            await listeners[1].wait_backend("redis")
+            price = await storages[1].append("pjm", body("pjm", 4.0))
+            assert price.seq == 5
+            for storage, listener in zip(storages, listeners, strict=True):
+                assert await listener.wait_for("pjm", 5) == [1, 2, 3, 4, 5]
+                assert storage.epoch == epoch and listener.epochs == []
+                assert storage.held_refusals >= 1
+            assert storages[0].held_refusals + storages[1].held_refusals == 2
+
+
+async def test_epoch_moved_by_a_peer_mid_append_is_no_failover(prefix: str) -> None:
+    """The cascade of issue 13: appends refused because a peer just replaced the epoch
+    (its announcement still on the way) must reconcile and be retried under the new
+    epoch, in Redis, not switch the instance to numbering alone in memory."""
+    with RedisProcess() as server:
+        storages = await peers(server.url, prefix, hold=5.0)
+        listeners = [RecordingListener(), RecordingListener()]
+        for storage, listener in zip(storages, listeners, strict=True):
+            await storage.start(listener)
+        async with running(*storages):
+            await register_all(storages)
+            for index in range(3):
+                await storages[0].append("pjm", body("pjm", float(index)))
+            await listeners[1].wait_for("pjm", 3)
+            raw = aioredis.Redis.from_url(server.url)
+            await raw.set(KeyLayout(prefix).epoch, "peerepoch01")  # announced later
+            prices = await asyncio.gather(
+                *(storages[0].append("pjm", body("pjm", 10.0 + i)) for i in range(20))
+            )
+            # The late announcement: the other instance resyncs and catches up (it
+            # dropped the new lineage's prices as foreign until it heard of it).
+            await raw.publish(KeyLayout(prefix).prices, "!epoch peerepoch01")
+            await raw.aclose()
+            assert storages[0].epoch == "peerepoch01"
+            assert storages[0].failovers == 0 and storages[0].backend == "redis"
+            assert listeners[0].backends == []  # nobody was told of an outage
+            assert listeners[0].epochs == ["peerepoch01"]  # the declaration, once
+            assert storages[0].resyncs == 1
+            assert [price.seq for price in prices] == list(range(4, 24))  # in Redis, once
+            assert await listeners[0].wait_for("pjm", 23) == list(range(1, 24))
+            assert await listeners[1].wait_for("pjm", 23) == list(range(1, 24))
+
+
+async def test_a_fault_of_each_kind_with_peers_never_collides(prefix: str) -> None:
+    """A short soak at the storage level: two instances publishing, Redis paused
+    briefly, killed and restarted, and paused longer than the hold window. One seq never
+    names two prices, every accepted price is delivered to both, in order, and the epoch
+    never changes (nobody numbered alone)."""
+    with RedisProcess() as server:
+        storages = await peers(server.url, prefix, hold=1.0)
+        listeners = [RecordingListener(), RecordingListener()]
+        for storage, listener in zip(storages, listeners, strict=True):
+            await storage.start(listener)
+        async with running(*storages):
+            await register_all(storages)
+            epoch = storages[0].epoch
+            stop = asyncio.Event()
+            accepted: list[StoredPrice] = []
+            refused: list[Exception] = []
+            publisher = asyncio.create_task(
+                publish_alternating(storages, stop, accepted, refused)
+            )
+            for fault, length in (("pause", 0.5), ("kill", 0.5), ("pause", 1.8)):
+                target = len(accepted) + 20
+                await eventually(lambda: len(accepted) >= target, within=10)  # noqa: B023
+                if fault == "pause":
+                    server.pause()
+                    await asyncio.sleep(length)
+                    server.resume()
+                else:
+                    server.kill()
+                    await asyncio.sleep(length)
+                    server.start()
+            target = len(accepted) + 20
+            await eventually(lambda: len(accepted) >= target, within=10)
+            stop.set()
+            await asyncio.wait_for(publisher, 10)
+
+            assert refused  # the long pause outlasted the window: refused, not numbered
+            last = max(price.seq for price in accepted)
+            for storage, listener in zip(storages, listeners, strict=True):
+                assert await listener.wait_for("pjm", last) == list(range(1, last + 1))
+                assert storage.epoch == epoch and listener.epochs == []
+            assert all_prices(listeners[0]) == all_prices(listeners[1])
+            assert len({p.seq for p in accepted}) == len(accepted)
+            delivered = {(p.seq, p.payload) for p in listeners[0].prices}
+            assert {(p.seq, p.payload) for p in accepted} <= delivered

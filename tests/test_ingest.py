@@ -14,8 +14,9 @@ import redis.asyncio as aioredis
 
 from pricehub.server.ingest import IngestConsumer
 from pricehub.server.publisher import Publisher
+from pricehub.storage.base import IngestAck
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, LeaseLost
+from pricehub.storage.redis import INGEST_GROUP, LeaseLost
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import REPO
@@ -132,13 +133,11 @@ async def test_a_fenced_consumer_cannot_append(
     await instance.storage.start(instance.listener)
     try:
         await raw.set(f"{prefix}ingest:lease", "successor")
-        token = INGEST_ACK.set(IngestAck("1-0", "stale"))
-        try:
-            body = PriceBody("pjm", 1.0, None, "2026-11-27T15:00:00.000Z")
-            with pytest.raises(LeaseLost):
-                await instance.publisher.publish(body, source="redis-ingest")
-        finally:
-            INGEST_ACK.reset(token)
+        body = PriceBody("pjm", 1.0, None, "2026-11-27T15:00:00.000Z")
+        with pytest.raises(LeaseLost):
+            await instance.publisher.publish(
+                body, source="redis-ingest", ack=IngestAck("1-0", "stale")
+            )
         assert await raw.get(f"{prefix}seq:pjm") is None
         assert instance.storage.backend == "redis"  # a lost lease is not a lost Redis
     finally:
@@ -212,3 +211,43 @@ async def test_a_consumer_killed_mid_stream_leaves_nothing_behind(
             doomed.kill()
             await doomed.wait()
         await survivor.stop()
+
+
+LOOSE_ENTRIES: list[tuple[str, list[str]]] = [
+    # (the field the rejection names, the entry's flat field list as given to XADD)
+    ("price", ["market_zone", "pjm", "price", "1_000"]),
+    ("price", ["market_zone", "pjm", "price", " 5 "]),
+    ("price", ["market_zone", "pjm", "price", "٣"]),  # an Arabic-Indic digit
+    ("price", ["market_zone", "pjm", "price", "+5"]),
+    ("price", ["market_zone", "pjm", "price", "inf"]),
+    ("volume", ["market_zone", "pjm", "price", "5", "volume", "1_0"]),
+    ("market_zone", ["market_zone", "pjm", "market_zone", "ercot", "price", "5"]),
+    ("price", ["market_zone", "pjm", "price", "5", "price", "6"]),
+]
+
+
+async def test_stream_entries_follow_the_http_body_rules(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """Through a real XADD (raw, so a field can be given twice): every loose entry is
+    rejected, counted and acknowledged; the good ones around them go through in order."""
+    stream = f"{prefix}ingest"
+    await raw.execute_command("XADD", stream, "*", "market_zone", "pjm", "price", "1")
+    for _, fields in LOOSE_ENTRIES:
+        await raw.execute_command("XADD", stream, "*", *fields)
+    await raw.execute_command("XADD", stream, "*", "market_zone", "pjm", "price", "2.5e1")
+    instance = Instance(redis_server.url, prefix, "strict")
+    await instance.start()
+    try:
+        await instance.listener.wait_for("pjm", 2)
+        assert instance.prices("pjm") == [1.0, 25.0]
+
+        async def all_acknowledged() -> bool:
+            return int(await raw.xlen(stream)) == 0
+
+        await eventually(all_acknowledged)
+        assert instance.consumer.stats.invalid == len(LOOSE_ENTRIES)
+        assert instance.consumer.stats.accepted == 2
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+    finally:
+        await instance.stop()

@@ -87,9 +87,9 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     metrics.add_routes(app)
     app.cleanup_ctx.extend([storage_ctx, background_ctx])
     if settings.redis_url is not None:
-        from pricehub.server.ingest import ingest_ctx
+        from pricehub.server import ingest
 
-        app.cleanup_ctx.append(ingest_ctx)
+        ingest.install(app)
     app.on_shutdown.append(close_all_sockets)
     return app
 

@@ -8,8 +8,9 @@ consumes at a time: the holder of a lease (``<prefix>ingest:lease``, ``SET NX PX
 renewed by its holder). It reads through the consumer group and handles entries one
 after another, in stream order.
 
-Exactly once: an entry's append and its XACK are one Lua script (see ``INGEST_ACK`` in
-``pricehub.storage.redis``), so a crash cannot separate them, and the script refuses
+Exactly once: an entry's append and its XACK are one Lua script (the ``ack=`` of
+``Storage.append``, passed through ``Publisher.publish``), so a crash cannot separate
+them, and the script refuses
 to run unless the caller still holds the lease: an instance that stalled past its lease
 cannot append once its successor started (a fencing token).
 
@@ -19,8 +20,13 @@ appended), oldest first, then goes on with new ones. A holder shutting down clea
 releases the lease at once.
 
 Invalid entries are validated like the HTTP body, logged (throttled), counted and
-acknowledged, never retried. While the instance serves from memory (Redis away),
-ingest pauses: entries wait in the stream.
+acknowledged, never retried. Entries are read as Redis sends them (a flat field list,
+not redis-py's dict), so a field given twice is seen and rejected instead of "the last
+one wins". While the instance serves from memory (Redis away), ingest pauses: entries
+wait in the stream.
+
+The consumer talks to the storage through ``storage.base.IngestSource`` only, and owns
+its counters (``IngestStats``, published as ``keys.INGEST_STATS`` by ``install``).
 """
 
 from __future__ import annotations
@@ -29,23 +35,24 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from pricehub.server.keys import INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
+from pricehub.server.keys import INGEST_STATS, INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
 from pricehub.server.publisher import Publisher
+from pricehub.server.stats import IngestStats
+from pricehub.storage.base import IngestAck, IngestSource
 from pricehub.storage.errors import StorageError
-from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, KeyLayout, LeaseLost
+from pricehub.storage.redis import INGEST_GROUP, KeyLayout, LeaseLost
 from pricehub.wire.errors import ValidationError
 from pricehub.wire.messages import utc_now, validate_ingest_fields
 
-__all__ = ["INGEST_STATS", "IngestConsumer", "IngestStats", "ingest_ctx"]
+__all__ = ["INGEST_STATS", "IngestConsumer", "IngestStats", "ingest_ctx", "install"]
 
 log = structlog.get_logger("pricehub.ingest")
 
@@ -74,22 +81,20 @@ return 0
 STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
 LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+Entry = tuple[bytes, list[bytes]]  # id, flat [name, value, ...] as Redis sends it
 
 
-@dataclass(slots=True)
-class IngestStats:
-    """Counters for the metrics module."""
-
-    accepted: int = 0
-    invalid: int = 0
-    leases: int = 0  # times this instance became the consumer
-    claimed: int = 0  # pending entries taken over from a previous consumer
-
-
-# Optional: set ``app[INGEST_STATS] = IngestStats()`` in ``create_app`` to read the
-# counters (the app is frozen by the time ``ingest_ctx`` runs).
-INGEST_STATS = web.AppKey("ingest_stats", IngestStats)
+def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
+    """A client on the same connections whose stream reads are left as Redis sent them:
+    redis-py turns an entry's fields into a dict, which hides a duplicated field."""
+    raw = client
+    if not isinstance(client, AsyncRedisCluster):
+        # A cluster client has no pool to share; its callbacks can be set in place, as
+        # only the ingest reads streams through it.
+        raw = aioredis.Redis(connection_pool=client.connection_pool)
+    for command in ("XREADGROUP", "XAUTOCLAIM"):
+        raw.set_response_callback(command, lambda response, **_: response)
+    return raw
 
 
 class IngestConsumer:
@@ -109,7 +114,7 @@ class IngestConsumer:
 
     def __init__(
         self,
-        storage: FailoverStorage,
+        storage: IngestSource,
         publisher: Publisher,
         *,
         zones: Sequence[str],
@@ -137,7 +142,7 @@ class IngestConsumer:
             try:
                 client = self._storage.redis_client()
                 if await self._acquire(client):
-                    await self._consume(client)
+                    await self._consume(_raw_replies(client))
             # RedisClusterException: a cluster with a slot uncovered (mid-failover).
             except (StorageError, RedisError, RedisClusterException, OSError) as exc:
                 log.debug("ingest_paused", reason=str(exc))
@@ -212,19 +217,24 @@ class IngestConsumer:
             self._keys.ingest, INGEST_GROUP, self._consumer,
             min_idle_time=0, start_id="0-0", count=self._batch,
         )  # fmt: skip
-        entries = cast(list[Entry], response[1])
+        entries = [(entry_id, fields or []) for entry_id, fields in response[1]]
         self.stats.claimed += len(entries)
         return entries
 
     async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
-        # RESP2 (the client default): [[stream, [(id, fields), ...]]], or nothing.
+        # Raw reply: RESP2 [[stream, [[id, fields], ...]]], RESP3 {stream: [...]}, or nil.
         response: Any = await client.xreadgroup(
             INGEST_GROUP, self._consumer, {self._keys.ingest: ">"},
             count=self._batch, block=self._block_ms,
         )  # fmt: skip
-        return cast(list[Entry], response[0][1]) if response else []
+        if not response:
+            return []
+        streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
+        return [(entry_id, fields or []) for entries in streams for entry_id, fields in entries]
 
-    async def _handle(self, client: aioredis.Redis, entry_id: bytes, fields: Any) -> None:
+    async def _handle(
+        self, client: aioredis.Redis, entry_id: bytes, fields: list[bytes]
+    ) -> None:
         try:
             body = validate_ingest_fields(fields, zones=self._zones, now=utc_now())
         except ValidationError as exc:
@@ -241,23 +251,27 @@ class IngestConsumer:
                 pipe.xdel(self._keys.ingest, entry_id)
                 await pipe.execute()
             return
-        token = INGEST_ACK.set(IngestAck(entry_id.decode(), self._consumer))
-        try:
-            await self._publisher.publish(body, source="redis-ingest")
-        finally:
-            INGEST_ACK.reset(token)
+        ack = IngestAck(entry_id.decode(), self._consumer)
+        await self._publisher.publish(body, source="redis-ingest", ack=ack)
         self.stats.accepted += 1
 
 
+def install(app: web.Application) -> None:
+    """Give the app this component's counters (``keys.INGEST_STATS``, read by the
+    metrics) and its cleanup context (before the app is frozen)."""
+    app[INGEST_STATS] = IngestStats()
+    app.cleanup_ctx.append(ingest_ctx)
+
+
 async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: consume the ingest stream when the storage is Redis."""
-    storage = app[STORAGE]
-    if not isinstance(storage, FailoverStorage):
+    """aiohttp cleanup context: consume the ingest stream when the storage has one."""
+    source = app[STORAGE].ingest_source()
+    if source is None:
         yield
         return
     settings = app[SETTINGS]
     consumer = IngestConsumer(
-        storage, app[PUBLISHER], zones=settings.zones, consumer=app[INSTANCE_ID],
+        source, app[PUBLISHER], zones=settings.zones, consumer=app[INSTANCE_ID],
         block=settings.redis_timeout / 2, stats=app.get(INGEST_STATS),
     )  # fmt: skip
     task = asyncio.create_task(consumer.run())

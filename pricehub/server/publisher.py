@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pricehub.storage import Storage, StoredPrice
+from pricehub.storage.base import IngestAck
 from pricehub.wire.messages import PriceBody
 
 __all__ = ["SOURCES", "Publisher"]
@@ -23,7 +24,11 @@ class Publisher:
         self.storage = storage
         self.accepted: Counter[tuple[str, str]] = Counter()
 
-    async def publish(self, body: PriceBody, *, source: str) -> StoredPrice:
-        price = await self.storage.append(body.market_zone, body.encode())
+    async def publish(
+        self, body: PriceBody, *, source: str, ack: IngestAck | None = None
+    ) -> StoredPrice:
+        """``ack``: the Redis ingest entry this price comes from, acknowledged by the
+        storage in the same atomic step as the append."""
+        price = await self.storage.append(body.market_zone, body.encode(), ack=ack)
         self.accepted[body.market_zone, source] += 1
         return price

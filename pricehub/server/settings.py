@@ -173,6 +173,13 @@ class Settings:
     auth_failure_limit: int = _option(
         10, "failed publish/operator key attempts per minute per address (over: 429)", int
     )
+    redis_hold: float = _option(
+        5.0,
+        "seconds an instance with peers holds publishes while Redis is away, instead of "
+        "numbering alone (then 503 + Retry-After); 0 = fail over to memory as a lone "
+        "instance does",
+        float,
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:
@@ -271,6 +278,8 @@ def _check_redis(settings: Settings) -> None:
         raise ConfigError("key_prefix must not contain '{' or '}' with redis+cluster://")
     if settings.workers > 1 and url is None:
         raise ConfigError("workers > 1 needs Redis: the workers form a cluster through it")
+    if settings.redis_hold < 0:
+        raise ConfigError(f"redis_hold must be >= 0, got {settings.redis_hold!r}")
 
 
 _CHECKS: tuple[Callable[[Settings], None], ...] = (

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-if TYPE_CHECKING:
-    from pricehub.server.fanout.broadcaster import Broadcaster
-    from pricehub.server.socket.connection import Connection
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals",
-    "HealthReport", "Stats",
+    "HealthReport", "IngestStats", "SocketCounters", "SocketSource", "Stats",
     "health_report",
 ]
 
@@ -42,6 +39,48 @@ def _first_checkpoint() -> deque[_Checkpoint]:
     return deque([_Checkpoint(time.monotonic(), 0, 0)])
 
 
+class WriteBuffer(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+
+
+class SocketCounters(Protocol):
+    """What the totals read of one socket (a ``socket.connection.Connection``).
+
+    Protocols, not imports: this module knows plain numbers, not the fan-out's classes.
+    """
+
+    @property
+    def messages_sent(self) -> int: ...
+
+    @property
+    def messages_received(self) -> int: ...
+
+    @property
+    def transport(self) -> WriteBuffer: ...
+
+    @property
+    def conflated(self) -> object: ...
+
+
+class SocketSource(Protocol):
+    """Where the open sockets are listed (the ``fanout.broadcaster.Broadcaster``)."""
+
+    @property
+    def connections(self) -> Collection[SocketCounters]: ...
+
+    def connections_by_zone(self) -> Mapping[str, int]: ...
+
+
+@dataclass(slots=True)
+class IngestStats:
+    """The Redis ingest consumer's counters (it fills them; the metrics read them)."""
+
+    accepted: int = 0
+    invalid: int = 0
+    leases: int = 0  # times this instance became the consumer
+    claimed: int = 0  # pending entries taken over from a previous consumer
+
+
 @dataclass(slots=True)
 class ConnectionTotals:
     """What the open sockets hold, gathered in one pass per scrape (at 50k sockets
@@ -54,9 +93,9 @@ class ConnectionTotals:
     conflating: int = 0
 
     @classmethod
-    def measure(cls, broadcaster: Broadcaster) -> ConnectionTotals:
+    def measure(cls, connections: Iterable[SocketCounters]) -> ConnectionTotals:
         totals = cls()
-        for connection in broadcaster.connections:
+        for connection in connections:
             totals.messages_sent += connection.messages_sent
             totals.messages_received += connection.messages_received
             buffered = connection.transport.get_write_buffer_size()
@@ -94,7 +133,7 @@ class Stats:
 
     # --- connections ------------------------------------------------------------------
 
-    def connection_closed(self, connection: Connection, reason: str) -> None:
+    def connection_closed(self, connection: SocketCounters, reason: str) -> None:
         self.total_disconnections += 1
         self.disconnections[reason] += 1
         self.closed_messages_sent += connection.messages_sent
@@ -149,8 +188,8 @@ class Stats:
 
     # --- documents --------------------------------------------------------------------
 
-    def statistics(self, broadcaster: Broadcaster, *, backend: str) -> dict[str, Any]:
-        open_sockets = ConnectionTotals.measure(broadcaster)
+    def statistics(self, broadcaster: SocketSource, *, backend: str) -> dict[str, Any]:
+        open_sockets = ConnectionTotals.measure(broadcaster.connections)
         return {
             "total_connections": self.total_connections,
             "total_disconnections": self.total_disconnections,

@@ -9,9 +9,12 @@ instance registrations expire by TTL, which Redis honours natively (``PX``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Storage", "StorageListener", "StoredPrice"]
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+__all__ = ["IngestAck", "IngestSource", "Storage", "StorageListener", "StoredPrice"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,30 @@ class StoredPrice:
     zone: str
     seq: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IngestAck:
+    """A Redis Stream entry whose XACK must ride in the same script as its append, so
+    that a crash can never separate them (exactly once)."""
+
+    entry_id: str
+    consumer: str  # the lease holder's token; the script refuses anyone else (fencing)
+
+
+class IngestSource(Protocol):
+    """What the Redis ingest consumer needs from the storage: the live Redis client
+    (raises ``StorageUnavailable`` while Redis is away), the key prefix, and appends
+    that carry the entry's acknowledgement (``ack=``)."""
+
+    @property
+    def key_prefix(self) -> str: ...
+
+    def redis_client(self) -> aioredis.Redis: ...
+
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice: ...
 
 
 class StorageListener(Protocol):
@@ -54,9 +81,16 @@ class Storage(Protocol):
     async def close(self) -> None:
         """Stop delivering and release connections; idempotent."""
 
-    async def append(self, zone: str, body: bytes) -> StoredPrice:
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
         """Atomically give ``body`` (a price object without seq) the zone's next seq,
-        store it as latest and in history, and publish it to every instance."""
+        store it as latest and in history, and publish it to every instance. With
+        ``ack``, the ingest entry is acknowledged in the same atomic step (Redis only:
+        a backend that cannot do that raises ``StorageUnavailable``)."""
+
+    def ingest_source(self) -> IngestSource | None:
+        """This storage as a source for the Redis ingest, or None (no Redis)."""
 
     async def latest(self, zone: str) -> StoredPrice | None:
         """The zone's newest price, if any."""

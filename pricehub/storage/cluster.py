@@ -61,6 +61,7 @@ from pricehub.storage.redis import (
     RESTORE_LUA,
     KeyLayout,
     RedisStorage,
+    WriteInDoubt,
     _price,
     _Write,
     connect_client,
@@ -276,10 +277,10 @@ class RedisClusterStorage(RedisStorage):
     def _channel(self, zone: str) -> str:
         return self.keys.channel(zone)
 
-    @staticmethod
-    def _message_prefix(zone: str) -> str:
-        """What precedes the payload on the channel (``RedisStorage._on_message``)."""
-        return f"{zone} "
+    def _message_prefix(self, zone: str) -> str:
+        """What precedes the payload on the channel: ``<epoch> <zone> `` (the format
+        ``RedisStorage._on_message`` parses; see APPEND_LUA)."""
+        return f"{self.epoch} {zone} "
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -485,10 +486,14 @@ class RedisClusterStorage(RedisStorage):
             pipe.execute_command(
                 "EVALSHA", self._append_sha, len(script_keys), *script_keys, *args
             )
-        async with redis_errors("append"):
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        if self._wait_replicas:
-            await self._wait_for_replicas({write.zone for write in batch})
+        try:
+            async with redis_errors("append"):
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            if self._wait_replicas:
+                await self._wait_for_replicas({write.zone for write in batch})
+        except StorageUnavailable as exc:
+            # As RedisStorage._run_batch: the scripts may have run (settled by the owner).
+            raise WriteInDoubt(str(exc)) from exc
         await self._ack_ingested(batch, results)
         return results
 
@@ -496,9 +501,9 @@ class RedisClusterStorage(RedisStorage):
         """``WAIT N`` on every master the batch wrote to: its prices are acknowledged
         only once N replicas have them (or the timeout passed: counted, not refused, so
         a replica being down does not stop the feed). A failure here means the master
-        died with the batch unconfirmed: ``StorageUnavailable`` fails the whole batch, so
-        its prices are numbered in memory and written back on recovery, never 202-ed on
-        an unconfirmed copy alone."""
+        died with the batch unconfirmed: the whole batch is in doubt (``WriteInDoubt``),
+        settled by ``FailoverStorage`` like a batch whose replies were lost, never 202-ed
+        on an unconfirmed copy alone."""
         cluster = self.cluster
         nodes = {node.name: node for zone in zones
                  if (node := cluster.get_node_from_key(self.keys.seq(zone))) is not None}

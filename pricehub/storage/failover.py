@@ -19,11 +19,30 @@ closed gate (appends wait, for a few round trips):
    outage get ``recovered: false`` instead of a silent mix of two histories;
 4. the listener gets the prices other instances published meanwhile, then the backend
    change, and the subscriber takes over from the reconciled seqs.
+
+Several instances (issue 13): numbering alone is only safe for a *lone* instance. One
+that knows it has peers (the instance registry showed another live instance at its last
+look, or ``assume_peers``: ``--workers`` > 1) does not number in memory while Redis is
+away: it *holds* appends (``hold`` seconds from the start of the outage, ``--redis-hold``)
+and lets them through, in order, once Redis is back and reconciled; after the window an
+append raises ``StorageHeld`` (HTTP 503 with ``Retry-After``). Reads and subscribers are
+served from the mirror meanwhile, nobody is disconnected, and since nobody numbered
+alone the reconcile finds nothing diverged: the epoch stays, no client loses continuity.
+An append whose connection failed after it was sent (``WriteInDoubt``) waits the same
+way and is then looked up in the reconciled history: found, it is answered with the seq
+Redis gave it; not found, it is appended then.
+
+A refused append because the epoch moved (``EpochChanged``: a peer declared a
+divergence, or Redis lost its data) is a reason to reconcile, never to fail over: the
+instance holds its appends (quietly: backend and clients unchanged), reconnects,
+reconciles, and retries them under the epoch Redis has. The same happens when the
+subscriber hears an epoch announcement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,11 +50,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from pricehub.server.errors import ConfigError
-from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
-from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.errors import StorageHeld, StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import INGEST_ACK, RedisStorage
+from pricehub.storage.redis import EpochChanged, RedisStorage, WriteInDoubt
+from pricehub.wire.messages import with_seq
 
 T = TypeVar("T")
 
@@ -48,6 +68,9 @@ __all__ = ["FailoverStorage"]
 
 REDIS = "redis"
 MEMORY = "in-memory"
+HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
+MAX_HELD = 10_000  # appends waiting at once; more are refused at once (503), not queued
+HOLD_PROBE_INTERVAL = 0.2  # seconds between reconnect attempts while appends are held
 
 
 class FailoverStorage:
@@ -60,10 +83,17 @@ class FailoverStorage:
     :param timeout: Redis socket timeout in seconds (default 0.5): the failover trigger.
     :param probe_interval: seconds between attempts to get Redis back (default 1), and
         between liveness probes of the subscriber connection.
+    :param hold: seconds appends are held while Redis is away when this instance has
+        peers (default 5); 0 numbers in memory even then (the pre-1.x behaviour).
+    :param assume_peers: act as an instance with peers from the start (``--workers`` >
+        1), whatever the registry says (default False).
     :param log: structlog logger (default ``pricehub.storage``).
 
     Counters for the metrics module: ``failovers``, ``recoveries``, ``redis_errors``,
-    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill).
+    ``holds`` (outages during which appends were held), ``held_refusals`` (appends
+    refused because the hold window ended), ``resyncs`` (reconciles after the epoch moved),
+    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill),
+    ``foreign_messages`` (messages on our channel that are not our feed's: dropped).
     """
 
     def __init__(
@@ -75,6 +105,8 @@ class FailoverStorage:
         history_size: int = 1000,
         timeout: float = 0.5,
         probe_interval: float = 1.0,
+        hold: float = 5.0,
+        assume_peers: bool = False,
         log: Any = None,
     ) -> None:
         self._url = redis_url
@@ -92,6 +124,15 @@ class FailoverStorage:
         # Cleared while recovery reconciles: appends wait so none is numbered twice.
         self._gate = asyncio.Event()
         self._gate.set()
+        self._hold = hold
+        self._assume_peers = assume_peers
+        self._peers_seen = False  # the registry showed another live instance last time
+        self._instance_id: str | None = None  # ours, once registered
+        self._quiet = False  # holding for a resync after the epoch moved, not an outage
+        self._outage_started = time.monotonic()
+        # Cleared while appends are held (mode HOLD); held appends wait for it.
+        self._released = asyncio.Event()
+        self._held = 0
         self._probe_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -100,6 +141,10 @@ class FailoverStorage:
         self.redis_errors = 0
         self.epoch_changes = 0
         self.gaps = 0
+        self._foreign_before = 0  # foreign messages counted by connections since closed
+        self.holds = 0
+        self.held_refusals = 0
+        self.resyncs = 0
 
     @classmethod
     def from_settings(
@@ -114,12 +159,21 @@ class FailoverStorage:
             history_size=settings.history_size,
             timeout=settings.redis_timeout,
             probe_interval=settings.redis_probe_interval,
+            hold=settings.redis_hold,
+            assume_peers=settings.workers > 1,
             log=log,
         )
 
     @property
     def backend(self) -> str:
-        return self._mode
+        if self._mode == REDIS or (self._mode == HOLD and self._quiet):
+            return REDIS  # a resync is no outage: clients are not told of one
+        return MEMORY
+
+    @property
+    def has_peers(self) -> bool:
+        """Whether numbering alone could collide with another instance's numbering."""
+        return self._assume_peers or self._peers_seen
 
     @property
     def epoch(self) -> str:
@@ -136,6 +190,11 @@ class FailoverStorage:
     def key_prefix(self) -> str:
         return self._key_prefix
 
+    @property
+    def foreign_messages(self) -> int:
+        redis = self._redis
+        return self._foreign_before + (redis.foreign_messages if redis is not None else 0)
+
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, listener: StorageListener) -> None:
@@ -144,9 +203,12 @@ class FailoverStorage:
             await self._switch_to_redis(recovering=False)
         except StorageUnavailable as exc:
             self.redis_errors += 1
+            self._set_mode(self._outage_mode(), quiet=False)
+            self._outage_started = time.monotonic()
+            self.holds += self._mode == HOLD
             self._log.warning(
                 "redis_unavailable_at_start", backend=MEMORY, error=str(exc),
-                probe_interval=self._probe_interval,
+                holding=self._mode == HOLD, probe_interval=self._probe_interval,
             )  # fmt: skip
             self._start_probe()
         else:
@@ -165,31 +227,67 @@ class FailoverStorage:
 
     # --- failover ---------------------------------------------------------------------
 
+    def _set_mode(self, mode: str, *, quiet: bool) -> None:
+        self._mode, self._quiet = mode, quiet
+        if mode == HOLD:
+            self._released.clear()
+        else:
+            self._released.set()  # held appends go on (in the order they came)
+
+    def _outage_mode(self) -> str:
+        return HOLD if self._hold > 0 and self.has_peers else MEMORY
+
     def _on_lost(self, redis: RedisStorage, cause: BaseException) -> None:
-        """Switch to memory (once per outage); callable from any task, synchronously."""
-        self.redis_errors += 1
+        """Leave Redis (once per outage): hold or number in memory, see the module
+        docstring; callable from any task, synchronously."""
+        self.redis_errors += not isinstance(cause, EpochChanged)
         if redis is not self._redis or self._mode != REDIS:
             return  # an old connection's last words, or already failed over
-        self._mode, self._redis = MEMORY, None
-        self.failovers += 1
-        self._log.warning("storage_failover", backend=MEMORY, error=str(cause), epoch=self._epoch)
+        self._redis = None
+        self._foreign_before += redis.foreign_messages
+        self._outage_started = time.monotonic()
         self._spawn(redis.close())
+        if isinstance(cause, EpochChanged):
+            self._set_mode(HOLD, quiet=True)
+            self.resyncs += 1
+            self._log.info("storage_resync", reason=str(cause), epoch=self._epoch)
+        else:
+            self._enter_outage(cause)
+        self._start_probe()
+
+    def _enter_outage(self, cause: BaseException) -> None:
+        self._set_mode(self._outage_mode(), quiet=False)
+        self.failovers += 1
+        self.holds += self._mode == HOLD
+        self._log.warning(
+            "storage_failover", backend=MEMORY, error=str(cause), epoch=self._epoch,
+            holding=self._mode == HOLD, hold=self._hold if self._mode == HOLD else 0,
+        )  # fmt: skip
         if self._listener is not None:
             self._listener.on_backend_changed(MEMORY)
-        self._start_probe()
 
     def _start_probe(self) -> None:
         if not self._closed and (self._probe_task is None or self._probe_task.done()):
             self._probe_task = asyncio.get_running_loop().create_task(self._probe())
 
     async def _probe(self) -> None:
+        # Held appends wait for this loop: it tries at once and then often; in memory
+        # nothing waits, so it keeps to ``probe_interval``.
+        first = True
         while not self._closed and self._mode != REDIS:
-            await asyncio.sleep(self._probe_interval)
+            if self._mode == MEMORY or not first:
+                interval = self._probe_interval
+                if self._mode == HOLD:
+                    interval = min(interval, HOLD_PROBE_INTERVAL)
+                await asyncio.sleep(interval)
+            first = False
             try:
                 await self._switch_to_redis(recovering=True)
             except StorageUnavailable as exc:
                 self.redis_errors += 1  # counted, not logged: no log storm while down
                 self._log.debug("redis_probe_failed", error=str(exc))
+                if self._quiet:  # the resync found Redis gone: a real outage after all
+                    self._enter_outage(exc)
             except Exception:
                 self._log.exception("redis_recovery_failed")
 
@@ -238,9 +336,12 @@ class FailoverStorage:
             )
             for zone in self._zones
         }
-        diverged = await redis.restore(local)
-        if epoch == self._epoch and any(diverged.values()):
-            epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
+        if epoch == self._epoch:
+            # Only into our own lineage: what memory numbered under an epoch Redis no
+            # longer has is declared lost by the epoch change instead.
+            diverged = await redis.restore(local)
+            if any(diverged.values()):
+                epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
         return epoch, await redis.load(self._zones)
 
     def _adopt(
@@ -258,21 +359,24 @@ class FailoverStorage:
                 catch_up += [p for p in prices if p.seq > self._memory.last_seq(zone)]
             self._memory.reset(zone, _contiguous_tail(prices, seq), seq=seq)
         changed = epoch != self._epoch
-        self._epoch, self._redis, self._mode = epoch, redis, REDIS
+        quiet = self._quiet
+        self._epoch, self._redis = epoch, redis
+        self._set_mode(REDIS, quiet=False)
         redis.deliver_to(_Mirror(self, redis), {zone: seq for zone, (seq, _) in state.items()})
         if not recovering:
             return
-        self.recoveries += 1
+        self.recoveries += not quiet
         self.epoch_changes += int(changed)
         self._log.info(
-            "storage_recovered", backend=REDIS, epoch=epoch, epoch_changed=changed,
-            caught_up=len(catch_up),
+            "storage_resynced" if quiet else "storage_recovered", backend=REDIS, epoch=epoch,
+            epoch_changed=changed, caught_up=len(catch_up),
         )  # fmt: skip
         listener = self._listener
         if listener is not None:
             if changed:
                 listener.on_epoch_changed(epoch)
-            listener.on_backend_changed(REDIS)
+            if not quiet:
+                listener.on_backend_changed(REDIS)
             for price in catch_up:
                 listener.on_price(price)
 
@@ -293,23 +397,37 @@ class FailoverStorage:
             self._listener.on_price(price)
 
     def _epoch_announced(self, redis: RedisStorage, epoch: str) -> None:
+        """Another instance moved the epoch (declared a divergence, or claimed a lineage
+        after Redis lost its data): reconcile with appends held, then tell the listener
+        (from ``_adopt``), rather than number on under a lineage we have not read."""
         if redis is not self._redis or epoch == self._epoch:
             return
-        self._epoch = epoch
-        self.epoch_changes += 1
-        self._log.info("storage_epoch_changed", epoch=epoch)
-        if self._listener is not None:
-            self._listener.on_epoch_changed(epoch)
+        self._on_lost(redis, EpochChanged(f"epoch announced: {epoch}"))
 
     # --- Storage ----------------------------------------------------------------------
 
-    async def append(self, zone: str, body: bytes) -> StoredPrice:
-        ack = INGEST_ACK.get()
+    def ingest_source(self) -> IngestSource:
+        return self
+
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
         while True:
             redis = self._redis
             if self._mode == REDIS and redis is not None:
+                known = self._memory.last_seq(zone)
                 try:
                     return await redis.append(zone, body, ack=ack)
+                except EpochChanged as exc:
+                    self._on_lost(redis, exc)  # refused, nothing written: resync, retry
+                    continue
+                except WriteInDoubt as exc:
+                    self._on_lost(redis, exc)
+                    if self._mode == HOLD:
+                        found = await self._settle_in_doubt(zone, body, after=known)
+                        if found is not None:
+                            return found
+                    continue
                 except StorageUnavailable as exc:
                     self._on_lost(redis, exc)
                     continue
@@ -317,6 +435,9 @@ class FailoverStorage:
                 # An ingest entry stays pending in the stream and is taken again once
                 # Redis is back; numbering it here too would deliver it twice.
                 raise StorageUnavailable("redis ingest paused: serving from memory")
+            if self._mode == HOLD:
+                await self._wait_for_redis()
+                continue
             if not self._gate.is_set():
                 await self._gate.wait()
                 continue
@@ -324,6 +445,41 @@ class FailoverStorage:
             if self._listener is not None:
                 self._listener.on_price(price)
             return price
+
+    async def _wait_for_redis(self) -> None:
+        """Hold an append until Redis serves again, at most until the window of this
+        outage ends (then ``StorageHeld``: nothing was written)."""
+        # A resync (hold 0, or a lone instance) still needs its few round trips.
+        window = max(self._hold, 2 * self._timeout + HOLD_PROBE_INTERVAL)
+        remaining = self._outage_started + window - time.monotonic()
+        if remaining <= 0 or self._held >= MAX_HELD:
+            self.held_refusals += 1
+            raise StorageHeld(
+                "redis unavailable: publishes are held, not numbered alone, while this "
+                "instance has peers", retry_after=max(1.0, self._probe_interval),
+            )  # fmt: skip
+        self._held += 1
+        try:
+            async with asyncio.timeout(remaining):
+                await self._released.wait()
+        except TimeoutError:
+            pass  # the caller's next turn refuses it
+        finally:
+            self._held -= 1
+
+    async def _settle_in_doubt(
+        self, zone: str, body: bytes, *, after: int
+    ) -> StoredPrice | None:
+        """Once Redis is back: the price Redis numbered for ``body`` (its reply was lost
+        with the connection), or None when it never ran and may be appended now."""
+        while self._mode == HOLD:
+            await self._wait_for_redis()
+        if self._mode != REDIS:
+            return None  # the resync ended in a lone instance's memory failover
+        for price in await self._memory.since(zone, after) or []:
+            if price.payload == with_seq(body, price.seq):
+                return price
+        return None
 
     async def latest(self, zone: str) -> StoredPrice | None:
         return await self._memory.latest(zone)
@@ -351,8 +507,12 @@ class FailoverStorage:
         return found
 
     async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        """Also looks at who else is registered: an instance that has peers must not
+        number alone during an outage (see ``has_peers``)."""
+        self._instance_id = instance_id
         await self._memory.register_instance(instance_id, snapshot, ttl=ttl)
         await self._on_redis(lambda redis: redis.register_instance(instance_id, snapshot, ttl=ttl))
+        await self.instances()
 
     async def unregister_instance(self, instance_id: str) -> None:
         await self._memory.unregister_instance(instance_id)
@@ -360,7 +520,11 @@ class FailoverStorage:
 
     async def instances(self) -> dict[str, bytes]:
         found = await self._on_redis(lambda redis: redis.instances())
-        return found if found is not None else await self._memory.instances()
+        if found is None:
+            return await self._memory.instances()
+        if self._instance_id is not None:  # registered: who else is there?
+            self._peers_seen = any(other != self._instance_id for other in found)
+        return found
 
     async def check(self) -> None:
         """Never raises: this storage serves from memory when Redis is away (health

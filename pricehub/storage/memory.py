@@ -12,7 +12,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
+from pricehub.storage.errors import StorageUnavailable
 from pricehub.wire.messages import with_seq
 
 __all__ = ["MemoryStorage"]
@@ -67,11 +68,18 @@ class MemoryStorage:
             state = self._zones[zone] = _Zone(self._history_size)
         return state
 
-    async def append(self, zone: str, body: bytes) -> StoredPrice:
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
+        if ack is not None:  # there is no stream here to acknowledge the entry in
+            raise StorageUnavailable("in-memory storage has no ingest stream")
         price = self.record(zone, body)
         if self._listener is not None:
             self._listener.on_price(price)
         return price
+
+    def ingest_source(self) -> IngestSource | None:
+        return None  # no Redis, no stream to consume
 
     def record(self, zone: str, body: bytes) -> StoredPrice:
         """Number and store a price without publishing it."""

@@ -8,13 +8,20 @@ atomic and one PUB/SUB connection delivers in publish order, every instance sees
 zone's prices in seq order. Concurrent appends are pipelined: they queue up while one
 round trip is in flight and leave together in the next one.
 
+A published price reads ``<epoch> <zone> <payload>``: the subscriber drops (and counts,
+and logs) anything that is not its own feed's lineage, so a price of another feed can
+never reach clients disguised as one of ours (channels are also per database, see
+``KeyLayout``).
+
 The subscriber connection can look healthy and deliver nothing (a half-open TCP
 connection, a proxy that stopped forwarding). So a watcher publishes a probe to this
 instance's own probe channel every ``probe_interval`` and expects the subscriber to
 receive *something* within ``2 * timeout``; otherwise the storage is lost.
 
 Errors never escape as driver exceptions: every Redis/socket failure surfaces as
-``StorageUnavailable``, which ``FailoverStorage`` turns into a switch to memory.
+``StorageUnavailable``, which ``FailoverStorage`` turns into a failover (or a hold of
+appends, with peers). Two kinds say more: ``WriteInDoubt`` (the append was sent, its
+reply lost) and ``EpochChanged`` (refused, nothing written, the connection is fine).
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -36,12 +42,11 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from pricehub.storage.base import StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.wire.messages import with_seq
 
 __all__ = [
-    "INGEST_ACK",
     "INGEST_GROUP",
     "RESTORE_LUA",
     "EpochChanged",
@@ -49,6 +54,7 @@ __all__ = [
     "KeyLayout",
     "LeaseLost",
     "RedisStorage",
+    "WriteInDoubt",
     "connect_client",
     "redis_errors",
 ]
@@ -56,6 +62,7 @@ __all__ = [
 INGEST_GROUP = "pricehub"  # the consumer group of the ingest stream
 EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no zone char)
 MAX_PIPELINE = 512  # appends per round trip
+LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a thousand
 
 
 class EpochChanged(StorageUnavailable):
@@ -63,29 +70,27 @@ class EpochChanged(StorageUnavailable):
     its data, or another instance reconciled a divergence): reconcile before writing."""
 
 
+class WriteInDoubt(StorageUnavailable):
+    """The connection failed with the append sent: Redis may or may not have run it
+    (its reply is what was lost). Retrying blindly could number one price twice."""
+
+
 class LeaseLost(StorageError):
     """The ingest lease passed to another instance; this one must stop consuming."""
 
 
 @dataclass(frozen=True, slots=True)
-class IngestAck:
-    """A stream entry whose XACK must ride in the same script as its append."""
-
-    entry_id: str
-    consumer: str  # the lease holder's token; the script refuses anyone else (fencing)
-
-
-# The ingest consumer sets this around ``Publisher.publish`` so the append and the XACK
-# are one atomic script (a crash can never separate them: exactly once), while the
-# price still goes through the one publishing path (counting by source included).
-INGEST_ACK: ContextVar[IngestAck | None] = ContextVar("pricehub_ingest_ack", default=None)
-
-
-@dataclass(frozen=True, slots=True)
 class KeyLayout:
-    """Every Redis key and channel pricehub uses, under ``prefix``."""
+    """Every Redis key and channel pricehub uses, under ``prefix``.
+
+    Keys live in the selected database (``/N`` of the URL), but Redis Pub/Sub ignores
+    the database number: a channel is shared by every client of the server. So every
+    channel name also carries ``db`` (``<prefix>db<N>:prices``): two feeds on one server
+    with different database numbers never hear each other, even under the same prefix.
+    """
 
     prefix: str = "pricehub:"
+    db: int = 0
 
     def seq(self, zone: str) -> str:
         return f"{self.prefix}seq:{zone}"
@@ -97,7 +102,7 @@ class KeyLayout:
         return f"{self.prefix}history:{zone}"
 
     def probe(self, token: str) -> str:
-        return f"{self.prefix}probe:{token}"
+        return f"{self.prefix}db{self.db}:probe:{token}"
 
     def instance(self, instance_id: str) -> str:
         return f"{self.prefix}instance:{instance_id}"
@@ -108,7 +113,7 @@ class KeyLayout:
 
     @property
     def prices(self) -> str:
-        return f"{self.prefix}prices"
+        return f"{self.prefix}db{self.db}:prices"
 
     @property
     def instances(self) -> str:
@@ -139,7 +144,7 @@ local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
 redis.call('SET', KEYS[3], payload)
 redis.call('ZADD', KEYS[2], seq, payload)
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. payload)
+redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. payload)
 if #KEYS == 6 then
   redis.call('XACK', KEYS[6], ARGV[7], ARGV[8])
   -- The stream is a queue, not an archive: a consumed entry is deleted so it stays
@@ -150,14 +155,15 @@ return seq
 """
 
 # Recovery of one zone. KEYS: seq, history, latest.
-# ARGV: history_size, channel, zone, our last seq, then (seq, payload) pairs oldest first.
+# ARGV: history_size, channel, zone, our last seq, epoch, then (seq, payload) pairs
+# oldest first.
 # Writes back (and publishes) the prices Redis lacks, raises the seq to ours so no
 # instance's numbering goes backwards, and reports whether a seq both sides hold
 # carries different prices (numbering diverged during the outage).
 RESTORE_LUA = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 local diverged = 0
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   local payload = ARGV[i + 1]
   if seq <= current then
@@ -166,7 +172,7 @@ for i = 5, #ARGV, 2 do
   else
     redis.call('ZADD', KEYS[2], seq, payload)
     redis.call('SET', KEYS[3], payload)
-    redis.call('PUBLISH', ARGV[2], ARGV[3] .. ' ' .. payload)
+    redis.call('PUBLISH', ARGV[2], ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. payload)
   end
 end
 if tonumber(ARGV[4]) > current then
@@ -174,6 +180,15 @@ if tonumber(ARGV[4]) > current then
 end
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[1]) + 1))
 return diverged
+"""
+
+# KEYS: epoch. ARGV: candidate, channel. Claim the epoch unless Redis has one; a new
+# lineage (Redis lost its data) is announced so that subscribers learn it.
+CLAIM_EPOCH_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('PUBLISH', ARGV[2], '!epoch ' .. ARGV[1])
+end
+return redis.call('GET', KEYS[1])
 """
 
 # KEYS: epoch. ARGV: expected, replacement, channel. Compare-and-set, announced to all.
@@ -255,6 +270,24 @@ def _price(zone: str, payload: bytes) -> StoredPrice:
     return StoredPrice(zone, _seq_of(payload), payload)
 
 
+def _parse_message(data: bytes) -> tuple[str, StoredPrice | None]:
+    """``<epoch> <zone> <payload>`` from the prices channel; ``None`` for anything
+    else (a stray PUBLISH must be dropped, not crash the subscriber into a failover)."""
+    epoch, _, rest = data.partition(b" ")
+    zone, _, payload = rest.partition(b" ")
+    try:
+        if not payload.startswith(b'{"seq":'):
+            return "", None
+        return epoch.decode(), _price(zone.decode(), payload)
+    except ValueError:  # UnicodeDecodeError is a ValueError
+        return "", None
+
+
+def _database(client: aioredis.Redis) -> int:
+    """The database number the client selected (``/N`` or ``?db=N`` of the URL)."""
+    return int(client.connection_pool.connection_kwargs.get("db") or 0)
+
+
 @dataclass(slots=True)
 class _Write:
     zone: str
@@ -314,6 +347,7 @@ class RedisStorage:
         self._activity = asyncio.Event()
         self._lost: BaseException | None = None
         self.gaps = 0  # updates that arrived after a hole the history could not fill
+        self.foreign_messages = 0  # dropped: not this feed's lineage, or not a price
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -338,6 +372,7 @@ class RedisStorage:
         """Connect, load the scripts and subscribe; messages wait until ``deliver_to``."""
         client = connect_client(self._url, timeout=self._timeout)
         self._client = client
+        self.keys = KeyLayout(self.keys.prefix, db=_database(client))
         try:
             async with redis_errors("connect"):
                 await client.ping()
@@ -389,6 +424,9 @@ class RedisStorage:
         if self._on_lost is not None:
             self._on_lost(self, cause)
 
+    def ingest_source(self) -> IngestSource | None:
+        return None  # the ingest runs on FailoverStorage, which create_storage gives
+
     async def check(self) -> None:
         if self._lost is not None:
             raise StorageUnavailable(f"redis lost: {self._lost!r}")
@@ -417,12 +455,18 @@ class RedisStorage:
         listener = self._listener
         assert listener is not None
         if data.startswith(EPOCH_MESSAGE):
-            self._epoch = data[len(EPOCH_MESSAGE) :].decode()
-            listener.on_epoch_changed(self._epoch)
+            epoch = data[len(EPOCH_MESSAGE) :].decode(errors="replace")
+            if epoch != self._epoch:  # our own claim's announcement changes nothing
+                self._epoch = epoch
+                listener.on_epoch_changed(epoch)
             return
-        zone_bytes, _, payload = data.partition(b" ")
-        price = _price(zone_bytes.decode(), payload)
-        last = self._positions.get(price.zone)
+        epoch, price = _parse_message(data)
+        last = None if price is None else self._positions.get(price.zone)
+        if price is None or epoch != self._epoch:
+            if price is not None and last is not None and price.seq <= last:
+                return  # a stale echo of our own feed from before an epoch change
+            self._foreign(data)
+            return
         if last is not None:
             if price.seq <= last:
                 return  # already delivered (catch-up or a restore's echo)
@@ -430,6 +474,16 @@ class RedisStorage:
                 await self._fill_gap(listener, price.zone, last, price.seq)
         self._positions[price.zone] = price.seq
         self._deliver(listener, price)
+
+    def _foreign(self, data: bytes) -> None:
+        """Not a price of this feed: never delivered, always counted, logged (throttled).
+        The ``gaps`` counter must not be the only trace of another feed's data."""
+        self.foreign_messages += 1
+        if self.foreign_messages <= LOGGED_FOREIGN or self.foreign_messages % 1000 == 0:
+            self._log.warning(
+                "storage_foreign_message", channel=self.keys.prices, epoch=self._epoch,
+                message=data[:80].decode(errors="replace"), total=self.foreign_messages,
+            )  # fmt: skip
 
     def _deliver(self, listener: StorageListener, price: StoredPrice) -> None:
         # A listener bug must show up as such, not as a lost Redis (and a failover).
@@ -524,8 +578,11 @@ class RedisStorage:
                 script_keys += [keys.ingest_lease, keys.ingest]
                 args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
             pipe.evalsha(self._append_sha, len(script_keys), *script_keys, *args)
-        async with redis_errors("append"):
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+        try:
+            async with redis_errors("append"):
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+        except StorageUnavailable as exc:
+            raise WriteInDoubt(str(exc)) from exc
         return results
 
     def _write_error(self, error: BaseException) -> StorageError:
@@ -533,9 +590,10 @@ class RedisStorage:
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_LEASE"):
             return LeaseLost(text)
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_EPOCH"):
-            cause: StorageError = EpochChanged(text)
-        else:
-            cause = StorageUnavailable(f"redis append: {error!r}")
+            # Refused, nothing written, and the connection is fine: the owner
+            # reconciles and retries (it must not fail over to numbering alone).
+            return EpochChanged(text)
+        cause = StorageUnavailable(f"redis append: {error!r}")
         self._mark_lost(cause)
         return cause
 
@@ -621,11 +679,10 @@ class RedisStorage:
 
     async def claim_epoch(self, candidate: str) -> str:
         """Set the epoch to ``candidate`` unless Redis has one; write under the result."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.epoch, candidate, nx=True)
-        pipe.get(self.keys.epoch)
         async with redis_errors("epoch"):
-            _, current = await pipe.execute()
+            current = await self.client.eval(
+                CLAIM_EPOCH_LUA, 1, self.keys.epoch, candidate, self.keys.prices
+            )
         self._epoch = current.decode()
         return self._epoch
 
@@ -653,7 +710,7 @@ class RedisStorage:
             pairs = [item for price in prices for item in (price.seq, price.payload)]
             pipe.eval(
                 self._restore_script, 3, keys.seq(zone), keys.history(zone), keys.latest(zone),
-                self._history_size, self._channel(zone), zone, last, *pairs,
+                self._history_size, self._channel(zone), zone, last, self.epoch, *pairs,
             )  # fmt: skip
         async with redis_errors("restore"):
             results = await pipe.execute()

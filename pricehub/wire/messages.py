@@ -260,17 +260,31 @@ def validate_publish_body(
     return bodies
 
 
+IngestFields = Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes] | Sequence[str]
+
+# A JSON number (RFC 8259), ASCII only: what the HTTP body's parser accepts as a number.
+# ``float()`` alone would also take ``1_000``, `` 5 ``, ``inf`` and non-ASCII digits.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
 def validate_ingest_fields(
-    fields: Mapping[bytes, bytes] | Mapping[str, str], *, zones: Collection[str], now: str
+    fields: IngestFields, *, zones: Collection[str], now: str
 ) -> PriceBody:
-    """A Redis Stream entry (all values are strings) validated like the HTTP body."""
+    """A Redis Stream entry (all values are strings) validated like the HTTP body.
+
+    ``fields`` is the entry's flat ``[name, value, name, value, ...]`` list as Redis
+    sends it (or a mapping): a name given twice is rejected, never "the last one wins",
+    and ``price`` / ``volume`` must be JSON numbers (``volume`` may be ``null`` or empty).
+    """
     item: dict[str, Any] = {}
-    for key, value in fields.items():
+    for key, value in _field_pairs(fields):
         try:
             name = key.decode() if isinstance(key, bytes) else key
             text = value.decode() if isinstance(value, bytes) else value
         except UnicodeDecodeError:
             raise ValidationError("entry", "not UTF-8") from None
+        if name in item:
+            raise ValidationError(name[:40], "field given more than once")
         item[name] = text
     for name in ("price", "volume"):
         if name in item:
@@ -278,13 +292,20 @@ def validate_ingest_fields(
     return validate_price(item, zones=zones, now=now)
 
 
+def _field_pairs(fields: IngestFields) -> list[tuple[bytes | str, bytes | str]]:
+    if isinstance(fields, Mapping):
+        return list(fields.items())
+    if len(fields) % 2:
+        raise ValidationError("entry", "field without a value")
+    return list(zip(fields[::2], fields[1::2], strict=True))
+
+
 def _parse_number_text(name: str, text: str) -> float | None:
-    if text.strip().lower() in {"", "null", "none"} and name == "volume":
+    if name == "volume" and text in {"", "null"}:
         return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValidationError(name, f"not a number: {text[:40]!r}") from None
+    if _JSON_NUMBER.fullmatch(text) is None:
+        raise ValidationError(name, f"not a JSON number: {text[:40]!r}")
+    return float(text)
 
 
 # --- client messages --------------------------------------------------------------------

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.server.socket.connection import DEFLATE, Connection
@@ -195,7 +195,9 @@ class Broadcaster:
     def detach(self, connection: Connection) -> None:
         """Take a connection out of its audience; it gets frames one by one from now on,
         starting with this tick's shared frames it has not been written yet."""
-        audience = connection.audience
+        # The connection knows its audience through a Protocol (no import cycle); this
+        # broadcaster only ever gives it one of its own ``Audience`` objects.
+        audience = cast("Audience | None", connection.audience)
         if audience is None:
             return
         self._leave_audience(connection)
@@ -213,7 +215,9 @@ class Broadcaster:
         self._candidates[connection] = None
 
     def _leave_audience(self, connection: Connection) -> None:
-        audience = connection.audience
+        # The connection knows its audience through a Protocol (no import cycle); this
+        # broadcaster only ever gives it one of its own ``Audience`` objects.
+        audience = cast("Audience | None", connection.audience)
         if audience is None:
             return
         connection.leave()

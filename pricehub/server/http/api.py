@@ -6,6 +6,7 @@ Who may call which is decided in ``guard`` (keys, tokens, operator endpoints).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
-from pricehub.storage.errors import StorageError
+from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import HttpErrorCode
 from pricehub.wire.errors import ValidationError
@@ -217,9 +218,16 @@ async def publish_handler(request: web.Request) -> web.StreamResponse:
     except ValidationError as exc:
         return json_error(422, validation_code(exc.field), exc.message, field=exc.field)
     publisher = app[PUBLISHER]
-    accepted = []
+    accepted: list[dict[str, Any]] = []
     for body in bodies:
-        price = await publisher.publish(body, source="http")
+        try:
+            price = await publisher.publish(body, source="http")
+        except StorageUnavailable as exc:  # held past --redis-hold, or Redis refused
+            wait = math.ceil(getattr(exc, "retry_after", 1.0))
+            return json_response(
+                {"error": "storage_unavailable", "message": str(exc), "accepted": accepted},
+                status=503, headers={"Retry-After": str(wait)},
+            )  # fmt: skip
         accepted.append({"market_zone": price.zone, "seq": price.seq})
     return json_response({"accepted": accepted}, status=202)
 

@@ -18,7 +18,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from aiohttp import web
 from prometheus_client import (
@@ -36,6 +36,7 @@ from pricehub import __version__
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.keys import (
     BROADCASTER,
+    INGEST_STATS,
     INSTANCE_ID,
     LIMITS,
     PUBLISHER,
@@ -46,13 +47,10 @@ from pricehub.server.keys import (
 from pricehub.server.policy.admission import ConnectionLimits
 from pricehub.server.publisher import SOURCES, Publisher
 from pricehub.server.settings import Settings
-from pricehub.server.stats import ConnectionTotals, Stats
+from pricehub.server.stats import ConnectionTotals, IngestStats, Stats
 from pricehub.storage import Storage
 from pricehub.wire import paths
 from pricehub.wire.codes import DisconnectReason
-
-if TYPE_CHECKING:
-    from pricehub.server.ingest import IngestStats
 
 __all__ = [
     "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "MetricSpec",
@@ -86,13 +84,14 @@ class Sources:
     ingest: IngestStats | None  # with Redis only
 
     @classmethod
-    def from_app(cls, app: web.Application, *, ingest: IngestStats | None) -> Sources:
+    def from_app(cls, app: web.Application) -> Sources:
         broadcaster = app[BROADCASTER]
         return cls(
             broadcaster=broadcaster, stats=app[STATS], publisher=app[PUBLISHER],
             storage=app[STORAGE], settings=app[SETTINGS], limits=app[LIMITS],
-            instance_id=app[INSTANCE_ID], open=ConnectionTotals.measure(broadcaster),
-            ingest=ingest,
+            instance_id=app[INSTANCE_ID],
+            open=ConnectionTotals.measure(broadcaster.connections),
+            ingest=app.get(INGEST_STATS),  # the ingest's own counters, when it runs
         )
 
     def storage_counter(self, name: str) -> int:
@@ -298,6 +297,29 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: s.storage_counter("gaps")),
     ),
     MetricSpec(
+        "pricehub_storage_holds_total", "counter",
+        "Redis outages during which this instance held publishes instead of numbering "
+        "alone (it has peers).",
+        scalar(lambda s: s.storage_counter("holds")),
+    ),
+    MetricSpec(
+        "pricehub_storage_held_refusals_total", "counter",
+        "Publishes refused (503) because Redis stayed away longer than --redis-hold.",
+        scalar(lambda s: s.storage_counter("held_refusals")),
+    ),
+    MetricSpec(
+        "pricehub_storage_resyncs_total", "counter",
+        "Reconciles with Redis because the epoch moved (a peer declared a divergence, or "
+        "Redis lost its data), appends held meanwhile: not failovers.",
+        scalar(lambda s: s.storage_counter("resyncs")),
+    ),
+    MetricSpec(
+        "pricehub_storage_foreign_messages_total", "counter",
+        "Messages on this feed's Redis channel that were not its prices (another feed's "
+        "lineage, or not a price at all): dropped, never delivered, logged (throttled).",
+        scalar(lambda s: s.storage_counter("foreign_messages")),
+    ),
+    MetricSpec(
         "pricehub_epoch_changes_total", "counter",
         "Seq numbering lineage changes: history lost, clients cannot resume across it.",
         scalar(lambda s: s.storage_counter("epoch_changes")),
@@ -330,14 +352,10 @@ METRICS: tuple[MetricSpec, ...] = (
 
 
 class PricehubCollector(Collector):
-    """Reads ``METRICS`` from one application at scrape time.
+    """Reads ``METRICS`` from one application at scrape time."""
 
-    :param ingest: the Redis ingest consumer's counters (``IngestStats``), if any.
-    """
-
-    def __init__(self, app: web.Application, *, ingest: IngestStats | None = None) -> None:
+    def __init__(self, app: web.Application) -> None:
         self._app = app
-        self._ingest = ingest
 
     def describe(self) -> Iterator[Metric]:
         # Names only: the registry checks for duplicates without reading the app.
@@ -345,7 +363,7 @@ class PricehubCollector(Collector):
             yield spec.family()
 
     def collect(self) -> Iterator[Metric]:
-        sources = Sources.from_app(self._app, ingest=self._ingest)
+        sources = Sources.from_app(self._app)
         for spec in METRICS:
             yield spec.family(spec.read(sources))
 
@@ -385,20 +403,6 @@ def latency_histogram(registry: CollectorRegistry) -> Histogram:
     )
 
 
-def ingest_stats(app: web.Application) -> IngestStats | None:
-    """Give the Redis ingest consumer counters to fill (it reads them from the app).
-
-    Only with Redis configured: the ingest module imports the Redis driver, which the
-    in-memory default never loads.
-    """
-    if app[SETTINGS].redis_url is None:
-        return None
-    from pricehub.server.ingest import INGEST_STATS, IngestStats
-
-    stats = app[INGEST_STATS] = IngestStats()
-    return stats
-
-
 async def metrics_handler(request: web.Request) -> web.Response:
     """The text format 0.0.4 by default; OpenMetrics when the scraper asks for it (as
     Prometheus does), negotiated like prometheus_client's own exporters."""
@@ -417,7 +421,7 @@ def add_routes(app: web.Application) -> None:
     registry.register(process)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
-    registry.register(PricehubCollector(app, ingest=ingest_stats(app)))
+    registry.register(PricehubCollector(app))
     histogram = latency_histogram(registry)
 
     async def install_latency_observer(app: web.Application) -> None:

@@ -43,7 +43,6 @@ from pricehub.wire import messages
 from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode
 
 if TYPE_CHECKING:
-    from pricehub.server.fanout.broadcaster import Audience
     from pricehub.storage import StoredPrice
 
 __all__ = [
@@ -68,6 +67,16 @@ def kernel_unsent(sock: socket.socket | None) -> int:
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _NO_BYTES))[0])
     except OSError:  # not Linux, or not a TCP socket: count pricehub's own buffer only
         return 0
+
+
+class Audience(Protocol):
+    """What a connection reads of its audience (``fanout.broadcaster.Audience``); a
+    Protocol so that this module does not import the broadcaster (no import cycle)."""
+
+    bytes: int
+    frames: int
+    writes: int
+    dirty: bool
 
 
 class FlushScheduler(Protocol):
