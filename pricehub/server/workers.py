@@ -27,7 +27,7 @@ import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
 from pricehub.server.settings import Settings
-from pricehub.storage.redis import connect_client
+from pricehub.storage.cluster import connect_any
 
 __all__ = ["run_workers"]
 
@@ -69,7 +69,7 @@ def redis_problem(settings: Settings) -> str | None:
     url = settings.redis_url
 
     async def ping() -> None:
-        client = connect_client(url, timeout=max(settings.redis_timeout, 1.0))
+        client = connect_any(url, timeout=max(settings.redis_timeout, 1.0))
         try:
             await client.ping()
         finally:

@@ -72,6 +72,7 @@ __all__ = [
     "CLUSTER_SCHEME",
     "ClusterKeyLayout",
     "RedisClusterStorage",
+    "connect_any",
     "connect_cluster",
     "is_cluster_url",
 ]
@@ -220,6 +221,15 @@ def connect_cluster(url: str, *, timeout: float) -> AsyncRedisCluster:
     )
 
 
+def connect_any(url: str, *, timeout: float) -> aioredis.Redis:
+    """``connect_client`` for every scheme pricehub accepts, ``redis+cluster://``
+    included (here, not in pricehub.storage.redis, which this module builds on)."""
+    if is_cluster_url(url):
+        # Same command API; typed as the single-node client for the shared code paths.
+        return cast(aioredis.Redis, connect_cluster(url, timeout=timeout))
+    return connect_client(url, timeout=timeout)
+
+
 def _node_url(node: ClusterNode, parsed: _ClusterUrl) -> str:
     auth = ""
     if parsed.password is not None:
@@ -285,7 +295,7 @@ class RedisClusterStorage(RedisStorage):
     # --- lifecycle --------------------------------------------------------------------
 
     async def connect(self) -> None:
-        self._client = connect_client(self._url, timeout=self._timeout)  # connect_cluster
+        self._client = connect_any(self._url, timeout=self._timeout)
         client = self.cluster
         try:
             async with redis_errors("connect"):

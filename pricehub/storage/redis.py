@@ -202,8 +202,8 @@ return redis.call('GET', KEYS[1])
 
 
 def connect_client(url: str, *, timeout: float) -> aioredis.Redis:
-    """A client for ``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://`` or
-    ``redis+cluster://``.
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``
+    (``redis+cluster://``: ``pricehub.storage.cluster.connect_any``).
 
     Short socket timeouts and no driver retries: a failing Redis must surface at once
     so the instance fails over to memory within a second, instead of the driver
@@ -217,11 +217,6 @@ def connect_client(url: str, *, timeout: float) -> aioredis.Redis:
     }
     if url.startswith("redis+sentinel://"):
         return _sentinel_client(url, options)
-    if url.startswith("redis+cluster://"):
-        from pricehub.storage.cluster import connect_cluster  # imports this module
-
-        # Same command API; typed as the single-node client for the shared code paths.
-        return cast(aioredis.Redis, connect_cluster(url, timeout=timeout))
     return aioredis.Redis.from_url(url, **options)
 
 
