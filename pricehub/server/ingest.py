@@ -41,9 +41,9 @@ from pricehub.server.keys import INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
 from pricehub.server.publisher import Publisher
 from pricehub.storage.errors import StorageError
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_ACK, INGEST_GROUP, IngestAck, KeyLayout, LeaseLost
+from pricehub.storage.redis import INGEST_GROUP, IngestAck, KeyLayout, LeaseLost
 from pricehub.wire.errors import ValidationError
-from pricehub.wire.messages import utc_now, validate_ingest_fields
+from pricehub.wire.messages import PriceBody, utc_now, validate_ingest_fields
 
 __all__ = ["INGEST_STATS", "IngestConsumer", "IngestStats", "ingest_ctx"]
 
@@ -103,7 +103,7 @@ class IngestConsumer:
         dead holder's entries wait before another instance takes them.
     :param block: seconds one read waits for new entries (default 0.25); keep it under
         the Redis socket timeout.
-    :param batch: entries per read (default 100).
+    :param batch: entries per read (default 500): appended as one pipelined batch.
     :param stats: counters to update (default: a fresh ``IngestStats``).
     """
 
@@ -116,7 +116,7 @@ class IngestConsumer:
         consumer: str,
         lease_ttl: float = 2.0,
         block: float = 0.25,
-        batch: int = 100,
+        batch: int = 500,
         stats: IngestStats | None = None,
     ) -> None:
         self._storage = storage
@@ -172,12 +172,10 @@ class IngestConsumer:
         renew_at = time.monotonic() + self._renew_every
         while not self._stopping.is_set():
             entries = await self._claim_pending(client) or await self._read_new(client)
-            for entry_id, fields in entries:
-                if self._stopping.is_set():
-                    return  # the rest stay pending, for us or a successor, in order
+            if entries:
                 if time.monotonic() >= renew_at:
                     renew_at = await self._renew(client)
-                await self._handle(client, entry_id, fields)
+                await self._handle_batch(client, entries)
             if time.monotonic() >= renew_at:
                 renew_at = await self._renew(client)
 
@@ -223,9 +221,35 @@ class IngestConsumer:
         )  # fmt: skip
         return cast(list[Entry], response[0][1]) if response else []
 
-    async def _handle(self, client: aioredis.Redis, entry_id: bytes, fields: Any) -> None:
+    async def _handle_batch(self, client: aioredis.Redis, entries: Sequence[Entry]) -> None:
+        """One read's entries, in stream order: invalid ones acknowledged first (they
+        publish nothing, so their order against the valid ones does not matter), then
+        every valid one appended in one pipelined batch, each entry's XACK in its own
+        append script (exactly once; see ``IngestAck``)."""
+        now = utc_now()  # one clock read per batch: entries of one read are one instant
+        bodies: list[PriceBody] = []
+        acks: list[IngestAck] = []
+        invalid: list[bytes] = []
+        for entry_id, fields in entries:
+            body = self._validate(entry_id, fields, now)
+            if body is None:
+                invalid.append(entry_id)
+            else:
+                bodies.append(body)
+                acks.append(IngestAck(entry_id.decode(), self._consumer))
+        if invalid:
+            # Acknowledged and deleted together: the stream stays bounded by the backlog.
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xack(self._keys.ingest, INGEST_GROUP, *invalid)
+                pipe.xdel(self._keys.ingest, *invalid)
+                await pipe.execute()
+        if bodies:
+            await self._publisher.publish_many(bodies, source="redis-ingest", acks=acks)
+            self.stats.accepted += len(bodies)
+
+    def _validate(self, entry_id: bytes, fields: Any, now: str) -> PriceBody | None:
         try:
-            body = validate_ingest_fields(fields, zones=self._zones, now=utc_now())
+            return validate_ingest_fields(fields, zones=self._zones, now=now)
         except ValidationError as exc:
             self.stats.invalid += 1
             # Throttled: a broken publisher must not turn into a log flood.
@@ -234,18 +258,7 @@ class IngestConsumer:
                     "ingest_invalid_entry", entry_id=entry_id.decode(), field=exc.field,
                     error=exc.message, invalid_total=self.stats.invalid,
                 )  # fmt: skip
-            # Acknowledged and deleted together: the stream stays bounded by the backlog.
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.xack(self._keys.ingest, INGEST_GROUP, entry_id)
-                pipe.xdel(self._keys.ingest, entry_id)
-                await pipe.execute()
-            return
-        token = INGEST_ACK.set(IngestAck(entry_id.decode(), self._consumer))
-        try:
-            await self._publisher.publish(body, source="redis-ingest")
-        finally:
-            INGEST_ACK.reset(token)
-        self.stats.accepted += 1
+            return None
 
 
 async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ instance registrations expire by TTL, which Redis honours natively (``PX``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +58,10 @@ class Storage(Protocol):
     async def append(self, zone: str, body: bytes) -> StoredPrice:
         """Atomically give ``body`` (a price object without seq) the zone's next seq,
         store it as latest and in history, and publish it to every instance."""
+
+    async def append_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
+        """``append`` for each ``(zone, body)`` in order, sharing what a batch can share
+        (round trips, loop turns); the same guarantees per price."""
 
     async def latest(self, zone: str) -> StoredPrice | None:
         """The zone's newest price, if any."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
@@ -34,7 +34,7 @@ from pricehub.server.errors import ConfigError
 from pricehub.storage.base import StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import INGEST_ACK, RedisStorage
+from pricehub.storage.redis import INGEST_ACK, IngestAck, RedisStorage
 
 T = TypeVar("T")
 
@@ -223,12 +223,13 @@ class FailoverStorage:
     ) -> tuple[str, dict[str, tuple[int, list[StoredPrice]]]]:
         """Steps 1-3 of the module docstring; returns Redis's epoch and state."""
         epoch = await redis.claim_epoch(self._epoch)
+        # Only zones this instance holds prices for have anything to write back.
         local = {
             zone: (
                 self._memory.last_seq(zone),
                 await self._memory.history(zone, limit=self._history_size),
             )
-            for zone in self._zones
+            for zone in self._memory.zones_with_prices()
         }
         diverged = await redis.restore(local)
         if epoch == self._epoch and any(diverged.values()):
@@ -246,12 +247,17 @@ class FailoverStorage:
         """Step 4, synchronously so no price or append slips in between."""
         catch_up: list[StoredPrice] = []
         for zone, (seq, prices) in state.items():
+            if seq == 0 and self._memory.last_seq(zone) == 0:
+                continue  # no price on either side: no state for this zone
             if self._memory.last_seq(zone) > 0:  # a fresh zone has no one to catch up
                 catch_up += [p for p in prices if p.seq > self._memory.last_seq(zone)]
             self._memory.reset(zone, _contiguous_tail(prices, seq), seq=seq)
         changed = epoch != self._epoch
         self._epoch, self._redis, self._mode = epoch, redis, REDIS
-        redis.deliver_to(_Mirror(self, redis), {zone: seq for zone, (seq, _) in state.items()})
+        # Zones without a price are left out: "take whatever comes first" is the same
+        # as "after 0" for them (subscribed before the load, nothing can be older).
+        positions = {zone: seq for zone, (seq, _) in state.items() if seq}
+        redis.deliver_to(_Mirror(self, redis), positions)
         if not recovering:
             return
         self.recoveries += 1
@@ -316,6 +322,66 @@ class FailoverStorage:
             if self._listener is not None:
                 self._listener.on_price(price)
             return price
+
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice]:
+        """``append`` for a batch, in order, with the same failover rules per price:
+        on Redis, pipelined (see ``RedisStorage.append_outcomes``); prices Redis refused
+        because it was lost are numbered in memory, in order, except ingest entries
+        (``acks``): those stay pending in the stream (``StorageUnavailable``)."""
+        results: list[StoredPrice | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        while todo:
+            redis = self._redis
+            if self._mode == REDIS and redis is not None:
+                todo = await self._append_on_redis(redis, items, acks, todo, results)
+                continue
+            if acks is not None:
+                raise StorageUnavailable("redis ingest paused: serving from memory")
+            if not self._gate.is_set():
+                await self._gate.wait()
+                continue
+            prices = await self._memory.append_many([items[index] for index in todo])
+            for index, price in zip(todo, prices, strict=True):
+                results[index] = price
+            if self._listener is not None:
+                for price in prices:
+                    self._listener.on_price(price)
+            todo = []
+        return cast(list[StoredPrice], results)
+
+    async def _append_on_redis(
+        self,
+        redis: RedisStorage,
+        items: Sequence[tuple[str, bytes]],
+        acks: Sequence[IngestAck] | None,
+        todo: list[int],
+        results: list[StoredPrice | None],
+    ) -> list[int]:
+        """One pipelined pass; fills ``results`` and returns the indices Redis did not
+        take because it was lost (the caller numbers them in memory)."""
+        try:
+            outcomes = await redis.append_outcomes(
+                [items[index] for index in todo],
+                acks=None if acks is None else [acks[index] for index in todo],
+            )
+        except StorageUnavailable as exc:
+            self._on_lost(redis, exc)
+            return todo
+        failed: list[int] = []
+        lost: StorageUnavailable | None = None
+        for index, outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, StorageUnavailable):
+                failed.append(index)
+                lost = lost or outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome  # LeaseLost: the ingest consumer stops
+            else:
+                results[index] = outcome
+        if lost is not None:
+            self._on_lost(redis, lost)
+        return failed
 
     async def latest(self, zone: str) -> StoredPrice | None:
         return await self._memory.latest(zone)

@@ -55,6 +55,7 @@ __all__ = [
 INGEST_GROUP = "pricehub"  # the consumer group of the ingest stream
 EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no zone char)
 MAX_PIPELINE = 512  # appends per round trip
+LOAD_CHUNK = 2000  # zones per MULTI when loading every zone's state (recovery, start)
 
 
 class EpochChanged(StorageUnavailable):
@@ -479,6 +480,48 @@ class RedisStorage:
         seq = await future
         return StoredPrice(zone, seq, with_seq(body, seq))
 
+    async def append_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
+        """``append`` for a batch, in order: one script per price (each atomic, so the
+        per-zone seq order and exactly-once hold as for ``append``), all queued at once
+        so they leave in ``ceil(N / MAX_PIPELINE)`` round trips. Raises the first error
+        once every price of the batch is settled."""
+        outcomes = await self.append_outcomes(items)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return cast(list[StoredPrice], outcomes)
+
+    async def append_outcomes(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice | BaseException]:
+        """Per price of the batch, its ``StoredPrice`` or the error that refused it.
+
+        ``acks[i]`` (ingest) rides in price i's script. A failure does not stop the
+        prices after it from being sent (they are in the same pipeline), which keeps
+        stream order: a lost lease or a changed epoch refuses every later script too.
+        """
+        if self._lost is not None:
+            raise StorageUnavailable(f"redis lost: {self._lost!r}")
+        loop = asyncio.get_running_loop()
+        writes = [
+            _Write(zone, body, None if acks is None else acks[index], loop.create_future())
+            for index, (zone, body) in enumerate(items)
+        ]
+        self._pending.extend(writes)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        outcomes: list[StoredPrice | BaseException] = []
+        for write in writes:
+            # Sequential awaits, not gather: once the first is done the rest mostly are,
+            # and awaiting a done future costs no loop turn.
+            try:
+                seq = await write.future
+            except StorageError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(StoredPrice(write.zone, seq, with_seq(write.body, seq)))
+        return outcomes
+
     async def _flush(self) -> None:
         """Send queued appends, many per round trip, in the order they were made."""
         while self._pending:
@@ -649,15 +692,23 @@ class RedisStorage:
         return {zone: bool(result) for zone, result in zip(zones, results, strict=True)}
 
     async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
-        """One consistent snapshot of every zone's seq and retained history."""
+        """Every zone's seq and retained history, each zone's pair read atomically.
+
+        In chunks of ``LOAD_CHUNK`` zones (one MULTI each): a zone's seq and history
+        must agree, different zones need not (positions are per zone), and one MULTI
+        over 100,000 zones would block Redis and buffer every reply at once.
+        """
         zone_list = list(zones)
-        pipe = self.client.pipeline(transaction=True)
-        for zone in zone_list:
-            pipe.get(self.keys.seq(zone))
-            pipe.zrange(self.keys.history(zone), 0, -1)
-        async with redis_errors("load"):
-            results = await pipe.execute()
-        return {
-            zone: (int(results[2 * i] or 0), [_price(zone, p) for p in results[2 * i + 1]])
-            for i, zone in enumerate(zone_list)
-        }
+        state: dict[str, tuple[int, list[StoredPrice]]] = {}
+        for start in range(0, len(zone_list), LOAD_CHUNK):
+            chunk = zone_list[start : start + LOAD_CHUNK]
+            pipe = self.client.pipeline(transaction=True)
+            for zone in chunk:
+                pipe.get(self.keys.seq(zone))
+                pipe.zrange(self.keys.history(zone), 0, -1)
+            async with redis_errors("load"):
+                results = await pipe.execute()
+            for i, zone in enumerate(chunk):
+                seq, payloads = int(results[2 * i] or 0), results[2 * i + 1]
+                state[zone] = (seq, [_price(zone, p) for p in payloads])
+        return state

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
@@ -73,7 +73,9 @@ class Audience:
 class Broadcaster:
     """Implements ``StorageListener``; owns the set of open connections.
 
-    :param zones: the configured zones (a subscriber set each).
+    :param zones: the configured zones. Per-zone state is created lazily, only for zones
+        with subscribers (and a last seq for zones with prices), so 100,000 configured
+        zones cost nothing at start and a connection costs the same whatever their number.
     :param deflater: the shared permessage-deflate compressor (default: a new one).
     :param flush_delay: seconds to wait after the first frame of a batch before writing
         it (default 0: the end of the current event-loop tick). A few milliseconds let
@@ -81,17 +83,22 @@ class Broadcaster:
     """
 
     def __init__(
-        self, *, zones: tuple[str, ...], deflater: Deflater | None = None, flush_delay: float = 0.0
+        self, *, zones: Collection[str], deflater: Deflater | None = None,
+        flush_delay: float = 0.0,
     ) -> None:
         self.flush_delay = flush_delay
+        self.zones = frozenset(zones)
         self.connections: dict[Connection, None] = {}
         # Every subscriber of a zone; those outside an audience; the zone's audiences.
-        self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
-        self._individual: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
-        self._audiences_of: dict[str, dict[Audience, None]] = {zone: {} for zone in zones}
+        # Only zones with subscribers have entries (removed with their last subscriber).
+        self.subscribers: dict[str, dict[Connection, None]] = {}
+        self._individual: dict[str, dict[Connection, None]] = {}
+        self._audiences_of: dict[str, dict[Audience, None]] = {}
         self._audiences: dict[tuple[frozenset[str], bool], Audience] = {}
-        self._last_seq: dict[str, int] = dict.fromkeys(zones, 0)
-        self._deflating: dict[str, int] = dict.fromkeys(zones, 0)  # deflate subscribers
+        # Zones that had a price (bounded by the configured zones): a new subscriber is
+        # in step once it has seen this seq.
+        self._last_seq: dict[str, int] = {}
+        self._deflating: dict[str, int] = {}  # deflate subscribers, zones with any
         self.deflater = deflater or Deflater()
         self.conflation_events = 0
         self.slow_consumer_closes = 0
@@ -127,9 +134,14 @@ class Broadcaster:
 
     def subscribe(self, zone: str, connection: Connection) -> None:
         self.detach(connection)
-        if connection not in self.subscribers[zone]:
-            self.subscribers[zone][connection] = None
-            self._deflating[zone] += connection.deflater is not None
+        subscribers = self.subscribers.get(zone)
+        if subscribers is None:
+            subscribers = self.subscribers[zone] = {}
+            self._individual[zone] = {}
+        if connection not in subscribers:
+            subscribers[connection] = None
+            if connection.deflater is not None:
+                self._deflating[zone] = self._deflating.get(zone, 0) + 1
         self._individual[zone][connection] = None
         self._candidates[connection] = None
 
@@ -141,11 +153,17 @@ class Broadcaster:
             connection.conflated.pop(zone, None)
 
     def _drop_subscriber(self, zone: str, connection: Connection) -> None:
-        subscribers = self.subscribers[zone]
-        if connection in subscribers:
-            del subscribers[connection]
-            self._deflating[zone] -= connection.deflater is not None
+        subscribers = self.subscribers.get(zone)
+        if subscribers is None or connection not in subscribers:
+            return
+        del subscribers[connection]
         self._individual[zone].pop(connection, None)
+        if connection.deflater is not None:
+            self._deflating[zone] -= 1
+            if not self._deflating[zone]:
+                del self._deflating[zone]
+        if not subscribers:  # the zone's last subscriber: no state left for it
+            del self.subscribers[zone], self._individual[zone]
 
     def connections_by_zone(self) -> dict[str, int]:
         return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
@@ -166,7 +184,7 @@ class Broadcaster:
         for zone in audience.zones:
             # Shared writes do not touch the streams: everything up to the zone's last
             # broadcast seq has now been written or queued.
-            connection.streams[zone].last_seq = self._last_seq[zone]
+            connection.streams[zone].last_seq = self._last_seq.get(zone, 0)
             self._individual[zone][connection] = None
         self._candidates[connection] = None
 
@@ -179,7 +197,10 @@ class Broadcaster:
         if not audience.members:
             del self._audiences[audience.zones, audience.deflate]
             for zone in audience.zones:
-                del self._audiences_of[zone][audience]
+                of_zone = self._audiences_of[zone]
+                del of_zone[audience]
+                if not of_zone:
+                    del self._audiences_of[zone]
 
     def _join_audience(self, connection: Connection) -> bool:
         """Move a connection into its audience if every zone of it is in step."""
@@ -190,14 +211,14 @@ class Broadcaster:
             return False
         last_seq = self._last_seq
         for zone, stream in streams.items():
-            if stream.syncing or stream.last_seq != last_seq[zone]:
+            if stream.syncing or stream.last_seq != last_seq.get(zone, 0):
                 return False
         key = (frozenset(streams), connection.deflater is not None)
         audience = self._audiences.get(key)
         if audience is None:
             audience = self._audiences[key] = Audience(key[0], deflate=key[1])
             for zone in audience.zones:
-                self._audiences_of[zone][audience] = None
+                self._audiences_of.setdefault(zone, {})[audience] = None
         audience.members[connection] = None
         connection.join(audience)
         for zone in streams:
@@ -209,20 +230,22 @@ class Broadcaster:
     def on_price(self, price: StoredPrice) -> None:
         zone = price.zone
         self.updates_broadcast += 1
-        if zone not in self._last_seq:
+        if zone not in self.zones:
             return
         # Audience members are in step with the zone's last seq, so an older or repeated
         # one is for nobody among them (individual streams check for themselves).
-        audiences = self._audiences_of[zone] if price.seq > self._last_seq[zone] else {}
-        self._last_seq[zone] = max(price.seq, self._last_seq[zone])
-        individual = self._individual[zone]
+        last = self._last_seq.get(zone, 0)
+        audiences = self._audiences_of.get(zone) if price.seq > last else None
+        if price.seq > last:
+            self._last_seq[zone] = price.seq
+        individual = self._individual.get(zone)
         if not audiences and not individual:
             return
         if self._tick_started is None:
             self._tick_started = time.monotonic()
         payload = messages.price_update(price.payload)
         frame = messages.text_frame(payload)
-        deflated = self.deflater.frame(payload) if self._deflating[zone] else None
+        deflated = self.deflater.frame(payload) if zone in self._deflating else None
         if audiences:
             self._tick.append((zone, frame, deflated))
             for audience in audiences:
@@ -230,7 +253,7 @@ class Broadcaster:
                     audience.dirty = True
                     self._dirty_audiences.append(audience)
             self._schedule_flush()
-        for connection in individual:
+        for connection in individual or ():
             connection.deliver(price, deflated if connection.deflater and deflated else frame)
 
     def on_backend_changed(self, backend: str) -> None:

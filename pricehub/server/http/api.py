@@ -138,7 +138,7 @@ def _zone_or_error(request: web.Request) -> str | web.Response:
     zone = request.match_info["zone"]
     if not messages.is_valid_zone_name(zone):
         return json_error(422, "invalid_zone", "zone names are [a-z0-9_]{1,32}")
-    if zone not in request.app[SETTINGS].zones:
+    if zone not in request.app[SETTINGS].zone_set:
         return json_error(404, "unknown_zone", f"unknown zone {zone}")
     return zone
 
@@ -197,15 +197,12 @@ async def publish_handler(request: web.Request) -> web.Response:
         return json_error(413, "body_too_large", f"body over {settings.max_body_size} bytes")
     try:
         bodies = messages.validate_publish_body(
-            raw, zones=settings.zones, now=messages.utc_now(), max_batch=settings.max_batch_size
+            raw, zones=settings.zone_set, now=messages.utc_now(), max_batch=settings.max_batch_size
         )
     except ValidationError as exc:
         return json_error(422, "invalid_price", exc.message, field=exc.field)
-    publisher = app[PUBLISHER]
-    accepted = []
-    for body in bodies:
-        price = await publisher.publish(body, source="http")
-        accepted.append({"market_zone": price.zone, "seq": price.seq})
+    prices = await app[PUBLISHER].publish_many(bodies, source="http")
+    accepted = [{"market_zone": price.zone, "seq": price.seq} for price in prices]
     return json_response({"accepted": accepted}, status=202)
 
 

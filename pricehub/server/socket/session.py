@@ -152,7 +152,7 @@ class Session:
                 self.unsubscribe(message.zones)
 
     def known_zone(self, zone: str) -> str:
-        if zone not in self.broadcaster.subscribers:
+        if zone not in self.broadcaster.zones:
             raise ProtocolError("unknown_zone", f"unknown zone {zone[:40]!r}")
         return zone
 
