@@ -54,6 +54,9 @@ __all__ = [
 
 INGEST_GROUP = "pricehub"  # the consumer group of the ingest stream
 EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no zone char)
+# Several prices in one message (APPEND_MANY_LUA): "!many zone payload\nzone payload...".
+# A payload is compact JSON, which never holds a raw newline.
+MANY_MESSAGE = b"!many "
 MAX_PIPELINE = 512  # appends per round trip
 LOAD_CHUNK = 2000  # zones per MULTI when loading every zone's state (recovery, start)
 
@@ -147,6 +150,46 @@ if #KEYS == 6 then
   redis.call('XDEL', KEYS[6], ARGV[8])
 end
 return seq
+"""
+
+# A batch of appends in one script: one round trip, one reply and one PUBLISH (so one
+# subscriber message on every instance) for the lot, instead of one of each per price.
+# Same steps per price as APPEND_LUA, in order; the epoch (and, for ingest, the lease) is
+# checked once, and the batch's stream entries are acknowledged and deleted in the same
+# script as their appends (exactly once). Every key is declared, so under Redis Cluster
+# the caller would group a batch by hash slot, one script per slot.
+# KEYS: epoch, ingest lease, ingest stream, then per price: seq, history, latest.
+# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group,
+#       then per price: zone, body, stream entry id ('' without acks).
+# Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply).
+APPEND_MANY_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then
+  return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
+end
+local acking = ARGV[4] ~= ''
+if acking and redis.call('GET', KEYS[2]) ~= ARGV[4] then
+  return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+end
+local keep = -(tonumber(ARGV[1]) + 1)
+local count = (#ARGV - 5) / 3
+local seqs, lines, ids = {}, {}, {}
+for i = 1, count do
+  local seq = redis.call('INCR', KEYS[3 * i + 1])
+  local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[3 * i + 4], 2)
+  redis.call('SET', KEYS[3 * i + 3], payload)
+  redis.call('ZADD', KEYS[3 * i + 2], seq, payload)
+  redis.call('ZREMRANGEBYRANK', KEYS[3 * i + 2], 0, keep)
+  seqs[i] = seq
+  lines[i] = ARGV[3 * i + 3] .. ' ' .. payload
+  ids[i] = ARGV[3 * i + 5]
+end
+if acking then
+  redis.call('XACK', KEYS[3], ARGV[5], unpack(ids))
+  -- As in APPEND_LUA: a consumed entry is deleted, the stream stays a bounded queue.
+  redis.call('XDEL', KEYS[3], unpack(ids))
+end
+redis.call('PUBLISH', ARGV[2], '!many ' .. table.concat(lines, '\\n'))
+return table.concat(seqs, ',')
 """
 
 # Recovery of one zone. KEYS: seq, history, latest.
@@ -256,6 +299,20 @@ class _Write:
     future: asyncio.Future[int]
 
 
+def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
+    """Consecutive writes that can share one script: the same ingest consumer, or none
+    (a lost lease must refuse only the stream entries, never HTTP prices)."""
+    groups: list[list[_Write]] = []
+    for write in batch:
+        consumer = None if write.ack is None else write.ack.consumer
+        last = groups[-1][-1] if groups else None
+        if last is not None and (None if last.ack is None else last.ack.consumer) == consumer:
+            groups[-1].append(write)
+        else:
+            groups.append([write])
+    return groups
+
+
 class RedisStorage:
     """The ``Storage`` Protocol on Redis.
 
@@ -294,6 +351,7 @@ class RedisStorage:
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._append_sha = ""
+        self._append_many_sha = ""
         self._epoch: str | None = None
         self._listener: StorageListener | None = None
         # Last seq delivered per zone; a zone missing here takes whatever comes first.
@@ -332,6 +390,7 @@ class RedisStorage:
             async with redis_errors("connect"):
                 await client.ping()
                 self._append_sha = await client.script_load(APPEND_LUA)
+                self._append_many_sha = await client.script_load(APPEND_MANY_LUA)
                 pubsub = self._pubsub = client.pubsub()
                 await pubsub.subscribe(self.keys.prices, self.keys.probe(self._token))
                 await self._await_subscribed(pubsub, count=2)
@@ -410,6 +469,14 @@ class RedisStorage:
             self._epoch = data[len(EPOCH_MESSAGE) :].decode()
             listener.on_epoch_changed(self._epoch)
             return
+        if data.startswith(MANY_MESSAGE):
+            for line in data[len(MANY_MESSAGE) :].split(b"\n"):
+                await self._on_price_message(listener, line)
+            return
+        await self._on_price_message(listener, data)
+
+    async def _on_price_message(self, listener: StorageListener, data: bytes) -> None:
+        """One ``zone payload``: delivered in seq order, holes filled from the history."""
         zone_bytes, _, payload = data.partition(b" ")
         price = _price(zone_bytes.decode(), payload)
         last = self._positions.get(price.zone)
@@ -526,8 +593,9 @@ class RedisStorage:
         """Send queued appends, many per round trip, in the order they were made."""
         while self._pending:
             batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
+            groups = _groups(batch)
             try:
-                results = await self._run_batch(batch)
+                results = await self._run_groups(groups)
             except StorageUnavailable as exc:
                 self._fail_writes(batch, exc)
                 self._mark_lost(exc)
@@ -535,23 +603,34 @@ class RedisStorage:
             except BaseException:
                 self._fail_writes(batch, StorageUnavailable("redis storage closed"))
                 raise
-            for write, result in zip(batch, results, strict=True):
-                if write.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    write.future.set_exception(self._write_error(result))
-                else:
-                    write.future.set_result(int(result))
+            for group, result in zip(groups, results, strict=True):
+                self._settle(group, result)
 
-    async def _run_batch(self, batch: Sequence[_Write]) -> list[Any]:
+    def _settle(self, group: Sequence[_Write], result: Any) -> None:
+        """Resolve one script's writes with its reply: a seq, "s1,s2,..." or an error."""
+        if isinstance(result, BaseException):
+            error = self._write_error(result)
+            self._fail_writes(group, error)
+            return
+        seqs = [int(result)] if len(group) == 1 else [int(seq) for seq in result.split(b",")]
+        for write, seq in zip(group, seqs, strict=True):
+            if not write.future.done():
+                write.future.set_result(seq)
+
+    async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
+        """One pipeline, one script per group, in order: a lone price is an APPEND_LUA
+        (its message is the per-price one), several are one APPEND_MANY_LUA."""
         keys, client = self.keys, self.client
         pipe = client.pipeline(transaction=False)
-        for write in batch:
+        for group in groups:
+            if len(group) > 1:
+                script_keys, args = self._many_args(group)
+                pipe.evalsha(self._append_many_sha, len(script_keys), *script_keys, *args)
+                continue
+            write = group[0]
             zone = write.zone
             script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
-            args: list[str | bytes | int] = [
-                write.body, self._history_size, keys.prices, zone, self.epoch,
-            ]
+            args = [write.body, self._history_size, keys.prices, zone, self.epoch]
             if write.ack is not None:
                 script_keys += [keys.ingest_lease, keys.ingest]
                 args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
@@ -559,6 +638,21 @@ class RedisStorage:
         async with redis_errors("append"):
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
+
+    def _many_args(self, group: Sequence[_Write]) -> tuple[list[str], list[str | bytes | int]]:
+        """APPEND_MANY_LUA's KEYS and ARGV for a group (see the script)."""
+        keys = self.keys
+        ack = group[0].ack
+        script_keys = [keys.epoch, keys.ingest_lease, keys.ingest]
+        args: list[str | bytes | int] = [
+            self._history_size, keys.prices, self.epoch,
+            "" if ack is None else ack.consumer, INGEST_GROUP,
+        ]  # fmt: skip
+        for write in group:
+            zone = write.zone
+            script_keys += [keys.seq(zone), keys.history(zone), keys.latest(zone)]
+            args += [zone, write.body, "" if write.ack is None else write.ack.entry_id]
+        return script_keys, args
 
     def _write_error(self, error: BaseException) -> StorageError:
         text = str(error)

@@ -13,6 +13,7 @@ Three parts:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -84,6 +85,10 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
+# Cached: a market interval's burst repeats one timestamp thousands of times, and parsing
+# it is most of a price's validation. Only valid (short, ISO-8601) strings are cached:
+# a failed call raises and leaves nothing behind.
+@functools.lru_cache(maxsize=256)
 def normalise_timestamp(value: str) -> str:
     """Any ISO-8601 time with an offset, as UTC milliseconds; no offset is an error.
 
