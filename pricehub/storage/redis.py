@@ -58,7 +58,7 @@ EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no z
 # A payload is compact JSON, which never holds a raw newline.
 MANY_MESSAGE = b"!many "
 MAX_PIPELINE = 512  # appends per round trip
-LOAD_CHUNK = 2000  # zones per MULTI when loading every zone's state (recovery, start)
+LOAD_CHUNK = 2000  # zones per LOAD_LUA call when loading every zone (start, recovery)
 
 
 class EpochChanged(StorageUnavailable):
@@ -217,6 +217,21 @@ if tonumber(ARGV[4]) > current then
 end
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[1]) + 1))
 return diverged
+"""
+
+# KEYS: per zone its seq and history key. Per zone that has a seq: its (1-based) index
+# in the chunk, the seq and the whole retained history; zones without one are skipped.
+LOAD_LUA = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local seq = redis.call('GET', KEYS[i])
+  if seq then
+    out[#out + 1] = (i + 1) / 2
+    out[#out + 1] = tonumber(seq)
+    out[#out + 1] = redis.call('ZRANGE', KEYS[i + 1], 0, -1)
+  end
+end
+return out
 """
 
 # KEYS: epoch. ARGV: expected, replacement, channel. Compare-and-set, announced to all.
@@ -786,23 +801,23 @@ class RedisStorage:
         return {zone: bool(result) for zone, result in zip(zones, results, strict=True)}
 
     async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
-        """Every zone's seq and retained history, each zone's pair read atomically.
+        """The seq and retained history of every zone that has a seq (zones without one
+        are left out: they have nothing to load).
 
-        In chunks of ``LOAD_CHUNK`` zones (one MULTI each): a zone's seq and history
-        must agree, different zones need not (positions are per zone), and one MULTI
-        over 100,000 zones would block Redis and buffer every reply at once.
+        One ``LOAD_LUA`` per ``LOAD_CHUNK`` zones: a script is atomic, so a zone's seq
+        and history agree (different zones need not: positions are per zone), and the
+        reply holds only zones with prices, so 100,000 fresh zones cost a few calls
+        instead of 200,000 commands and replies.
         """
         zone_list = list(zones)
+        keys = self.keys
         state: dict[str, tuple[int, list[StoredPrice]]] = {}
         for start in range(0, len(zone_list), LOAD_CHUNK):
             chunk = zone_list[start : start + LOAD_CHUNK]
-            pipe = self.client.pipeline(transaction=True)
-            for zone in chunk:
-                pipe.get(self.keys.seq(zone))
-                pipe.zrange(self.keys.history(zone), 0, -1)
+            script_keys = [key for zone in chunk for key in (keys.seq(zone), keys.history(zone))]
             async with redis_errors("load"):
-                results = await pipe.execute()
-            for i, zone in enumerate(chunk):
-                seq, payloads = int(results[2 * i] or 0), results[2 * i + 1]
-                state[zone] = (seq, [_price(zone, p) for p in payloads])
+                reply = await self.client.eval(LOAD_LUA, len(script_keys), *script_keys)
+            for i in range(0, len(reply), 3):
+                zone = chunk[int(reply[i]) - 1]
+                state[zone] = (int(reply[i + 1]), [_price(zone, p) for p in reply[i + 2]])
         return state
