@@ -124,7 +124,7 @@ def test_zones_file_errors_name_the_line(tmp_path: Path, text: str, message: str
 
 
 def test_zones_file_missing_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="zones_file .*missing"):
+    with pytest.raises(ConfigError, match=r"zones_file .*missing"):
         load_settings(["--zones-file", str(tmp_path / "missing.txt")], environ={})
 
 
