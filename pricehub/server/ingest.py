@@ -5,13 +5,15 @@ Ordering is the hard part: "a zone's entries get their seqs in stream order, whi
 instance takes them". A consumer group alone does not give that (two consumers can read
 entries 1 and 2 of a zone and append them in either order), so exactly one instance
 consumes at a time: the holder of a lease (``<prefix>ingest:lease``, ``SET NX PX``,
-renewed by its holder). It reads through the consumer group and handles entries one
-after another, in stream order.
+renewed by its holder). It reads through the consumer group, up to ``batch`` entries
+at a time (a burst through ``READ_JSON_LUA``), and appends each read as one batch, in
+stream order (``Publisher.publish_many``).
 
-Exactly once: an entry's append and its XACK are one Lua script (see ``INGEST_ACK`` in
-``pricehub.storage.redis``), so a crash cannot separate them, and the script refuses
-to run unless the caller still holds the lease: an instance that stalled past its lease
-cannot append once its successor started (a fencing token).
+Exactly once: an entry's append and its XACK are one Lua script (see ``INGEST_ACK`` and
+``APPEND_MANY_LUA`` in ``pricehub.storage.redis``: a batch's entries are acknowledged in
+the script that appends them), so a crash, even mid-batch, cannot separate them, and
+the script refuses to run unless the caller still holds the lease: an instance that
+stalled past its lease cannot append once its successor started (a fencing token).
 
 Takeover: when the holder dies its lease expires (``lease_ttl``); the next holder first
 XAUTOCLAIMs the pending entries (delivered to the dead consumer but, by atomicity, never

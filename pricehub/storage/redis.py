@@ -6,7 +6,9 @@ splice ``"seq":N,`` into the body exactly as ``protocol.with_seq`` does, store i
 latest and in a bounded history ZSET (score = seq), PUBLISH it. Because the script is
 atomic and one PUB/SUB connection delivers in publish order, every instance sees a
 zone's prices in seq order. Concurrent appends are pipelined: they queue up while one
-round trip is in flight and leave together in the next one.
+round trip is in flight and leave together in the next one, several of them as one
+``APPEND_MANY_LUA`` (the same steps per price, one reply and one ``!many`` message for
+the lot), so a batch of N prices costs about N / ``MAX_PIPELINE`` round trips.
 
 The subscriber connection can look healthy and deliver nothing (a half-open TCP
 connection, a proxy that stopped forwarding). So a watcher publishes a probe to this
@@ -159,8 +161,11 @@ return seq
 # script as their appends (exactly once). Every key is declared, so under Redis Cluster
 # the caller would group a batch by hash slot, one script per slot.
 # KEYS: epoch, ingest lease, ingest stream, then per price: seq, history, latest.
-# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group,
-#       then per price: zone, body, stream entry id ('' without acks).
+# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group, and
+#       the prices as one string of lines "zone entry_id body" (entry_id '' without
+#       acks): one argument instead of three per price, because packing arguments is
+#       most of redis-py's cost for a batch. Zones and ids hold no space, a compact JSON
+#       body no newline.
 # Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply).
 APPEND_MANY_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then
@@ -171,17 +176,24 @@ if acking and redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
 end
 local keep = -(tonumber(ARGV[1]) + 1)
-local count = (#ARGV - 5) / 3
+local blob = ARGV[6]
+local pos = 1
 local seqs, lines, ids = {}, {}, {}
-for i = 1, count do
+for i = 1, (#KEYS - 3) / 3 do
+  local stop = string.find(blob, '\\n', pos, true) or (#blob + 1)
+  local first = string.find(blob, ' ', pos, true)
+  local second = string.find(blob, ' ', first + 1, true)
+  local zone = string.sub(blob, pos, first - 1)
+  ids[i] = string.sub(blob, first + 1, second - 1)
+  local body = string.sub(blob, second + 1, stop - 1)
+  pos = stop + 1
   local seq = redis.call('INCR', KEYS[3 * i + 1])
-  local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[3 * i + 4], 2)
+  local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
   redis.call('SET', KEYS[3 * i + 3], payload)
   redis.call('ZADD', KEYS[3 * i + 2], seq, payload)
   redis.call('ZREMRANGEBYRANK', KEYS[3 * i + 2], 0, keep)
   seqs[i] = seq
-  lines[i] = ARGV[3 * i + 3] .. ' ' .. payload
-  ids[i] = ARGV[3 * i + 5]
+  lines[i] = zone .. ' ' .. payload
 end
 if acking then
   redis.call('XACK', KEYS[3], ARGV[5], unpack(ids))
@@ -663,10 +675,13 @@ class RedisStorage:
             self._history_size, keys.prices, self.epoch,
             "" if ack is None else ack.consumer, INGEST_GROUP,
         ]  # fmt: skip
+        lines = []
         for write in group:
             zone = write.zone
             script_keys += [keys.seq(zone), keys.history(zone), keys.latest(zone)]
-            args += [zone, write.body, "" if write.ack is None else write.ack.entry_id]
+            entry_id = b"" if write.ack is None else write.ack.entry_id.encode()
+            lines.append(b"%s %s %s" % (zone.encode(), entry_id, write.body))
+        args.append(b"\n".join(lines))
         return script_keys, args
 
     def _write_error(self, error: BaseException) -> StorageError:
