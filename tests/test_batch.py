@@ -178,3 +178,50 @@ async def test_a_burst_reaches_a_many_zone_socket_in_a_few_writes(
     assert connection.messages_sent - sent == len(mine)
     assert connection.writes - writes <= 2, connection.writes - writes  # not 256
     await ws.close()
+
+
+async def test_batches_fail_over_to_memory_and_back_without_gap_or_repeat(prefix: str) -> None:
+    zones = ["pjm", "ercot"]
+    with RedisProcess() as server:
+        storage = FailoverStorage(
+            server.url, zones=zones, key_prefix=prefix, timeout=0.25, probe_interval=0.2
+        )
+        listener = RecordingListener()
+        await storage.start(listener)
+        publisher = Publisher(storage)
+        stop = asyncio.Event()
+        answered: list[tuple[str, int]] = []
+        try:
+            async def publish() -> None:
+                tag = 0
+                while not stop.is_set():
+                    tag += 1
+                    prices = await publisher.publish_many(
+                        bodies(zones, 40, tag=tag), source="http", chunk=20
+                    )
+                    answered.extend((p.zone, p.seq) for p in prices)
+                    await asyncio.sleep(0.005)
+
+            task = asyncio.create_task(publish())
+            await listener.wait_for("pjm", 100)
+            server.kill()  # mid-stream of batches: some in flight when Redis goes
+            await listener.wait_backend("in-memory")
+            await listener.wait_for("pjm", len(listener.seqs("pjm")) + 100)
+            server.start()
+            await listener.wait_backend("redis")
+            await listener.wait_for("pjm", len(listener.seqs("pjm")) + 100)
+            stop.set()
+            await asyncio.wait_for(task, 5)
+            for zone in zones:
+                total = sum(1 for z, _ in answered if z == zone)
+                await listener.wait_for(zone, total)
+                # every accepted price numbered once, contiguous, in order, across both
+                # switches; what the publisher was answered is what was delivered
+                assert listener.seqs(zone) == list(range(1, total + 1))
+                assert sorted(seq for z, seq in answered if z == zone) == list(
+                    range(1, total + 1)
+                )
+            assert listener.backends == ["in-memory", "redis"]
+        finally:
+            stop.set()
+            await storage.close()
