@@ -22,7 +22,7 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
-from pricehub.storage.errors import StorageError, StorageUnavailable
+from pricehub.storage.errors import BatchInterrupted, StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import HttpErrorCode
 from pricehub.wire.errors import ValidationError
@@ -148,7 +148,7 @@ def _zone_or_error(request: web.Request) -> str | web.Response:
     zone = request.match_info["zone"]
     if not messages.is_valid_zone_name(zone):
         return json_error(422, HttpErrorCode.INVALID_ZONE, "zone names are [a-z0-9_]{1,32}")
-    if zone not in request.app[SETTINGS].zones:
+    if zone not in request.app[SETTINGS].zone_set:
         return json_error(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {zone}")
     return zone
 
@@ -213,22 +213,23 @@ async def publish_handler(request: web.Request) -> web.StreamResponse:
         return raw
     try:
         bodies = messages.validate_publish_body(
-            raw, zones=settings.zones, now=messages.utc_now(), max_batch=settings.max_batch_size
+            raw, zones=settings.zone_set, now=messages.utc_now(), max_batch=settings.max_batch_size
         )
     except ValidationError as exc:
         return json_error(422, validation_code(exc.field), exc.message, field=exc.field)
-    publisher = app[PUBLISHER]
-    accepted: list[dict[str, Any]] = []
-    for body in bodies:
-        try:
-            price = await publisher.publish(body, source="http")
-        except StorageUnavailable as exc:  # held past --redis-hold, or Redis refused
-            wait = math.ceil(getattr(exc, "retry_after", 1.0))
-            return json_response(
-                {"error": "storage_unavailable", "message": str(exc), "accepted": accepted},
-                status=503, headers={"Retry-After": str(wait)},
-            )  # fmt: skip
-        accepted.append({"market_zone": price.zone, "seq": price.seq})
+    try:
+        prices = await app[PUBLISHER].publish_many(bodies, source="http")
+    except StorageUnavailable as exc:  # held past --redis-hold, Redis refused, disk failed
+        kept = exc.accepted if isinstance(exc, BatchInterrupted) else []
+        wait = math.ceil(getattr(exc, "retry_after", 1.0))
+        return json_response(
+            {
+                "error": "storage_unavailable", "message": str(exc),
+                "accepted": [{"market_zone": p.zone, "seq": p.seq} for p in kept],
+            },
+            status=503, headers={"Retry-After": str(wait)},
+        )  # fmt: skip
+    accepted = [{"market_zone": price.zone, "seq": price.seq} for price in prices]
     return json_response({"accepted": accepted}, status=202)
 
 

@@ -145,7 +145,9 @@ def accepted_prices(sources: Sources) -> list[Sample]:
 
 
 def zone_subscribers(sources: Sources) -> list[Sample]:
-    return [((zone,), len(subs)) for zone, subs in sources.broadcaster.subscribers.items()]
+    # Every configured zone, 0 included (the broadcaster keeps only subscribed ones).
+    subscribers = sources.broadcaster.subscribers
+    return [((zone,), len(subscribers.get(zone, ()))) for zone in sources.settings.zones]
 
 
 def storage_backend(sources: Sources) -> list[Sample]:
