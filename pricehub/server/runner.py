@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import ssl
+import sys
 
 import structlog
 from aiohttp import web
@@ -16,6 +17,7 @@ from aiohttp import web
 from pricehub.server.app import create_app
 from pricehub.server.logs import AccessLogger
 from pricehub.server.settings import Settings
+from pricehub.storage.journal import JournalUnavailable
 
 __all__ = ["serve", "serve_async"]
 
@@ -62,6 +64,11 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False) -> None:
 
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Run until a signal; returns the process exit code."""
-    asyncio.run(serve_async(settings, reuse_port=reuse_port))
+    """Run until a signal; returns the process exit code (2: the data dir is locked by
+    another process or unusable, with ``--redis-url none``: one line on stderr)."""
+    try:
+        asyncio.run(serve_async(settings, reuse_port=reuse_port))
+    except JournalUnavailable as exc:
+        print(f"pricehub: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -163,6 +163,13 @@ class Settings:
     loop_lag_threshold: float = _option(
         0.5, "event-loop lag (seconds) that makes health degraded", float
     )
+    # Relative to the working directory, like Prometheus's --storage.tsdb.path.
+    data_dir: str | None = _option(
+        "data",
+        "directory keeping the in-memory store durable (journal + snapshots); 'none' = "
+        "nothing on disk",
+        _optional,
+    )
 
     def __post_init__(self) -> None:
         for check in _CHECKS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.policy.auth import key_matches
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
+from pricehub.storage.durable import disk_status
 from pricehub.storage.errors import StorageError
+from pricehub.storage.journal import DiskError
 from pricehub.wire import messages, paths
 from pricehub.wire.errors import ValidationError
 
@@ -21,6 +24,10 @@ __all__ = ["STATIC_DIR", "add_routes"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
+# The journal retries on a fresh segment with the next batch: a second is enough to see
+# whether the disk is back. (Error code: moves into wire's HTTP codes with that branch.)
+DISK_RETRY_AFTER = 1
+STORAGE_UNAVAILABLE = "storage_unavailable"
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None
@@ -69,6 +76,7 @@ async def stats_handler(request: web.Request) -> web.Response:
     cluster = await cluster_section(app)
     if cluster is not None:
         body["cluster"] = cluster
+    body["durability"] = disk_status(storage).as_json()
     body["timestamp"] = messages.utc_now()
     return json_response(body)
 
@@ -81,12 +89,14 @@ async def health_handler(request: web.Request) -> web.Response:
         storage_ok = True
     except StorageError:
         storage_ok = False
+    disk = disk_status(storage)
     report = health_report(
         stats,
         redis_configured=settings.redis_url is not None,
         backend=storage.backend,
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
+        disk=disk.check,
     )
     broadcaster = app[BROADCASTER]
     return json_response(
@@ -98,6 +108,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "error_rate": report.error_rate,
             "checks": report.checks,
             "uptime_s": round(time.time() - stats.started_at, 3),
+            "durability": disk.as_json(),
             "timestamp": messages.utc_now(),
         },
         status=report.http_status,
@@ -209,6 +220,25 @@ async def publish_handler(request: web.Request) -> web.Response:
     return json_response({"accepted": accepted}, status=202)
 
 
+def disk_errors_as_503(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A journal write that failed (disk full, I/O error): nothing of the failed batch
+    was stored or broadcast, so the publisher may retry; earlier prices of the same
+    request (earlier batches) were stored and are in the history."""
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except DiskError as exc:
+            return json_response(
+                {"error": STORAGE_UNAVAILABLE, "message": str(exc)},
+                status=503, headers={"Retry-After": str(DISK_RETRY_AFTER)},
+            )
+
+    return handle
+
+
 async def dashboard_handler(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
@@ -219,6 +249,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(paths.HEALTH, health_handler)
     app.router.add_get(paths.CONNECTIONS, connections_handler)
     app.router.add_get(paths.HISTORY, history_handler)
-    app.router.add_post(paths.BROADCAST_PRICE, publish_handler)
+    app.router.add_post(paths.BROADCAST_PRICE, disk_errors_as_503(publish_handler))
     app.router.add_get(paths.DASHBOARD, dashboard_handler)
     app.router.add_static("/static/", STATIC_DIR)
