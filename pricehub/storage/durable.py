@@ -29,6 +29,7 @@ propagate from ``start``: with ``--redis-url none`` they are start errors (exit 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class DiskStatus:
             snapshots=journal.snapshots,
             fsyncs=journal.fsyncs,
             fsync_last_ms=_ms(journal.fsync_last_seconds),
+            fsync_median_ms=_ms(_median(journal.fsync_recent_seconds)),
             fsync_max_ms=_ms(journal.fsync_max_seconds),
             records_written=journal.records,
             write_errors=self.write_errors,
@@ -98,6 +100,11 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _median(samples: Sequence[float]) -> float | None:
+    """Of the journal's last fsyncs (it keeps a bounded window of them)."""
+    return statistics.median(samples) if samples else None
 
 
 def _ms(seconds: float | None) -> float | None:
