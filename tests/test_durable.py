@@ -316,6 +316,63 @@ async def test_simulator_ticks_survive_a_restart(data_dir: Path) -> None:
         assert pairs[: len(before) - 2] == [(p["seq"], p["price"]) for p in before[2:]]
 
 
+# --- damage -------------------------------------------------------------------------------
+
+
+def biggest_segment(directory: Path) -> Path:
+    return max(directory.glob("wal-*.log"), key=lambda path: path.stat().st_size)
+
+
+def moved_aside(directory: Path, name: str) -> list[Path]:
+    return list(directory.glob(f"{name}.corrupt-*"))
+
+
+def append_garbage(path: Path) -> None:
+    with open(path, "ab") as out:
+        out.write(b"\x13\x00\x00\x00half a record")
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+async def test_a_torn_tail_is_cut_and_everything_acknowledged_stays(data_dir: Path) -> None:
+    with durable_server(data_dir) as server:
+        accepted = await server.publish(*({"market_zone": "pjm", "price": p} for p in (1.0, 2.0)))
+        epoch = await epoch_of(server)
+        server.kill()
+        await asyncio.to_thread(append_garbage, biggest_segment(data_dir))  # a crash mid-write
+        await server.start_async()
+        assert await epoch_of(server) == epoch
+        assert [(p["seq"], p["price"]) for p in await history(server, "pjm")] == [
+            (entry["seq"], price) for entry, price in zip(accepted, (1.0, 2.0), strict=True)
+        ]
+        assert '"journal_torn_tail"' in server.log()
+
+
+async def test_a_damaged_file_is_moved_aside_and_a_new_epoch_starts(data_dir: Path) -> None:
+    with durable_server(data_dir) as server:
+        for price in (1.0, 2.0, 3.0):  # three batches: three records in one segment
+            await server.publish({"market_zone": "pjm", "price": price})
+        epoch = await epoch_of(server)
+        assert await server.stop_async() == 0
+        segment = biggest_segment(data_dir)
+        # The first record's bytes, with good records after it: damage, not a torn tail.
+        await asyncio.to_thread(flip_byte, segment, len(b"PHJLOG1\n") + 12)
+        await server.start_async()
+        assert await epoch_of(server) != epoch
+        durability = (await get_json(server, paths.STATS))["durability"]
+        assert durability["recovered"] is False and segment.name in durability["fresh_reason"]
+        assert moved_aside(data_dir, segment.name)  # kept, not deleted
+        assert '"journal_damaged_starting_new_epoch"' in server.log()
+        _, complete = await resume(server, "pjm", since=2, epoch=epoch)
+        assert complete["recovered"] is False  # told, not silently mixed
+        accepted = await server.publish({"market_zone": "pjm", "price": 9.0})
+        assert accepted[0]["seq"] == 1
+
+
 # --- start errors -------------------------------------------------------------------------
 
 
