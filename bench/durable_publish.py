@@ -7,7 +7,8 @@
 For each mode it starts ``run_server.py --redis-url none`` (no simulator, a huge
 publish rate limit) and measures, for ``--seconds`` each:
 
-* ``batch``: one publisher POSTing batches of 1,000 prices (7 zones), one after another;
+* ``batch``: ``--in-flight`` publishers (default 4, as the burst scenario) each POSTing
+  batches of 1,000 prices (7 zones), one after another;
 * ``single``: 50 concurrent publishers POSTing one price each, as fast as answered.
 
 It prints accepted prices per second, the ratio durable / none, and the journal's fsync
@@ -49,37 +50,35 @@ async def post(session: aiohttp.ClientSession, url: str, body: Any) -> int:
         return len(data["accepted"])
 
 
-async def batches(server: ServerProcess, seconds: float) -> float:
-    url = server.url + paths.BROADCAST_PRICE
-    body = [{"market_zone": ZONES[i % len(ZONES)], "price": float(i)} for i in range(BATCH)]
-    accepted = 0
-    async with aiohttp.ClientSession() as session:
-        await post(session, url, body)  # warm-up
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            accepted += await post(session, url, body)
-        return accepted / (time.perf_counter() - started)
-
-
-async def singles(server: ServerProcess, seconds: float) -> float:
+async def concurrently(server: ServerProcess, seconds: float, publishers: int,
+                       body: Any) -> float:  # fmt: skip
+    """``publishers`` loops POSTing ``body`` until ``seconds`` are over: prices/s."""
     url = server.url + paths.BROADCAST_PRICE
     accepted = 0
 
-    async def publisher(index: int, session: aiohttp.ClientSession, until: float) -> None:
+    async def publisher(session: aiohttp.ClientSession, until: float) -> None:
         nonlocal accepted
-        zone = ZONES[index % len(ZONES)]
         while time.perf_counter() < until:
             # Not ``accepted += await ...``: that reads ``accepted`` before the await.
-            count = await post(session, url, {"market_zone": zone, "price": 1.0})
+            count = await post(session, url, body)
             accepted += count
 
-    connector = aiohttp.TCPConnector(limit=PUBLISHERS)
+    connector = aiohttp.TCPConnector(limit=publishers)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await post(session, url, {"market_zone": "pjm", "price": 1.0})  # warm-up
+        await post(session, url, body)  # warm-up
         started = time.perf_counter()
         until = started + seconds
-        await asyncio.gather(*(publisher(i, session, until) for i in range(PUBLISHERS)))
+        await asyncio.gather(*(publisher(session, until) for _ in range(publishers)))
         return accepted / (time.perf_counter() - started)
+
+
+async def batches(server: ServerProcess, seconds: float, in_flight: int) -> float:
+    body = [{"market_zone": ZONES[i % len(ZONES)], "price": float(i)} for i in range(BATCH)]
+    return await concurrently(server, seconds, in_flight, body)
+
+
+async def singles(server: ServerProcess, seconds: float, in_flight: int) -> float:
+    return await concurrently(server, seconds, PUBLISHERS, {"market_zone": "pjm", "price": 1.0})
 
 
 async def stats(server: ServerProcess) -> dict[str, Any]:
@@ -90,7 +89,7 @@ async def stats(server: ServerProcess) -> dict[str, Any]:
         return body
 
 
-async def measure(data_dir: str, seconds: float) -> dict[str, Any]:
+async def measure(data_dir: str, seconds: float, in_flight: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, scenario in (("batch", batches), ("single", singles)):
         server = ServerProcess(
@@ -98,7 +97,7 @@ async def measure(data_dir: str, seconds: float) -> dict[str, Any]:
             "--log-level", "warning", publish_key=KEY, data_dir=data_dir,
         )  # fmt: skip
         with server:
-            rate = await scenario(server, seconds)
+            rate = await scenario(server, seconds, in_flight)
             durability = (await stats(server))["durability"]
         results[name] = {"rate": rate, "durability": durability}
     return results
@@ -118,14 +117,15 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data-dir", help="durable run's data dir (default: a temp dir)")
+    parser.add_argument("--in-flight", type=int, default=4, help="batch publishers (default 4)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pricehub-bench-") as scratch:
         durable_dir = args.data_dir or str(Path(scratch) / "data")
-        none = await measure("none", args.seconds)
-        durable = await measure(durable_dir, args.seconds)
+        none = await measure("none", args.seconds, args.in_flight)
+        durable = await measure(durable_dir, args.seconds, args.in_flight)
     print("| scenario | --data-dir none (prices/s) | durable (prices/s) | ratio | journal |")
     print("| --- | --- | --- | --- | --- |")
-    for name, label in (("batch", f"HTTP batches of {BATCH}"),
+    for name, label in (("batch", f"HTTP batches of {BATCH}, {args.in_flight} in flight"),
                         ("single", f"{PUBLISHERS} concurrent single-price publishers")):
         plain, kept = none[name]["rate"], durable[name]["rate"]
         print(f"| {label} | {plain:,.0f} | {kept:,.0f} | {kept / plain:.2f} | "
