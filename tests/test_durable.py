@@ -137,7 +137,7 @@ async def resume(server: ServerProcess, zone: str, *, since: int, epoch: str
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """Connect with ``since``/``epoch``: the replayed updates and ``resume_complete``."""
     url = f"{server.ws_url}{paths.ws_market(zone)}?since={since}&epoch={epoch}"
-    replayed = []
+    replayed: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
         assert (await receive_json(ws))["type"] == "connection_established"
         while True:
@@ -196,7 +196,11 @@ async def test_sigkill_at_random_points_of_bursts_loses_no_acknowledged_price(
             async with publishers(server, acked):
                 await asyncio.sleep(rng.uniform(0.05, 0.6))
                 before = acked.count()
-                await eventually(lambda count=before: acked.count() > count)  # kill mid-burst
+
+                def more(before: int = before) -> bool:
+                    return acked.count() > before
+
+                await eventually(more)  # the kill lands mid-burst
                 server.kill()
             await server.start_async()
             assert await epoch_of(server) == epoch
@@ -441,12 +445,13 @@ def fill(path: Path) -> None:
 
 
 async def publish_status(session: aiohttp.ClientSession, server: ServerProcess, price: float
-                         ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:  # fmt: skip
+                         ) -> tuple[int, Any, str | None]:  # fmt: skip
+    """Status, JSON body and Retry-After of one publish."""
     async with session.post(
         server.url + paths.BROADCAST_PRICE, json={"market_zone": "pjm", "price": price},
         headers=HEADERS,
     ) as response:  # fmt: skip
-        return response.status, await response.json(), response.headers
+        return response.status, await response.json(), response.headers.get("Retry-After")
 
 
 async def test_disk_full_answers_503_broadcasts_nothing_and_heals(tmp_path: Path) -> None:
@@ -465,14 +470,14 @@ async def test_disk_full_answers_503_broadcasts_nothing_and_heals(tmp_path: Path
             await receive_json(ws)  # initial_data
             await asyncio.to_thread(fill, filler)
             for attempt in range(100):  # the segment's last page may take a few more
-                status, body, headers = await publish_status(session, server, 100.0 + attempt)
+                status, body, retry_after = await publish_status(session, server, 100.0 + attempt)
                 if status != 202:
                     break
                 acked.append(body["accepted"][0]["seq"])
                 assert (await receive_json(ws))["seq"] == acked[-1]
             assert status == 503, body
             assert body["error"] == "storage_unavailable" and "No space left" in body["message"]
-            assert headers["Retry-After"] == "1"
+            assert retry_after == "1"
             health = await get_json(server, paths.HEALTH)
             assert health["status"] == "degraded"
             assert health["checks"]["disk"].startswith("unavailable: ")
@@ -528,7 +533,8 @@ async def test_concurrent_appends_share_fsyncs_and_keep_seq_order(tmp_path: Path
     assert [(p.zone, p.seq) for p in many] == [("pjm", 201), ("caiso", 1), ("pjm", 202)]
     assert listener.prices == [*stored, *many]  # broadcast in seq order, once each
     journal = disk_status(storage).journal
-    assert journal is not None and journal.fsyncs < 20, journal.fsyncs
+    assert journal is not None
+    assert journal.fsyncs < 20, journal.fsyncs
     await storage.close()
     again, _ = await open_durable(tmp_path)
     assert await again.history("pjm", limit=1000) == [*stored, many[0], many[2]]
