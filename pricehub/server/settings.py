@@ -192,6 +192,13 @@ class Settings:
     zone_set: frozenset[str] = field(
         default=frozenset(), init=False, repr=False, compare=False
     )
+    # Relative to the working directory, like Prometheus's --storage.tsdb.path.
+    data_dir: str | None = _option(
+        "data",
+        "directory keeping the in-memory store durable (journal + snapshots); 'none' = "
+        "nothing on disk",
+        _optional,
+    )
 
     def __post_init__(self) -> None:
         if self.zones_file is not None:

@@ -22,6 +22,7 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
+from pricehub.storage.durable import disk_status
 from pricehub.storage.errors import BatchInterrupted, StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import HttpErrorCode
@@ -31,6 +32,8 @@ __all__ = ["STATIC_DIR", "add_routes"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
+# The journal retries on a fresh segment with the next batch: a second is enough to see
+# whether the disk is back. (Error code: moves into wire's HTTP codes with that branch.)
 
 
 log = structlog.get_logger("pricehub.http")
@@ -72,6 +75,7 @@ async def stats_handler(request: web.Request) -> web.Response:
     cluster = await cluster_section(app)
     if cluster is not None:
         body["cluster"] = cluster
+    body["durability"] = disk_status(storage).as_json()
     body["timestamp"] = messages.utc_now()
     return json_response(body)
 
@@ -84,12 +88,14 @@ async def health_handler(request: web.Request) -> web.Response:
         storage_ok = True
     except StorageError:
         storage_ok = False
+    disk = disk_status(storage)
     report = health_report(
         stats,
         redis_configured=settings.redis_url is not None,
         backend=storage.backend,
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
+        disk=disk.check,
     )
     if not guard.operator_allowed(request):
         # Open to load balancers, but while the operator endpoints are protected it
@@ -108,6 +114,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "error_rate": report.error_rate,
             "checks": report.checks,
             "uptime_s": round(time.time() - stats.started_at, 3),
+            "durability": disk.as_json(),
             "timestamp": messages.utc_now(),
         },
         status=report.http_status,
@@ -224,7 +231,7 @@ async def publish_handler(request: web.Request) -> web.StreamResponse:
         wait = math.ceil(getattr(exc, "retry_after", 1.0))
         return json_response(
             {
-                "error": "storage_unavailable", "message": str(exc),
+                "error": HttpErrorCode.STORAGE_UNAVAILABLE, "message": str(exc),
                 "accepted": [{"market_zone": p.zone, "seq": p.seq} for p in kept],
             },
             status=503, headers={"Retry-After": str(wait)},
