@@ -13,21 +13,24 @@ Set ``PRICEHUB_UPDATE_SCREENSHOT=1`` to refresh docs/dashboard.png from the run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.serverproc import REPO, ServerProcess
-from tests.support import missing_tool
+from tests.support import PUBLISH_KEY, missing_tool
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -214,20 +217,254 @@ def test_dropped_socket_resumes_without_holes(browser: Any, server: ServerProces
     assert result["holes"] == [], "seqs missing from the pjm series after the resume"
 
 
-def test_terminal_close_offers_the_button_without_retrying(
+def test_terminal_close_offers_the_button_without_retrying(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    with ServerProcess("--no-simulate", "--jwt-secret", "s" * 32) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?{FAST_BACKOFF}")  # no token: close 4001
+        expect(page.locator("#reconnect-btn")).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator("#conn-banner-text")).to_have_text(
+            re.compile(r"^Connection refused by the server \(code 4001\b")
+        )
+        expect(page.locator("#conn-banner-reason")).to_have_text(
+            re.compile(r"^The subscriber token is missing, invalid or expired\b")
+        )
+        expect(page.locator("#conn-badge")).to_have_attribute("data-state", "offline")
+        # Retrying would have taken ~2 s and 6 connections before the button showed.
+        stats = _get_json(f"{server.url}/api/ws/ws/stats")
+        assert stats["statistics"]["total_connections"] <= 1
+
+
+def test_an_unknown_zone_in_the_link_is_dropped_with_a_message(
     browser: Any, server: ServerProcess
 ) -> None:
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": 1280, "height": 800})
-    page.goto(f"{server.url}/?zones=nozone&{FAST_BACKOFF}")  # unknown zone: close 1008
-    expect(page.locator("#reconnect-btn")).to_be_visible(timeout=WAIT_MS)
-    expect(page.locator("#conn-banner-text")).to_have_text(
-        re.compile(r"^Connection refused by the server \(code 1008\b")
+    page.goto(f"{server.url}/?zones=nozone,PJM&{FAST_BACKOFF}")
+    expect(page.locator("#conn-badge")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    expect(page.locator("#zone-msg")).to_have_text("Unknown zone: NOZONE.", timeout=WAIT_MS)
+    expect(page.locator("[data-zone]")).to_have_count(1)
+    expect(page.locator('[data-zone="pjm"] [data-field=price]')).to_have_text(
+        PRICE_TEXT, timeout=WAIT_MS
     )
-    expect(page.locator("#conn-badge")).to_have_attribute("data-state", "offline")
-    # Retrying would have taken ~2 s and 6 connections before the button showed.
-    assert _get_json(f"{server.url}/api/ws/ws/stats")["statistics"]["total_connections"] <= 1
+    assert "zones=pjm" in page.url  # the link now names what is watched
+
+
+def test_close_reasons_are_said_in_words(browser: Any) -> None:
+    import websockets.sync.client
+    from playwright.sync_api import expect
+
+    with (
+        ServerProcess("--no-simulate", "--max-connections", "1") as server,
+        websockets.sync.client.connect(f"{server.ws_url}/api/ws/ws/prices?zones=") as holder,
+    ):
+        holder.recv(timeout=5)  # connection_established: the only slot is taken
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?{FAST_BACKOFF}&max_attempts=1")
+        expect(page.locator("#conn-banner-reason")).to_have_text(
+            "The server is over its connection limit; it will be retried later "
+            "(server over its connection limit).",
+            timeout=WAIT_MS,
+        )
+
+
+# What nginx answers when it forwards an upgrade without the Upgrade/Connection headers and
+# pricehub says "upgrade expected": the browser only sees the WebSocket fail (1006).
+REFUSED_UPGRADE = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class HostProxy:
+    """A TCP proxy in front of ``target_port`` that rewrites each request's ``Host`` header,
+    like nginx's ``proxy_set_header Host $host`` (port dropped) or ``$http_host`` (kept),
+    and can refuse WebSocket upgrades like a proxy that strips them.
+
+    Every request gets ``Connection: close`` (upgrades excepted), so each TCP connection
+    carries one request and every request head passes through the rewrite.
+    """
+
+    def __init__(self, target_port: int, *, keep_port: bool, refuse_upgrades: bool = False) -> None:
+        self.target_port = target_port
+        self.keep_port = keep_port
+        self.refuse_upgrades = refuse_upgrades
+        self.port = 0
+        self.upgrades_refused = 0
+        self._server: asyncio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> HostProxy:
+        self._thread.start()
+        assert self._ready.wait(5), "proxy did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._accept, "127.0.0.1", 0)
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        upgrade = any(line.lower() == "upgrade: websocket" for line in lines)
+        if upgrade and self.refuse_upgrades:
+            self.upgrades_refused += 1
+            writer.write(REFUSED_UPGRADE)
+            await writer.drain()
+            writer.close()
+            return
+        out = []
+        for line in lines:
+            name = line.split(":", 1)[0].lower()
+            if name == "host" and not self.keep_port:
+                line = "Host: " + line.split(":", 2)[1].strip()
+            elif name == "connection" and not upgrade:
+                continue
+            out.append(line)
+        if not upgrade:
+            out.insert(1, "Connection: close")
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        up_writer.write("\r\n".join(out).encode("latin-1"))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+def test_a_proxy_dropping_the_port_from_host_is_explained(browser: Any) -> None:
+    """Issue 11.13: nginx ``Host $host`` behind a non-default port made the socket's Origin
+    look foreign (403); the page only said "Reconnecting". It now says why; with
+    ``$http_host`` (the documented config) the same setup is live."""
+    from playwright.sync_api import expect
+
+    origins = "--allowed-origins", "https://elsewhere.example"
+    with ServerProcess("--simulate", *origins) as server:
+        with HostProxy(server.port, keep_port=False) as proxy:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{proxy.url}/?transport=ws&{FAST_BACKOFF}")
+            expect(page.locator("#conn-banner-reason")).to_have_text(
+                re.compile(
+                    r"^The server refused the connection: this page's origin "
+                    rf"\(http://127\.0\.0\.1:{proxy.port}\) is not allowed \(check "
+                    r"--allowed-origins, or the proxy's Host header"
+                ),
+                timeout=WAIT_MS,
+            )
+            expect(page.locator("#conn-badge")).not_to_have_attribute("data-state", "live")
+        with HostProxy(server.port, keep_port=True) as proxy:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{proxy.url}/?transport=ws&{FAST_BACKOFF}")
+            badge = page.locator("#conn-badge")
+            expect(badge).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+            expect(badge).to_have_text(re.compile(r"Live · WebSocket"))
+
+
+def _publish(server: ServerProcess, *prices: dict[str, Any]) -> None:
+    """Publish over HTTP without an event loop (Playwright's sync API runs one here)."""
+    request = urllib.request.Request(
+        f"{server.url}/api/ws/ws/broadcast/price",
+        data=json.dumps(list(prices)).encode(),
+        headers={
+            "Authorization": f"Bearer {server.publish_key}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 202
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _day_prices() -> tuple[list[dict[str, Any]], float]:
+    """One price yesterday, three today (the first, out of publishing order, is the open)."""
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    today = (now - midnight) / 4
+    prices = [
+        {"market_zone": "pjm", "price": 10.0, "timestamp": _iso(midnight - timedelta(minutes=30))},
+        {"market_zone": "pjm", "price": 30.0, "timestamp": _iso(midnight + 2 * today)},
+        {"market_zone": "pjm", "price": 20.0, "timestamp": _iso(midnight + today)},
+        {"market_zone": "pjm", "price": 35.0, "timestamp": _iso(midnight + 3 * today)},
+    ]
+    return prices, 20.0
+
+
+def test_open_is_the_first_price_of_the_utc_day(browser: Any) -> None:
+    """Issue 11.14: the open was the oldest point the page loaded (``history=2`` here: 30)."""
+    from playwright.sync_api import expect
+
+    prices, first_today = _day_prices()
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        _publish(server, *prices)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm&history=2&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        expect(pjm.locator("[data-field=price]")).to_have_text("35.00", timeout=WAIT_MS)
+        expect(pjm.locator("[data-field=open]")).to_have_text(f"{first_today:.2f}")
+        expect(pjm.locator("[data-field=open-label]")).to_have_text("Open")
+        expect(pjm.locator("[data-field=change-abs]")).to_have_text("+15.00")
+
+
+def test_open_says_when_the_history_does_not_reach_midnight(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    prices, _ = _day_prices()
+    with ServerProcess(
+        "--no-simulate", "--history-size", "2", publish_key=PUBLISH_KEY
+    ) as server:
+        _publish(server, *prices)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        expect(pjm.locator("[data-field=price]")).to_have_text("35.00", timeout=WAIT_MS)
+        # Retained: 20 (seq 3) and 35; the first of today (by time) among them is 20, but
+        # nothing shows that no earlier price of today was trimmed away.
+        expect(pjm.locator("[data-field=open]")).to_have_text("20.00")
+        expect(pjm.locator("[data-field=open-label]")).to_have_text("Open*")
+        title = pjm.locator("[data-field=open-label]").get_attribute("title") or ""
+        assert "does not reach back to 00:00 UTC" in title
 
 
 def test_dashboard_fits_a_phone_screen(browser: Any, server: ServerProcess) -> None:

@@ -775,11 +775,12 @@ export class PriceHubClient extends EventTarget {
     if (Object.keys(since).length) Object.assign(message, { since, epoch });
     this._pending.push({ zones, resolve: (answer) => {
       if (!answer.rejected.length) return;
-      this._emitZones({ rejected: answer.rejected });
       // Only a zone the server does not know is dropped; e.g. "too many zones" keeps the
       // list (the error event says why nothing was subscribed).
-      if (answer.rejected[0].code !== 'unknown_zone') return;
-      this._dropZones(answer.rejected.map((r) => r.zone));
+      const unknown = answer.rejected[0].code === 'unknown_zone';
+      if (unknown) this._dropZones(answer.rejected.map((r) => r.zone));
+      this._emitZones({ rejected: answer.rejected });
+      if (!unknown) return;
       const rest = {};
       for (const zone of this._zones) if (zone in since) rest[zone] = since[zone];
       if (this._zones.length && this._canSend()) this._subscribeAll(rest, epoch);
