@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.serverproc import REPO, ServerProcess
+from tests.serverproc import REPO, ServerProcess, many_zones_config
 from tests.support import PUBLISH_KEY, missing_tool
 
 CHROMIUM = "/usr/bin/chromium"
@@ -484,3 +484,59 @@ def test_dashboard_fits_a_phone_screen(browser: Any, server: ServerProcess) -> N
         "'[data-zone=pjm] [data-field=price]')).fontSize)"
     )
     assert font_px >= 24, "the price must stay the most legible number on a phone"
+
+
+def _zones_watched(server: ServerProcess) -> dict[str, int]:
+    return dict(_get_json(f"{server.url}/api/ws/ws/stats")["connections_by_zone"])
+
+
+def _wait_watched(server: ServerProcess, expected: dict[str, int]) -> None:
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while (watched := _zones_watched(server)) != expected:
+        assert time.monotonic() < deadline, f"server-side subscriptions: {watched}"
+        time.sleep(0.05)
+
+
+def test_20000_zones_only_the_watched_ones_with_a_picker(browser: Any, tmp_path: Path) -> None:
+    """Issue 14: a server with 20,000 zones; the page opens only what it watches, loads and
+    shows a first price fast, and the picker adds and removes zones (remembered)."""
+    from playwright.sync_api import expect
+
+    config = many_zones_config(tmp_path, 20_000)
+    with ServerProcess("--no-simulate", "--config", str(config), publish_key=PUBLISH_KEY) as server:
+        _publish(server, {"market_zone": "z00042", "price": 42.0})
+        _publish(server, {"market_zone": "z19999", "price": 19.99})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        started = time.monotonic()
+        page.goto(f"{server.url}/?zones=z00042,Z19999&{FAST_BACKOFF}")
+        price = page.locator('[data-zone="z19999"] [data-field=price]')
+        expect(price).to_have_text("19.99", timeout=WAIT_MS)
+        first_price_s = time.monotonic() - started
+        assert first_price_s < 3.0, f"first price after {first_price_s:.2f} s"
+        expect(page.locator("[data-zone]")).to_have_count(2)
+        _wait_watched(server, {"z00042": 1, "z19999": 1})
+
+        # Add by typing (any case), remove with the tile's button.
+        page.fill("#zone-input", "Z00007")
+        page.press("#zone-input", "Enter")
+        expect(page.locator('[data-zone="z00007"]')).to_be_visible(timeout=WAIT_MS)
+        _wait_watched(server, {"z00042": 1, "z19999": 1, "z00007": 1})
+        _publish(server, {"market_zone": "z00007", "price": 7.0})
+        expect(page.locator('[data-zone="z00007"] [data-field=price]')).to_have_text(
+            "7.00", timeout=WAIT_MS
+        )
+        page.click('[data-zone="z00042"] [data-field=remove]')
+        expect(page.locator('[data-zone="z00042"]')).to_have_count(0)
+        _wait_watched(server, {"z19999": 1, "z00007": 1})
+        assert page.locator('#zone-options option[value="Z00042"]').count() == 1, (
+            "a zone seen once is offered by the type-ahead"
+        )
+
+        # Remembered: a plain link shows the same zones; the page stays responsive.
+        page.goto(f"{server.url}/?{FAST_BACKOFF}")
+        expect(page.locator("#conn-badge")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        expect(page.locator("[data-zone]")).to_have_count(2)
+        expect(page.locator('[data-zone="z00007"] [data-field=price]')).to_have_text("7.00")
+        started = time.monotonic()
+        page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
+        assert time.monotonic() - started < 0.5, "the page's main thread is busy"

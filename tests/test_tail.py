@@ -9,14 +9,13 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from pricehub.client.client import Gap, PriceUpdate, Status
 from pricehub.client.tail import TableView
-from tests.serverproc import REPO, ServerProcess, free_port
+from tests.serverproc import REPO, ServerProcess, free_port, many_zones_config
 from tests.support import PUBLISH_KEY
 
 WAIT = 10.0
@@ -207,10 +206,8 @@ def test_table_view_clips_long_lines_to_the_terminal() -> None:
 
 @pytest.fixture(scope="module")
 def many_zones_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """20,000 configured zones (a TOML list: a comma list this long exceeds what one
-    environment variable may hold)."""
-    config = Path(tmp_path_factory.mktemp("zones")) / "zones.toml"
-    config.write_text("zones = " + json.dumps([f"z{i:05d}" for i in range(20_000)]) + "\n")
+    """20,000 configured zones."""
+    config = many_zones_config(tmp_path_factory.mktemp("zones"), 20_000)
     with ServerProcess(
         "--no-simulate", "--config", str(config), publish_key=PUBLISH_KEY
     ) as proc:
