@@ -540,3 +540,160 @@ def test_20000_zones_only_the_watched_ones_with_a_picker(browser: Any, tmp_path:
         started = time.monotonic()
         page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
         assert time.monotonic() - started < 0.5, "the page's main thread is busy"
+
+
+def _sse_route_missing(server: ServerProcess) -> bool:
+    """True while the server has no SSE endpoint (the ``sse`` branch not merged yet)."""
+    try:
+        with urllib.request.urlopen(f"{server.url}/api/ws/sse/market/pjm", timeout=5):
+            return False
+    except urllib.error.HTTPError as exc:
+        return exc.code == 404 and b"unknown_zone" not in exc.read()
+    except TimeoutError:
+        return False  # a stream that started: the route exists
+
+
+def test_behind_a_proxy_that_refuses_websockets_the_page_goes_live_over_sse(
+    browser: Any, redis_server: Any, prefix: str
+) -> None:
+    """Issue 16: the upgrade never gets through; the page goes live over SSE, says so, and
+    resumes across a server restart (Redis keeps the epoch) without a gap or a hole."""
+    from playwright.sync_api import expect
+
+    with ServerProcess(
+        "--simulate", "--simulate-interval", "0.05", "--key-prefix", prefix,
+        redis_url=redis_server.url,
+    ) as server:  # fmt: skip
+        if _sse_route_missing(server):
+            pytest.skip("this server has no SSE endpoint yet (branch sse)")
+        with HostProxy(server.port, keep_port=True, refuse_upgrades=True) as proxy:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{proxy.url}/?zones=pjm,ercot&{FAST_BACKOFF}")
+            badge = page.locator("#conn-badge")
+            expect(badge).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+            expect(badge).to_have_text(re.compile(r"Live · SSE"))
+            assert proxy.upgrades_refused >= 1
+            page.wait_for_function(UPDATES_AT_LEAST, arg=20, timeout=WAIT_MS)
+            page.evaluate("() => { window.replays = 0; window.pricehubDashboard.client.on("
+                          "'price', ({flags}) => { if (flags.replay) window.replays += 1; }); }")
+            before = page.evaluate("() => window.pricehubDashboard.client.lastSeq('pjm')")
+            server.stop()
+            server.start()
+            page.wait_for_function(PJM_PAST_SEQ, arg=before + 20, timeout=WAIT_MS)
+            expect(badge).to_have_text(re.compile(r"Live · SSE"))
+            result = page.evaluate(RESUME_RESULT)
+    assert result["gaps"] == 0
+    assert result["holes"] == [], "seqs missing from the pjm series after the restart"
+
+
+class ScriptedSseSite:
+    """The dashboard's files plus a scripted feed in a thread: the WebSocket path refuses
+    every upgrade (as behind a proxy that strips it) and ``/api/ws/sse/prices`` streams the
+    contract's events, so the browser's SSE path runs before the server has the routes."""
+
+    def __init__(self) -> None:
+        self.stream_requests: list[dict[str, str]] = []
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._runner: Any = None
+        self._stopping = threading.Event()
+
+    def __enter__(self) -> ScriptedSseSite:
+        self._thread.start()
+        assert self._ready.wait(5), "site did not start"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopping.set()
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        static = REPO / "pricehub" / "static"
+
+        async def index(request: web.Request) -> web.FileResponse:
+            return web.FileResponse(static / "index.html")
+
+        async def refuse(request: web.Request) -> web.Response:
+            return web.Response(status=400, text="upgrade stripped")
+
+        async def history(request: web.Request) -> web.Response:
+            return web.json_response({"market_zone": request.match_info["zone"], "data": []})
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            self.stream_requests.append(dict(request.headers))
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            established = {
+                "type": "connection_established", "timestamp": _utc_now_iso(),
+                "connection_id": "c", "zones": ["pjm"], "storage_backend": "in-memory",
+                "epoch": "e1", "heartbeat_interval": 30, "message": "hi", "transport": "sse",
+            }  # fmt: skip
+            await response.write(f"retry: 1000\n\nevent: connection_established\n"
+                                 f"data: {json.dumps(established)}\n\n".encode())
+            first = len(self.stream_requests) == 1
+            if not first:  # resumed from Last-Event-ID: nothing was missed
+                done = {"type": "resume_complete", "timestamp": _utc_now_iso(),
+                        "market_zone": "pjm", "recovered": True, "from_seq": 4, "to_seq": 3}
+                await response.write(f"event: resume_complete\ndata: {json.dumps(done)}\n\n"
+                                     .encode())
+            for seq in (1, 2, 3) if first else (4,):
+                update = {"type": "price_update", "market_zone": "pjm", "price": 40.0 + seq,
+                          "volume": 5, "seq": seq, "timestamp": _utc_now_iso()}
+                await response.write(f"id: cur-{seq}\nevent: price_update\n"
+                                     f"data: {json.dumps(update)}\n\n".encode())
+            if first:
+                return response  # the stream ends, as on a server restart
+            while not self._stopping.is_set():  # open until the test ends
+                await asyncio.sleep(0.2)
+                await response.write(b": ping\n\n")
+            return response
+
+        app = web.Application()
+        app.router.add_get("/", index)
+        app.router.add_get("/api/ws/ws/prices", refuse)
+        app.router.add_get("/api/ws/ws/history/{zone}", history)
+        app.router.add_get("/api/ws/sse/prices", stream)
+        app.router.add_static("/static/", static)
+        asyncio.set_event_loop(self._loop)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+        self._loop.run_forever()
+
+
+def test_the_page_falls_back_to_sse_in_a_real_browser(browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    with ScriptedSseSite() as site:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page_errors: list[str] = []
+        page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+        page.goto(f"{site.url}/?zones=pjm&{FAST_BACKOFF}")
+        badge = page.locator("#conn-badge")
+        expect(badge).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        expect(badge).to_have_text(re.compile(r"Live · SSE"))
+        expect(badge).to_have_attribute("data-transport", "sse")
+        # The first stream ends after seq 3; the page resumes from its cursor and gets seq 4.
+        expect(page.locator('[data-zone="pjm"] [data-field=price]')).to_have_text(
+            "44.00", timeout=WAIT_MS
+        )
+        expect(page.locator("#conn-banner")).to_be_hidden()
+        assert site.stream_requests[0].get("Accept") == "text/event-stream"
+        assert "Last-Event-ID" not in site.stream_requests[0]
+        assert site.stream_requests[1].get("Last-Event-ID") == "cur-3"
+        assert page.evaluate("window.pricehubDashboard.counters.gaps") == 0
+        assert page_errors == []

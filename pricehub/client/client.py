@@ -231,6 +231,7 @@ class PriceClient:
             raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}")
         self.transport: Transport = transport
         self._on_sse = transport == "sse"  # auto switches to SSE once the upgrade is refused
+        self._no_sse = False  # auto: the server answered 404 on the SSE path
         self._sse_cursor: str | None = None  # last safe Last-Event-ID of the SSE feed
         self._unresumable: dict[str, _Cursor] = {}  # zones an SSE stream cannot resume
         self.token = token
@@ -275,6 +276,7 @@ class PriceClient:
         self._failure = None
         self._backoff.reset()
         self._on_sse = self.transport == "sse"  # auto tries the WebSocket again
+        self._no_sse = False
         self.start()
 
     async def close(self) -> None:
@@ -388,8 +390,11 @@ class PriceClient:
             refused = f"connect failed: {_explain(exc)}"
             if self.transport == "ws":
                 return None, refused
-            code, error, missing = await self._sse_once()
-            return (None, f"{refused}; no SSE endpoint either") if missing else (code, error)
+            if not self._no_sse:
+                code, error, self._no_sse = await self._sse_once()
+                if not self._no_sse:
+                    return code, error
+            return None, f"{refused}; no SSE endpoint either"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return None, f"connect failed: {_explain(exc)}"
         try:
