@@ -31,6 +31,9 @@ export const CLIENT_TIMEOUT_CODE = 4000;
 /** Close code a browser reports when a connection failed or dropped without a close frame. */
 export const ABNORMAL_CLOSE_CODE = 1006;
 
+/** The token does not allow a zone (terminal, unless the zone was just added: see _onClose). */
+const FORBIDDEN_ZONE_CODE = 4003;
+
 const PATHS = Object.freeze({
   wsMarket: '/api/ws/ws/market/',
   wsPrices: '/api/ws/ws/prices',
@@ -409,7 +412,7 @@ export class PriceHubClient extends EventTarget {
     const answers = await Promise.all(fresh.map((zone) => (!this._canSend()
       ? { added: [zone], rejected: [] }
       : new Promise((resolve) => {
-        this._pending.push({ zones: [zone], resolve });
+        this._pending.push({ zones: [zone], resolve, fromAdd: true });
         this.send({ type: 'subscribe', zones: [zone] });
       }))));
     const answer = { added: answers.flatMap((a) => a.added),
@@ -552,13 +555,13 @@ export class PriceHubClient extends EventTarget {
     return { url: u.href, lastEventId };
   }
 
-  _open(attempt) {
-    this._setStatus('connecting', { attempt, maxAttempts: this.options.maxAttempts,
-      transport: this._useSse ? 'sse' : 'ws' });
+  /** Open a socket or stream; `transport` defaults to the sticky choice. */
+  _open(attempt, transport = this._useSse ? 'sse' : 'ws') {
+    this._setStatus('connecting', { attempt, maxAttempts: this.options.maxAttempts, transport });
     let ws;
     this._opened = false;
     try {
-      if (this._useSse) {
+      if (transport === 'sse') {
         const { url, lastEventId } = this._streamRequest();
         ws = new SseConnection(url, { fetch: this._fetch, lastEventId });
         ws.onping = () => { if (ws === this._ws) this._lastFrameAt = this._now(); };
@@ -598,7 +601,18 @@ export class PriceHubClient extends EventTarget {
   _onClose(ws, code, reason = '', event = {}) {
     if (ws !== this._ws) return;
     const opened = this._opened;
+    // A token that does not allow a zone closes the socket (4003) on its subscribe. When that
+    // subscribe was addZones' (the oldest unanswered one), only that zone is refused: drop it
+    // and reconnect at once, instead of failing for good with the zone remembered.
+    const refusedAdd = code === FORBIDDEN_ZONE_CODE && this._pending[0]?.fromAdd
+      ? this._pending.shift() : null;
     this._detach();
+    if (refusedAdd) {
+      refusedAdd.resolve({ added: [], rejected: refusedAdd.zones.map((zone) => ({
+        zone, code: 'forbidden_zone', message: describeClose(code, reason) })) });
+      this._open(this._attempts);
+      return;
+    }
     if (ws.oneWay) {
       if (event.badCursor) this._sseCursor = ''; // e.g. from another server lineage
       if (event.routeMissing && this.options.transport === 'auto') {
@@ -612,9 +626,7 @@ export class PriceHubClient extends EventTarget {
       this._diagnose();
       if (this.options.transport === 'auto' && !this._sseUnavailable && this._fetch) {
         this._wsFailure = reason;
-        this._useSse = true; // same attempt, other transport: not a retry of its own
-        this._open(this._attempts);
-        this._useSse = this._ws?.oneWay === true && this._opened; // sticky only once open
+        this._open(this._attempts, 'sse'); // same attempt, other transport: no retry of its own
         return;
       }
     }

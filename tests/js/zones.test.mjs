@@ -94,3 +94,28 @@ describe('subscribe mode (the dashboard: only the watched zones, whatever the se
     assert.deepEqual(WS.last().sent, [{ type: 'subscribe', zones: ['pjm'] }]);
   });
 });
+
+test('a zone the token forbids (close 4003 on its subscribe) is dropped, not fatal', async () => {
+  const { client, WS, zoneEvents } = watching(['pjm']);
+  WS.last().serverOpen();
+  WS.last().serverSend(established({ zones: [] }));
+  WS.last().serverSend(subscribed(['pjm']));
+  const answer = client.addZones(['secret']);
+  WS.last().serverClose(4003, 'token does not allow this zone');
+  assert.deepEqual((await answer).rejected.map((r) => [r.zone, r.code]), [['secret', 'forbidden_zone']]);
+  assert.equal(WS.sockets.length, 2, 'reconnected at once');
+  assert.equal(client.status, 'connecting');
+  WS.last().serverOpen();
+  WS.last().serverSend(established({ zones: [] }));
+  assert.deepEqual(WS.last().sent, [{ type: 'subscribe', zones: ['pjm'] }]);
+  assert.deepEqual(client.zones, ['pjm']);
+  assert.equal(zoneEvents.at(-1).rejected[0].zone, 'secret');
+});
+
+test('a 4003 on the subscribe at connect stays terminal (which zone is unknown)', () => {
+  const { client, WS } = watching(['pjm', 'secret']);
+  WS.last().serverOpen();
+  WS.last().serverSend(established({ zones: [] }));
+  WS.last().serverClose(4003, 'token does not allow this zone');
+  assert.equal(client.status, 'failed');
+});
