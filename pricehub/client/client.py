@@ -72,8 +72,11 @@ _SSE_STATUS_CODES = {
     401: CloseCode.INVALID_TOKEN,
     403: CloseCode.FORBIDDEN_ZONE,
     404: CloseCode.POLICY,
+    422: CloseCode.POLICY,  # too many zones
     503: CloseCode.TRY_AGAIN_LATER,
 }
+# Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
+_CURSOR_TYPES = (MessageType.PRICE_UPDATE, MessageType.INITIAL_DATA)
 _SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
 
 
@@ -490,7 +493,7 @@ class PriceClient:
                 await self._dispatch(message)
                 # A cursor is only safe to resume from once nothing is held back: held
                 # updates are lost if the stream dies before their resume_complete.
-                if event.id and not self._held and message.get("type") == MessageType.PRICE_UPDATE:
+                if event.id and not self._held and message.get("type") in _CURSOR_TYPES:
                     self._sse_cursor = event.id
             elif message.get("type") != MessageType.CONNECTION_ESTABLISHED:
                 logger.warning("ignoring %s before connection_established", message.get("type"))

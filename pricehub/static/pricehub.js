@@ -68,7 +68,9 @@ export function describeClose(code, reason = '') {
  * What an HTTP status of the SSE endpoint means, as the WebSocket close code carrying the same
  * advice (PROTOCOL.md): the reconnect rules then treat both transports alike.
  */
-export const SSE_STATUS_CLOSE_CODES = Object.freeze({ 401: 4001, 403: 4003, 404: 1008, 503: 1013 });
+export const SSE_STATUS_CLOSE_CODES = Object.freeze({
+  401: 4001, 403: 4003, 404: 1008, 422: 1008, 503: 1013,
+});
 
 /**
  * Incremental text/event-stream parser (WHATWG rules). feed(text) returns the events that the
@@ -614,7 +616,13 @@ export class PriceHubClient extends EventTarget {
       return;
     }
     if (ws.oneWay) {
-      if (event.badCursor) this._sseCursor = ''; // e.g. from another server lineage
+      if (event.badCursor && this._sseCursor) {
+        // A cursor the server no longer takes (e.g. made for another set of zones): the
+        // cause is gone with it, so open again at once; the zones report gaps instead.
+        this._sseCursor = '';
+        this._open(this._attempts);
+        return;
+      }
       if (event.routeMissing && this.options.transport === 'auto') {
         // No SSE on this server: go on with the WebSocket and its own failure.
         this._sseUnavailable = true;
@@ -737,7 +745,7 @@ export class PriceHubClient extends EventTarget {
     if (handler) handler.call(this, msg);
     // A stream's cursor is only safe to resume from while nothing is held back for a resume:
     // held prices are lost if the stream dies before their resume_complete.
-    if (event.lastEventId && msg.type === 'price_update' && this._resuming.size === 0) {
+    if (event.lastEventId && CURSOR_TYPES.includes(msg.type) && this._resuming.size === 0) {
       this._sseCursor = event.lastEventId;
     }
     this.dispatchEvent(new PriceHubEvent('message', msg));
@@ -870,6 +878,9 @@ export class PriceHubClient extends EventTarget {
     this.dispatchEvent(new PriceHubEvent('price', { price, flags }));
   }
 }
+
+// Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
+const CURSOR_TYPES = Object.freeze(['price_update', 'initial_data']);
 
 const SUBSCRIBE_ERRORS = Object.freeze(['unknown_zone', 'forbidden_zone', 'invalid_message',
   'rate_limited']);

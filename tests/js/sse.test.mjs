@@ -65,6 +65,7 @@ describe('SseConnection', () => {
     [404, '404: Not Found', 1006, { routeMissing: true }],
     [503, '{"error":"over_limit","message":"busy"}', 1013, {}],
     [400, '{"error":"invalid_cursor","message":"bad cursor"}', 1006, { badCursor: true }],
+    [422, '{"error":"too_many_zones","message":"too many zones"}', 1008, {}],
   ]) {
     test(`HTTP ${status} ${body.slice(0, 20)} closes with ${code}`, async () => {
       const fetch = fakeFetch();
@@ -155,6 +156,29 @@ describe('transport fallback', () => {
     clock.advance(2500);
     assert.equal(fetch.lastStream().headers['Last-Event-ID'], 'cur-1');
     assert.equal(client.lastSeq('pjm'), 2, 'the replayed price itself was delivered');
+  });
+
+  test('a cursor the server refuses (400) is dropped and the stream reopened at once', async () => {
+    const { client, clock, WS, fetch, events } = autoClient({ zones: ['pjm', 'ercot'] });
+    client.connect();
+    WS.last().refuse();
+    let stream = await fetch.respondTo(fetch.lastStream(), 200);
+    stream.push(sseEvent(established()));
+    stream.push(sseEvent(priceUpdate('pjm', 1, 40), 'cur-1'));
+    await flush();
+    stream.end();
+    await flush();
+    clock.advance(1500);
+    await fetch.respondTo(fetch.lastStream(), 400, '{"error":"invalid_cursor","message":"no"}');
+    await flush();
+    const last = fetch.lastStream();
+    assert.equal(last.headers['Last-Event-ID'], undefined);
+    assert.equal(events.status.filter((s) => s.status === 'reconnecting').length, 1);
+    stream = await fetch.respondTo(last, 200);
+    stream.push(sseEvent(established()));
+    await flush();
+    assert.deepEqual(events.gap.map((g) => g.zone), ['pjm'], 'pjm could not be resumed');
+    assert.equal(client.status, 'connected');
   });
 
   test('a server without SSE (404): the WebSocket failure counts, then WebSocket again', async () => {
