@@ -40,6 +40,7 @@ from pricehub.server.publisher import Publisher
 from pricehub.server.settings import Settings
 from pricehub.server.socket import handler as ws
 from pricehub.server.socket.connection import SendLimits
+from pricehub.server.sse import handler as sse
 from pricehub.server.stats import Stats
 from pricehub.storage import Storage, create_storage
 from pricehub.storage.errors import StorageError
@@ -80,6 +81,8 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     app[INSTANCE_ID] = uuid.uuid4().hex[:12]
     app.router.add_get(paths.WS_MARKET, ws.market_socket)
     app.router.add_get(paths.WS_PRICES, ws.prices_socket)
+    app.router.add_get(paths.SSE_MARKET, sse.market_stream)
+    app.router.add_get(paths.SSE_PRICES, sse.prices_stream)
     api.add_routes(app)
     metrics.add_routes(app)
     app.cleanup_ctx.extend([storage_ctx, background_ctx])

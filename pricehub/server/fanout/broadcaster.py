@@ -28,10 +28,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
-from pricehub.server.socket.connection import Connection
+from pricehub.server.socket.connection import DEFLATE, Connection
+from pricehub.server.sse.connection import SSE, SseConnection, chunk
 from pricehub.storage import StoredPrice
-from pricehub.wire import messages
+from pricehub.wire import messages, sse
 from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.sse import encode_cursor
 
 __all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
 
@@ -39,8 +41,9 @@ __all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
 DEFAULT_CLOSE_GRACE = 5.0
 FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
 
-# One accepted price of the current tick: zone, plain frame, compressed frame (or None).
-TickFrame = tuple[str, bytes, bytes | None]
+# One accepted price of the current tick: zone, seq, plain frame, compressed frame (or
+# None), SSE event lines without the id (or None): each built once, for every stream.
+TickFrame = tuple[str, int, bytes, bytes | None, bytes | None]
 
 
 def _ignore(_seconds: float) -> None:
@@ -48,26 +51,55 @@ def _ignore(_seconds: float) -> None:
 
 
 class Audience:
-    """Connections with the same zones and encoding: byte-identical data every tick."""
+    """Connections with the same zones and encoding: byte-identical data every tick.
 
-    __slots__ = ("bytes", "deflate", "dirty", "frames", "members", "writes", "zones")
+    SSE audiences also share the ``id:`` cursor of every event: their members are in
+    step, so the epoch and each zone's last seq are the same for all of them.
+    """
 
-    def __init__(self, zones: frozenset[str], *, deflate: bool) -> None:
+    __slots__ = (
+        "bytes", "cursor", "dirty", "encoding", "epoch", "frames", "members", "writes", "zones",
+    )
+
+    def __init__(
+        self, zones: frozenset[str], *, encoding: str, last_seq: dict[str, int], epoch: str
+    ) -> None:
         self.zones = zones
-        self.deflate = deflate
+        self.encoding = encoding
         self.members: dict[Connection, None] = {}
         self.dirty = False  # some of this tick's frames are for it and not yet written
         # What each member got while in it: counted here once per tick, not per member.
         self.bytes = self.frames = self.writes = 0
+        self.epoch = epoch
+        # SSE: each zone's seq as of the last written tick (the next event's id builds on it).
+        self.cursor = {zone: last_seq.get(zone, 0) for zone in zones} if encoding == SSE else {}
 
     def share(self, tick: list[TickFrame]) -> list[bytes]:
-        """Its share of the tick, in the order the prices were accepted."""
-        deflate, zones = self.deflate, self.zones
+        """Its share of the tick, in the order the prices were accepted (pure: the
+        cursor moves in ``commit``, once per tick, however many members take a share)."""
+        zones, encoding = self.zones, self.encoding
+        if encoding == SSE:
+            return self._sse_share(tick)
+        deflate = encoding == DEFLATE
         return [
             (deflated or plain) if deflate else plain
-            for zone, plain, deflated in tick
+            for zone, _seq, plain, deflated, _sse in tick
             if zone in zones
         ]
+
+    def _sse_share(self, tick: list[TickFrame]) -> list[bytes]:
+        cursor, zones, shared = dict(self.cursor), self.zones, []
+        for zone, seq, _plain, _deflated, event in tick:
+            if zone in zones and event is not None:
+                cursor[zone] = seq
+                shared.append(event + b"id: " + encode_cursor(self.epoch, self.zones, cursor)
+                              + b"\n\n")
+        return shared
+
+    def commit(self, last_seq: dict[str, int]) -> None:
+        """After the tick's shared write: the cursor is at the zones' last seqs."""
+        if self.encoding == SSE:
+            self.cursor = {zone: last_seq.get(zone, 0) for zone in self.zones}
 
 
 class Broadcaster:
@@ -89,9 +121,10 @@ class Broadcaster:
         self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
         self._individual: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
         self._audiences_of: dict[str, dict[Audience, None]] = {zone: {} for zone in zones}
-        self._audiences: dict[tuple[frozenset[str], bool], Audience] = {}
+        self._audiences: dict[tuple[frozenset[str], str], Audience] = {}
         self._last_seq: dict[str, int] = dict.fromkeys(zones, 0)
         self._deflating: dict[str, int] = dict.fromkeys(zones, 0)  # deflate subscribers
+        self._sse: dict[str, int] = dict.fromkeys(zones, 0)  # SSE subscribers
         self.deflater = deflater or Deflater()
         self.conflation_events = 0
         self.slow_consumer_closes = 0
@@ -130,6 +163,7 @@ class Broadcaster:
         if connection not in self.subscribers[zone]:
             self.subscribers[zone][connection] = None
             self._deflating[zone] += connection.deflater is not None
+            self._sse[zone] += connection.encoding == SSE
         self._individual[zone][connection] = None
         self._candidates[connection] = None
 
@@ -145,7 +179,13 @@ class Broadcaster:
         if connection in subscribers:
             del subscribers[connection]
             self._deflating[zone] -= connection.deflater is not None
+            self._sse[zone] -= connection.encoding == SSE
         self._individual[zone].pop(connection, None)
+
+    def connections_by_transport(self) -> dict[str, int]:
+        """Open connections per transport (``ws``, ``sse``), both always present."""
+        sse_streams = sum(1 for connection in self.connections if connection.encoding == SSE)
+        return {"ws": len(self.connections) - sse_streams, "sse": sse_streams}
 
     def connections_by_zone(self) -> dict[str, int]:
         return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
@@ -168,6 +208,8 @@ class Broadcaster:
             # broadcast seq has now been written or queued.
             connection.streams[zone].last_seq = self._last_seq[zone]
             self._individual[zone][connection] = None
+        if isinstance(connection, SseConnection):
+            connection.join_cursor(self._last_seq)  # its pending share ends there too
         self._candidates[connection] = None
 
     def _leave_audience(self, connection: Connection) -> None:
@@ -177,7 +219,7 @@ class Broadcaster:
         connection.leave()
         del audience.members[connection]
         if not audience.members:
-            del self._audiences[audience.zones, audience.deflate]
+            del self._audiences[audience.zones, audience.encoding]
             for zone in audience.zones:
                 del self._audiences_of[zone][audience]
 
@@ -192,10 +234,12 @@ class Broadcaster:
         for zone, stream in streams.items():
             if stream.syncing or stream.last_seq != last_seq[zone]:
                 return False
-        key = (frozenset(streams), connection.deflater is not None)
+        key = (frozenset(streams), connection.encoding)
         audience = self._audiences.get(key)
         if audience is None:
-            audience = self._audiences[key] = Audience(key[0], deflate=key[1])
+            audience = self._audiences[key] = Audience(
+                key[0], encoding=key[1], last_seq=last_seq, epoch=connection.epoch
+            )
             for zone in audience.zones:
                 self._audiences_of[zone][audience] = None
         audience.members[connection] = None
@@ -223,15 +267,20 @@ class Broadcaster:
         payload = messages.price_update(price.payload)
         frame = messages.text_frame(payload)
         deflated = self.deflater.frame(payload) if self._deflating[zone] else None
+        event = sse.event_data(payload) if self._sse[zone] else None
         if audiences:
-            self._tick.append((zone, frame, deflated))
+            self._tick.append((zone, price.seq, frame, deflated, event))
             for audience in audiences:
                 if not audience.dirty:
                     audience.dirty = True
                     self._dirty_audiences.append(audience)
             self._schedule_flush()
         for connection in individual:
-            connection.deliver(price, deflated if connection.deflater and deflated else frame)
+            encoding = connection.encoding
+            if encoding == SSE:
+                connection.deliver(price, event or b"")
+            else:
+                connection.deliver(price, deflated if encoding == DEFLATE and deflated else frame)
 
     def on_backend_changed(self, backend: str) -> None:
         self.send_all(messages.storage_backend_changed(backend, now=messages.utc_now()))
@@ -306,7 +355,10 @@ class Broadcaster:
         for audience in audiences:
             audience.dirty = False
             frames = audience.share(tick)
+            audience.commit(self._last_seq)
             data, count = b"".join(frames), len(frames)
+            if audience.encoding == SSE:
+                data = chunk(data)  # HTTP/1.1 chunked framing, once for the audience
             audience.bytes += len(data)
             audience.frames += count
             audience.writes += 1
@@ -410,7 +462,7 @@ async def close_socket(connection: Connection, code: int, message: str, *, grace
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 reason = messages.close_reason(message)
-                await connection.ws.close(code=code, message=reason, drain=False)
+                await connection.end(code, reason)
                 # asyncio has no event for "transport drained" once it is closing.
                 while transport.get_write_buffer_size():  # noqa: ASYNC110
                     await asyncio.sleep(FLUSH_POLL)

@@ -165,6 +165,13 @@ METRICS: tuple[MetricSpec, ...] = (
         scalar(lambda s: len(s.broadcaster.connections)),
     ),
     MetricSpec(
+        "pricehub_connections_open_by_transport", "gauge",
+        "Open connections by transport: WebSocket (ws) or Server-Sent Events stream (sse).",
+        lambda s: [((transport,), n) for transport, n in
+                   s.broadcaster.connections_by_transport().items()],
+        ("transport",),
+    ),
+    MetricSpec(
         "pricehub_zone_subscribers", "gauge",
         "Open WebSocket connections subscribed to the zone (a multi-zone socket counts "
         "once in each of its zones).",

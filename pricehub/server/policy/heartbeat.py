@@ -23,7 +23,9 @@ def reap_once(
     """One pass: ping the sockets due for a ping, close the silent ones. Returns closes."""
     closed = 0
     for connection in list(broadcaster.connections):
-        if now - connection.last_seen >= timeout:
+        if connection.transport.is_closing():
+            connection.transport_lost()  # gone without a close; SSE learns it only here
+        elif now - connection.last_seen >= timeout:
             broadcaster.close(
                 connection, CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout",
                 reason=DisconnectReason.HEARTBEAT,

@@ -35,23 +35,26 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Protocol
 
+from aiohttp import web
+
 from pricehub.server.policy.resume import ZoneStream
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.wire import messages
 from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from pricehub.server.fanout.broadcaster import Audience
     from pricehub.storage import StoredPrice
 
 __all__ = [
-    "DEFAULT_MAX_LAG", "Connection", "FlushScheduler", "SendLimits",
+    "DEFAULT_MAX_LAG", "DEFLATE", "PLAIN", "Connection", "FlushScheduler", "SendLimits",
     "kernel_unsent",
 ]
 
 PING_FRAME = b"\x89\x00"
+# Encodings (``Connection.encoding``): how a connection frames what it is sent.
+PLAIN = "ws"
+DEFLATE = "ws+deflate"
 # Prices this late are stale for a trading UI: better the newest one when it catches up.
 DEFAULT_MAX_LAG = 2.0
 _NO_BYTES = bytes(4)
@@ -117,15 +120,15 @@ class Connection:
     __slots__ = (
         "_bytes", "_frames", "_writes", "audience", "audience_base", "checkpoint_at",
         "checkpoint_bytes", "closing", "conflated", "conflating_since", "deflater",
-        "disconnect_reason", "id", "last_ping", "last_seen", "limits", "messages_received",
-        "next_check", "opened_at", "outbox", "scheduler", "sock", "streams",
-        "transport", "ws",
+        "disconnect_reason", "encoding", "epoch", "id", "last_ping", "last_seen", "limits",
+        "messages_received", "next_check", "opened_at", "outbox", "scheduler", "sock",
+        "streams", "transport", "ws",
     )
 
     def __init__(
         self,
         *,
-        ws: web.WebSocketResponse,
+        ws: web.StreamResponse,
         transport: asyncio.Transport,
         scheduler: FlushScheduler,
         limits: SendLimits,
@@ -141,6 +144,9 @@ class Connection:
             if ws.deflate:
                 self.deflater = scheduler.deflater
             ws.before_close = self._sealed_by_close
+        # Audiences share bytes only among connections that frame them alike.
+        self.encoding = PLAIN if self.deflater is None else DEFLATE
+        self.epoch = ""  # the lineage its cursors name (SSE streams only)
         self.streams: dict[str, ZoneStream] = {}
         self.outbox: list[bytes] = []
         # Set by the broadcaster while this connection gets its audience's shared writes;
@@ -332,6 +338,18 @@ class Connection:
                 reason=DisconnectReason.SLOW_CONSUMER,
             )
         return False
+
+    # --- ending -----------------------------------------------------------------------
+
+    async def end(self, code: int, reason: bytes) -> None:
+        """Send the close handshake (``close_socket`` bounds it and frees the socket)."""
+        ws = self.ws
+        assert isinstance(ws, web.WebSocketResponse)
+        await ws.close(code=code, message=reason, drain=False)
+
+    def transport_lost(self) -> None:
+        """The peer went away (the reaper saw the transport closing). A WebSocket's
+        reader notices by itself; transports without a reader (SSE) end here."""
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()

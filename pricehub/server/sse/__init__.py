@@ -1,0 +1,1 @@
+"""Server-Sent Events: the same feed as the WebSocket over plain HTTP streaming."""

@@ -1,0 +1,309 @@
+"""The Server-Sent Events transport through real HTTP streams (PROTOCOL.md, "Server-Sent
+Events transport"): events, cursors, ``Last-Event-ID`` resume, admission, heartbeat,
+slow streams, shutdown and resume across restarts and instances."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+
+from pricehub.server.keys import BROADCASTER, STATS
+from pricehub.wire import paths
+from tests.redisproc import RedisProcess
+from tests.serverproc import ServerProcess
+from tests.ssestream import Event, EventStream
+from tests.support import PUBLISH_KEY, Client, MakeClient, eventually, publish
+
+MARKET = paths.sse_market("pjm")
+
+
+@asynccontextmanager
+async def stream(
+    client: Client, path: str, *, headers: dict[str, str] | None = None
+) -> AsyncIterator[EventStream]:
+    response = await client.get(path, headers=headers or {})
+    assert response.status == 200, await response.text()
+    try:
+        yield EventStream(response)
+    finally:
+        response.close()
+
+
+def price(zone: str, value: float) -> dict[str, Any]:
+    return {"market_zone": zone, "price": value}
+
+
+def updates(events: list[Event]) -> list[tuple[str, int]]:
+    return [(e.data["market_zone"], e.data["seq"]) for e in events if e.type == "price_update"]
+
+
+async def test_single_zone_stream_sends_retry_established_initial_data_and_ids(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, price("pjm", 40.0))
+    response = await client.get(MARKET)
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert await response.content.readline() == b"retry: 1000\n"  # the first line
+    events = EventStream(response)
+    hello = await events.next()
+    assert hello.type == "connection_established" and hello.data["transport"] == "sse"
+    assert hello.data["market_zone"] == "pjm" and hello.id is None
+    initial = await events.next()
+    assert initial.type == "initial_data" and initial.data["latest_price"]["seq"] == 1
+    await publish(client, price("pjm", 41.0))
+    update = await events.next()
+    assert update.type == "price_update" and update.data["seq"] == 2
+    assert update.data["price"] == 41.0 and "replay" not in update.data
+    assert update.id is not None and update.id.isascii() and " " not in update.id
+    assert update.id.startswith(hello.data["epoch"] + ".") and update.id.endswith(".2")
+    response.close()
+
+
+async def test_multi_zone_stream_cursor_names_every_zone(make_client: MakeClient) -> None:
+    client = await make_client()
+    async with stream(client, paths.SSE_PRICES + "?zones=pjm,ercot") as events:
+        hello = await events.next()
+        assert hello.data["zones"] == ["pjm", "ercot"]
+        await publish(client, price("pjm", 1.0), price("ercot", 2.0), price("pjm", 3.0))
+        seen = await events.until(lambda e: e.type == "price_update" and e.data["seq"] == 2)
+        assert updates(seen) == [("pjm", 1), ("ercot", 1), ("pjm", 2)]
+        ids = [e.id for e in seen if e.type == "price_update"]
+        # sorted zones: ercot then pjm
+        assert [i.split(".")[2:] if i else None for i in ids] == [
+            ["0", "1"], ["1", "1"], ["1", "2"],
+        ]
+
+
+async def test_last_event_id_resumes_exactly(make_client: MakeClient) -> None:
+    client = await make_client()
+    path = paths.SSE_PRICES + "?zones=pjm,ercot"
+    async with stream(client, path) as events:
+        await events.next()
+        await publish(client, price("pjm", 1.0), price("ercot", 1.0))
+        await events.until(lambda e: e.data.get("market_zone") == "ercot")
+        cursor = events.last_id
+    assert cursor is not None
+    await publish(client, price("pjm", 2.0), price("pjm", 3.0), price("ercot", 2.0))
+    async with stream(client, path, headers={"Last-Event-ID": cursor}) as events:
+        seen = await events.until(
+            lambda e: e.type == "resume_complete" and e.data["market_zone"] == "ercot"
+        )
+        replayed = [e for e in seen if e.type == "price_update"]
+        assert updates(replayed) == [("pjm", 2), ("pjm", 3), ("ercot", 2)]
+        assert all(e.data["replay"] is True for e in replayed)
+        completes = [e.data for e in seen if e.type == "resume_complete"]
+        assert [(c["market_zone"], c["recovered"]) for c in completes] == [
+            ("pjm", True), ("ercot", True),
+        ]
+        assert not [e for e in seen if e.type == "initial_data"]
+        await publish(client, price("pjm", 4.0))
+        live = await events.next()
+        assert (live.data["seq"], "replay" in live.data) == (4, False)
+
+
+async def test_since_and_epoch_query_resume_on_the_single_zone_stream(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client()
+    await publish(client, price("pjm", 1.0), price("pjm", 2.0), price("pjm", 3.0))
+    async with stream(client, MARKET) as events:
+        epoch = (await events.next()).data["epoch"]
+    async with stream(client, f"{MARKET}?since=1&epoch={epoch}") as events:
+        seen = await events.until(lambda e: e.type == "resume_complete")
+        assert [e.data["seq"] for e in seen if e.type == "price_update"] == [2, 3]
+        assert seen[-1].data["recovered"] is True
+    async with stream(client, f"{MARKET}?since=1&epoch=another") as events:
+        seen = await events.until(lambda e: e.type == "resume_complete")
+        assert seen[-1].data["recovered"] is False
+        assert [e.type for e in seen[1:]] == ["initial_data", "resume_complete"]
+
+
+@pytest.mark.parametrize(
+    "last_event_id",
+    ["garbage", "abc.00000000.1", "e.deadbeef.x", "e" + "." * 5000, "\u00e9poch.1.2"],
+    ids=["garbage", "wrong-hash", "not-a-seq", "too-long", "not-ascii"],
+)
+async def test_malformed_cursor_is_400_with_json(
+    make_client: MakeClient, last_event_id: str
+) -> None:
+    client = await make_client()
+    response = await client.get(MARKET, headers={"Last-Event-ID": last_event_id})
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"] == "invalid_cursor" and body["message"]
+
+
+async def test_cursor_of_another_zone_set_is_400(make_client: MakeClient) -> None:
+    client = await make_client()
+    async with stream(client, MARKET) as events:
+        await events.next()
+        await publish(client, price("pjm", 1.0))
+        await events.until(lambda e: e.type == "price_update")
+        cursor = events.last_id
+    assert cursor is not None
+    response = await client.get(paths.sse_market("ercot"), headers={"Last-Event-ID": cursor})
+    assert response.status == 400
+
+
+async def test_admission_answers_with_http_status_before_the_stream(
+    make_client: MakeClient,
+) -> None:
+    secret = "s" * 32
+    client = await make_client(jwt_secret=secret, allowed_origins=("https://desk.example",))
+    token = jwt.encode({"exp": int(time.time()) + 60, "zones": ["pjm"]}, secret)
+    assert (await client.get(paths.sse_market("nowhere") + f"?token={token}")).status == 404
+    missing = await client.get(MARKET)
+    assert missing.status == 401 and (await missing.json())["error"] == "unauthorized"
+    assert (await client.get(paths.sse_market("ercot") + f"?token={token}")).status == 403
+    evil = await client.get(MARKET + f"?token={token}", headers={"Origin": "https://evil.example"})
+    assert evil.status == 403
+    good = await client.get(MARKET + f"?token={token}", headers={"Origin": "https://desk.example"})
+    assert good.status == 200
+    assert good.headers["Access-Control-Allow-Origin"] == "https://desk.example"
+    good.close()
+    bearer = await client.get(MARKET, headers={"Authorization": f"Bearer {token}"})
+    assert bearer.status == 200
+    bearer.close()
+    rejected = client.app[STATS].rejected_connections
+    assert rejected["unknown_zone"] == 1 and rejected["auth"] == 1
+    assert rejected["forbidden_zone"] == 1 and rejected["origin"] == 1
+
+
+async def test_connection_limit_is_503(make_client: MakeClient) -> None:
+    client = await make_client(max_connections_per_ip=1)
+    async with stream(client, MARKET) as events:
+        await events.next()
+        over = await client.get(MARKET)
+        assert over.status == 503 and (await over.json())["error"] == "over_capacity"
+    # The slot comes back once the first stream is gone.
+    await eventually(lambda: client.app[STATS].total_disconnections == 1)
+    async with stream(client, MARKET) as events:
+        assert (await events.next()).type == "connection_established"
+
+
+async def test_heartbeat_is_a_ping_comment_and_a_reading_stream_stays_open(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(heartbeat_interval=0.2, heartbeat_timeout=1.0)
+    async with stream(client, MARKET) as events:
+        await events.next()
+        started = time.monotonic()
+        pings = 0
+        while time.monotonic() - started < 2.5:  # well past the heartbeat timeout
+            assert await events.comment(timeout=5) == "ping"
+            pings += 1
+        assert pings >= 5
+        assert client.app[STATS].disconnections["heartbeat_timeout"] == 0
+
+
+async def test_stats_and_metrics_count_streams_by_transport(make_client: MakeClient) -> None:
+    client = await make_client()
+    ws = await client.ws_connect(paths.ws_market("pjm"))
+    async with stream(client, MARKET) as events:
+        await events.next()
+        stats = await (await client.get(paths.STATS)).json()
+        assert stats["total_connections"] == 2
+        assert stats["connections_by_transport"] == {"ws": 1, "sse": 1}
+        text = await (await client.get(paths.METRICS)).text()
+        assert 'pricehub_connections_open_by_transport{transport="sse"} 1.0' in text
+        assert 'pricehub_connections_open_by_transport{transport="ws"} 1.0' in text
+    await ws.close()
+
+
+async def test_a_stream_that_is_not_read_is_conflated_then_closed(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(
+        send_high_water=4096, send_hard_limit=65536, slow_consumer_timeout=1.0, send_max_lag=0.2
+    )
+    port = client.server.port
+    assert port is not None
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # A tiny receive window and never reading: the server's writes back up quickly.
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(f"GET {MARKET} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await eventually(lambda: client.app[STATS].total_connections == 1)
+    for start in range(0, 4000, 500):
+        await publish(client, *[price("pjm", float(i)) for i in range(start, start + 500)])
+    await eventually(
+        lambda: client.app[STATS].disconnections["slow_consumer"] == 1, within=15
+    )
+    writer.close()
+
+
+def test_stream_ends_on_shutdown_and_resumes_across_a_restart_on_redis() -> None:
+    """SIGTERM ends the stream; the cursor resumes on the restarted server and on a
+    second instance of the same Redis (same epoch, same seqs)."""
+    with RedisProcess() as redis_server:
+        url = redis_server.url
+        a = ServerProcess("--no-simulate", publish_key=PUBLISH_KEY, redis_url=url)
+        b = ServerProcess("--no-simulate", publish_key=PUBLISH_KEY, redis_url=url)
+        with a, b:
+            asyncio.run(_restart_and_resume(a, b))
+
+
+async def drain_to_end(events: EventStream) -> None:
+    """Read until the stream ends (bounded by each read's deadline)."""
+    while True:
+        try:
+            await events.next(timeout=10)
+        except EOFError:
+            return
+
+
+async def _restart_and_resume(a: ServerProcess, b: ServerProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(a.url + MARKET)
+        events = EventStream(response)
+        await events.next()
+        for value in (1.0, 2.0):
+            await a.publish(price("pjm", value))
+        await events.until(lambda e: e.type == "price_update" and e.data["seq"] == 2)
+        cursor = events.last_id
+        assert cursor is not None
+        await a.stop_async()
+        await drain_to_end(events)  # the stream ended with the server
+        await b.publish(price("pjm", 3.0))
+        await a.start_async()
+        await b.publish(price("pjm", 4.0))
+        for server in (a, b):
+            response = await session.get(server.url + MARKET, headers={"Last-Event-ID": cursor})
+            assert response.status == 200
+            resumed = EventStream(response)
+            seen = await resumed.until(lambda e: e.type == "resume_complete")
+            assert [e.data["seq"] for e in seen if e.type == "price_update"] == [3, 4]
+            assert seen[-1].data["recovered"] is True
+            response.close()
+
+
+async def test_streams_in_step_share_one_encoding_and_one_cursor(make_client: MakeClient) -> None:
+    """Three streams on the same zones form one audience: each update is encoded once and
+    the same bytes (ids included) reach all three."""
+    client = await make_client()
+    path = paths.SSE_PRICES + "?zones=ercot,pjm"
+    async with stream(client, path) as a, stream(client, path) as b, stream(client, path) as c:
+        for events in (a, b, c):
+            await events.next()
+        await publish(client, price("pjm", 1.0))
+        for events in (a, b, c):
+            await events.until(lambda e: e.type == "price_update")
+        broadcaster = client.app[BROADCASTER]
+        audiences = [aud for aud in broadcaster._audiences.values() if aud.encoding == "sse"]
+        assert len(audiences) == 1 and len(audiences[0].members) == 3
+        await publish(client, price("ercot", 2.0), price("pjm", 3.0))
+        got = [await events.until(lambda e: e.data.get("seq") == 2) for events in (a, b, c)]
+        assert got[0] == got[1] == got[2]
+        assert [e.id.split(".")[2:] for e in got[0] if e.id] == [["1", "1"], ["1", "2"]]
