@@ -37,14 +37,3 @@ def sse_market(zone: str) -> str:
 
 def history(zone: str) -> str:
     return HISTORY.format(zone=zone)
-
-# Server-Sent Events transport (PROTOCOL.md "Server-Sent Events transport"): the same feed
-# as text/event-stream for networks that strip the WebSocket upgrade.
-SSE_PREFIX = "/api/ws/sse"
-SSE_MARKET = f"{SSE_PREFIX}/market/{{zone}}"  # one zone; query since, epoch, token
-SSE_PRICES = f"{SSE_PREFIX}/prices"  # several zones; query zones, token; resume: Last-Event-ID
-__all__ += ["SSE_MARKET", "SSE_PREFIX", "SSE_PRICES", "sse_market"]
-
-
-def sse_market(zone: str) -> str:
-    return SSE_MARKET.format(zone=zone)
