@@ -566,14 +566,17 @@ async def test_sse_transport_against_the_real_server(server: ServerProcess) -> N
     if await asyncio.to_thread(_sse_route_missing, server):
         pytest.skip("this server has no SSE endpoint yet (branch sse)")
     log = StatusLog()
-    async with make_client(server.url, "pjm", GatedSleep(), log, transport="sse") as client:
+    sleep = GatedSleep(open_=False)  # the reconnect waits until the server is back
+    async with make_client(server.url, "pjm", sleep, log, transport="sse") as client:
         await log.wait_for(lambda s: s.state == "connected")
         seqs = await publish(server, "pjm", 1.0, 2.0, 3.0)
         events = updates(await take(client, 3))
         assert [event.seq for event in events] == seqs
+        mark = len(log.statuses)
         await server.stop_async()
         await server.start_async()
-        await log.wait_for(lambda s: s.state == "connected", after=len(log.statuses))
+        sleep.open()
+        await log.wait_for(lambda s: s.state == "connected", after=mark)
         more = await publish(server, "pjm", 4.0)
         tail = await take(client, 2)  # a gap (new in-memory epoch), then the new price
     assert isinstance(tail[0], Gap)
