@@ -697,3 +697,35 @@ def test_the_page_falls_back_to_sse_in_a_real_browser(browser: Any) -> None:
         assert site.stream_requests[1].get("Last-Event-ID") == "cur-3"
         assert page.evaluate("window.pricehubDashboard.counters.gaps") == 0
         assert page_errors == []
+
+
+def test_the_picker_works_over_sse(browser: Any) -> None:
+    """Over SSE nothing can be sent: adding a zone checks it over HTTP and reopens the
+    stream with the longer list; an unknown one is refused without touching the stream."""
+    from playwright.sync_api import expect
+
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        if _sse_route_missing(server):
+            pytest.skip("this server has no SSE endpoint yet (branch sse)")
+        _publish(server, {"market_zone": "pjm", "price": 11.0})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm&transport=sse&{FAST_BACKOFF}")
+        badge = page.locator("#conn-badge")
+        expect(badge).to_have_text(re.compile(r"Live · SSE"), timeout=WAIT_MS)
+        expect(page.locator('[data-zone="pjm"] [data-field=price]')).to_have_text("11.00")
+        page.fill("#zone-input", "nozone")
+        page.press("#zone-input", "Enter")
+        expect(page.locator("#zone-msg")).to_have_text("Unknown zone: NOZONE.", timeout=WAIT_MS)
+        page.fill("#zone-input", "ERCOT")
+        page.press("#zone-input", "Enter")
+        expect(page.locator('[data-zone="ercot"]')).to_be_visible()
+        _wait_watched(server, {"pjm": 1, "ercot": 1})
+        expect(badge).to_have_text(re.compile(r"Live · SSE"), timeout=WAIT_MS)
+        _publish(
+            server, {"market_zone": "ercot", "price": 22.0}, {"market_zone": "pjm", "price": 12.0}
+        )
+        expect(page.locator('[data-zone="ercot"] [data-field=price]')).to_have_text(
+            "22.00", timeout=WAIT_MS
+        )
+        expect(page.locator('[data-zone="pjm"] [data-field=price]')).to_have_text("12.00")
+        expect(page.locator("[data-zone]")).to_have_count(2)
