@@ -568,7 +568,8 @@ def test_behind_a_proxy_that_refuses_websockets_the_page_goes_live_over_sse(
             pytest.skip("this server has no SSE endpoint yet (branch sse)")
         with HostProxy(server.port, keep_port=True, refuse_upgrades=True) as proxy:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(f"{proxy.url}/?zones=pjm,ercot&{FAST_BACKOFF}")
+            # Up to ~13 s of attempts: a restart on Redis may outlast the default five.
+            page.goto(f"{proxy.url}/?zones=pjm,ercot&max_attempts=8&{FAST_BACKOFF}")
             badge = page.locator("#conn-badge")
             expect(badge).to_have_attribute("data-state", "live", timeout=WAIT_MS)
             expect(badge).to_have_text(re.compile(r"Live · SSE"))

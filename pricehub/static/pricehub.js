@@ -447,7 +447,8 @@ export class PriceHubClient extends EventTarget {
           message: String(err.message ?? err) });
       }
     }
-    const added = zones.filter((z) => !rejected.some((r) => r.zone === z));
+    const added = zones.filter((z) => !rejected.some((r) => r.zone === z)
+      && !this._zones.includes(z));
     this._zones.push(...added);
     if (added.length) this._restartStream();
     this._emitZones({ added, rejected });
@@ -463,10 +464,16 @@ export class PriceHubClient extends EventTarget {
     this.dispatchEvent(new PriceHubEvent('zones', { zones: this.zones, added, removed, rejected }));
   }
 
-  /** Replace the open stream at once (not a reconnect attempt): its URL names the zones. */
+  /**
+   * Replace the stream at once (not a reconnect attempt): its URL names the zones. A cursor
+   * is made for one set of zones, so it goes: the zones kept report a gap and reload their
+   * history. Between attempts (no stream) the next attempt simply uses the new list.
+   */
   _restartStream() {
+    if (!this._ws) return;
     const ws = this._detach();
-    if (ws) ws.close(1000, 'zones changed');
+    ws.close(1000, 'zones changed');
+    this._sseCursor = '';
     this._open(this._attempts);
   }
 
