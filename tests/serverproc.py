@@ -178,3 +178,15 @@ class ServerProcess:
             if response.status != 202:
                 raise AssertionError(f"publish answered {response.status}: {body}")
             return list(body["accepted"])
+
+
+def many_zones_config(directory: Path, count: int) -> Path:
+    """A ``--config`` TOML file configuring ``count`` zones ``z00000``, ``z00001``, ...
+
+    A TOML list, because a comma list of 20,000 zones exceeds what one environment variable
+    or command-line argument may hold (128 KiB on Linux).
+    """
+    path = directory / f"zones-{count}.toml"
+    names = ", ".join(f'"z{i:05d}"' for i in range(count))
+    path.write_text(f"zones = [{names}]\n")
+    return path
