@@ -111,9 +111,10 @@ def server() -> Iterator[ServerProcess]:
         yield proc
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
+def _get_json(url: str, *, key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+        return json.load(r)
 
 
 def _wait_for_pjm_seq(server: ServerProcess, at_least: int, *, timeout: float = 10.0) -> int:
@@ -220,7 +221,10 @@ def test_dropped_socket_resumes_without_holes(browser: Any, server: ServerProces
 def test_terminal_close_offers_the_button_without_retrying(browser: Any) -> None:
     from playwright.sync_api import expect
 
-    with ServerProcess("--no-simulate", "--jwt-secret", "s" * 32) as server:
+    # With subscriber auth on, stats need the operator key (docs/security.md).
+    with ServerProcess(
+        "--no-simulate", "--jwt-secret", "s" * 32, "--operator-key", "ops"
+    ) as server:
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(f"{server.url}/?{FAST_BACKOFF}")  # no token: close 4001
         expect(page.locator("#reconnect-btn")).to_be_visible(timeout=WAIT_MS)
@@ -232,7 +236,7 @@ def test_terminal_close_offers_the_button_without_retrying(browser: Any) -> None
         )
         expect(page.locator("#conn-badge")).to_have_attribute("data-state", "offline")
         # Retrying would have taken ~2 s and 6 connections before the button showed.
-        stats = _get_json(f"{server.url}/api/ws/ws/stats")
+        stats = _get_json(f"{server.url}/api/ws/ws/stats", key="ops")
         assert stats["statistics"]["total_connections"] <= 1
 
 
