@@ -8,7 +8,9 @@
         await server.start_async()   # same port again
 
 The server always runs with ``--redis-url none`` unless ``redis_url`` is given, so a test
-never touches a developer's Redis. Output goes to a log file (``server.log()``) instead of a
+never touches a developer's Redis, and with ``--data-dir none`` unless ``data_dir`` is
+given, so no test writes ``data/`` into the repository (and a SIGKILL forgets everything,
+as those tests expect). Output goes to a log file (``server.log()``) instead of a
 pipe nobody reads, and start-up failures include it. The blocking methods have ``_async``
 twins that run in a thread: a test that owns client sockets must keep its event loop
 running while the server shuts down, or the server waits for close handshakes nobody sends.
@@ -51,8 +53,9 @@ class ServerProcess:
     """``python run_server.py --host 127.0.0.1 --port P`` plus ``args``, from the repo root.
 
     Keyword-only options: ``port`` (a free one), ``publish_key`` (None; else passed as
-    ``--publish-key`` and used by ``publish``), ``redis_url`` (``"none"``), ``env`` (extra
-    environment variables), ``startup_timeout`` (20 s until health answers 200).
+    ``--publish-key`` and used by ``publish``), ``redis_url`` (``"none"``), ``data_dir``
+    (``"none"``: the store's journal directory), ``env`` (extra environment variables),
+    ``startup_timeout`` (20 s until health answers 200).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class ServerProcess:
         port: int | None = None,
         publish_key: str | None = None,
         redis_url: str = "none",
+        data_dir: str | os.PathLike[str] = "none",
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
@@ -71,7 +75,7 @@ class ServerProcess:
         key_args = ["--publish-key", publish_key] if publish_key else []
         self.command = [
             sys.executable, "run_server.py", "--host", "127.0.0.1", "--port", str(self.port),
-            "--redis-url", redis_url, *key_args, *args,
+            "--redis-url", redis_url, "--data-dir", os.fspath(data_dir), *key_args, *args,
         ]  # fmt: skip
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._startup_timeout = startup_timeout
@@ -174,3 +178,15 @@ class ServerProcess:
             if response.status != 202:
                 raise AssertionError(f"publish answered {response.status}: {body}")
             return list(body["accepted"])
+
+
+def many_zones_config(directory: Path, count: int) -> Path:
+    """A ``--config`` TOML file configuring ``count`` zones ``z00000``, ``z00001``, ...
+
+    A TOML list, because a comma list of 20,000 zones exceeds what one environment variable
+    or command-line argument may hold (128 KiB on Linux).
+    """
+    path = directory / f"zones-{count}.toml"
+    names = ", ".join(f'"z{i:05d}"' for i in range(count))
+    path.write_text(f"zones = [{names}]\n")
+    return path

@@ -37,8 +37,11 @@ WAIT = 10.0  # upper bound of every wait; the happy path takes milliseconds
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """In-memory, no simulator, publishing on: a server that only does what a test says."""
-    base: dict[str, Any] = {"redis_url": None, "simulate": False, "publish_key": (PUBLISH_KEY,)}
+    """In-memory (nothing on disk), no simulator, publishing on: a server that only does
+    what a test says."""
+    base: dict[str, Any] = {
+        "redis_url": None, "data_dir": None, "simulate": False, "publish_key": (PUBLISH_KEY,)
+    }
     return Settings(**(base | overrides))
 
 

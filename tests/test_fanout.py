@@ -28,6 +28,7 @@ from tests.support import (
     Client,
     MakeClient,
     collect_updates,
+    eventually,
     publish,
     receive_json,
 )
@@ -517,3 +518,39 @@ async def test_websockets_client_interoperates(
             return message
 
         await check_client_session(send, receive, client)
+
+
+# --- zones at scale (issue 14) ------------------------------------------------------------
+
+
+async def test_per_zone_state_exists_only_for_zones_with_subscribers_or_prices(
+    make_client: MakeClient,
+) -> None:
+    zones = tuple(f"node_{i:05d}" for i in range(20_000))
+    client = await make_client(zones=zones)
+    broadcaster = client.app[BROADCASTER]
+    assert broadcaster.subscribers == {} and broadcaster._last_seq == {}
+    watched = ["node_00001", "node_12345", "node_19999"]
+    ws = await client.ws_connect("/api/ws/ws/prices?zones=" + ",".join(watched))
+    assert (await receive_json(ws))["type"] == "connection_established"
+
+    async def all_opened() -> bool:  # the zones open after connection_established
+        return sorted(broadcaster.subscribers) == watched
+
+    await eventually(all_opened)
+    assert broadcaster.connections_by_zone() == dict.fromkeys(watched, 1)
+    await publish(client, {"market_zone": "node_12345", "price": 1}, {
+        "market_zone": "node_07777", "price": 2})  # fmt: skip
+    assert (await receive_json(ws))["market_zone"] == "node_12345"
+    assert sorted(broadcaster._last_seq) == ["node_07777", "node_12345"]
+    await ws.send_json({"type": "unsubscribe", "zones": watched[:1]})
+    assert (await receive_json(ws))["type"] == "unsubscribed"
+    assert sorted(broadcaster.subscribers) == watched[1:]
+    await ws.close()
+
+    async def all_gone() -> bool:
+        return not broadcaster.connections
+
+    await eventually(all_gone)
+    assert broadcaster.subscribers == {} and broadcaster._individual == {}
+    assert broadcaster._audiences_of == {} and broadcaster._deflating == {}

@@ -60,6 +60,9 @@ def stats_with(**fields: Any) -> Stats:
         (Stats, {"storage_ok": False}, "unhealthy", {"storage": "unavailable"}),
         (lambda: stats_with(shutting_down=True), {"backend": "in-memory"}, "unhealthy",
          {"shutdown": "shutting_down", "redis": "unavailable"}),
+        (Stats, {"disk": "ok"}, "healthy", {"disk": "ok"}),
+        (Stats, {"disk": "unavailable: No space left on device"}, "degraded",
+         {"disk": "unavailable: No space left on device"}),
     ],
 )  # fmt: skip
 def test_verdict_and_the_checks_that_decide_it(
@@ -72,7 +75,7 @@ def test_verdict_and_the_checks_that_decide_it(
     assert http_status == (503 if status == "unhealthy" else 200)
     all_ok = dict.fromkeys(
         ("redis", "storage", "event_loop", "error_rate", "shutdown", "background"), "ok"
-    )
+    ) | {"disk": "disabled"}
     assert checks == all_ok | failing
 
 
@@ -165,7 +168,7 @@ async def test_healthy_server_says_so_with_every_check(make_app: MakeApp) -> Non
     assert code == 200 and body["status"] == "healthy"
     assert body["checks"] == {
         "redis": "disabled", "storage": "ok", "event_loop": "ok", "error_rate": "ok",
-        "shutdown": "ok", "background": "ok",
+        "shutdown": "ok", "background": "ok", "disk": "disabled",
     }
     assert body["error_rate"] == 0.0
 

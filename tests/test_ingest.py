@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -249,5 +250,121 @@ async def test_stream_entries_follow_the_http_body_rules(
         assert instance.consumer.stats.invalid == len(LOOSE_ENTRIES)
         assert instance.consumer.stats.accepted == 2
         assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+    finally:
+        await instance.stop()
+
+
+STALLING = """
+import asyncio, sys
+from pricehub.server.ingest import IngestConsumer
+from pricehub.server.publisher import Publisher
+from pricehub.storage.failover import FailoverStorage
+
+class Quiet:
+    def on_price(self, price): pass
+    def on_backend_changed(self, backend): pass
+    def on_epoch_changed(self, epoch): pass
+
+class Stalling(FailoverStorage):
+    # Appends 3 chunks of a batch, then hangs in the 4th: killed there, mid-batch.
+    calls = 0
+    async def append_many(self, items, *, acks=None):
+        Stalling.calls += 1
+        if Stalling.calls > 3:
+            print("stalled", flush=True)
+            await asyncio.Event().wait()
+        return await super().append_many(items, acks=acks)
+
+class SmallChunks(Publisher):
+    async def publish_many(self, bodies, *, source, acks=None, chunk=10):
+        return await super().publish_many(bodies, source=source, acks=acks, chunk=10)
+
+async def main(url, prefix):
+    storage = Stalling(url, zones=("pjm", "ercot"), key_prefix=prefix, history_size=5000)
+    await storage.start(Quiet())
+    consumer = IngestConsumer(
+        storage, SmallChunks(storage), zones=("pjm", "ercot"), consumer="stalling",
+        lease_ttl=1.0, batch=100,
+    )
+    await consumer.run()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_consumer_killed_mid_batch_leaves_each_entry_taken_once_in_order(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    await add_entries(raw, prefix, range(ENTRIES))  # waiting before the consumer starts
+    stalling = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", STALLING, redis_server.url, prefix, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    survivor = Instance(redis_server.url, prefix, "survivor")
+    try:
+        assert stalling.stdout is not None
+        async with asyncio.timeout(15):  # its log lines come first, on the same stdout
+            while (line := await stalling.stdout.readline()) != b"stalled\n":
+                assert line, "the stalling consumer exited"
+        # 3 chunks of 10 of a 100-entry read appended (and acknowledged, in their
+        # scripts); the other 70 delivered to the consumer and not yet appended.
+        assert int(await raw.get(f"{prefix}seq:pjm") or 0) == 15
+        pending = (await raw.xpending(f"{prefix}ingest", INGEST_GROUP))["pending"]
+        assert pending == 70
+        stalling.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(stalling.wait(), 5)
+
+        await survivor.start()
+        await wait_all_delivered(survivor, ENTRIES)
+        for zone in ZONES:
+            # The first 30 went out before the survivor's subscriber existed: it sees
+            # them through its start-up load, not as deliveries.
+            assert survivor.prices(zone) == expected_prices(zone, ENTRIES)[15:]
+            assert survivor.listener.seqs(zone) == list(range(16, ENTRIES // 2 + 1))
+            history = await survivor.storage.history(zone, limit=ENTRIES)
+            assert [orjson.loads(p.payload)["price"] for p in history] == expected_prices(
+                zone, ENTRIES
+            )  # every entry once, in stream order, numbered without a hole
+        assert survivor.consumer.stats.claimed == 70
+
+        async def all_counted() -> bool:  # the append's reply can trail its broadcast
+            return survivor.consumer.stats.accepted == ENTRIES - 30
+
+        await eventually(all_counted)
+        assert (await raw.xpending(f"{prefix}ingest", INGEST_GROUP))["pending"] == 0
+        assert await raw.xlen(f"{prefix}ingest") == 0
+    finally:
+        if stalling.returncode is None:
+            stalling.kill()
+            await stalling.wait()
+        await survivor.stop()
+
+
+async def test_entries_that_are_not_utf8_are_refused_and_the_rest_kept_in_order(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    instance = Instance(redis_server.url, prefix, "solo")
+    pipe = raw.pipeline(transaction=False)
+    for index in range(300):  # queued before the consumer starts: read as batches
+        fields: dict[str, Any] = entry(index)
+        if index == 150:
+            fields = {"market_zone": "pjm", "price": b"\xff\xfe"}  # not UTF-8: no JSON
+        pipe.xadd(f"{prefix}ingest", fields)
+    await pipe.execute()
+    await instance.start()
+    try:
+        kept = [i for i in range(300) if i != 150]
+        for zone in ZONES:
+            want = [float(i) for i in kept if ZONES[i % 2] == zone]
+            await instance.listener.wait_for(zone, len(want))
+            assert instance.prices(zone) == want
+        stats = instance.consumer.stats
+
+        async def all_counted() -> bool:  # the append's reply can trail its broadcast
+            return stats.accepted == 299
+
+        await eventually(all_counted)
+        assert stats.invalid == 1
+        assert await raw.xlen(f"{prefix}ingest") == 0
     finally:
         await instance.stop()

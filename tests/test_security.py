@@ -48,7 +48,8 @@ def serve(aiohttp_client: Any) -> Serve:
 
     async def start(**overrides: Any) -> Client:
         options: dict[str, Any] = {
-            "redis_url": None, "publish_key": ("k1", "k2"), "simulate": False, **overrides,
+            "redis_url": None, "data_dir": None, "publish_key": ("k1", "k2"),
+            "simulate": False, **overrides,
         }
         client: Client = await aiohttp_client(create_app(Settings(**options)))
         return client

@@ -130,6 +130,27 @@ async def test_concurrent_appends_are_numbered_once_in_order(
     assert await listener.wait_for("pjm", 200) == list(range(1, 201))
 
 
+async def test_append_many_numbers_in_order_like_single_appends(
+    started: tuple[Storage, RecordingListener],
+) -> None:
+    storage, listener = started
+    first = await storage.append("pjm", body("pjm", -1.0))
+    items = [(zone, body(zone, float(i))) for i in range(300) for zone in ("pjm", "ercot")]
+    prices = await storage.append_many(items)
+    assert [(p.zone, orjson.loads(p.payload)["price"]) for p in prices] == [
+        (zone, float(i)) for i in range(300) for zone in ("pjm", "ercot")
+    ]
+    assert [p.seq for p in prices if p.zone == "pjm"] == list(range(first.seq + 1, 302))
+    assert [p.seq for p in prices if p.zone == "ercot"] == list(range(1, 301))
+    assert await listener.wait_for("pjm", 301) == list(range(1, 302))
+    assert await listener.wait_for("ercot", 300) == list(range(1, 301))
+    latest = await storage.latest("ercot")
+    assert latest is not None and latest.payload == prices[-1].payload
+    history = await storage.history("pjm", limit=HISTORY + 10)
+    assert [p.seq for p in history] == list(range(302 - HISTORY, 302))  # bounded
+    assert await storage.append_many([]) == []
+
+
 async def test_instance_registry_expires(started: tuple[Storage, RecordingListener]) -> None:
     storage, _ = started
     await storage.register_instance("a", b'{"connections":1}', ttl=30)

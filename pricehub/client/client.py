@@ -10,7 +10,10 @@
                 print(event.zone, event.seq, event.price)
 
 One zone uses ``/api/ws/ws/market/{zone}`` (resume with ``since``/``epoch`` in the query),
-several use ``/api/ws/ws/prices?zones=...`` (resume with a ``subscribe`` message). The
+several use ``/api/ws/ws/prices?zones=...`` (resume with a ``subscribe`` message). Where the
+WebSocket upgrade is refused (a proxy that strips it), ``transport="auto"`` (the default)
+falls back to the Server-Sent Events feed ``/api/ws/sse/...`` (resume with ``since``/``epoch``
+or the ``Last-Event-ID`` cursor) and stays on it; ``"ws"`` and ``"sse"`` pin one. The
 client keeps the last delivered ``seq`` of every zone, so after any retryable close it
 reconnects per ``pricehub.client.backoff`` and asks for exactly what it missed. Each zone's
 updates come out once and in ``seq`` order; when the server cannot fill a gap
@@ -29,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,8 +41,9 @@ import aiohttp
 from yarl import URL
 
 from pricehub.client.backoff import Backoff, GiveUp
+from pricehub.client.sse import SseParser
 from pricehub.wire import paths
-from pricehub.wire.codes import MessageType
+from pricehub.wire.codes import CloseCode, ErrorCode, MessageType
 from pricehub.wire.errors import PriceHubError
 
 __all__ = [
@@ -50,13 +55,29 @@ __all__ = [
     "ReconnectFailed",
     "Status",
     "TerminalCloseError",
+    "Transport",
 ]
 
 logger = logging.getLogger(__name__)
 
 ConnectionState = Literal["connecting", "connected", "reconnecting", "failed", "closed"]
+Transport = Literal["auto", "ws", "sse"]
 
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+_HTTP_SCHEMES = {"ws": "http", "wss": "https"}
+_TRANSPORTS = ("auto", "ws", "sse")
+# What an HTTP refusal of the SSE endpoint means, as the WebSocket close code with the same
+# advice (PROTOCOL.md): the backoff then treats both transports alike.
+_SSE_STATUS_CODES = {
+    401: CloseCode.INVALID_TOKEN,
+    403: CloseCode.FORBIDDEN_ZONE,
+    404: CloseCode.POLICY,
+    422: CloseCode.POLICY,  # too many zones
+    503: CloseCode.TRY_AGAIN_LATER,
+}
+# Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
+_CURSOR_TYPES = (MessageType.PRICE_UPDATE, MessageType.INITIAL_DATA)
+_SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +142,7 @@ class Status:
     delay: float | None = None
     code: int | None = None
     error: str | None = None
+    transport: Literal["ws", "sse"] | None = None  # of the live connection (``connected``)
 
 
 class ClientError(PriceHubError):
@@ -176,6 +198,9 @@ class PriceClient:
     * ``max_queue`` (1024): updates buffered for the iterator; when full the client stops
       reading the socket so a slow consumer is handled by the server's flow control.
     * ``on_status`` (None): called with every ``Status``.
+    * ``transport`` (``"auto"``): ``"ws"`` WebSocket only, ``"sse"`` Server-Sent Events
+      only, ``"auto"`` WebSocket, and SSE from the moment the upgrade is refused with an
+      HTTP status (not when the server is merely down) until ``reconnect()``.
     * ``session`` (None): an ``aiohttp.ClientSession`` to use; by default the client owns one.
     """
 
@@ -193,6 +218,7 @@ class PriceClient:
         max_queue: int = 1024,
         on_status: Callable[[Status], None] | None = None,
         session: aiohttp.ClientSession | None = None,
+        transport: Transport = "auto",
     ) -> None:
         self.zones: tuple[str, ...] = tuple(
             dict.fromkeys([zones] if isinstance(zones, str) else zones)
@@ -203,6 +229,14 @@ class PriceClient:
         if base.scheme not in _SCHEMES:
             raise ValueError(f"server must be an http(s):// or ws(s):// URL, got {server!r}")
         self._base = base.with_scheme(_SCHEMES[base.scheme])
+        self._http_base = self._base.with_scheme(_HTTP_SCHEMES[self._base.scheme])
+        if transport not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(_TRANSPORTS)}")
+        self.transport: Transport = transport
+        self._on_sse = transport == "sse"  # auto switches to SSE once the upgrade is refused
+        self._no_sse = False  # auto: the server answered 404 on the SSE path
+        self._sse_cursor: str | None = None  # last safe Last-Event-ID of the SSE feed
+        self._unresumable: dict[str, _Cursor] = {}  # zones an SSE stream cannot resume
         self.token = token
         self._backoff = backoff or Backoff()
         self._sleep = sleep
@@ -244,6 +278,8 @@ class PriceClient:
         await self._stop_task()
         self._failure = None
         self._backoff.reset()
+        self._on_sse = self.transport == "sse"  # auto tries the WebSocket again
+        self._no_sse = False
         self.start()
 
     async def close(self) -> None:
@@ -343,11 +379,25 @@ class PriceClient:
         # Zones with a cursor resume; their output is held until resume_complete.
         self._held = {zone: [] for zone in self._cursors}
         self._epoch = None
+        if self._on_sse:
+            code, error, _ = await self._sse_once()
+            return code, error
         try:
             async with asyncio.timeout(self._open_timeout):
                 ws = await self._session.ws_connect(
                     self._url(), timeout=aiohttp.ClientWSTimeout(ws_close=self._close_timeout)
                 )
+        except aiohttp.WSServerHandshakeError as exc:
+            # Something answered, but not with an upgrade: a proxy that strips it, or a
+            # refusal. A server that is down raises ClientConnectorError instead (below).
+            refused = f"connect failed: {_explain(exc)}"
+            if self.transport == "ws":
+                return None, refused
+            if not self._no_sse:
+                code, error, self._no_sse = await self._sse_once()
+                if not self._no_sse:
+                    return code, error
+            return None, f"{refused}; no SSE endpoint either"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return None, f"connect failed: {_explain(exc)}"
         try:
@@ -356,6 +406,115 @@ class PriceClient:
             return ws.close_code, f"connection lost: {_explain(exc)}"
         finally:
             await ws.close()
+
+    # --- Server-Sent Events ---------------------------------------------------------
+
+    async def _sse_once(self) -> tuple[int | None, str | None, bool]:
+        """One SSE stream, from request to end: like ``_connect_once``, plus whether the
+        server has no SSE endpoint at all (a plain 404)."""
+        assert self._session is not None
+        url, headers = self._sse_request()
+        try:
+            async with asyncio.timeout(self._open_timeout):
+                response = await self._session.get(
+                    url, headers=headers, timeout=aiohttp.ClientTimeout(total=None)
+                )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return None, f"connect failed: {_explain(exc)}", False
+        async with response:
+            if response.status != 200:
+                return await self._sse_refusal(response)
+            self._on_sse = True  # the upgrade was refused but this works: stay here
+            try:
+                code, error = await self._serve_sse(response)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                # ValueError: a line longer than aiohttp's buffer limit.
+                code, error = None, f"connection lost: {_explain(exc)}"
+            return code, error, False
+
+    def _sse_request(self) -> tuple[URL, dict[str, str]]:
+        """URL and headers of the next SSE stream; sets up what it resumes."""
+        path = self._http_base.path.rstrip("/")
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        query: dict[str, str] = {}
+        self._unresumable = {}
+        if len(self.zones) == 1:
+            zone = self.zones[0]
+            url = self._http_base.with_path(path + paths.sse_market(zone))
+            cursor = self._cursors.get(zone)
+            if cursor is not None:
+                query.update(since=str(cursor.seq), epoch=cursor.epoch)
+        else:
+            url = self._http_base.with_path(path + paths.SSE_PRICES)
+            query["zones"] = ",".join(self.zones)
+            if self._sse_cursor is not None:
+                headers["Last-Event-ID"] = self._sse_cursor
+            elif self._cursors:
+                # Cursors from a WebSocket: the multi-zone stream resumes only from its own
+                # Last-Event-ID, so what was missed meanwhile is reported as a gap.
+                self._unresumable, self._held = dict(self._cursors), {}
+        if self.token is not None:
+            query["token"] = self.token
+        return url.with_query(query), headers
+
+    async def _sse_refusal(
+        self, response: aiohttp.ClientResponse
+    ) -> tuple[int | None, str | None, bool]:
+        body = (await response.text(errors="replace"))[:_SSE_BODY_CHARS]
+        try:
+            detail = json.loads(body)
+        except ValueError:
+            detail = None
+        code_text = detail.get("error") or detail.get("code") if isinstance(detail, dict) else None
+        message = detail.get("message") if isinstance(detail, dict) else None
+        error = f"SSE refused: HTTP {response.status}: {message or body.strip() or response.reason}"
+        if response.status == 400:  # a malformed (e.g. outdated) cursor: start without it
+            self._sse_cursor = None
+        missing = response.status == 404 and code_text != ErrorCode.UNKNOWN_ZONE
+        return _SSE_STATUS_CODES.get(response.status), error, missing
+
+    async def _serve_sse(self, response: aiohttp.ClientResponse) -> tuple[int | None, str | None]:
+        parser = SseParser()
+        silence_limit = self._open_timeout  # until connection_established says otherwise
+        established = False
+        while True:
+            try:
+                async with asyncio.timeout(silence_limit):
+                    raw = await response.content.readline()
+            except TimeoutError:
+                return None, f"nothing from the server for {silence_limit:g} s"
+            if not raw:
+                return None, "the server ended the event stream"
+            event = parser.feed_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            message = None if event is None else self._decode(event.data)
+            if event is None or message is None:
+                continue  # `: ping` comments reset the silence timer all the same
+            if established:
+                await self._dispatch(message)
+                # A cursor is only safe to resume from once nothing is held back: held
+                # updates are lost if the stream dies before their resume_complete.
+                if event.id and not self._held and message.get("type") in _CURSOR_TYPES:
+                    self._sse_cursor = event.id
+            elif message.get("type") != MessageType.CONNECTION_ESTABLISHED:
+                logger.warning("ignoring %s before connection_established", message.get("type"))
+            else:
+                try:
+                    interval = self._on_established(message, "sse")
+                except (KeyError, TypeError, ValueError) as exc:
+                    return None, f"malformed connection_established: {exc!r}"
+                established = True
+                silence_limit = 2 * interval
+                await self._report_unresumable()
+
+    async def _report_unresumable(self) -> None:
+        assert self._epoch is not None
+        for zone, cursor in self._unresumable.items():
+            await self._queue.put(Gap(zone, cursor.seq, cursor.epoch, self._epoch, None, None))
+            if cursor.epoch != self._epoch:
+                del self._cursors[zone]
+        self._unresumable = {}
+
+    # --- WebSocket ----------------------------------------------------------------------
 
     def _url(self) -> URL:
         path = self._base.path.rstrip("/")
@@ -396,9 +555,11 @@ class PriceClient:
                     logger.warning("ignoring %s before connection_established", message.get("type"))
                 else:
                     try:
-                        interval = await self._on_established(ws, message)
+                        interval = self._on_established(message, "ws")
                     except (KeyError, TypeError, ValueError) as exc:
                         return None, f"malformed connection_established: {exc!r}"
+                    if len(self.zones) > 1:
+                        await self._send_resumes(ws)
                     heartbeat = asyncio.create_task(self._heartbeat(ws, interval))
                     silence_limit = 2 * interval
         finally:
@@ -424,17 +585,13 @@ class PriceClient:
                 await asyncio.sleep(interval)
                 await ws.send_str(frame)
 
-    async def _on_established(
-        self, ws: aiohttp.ClientWebSocketResponse, message: Mapping[str, Any]
-    ) -> float:
-        """Record the epoch, start the stability timer, ask multi-zone resumes; returns
-        the heartbeat interval."""
+    def _on_established(self, message: Mapping[str, Any], transport: Literal["ws", "sse"]) -> float:
+        """Record the epoch, start the stability timer; returns the heartbeat interval."""
+        interval = float(self._heartbeat_override or message["heartbeat_interval"])
         self._epoch = str(message["epoch"])
         self._backoff.opened()
-        self._set_status(Status("connected"))
-        if len(self.zones) > 1:
-            await self._send_resumes(ws)
-        return float(self._heartbeat_override or message["heartbeat_interval"])
+        self._set_status(Status("connected", transport=transport))
+        return interval
 
     async def _send_resumes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         # One subscribe per epoch: a disconnect in the middle of resuming after an epoch
@@ -510,7 +667,32 @@ class PriceClient:
 
 
 def _explain(exc: BaseException) -> str:
+    """``exc`` in plain words: aiohttp's texts (``Cannot connect to host ... ssl:default
+    [Connect call failed ...]``) describe its internals, not what went wrong."""
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        detail = f": {exc.message}" if exc.message else ""
+        return f"the server refused the WebSocket upgrade (HTTP {exc.status}{detail})"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"cannot connect to {exc.host}:{exc.port}: TLS certificate not accepted"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return _os_reason(exc)
     return str(exc) or type(exc).__name__
+
+
+def _os_reason(exc: OSError) -> str:
+    """``connection refused`` rather than asyncio's ``Connect call failed ('h', p)``."""
+    if exc.errno and exc.errno > 0:  # getaddrinfo's are negative, with their own text
+        try:
+            return os.strerror(exc.errno).lower()
+        except ValueError:
+            pass
+    return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
 def _price(

@@ -1,6 +1,9 @@
 """``pricehub tail``: watch zones live, as a refreshing terminal table or as JSON lines.
 
-``pricehub tail [--server http://127.0.0.1:8080] [--json] ZONE...``
+``pricehub tail [--server http://127.0.0.1:8080] [--json] [--transport auto|ws|sse] ZONE...``
+
+Zone names are case-insensitive here (``PJM`` as the dashboard shows it is ``pjm`` on the
+wire). Only the zones named are opened, whatever the number of zones the server has.
 
 The table (plain ANSI escapes, redrawn every ``--refresh`` seconds) shows per zone the
 last price, its change from the previous one, volume, seq, update rate, age and gaps, under
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -37,7 +41,10 @@ _HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pricehub tail", description="Watch pricehub zones live.")
-    parser.add_argument("zones", nargs="+", metavar="ZONE", help="zone names, e.g. pjm ercot")
+    parser.add_argument(
+        "zones", nargs="+", metavar="ZONE", type=str.lower,
+        help="zone names, any case, e.g. pjm ERCOT",
+    )  # fmt: skip
     parser.add_argument(
         "--server", default="http://127.0.0.1:8080", help="base URL (default: %(default)s)"
     )
@@ -50,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=5,
         help="reconnect attempts before giving up (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=("auto", "ws", "sse"),
+        default="auto",
+        help="auto: WebSocket, or Server-Sent Events where the upgrade is refused "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--refresh", type=float, default=0.5, help="table redraw period in s (default: %(default)s)"
@@ -80,6 +94,7 @@ async def _tail(args: argparse.Namespace) -> int:
         token=args.token,
         backoff=Backoff(max_attempts=args.max_attempts),
         on_status=output.status,
+        transport=args.transport,
     )
     async with client, output:
         try:
@@ -97,6 +112,8 @@ def _describe(status: Status) -> str:
         return f"reconnecting in {status.delay:.1f} s (attempt {status.attempt}) after {why}"
     if status.state == "connecting" and status.attempt:
         return f"connecting (attempt {status.attempt})"
+    if status.state == "connected" and status.transport == "sse":
+        return "connected (SSE)"
     return status.error if status.state == "failed" and status.error else status.state
 
 
@@ -141,9 +158,15 @@ class TableView:
     """What the table shows, and its rendering; pure apart from the injected clock."""
 
     def __init__(
-        self, zones: Sequence[str], *, server: str, clock: Callable[[], float] = time.monotonic
+        self,
+        zones: Sequence[str],
+        *,
+        server: str,
+        clock: Callable[[], float] = time.monotonic,
+        width: Callable[[], int] = lambda: _terminal_width(sys.stdout),
     ) -> None:
         self._clock = clock
+        self._width = width
         self._started = clock()
         self.server = server
         self.status = Status("connecting")
@@ -171,13 +194,19 @@ class TableView:
     def render(self) -> str:
         """One frame: home the cursor, draw every line, clear what is left below."""
         colour = _STATE_COLOURS.get(self.status.state, _YELLOW)
+        # A line wider than the terminal wraps, and the next frame, drawn from the cursor's
+        # home, no longer overwrites the extra line: the status would scroll the table away.
+        width = max(self._width(), 20)
+        head = f"pricehub tail {self.server}  "
+        state = _clip(_describe(self.status), width - 1 - len(head))
         lines = [
-            f"{_BOLD}pricehub tail{_RESET} {self.server}  {colour}{_describe(self.status)}{_RESET}",
-            self.note,
+            f"{_BOLD}{_clip(head, width - 1)}{_RESET}{colour}{state}{_RESET}",
+            _clip(self.note, width - 1),
             f"{_BOLD}{'ZONE':<12}{'PRICE':>12}{'CHANGE':>10}{'VOLUME':>10}{'SEQ':>9}"
             f"{'UPD/S':>7}{'AGE':>8}{'GAPS':>6}  TIME{_RESET}",
         ]
         lines += [self._line(zone, row) for zone, row in self.rows.items()]
+        lines = [_clip_styled(line, width - 1) for line in lines]
         return _HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW
 
     def _line(self, zone: str, row: _Row) -> str:
@@ -192,6 +221,45 @@ class TableView:
             f"{zone:<12}{row.last.price:>12.2f}{tint}{change:>10}{_RESET}{volume:>10}"
             f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}"
         )
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _terminal_width(out: TextIO) -> int:
+    """Columns of the terminal ``out`` writes to (``COLUMNS`` wins, as for ``shutil``);
+    unlimited when ``out`` is a pipe or file, where nothing wraps."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(out.fileno()).columns if out.isatty() else _UNLIMITED
+    except (OSError, ValueError):  # e.g. a closed stream or one without a file descriptor
+        return _UNLIMITED
+
+
+_UNLIMITED = 10_000
+_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _clip_styled(line: str, width: int) -> str:
+    """Like ``_clip`` for a line with ANSI escapes: only visible characters count, and a
+    reset follows a cut so no colour leaks into the next line."""
+    if len(_ESCAPE.sub("", line)) <= width:
+        return line
+    out: list[str] = []
+    visible = 0
+    for part in re.split(f"({_ESCAPE.pattern})", line):
+        if _ESCAPE.fullmatch(part):
+            out.append(part)
+        else:
+            take = part[: max(width - 1 - visible, 0)]
+            out.append(take)
+            visible += len(take)
+    return "".join(out) + "…" + _RESET
 
 
 class _TableOutput:

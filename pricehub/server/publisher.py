@@ -6,15 +6,24 @@ storage, which publishes it to every instance, and it is counted by source.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Sequence
 
 from pricehub.storage import Storage, StoredPrice
 from pricehub.storage.base import IngestAck
+from pricehub.storage.errors import BatchInterrupted, StorageUnavailable
 from pricehub.wire.messages import PriceBody
 
-__all__ = ["SOURCES", "Publisher"]
+__all__ = ["PUBLISH_CHUNK", "SOURCES", "Publisher"]
 
 SOURCES = ("http", "redis-ingest", "simulator")
+
+# Prices a batch hands to the storage per event-loop turn. In memory a chunk is
+# numbered and fanned out without an await, so this bounds how long a burst holds the
+# loop (heartbeats, health, socket reads wait behind it); on Redis it is about one
+# pipeline (MAX_PIPELINE), so chunks overlap with the round trips anyway.
+PUBLISH_CHUNK = 500
 
 
 class Publisher:
@@ -32,3 +41,40 @@ class Publisher:
         price = await self.storage.append(body.market_zone, body.encode(), ack=ack)
         self.accepted[body.market_zone, source] += 1
         return price
+
+    async def publish_many(
+        self,
+        bodies: Sequence[PriceBody],
+        *,
+        source: str,
+        acks: Sequence[IngestAck] | None = None,
+        chunk: int = PUBLISH_CHUNK,
+    ) -> list[StoredPrice]:
+        """``publish`` for a batch, in order, ``chunk`` prices per storage call, yielding
+        to the event loop between chunks so a burst never starves the rest.
+
+        ``acks`` (the Redis ingest, one per body) ride in the append scripts. A refusal
+        after some prices were kept raises ``BatchInterrupted`` naming all of them.
+        """
+        prices: list[StoredPrice] = []
+        for start in range(0, len(bodies), chunk):
+            if start:
+                await asyncio.sleep(0)
+            items = [(body.market_zone, body.encode()) for body in bodies[start : start + chunk]]
+            part = None if acks is None else acks[start : start + chunk]
+            try:
+                stored = await self.storage.append_many(items, acks=part)
+            except StorageUnavailable as exc:
+                kept = exc.accepted if isinstance(exc, BatchInterrupted) else []
+                self._count(kept, source)
+                if not prices and not kept:
+                    raise
+                cause = exc.cause if isinstance(exc, BatchInterrupted) else exc
+                raise BatchInterrupted([*prices, *kept], cause) from exc
+            self._count(stored, source)
+            prices.extend(stored)
+        return prices
+
+    def _count(self, prices: Sequence[StoredPrice], source: str) -> None:
+        for price in prices:
+            self.accepted[price.zone, source] += 1

@@ -24,6 +24,7 @@ from aiohttp import web
 from pricehub.server.app import create_app
 from pricehub.server.logs import AccessLogger
 from pricehub.server.settings import Settings
+from pricehub.storage.journal import JournalUnavailable
 
 __all__ = ["BindError", "bind_sockets", "serve", "serve_async"]
 
@@ -116,10 +117,12 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False) -> None:
 
 
 def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Run until a signal; returns the process exit code (2: the address is unusable)."""
+    """Run until a signal; returns the process exit code: 2, with one line on stderr,
+    when the address cannot be bound or (``--redis-url none``) the data dir is locked by
+    another process or unusable."""
     try:
         asyncio.run(serve_async(settings, reuse_port=reuse_port))
-    except BindError as exc:
+    except (BindError, JournalUnavailable) as exc:
         print(f"pricehub: {exc}", file=sys.stderr)
         return 2
     return 0

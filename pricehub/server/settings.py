@@ -28,6 +28,7 @@ __all__ = [
     "build_parser",
     "example_toml",
     "load_settings",
+    "read_zones_file",
 ]
 
 DEFAULT_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
@@ -180,8 +181,29 @@ class Settings:
         "instance does",
         float,
     )
+    zones_file: str | None = _option(
+        None,
+        "zones from a file, one name per line ('#' comments), for thousands of zones; "
+        "replaces --zones",
+        _optional,
+    )
+    # Derived, not an option: ``zones`` as a set, for O(1) membership checks (validation,
+    # admission, subscribe); ``zones`` keeps the configured order.
+    zone_set: frozenset[str] = field(
+        default=frozenset(), init=False, repr=False, compare=False
+    )
+    # Relative to the working directory, like Prometheus's --storage.tsdb.path.
+    data_dir: str | None = _option(
+        "data",
+        "directory keeping the in-memory store durable (journal + snapshots); 'none' = "
+        "nothing on disk",
+        _optional,
+    )
 
     def __post_init__(self) -> None:
+        if self.zones_file is not None:
+            object.__setattr__(self, "zones", read_zones_file(Path(self.zones_file)))
+        object.__setattr__(self, "zone_set", frozenset(self.zones))
         for check in _CHECKS:
             check(self)
 
@@ -204,6 +226,7 @@ class Settings:
 OPTIONS: tuple[Option, ...] = tuple(
     Option(f.name, f.metadata["parse"], f.metadata["help"], f.metadata["boolean_flag"])
     for f in fields(Settings)
+    if "parse" in f.metadata  # derived fields (zone_set) are no option
 )
 _OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -229,13 +252,43 @@ def _positive(*names: str) -> Callable[[Settings], None]:
     return check
 
 
+def read_zones_file(path: Path) -> tuple[str, ...]:
+    """``--zones-file``: one zone per line; ``#`` starts a comment, blank lines are
+    ignored. A bad or repeated name is an error naming its line (one pass, O(n))."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"zones_file {path}: {exc}") from None
+    seen: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        zone = line.partition("#")[0].strip()
+        if not zone:
+            continue
+        if not is_valid_zone_name(zone):
+            raise ConfigError(
+                f"zones_file {path}:{number}: {zone[:40]!r} is not a valid zone name "
+                "([a-z0-9_]{1,32})"
+            )
+        if zone in seen:
+            raise ConfigError(
+                f"zones_file {path}:{number}: duplicate zone {zone!r} (first on line "
+                f"{seen[zone]})"
+            )
+        seen[zone] = number
+    if not seen:
+        raise ConfigError(f"zones_file {path}: no zones in the file")
+    return tuple(seen)
+
+
 def _check_zones(settings: Settings) -> None:
     if not settings.zones:
         raise ConfigError("zones: at least one zone is required")
+    if settings.zones_file is not None:
+        return  # read_zones_file validated every line already
     for zone in settings.zones:
         if not is_valid_zone_name(zone):
             raise ConfigError(f"zones: {zone!r} is not a valid zone name ([a-z0-9_]{{1,32}})")
-    if len(set(settings.zones)) != len(settings.zones):
+    if len(settings.zone_set) != len(settings.zones):
         raise ConfigError("zones: duplicate zone names")
 
 

@@ -17,7 +17,7 @@ from pricehub.server.publisher import Publisher
 from pricehub.storage.errors import StorageError
 from pricehub.wire import messages
 
-__all__ = ["ZONE_LEVELS", "PriceWalk", "run_simulator"]
+__all__ = ["MIN_GAP", "ZONE_LEVELS", "PriceWalk", "run_simulator"]
 
 log = structlog.get_logger("pricehub.simulator")
 
@@ -57,20 +57,30 @@ class PriceWalk:
         return round(self.price, 2), round(volume, 1)
 
 
+MIN_GAP = 0.01  # seconds: finer spreading would be a timer per price at 100,000 zones
+
+
 async def run_simulator(
     publisher: Publisher, zones: tuple[str, ...], *, interval: float, seed: int | None = None
 ) -> None:
-    """Publish one price per zone every ``interval`` seconds, spread over the interval."""
+    """Publish one price per zone every ``interval`` seconds, spread over the interval:
+    one batch every ``max(interval / zones, MIN_GAP)`` seconds, so many zones cost a few
+    batches per second instead of a timer per price."""
     rng = random.Random(seed)
     walks = {zone: PriceWalk.for_zone(zone, rng) for zone in zones}
-    gap = interval / len(zones)
+    gap = max(interval / len(zones), MIN_GAP)
+    per_batch = max(1, round(len(zones) * gap / interval))
+    items = list(walks.items())
     while True:
-        for zone, walk in walks.items():
-            price, volume = walk.step(rng)
-            body = messages.PriceBody(zone, price, volume, messages.utc_now())
+        for start in range(0, len(items), per_batch):
+            now = messages.utc_now()
+            bodies = []
+            for zone, walk in items[start : start + per_batch]:
+                price, volume = walk.step(rng)
+                bodies.append(messages.PriceBody(zone, price, volume, now))
             try:
-                await publisher.publish(body, source="simulator")
+                await publisher.publish_many(bodies, source="simulator")
             except StorageError as exc:
                 # A storage hiccup must not end the feed; the next tick tries again.
-                log.warning("simulator_publish_failed", zone=zone, error=str(exc))
+                log.warning("simulator_publish_failed", zones=len(bodies), error=str(exc))
             await asyncio.sleep(gap)

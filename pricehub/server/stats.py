@@ -223,6 +223,7 @@ def health_report(
     storage_ok: bool,
     loop_lag_threshold: float,
     error_rate_threshold: float = 10.0,
+    disk: str = "disabled",
     now: float | None = None,
 ) -> HealthReport:
     """``healthy`` / ``degraded`` / ``unhealthy`` and the checks that decided it.
@@ -230,7 +231,9 @@ def health_report(
     ``unhealthy`` (503): shutting down, the storage cannot serve, or a background task
     (reaper, conflation monitor, ...) crashed. ``degraded`` (200):
     Redis configured but the in-memory fallback serving, error rate at or over
-    ``error_rate_threshold`` percent, or event-loop lag over ``loop_lag_threshold`` s.
+    ``error_rate_threshold`` percent, event-loop lag over ``loop_lag_threshold`` s, or
+    the journal of the in-memory store failing (``disk``: ``"unavailable: <reason>"``;
+    subscribers are still served, publishes get 503 until the disk recovers).
     """
     error_rate = stats.error_rate(now=now)
     redis = "ok" if backend == "redis" else "unavailable"
@@ -241,10 +244,11 @@ def health_report(
         "error_rate": "ok" if error_rate < error_rate_threshold else "high",
         "shutdown": "shutting_down" if stats.shutting_down else "ok",
         "background": "failed: " + ",".join(stats.failed_tasks) if stats.failed_tasks else "ok",
+        "disk": disk,
     }
     if stats.shutting_down or not storage_ok or stats.failed_tasks:
         return HealthReport("unhealthy", 503, checks, error_rate)
-    degraded = checks["redis"] == "unavailable" or any(
+    degraded = checks["redis"] == "unavailable" or disk not in ("ok", "disabled") or any(
         checks[name] != "ok" for name in ("event_loop", "error_rate")
     )
     return HealthReport("degraded" if degraded else "healthy", 200, checks, error_rate)

@@ -1,11 +1,17 @@
-// pricehub live dashboard: one tile per zone, fed by PriceHubClient.
+// pricehub live dashboard: one tile per watched zone, fed by PriceHubClient.
+//
+// A server may have 20,000 zones: the page never opens them all. It watches the zones of the
+// URL (?zones=a,b), else those remembered in localStorage, else the contract's default ISO
+// zones (the ones this server does not have are dropped), and the picker adds or removes one
+// at a time. The socket opens on no zone and subscribes the watched ones by message.
 //
 // Page options (query string), mostly for tests and demos:
-//   zones=pjm,ercot     zones to show (default: every zone the server streams)
-//   history=240         points of history loaded per zone and kept in the sparkline
+//   zones=pjm,ercot     zones to watch (any case; replaces the remembered list for this view)
+//   history=240         points of history kept in the sparkline
 //   base_delay_ms, jitter_ms, max_attempts, stable_after_ms   reconnect tuning (see pricehub.js)
+//   transport=auto|ws|sse   how to connect (default auto: WebSocket, SSE when it is refused)
 //   token=...           subscriber token, when the server has auth on
-import { PriceHubClient } from './pricehub.js';
+import { describeClose, PriceHubClient } from './pricehub.js';
 
 const ZONE_NAMES = {
   pjm: 'PJM Interconnection',
@@ -17,6 +23,14 @@ const ZONE_NAMES = {
   isone: 'ISO New England',
 };
 
+const DEFAULT_ZONES = Object.keys(ZONE_NAMES); // the contract's default zone list
+const STORAGE_KEY = 'pricehub.watched';
+const KNOWN_KEY = 'pricehub.known';
+const MAX_KNOWN = 2000; // zones kept for the type-ahead; the oldest are dropped beyond it
+const ZONE_RE = /^[a-z0-9_]{1,32}$/;
+// The open needs every price since 00:00 UTC: ask for up to this many (the server caps it
+// at its --history-size); the sparkline keeps only the last `history` of them.
+const OPEN_HISTORY_LIMIT = 5000;
 const FLASH_CLASSES = ['flash-up', 'flash-down'];
 // Percent change against an open near $0/MWh (common in power markets) is noise, not signal.
 const MIN_OPEN_FOR_PCT = 1;
@@ -32,11 +46,30 @@ function readOptions(search) {
     maxAttempts: num('max_attempts'),
     stableAfterMs: num('stable_after_ms'),
     token: q.get('token') ?? undefined,
-    zones: q.get('zones') ? q.get('zones').split(',').map((z) => z.trim()).filter(Boolean) : undefined,
+    transport: q.get('transport') ?? undefined,
   };
   // Undefined entries would override the client's documented defaults.
   for (const key of Object.keys(client)) if (client[key] === undefined) delete client[key];
-  return { client, historyLimit: num('history') ?? 240 };
+  const urlZones = q.has('zones') ? parseZones(q.get('zones')) : null;
+  return { client, urlZones, historyLimit: num('history') ?? 240 };
+}
+
+/** Zone names as typed or linked: any case, commas or spaces. */
+function parseZones(text) {
+  return [...new Set(text.split(/[\s,]+/).map((z) => z.trim().toLowerCase()).filter(Boolean))];
+}
+
+function loadList(key) {
+  try {
+    const value = JSON.parse(localStorage.getItem(key) ?? 'null');
+    return Array.isArray(value) ? value.filter((z) => typeof z === 'string' && ZONE_RE.test(z)) : null;
+  } catch {
+    return null; // storage disabled or garbage: start from the defaults
+  }
+}
+
+function saveList(key, zones) {
+  try { localStorage.setItem(key, JSON.stringify(zones)); } catch { /* private mode: forget */ }
 }
 
 const fmtPrice = (v) => priceFormat.format(v);
@@ -44,14 +77,31 @@ const fmtSigned = (v) => `${v > 0 ? '+' : ''}${priceFormat.format(v)}`;
 const utcDay = (ms) => new Date(ms).toISOString().slice(0, 10);
 const utcTime = (ms) => new Date(ms).toISOString().slice(11, 19);
 
-/** The data behind one tile: a seq-ordered series plus the open of the UTC day. */
+const midnightUtc = (ms) => Date.parse(`${utcDay(ms)}T00:00:00.000Z`);
+
+/**
+ * The data behind one tile: a seq-ordered series plus the open of the UTC day.
+ *
+ * The open is the earliest price (by market time) of the current UTC day among every price
+ * the page has seen, the history included. It is exact once the page has seen a price from
+ * before 00:00 UTC (`coveredFrom`): retained history and the live stream are contiguous from
+ * there. Otherwise it is the earliest price today that the server still retains, and the tile
+ * says so (the server keeps --history-size prices per zone, possibly less than a day).
+ */
 class ZoneSeries {
   constructor(limit) {
     this.limit = limit;
     this.points = []; // {seq, price, volume, t}, ascending seq
     this.epoch = null; // seq lineage of `points`
-    this.open = null; // earliest point of the current UTC day (kept across epochs: it is a time)
+    this.open = null; // {price, t}: earliest of `day` (kept across epochs: it is a time)
+    this.day = null; // the UTC day of `open`
+    this.coveredFrom = Infinity; // market time from which the page has seen every price
   }
+
+  /** The open of today, or null when no price of today has been seen yet. */
+  openToday() { return this.day === utcDay(Date.now()) ? this.open : null; }
+  /** Does the open cover the whole UTC day (see the class comment)? */
+  get openExact() { return this.coveredFrom < midnightUtc(Date.now()); }
 
   /**
    * Merge points of seq lineage `epoch` (any order, possibly overlapping); returns whether the
@@ -68,6 +118,7 @@ class ZoneSeries {
       const t = Date.parse(p.timestamp);
       bySeq.set(p.seq, { seq: p.seq, price: p.price, volume: p.volume, t });
       this._considerOpen(p.price, t);
+      if (t < this.coveredFrom) this.coveredFrom = t;
     }
     this.points = [...bySeq.values()].sort((a, b) => a.seq - b.seq).slice(-this.limit);
     return this.points.at(-1) !== lastBefore;
@@ -76,8 +127,14 @@ class ZoneSeries {
   _considerOpen(price, t) {
     const today = utcDay(Date.now());
     if (utcDay(t) !== today) return;
-    if (!this.open || utcDay(this.open.t) !== today || t < this.open.t) this.open = { price, t };
+    if (this.day !== today || t < this.open.t) {
+      this.open = { price, t };
+      this.day = today;
+    }
   }
+
+  /** Forget what a gap may have made incomplete; the reloaded history sets it again. */
+  forgetCoverage() { this.coveredFrom = Infinity; }
 
   get last() { return this.points.at(-1) ?? null; }
   get previous() { return this.points.at(-2) ?? null; }
@@ -85,7 +142,7 @@ class ZoneSeries {
 
 /** DOM of one tile. */
 class Tile {
-  constructor(zone, template, historyLimit) {
+  constructor(zone, template, historyLimit, onRemove) {
     this.zone = zone;
     this.series = new ZoneSeries(historyLimit);
     this.el = template.content.firstElementChild.cloneNode(true);
@@ -95,29 +152,39 @@ class Tile {
     this.f.zone.textContent = zone.toUpperCase();
     this.f.name.textContent = ZONE_NAMES[zone] ?? '';
     this.el.addEventListener('animationend', () => this.el.classList.remove(...FLASH_CLASSES));
+    this.f.remove.setAttribute('aria-label', `Stop watching ${zone.toUpperCase()}`);
+    this.f.remove.addEventListener('click', () => onRemove(zone));
   }
 
   render({ flash }) {
     const last = this.series.last;
     if (!last) return;
-    const open = this.series.open?.price ?? this.series.points[0].price;
-    const change = last.price - open;
+    const openPoint = this.series.openToday();
+    const open = openPoint?.price ?? null;
+    const change = open === null ? null : last.price - open;
     const dir = change > 0 ? 'up' : change < 0 ? 'down' : 'flat';
     this.el.dataset.dir = dir;
 
     this.f.price.textContent = fmtPrice(last.price);
     this.f.price.dataset.value = String(last.price);
-    this.f['change-abs'].textContent = fmtSigned(change);
-    this.f['change-pct'].textContent = Math.abs(open) >= MIN_OPEN_FOR_PCT
+    this.f['change-abs'].textContent = change === null ? '—' : fmtSigned(change);
+    this.f['change-pct'].textContent = change !== null && Math.abs(open) >= MIN_OPEN_FOR_PCT
       ? `(${fmtSigned((change / Math.abs(open)) * 100)}%)` : '';
     this.f.updated.textContent = utcTime(last.t);
     this.f.updated.dateTime = new Date(last.t).toISOString();
     this.f.volume.textContent = last.volume == null ? '—' : volumeFormat.format(last.volume);
-    this.f.open.textContent = fmtPrice(open);
+    this.f.open.textContent = open === null ? '—' : fmtPrice(open);
+    const exact = open !== null && this.series.openExact;
+    this.f.open.dataset.exact = String(exact);
+    this.f['open-label'].textContent = open === null || exact ? 'Open' : 'Open*';
+    this.f['open-label'].title = open === null ? 'No price yet today (UTC)'
+      : exact ? `First price of the UTC day, at ${utcTime(openPoint.t)}`
+        : `Earliest price today the server still holds (at ${utcTime(openPoint.t)}): `
+          + 'its history does not reach back to 00:00 UTC';
     const prices = this.series.points.map((p) => p.price);
     this.f.high.textContent = fmtPrice(Math.max(...prices));
     this.f.low.textContent = fmtPrice(Math.min(...prices));
-    this._renderSparkline(prices, open);
+    this._renderSparkline(prices, open ?? prices[0]);
     this.f.sparkline.dataset.firstSeq = String(this.series.points[0].seq);
     if (flash) this._flash();
   }
@@ -159,36 +226,138 @@ class Dashboard {
     this.tiles = new Map();
     this.counters = { updates: 0, gaps: 0 };
     this.retryDeadline = null;
+    this.lastStatus = { status: 'connecting', attempt: 0 };
     this.$ = (id) => doc.getElementById(id);
-    this.client = new PriceHubClient(options.client);
+    const watched = options.urlZones ?? loadList(STORAGE_KEY) ?? DEFAULT_ZONES;
+    this.known = new Set([...(loadList(KNOWN_KEY) ?? []), ...DEFAULT_ZONES, ...watched]);
+    this.client = new PriceHubClient({ ...options.client, subscribe: true, zones: watched });
     this.client.on('status', (s) => this.onStatus(s));
     this.client.on('backend', ({ backend }) => this.onBackend(backend));
     this.client.on('price', (p) => this.onPrice(p));
     this.client.on('gap', (g) => this.onGap(g));
+    this.client.on('zones', (z) => this.onZones(z));
+    this.client.on('error', (e) => this.onServerError(e));
+    this.client.on('diagnosis', () => this.renderBanner(this.lastStatus));
     this.$('reconnect-btn').addEventListener('click', () => this.client.reconnect());
+    this.$('zone-picker').addEventListener('submit', (event) => {
+      event.preventDefault();
+      this.addFromPicker();
+    });
+    this.renderSuggestions();
+    this.ensureTiles(watched);
     setInterval(() => this.tick(), 250);
     this.tick();
   }
 
-  start() { this.client.connect(); }
+  start() {
+    this.client.connect();
+    this.suggestActiveZones();
+  }
+
+  /** Zones other pages watch on this server make good suggestions (no zone list exists). */
+  async suggestActiveZones() {
+    try {
+      const response = await fetch('/api/ws/ws/stats', { headers: { Accept: 'application/json' } });
+      if (!response.ok) return;
+      const { active_zones: active } = await response.json();
+      if (Array.isArray(active)) this.learn(active.slice(0, MAX_KNOWN));
+    } catch { /* suggestions only */ }
+  }
+
+  learn(zones) {
+    const before = this.known.size;
+    for (const zone of zones) if (ZONE_RE.test(zone)) this.known.add(zone);
+    if (this.known.size === before) return;
+    const kept = [...this.known].slice(-MAX_KNOWN);
+    this.known = new Set(kept);
+    saveList(KNOWN_KEY, kept);
+    this.renderSuggestions();
+  }
+
+  renderSuggestions() {
+    const list = this.$('zone-options');
+    const options = [...this.known].filter((z) => !this.tiles.has(z)).sort().map((zone) => {
+      const option = this.doc.createElement('option');
+      option.value = zone.toUpperCase();
+      if (ZONE_NAMES[zone]) option.label = ZONE_NAMES[zone];
+      return option;
+    });
+    list.replaceChildren(...options);
+  }
+
+  async addFromPicker() {
+    const input = this.$('zone-input');
+    const zones = parseZones(input.value);
+    if (zones.length === 0) return;
+    const bad = zones.filter((z) => !ZONE_RE.test(z));
+    if (bad.length) {
+      this.say(`Not a zone name: ${bad.join(', ')} (letters, digits and _ only).`, 'error');
+      return;
+    }
+    input.value = '';
+    this.ensureTiles(zones);
+    const { rejected } = await this.client.addZones(zones);
+    if (rejected.length === 0) this.say('');
+  }
+
+  removeZone(zone) {
+    this.client.removeZones([zone]);
+    this.dropTile(zone);
+  }
+
+  dropTile(zone) {
+    const tile = this.tiles.get(zone);
+    if (!tile) return;
+    tile.el.remove();
+    this.tiles.delete(zone);
+    this.$('tiles-empty').hidden = this.tiles.size > 0;
+    this.renderSuggestions();
+  }
+
+  onZones({ zones, added, rejected }) {
+    for (const { zone } of rejected) if (!zones.includes(zone)) this.dropTile(zone);
+    this.learn(added);
+    if (rejected.length) {
+      const unknown = rejected.filter((r) => r.code === 'unknown_zone').map((r) => r.zone);
+      this.say(unknown.length ? `Unknown zone: ${unknown.map((z) => z.toUpperCase()).join(', ')}.`
+        : rejected[0].message, 'error');
+    }
+    saveList(STORAGE_KEY, zones);
+    const url = new URL(location.href);
+    url.searchParams.set('zones', zones.join(','));
+    history.replaceState(null, '', url);
+  }
+
+  onServerError({ code, message }) {
+    if (code !== 'unknown_zone') this.say(`Server: ${message}`, 'error');
+  }
+
+  say(text, kind = 'info') {
+    const msg = this.$('zone-msg');
+    msg.textContent = text;
+    msg.dataset.kind = kind;
+  }
 
   ensureTiles(zones) {
     const container = this.$('tiles');
     const template = this.$('tile-template');
     for (const zone of zones) {
       if (this.tiles.has(zone)) continue;
-      const tile = new Tile(zone, template, this.options.historyLimit);
+      const tile = new Tile(zone, template, this.options.historyLimit, (z) => this.removeZone(z));
       this.tiles.set(zone, tile);
       container.append(tile.el);
-      this.loadHistory(tile);
+      if (this.client.epoch !== null) this.loadHistory(tile);
     }
     this.$('tiles-empty').hidden = this.tiles.size > 0;
+    this.$('tiles-empty').textContent = 'No zone watched: add one with the picker above.';
+    this.renderSuggestions();
   }
 
   async loadHistory(tile) {
     const { epoch } = this.client;
     try {
-      const data = await this.client.fetchHistory(tile.zone, { limit: this.options.historyLimit });
+      const limit = Math.max(this.options.historyLimit, OPEN_HISTORY_LIMIT);
+      const data = await this.client.fetchHistory(tile.zone, { limit });
       // The HTTP answer carries no epoch: if the lineage changed meanwhile, it may be stale.
       if (this.client.epoch !== epoch) return;
       tile.series.merge(data, epoch);
@@ -199,7 +368,11 @@ class Dashboard {
   }
 
   onStatus(s) {
-    if (s.status === 'connected') this.ensureTiles(s.zones);
+    this.lastStatus = s;
+    if (s.status === 'connected') {
+      // Tiles were made before the epoch was known: their history loads now.
+      for (const tile of this.tiles.values()) if (tile.series.epoch !== s.epoch) this.loadHistory(tile);
+    }
     const state = {
       connecting: s.attempt ? 'reconnecting' : 'connecting',
       connected: 'live',
@@ -209,8 +382,15 @@ class Dashboard {
     }[s.status] ?? 'connecting';
     const badge = this.$('conn-badge');
     badge.dataset.state = state;
+    const transport = s.status === 'connected' ? s.transport : '';
+    badge.dataset.transport = transport ?? '';
     badge.querySelector('[data-field=conn-label]').textContent =
-      { live: 'Live', reconnecting: 'Reconnecting', offline: 'Offline', connecting: 'Connecting' }[state];
+      { live: 'Live', reconnecting: 'Reconnecting', offline: 'Offline', connecting: 'Connecting' }[state]
+      + (transport ? ` · ${transport === 'sse' ? 'SSE' : 'WebSocket'}` : '');
+    badge.title = transport === 'sse'
+      ? 'Live over Server-Sent Events: the WebSocket could not be opened'
+        + (this.client.lastDiagnosis ? ` (${this.client.lastDiagnosis.text})` : '')
+      : 'Connection to the price feed';
     this.$('tiles').dataset.stale = String(state !== 'live');
     this.retryDeadline = s.status === 'reconnecting' ? performance.now() + s.delayMs : null;
     this.renderBanner(s);
@@ -222,6 +402,10 @@ class Dashboard {
     const retrying = s.status === 'reconnecting' || (s.status === 'connecting' && s.attempt > 0);
     let text = '';
     let state = 'hidden';
+    // Why: the server's close in words, or what the page learned about a refused socket.
+    const diagnosis = this.client.lastDiagnosis;
+    const why = s.code && s.code !== 1006 ? `${capitalise(describeClose(s.code, s.reason))}.`
+      : diagnosis?.text ?? '';
     if (retrying) {
       state = 'reconnecting';
       text = `Reconnecting… (attempt ${s.attempt}/${s.maxAttempts})`;
@@ -234,6 +418,9 @@ class Dashboard {
     banner.hidden = state === 'hidden';
     banner.dataset.state = state;
     this.$('conn-banner-text').textContent = text;
+    const reason = this.$('conn-banner-reason');
+    reason.textContent = state === 'hidden' ? '' : why;
+    reason.hidden = !reason.textContent;
     this.$('conn-banner-detail').textContent = s.status === 'connecting' && retrying ? 'connecting…' : '';
     button.hidden = s.status !== 'failed';
     this.renderCountdown();
@@ -252,8 +439,8 @@ class Dashboard {
   }
 
   onPrice({ price, flags }) {
-    this.ensureTiles([price.market_zone]);
     const tile = this.tiles.get(price.market_zone);
+    if (!tile) return; // a zone just removed: its last updates were already under way
     const moved = tile.series.merge([price], this.client.epoch);
     tile.render({ flash: moved && !flags.replay });
     this.counters.updates += 1;
@@ -265,7 +452,10 @@ class Dashboard {
     this.$('stat-gaps').textContent = String(this.counters.gaps);
     const tile = this.tiles.get(zone);
     // The history endpoint holds what the socket could not replay.
-    if (tile) this.loadHistory(tile);
+    if (tile) {
+      tile.series.forgetCoverage();
+      this.loadHistory(tile);
+    }
   }
 
   tick() {
@@ -274,6 +464,8 @@ class Dashboard {
     this.renderCountdown();
   }
 }
+
+function capitalise(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
 
 const dashboard = new Dashboard(document, readOptions(location.search));
 // Handy from the devtools console: pricehubDashboard.client.reconnect(), .tiles, ...

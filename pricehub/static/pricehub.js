@@ -10,6 +10,14 @@
  *   - resume with `since`/`epoch` after every other close
  *   - `{"type":"heartbeat"}` every `heartbeat_interval` seconds
  *
+ * Transports: WebSocket, or the Server-Sent Events feed (`/api/ws/sse/...`) for networks
+ * whose proxies strip the upgrade. `transport: 'auto'` (default) falls back to SSE when a
+ * WebSocket closes 1006 before it ever opened, and stays on SSE once that works. The SSE
+ * stream is read with fetch() (not EventSource) so the same backoff rules decide every
+ * reconnect and each one resumes with the `Last-Event-ID` header (EventSource can set no
+ * header and reconnects by itself, forever). A WebSocket refused before it opens is
+ * also diagnosed over HTTP: the browser hides the HTTP status of a refused upgrade.
+ *
  * Everything with a side effect on time or I/O (timers, clock, randomness, WebSocket,
  * fetch) is injectable so the reconnect logic can be unit-tested deterministically.
  */
@@ -19,6 +27,201 @@ export const TERMINAL_CLOSE_CODES = Object.freeze([1008, 4001, 4003]);
 
 /** Code used locally when the client gives up on a silent or stuck socket. */
 export const CLIENT_TIMEOUT_CODE = 4000;
+
+/** Close code a browser reports when a connection failed or dropped without a close frame. */
+export const ABNORMAL_CLOSE_CODE = 1006;
+
+/** The token does not allow a zone (terminal, unless the zone was just added: see _onClose). */
+const FORBIDDEN_ZONE_CODE = 4003;
+
+const PATHS = Object.freeze({
+  wsMarket: '/api/ws/ws/market/',
+  wsPrices: '/api/ws/ws/prices',
+  sseMarket: '/api/ws/sse/market/',
+  ssePrices: '/api/ws/sse/prices',
+  history: '/api/ws/ws/history/',
+  health: '/api/ws/ws/health',
+});
+
+const CLOSE_REASONS = Object.freeze({
+  1000: 'the connection was closed normally',
+  1001: 'the server is restarting or shutting down',
+  1006: 'the connection failed or dropped without a close frame',
+  1008: 'the server refused the request (unknown zone, or too many zones on one connection)',
+  1009: 'a message from this page was larger than the server accepts',
+  1011: 'the server hit an internal error',
+  1013: 'the server is over its connection limit; it will be retried later',
+  4000: 'no heartbeat from the other side in time',
+  4001: 'the subscriber token is missing, invalid or expired',
+  4003: 'the token does not allow this zone',
+  4008: 'this page fell too far behind the feed (slow consumer)',
+  4029: 'this page sent messages faster than the server allows',
+});
+
+/** A close code (and the server's reason text, if any) as one plain sentence fragment. */
+export function describeClose(code, reason = '') {
+  const words = CLOSE_REASONS[code] ?? `the connection closed with code ${code}`;
+  return reason && !words.includes(reason) ? `${words} (${reason})` : words;
+}
+
+/**
+ * What an HTTP status of the SSE endpoint means, as the WebSocket close code carrying the same
+ * advice (PROTOCOL.md): the reconnect rules then treat both transports alike.
+ */
+export const SSE_STATUS_CLOSE_CODES = Object.freeze({
+  401: 4001, 403: 4003, 404: 1008, 422: 1008, 503: 1013,
+});
+
+/**
+ * Incremental text/event-stream parser (WHATWG rules). feed(text) returns the events that the
+ * text completed: {event, data, id}; `id` persists across events as the spec says.
+ */
+export class SseParser {
+  constructor({ maxEventChars = 1 << 20 } = {}) {
+    this.lastEventId = '';
+    this.comments = 0;
+    this._max = maxEventChars;
+    this._buffer = '';
+    this._reset();
+  }
+
+  _reset() {
+    this._event = '';
+    this._data = [];
+    this._size = 0;
+    this._oversized = false;
+  }
+
+  feed(text) {
+    this._buffer += text;
+    const events = [];
+    // Lines end with CRLF, LF or CR; a lone CR at the end may be the first half of a CRLF.
+    const re = /\r\n|\n|\r(?!$)/g;
+    let start = 0;
+    for (let m = re.exec(this._buffer); m; m = re.exec(this._buffer)) {
+      const event = this._line(this._buffer.slice(start, m.index));
+      if (event) events.push(event);
+      start = m.index + m[0].length;
+    }
+    this._buffer = this._buffer.slice(start);
+    if (this._buffer.length > this._max) this._buffer = ''; // an endless line: drop it
+    return events;
+  }
+
+  _line(line) {
+    if (line === '') return this._dispatch();
+    if (line.startsWith(':')) {
+      this.comments += 1;
+      return null;
+    }
+    const colon = line.indexOf(':');
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? '' : line.slice(colon + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (name === 'data') {
+      this._size += value.length + 1;
+      if (this._size > this._max) this._oversized = true;
+      else this._data.push(value);
+    } else if (name === 'event') this._event = value;
+    else if (name === 'id' && !value.includes('\0')) this.lastEventId = value;
+    return null; // retry: our backoff decides reconnects; unknown fields are ignored
+  }
+
+  _dispatch() {
+    const { _data: data, _event: event, _oversized: oversized } = this;
+    this._reset();
+    if (oversized || data.length === 0) return null;
+    return { event: event || 'message', data: data.join('\n'), id: this.lastEventId };
+  }
+}
+
+/**
+ * A Server-Sent Events stream behind the slice of the WebSocket interface the client uses
+ * (readyState, onopen/onmessage/onclose, close), read with fetch() so it can send
+ * `Last-Event-ID` itself. An HTTP refusal becomes a close event with the matching close code
+ * (SSE_STATUS_CLOSE_CODES) plus `status`; `routeMissing` marks a server without SSE at all.
+ * It never sends: `oneWay` is true. `onping` fires on `: ping` comments (signs of life).
+ */
+export class SseConnection {
+  constructor(url, { fetch, lastEventId = '' }) {
+    this.url = url;
+    this.readyState = 0;
+    this.oneWay = true;
+    this.lastEventId = lastEventId;
+    this.onopen = this.onmessage = this.onclose = this.onerror = this.onping = null;
+    this._abort = typeof AbortController === 'function' ? new AbortController() : null;
+    this._run(fetch);
+  }
+
+  send() { throw new Error('an SSE stream cannot send'); }
+
+  /** Stop reading; like WebSocket.close() on a detached socket, no close event follows. */
+  close() {
+    this.readyState = 3;
+    this._abort?.abort();
+  }
+
+  async _run(fetchImpl) {
+    const headers = { Accept: 'text/event-stream' };
+    if (this.lastEventId) headers['Last-Event-ID'] = this.lastEventId;
+    let response;
+    try {
+      response = await fetchImpl(this.url, { headers, cache: 'no-store', signal: this._abort?.signal });
+    } catch {
+      this._end(ABNORMAL_CLOSE_CODE, 'cannot reach the server');
+      return;
+    }
+    if (this.readyState === 3) return;
+    if (response.status !== 200 || !response.body) {
+      await this._refused(response);
+      return;
+    }
+    this.readyState = 1;
+    this.onopen?.({});
+    await this._read(response.body.getReader());
+  }
+
+  async _refused(response) {
+    let text = '';
+    try { text = (await response.text()).slice(0, 300); } catch { /* the status says enough */ }
+    let body = null;
+    try { body = JSON.parse(text); } catch { /* not JSON: a proxy's or the router's page */ }
+    const reason = body?.message ?? (text.trim() || `HTTP ${response.status}`);
+    const routeMissing = response.status === 404 && body?.error !== 'unknown_zone'
+      && body?.code !== 'unknown_zone';
+    const code = routeMissing ? ABNORMAL_CLOSE_CODE
+      : SSE_STATUS_CLOSE_CODES[response.status] ?? ABNORMAL_CLOSE_CODE;
+    this._end(code, `HTTP ${response.status}: ${reason}`,
+      { status: response.status, routeMissing, badCursor: response.status === 400 });
+  }
+
+  async _read(reader) {
+    const parser = new SseParser();
+    const decoder = new TextDecoder();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done || this.readyState === 3) break;
+        const comments = parser.comments;
+        const events = parser.feed(decoder.decode(value, { stream: true }));
+        if (parser.comments !== comments) this.onping?.();
+        for (const e of events) {
+          if (this.readyState === 3) return;
+          this.onmessage?.({ data: e.data, type: e.event, lastEventId: e.id });
+        }
+      }
+    } catch {
+      // aborted by close(), or the network dropped: both end the stream below
+    }
+    this._end(ABNORMAL_CLOSE_CODE, 'the event stream ended');
+  }
+
+  _end(code, reason, extra = {}) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({ code, reason, wasClean: false, ...extra });
+  }
+}
 
 /** Documented defaults of every tunable option. */
 export const DEFAULT_OPTIONS = Object.freeze({
@@ -60,6 +263,13 @@ function toWebSocketBase(url) {
   return u;
 }
 
+function toHttpBase(url) {
+  const u = new URL(url);
+  if (u.protocol === 'ws:') u.protocol = 'http:';
+  else if (u.protocol === 'wss:') u.protocol = 'https:';
+  return u;
+}
+
 function defaultBaseUrl() {
   const loc = globalThis.location;
   if (!loc) throw new Error('PriceHubClient: option `url` is required outside a browser');
@@ -70,11 +280,14 @@ function defaultBaseUrl() {
  * Client for one pricehub server.
  *
  * Events (use `client.on(type, fn)` -> fn(detail), or addEventListener(type, e => e.detail)):
- *   status   {status: 'connecting'|'connected'|'reconnecting'|'failed'|'closed', ...}
+ *   status   {status: 'connecting'|'connected'|'reconnecting'|'failed'|'closed', ...};
+ *            `connected` carries `transport` ('ws' | 'sse')
  *   price    {price: {market_zone, price, volume, seq, timestamp}, flags: {initial, replay, conflated}}
  *   gap      {zone, fromSeq, toSeq, epochChanged}
  *   backend  {backend, previous}
  *   error    {code, message}           (server `error` messages; the socket stays open)
+ *   zones    {zones, added, removed, rejected: [{zone, code, message}]}  (watched zones changed)
+ *   diagnosis {kind, text}             (why a WebSocket was refused before it opened)
  *   message  the raw server message     (every frame, after the client processed it)
  */
 export class PriceHubClient extends EventTarget {
@@ -84,6 +297,10 @@ export class PriceHubClient extends EventTarget {
    * @param {string} [options.zone] subscribe to one zone on `/api/ws/ws/market/{zone}`
    * @param {string[]} [options.zones] zones for `/api/ws/ws/prices` (default: all zones)
    * @param {string} [options.token] subscriber token, when the server has auth on
+   * @param {boolean} [options.subscribe=false] multi-zone: open the socket on no zone and
+   *   subscribe to `zones` with a message (zones can then change: addZones/removeZones);
+   *   with no `zones` it watches nothing, never every zone
+   * @param {'auto'|'ws'|'sse'} [options.transport='auto']
    * @param {number} [options.baseDelayMs=1000]
    * @param {number} [options.jitterMs=1000]
    * @param {number} [options.maxAttempts=5]
@@ -101,6 +318,10 @@ export class PriceHubClient extends EventTarget {
     const o = { ...DEFAULT_OPTIONS, ...options };
     if (o.zone && o.zones) throw new Error('PriceHubClient: give `zone` or `zones`, not both');
     if (!(o.maxAttempts >= 0)) throw new Error('PriceHubClient: maxAttempts must be >= 0');
+    o.transport ??= 'auto';
+    if (!['auto', 'ws', 'sse'].includes(o.transport)) {
+      throw new Error("PriceHubClient: transport must be 'auto', 'ws' or 'sse'");
+    }
     this.options = Object.freeze(o);
     this._baseUrl = o.url ?? defaultBaseUrl();
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
@@ -125,6 +346,13 @@ export class PriceHubClient extends EventTarget {
     this._zones = o.zone ? [o.zone] : [...(o.zones ?? [])];
     this._subscribeAfterOpen = false; // multi-zone resume: socket opened with `zones=`
     this._duplicates = 0;
+    this._useSse = o.transport === 'sse'; // auto: true from the first SSE stream that opens
+    this._sseUnavailable = false; // auto: the server answered 404 on the SSE path
+    this._sseCursor = ''; // Last-Event-ID safe to resume from (nothing held back behind it)
+    this._opened = false; // did the current socket reach `open`?
+    this._pending = []; // zone subscribes awaiting `subscribed` / `error`: {zones, resolve}
+    this._diagnosing = false;
+    this.lastDiagnosis = null;
   }
 
   /** Current status: idle, connecting, connected, reconnecting, failed or closed. */
@@ -135,6 +363,8 @@ export class PriceHubClient extends EventTarget {
   get zones() { return [...this._zones]; }
   /** Sequence-number lineage of the server's history, or null before the first connection. */
   get epoch() { return this._epoch; }
+  /** 'ws' or 'sse' while connected (or the one being tried), else null. */
+  get transport() { return this._ws ? (this._ws.oneWay ? 'sse' : 'ws') : null; }
   /** Number of updates dropped because their seq was already delivered. */
   get duplicatesDropped() { return this._duplicates; }
   /** Last delivered seq of `zone`, or undefined. */
@@ -160,9 +390,94 @@ export class PriceHubClient extends EventTarget {
    * cycle of `maxAttempts` automatic attempts. No-op while a socket is open or opening.
    */
   reconnect() {
+    if (!this._ws) {
+      // A fresh cycle tries the WebSocket again: the network may have changed.
+      this._useSse = this.options.transport === 'sse';
+      this._sseUnavailable = false;
+    }
     this.connect();
   }
 
+  /**
+   * Watch more zones (multi-zone client). Resolves with {added, rejected}: over a WebSocket
+   * the server's answer decides (`subscribed`, or an `error` such as unknown_zone); while
+   * not connected they are simply remembered and subscribed on the next connection.
+   */
+  async addZones(zones) {
+    const fresh = [...new Set(zones)].filter((z) => !this._zones.includes(z));
+    if (fresh.length === 0) return { added: [], rejected: [] };
+    if (this.options.zone) throw new Error('PriceHubClient: a single-zone client cannot add zones');
+    if (this._ws?.oneWay) return this._addZonesSse(fresh);
+    // Not connected: remembered, and subscribed with the others on the next connection. A
+    // socket lost before the answer counts as added for the same reason.
+    // One subscribe per zone: the server refuses a whole subscribe for one unknown zone.
+    const answers = await Promise.all(fresh.map((zone) => (!this._canSend()
+      ? { added: [zone], rejected: [] }
+      : new Promise((resolve) => {
+        this._pending.push({ zones: [zone], resolve, fromAdd: true });
+        this.send({ type: 'subscribe', zones: [zone] });
+      }))));
+    const answer = { added: answers.flatMap((a) => a.added),
+      rejected: answers.flatMap((a) => a.rejected) };
+    this._zones.push(...answer.added.filter((z) => !this._zones.includes(z)));
+    this._emitZones(answer);
+    return answer;
+  }
+
+  /** Stop watching zones (multi-zone client). */
+  removeZones(zones) {
+    const gone = zones.filter((z) => this._zones.includes(z));
+    if (gone.length === 0) return;
+    this._dropZones(gone);
+    for (const zone of gone) this._lastSeq.delete(zone);
+    if (this._ws?.oneWay) this._restartStream();
+    else if (this._canSend()) this.send({ type: 'unsubscribe', zones: gone });
+    this._emitZones({ removed: gone });
+  }
+
+  async _addZonesSse(zones) {
+    // A stream cannot be told about zones: check them over HTTP (an unknown one would make
+    // the whole stream 404), then reopen it with the longer list, resuming the others.
+    const rejected = [];
+    for (const zone of zones) {
+      try {
+        await this.fetchHistory(zone, { limit: 1 });
+      } catch (err) {
+        rejected.push({ zone, code: err.status === 404 ? 'unknown_zone' : 'unavailable',
+          message: String(err.message ?? err) });
+      }
+    }
+    const added = zones.filter((z) => !rejected.some((r) => r.zone === z)
+      && !this._zones.includes(z));
+    this._zones.push(...added);
+    if (added.length) this._restartStream();
+    this._emitZones({ added, rejected });
+    return { added, rejected };
+  }
+
+  _dropZones(zones) {
+    this._zones = this._zones.filter((z) => !zones.includes(z));
+    for (const zone of zones) this._resuming.delete(zone);
+  }
+
+  _emitZones({ added = [], removed = [], rejected = [] }) {
+    this.dispatchEvent(new PriceHubEvent('zones', { zones: this.zones, added, removed, rejected }));
+  }
+
+  /**
+   * Replace the stream at once (not a reconnect attempt): its URL names the zones. A cursor
+   * is made for one set of zones, so it goes: the zones kept report a gap and reload their
+   * history. Between attempts (no stream) the next attempt simply uses the new list.
+   */
+  _restartStream() {
+    if (!this._ws) return;
+    const ws = this._detach();
+    ws.close(1000, 'zones changed');
+    this._sseCursor = '';
+    this._open(this._attempts);
+  }
+
+  _canSend() { return Boolean(this._ws && this._ws.readyState === OPEN && !this._ws.oneWay); }
   /** Close for good (status `closed`); no automatic reconnect follows. */
   close() {
     this._cancelRetry();
@@ -173,7 +488,7 @@ export class PriceHubClient extends EventTarget {
 
   /** Send a JSON message if the socket is open; returns whether it was sent. */
   send(message) {
-    if (!this._ws || this._ws.readyState !== OPEN) return false;
+    if (!this._canSend()) return false;
     this._ws.send(JSON.stringify(message));
     return true;
   }
@@ -184,12 +499,15 @@ export class PriceHubClient extends EventTarget {
    */
   async fetchHistory(zone, { limit = 200 } = {}) {
     if (!this._fetch) throw new Error('PriceHubClient: no fetch implementation');
-    const u = new URL(`/api/ws/ws/history/${encodeURIComponent(zone)}`, this._baseUrl);
-    if (u.protocol === 'ws:') u.protocol = 'http:';
-    else if (u.protocol === 'wss:') u.protocol = 'https:';
+    const u = toHttpBase(new URL(`${PATHS.history}${encodeURIComponent(zone)}`, this._baseUrl));
     u.searchParams.set('limit', String(limit));
+    if (this.options.token) u.searchParams.set('token', this.options.token);
     const response = await this._fetch(u.href, { headers: { Accept: 'application/json' } });
-    if (!response.ok) throw new Error(`history ${zone}: HTTP ${response.status}`);
+    if (!response.ok) {
+      const err = new Error(`history ${zone}: HTTP ${response.status}`);
+      err.status = response.status;
+      throw err;
+    }
     const body = await response.json();
     return Array.isArray(body.data) ? body.data : [];
   }
@@ -200,15 +518,16 @@ export class PriceHubClient extends EventTarget {
     const u = toWebSocketBase(this._baseUrl);
     const single = this.options.zone;
     if (single) {
-      u.pathname = `/api/ws/ws/market/${encodeURIComponent(single)}`;
+      u.pathname = `${PATHS.wsMarket}${encodeURIComponent(single)}`;
       const since = this._lastSeq.get(single);
       if (since !== undefined && this._epoch !== null) {
         u.searchParams.set('since', String(since));
         u.searchParams.set('epoch', this._epoch);
       }
     } else {
-      u.pathname = '/api/ws/ws/prices';
-      this._subscribeAfterOpen = this._lastSeq.size > 0 && this._zones.length > 0;
+      u.pathname = PATHS.wsPrices;
+      this._subscribeAfterOpen = this.options.subscribe
+        || (this._lastSeq.size > 0 && this._zones.length > 0);
       if (this._subscribeAfterOpen) {
         // Resuming: open no zone (`zones=`), then one `subscribe` opens each zone with its
         // `since`. Opening the zones here would let live updates overtake the replay.
@@ -221,11 +540,43 @@ export class PriceHubClient extends EventTarget {
     return u.href;
   }
 
-  _open(attempt) {
-    this._setStatus('connecting', { attempt, maxAttempts: this.options.maxAttempts });
+  /** URL and Last-Event-ID of the next SSE stream; sets up what it resumes. */
+  _streamRequest() {
+    const u = toHttpBase(this._baseUrl);
+    const single = this.options.zone;
+    let lastEventId = '';
+    this._subscribeAfterOpen = false; // a stream cannot be sent anything
+    if (single) {
+      u.pathname = `${PATHS.sseMarket}${encodeURIComponent(single)}`;
+      const since = this._lastSeq.get(single);
+      if (since !== undefined && this._epoch !== null) {
+        u.searchParams.set('since', String(since));
+        u.searchParams.set('epoch', this._epoch);
+      }
+    } else {
+      u.pathname = PATHS.ssePrices;
+      const zones = this.options.subscribe || this._lastSeq.size > 0 ? this._zones
+        : this.options.zones ?? null;
+      if (zones) u.searchParams.set('zones', zones.join(','));
+      lastEventId = this._sseCursor;
+    }
+    if (this.options.token) u.searchParams.set('token', this.options.token);
+    return { url: u.href, lastEventId };
+  }
+
+  /** Open a socket or stream; `transport` defaults to the sticky choice. */
+  _open(attempt, transport = this._useSse ? 'sse' : 'ws') {
+    this._setStatus('connecting', { attempt, maxAttempts: this.options.maxAttempts, transport });
     let ws;
+    this._opened = false;
     try {
-      ws = new this._WebSocket(this._socketUrl());
+      if (transport === 'sse') {
+        const { url, lastEventId } = this._streamRequest();
+        ws = new SseConnection(url, { fetch: this._fetch, lastEventId });
+        ws.onping = () => { if (ws === this._ws) this._lastFrameAt = this._now(); };
+      } else {
+        ws = new this._WebSocket(this._socketUrl());
+      }
     } catch (err) {
       // A throwing constructor means a bad URL or a blocked scheme: retrying cannot help.
       this._setStatus('failed', { terminal: true, reason: String(err), attempts: this._attempts,
@@ -239,13 +590,15 @@ export class PriceHubClient extends EventTarget {
     }, this.options.establishTimeoutMs);
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (event) => this._onMessage(ws, event);
-    ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+    ws.onclose = (event) => this._onClose(ws, event.code, event.reason, event);
     // Every failure is followed by a close event; that is where retrying is decided.
     ws.onerror = () => {};
   }
 
   _onOpen(ws) {
     if (ws !== this._ws) return;
+    this._opened = true;
+    if (ws.oneWay) this._useSse = true; // the stream works where the upgrade did not: stay
     this._lastFrameAt = this._now();
     // Resetting on open would retry forever against a server that accepts and drops.
     this._stableTimer = this._timers.setTimeout(() => {
@@ -254,9 +607,44 @@ export class PriceHubClient extends EventTarget {
     }, this.options.stableAfterMs);
   }
 
-  _onClose(ws, code, reason = '') {
+  _onClose(ws, code, reason = '', event = {}) {
     if (ws !== this._ws) return;
+    const opened = this._opened;
+    // A token that does not allow a zone closes the socket (4003) on its subscribe. When that
+    // subscribe was addZones' (the oldest unanswered one), only that zone is refused: drop it
+    // and reconnect at once, instead of failing for good with the zone remembered.
+    const refusedAdd = code === FORBIDDEN_ZONE_CODE && this._pending[0]?.fromAdd
+      ? this._pending.shift() : null;
     this._detach();
+    if (refusedAdd) {
+      refusedAdd.resolve({ added: [], rejected: refusedAdd.zones.map((zone) => ({
+        zone, code: 'forbidden_zone', message: describeClose(code, reason) })) });
+      this._open(this._attempts);
+      return;
+    }
+    if (ws.oneWay) {
+      if (event.badCursor && this._sseCursor) {
+        // A cursor the server no longer takes (e.g. made for another set of zones): the
+        // cause is gone with it, so open again at once; the zones report gaps instead.
+        this._sseCursor = '';
+        this._open(this._attempts);
+        return;
+      }
+      if (event.routeMissing && this.options.transport === 'auto') {
+        // No SSE on this server: go on with the WebSocket and its own failure.
+        this._sseUnavailable = true;
+        this._useSse = false;
+        reason = this._wsFailure ?? reason;
+      }
+    } else if (code === ABNORMAL_CLOSE_CODE && !opened) {
+      // Refused or unreachable before the upgrade: the browser hides which; ask over HTTP.
+      this._diagnose();
+      if (this.options.transport === 'auto' && !this._sseUnavailable && this._fetch) {
+        this._wsFailure = reason;
+        this._open(this._attempts, 'sse'); // same attempt, other transport: no retry of its own
+        return;
+      }
+    }
     if (TERMINAL_CLOSE_CODES.includes(code)) {
       this._setStatus('failed', { code, reason, terminal: true, attempts: this._attempts,
         maxAttempts: this.options.maxAttempts });
@@ -290,8 +678,29 @@ export class PriceHubClient extends EventTarget {
     this._clearTimer('_establishTimer', 'clearTimeout');
     this._clearTimer('_heartbeatTimer', 'clearInterval');
     this._resuming.clear();
-    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    // Subscribes sent on this socket will never be answered.
+    for (const { zones, resolve } of this._pending.splice(0)) resolve({ added: zones, rejected: [] });
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = ws.onping = null;
     return ws;
+  }
+
+  /**
+   * Why did a WebSocket fail before it opened? The browser reports only close 1006, not the
+   * HTTP status of a refused upgrade, so ask over plain HTTP: is the server reachable, and
+   * what does the socket path answer to a request without an upgrade? That request carries
+   * no Origin header (browsers send none on same-origin GETs), so a pricehub server answers
+   * it 400 ("upgrade expected") where the upgrade itself got 403: then the page's Origin
+   * was refused, or a proxy stripped the upgrade. Emits `diagnosis` {kind, text}.
+   */
+  async _diagnose() {
+    if (!this._fetch || this._diagnosing) return;
+    this._diagnosing = true;
+    try {
+      this.lastDiagnosis = await diagnoseRefusedSocket(this._fetch, this._baseUrl, this._socketUrl());
+      this.dispatchEvent(new PriceHubEvent('diagnosis', this.lastDiagnosis));
+    } finally {
+      this._diagnosing = false;
+    }
   }
 
   /** Give up on the current socket now and retry: its close handshake could hang. */
@@ -341,6 +750,11 @@ export class PriceHubClient extends EventTarget {
     if (!msg || typeof msg !== 'object') return;
     const handler = this._handlers[msg.type];
     if (handler) handler.call(this, msg);
+    // A stream's cursor is only safe to resume from while nothing is held back for a resume:
+    // held prices are lost if the stream dies before their resume_complete.
+    if (event.lastEventId && CURSOR_TYPES.includes(msg.type) && this._resuming.size === 0) {
+      this._sseCursor = event.lastEventId;
+    }
     this.dispatchEvent(new PriceHubEvent('message', msg));
   }
 
@@ -354,7 +768,16 @@ export class PriceHubClient extends EventTarget {
     for (const zone of this._zones) {
       if (this._lastSeq.has(zone)) resumeSince[zone] = this._lastSeq.get(zone);
     }
-    const resumeZones = Object.keys(resumeSince);
+    let resumeZones = Object.keys(resumeSince);
+    if (this._ws?.oneWay && !this.options.zone && !this._sseCursor && resumeZones.length) {
+      // A multi-zone stream resumes only from its own Last-Event-ID; cursors from a
+      // WebSocket cannot be handed over, so those zones report a gap (reload their history).
+      for (const zone of resumeZones) {
+        this.dispatchEvent(new PriceHubEvent('gap', { zone, fromSeq: resumeSince[zone] + 1,
+          toSeq: null, epochChanged: false }));
+      }
+      resumeZones = [];
+    }
     for (const zone of resumeZones) this._resuming.set(zone, null);
     this._epoch = msg.epoch;
     this._epochChanged = epochChanged;
@@ -362,14 +785,39 @@ export class PriceHubClient extends EventTarget {
     if (epochChanged) this._lastSeq.clear();
     this._setBackend(msg.storage_backend);
     this._startHeartbeat(msg.heartbeat_interval);
-    if (this._subscribeAfterOpen) {
-      // The single-zone socket resumes through its URL; the multi-zone one asks here, with the
-      // old epoch so the server can tell us (recovered:false) when the lineage changed.
-      this.send({ type: 'subscribe', zones: this.zones, since: resumeSince,
-        epoch: previousEpoch });
-    }
+    if (this._subscribeAfterOpen && this._zones.length) this._subscribeAll(resumeSince, previousEpoch);
     this._setStatus('connected', { connectionId: msg.connection_id, zones: this.zones,
-      backend: this._backend, epoch: msg.epoch, resuming: resumeZones });
+      backend: this._backend, epoch: msg.epoch, resuming: resumeZones,
+      transport: this.transport });
+  }
+
+  /**
+   * The single-zone socket resumes through its URL; the multi-zone one asks here, with the
+   * old epoch so the server can tell us (recovered:false) when the lineage changed. An
+   * unknown zone fails the whole subscribe: it is dropped and the rest asked again.
+   */
+  _subscribeAll(since, epoch) {
+    const zones = this.zones;
+    const message = { type: 'subscribe', zones };
+    if (Object.keys(since).length) Object.assign(message, { since, epoch });
+    this._pending.push({ zones, resolve: (answer) => {
+      if (!answer.rejected.length) return;
+      // Only a zone the server does not know is dropped; e.g. "too many zones" keeps the
+      // list (the error event says why nothing was subscribed).
+      const unknown = answer.rejected[0].code === 'unknown_zone';
+      if (unknown) this._dropZones(answer.rejected.map((r) => r.zone));
+      this._emitZones({ rejected: answer.rejected });
+      if (!unknown) return;
+      const rest = {};
+      for (const zone of this._zones) if (zone in since) rest[zone] = since[zone];
+      if (this._zones.length && this._canSend()) this._subscribeAll(rest, epoch);
+    } });
+    this.send(message);
+  }
+
+  _onSubscribed() {
+    const pending = this._pending.shift();
+    pending?.resolve({ added: pending.zones, rejected: [] });
   }
 
   _onInitialData(msg) {
@@ -405,6 +853,15 @@ export class PriceHubClient extends EventTarget {
   _onBackendChanged(msg) { this._setBackend(msg.storage_backend); }
 
   _onError(msg) {
+    if (this._pending.length && SUBSCRIBE_ERRORS.includes(msg.code)) {
+      // The server answers each subscribe in order: this error is the oldest one's answer,
+      // and it subscribed none of that message's zones.
+      const { zones, resolve } = this._pending.shift();
+      const named = /'([a-z0-9_]+)'/.exec(msg.message ?? '')?.[1];
+      const culprits = named && zones.includes(named) ? [named] : zones;
+      resolve({ added: [],
+        rejected: culprits.map((zone) => ({ zone, code: msg.code, message: msg.message })) });
+    }
     this.dispatchEvent(new PriceHubEvent('error', { code: msg.code, message: msg.message }));
   }
 
@@ -429,8 +886,50 @@ export class PriceHubClient extends EventTarget {
   }
 }
 
+// Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
+const CURSOR_TYPES = Object.freeze(['price_update', 'initial_data']);
+
+const SUBSCRIBE_ERRORS = Object.freeze(['unknown_zone', 'forbidden_zone', 'invalid_message',
+  'rate_limited']);
+
+/**
+ * Explain a WebSocket that failed before it opened (see PriceHubClient._diagnose).
+ * @returns {Promise<{kind: string, text: string}>}
+ */
+export async function diagnoseRefusedSocket(fetchImpl, baseUrl, socketUrl) {
+  const base = toHttpBase(baseUrl);
+  const probeUrl = toHttpBase(socketUrl);
+  const origin = globalThis.location?.origin ?? base.origin;
+  const get = (url) => fetchImpl(url.href, { cache: 'no-store', headers: { Accept: 'application/json' } });
+  try {
+    await get(new URL(PATHS.health, base));
+  } catch {
+    return { kind: 'unreachable', text: `Cannot reach the server at ${base.host}.` };
+  }
+  let status;
+  try {
+    status = (await get(probeUrl)).status;
+  } catch {
+    return { kind: 'unreachable', text: `Cannot reach the server at ${base.host}.` };
+  }
+  const text = {
+    401: 'The server refused the connection: a valid subscriber token is required.',
+    403: `The server refused the connection: this page's origin (${origin}) is not allowed.`,
+    404: `The server has no socket at ${probeUrl.pathname}: check the address, or that the proxy forwards /api/ws/.`,
+    503: 'The server refused the connection: it is over its connection limit or unavailable.',
+  }[status];
+  if (text) return { kind: { 401: 'auth', 403: 'origin', 404: 'not_found', 503: 'busy' }[status], text };
+  return {
+    kind: 'origin',
+    text: `The server refused the connection: this page's origin (${origin}) is not allowed `
+      + "(check --allowed-origins, or the proxy's Host header: nginx needs "
+      + "'proxy_set_header Host $http_host'), or a proxy strips the WebSocket upgrade.",
+  };
+}
+
 PriceHubClient.prototype._handlers = Object.freeze({
   connection_established: PriceHubClient.prototype._onEstablished,
+  subscribed: PriceHubClient.prototype._onSubscribed,
   initial_data: PriceHubClient.prototype._onInitialData,
   price_update: PriceHubClient.prototype._onPriceUpdate,
   resume_complete: PriceHubClient.prototype._onResumeComplete,

@@ -8,6 +8,7 @@ instance registrations expire by TTL, which Redis honours natively (``PX``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -91,6 +92,14 @@ class Storage(Protocol):
 
     def ingest_source(self) -> IngestSource | None:
         """This storage as a source for the Redis ingest, or None (no Redis)."""
+
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice]:
+        """``append`` for each ``(zone, body)`` in order, sharing what a batch can share
+        (round trips, loop turns); the same guarantees per price. ``acks[i]`` is
+        ``append``'s ``ack`` for price i. When a price is refused after some were kept,
+        ``BatchInterrupted`` says which were."""
 
     async def latest(self, zone: str) -> StoredPrice | None:
         """The zone's newest price, if any."""

@@ -477,7 +477,13 @@ class RedisClusterStorage(RedisStorage):
 
     # --- writes -----------------------------------------------------------------------
 
-    async def _run_batch(self, batch: Sequence[_Write]) -> list[Any]:
+    @staticmethod
+    def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
+        # One price per script: APPEND_MANY_LUA's batch spans zones, so slots.
+        return [[write] for write in batch]
+
+    async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
+        batch = [write for group in groups for write in group]  # groups of one
         keys, epoch = self.keys, self.epoch
         pipe = self.cluster.pipeline(transaction=False)
         for write in batch:
@@ -568,7 +574,8 @@ class RedisClusterStorage(RedisStorage):
             async with redis_errors("load"):
                 results = await pipe.execute()
             for zone, (seq, payloads) in zip(chunk, results, strict=True):
-                state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
+                if int(seq):  # as RedisStorage.load: zones without a price are left out
+                    state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
         return state
 
     # --- epoch ------------------------------------------------------------------------

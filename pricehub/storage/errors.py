@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from pricehub.storage.base import StoredPrice
 from pricehub.wire.errors import PriceHubError
 
-__all__ = ["StorageError", "StorageHeld", "StorageUnavailable"]
+__all__ = [
+    "BatchInterrupted","StorageError", "StorageHeld", "StorageUnavailable"]
 
 
 class StorageError(PriceHubError):
@@ -23,3 +27,14 @@ class StorageHeld(StorageUnavailable):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BatchInterrupted(StorageUnavailable):
+    """Part of a batch was kept (``accepted``: its stored prices, in order) before
+    ``cause`` refused the rest: a publisher must learn which prices have a seq."""
+
+    def __init__(self, accepted: Sequence[StoredPrice], cause: StorageUnavailable) -> None:
+        super().__init__(str(cause))
+        self.accepted = list(accepted)
+        self.cause = cause
+        self.retry_after: float = getattr(cause, "retry_after", 1.0)

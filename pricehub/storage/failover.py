@@ -45,16 +45,16 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
 from pricehub.server.errors import ConfigError
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
-from pricehub.storage.errors import StorageHeld, StorageUnavailable
+from pricehub.storage.errors import BatchInterrupted, StorageHeld, StorageUnavailable
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import EpochChanged, RedisStorage, WriteInDoubt
+from pricehub.storage.redis import EpochChanged, LeaseLost, RedisStorage, WriteInDoubt
 from pricehub.wire.messages import with_seq
 
 T = TypeVar("T")
@@ -329,12 +329,13 @@ class FailoverStorage:
     ) -> tuple[str, dict[str, tuple[int, list[StoredPrice]]]]:
         """Steps 1-3 of the module docstring; returns Redis's epoch and state."""
         epoch = await redis.claim_epoch(self._epoch)
+        # Only zones this instance holds prices for have anything to write back.
         local = {
             zone: (
                 self._memory.last_seq(zone),
                 await self._memory.history(zone, limit=self._history_size),
             )
-            for zone in self._zones
+            for zone in self._memory.zones_with_prices()
         }
         if epoch == self._epoch:
             # Only into our own lineage: what memory numbered under an epoch Redis no
@@ -355,6 +356,8 @@ class FailoverStorage:
         """Step 4, synchronously so no price or append slips in between."""
         catch_up: list[StoredPrice] = []
         for zone, (seq, prices) in state.items():
+            if seq == 0 and self._memory.last_seq(zone) == 0:
+                continue  # no price on either side: no state for this zone
             if self._memory.last_seq(zone) > 0:  # a fresh zone has no one to catch up
                 catch_up += [p for p in prices if p.seq > self._memory.last_seq(zone)]
             self._memory.reset(zone, _contiguous_tail(prices, seq), seq=seq)
@@ -362,7 +365,10 @@ class FailoverStorage:
         quiet = self._quiet
         self._epoch, self._redis = epoch, redis
         self._set_mode(REDIS, quiet=False)
-        redis.deliver_to(_Mirror(self, redis), {zone: seq for zone, (seq, _) in state.items()})
+        # Zones without a price are left out: "take whatever comes first" is the same
+        # as "after 0" for them (subscribed before the load, nothing can be older).
+        positions = {zone: seq for zone, (seq, _) in state.items() if seq}
+        redis.deliver_to(_Mirror(self, redis), positions)
         if not recovering:
             return
         self.recoveries += not quiet
@@ -468,18 +474,88 @@ class FailoverStorage:
             self._held -= 1
 
     async def _settle_in_doubt(
-        self, zone: str, body: bytes, *, after: int
+        self, zone: str, body: bytes, *, after: int, taken: set[tuple[str, int]] | None = None
     ) -> StoredPrice | None:
         """Once Redis is back: the price Redis numbered for ``body`` (its reply was lost
-        with the connection), or None when it never ran and may be appended now."""
+        with the connection), or None when it never ran and may be appended now.
+        ``taken``: seqs already matched to another price of the same batch (two equal
+        bodies in one batch are two prices)."""
         while self._mode == HOLD:
             await self._wait_for_redis()
         if self._mode != REDIS:
             return None  # the resync ended in a lone instance's memory failover
         for price in await self._memory.since(zone, after) or []:
-            if price.payload == with_seq(body, price.seq):
+            key = (zone, price.seq)
+            if price.payload == with_seq(body, price.seq) and (taken is None or key not in taken):
+                if taken is not None:
+                    taken.add(key)
                 return price
         return None
+
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice]:
+        """``append`` for a batch, in order, under the same rules per price.
+
+        On Redis the batch is one pipelined pass (``RedisStorage.append_outcomes``: a
+        few scripts, not one round trip per price). Whatever that pass did not settle
+        (Redis lost, the epoch moved, a reply lost in flight) goes through ``append``
+        one price at a time, in order, after the in-doubt ones are looked up: so the
+        hold, resync and memory-failover rules are exactly ``append``'s. A lost ingest
+        lease ends the batch (``LeaseLost``); ingest entries are never numbered in memory.
+        """
+        ack_of = (lambda index: None) if acks is None else acks.__getitem__
+        results: list[StoredPrice | None] = [None] * len(items)
+        redis = self._redis
+        left: list[tuple[int, BaseException | None]] = [(i, None) for i in range(len(items))]
+        known: dict[str, int] = {}
+        if self._mode == REDIS and redis is not None and items:
+            known = {zone: self._memory.last_seq(zone) for zone, _ in items}
+            left = await self._append_on_redis(redis, items, acks, results)
+        taken: set[tuple[str, int]] = set()
+        try:
+            for index, error in left:
+                zone, body = items[index]
+                if isinstance(error, WriteInDoubt):
+                    found = await self._settle_in_doubt(
+                        zone, body, after=known.get(zone, 0), taken=taken
+                    )
+                    if found is not None:
+                        results[index] = found
+                        continue
+                results[index] = await self.append(zone, body, ack=ack_of(index))
+        except StorageUnavailable as exc:
+            kept = [price for price in results if price is not None]
+            if kept:
+                raise BatchInterrupted(kept, exc) from exc
+            raise
+        return cast(list[StoredPrice], results)
+
+    async def _append_on_redis(
+        self,
+        redis: RedisStorage,
+        items: Sequence[tuple[str, bytes]],
+        acks: Sequence[IngestAck] | None,
+        results: list[StoredPrice | None],
+    ) -> list[tuple[int, BaseException | None]]:
+        """One pipelined pass; fills ``results`` and returns, in order, the prices it
+        did not settle with the error that stopped each (the caller finishes them)."""
+        try:
+            outcomes = await redis.append_outcomes(items, acks=acks)
+        except StorageUnavailable as exc:  # lost before anything was sent
+            self._on_lost(redis, exc)
+            return [(index, None) for index in range(len(items))]
+        left: list[tuple[int, BaseException | None]] = []
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, LeaseLost):
+                raise outcome  # the ingest consumer stops; the entries stay pending
+            if isinstance(outcome, BaseException):
+                left.append((index, outcome))
+            else:
+                results[index] = outcome
+        if left:
+            self._on_lost(redis, left[0][1] or StorageUnavailable("redis append failed"))
+        return left
 
     async def latest(self, zone: str) -> StoredPrice | None:
         return await self._memory.latest(zone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
@@ -25,6 +25,11 @@ class _Zone:
     def __init__(self, history_size: int) -> None:
         self.seq = 0
         self.history: deque[StoredPrice] = deque(maxlen=history_size)
+
+
+# What a read sees for a zone that never had a price: no state is created for it, so
+# state exists only for zones with prices however many are configured or asked about.
+_EMPTY = _Zone(0)
 
 
 class MemoryStorage:
@@ -81,6 +86,19 @@ class MemoryStorage:
     def ingest_source(self) -> IngestSource | None:
         return None  # no Redis, no stream to consume
 
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice]:
+        """``append`` for a batch, in order, with no await in between (one loop turn)."""
+        if acks is not None:
+            raise StorageUnavailable("no ingest stream without Redis")
+        prices = [self.record(zone, body) for zone, body in items]
+        listener = self._listener
+        if listener is not None:
+            for price in prices:
+                listener.on_price(price)
+        return prices
+
     def record(self, zone: str, body: bytes) -> StoredPrice:
         """Number and store a price without publishing it."""
         state = self._zone(zone)
@@ -106,18 +124,22 @@ class MemoryStorage:
         state.history.extend(prices)
 
     def last_seq(self, zone: str) -> int:
-        return self._zone(zone).seq
+        return self._zones.get(zone, _EMPTY).seq
+
+    def zones_with_prices(self) -> list[str]:
+        """The zones this store holds state for (failover reconciles only those)."""
+        return list(self._zones)
 
     async def latest(self, zone: str) -> StoredPrice | None:
-        history = self._zone(zone).history
+        history = self._zones.get(zone, _EMPTY).history
         return history[-1] if history else None
 
     async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
-        history = self._zone(zone).history
+        history = self._zones.get(zone, _EMPTY).history
         return list(history)[-limit:] if limit > 0 else []
 
     async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
-        state = self._zone(zone)
+        state = self._zones.get(zone, _EMPTY)
         if seq > state.seq:
             return None
         if seq == state.seq:

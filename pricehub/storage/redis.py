@@ -6,7 +6,9 @@ splice ``"seq":N,`` into the body exactly as ``protocol.with_seq`` does, store i
 latest and in a bounded history ZSET (score = seq), PUBLISH it. Because the script is
 atomic and one PUB/SUB connection delivers in publish order, every instance sees a
 zone's prices in seq order. Concurrent appends are pipelined: they queue up while one
-round trip is in flight and leave together in the next one.
+round trip is in flight and leave together in the next one, several of them as one
+``APPEND_MANY_LUA`` (the same steps per price, one reply and one ``!many`` message for
+the lot), so a batch of N prices costs about N / ``MAX_PIPELINE`` round trips.
 
 A published price reads ``<epoch> <zone> <payload>``: the subscriber drops (and counts,
 and logs) anything that is not its own feed's lineage, so a price of another feed can
@@ -61,8 +63,12 @@ __all__ = [
 
 INGEST_GROUP = "pricehub"  # the consumer group of the ingest stream
 EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no zone char)
+# Several prices in one message (APPEND_MANY_LUA): "!many zone payload\nzone payload...".
+# A payload is compact JSON, which never holds a raw newline.
+MANY_MESSAGE = b"!many "
 MAX_PIPELINE = 512  # appends per round trip
 LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a thousand
+LOAD_CHUNK = 2000  # zones per LOAD_LUA call when loading every zone (start, recovery)
 
 
 class EpochChanged(StorageUnavailable):
@@ -154,6 +160,56 @@ end
 return seq
 """
 
+# A batch of appends in one script: one round trip, one reply and one PUBLISH (so one
+# subscriber message on every instance) for the lot, instead of one of each per price.
+# Same steps per price as APPEND_LUA, in order; the epoch (and, for ingest, the lease) is
+# checked once, and the batch's stream entries are acknowledged and deleted in the same
+# script as their appends (exactly once). Every key is declared, so under Redis Cluster
+# the caller would group a batch by hash slot, one script per slot.
+# KEYS: epoch, ingest lease, ingest stream, then per price: seq, history, latest.
+# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group, and
+#       the prices as one string of lines "zone entry_id body" (entry_id '' without
+#       acks): one argument instead of three per price, because packing arguments is
+#       most of redis-py's cost for a batch. Zones and ids hold no space, a compact JSON
+#       body no newline.
+# Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply).
+APPEND_MANY_LUA = """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then
+  return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
+end
+local acking = ARGV[4] ~= ''
+if acking and redis.call('GET', KEYS[2]) ~= ARGV[4] then
+  return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+end
+local keep = -(tonumber(ARGV[1]) + 1)
+local blob = ARGV[6]
+local pos = 1
+local seqs, lines, ids = {}, {}, {}
+for i = 1, (#KEYS - 3) / 3 do
+  local stop = string.find(blob, '\\n', pos, true) or (#blob + 1)
+  local first = string.find(blob, ' ', pos, true)
+  local second = string.find(blob, ' ', first + 1, true)
+  local zone = string.sub(blob, pos, first - 1)
+  ids[i] = string.sub(blob, first + 1, second - 1)
+  local body = string.sub(blob, second + 1, stop - 1)
+  pos = stop + 1
+  local seq = redis.call('INCR', KEYS[3 * i + 1])
+  local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
+  redis.call('SET', KEYS[3 * i + 3], payload)
+  redis.call('ZADD', KEYS[3 * i + 2], seq, payload)
+  redis.call('ZREMRANGEBYRANK', KEYS[3 * i + 2], 0, keep)
+  seqs[i] = seq
+  lines[i] = zone .. ' ' .. payload
+end
+if acking then
+  redis.call('XACK', KEYS[3], ARGV[5], unpack(ids))
+  -- As in APPEND_LUA: a consumed entry is deleted, the stream stays a bounded queue.
+  redis.call('XDEL', KEYS[3], unpack(ids))
+end
+redis.call('PUBLISH', ARGV[2], '!many ' .. ARGV[3] .. '\\n' .. table.concat(lines, '\\n'))
+return table.concat(seqs, ',')
+"""
+
 # Recovery of one zone. KEYS: seq, history, latest.
 # ARGV: history_size, channel, zone, our last seq, epoch, then (seq, payload) pairs
 # oldest first.
@@ -189,6 +245,21 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('PUBLISH', ARGV[2], '!epoch ' .. ARGV[1])
 end
 return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: per zone its seq and history key. Per zone that has a seq: its (1-based) index
+# in the chunk, the seq and the whole retained history; zones without one are skipped.
+LOAD_LUA = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  local seq = redis.call('GET', KEYS[i])
+  if seq then
+    out[#out + 1] = (i + 1) / 2
+    out[#out + 1] = tonumber(seq)
+    out[#out + 1] = redis.call('ZRANGE', KEYS[i + 1], 0, -1)
+  end
+end
+return out
 """
 
 # KEYS: epoch. ARGV: expected, replacement, channel. Compare-and-set, announced to all.
@@ -270,12 +341,17 @@ def _parse_message(data: bytes) -> tuple[str, StoredPrice | None]:
     else (a stray PUBLISH must be dropped, not crash the subscriber into a failover)."""
     epoch, _, rest = data.partition(b" ")
     zone, _, payload = rest.partition(b" ")
+    price = _parse_price(zone, payload)
+    return ("", None) if price is None else (epoch.decode(errors="replace"), price)
+
+
+def _parse_price(zone: bytes, payload: bytes) -> StoredPrice | None:
     try:
         if not payload.startswith(b'{"seq":'):
-            return "", None
-        return epoch.decode(), _price(zone.decode(), payload)
+            return None
+        return _price(zone.decode(), payload)
     except ValueError:  # UnicodeDecodeError is a ValueError
-        return "", None
+        return None
 
 
 def _database(client: aioredis.Redis) -> int:
@@ -289,6 +365,20 @@ class _Write:
     body: bytes
     ack: IngestAck | None
     future: asyncio.Future[int]
+
+
+def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
+    """Consecutive writes that can share one script: the same ingest consumer, or none
+    (a lost lease must refuse only the stream entries, never HTTP prices)."""
+    groups: list[list[_Write]] = []
+    for write in batch:
+        consumer = None if write.ack is None else write.ack.consumer
+        last = groups[-1][-1] if groups else None
+        if last is not None and (None if last.ack is None else last.ack.consumer) == consumer:
+            groups[-1].append(write)
+        else:
+            groups.append([write])
+    return groups
 
 
 class RedisStorage:
@@ -332,6 +422,7 @@ class RedisStorage:
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
         self._append_sha = ""
+        self._append_many_sha = ""
         self._epoch: str | None = None
         self._listener: StorageListener | None = None
         # Last seq delivered per zone; a zone missing here takes whatever comes first.
@@ -372,6 +463,7 @@ class RedisStorage:
             async with redis_errors("connect"):
                 await client.ping()
                 self._append_sha = await client.script_load(APPEND_LUA)
+                self._append_many_sha = await client.script_load(APPEND_MANY_LUA)
                 pubsub = self._pubsub = client.pubsub()
                 await pubsub.subscribe(self.keys.prices, self.keys.probe(self._token))
                 await self._await_subscribed(pubsub, count=2)
@@ -455,7 +547,25 @@ class RedisStorage:
                 self._epoch = epoch
                 listener.on_epoch_changed(epoch)
             return
+        if data.startswith(MANY_MESSAGE):
+            await self._on_many(listener, data)
+            return
         epoch, price = _parse_message(data)
+        await self._on_price_message(listener, data, epoch, price)
+
+    async def _on_many(self, listener: StorageListener, data: bytes) -> None:
+        """``!many <epoch>`` then one ``<zone> <payload>`` line per price of a batch."""
+        header, _, body = data.partition(b"\n")
+        epoch = header[len(MANY_MESSAGE) :].decode(errors="replace")
+        for line in body.split(b"\n"):
+            zone, _, payload = line.partition(b" ")
+            await self._on_price_message(listener, line, epoch, _parse_price(zone, payload))
+
+    async def _on_price_message(
+        self, listener: StorageListener, data: bytes, epoch: str, price: StoredPrice | None
+    ) -> None:
+        """One price: delivered in seq order, holes filled from the history; anything not
+        of this feed's lineage is dropped and counted."""
         last = None if price is None else self._positions.get(price.zone)
         if price is None or epoch != self._epoch:
             if price is not None and last is not None and price.seq <= last:
@@ -539,12 +649,55 @@ class RedisStorage:
         seq = await future
         return StoredPrice(zone, seq, with_seq(body, seq))
 
+    async def append_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
+        """``append`` for a batch, in order: one script per price (each atomic, so the
+        per-zone seq order and exactly-once hold as for ``append``), all queued at once
+        so they leave in ``ceil(N / MAX_PIPELINE)`` round trips. Raises the first error
+        once every price of the batch is settled."""
+        outcomes = await self.append_outcomes(items)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return cast(list[StoredPrice], outcomes)
+
+    async def append_outcomes(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice | BaseException]:
+        """Per price of the batch, its ``StoredPrice`` or the error that refused it.
+
+        ``acks[i]`` (ingest) rides in price i's script. A failure does not stop the
+        prices after it from being sent (they are in the same pipeline), which keeps
+        stream order: a lost lease or a changed epoch refuses every later script too.
+        """
+        if self._lost is not None:
+            raise StorageUnavailable(f"redis lost: {self._lost!r}")
+        loop = asyncio.get_running_loop()
+        writes = [
+            _Write(zone, body, None if acks is None else acks[index], loop.create_future())
+            for index, (zone, body) in enumerate(items)
+        ]
+        self._pending.extend(writes)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        outcomes: list[StoredPrice | BaseException] = []
+        for write in writes:
+            # Sequential awaits, not gather: once the first is done the rest mostly are,
+            # and awaiting a done future costs no loop turn.
+            try:
+                seq = await write.future
+            except StorageError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(StoredPrice(write.zone, seq, with_seq(write.body, seq)))
+        return outcomes
+
     async def _flush(self) -> None:
         """Send queued appends, many per round trip, in the order they were made."""
         while self._pending:
             batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
+            groups = self._groups(batch)
             try:
-                results = await self._run_batch(batch)
+                results = await self._run_groups(groups)
             except StorageUnavailable as exc:
                 self._fail_writes(batch, exc)
                 self._mark_lost(exc)
@@ -552,23 +705,39 @@ class RedisStorage:
             except BaseException:
                 self._fail_writes(batch, StorageUnavailable("redis storage closed"))
                 raise
-            for write, result in zip(batch, results, strict=True):
-                if write.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    write.future.set_exception(self._write_error(result))
-                else:
-                    write.future.set_result(int(result))
+            for group, result in zip(groups, results, strict=True):
+                self._settle(group, result)
 
-    async def _run_batch(self, batch: Sequence[_Write]) -> list[Any]:
+    def _settle(self, group: Sequence[_Write], result: Any) -> None:
+        """Resolve one script's writes with its reply: a seq, "s1,s2,..." or an error."""
+        if isinstance(result, BaseException):
+            error = self._write_error(result)
+            self._fail_writes(group, error)
+            return
+        seqs = [int(result)] if len(group) == 1 else [int(seq) for seq in result.split(b",")]
+        for write, seq in zip(group, seqs, strict=True):
+            if not write.future.done():
+                write.future.set_result(seq)
+
+    @staticmethod
+    def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
+        """Hook (RedisClusterStorage: one price per script, a batch spans slots)."""
+        return _groups(batch)
+
+    async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
+        """One pipeline, one script per group, in order: a lone price is an APPEND_LUA
+        (its message is the per-price one), several are one APPEND_MANY_LUA."""
         keys, client = self.keys, self.client
         pipe = client.pipeline(transaction=False)
-        for write in batch:
+        for group in groups:
+            if len(group) > 1:
+                script_keys, args = self._many_args(group)
+                pipe.evalsha(self._append_many_sha, len(script_keys), *script_keys, *args)
+                continue
+            write = group[0]
             zone = write.zone
             script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
-            args: list[str | bytes | int] = [
-                write.body, self._history_size, keys.prices, zone, self.epoch,
-            ]
+            args = [write.body, self._history_size, keys.prices, zone, self.epoch]
             if write.ack is not None:
                 script_keys += [keys.ingest_lease, keys.ingest]
                 args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
@@ -579,6 +748,24 @@ class RedisStorage:
         except StorageUnavailable as exc:
             raise WriteInDoubt(str(exc)) from exc
         return results
+
+    def _many_args(self, group: Sequence[_Write]) -> tuple[list[str], list[str | bytes | int]]:
+        """APPEND_MANY_LUA's KEYS and ARGV for a group (see the script)."""
+        keys = self.keys
+        ack = group[0].ack
+        script_keys = [keys.epoch, keys.ingest_lease, keys.ingest]
+        args: list[str | bytes | int] = [
+            self._history_size, keys.prices, self.epoch,
+            "" if ack is None else ack.consumer, INGEST_GROUP,
+        ]  # fmt: skip
+        lines = []
+        for write in group:
+            zone = write.zone
+            script_keys += [keys.seq(zone), keys.history(zone), keys.latest(zone)]
+            entry_id = b"" if write.ack is None else write.ack.entry_id.encode()
+            lines.append(b"%s %s %s" % (zone.encode(), entry_id, write.body))
+        args.append(b"\n".join(lines))
+        return script_keys, args
 
     def _write_error(self, error: BaseException) -> StorageError:
         text = str(error)
@@ -716,15 +903,23 @@ class RedisStorage:
         return self.keys.prices
 
     async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
-        """One consistent snapshot of every zone's seq and retained history."""
+        """The seq and retained history of every zone that has a seq (zones without one
+        are left out: they have nothing to load).
+
+        One ``LOAD_LUA`` per ``LOAD_CHUNK`` zones: a script is atomic, so a zone's seq
+        and history agree (different zones need not: positions are per zone), and the
+        reply holds only zones with prices, so 100,000 fresh zones cost a few calls
+        instead of 200,000 commands and replies.
+        """
         zone_list = list(zones)
-        pipe = self.client.pipeline(transaction=True)
-        for zone in zone_list:
-            pipe.get(self.keys.seq(zone))
-            pipe.zrange(self.keys.history(zone), 0, -1)
-        async with redis_errors("load"):
-            results = await pipe.execute()
-        return {
-            zone: (int(results[2 * i] or 0), [_price(zone, p) for p in results[2 * i + 1]])
-            for i, zone in enumerate(zone_list)
-        }
+        keys = self.keys
+        state: dict[str, tuple[int, list[StoredPrice]]] = {}
+        for start in range(0, len(zone_list), LOAD_CHUNK):
+            chunk = zone_list[start : start + LOAD_CHUNK]
+            script_keys = [key for zone in chunk for key in (keys.seq(zone), keys.history(zone))]
+            async with redis_errors("load"):
+                reply = await self.client.eval(LOAD_LUA, len(script_keys), *script_keys)
+            for i in range(0, len(reply), 3):
+                zone = chunk[int(reply[i]) - 1]
+                state[zone] = (int(reply[i + 1]), [_price(zone, p) for p in reply[i + 2]])
+        return state

@@ -107,6 +107,9 @@ class HttpErrorCode(StrEnum):
     INVALID_PRICE = "invalid_price"
     INVALID_TIMESTAMP = "invalid_timestamp"
     INVALID_NUMBER = "invalid_number"
+    # 503 of a publish: Redis held past --redis-hold, or the journal's disk failed;
+    # ``accepted`` lists what was kept before, ``Retry-After`` says when to retry.
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     # Server-Sent Events streams, refused before they start.
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"  # 403: browser Origin not allowed
     OVER_CAPACITY = "over_capacity"  # 503: over a connection limit

@@ -13,6 +13,7 @@ Three parts:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -87,7 +88,7 @@ def format_timestamp(moment: datetime) -> str:
 # Published times outside [EARLIEST_TIMESTAMP, now + MAX_FUTURE] are refused: a feed has
 # no prices from before 2000, and a year-9999 typo would sort after every real price and
 # sit at the end of the history for good.
-EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+EARLIEST_TIMESTAMP = "2000-01-01T00:00:00.000Z"
 MAX_FUTURE = timedelta(days=1)
 
 
@@ -99,6 +100,18 @@ def normalise_timestamp(value: str, *, now: str | None = None) -> str:
     ignores a trailing NUL). With ``now`` (a ``utc_now()`` string), a time before
     2000-01-01 or more than a day after ``now`` is rejected too.
     """
+    formatted = _parse_timestamp(value)
+    # One fixed-width format: the strings compare like the times they denote.
+    if now is not None and not EARLIEST_TIMESTAMP <= formatted <= _latest_allowed(now):
+        raise ValueError(f"time out of range (2000-01-01 to 1 day from now): {value[:40]!r}")
+    return formatted
+
+
+# Cached: a market interval's burst repeats one timestamp thousands of times, and parsing
+# it is most of a price's validation. Only valid (short, ISO-8601) strings are cached:
+# a failed call raises and leaves nothing behind.
+@functools.lru_cache(maxsize=256)
+def _parse_timestamp(value: str) -> str:
     text = value.strip()
     if not (text.isascii() and text.isprintable()):
         raise ValueError(f"not an ISO-8601 time: {value[:40]!r}")
@@ -111,20 +124,14 @@ def normalise_timestamp(value: str, *, now: str | None = None) -> str:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"time has no UTC offset: {value[:40]!r}")
     try:
-        formatted = format_timestamp(moment)
+        return format_timestamp(moment)
     except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
         raise ValueError(f"time out of range: {value[:40]!r}") from None
-    if now is not None:
-        _check_window(moment, now, value)
-    return formatted
 
 
-def _check_window(moment: datetime, now: str, value: str) -> None:
-    latest = datetime.fromisoformat(now.replace("Z", "+00:00")) + MAX_FUTURE
-    if not EARLIEST_TIMESTAMP <= moment <= latest:
-        raise ValueError(
-            f"time out of range (2000-01-01 to 1 day from now): {value[:40]!r}"
-        )
+@functools.lru_cache(maxsize=4)
+def _latest_allowed(now: str) -> str:
+    return format_timestamp(datetime.fromisoformat(now.replace("Z", "+00:00")) + MAX_FUTURE)
 
 
 def parse_count(text: str, *, max_digits: int = 18) -> int | None:

@@ -103,3 +103,43 @@ export function priceUpdate(zone, seq, price, extra = {}) {
     timestamp: `2026-11-27T15:00:${String(seq % 60).padStart(2, '0')}.000Z`, ...extra,
   };
 }
+
+/** Let pending promise callbacks (fetch answers, stream reads) run. */
+export const flush = () => new Promise((resolve) => setImmediate(resolve));
+
+/** One SSE event as a pricehub server writes it. */
+export function sseEvent(message, id = null) {
+  return `${id === null ? '' : `id: ${id}\n`}event: ${message.type}\ndata: ${JSON.stringify(message)}\n\n`;
+}
+
+/**
+ * A fetch whose answers the test gives: every call is recorded ({url, headers}) and waits
+ * until respond()/respondTo() answers it. A 200 gets a body stream the test writes into.
+ */
+export function fakeFetch() {
+  const calls = [];
+  const fetch = (url, init = {}) => new Promise((resolve, reject) => {
+    const call = { url, headers: { ...(init.headers ?? {}) }, resolve, reject };
+    init.signal?.addEventListener('abort', () => reject(new DOMException('aborted', 'AbortError')));
+    calls.push(call);
+  });
+  fetch.calls = calls;
+  fetch.lastStream = () => calls.filter((c) => c.url.includes('/api/ws/sse/')).at(-1);
+  fetch.respondTo = async (call, status, text = '') => {
+    await flush();
+    const encoder = new TextEncoder();
+    let controller;
+    const body = status === 200 ? new ReadableStream({ start(c) { controller = c; } }) : null;
+    call.resolve({ status, ok: status >= 200 && status < 300, body, text: async () => text });
+    await flush();
+    return {
+      push: (chunk) => controller.enqueue(encoder.encode(chunk)),
+      end: () => controller.close(),
+    };
+  };
+  fetch.respond = async (status, text) => {
+    await flush();
+    return fetch.respondTo(calls.at(-1), status, text);
+  };
+  return fetch;
+}

@@ -8,6 +8,9 @@ export function makeClient(options = {}, { random = () => 0.5 } = {}) {
   const client = new PriceHubClient({
     url: 'http://127.0.0.1:8080/',
     WebSocket: WS,
+    // WebSocket-only unless a test says otherwise; no real network: fetch always fails.
+    transport: 'ws',
+    fetch: async () => { throw new TypeError('fetch failed'); },
     timers: clock,
     now: clock.now,
     random,

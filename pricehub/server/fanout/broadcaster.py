@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, cast
 
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
@@ -48,6 +48,13 @@ TickFrame = tuple[str, int, bytes, bytes | None, bytes | None]
 
 def _ignore(_seconds: float) -> None:
     return None
+
+
+def _decrement(counts: dict[str, int], zone: str) -> None:
+    """One subscriber fewer of a kind; a zone with none left has no entry."""
+    counts[zone] -= 1
+    if not counts[zone]:
+        del counts[zone]
 
 
 class Audience:
@@ -105,7 +112,9 @@ class Audience:
 class Broadcaster:
     """Implements ``StorageListener``; owns the set of open connections.
 
-    :param zones: the configured zones (a subscriber set each).
+    :param zones: the configured zones. Per-zone state is created lazily, only for zones
+        with subscribers (and a last seq for zones with prices), so 100,000 configured
+        zones cost nothing at start and a connection costs the same whatever their number.
     :param deflater: the shared permessage-deflate compressor (default: a new one).
     :param flush_delay: seconds to wait after the first frame of a batch before writing
         it (default 0: the end of the current event-loop tick). A few milliseconds let
@@ -113,18 +122,23 @@ class Broadcaster:
     """
 
     def __init__(
-        self, *, zones: tuple[str, ...], deflater: Deflater | None = None, flush_delay: float = 0.0
+        self, *, zones: Collection[str], deflater: Deflater | None = None,
+        flush_delay: float = 0.0,
     ) -> None:
         self.flush_delay = flush_delay
+        self.zones = frozenset(zones)
         self.connections: dict[Connection, None] = {}
         # Every subscriber of a zone; those outside an audience; the zone's audiences.
-        self.subscribers: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
-        self._individual: dict[str, dict[Connection, None]] = {zone: {} for zone in zones}
-        self._audiences_of: dict[str, dict[Audience, None]] = {zone: {} for zone in zones}
+        # Only zones with subscribers have entries (removed with their last subscriber).
+        self.subscribers: dict[str, dict[Connection, None]] = {}
+        self._individual: dict[str, dict[Connection, None]] = {}
+        self._audiences_of: dict[str, dict[Audience, None]] = {}
         self._audiences: dict[tuple[frozenset[str], str], Audience] = {}
-        self._last_seq: dict[str, int] = dict.fromkeys(zones, 0)
-        self._deflating: dict[str, int] = dict.fromkeys(zones, 0)  # deflate subscribers
-        self._sse: dict[str, int] = dict.fromkeys(zones, 0)  # SSE subscribers
+        # Zones that had a price (bounded by the configured zones): a new subscriber is
+        # in step once it has seen this seq.
+        self._last_seq: dict[str, int] = {}
+        self._deflating: dict[str, int] = {}  # deflate subscribers, zones with any
+        self._sse: dict[str, int] = {}  # SSE subscribers, zones with any
         self.deflater = deflater or Deflater()
         self.conflation_events = 0
         self.slow_consumer_closes = 0
@@ -160,10 +174,16 @@ class Broadcaster:
 
     def subscribe(self, zone: str, connection: Connection) -> None:
         self.detach(connection)
-        if connection not in self.subscribers[zone]:
-            self.subscribers[zone][connection] = None
-            self._deflating[zone] += connection.deflater is not None
-            self._sse[zone] += connection.encoding == SSE
+        subscribers = self.subscribers.get(zone)
+        if subscribers is None:
+            subscribers = self.subscribers[zone] = {}
+            self._individual[zone] = {}
+        if connection not in subscribers:
+            subscribers[connection] = None
+            if connection.deflater is not None:
+                self._deflating[zone] = self._deflating.get(zone, 0) + 1
+            if connection.encoding == SSE:
+                self._sse[zone] = self._sse.get(zone, 0) + 1
         self._individual[zone][connection] = None
         self._candidates[connection] = None
 
@@ -175,12 +195,17 @@ class Broadcaster:
             connection.conflated.pop(zone, None)
 
     def _drop_subscriber(self, zone: str, connection: Connection) -> None:
-        subscribers = self.subscribers[zone]
-        if connection in subscribers:
-            del subscribers[connection]
-            self._deflating[zone] -= connection.deflater is not None
-            self._sse[zone] -= connection.encoding == SSE
+        subscribers = self.subscribers.get(zone)
+        if subscribers is None or connection not in subscribers:
+            return
+        del subscribers[connection]
         self._individual[zone].pop(connection, None)
+        if connection.deflater is not None:
+            _decrement(self._deflating, zone)
+        if connection.encoding == SSE:
+            _decrement(self._sse, zone)
+        if not subscribers:  # the zone's last subscriber: no state left for it
+            del self.subscribers[zone], self._individual[zone]
 
     def connections_by_transport(self) -> dict[str, int]:
         """Open connections per transport (``ws``, ``sse``), both always present."""
@@ -208,7 +233,7 @@ class Broadcaster:
         for zone in audience.zones:
             # Shared writes do not touch the streams: everything up to the zone's last
             # broadcast seq has now been written or queued.
-            connection.streams[zone].last_seq = self._last_seq[zone]
+            connection.streams[zone].last_seq = self._last_seq.get(zone, 0)
             self._individual[zone][connection] = None
         if isinstance(connection, SseConnection):
             connection.join_cursor(self._last_seq)  # its pending share ends there too
@@ -225,7 +250,17 @@ class Broadcaster:
         if not audience.members:
             del self._audiences[audience.zones, audience.encoding]
             for zone in audience.zones:
-                del self._audiences_of[zone][audience]
+                of_zone = self._audiences_of[zone]
+                del of_zone[audience]
+                if not of_zone:
+                    del self._audiences_of[zone]
+
+    def offer(self, connection: Connection) -> None:
+        """A connection that may have just come in step (its zones opened, with nothing
+        to send): try it at the next flush, which nothing else would schedule."""
+        if connection.audience is None and not connection.closing:
+            self._candidates[connection] = None
+            self._schedule_flush()
 
     def _join_audience(self, connection: Connection) -> bool:
         """Move a connection into its audience if every zone of it is in step."""
@@ -236,7 +271,7 @@ class Broadcaster:
             return False
         last_seq = self._last_seq
         for zone, stream in streams.items():
-            if stream.syncing or stream.last_seq != last_seq[zone]:
+            if stream.syncing or stream.last_seq != last_seq.get(zone, 0):
                 return False
         key = (frozenset(streams), connection.encoding)
         audience = self._audiences.get(key)
@@ -245,7 +280,7 @@ class Broadcaster:
                 key[0], encoding=key[1], last_seq=last_seq, epoch=connection.epoch
             )
             for zone in audience.zones:
-                self._audiences_of[zone][audience] = None
+                self._audiences_of.setdefault(zone, {})[audience] = None
         audience.members[connection] = None
         connection.join(audience)
         for zone in streams:
@@ -257,21 +292,23 @@ class Broadcaster:
     def on_price(self, price: StoredPrice) -> None:
         zone = price.zone
         self.updates_broadcast += 1
-        if zone not in self._last_seq:
+        if zone not in self.zones:
             return
         # Audience members are in step with the zone's last seq, so an older or repeated
         # one is for nobody among them (individual streams check for themselves).
-        audiences = self._audiences_of[zone] if price.seq > self._last_seq[zone] else {}
-        self._last_seq[zone] = max(price.seq, self._last_seq[zone])
-        individual = self._individual[zone]
+        last = self._last_seq.get(zone, 0)
+        audiences = self._audiences_of.get(zone) if price.seq > last else None
+        if price.seq > last:
+            self._last_seq[zone] = price.seq
+        individual = self._individual.get(zone)
         if not audiences and not individual:
             return
         if self._tick_started is None:
             self._tick_started = time.monotonic()
         payload = messages.price_update(price.payload)
         frame = messages.text_frame(payload)
-        deflated = self.deflater.frame(payload) if self._deflating[zone] else None
-        event = sse.event_data(payload) if self._sse[zone] else None
+        deflated = self.deflater.frame(payload) if zone in self._deflating else None
+        event = sse.event_data(payload) if zone in self._sse else None
         if audiences:
             self._tick.append((zone, price.seq, frame, deflated, event))
             for audience in audiences:
@@ -279,7 +316,7 @@ class Broadcaster:
                     audience.dirty = True
                     self._dirty_audiences.append(audience)
             self._schedule_flush()
-        for connection in individual:
+        for connection in individual or ():
             encoding = connection.encoding
             if encoding == SSE:
                 connection.deliver(price, event or b"")

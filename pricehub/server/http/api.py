@@ -22,7 +22,8 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report
-from pricehub.storage.errors import StorageError, StorageUnavailable
+from pricehub.storage.durable import disk_status
+from pricehub.storage.errors import BatchInterrupted, StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import HttpErrorCode
 from pricehub.wire.errors import ValidationError
@@ -31,6 +32,8 @@ __all__ = ["STATIC_DIR", "add_routes"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
+# The journal retries on a fresh segment with the next batch: a second is enough to see
+# whether the disk is back. (Error code: moves into wire's HTTP codes with that branch.)
 
 
 log = structlog.get_logger("pricehub.http")
@@ -72,6 +75,7 @@ async def stats_handler(request: web.Request) -> web.Response:
     cluster = await cluster_section(app)
     if cluster is not None:
         body["cluster"] = cluster
+    body["durability"] = disk_status(storage).as_json()
     body["timestamp"] = messages.utc_now()
     return json_response(body)
 
@@ -84,12 +88,14 @@ async def health_handler(request: web.Request) -> web.Response:
         storage_ok = True
     except StorageError:
         storage_ok = False
+    disk = disk_status(storage)
     report = health_report(
         stats,
         redis_configured=settings.redis_url is not None,
         backend=storage.backend,
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
+        disk=disk.check,
     )
     if not guard.operator_allowed(request):
         # Open to load balancers, but while the operator endpoints are protected it
@@ -108,6 +114,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "error_rate": report.error_rate,
             "checks": report.checks,
             "uptime_s": round(time.time() - stats.started_at, 3),
+            "durability": disk.as_json(),
             "timestamp": messages.utc_now(),
         },
         status=report.http_status,
@@ -148,7 +155,7 @@ def _zone_or_error(request: web.Request) -> str | web.Response:
     zone = request.match_info["zone"]
     if not messages.is_valid_zone_name(zone):
         return json_error(422, HttpErrorCode.INVALID_ZONE, "zone names are [a-z0-9_]{1,32}")
-    if zone not in request.app[SETTINGS].zones:
+    if zone not in request.app[SETTINGS].zone_set:
         return json_error(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {zone}")
     return zone
 
@@ -213,22 +220,23 @@ async def publish_handler(request: web.Request) -> web.StreamResponse:
         return raw
     try:
         bodies = messages.validate_publish_body(
-            raw, zones=settings.zones, now=messages.utc_now(), max_batch=settings.max_batch_size
+            raw, zones=settings.zone_set, now=messages.utc_now(), max_batch=settings.max_batch_size
         )
     except ValidationError as exc:
         return json_error(422, validation_code(exc.field), exc.message, field=exc.field)
-    publisher = app[PUBLISHER]
-    accepted: list[dict[str, Any]] = []
-    for body in bodies:
-        try:
-            price = await publisher.publish(body, source="http")
-        except StorageUnavailable as exc:  # held past --redis-hold, or Redis refused
-            wait = math.ceil(getattr(exc, "retry_after", 1.0))
-            return json_response(
-                {"error": "storage_unavailable", "message": str(exc), "accepted": accepted},
-                status=503, headers={"Retry-After": str(wait)},
-            )  # fmt: skip
-        accepted.append({"market_zone": price.zone, "seq": price.seq})
+    try:
+        prices = await app[PUBLISHER].publish_many(bodies, source="http")
+    except StorageUnavailable as exc:  # held past --redis-hold, Redis refused, disk failed
+        kept = exc.accepted if isinstance(exc, BatchInterrupted) else []
+        wait = math.ceil(getattr(exc, "retry_after", 1.0))
+        return json_response(
+            {
+                "error": HttpErrorCode.STORAGE_UNAVAILABLE, "message": str(exc),
+                "accepted": [{"market_zone": p.zone, "seq": p.seq} for p in kept],
+            },
+            status=503, headers={"Retry-After": str(wait)},
+        )  # fmt: skip
+    accepted = [{"market_zone": price.zone, "seq": price.seq} for price in prices]
     return json_response({"accepted": accepted}, status=202)
 
 

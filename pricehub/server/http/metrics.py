@@ -49,6 +49,8 @@ from pricehub.server.publisher import SOURCES, Publisher
 from pricehub.server.settings import Settings
 from pricehub.server.stats import ConnectionTotals, IngestStats, Stats
 from pricehub.storage import Storage
+from pricehub.storage.durable import disk_status
+from pricehub.storage.journal import JournalStats
 from pricehub.wire import paths
 from pricehub.wire.codes import DisconnectReason
 
@@ -145,12 +147,43 @@ def accepted_prices(sources: Sources) -> list[Sample]:
 
 
 def zone_subscribers(sources: Sources) -> list[Sample]:
-    return [((zone,), len(subs)) for zone, subs in sources.broadcaster.subscribers.items()]
+    # Every configured zone, 0 included (the broadcaster keeps only subscribed ones).
+    subscribers = sources.broadcaster.subscribers
+    return [((zone,), len(subscribers.get(zone, ()))) for zone in sources.settings.zones]
 
 
 def storage_backend(sources: Sources) -> list[Sample]:
     current = sources.storage.backend
     return [((backend,), float(backend == current)) for backend in BACKENDS]
+
+
+def journal_sample(
+    read: Callable[[JournalStats], float | None],
+) -> Callable[[Sources], Iterable[Sample]]:
+    """One sample read from the journal's stats; none without a journal (data dir
+    ``none``, or a backend that keeps none) or while the value is unknown."""
+
+    def samples(sources: Sources) -> list[Sample]:
+        journal = disk_status(sources.storage).journal
+        found = None if journal is None else read(journal)
+        return [] if found is None else [((), float(found))]
+
+    return samples
+
+
+def journal_info(sources: Sources) -> list[Sample]:
+    journal = disk_status(sources.storage).journal
+    return [] if journal is None else [((journal.data_dir,), 1.0)]
+
+
+def journal_available(sources: Sources) -> list[Sample]:
+    status = disk_status(sources.storage)
+    return [] if status.journal is None else [((), float(status.ok))]
+
+
+def journal_write_errors(sources: Sources) -> list[Sample]:
+    status = disk_status(sources.storage)
+    return [] if status.journal is None else [((), float(status.write_errors))]
 
 
 METRICS: tuple[MetricSpec, ...] = (
@@ -347,6 +380,45 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "pricehub_shutting_down", "gauge", "1 once graceful shutdown has started.",
         scalar(lambda s: float(s.stats.shutting_down)),
+    ),
+    # --- durability of the in-memory store (absent with --data-dir none)
+    MetricSpec(
+        "pricehub_journal_info", "gauge", "Always 1; data_dir is where the journal is kept.",
+        journal_info, ("data_dir",),
+    ),
+    MetricSpec(
+        "pricehub_journal_available", "gauge",
+        "1 while journal writes succeed; 0 after a failed one (publishes answer 503).",
+        journal_available,
+    ),
+    MetricSpec(
+        "pricehub_journal_bytes", "gauge", "Bytes of journal snapshots and log segments.",
+        journal_sample(lambda j: j.bytes_on_disk),
+    ),
+    MetricSpec(
+        "pricehub_journal_last_snapshot_timestamp_seconds", "gauge",
+        "Unix time of the last snapshot (absent until the first one of this process).",
+        journal_sample(lambda j: j.last_snapshot_at),
+    ),
+    MetricSpec(
+        "pricehub_journal_fsync_last_seconds", "gauge",
+        "Duration of the latest journal fsync (one per group-committed batch).",
+        journal_sample(lambda j: j.fsync_last_seconds),
+    ),
+    MetricSpec(
+        "pricehub_journal_fsync_max_seconds", "gauge",
+        "Longest journal fsync since start.",
+        journal_sample(lambda j: j.fsync_max_seconds),
+    ),
+    MetricSpec(
+        "pricehub_journal_fsyncs_total", "counter",
+        "Journal fsyncs: batches written, each covering every price queued meanwhile.",
+        journal_sample(lambda j: j.fsyncs),
+    ),
+    MetricSpec(
+        "pricehub_journal_write_errors_total", "counter",
+        "Journal batches that failed to write (their publishes answered 503).",
+        journal_write_errors,
     ),
 )
 

@@ -94,6 +94,7 @@ class Driver:
                         return  # closed by someone else while we waited
         finally:
             job.close()
+            self.broadcaster.offer(connection)
 
     async def perform(self, effect: Pong | Attach | Detach | ReadLatest | ReadHistory | ReadSince
                       ) -> Any:

@@ -118,7 +118,7 @@ async def admit(
     try:
         grant = app[VERIFIER].verify(request.query.get("token"))
         allowed = grant.zones
-        unknown = [zone for zone in zones if zone not in app[SETTINGS].zones]
+        unknown = [zone for zone in zones if zone not in app[SETTINGS].zone_set]
         if unknown:
             refusal, code = "unknown_zone", CloseCode.POLICY
             message = f"unknown zone {unknown[0][:40]}"

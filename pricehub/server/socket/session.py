@@ -172,7 +172,7 @@ class SessionPolicy:
         cls, settings: Settings, *, allowed_zones: frozenset[str] | None, single_zone: str | None
     ) -> SessionPolicy:
         return cls(
-            zones=frozenset(settings.zones),
+            zones=settings.zone_set,  # built once: not O(zones) per connection
             allowed_zones=allowed_zones,
             single_zone=single_zone,
             max_zones=settings.max_zones_per_socket,

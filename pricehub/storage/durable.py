@@ -1,0 +1,332 @@
+"""The embedded default made durable: a ``MemoryStorage`` whose every price is journaled.
+
+``DurableStorage`` wraps a ``MemoryStorage`` (reads are served from it unchanged) and a
+``Journal`` (``journal.py``) in its data directory. A price is numbered, written and
+fsynced, and only then stored in memory, broadcast and acknowledged:
+
+* Numbering happens when a batch is formed, not when ``append`` is called. Callers queue
+  their prices; one flusher task takes everything queued, numbers it from memory's seqs,
+  hands it to the journal as one write + one fsync, and while that fsync is in flight the
+  next callers queue up for the next batch (group commit, as in the journal). So a seq is
+  only ever handed out for a batch that is being written, and memory (what readers and
+  resuming clients see) only ever holds prices that are on disk.
+* A batch that fails (``DiskError``: disk full, I/O error) fails every caller in it and
+  leaves memory untouched, so the next batch numbers from the same seqs again: no gap,
+  and the failed seqs, which were never broadcast nor acknowledged, are reused. The
+  journal's replay rule "a reused seq wins" makes that safe even if the failed batch
+  partly reached the disk. The journal retries on a fresh segment with the next batch,
+  so publishing recovers by itself once the disk does.
+* A caller that is cancelled (an HTTP client gone) does not cancel its batch: the
+  flusher is not the caller's task, so memory and the journal never disagree.
+
+``start`` opens the journal in a worker thread (it locks the directory, replays, and
+writes the epoch of a fresh directory) and loads what it recovered into memory: the
+epoch, each zone's seq and retained history, so resuming clients get ``recovered: true``
+and numbering continues where it stopped. ``JournalLocked`` / ``JournalUnavailable``
+propagate from ``start``: with ``--redis-url none`` they are start errors (exit 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
+from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.journal import (
+    DiskError,
+    Journal,
+    JournalStats,
+    Recovered,
+)
+from pricehub.storage.memory import MemoryStorage
+from pricehub.wire.messages import with_seq
+
+__all__ = ["DISK_DISABLED", "DiskStatus", "DurableStorage", "disk_status"]
+
+DISK_OK = "ok"
+DISK_DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStatus:
+    """What health, stats and metrics say about durability.
+
+    ``check`` is health's ``checks.disk``: ``"ok"``, ``"disabled"`` (no data dir), or
+    ``"unavailable: <reason>"`` (the last write failed, or the data dir could not be
+    used). ``journal`` is None without a journal.
+    """
+
+    check: str
+    journal: JournalStats | None = None
+    recovered: Recovered | None = None
+    write_errors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.check in (DISK_OK, DISK_DISABLED)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``durability`` section of the stats and health documents."""
+        section: dict[str, Any] = {"status": self.check}
+        journal = self.journal
+        if journal is None:
+            return section
+        section.update(
+            data_dir=journal.data_dir,
+            bytes_on_disk=journal.bytes_on_disk,
+            last_snapshot_at=_iso(journal.last_snapshot_at),
+            snapshots=journal.snapshots,
+            fsyncs=journal.fsyncs,
+            fsync_last_ms=_ms(journal.fsync_last_seconds),
+            fsync_median_ms=_ms(_median(journal.fsync_recent_seconds)),
+            fsync_max_ms=_ms(journal.fsync_max_seconds),
+            records_written=journal.records,
+            write_errors=self.write_errors,
+        )
+        if self.recovered is not None:
+            section["recovered"] = self.recovered.recovered
+            section["fresh_reason"] = self.recovered.fresh_reason
+        return section
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _median(samples: Sequence[float]) -> float | None:
+    """Of the journal's last fsyncs (it keeps a bounded window of them)."""
+    return statistics.median(samples) if samples else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def disk_status(storage: Storage) -> DiskStatus:
+    """``storage``'s durability; ``disabled`` for any backend that keeps no journal."""
+    if isinstance(storage, DurableStorage):
+        return storage.disk_status()
+    return DiskStatus(DISK_DISABLED)
+
+
+@dataclass(slots=True)
+class _Pending:
+    items: Sequence[tuple[str, bytes]]
+    future: asyncio.Future[list[StoredPrice]]
+
+
+class DurableStorage:
+    """``MemoryStorage`` semantics, kept in ``data_dir`` across restarts.
+
+    :param data_dir: the journal's directory (created if missing).
+    :param history_size: prices retained per zone, in memory and on disk.
+    :param log: structlog logger (default ``pricehub.storage``).
+    :param journal_options: passed to ``Journal.open`` (``fsync``, ``compact_factor``,
+        ``compact_min_records``), for tests and benchmarks.
+
+    ``write_errors`` counts failed journal batches (for the metrics).
+    """
+
+    backend = "in-memory"
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        history_size: int = 1000,
+        log: Any = None,
+        **journal_options: Any,
+    ) -> None:
+        self._data_dir = Path(data_dir)
+        self._history_size = history_size
+        self._log = log or structlog.get_logger("pricehub.storage")
+        self._journal_options = journal_options
+        # Replaced in ``start`` by one on the recovered epoch and state.
+        self._memory = MemoryStorage(history_size=history_size)
+        self._journal: Journal | None = None
+        self._recovered: Recovered | None = None
+        self._listener: StorageListener | None = None
+        # Callers waiting for the next batch. Bounded by the callers themselves: each one
+        # awaits its entry, and publishers are bounded by request size and rate limits.
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self.write_errors = 0
+
+    @property
+    def epoch(self) -> str:
+        return self._memory.epoch
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def recovered(self) -> Recovered | None:
+        """What the journal held at start (None before ``start``)."""
+        return self._recovered
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, listener: StorageListener) -> None:
+        """Open the journal (blocking, so in a thread) and load what it recovered.
+
+        :raises JournalLocked: another process uses the data dir.
+        :raises JournalUnavailable: the data dir cannot be created, read or written.
+        """
+        journal, recovered = await asyncio.to_thread(
+            Journal.open,
+            self._data_dir,
+            history_size=self._history_size,
+            new_epoch=self._memory.epoch,
+            log=self._log,
+            **self._journal_options,
+        )
+        memory = MemoryStorage(history_size=self._history_size, epoch=recovered.epoch)
+        for zone, state in recovered.zones.items():
+            memory.reset(zone, state.prices, seq=state.seq)
+        self._memory, self._journal, self._recovered = memory, journal, recovered
+        self._listener = listener  # Journal.open logged what it recovered
+
+    async def close(self) -> None:
+        """Finish the queued batches, then close the journal (fsync, unlock)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self._listener = None
+        if self._journal is not None:
+            await self._journal.close()
+
+    # --- appending --------------------------------------------------------------------
+
+    async def append(
+        self, zone: str, body: bytes, *, ack: IngestAck | None = None
+    ) -> StoredPrice:
+        if ack is not None:
+            raise StorageUnavailable("no ingest stream without Redis")
+        (price,) = await self._submit(((zone, body),))
+        return price
+
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
+    ) -> list[StoredPrice]:
+        """``append`` for each ``(zone, body)``, in order, in one journal batch."""
+        if acks is not None:
+            raise StorageUnavailable("no ingest stream without Redis")
+        if not items:
+            return []
+        return await self._submit(items)
+
+    def ingest_source(self) -> IngestSource | None:
+        return None  # no Redis, no stream to consume
+
+    async def _submit(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
+        if self._closed or self._journal is None:
+            raise DiskError(f"durable storage in {self._data_dir} is not open")
+        future: asyncio.Future[list[StoredPrice]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(items, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="journal_flusher")
+        # Shielded: a cancelled caller leaves its prices to the batch (see module doc).
+        return await asyncio.shield(future)
+
+    async def _flush_loop(self) -> None:
+        """One batch at a time: number, write + fsync, then store, broadcast, answer."""
+        journal = self._journal
+        assert journal is not None
+        while self._pending:
+            batch, self._pending = self._pending, []
+            numbered = self._number(batch)
+            prices = [price for group in numbered for price in group]
+            try:
+                await journal.append(prices)
+            except Exception as exc:  # DiskError; anything else must fail the batch too
+                self._fail(batch, exc)
+                continue
+            self._commit(batch, numbered, prices)
+
+    def _number(self, batch: list[_Pending]) -> list[list[StoredPrice]]:
+        """Seqs continue from memory's, which holds exactly what is durable."""
+        seqs: dict[str, int] = {}
+        numbered = []
+        for pending in batch:
+            group = []
+            for zone, body in pending.items:
+                seq = seqs.get(zone, 0) or self._memory.last_seq(zone)
+                seqs[zone] = seq = seq + 1
+                group.append(StoredPrice(zone, seq, with_seq(body, seq)))
+            numbered.append(group)
+        return numbered
+
+    def _commit(
+        self, batch: list[_Pending], numbered: list[list[StoredPrice]], prices: list[StoredPrice]
+    ) -> None:
+        memory = self._memory
+        for price in prices:
+            memory.mirror(price)
+        listener = self._listener
+        if listener is not None:
+            try:
+                for price in prices:
+                    listener.on_price(price)
+            except Exception:  # the prices are stored: their callers get them regardless
+                self._log.exception("storage_listener_failed")
+        for pending, group in zip(batch, numbered, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(group)
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        """Nothing of the batch reached memory: the next batch reuses its seqs."""
+        self.write_errors += 1
+        message = str(exc) if isinstance(exc, DiskError) else f"journal write failed: {exc!r}"
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(DiskError(message))
+
+    # --- reads and the rest: memory's -----------------------------------------------
+
+    async def latest(self, zone: str) -> StoredPrice | None:
+        return await self._memory.latest(zone)
+
+    async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
+        return await self._memory.history(zone, limit=limit)
+
+    async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
+        return await self._memory.since(zone, seq)
+
+    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+        await self._memory.register_instance(instance_id, snapshot, ttl=ttl)
+
+    async def unregister_instance(self, instance_id: str) -> None:
+        await self._memory.unregister_instance(instance_id)
+
+    async def instances(self) -> dict[str, bytes]:
+        return await self._memory.instances()
+
+    async def check(self) -> None:
+        """Never raises: reads are served from memory whatever the disk does; a failing
+        disk shows in ``disk_status`` (health ``checks.disk``), not here."""
+        return None
+
+    # --- status -----------------------------------------------------------------------
+
+    def disk_status(self) -> DiskStatus:
+        journal = self._journal
+        if journal is None:
+            reason = "closed" if self._closed else "not started"
+            return DiskStatus(f"unavailable: {reason}", write_errors=self.write_errors)
+        stats = journal.stats()
+        check = DISK_OK if stats.last_error is None else f"unavailable: {stats.last_error}"
+        return DiskStatus(check, stats, self._recovered, self.write_errors)
