@@ -54,16 +54,6 @@ SUBSCRIBERS_PER_INSTANCE = 3
 SETTLE = 8.0  # how long the subscribers get to receive (or be told about) everything
 SLOW = 30.0  # bound of every wait here; sentinel promotion plus recovery takes a few s
 NO_RETRY = frozenset({1008, 4001, 4003})
-XFAIL_REASON = (
-    "issue 17: an instance still on its memory fallback when another instance's recovery "
-    "changes the epoch keeps acknowledging (202) prices under the dead epoch; on its own "
-    "recovery it adopts Redis's epoch (storage_recovered epoch_changed=true) and those "
-    "prices never reach the other instances' subscribers, who get no recovered:false "
-    "(observed: ~33 of 310 prices, seqs 101-135 'via 2', missing at all 6 subscribers of "
-    "instances 0 and 1)"
-)
-
-
 @dataclass
 class Delivery:
     """One ``price_update`` as a subscriber saw it."""
@@ -389,12 +379,12 @@ async def test_sentinel_master_killed_under_load(sentinel: SentinelSetup) -> Non
     assert len(lineages) == 1, outcome.storage_events()
 
 
-@pytest.mark.xfail(strict=True, reason=XFAIL_REASON)
 async def test_acknowledged_prices_delivered_or_declared(sentinel: SentinelSetup) -> None:
     """Every 202-acknowledged price reaches every subscriber, or the subscriber gets a
-    ``recovered: false`` after it. Three instances; the third probes Redis every 5 s,
-    so it is still numbering in memory, under the old epoch, when the second one's
-    recovery finds the numbering diverged and changes the epoch."""
+    ``recovered: false`` after it. Three instances; the third probes Redis every 5 s.
+    Before issue 13's fix it kept numbering in memory under the old epoch while another
+    instance's recovery changed it, and ~33 of 310 acknowledged prices reached nobody
+    on the other instances, undeclared; instances with peers now hold instead."""
     outcome = await run_scenario(sentinel, (1.0, 1.0, 5.0), prices=300)
     print("\n" + outcome.report() + "\n" + outcome.storage_events())
     assert not order_problems(outcome.subscribers, outcome.acks)
