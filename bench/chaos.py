@@ -138,7 +138,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def start_cluster(workdir: Path) -> Cluster:
     redis = RedisServer(workdir)
     await redis.start()
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # hex: a urlsafe token may start with "-" (read as a flag)
     instances = [
         Instance(i, workdir, redis_url=redis.url, zones=ZONES, key=key) for i in range(INSTANCES)
     ]

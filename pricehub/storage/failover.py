@@ -21,8 +21,9 @@ closed gate (appends wait, for a few round trips):
    change, and the subscriber takes over from the reconciled seqs.
 
 Several instances (issue 13): numbering alone is only safe for a *lone* instance. One
-that knows it has peers (the instance registry showed another live instance at its last
-look, or ``assume_peers``: ``--workers`` > 1) does not number in memory while Redis is
+that knows it has peers (the instance registry showed another live instance within the
+last ``PEER_MEMORY`` seconds, or ``assume_peers``: ``--workers`` > 1) does not number in
+memory while Redis is
 away: it *holds* appends (``hold`` seconds from the start of the outage, ``--redis-hold``)
 and lets them through, in order, once Redis is back and reconciled; after the window an
 append raises ``StorageHeld`` (HTTP 503 with ``Retry-After``). Reads and subscribers are
@@ -67,6 +68,12 @@ if TYPE_CHECKING:
 __all__ = ["FailoverStorage"]
 
 REDIS = "redis"
+# A peer seen in the registry counts for this long. Not just "at the last look": a peer
+# restarting (it unregisters, then registers again seconds later) or an outage starting
+# between two looks would otherwise leave both sides thinking they are alone and
+# numbering alone (seen in the chaos soak: a SIGTERM then a Redis pause 7 s later).
+# Twice the registry TTL: a peer that really left stops counting within ~30 s.
+PEER_MEMORY = 30.0
 MEMORY = "in-memory"
 HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 MAX_HELD = 10_000  # appends waiting at once; more are refused at once (503), not queued
@@ -126,7 +133,8 @@ class FailoverStorage:
         self._gate.set()
         self._hold = hold
         self._assume_peers = assume_peers
-        self._peers_seen = False  # the registry showed another live instance last time
+        # When the registry last showed another live instance (monotonic seconds).
+        self._peer_seen_at: float | None = None
         self._instance_id: str | None = None  # ours, once registered
         self._quiet = False  # holding for a resync after the epoch moved, not an outage
         self._outage_started = time.monotonic()
@@ -173,7 +181,10 @@ class FailoverStorage:
     @property
     def has_peers(self) -> bool:
         """Whether numbering alone could collide with another instance's numbering."""
-        return self._assume_peers or self._peers_seen
+        seen = self._peer_seen_at
+        return self._assume_peers or (
+            seen is not None and time.monotonic() - seen < PEER_MEMORY
+        )
 
     @property
     def epoch(self) -> str:
@@ -598,8 +609,9 @@ class FailoverStorage:
         found = await self._on_redis(lambda redis: redis.instances())
         if found is None:
             return await self._memory.instances()
-        if self._instance_id is not None:  # registered: who else is there?
-            self._peers_seen = any(other != self._instance_id for other in found)
+        me = self._instance_id  # registered: who else is there?
+        if me is not None and any(other != me for other in found):
+            self._peer_seen_at = time.monotonic()
         return found
 
     async def check(self) -> None:
