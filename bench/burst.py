@@ -55,7 +55,8 @@ __all__ = ["main"]
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "RESULTS.md"
-CASES = ("memory-http", "redis-http", "redis-stream")
+# memory-durable-http: the embedded default with its journal (issue 15: >= 0.5x memory-http).
+CASES = ("memory-http", "memory-durable-http", "redis-http", "redis-stream")
 IN_FLIGHT = 4  # concurrent publish requests
 START_TIMEOUT = 60.0
 PUBLISH_PATH = "/api/ws/ws/broadcast/price"
@@ -155,12 +156,12 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def pricehub(plan: Plan, zones_file: Path, redis_url: str, label: str
-                   ) -> AsyncIterator[Server]:
+async def pricehub(plan: Plan, zones_file: Path, redis_url: str, label: str,
+                   data_dir: str = "none") -> AsyncIterator[Server]:  # fmt: skip
     port, key = free_port(), secrets.token_hex(8)
     argv = [sys.executable, "run_server.py", "--host", HOST, "--port", str(port),
             "--publish-key", key, "--zones-file", str(zones_file), "--redis-url", redis_url,
-            "--key-prefix", f"{label}:", *SERVER_FLAGS]  # fmt: skip
+            "--key-prefix", f"{label}:", "--data-dir", data_dir, *SERVER_FLAGS]  # fmt: skip
     process = await spawn(argv, log=plan.out / f"{label}-server.log", cwd=REPO, pipes=False,
                           cpus=plan.server_cpus)  # fmt: skip
     server = Server(process, port, key)
@@ -262,7 +263,8 @@ async def run_case(plan: Plan, zone_count: int, case: str, redis_port: int | Non
                    zones_file: Path, label: str) -> dict[str, Any]:  # fmt: skip
     zones = zone_names(zone_count)
     redis_url = f"redis://{HOST}:{redis_port}/0" if case.startswith("redis") else "none"
-    async with pricehub(plan, zones_file, redis_url, label) as server, \
+    data_dir = str(plan.out / f"{label}-data") if "durable" in case else "none"
+    async with pricehub(plan, zones_file, redis_url, label, data_dir) as server, \
             clients(plan, server, label) as procs:  # fmt: skip
         rng = random.Random(5)
         lists = [rng.sample(zones, plan.per_client) for _ in range(plan.clients)]
@@ -346,6 +348,10 @@ def checks(runs: list[dict[str, Any]], redis_rate: dict[int, float]) -> list[str
     mem_small, mem_large = rate(small, "memory-http"), rate(large, "memory-http")
     if mem_small and mem_large and small != large:
         check(f"memory accept rate {large:,} / {small:,} zones", mem_large / mem_small, 0.75)
+    for zones in sorted({z for z, c in by if c == "memory-durable-http"}):
+        durable, memory = rate(zones, "memory-durable-http"), rate(zones, "memory-http")
+        if durable and memory:
+            check(f"durable / memory accept rate at {zones:,} zones", durable / memory, 0.5)
     for case in ("redis-http", "redis-stream"):
         for zones in sorted({z for z, c in by if c == case}):
             redis_accept = rate(zones, case)
