@@ -1,0 +1,43 @@
+"""``pricehub.wire`` spells every code and path once; this pins them to PROTOCOL.md's
+literals (a test that only imported the constants could not catch a typo in them)."""
+
+from __future__ import annotations
+
+from pricehub.wire import paths
+from pricehub.wire.codes import NO_RETRY_CLOSE_CODES, CloseCode, ErrorCode, MessageType
+
+
+def test_paths_are_the_contracts() -> None:
+    assert paths.ws_market("pjm") == "/api/ws/ws/market/pjm"
+    assert paths.WS_PRICES == "/api/ws/ws/prices"
+    assert paths.sse_market("pjm") == "/api/ws/sse/market/pjm"
+    assert paths.SSE_PRICES == "/api/ws/sse/prices"
+    assert (paths.STATS, paths.HEALTH, paths.METRICS) == (
+        "/api/ws/ws/stats", "/api/ws/ws/health", "/metrics",
+    )
+    assert paths.BROADCAST_PRICE == "/api/ws/ws/broadcast/price"
+    assert paths.history("pjm") == "/api/ws/ws/history/pjm"
+    assert paths.DASHBOARD == "/"
+
+
+def test_close_codes_are_the_contracts() -> None:
+    assert {code.name: int(code) for code in CloseCode} == {
+        "NORMAL": 1000, "GOING_AWAY": 1001, "POLICY": 1008, "MESSAGE_TOO_BIG": 1009,
+        "INTERNAL_ERROR": 1011, "TRY_AGAIN_LATER": 1013, "HEARTBEAT_TIMEOUT": 4000,
+        "INVALID_TOKEN": 4001, "FORBIDDEN_ZONE": 4003, "SLOW_CONSUMER": 4008,
+        "RATE_LIMITED": 4029,
+    }
+    assert frozenset({1008, 4001, 4003}) == NO_RETRY_CLOSE_CODES
+
+
+def test_error_codes_and_message_types_are_the_contracts() -> None:
+    assert {str(code) for code in ErrorCode} == {
+        "invalid_json", "invalid_message", "unknown_type", "unknown_zone", "forbidden_zone",
+        "rate_limited", "message_too_large",
+    }
+    assert {str(kind) for kind in MessageType} == {
+        "connection_established", "initial_data", "price_update", "resume_complete", "pong",
+        "heartbeat_ack", "price_history", "subscribed", "unsubscribed",
+        "storage_backend_changed", "error", "ping", "heartbeat", "request_price_history",
+        "subscribe", "unsubscribe",
+    }
