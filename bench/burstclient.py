@@ -6,7 +6,9 @@ Started by ``bench/burst.py``. Talks JSON lines:
 * stdin ``{"cmd": "connect", "zones": [[zone, ...], ...]}`` opens one
   ``/prices?zones=...`` socket per zone list (``--concurrency`` handshakes in flight) and answers
   ``{"event": "connected", "ok", "failed", "seconds"}`` once every socket has its
-  ``connection_established`` (the server subscribes its zones in the same loop turn);
+  ``connection_established``. The server opens the zones after that, one per loop turn
+  (paced, issue 11): a zone opened after the burst gets the burst's price as its
+  ``initial_data``, which counts as receiving it (it is the zone's price, once);
 * stdin ``{"cmd": "report", "wait": S}`` waits up to S seconds for every socket to have one
   price of each of its zones and answers ``{"event": "report", "complete": [t, ...],
   "incomplete": N, "missing": N, "frames": N, "extra": N}``: ``t`` is the wall-clock time
@@ -61,6 +63,8 @@ async def run_socket(
             data: dict[str, Any] = orjson.loads(message.data)
             kind = data.get("type")
             if kind == "price_update":
+                burst.on_price(data["market_zone"])
+            elif kind == "initial_data":  # a fresh server: any latest price is the burst's
                 burst.on_price(data["market_zone"])
             elif kind == "connection_established":
                 established.set()
