@@ -62,9 +62,8 @@ async def run_socket(
                 break
             data: dict[str, Any] = orjson.loads(message.data)
             kind = data.get("type")
-            if kind == "price_update":
-                burst.on_price(data["market_zone"])
-            elif kind == "initial_data":  # a fresh server: any latest price is the burst's
+            # On a fresh server any initial_data's latest price is the burst's.
+            if kind in ("price_update", "initial_data"):
                 burst.on_price(data["market_zone"])
             elif kind == "connection_established":
                 established.set()
