@@ -69,8 +69,11 @@ BASELINE_SCRIPTS = {
     "ceiling": "raw_ceiling.py",
 }
 # pricehub's defaults (1,000 per IP) would refuse scenario 3's 10,000 loopback sockets.
-PRICEHUB_FLAGS = ("--redis-url", "none", "--no-simulate", "--log-format", "json",
-                  "--max-connections", "100000", "--max-connections-per-ip", "100000")  # fmt: skip
+# No data dir by default (the baselines keep nothing either); measure the durable default
+# with --pricehub-arg=--data-dir=DIR (it comes later on the command line, so it wins).
+PRICEHUB_FLAGS = ("--redis-url", "none", "--data-dir", "none", "--no-simulate",
+                  "--log-format", "json", "--max-connections", "100000",
+                  "--max-connections-per-ip", "100000")  # fmt: skip
 HANDSHAKES_IN_FLIGHT = 100  # over all client processes; below the servers' listen backlog
 
 # ----------------------------------------------------------------------------- configuration

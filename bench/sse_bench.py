@@ -60,7 +60,7 @@ async def run_one(transport: str, args: argparse.Namespace, out: Path) -> dict[s
     port = free_port()
     server = await spawn(
         [sys.executable, "run_server.py", "--port", str(port), "--redis-url", "none",
-         "--no-simulate", "--publish-key", KEY, "--log-format", "json",
+         "--data-dir", "none", "--no-simulate", "--publish-key", KEY, "--log-format", "json",
          "--max-connections-per-ip", "100000"],
         log=out / f"server-{transport}.log", cwd=REPO, pipes=False, cpus=SERVER_CPUS,
     )  # fmt: skip
