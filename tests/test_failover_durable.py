@@ -9,17 +9,31 @@ a SIGKILL loses everything it held) and real WebSocket resumes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pricehub.storage.durable import disk_status
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.journal import DiskError
 from pricehub.wire import paths
 from tests.redisproc import RedisProcess
 from tests.serverproc import ServerProcess, free_port
 from tests.support import PUBLISH_KEY, eventually
-from tests.test_durable import COMMON, epoch_of, get_json, history, resume
+from tests.test_durable import (
+    COMMON,
+    Listener,
+    body,
+    epoch_of,
+    fill,
+    get_json,
+    history,
+    resume,
+    tmpfs,
+)
 
 # Fast failover and probing, so an outage and a recovery take a fraction of a second.
 FAST = ("--redis-timeout", "0.3", "--redis-probe-interval", "0.2")
@@ -147,3 +161,37 @@ async def test_outage_prices_survive_a_sigkill_and_are_written_back_to_redis(
         replayed, complete = await resume(instance, "pjm", since=2, epoch=epoch)
         assert complete["recovered"] is True
         assert [(m["seq"], m["price"]) for m in replayed][:3] == [(3, 3.0), (4, 4.0), (5, 5.0)]
+
+
+async def test_a_full_disk_during_an_outage_fails_the_append_broadcasts_nothing_no_gap(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "small", "size=128k") as mountpoint:
+        storage = FailoverStorage(nowhere(), zones=("pjm",), data_dir=mountpoint / "data")
+        listener = Listener()
+        await storage.start(listener)  # Redis unreachable: numbering in (durable) memory
+        try:
+            await storage.append("pjm", body(0))
+            filler = mountpoint / "filler"
+            await asyncio.to_thread(fill, filler)
+            try:
+                for attempt in range(200):
+                    results = await asyncio.gather(
+                        *(storage.append("pjm", body(attempt + i / 10)) for i in range(10)),
+                        return_exceptions=True,
+                    )
+                    if any(isinstance(result, DiskError) for result in results):
+                        break
+                else:
+                    raise AssertionError("the disk never filled up")
+                stored = listener.prices[-1]
+                assert await storage.latest("pjm") == stored  # nothing unwritten delivered
+                assert disk_status(storage).check.startswith("unavailable: ")
+            finally:
+                filler.unlink()
+            healed = await asyncio.gather(*(storage.append("pjm", body(-i)) for i in range(5)))
+            assert [p.seq for p in healed] == list(range(stored.seq + 1, stored.seq + 6))
+            assert [p.seq for p in listener.prices] == list(range(1, stored.seq + 6))
+            assert disk_status(storage).check == "ok"
+        finally:
+            await storage.close()
