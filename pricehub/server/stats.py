@@ -18,11 +18,10 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from pricehub.storage.durable import disk_check_ok
-
 __all__ = [
     "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals",
     "HealthReport", "IngestStats", "SocketCounters", "SocketSource", "Stats",
+    "disk_check_ok",
     "health_report",
 ]
 
@@ -215,6 +214,13 @@ class HealthReport:
     http_status: int
     checks: dict[str, str]
     error_rate: float = 0.0
+
+
+def disk_check_ok(check: str) -> bool:
+    """Whether a ``checks.disk`` value is no problem: ``ok``, or durability disabled
+    (by configuration, or, with a Redis URL, because the data dir was not usable at
+    start: ``disabled: <reason>``, a warning at start, not a degradation)."""
+    return check in ("ok", "disabled") or check.startswith("disabled:")
 
 
 def health_report(

@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from pricehub.server.stats import disk_check_ok
 from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.journal import (
@@ -54,7 +55,6 @@ __all__ = [
     "DiskStatus",
     "DurableStorage",
     "JournaledAppends",
-    "disk_check_ok",
     "disk_status",
     "journal_disk_status",
 ]
@@ -118,13 +118,6 @@ def _median(samples: Sequence[float]) -> float | None:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
-
-
-def disk_check_ok(check: str) -> bool:
-    """Whether a ``checks.disk`` value is no problem: ``ok``, or durability disabled
-    (by configuration, or, with a Redis URL, because the data dir was not usable at
-    start: ``disabled: <reason>``, a warning at start, not a degradation)."""
-    return check in (DISK_OK, DISK_DISABLED) or check.startswith(DISK_DISABLED + ":")
 
 
 @runtime_checkable

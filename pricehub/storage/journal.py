@@ -54,7 +54,7 @@ from typing import Any
 
 import structlog
 
-from pricehub.storage import journal_format as fmt
+import pricehub.storage.journal_format as fmt
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 
