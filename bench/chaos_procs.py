@@ -159,6 +159,9 @@ class Instance(_Child):
             sys.executable, "run_server.py", "--host", HOST, "--port", str(self.port),
             "--redis-url", self.redis_url, "--no-simulate", "--publish-key", self.key,
             "--zones", ",".join(self.zones), "--log-format", "json",
+            # One working directory for all instances: no shared data dir (the soak
+            # measures the Redis failover, not the journal; see docs/operations.md).
+            "--data-dir", "none",
         ]  # fmt: skip
 
     async def ready(self) -> bool:

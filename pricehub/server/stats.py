@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 __all__ = [
     "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals",
     "HealthReport", "IngestStats", "SocketCounters", "SocketSource", "Stats",
+    "disk_check_ok",
     "health_report",
 ]
 
@@ -215,6 +216,13 @@ class HealthReport:
     error_rate: float = 0.0
 
 
+def disk_check_ok(check: str) -> bool:
+    """Whether a ``checks.disk`` value is no problem: ``ok``, or durability disabled
+    (by configuration, or, with a Redis URL, because the data dir was not usable at
+    start: ``disabled: <reason>``, a warning at start, not a degradation)."""
+    return check in ("ok", "disabled") or check.startswith("disabled:")
+
+
 def health_report(
     stats: Stats,
     *,
@@ -233,7 +241,8 @@ def health_report(
     Redis configured but the in-memory fallback serving, error rate at or over
     ``error_rate_threshold`` percent, event-loop lag over ``loop_lag_threshold`` s, or
     the journal of the in-memory store failing (``disk``: ``"unavailable: <reason>"``;
-    subscribers are still served, publishes get 503 until the disk recovers).
+    subscribers are still served, publishes get 503 until the disk recovers). A data dir
+    not usable at start with a Redis URL (``"disabled: <reason>"``) is not a degradation.
     """
     error_rate = stats.error_rate(now=now)
     redis = "ok" if backend == "redis" else "unavailable"
@@ -248,7 +257,7 @@ def health_report(
     }
     if stats.shutting_down or not storage_ok or stats.failed_tasks:
         return HealthReport("unhealthy", 503, checks, error_rate)
-    degraded = checks["redis"] == "unavailable" or disk not in ("ok", "disabled") or any(
+    degraded = checks["redis"] == "unavailable" or not disk_check_ok(disk) or any(
         checks[name] != "ok" for name in ("event_loop", "error_rate")
     )
     return HealthReport("degraded" if degraded else "healthy", 200, checks, error_rate)

@@ -34,10 +34,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from pricehub.server.stats import disk_check_ok
 from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.journal import (
@@ -49,7 +50,14 @@ from pricehub.storage.journal import (
 from pricehub.storage.memory import MemoryStorage
 from pricehub.wire.messages import with_seq
 
-__all__ = ["DISK_DISABLED", "DiskStatus", "DurableStorage", "disk_status"]
+__all__ = [
+    "DISK_DISABLED",
+    "DiskStatus",
+    "DurableStorage",
+    "JournaledAppends",
+    "disk_status",
+    "journal_disk_status",
+]
 
 DISK_OK = "ok"
 DISK_DISABLED = "disabled"
@@ -71,7 +79,7 @@ class DiskStatus:
 
     @property
     def ok(self) -> bool:
-        return self.check in (DISK_OK, DISK_DISABLED)
+        return disk_check_ok(self.check)
 
     def as_json(self) -> dict[str, Any]:
         """The ``durability`` section of the stats and health documents."""
@@ -112,17 +120,130 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
+@runtime_checkable
+class _ReportsDisk(Protocol):
+    def disk_status(self) -> DiskStatus: ...
+
+
 def disk_status(storage: Storage) -> DiskStatus:
     """``storage``'s durability; ``disabled`` for any backend that keeps no journal."""
-    if isinstance(storage, DurableStorage):
+    if isinstance(storage, _ReportsDisk):
         return storage.disk_status()
     return DiskStatus(DISK_DISABLED)
+
+
+def journal_disk_status(
+    journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
+) -> DiskStatus:
+    """A journal's ``DiskStatus`` (shared by ``DurableStorage`` and the failover's)."""
+    if journal is None:
+        reason = "closed" if closed else "not started"
+        return DiskStatus(f"unavailable: {reason}", write_errors=write_errors)
+    stats = journal.stats()
+    check = DISK_OK if stats.last_error is None else f"unavailable: {stats.last_error}"
+    return DiskStatus(check, stats, recovered, write_errors)
 
 
 @dataclass(slots=True)
 class _Pending:
     items: Sequence[tuple[str, bytes]]
     future: asyncio.Future[list[StoredPrice]]
+
+
+class JournaledAppends:
+    """Numbering into a ``MemoryStorage`` through a ``Journal``: see the module
+    docstring (batches numbered when formed, written and fsynced, then stored in
+    ``memory``, broadcast to ``listener`` and answered). Used by ``DurableStorage`` and
+    by ``FailoverStorage`` while it numbers in memory.
+
+    ``write_errors`` counts failed batches.
+    """
+
+    def __init__(
+        self,
+        memory: MemoryStorage,
+        journal: Journal,
+        *,
+        listener: StorageListener | None,
+        log: Any,
+    ) -> None:
+        self.memory = memory
+        self.journal = journal
+        self.listener = listener
+        self._log = log
+        # Callers waiting for the next batch. Bounded by the callers themselves: each one
+        # awaits its entry, and publishers are bounded by request size and rate limits.
+        self._pending: list[_Pending] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.write_errors = 0
+
+    async def submit(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
+        """Number, journal, store and broadcast ``items``, in order; their prices.
+
+        :raises DiskError: the journal write failed; nothing of it was stored.
+        """
+        future: asyncio.Future[list[StoredPrice]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(items, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="journal_flusher")
+        # Shielded: a cancelled caller leaves its prices to the batch (see module doc).
+        return await asyncio.shield(future)
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch is settled (stored or failed)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush_loop(self) -> None:
+        """One batch at a time: number, write + fsync, then store, broadcast, answer."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            numbered = self._number(batch)
+            prices = [price for group in numbered for price in group]
+            try:
+                await self.journal.append(prices)
+            except Exception as exc:  # DiskError; anything else must fail the batch too
+                self._fail(batch, exc)
+                continue
+            self._commit(batch, numbered, prices)
+
+    def _number(self, batch: list[_Pending]) -> list[list[StoredPrice]]:
+        """Seqs continue from memory's, which holds exactly what is durable."""
+        seqs: dict[str, int] = {}
+        numbered = []
+        for pending in batch:
+            group = []
+            for zone, body in pending.items:
+                seq = seqs.get(zone, 0) or self.memory.last_seq(zone)
+                seqs[zone] = seq = seq + 1
+                group.append(StoredPrice(zone, seq, with_seq(body, seq)))
+            numbered.append(group)
+        return numbered
+
+    def _commit(
+        self, batch: list[_Pending], numbered: list[list[StoredPrice]], prices: list[StoredPrice]
+    ) -> None:
+        memory = self.memory
+        for price in prices:
+            memory.mirror(price)
+        listener = self.listener
+        if listener is not None:
+            try:
+                for price in prices:
+                    listener.on_price(price)
+            except Exception:  # the prices are stored: their callers get them regardless
+                self._log.exception("storage_listener_failed")
+        for pending, group in zip(batch, numbered, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(group)
+
+    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        """Nothing of the batch reached memory: the next batch reuses its seqs."""
+        self.write_errors += 1
+        message = str(exc) if isinstance(exc, DiskError) else f"journal write failed: {exc!r}"
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(DiskError(message))
 
 
 class DurableStorage:
@@ -154,14 +275,9 @@ class DurableStorage:
         # Replaced in ``start`` by one on the recovered epoch and state.
         self._memory = MemoryStorage(history_size=history_size)
         self._journal: Journal | None = None
+        self._appends: JournaledAppends | None = None
         self._recovered: Recovered | None = None
-        self._listener: StorageListener | None = None
-        # Callers waiting for the next batch. Bounded by the callers themselves: each one
-        # awaits its entry, and publishers are bounded by request size and rate limits.
-        self._pending: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
         self._closed = False
-        self.write_errors = 0
 
     @property
     def epoch(self) -> str:
@@ -196,16 +312,22 @@ class DurableStorage:
         for zone, state in recovered.zones.items():
             memory.reset(zone, state.prices, seq=state.seq)
         self._memory, self._journal, self._recovered = memory, journal, recovered
-        self._listener = listener  # Journal.open logged what it recovered
+        # Journal.open logged what it recovered.
+        self._appends = JournaledAppends(memory, journal, listener=listener, log=self._log)
+
+    @property
+    def write_errors(self) -> int:
+        """Failed journal batches (for the metrics)."""
+        return 0 if self._appends is None else self._appends.write_errors
 
     async def close(self) -> None:
         """Finish the queued batches, then close the journal (fsync, unlock)."""
         if self._closed:
             return
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        self._listener = None
+        if self._appends is not None:
+            await self._appends.drain()
+            self._appends.listener = None
         if self._journal is not None:
             await self._journal.close()
 
@@ -233,67 +355,9 @@ class DurableStorage:
         return None  # no Redis, no stream to consume
 
     async def _submit(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
-        if self._closed or self._journal is None:
+        if self._closed or self._appends is None:
             raise DiskError(f"durable storage in {self._data_dir} is not open")
-        future: asyncio.Future[list[StoredPrice]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(items, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(), name="journal_flusher")
-        # Shielded: a cancelled caller leaves its prices to the batch (see module doc).
-        return await asyncio.shield(future)
-
-    async def _flush_loop(self) -> None:
-        """One batch at a time: number, write + fsync, then store, broadcast, answer."""
-        journal = self._journal
-        assert journal is not None
-        while self._pending:
-            batch, self._pending = self._pending, []
-            numbered = self._number(batch)
-            prices = [price for group in numbered for price in group]
-            try:
-                await journal.append(prices)
-            except Exception as exc:  # DiskError; anything else must fail the batch too
-                self._fail(batch, exc)
-                continue
-            self._commit(batch, numbered, prices)
-
-    def _number(self, batch: list[_Pending]) -> list[list[StoredPrice]]:
-        """Seqs continue from memory's, which holds exactly what is durable."""
-        seqs: dict[str, int] = {}
-        numbered = []
-        for pending in batch:
-            group = []
-            for zone, body in pending.items:
-                seq = seqs.get(zone, 0) or self._memory.last_seq(zone)
-                seqs[zone] = seq = seq + 1
-                group.append(StoredPrice(zone, seq, with_seq(body, seq)))
-            numbered.append(group)
-        return numbered
-
-    def _commit(
-        self, batch: list[_Pending], numbered: list[list[StoredPrice]], prices: list[StoredPrice]
-    ) -> None:
-        memory = self._memory
-        for price in prices:
-            memory.mirror(price)
-        listener = self._listener
-        if listener is not None:
-            try:
-                for price in prices:
-                    listener.on_price(price)
-            except Exception:  # the prices are stored: their callers get them regardless
-                self._log.exception("storage_listener_failed")
-        for pending, group in zip(batch, numbered, strict=True):
-            if not pending.future.done():
-                pending.future.set_result(group)
-
-    def _fail(self, batch: list[_Pending], exc: Exception) -> None:
-        """Nothing of the batch reached memory: the next batch reuses its seqs."""
-        self.write_errors += 1
-        message = str(exc) if isinstance(exc, DiskError) else f"journal write failed: {exc!r}"
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(DiskError(message))
+        return await self._appends.submit(items)
 
     # --- reads and the rest: memory's -----------------------------------------------
 
@@ -323,10 +387,6 @@ class DurableStorage:
     # --- status -----------------------------------------------------------------------
 
     def disk_status(self) -> DiskStatus:
-        journal = self._journal
-        if journal is None:
-            reason = "closed" if self._closed else "not started"
-            return DiskStatus(f"unavailable: {reason}", write_errors=self.write_errors)
-        stats = journal.stats()
-        check = DISK_OK if stats.last_error is None else f"unavailable: {stats.last_error}"
-        return DiskStatus(check, stats, self._recovered, self.write_errors)
+        return journal_disk_status(
+            self._journal, self._recovered, write_errors=self.write_errors, closed=self._closed
+        )

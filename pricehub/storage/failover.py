@@ -38,6 +38,19 @@ divergence, or Redis lost its data) is a reason to reconcile, never to fail over
 instance holds its appends (quietly: backend and clients unchanged), reconnects,
 reconciles, and retries them under the epoch Redis has. The same happens when the
 subscriber hears an epoch announcement.
+
+Durability (issue 15, ``data_dir``): the memory store is journaled like the embedded
+default's (``durable.py``), so an instance restarted while Redis is away continues its
+lineage. ``start`` opens the journal and loads what it holds into the mirror *before*
+the first connect, so the usual reconcile decides: Redis reachable, Redis wins (the
+journal's prices are written back where Redis is behind and agrees, a divergence
+changes the epoch); unreachable, numbering continues from the journal. Prices numbered
+in memory are written and fsynced before they are stored, broadcast or answered
+(``JournaledAppends``: a failed write is a ``DiskError``, 503, and leaves no gap).
+Prices mirrored from Redis, zone resets and epochs of a reconcile are written behind
+(not awaited: Redis keeps them), in the same order as everything else. A data dir that
+is locked or not writable is not fatal here: the instance runs without durability and
+says so (``disk_status``: ``disabled: <reason>``).
 """
 
 from __future__ import annotations
@@ -45,7 +58,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
@@ -53,7 +67,14 @@ import structlog
 from pricehub.server.errors import ConfigError
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
+from pricehub.storage.durable import (
+    DISK_DISABLED,
+    DiskStatus,
+    JournaledAppends,
+    journal_disk_status,
+)
 from pricehub.storage.errors import BatchInterrupted, StorageHeld, StorageUnavailable
+from pricehub.storage.journal import Journal, JournalUnavailable, Recovered
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import EpochChanged, LeaseLost, RedisStorage, WriteInDoubt
 from pricehub.wire.messages import with_seq
@@ -78,6 +99,12 @@ MEMORY = "in-memory"
 HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 MAX_HELD = 10_000  # appends waiting at once; more are refused at once (503), not queued
 HOLD_PROBE_INTERVAL = 0.2  # seconds between reconnect attempts while appends are held
+# Mirrored prices waiting to be written behind. Past this (a disk much slower than the
+# feed) further mirrored prices are not journaled: Redis keeps them, and the hole only
+# makes a later replay restart that zone's history after it (its seq stays right).
+# Epochs and zone resets are never dropped: they carry the lineage.
+MAX_WRITE_BEHIND = 50_000
+WRITE_BEHIND_WARN_INTERVAL = 10.0  # seconds between warnings of write-behind trouble
 
 
 class FailoverStorage:
@@ -94,13 +121,17 @@ class FailoverStorage:
         peers (default 5); 0 numbers in memory even then (the pre-1.x behaviour).
     :param assume_peers: act as an instance with peers from the start (``--workers`` >
         1), whatever the registry says (default False).
+    :param data_dir: journal the memory store there (default None: nothing on disk).
+    :param journal_options: passed to ``Journal.open`` (tests, benchmarks).
     :param log: structlog logger (default ``pricehub.storage``).
 
     Counters for the metrics module: ``failovers``, ``recoveries``, ``redis_errors``,
     ``holds`` (outages during which appends were held), ``held_refusals`` (appends
     refused because the hold window ended), ``resyncs`` (reconciles after the epoch moved),
     ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill),
-    ``foreign_messages`` (messages on our channel that are not our feed's: dropped).
+    ``foreign_messages`` (messages on our channel that are not our feed's: dropped),
+    ``journal_behind_errors`` / ``journal_behind_dropped`` (written-behind records that
+    failed / were not journaled).
     """
 
     def __init__(
@@ -114,6 +145,8 @@ class FailoverStorage:
         probe_interval: float = 1.0,
         hold: float = 5.0,
         assume_peers: bool = False,
+        data_dir: str | Path | None = None,
+        journal_options: Mapping[str, Any] | None = None,
         log: Any = None,
     ) -> None:
         self._url = redis_url
@@ -153,6 +186,16 @@ class FailoverStorage:
         self.holds = 0
         self.held_refusals = 0
         self.resyncs = 0
+        self._data_dir = None if data_dir is None else Path(data_dir)
+        self._journal_options = dict(journal_options or {})
+        self._journal: Journal | None = None
+        self._appends: JournaledAppends | None = None  # memory numbering, journaled
+        self._recovered: Recovered | None = None
+        self._disk_reason: str | None = None  # why the data dir is not used
+        self._behind = 0  # written-behind records not settled yet
+        self._behind_warned_at = -WRITE_BEHIND_WARN_INTERVAL
+        self.journal_behind_errors = 0
+        self.journal_behind_dropped = 0
 
     @classmethod
     def from_settings(
@@ -169,6 +212,7 @@ class FailoverStorage:
             probe_interval=settings.redis_probe_interval,
             hold=settings.redis_hold,
             assume_peers=settings.workers > 1,
+            data_dir=settings.data_dir,
             log=log,
         )
 
@@ -210,6 +254,7 @@ class FailoverStorage:
 
     async def start(self, listener: StorageListener) -> None:
         self._listener = listener
+        await self._open_journal(listener)  # before the first connect: see the docstring
         try:
             await self._switch_to_redis(recovering=False)
         except StorageUnavailable as exc:
@@ -235,6 +280,80 @@ class FailoverStorage:
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.close()
+        if self._appends is not None:
+            await self._appends.drain()
+            self._appends.listener = None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.close()  # writes what is still queued behind, then unlocks
+
+    # --- durability -------------------------------------------------------------------
+
+    async def _open_journal(self, listener: StorageListener) -> None:
+        """Open the data dir and load what it holds into the mirror; a locked or
+        unusable one only disables durability (several instances may share a working
+        directory: only the first journals)."""
+        if self._data_dir is None:
+            return
+        try:
+            journal, recovered = await asyncio.to_thread(
+                Journal.open, self._data_dir, history_size=self._history_size,
+                new_epoch=self._epoch, log=self._log, **self._journal_options,
+            )  # fmt: skip
+        except JournalUnavailable as exc:
+            self._disk_reason = str(exc)
+            self._log.warning(
+                "durability_disabled", data_dir=str(self._data_dir), reason=str(exc)
+            )
+            return
+        self._epoch = recovered.epoch
+        for zone, state in recovered.zones.items():
+            self._memory.reset(zone, state.prices, seq=state.seq)
+        self._journal, self._recovered = journal, recovered
+        self._appends = JournaledAppends(self._memory, journal, listener=listener, log=self._log)
+
+    def _write_behind(
+        self, write: Callable[[Journal], asyncio.Future[None]], *, price: bool
+    ) -> None:
+        """Queue a record Redis already keeps (not awaited); ``price``: droppable."""
+        journal = self._journal
+        if journal is None:
+            return
+        if price and self._behind >= MAX_WRITE_BEHIND:
+            self.journal_behind_dropped += 1
+            self._warn_behind("journal_write_behind_dropped", pending=self._behind)
+            return
+        self._behind += 1
+        write(journal).add_done_callback(self._written_behind)
+
+    def _written_behind(self, future: asyncio.Future[None]) -> None:
+        self._behind -= 1
+        error = None if future.cancelled() else future.exception()
+        if error is not None:  # retrieved here, so asyncio does not report it again
+            self.journal_behind_errors += 1
+            self._warn_behind("journal_write_behind_failed", error=str(error))
+
+    def _warn_behind(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now - self._behind_warned_at >= WRITE_BEHIND_WARN_INTERVAL:
+            self._behind_warned_at = now
+            self._log.warning(
+                event, errors=self.journal_behind_errors,
+                dropped=self.journal_behind_dropped, **fields,
+            )  # fmt: skip
+
+    def disk_status(self) -> DiskStatus:
+        """Health ``checks.disk`` and the ``durability`` section (see ``durable.py``)."""
+        if self._data_dir is None:
+            return DiskStatus(DISK_DISABLED)
+        if self._disk_reason is not None:
+            return DiskStatus(f"{DISK_DISABLED}: {self._disk_reason}")
+        errors = self.journal_behind_errors
+        if self._appends is not None:
+            errors += self._appends.write_errors
+        return journal_disk_status(
+            self._journal, self._recovered, write_errors=errors, closed=self._closed
+        )
 
     # --- failover ---------------------------------------------------------------------
 
@@ -314,6 +433,10 @@ class FailoverStorage:
         await redis.connect()
         self._gate.clear()
         try:
+            if self._appends is not None:
+                # Appends numbered in memory before the gate closed are still being
+                # written: reconcile only once they are in the mirror (or failed).
+                await self._appends.drain()
             epoch, state = await self._reconcile(redis)
             if self._closed:
                 raise StorageUnavailable("storage closed during recovery")
@@ -366,12 +489,15 @@ class FailoverStorage:
     ) -> None:
         """Step 4, synchronously so no price or append slips in between."""
         catch_up: list[StoredPrice] = []
+        self._write_behind(lambda journal: journal.queue_epoch(epoch), price=False)
         for zone, (seq, prices) in state.items():
             if seq == 0 and self._memory.last_seq(zone) == 0:
                 continue  # no price on either side: no state for this zone
             if self._memory.last_seq(zone) > 0:  # a fresh zone has no one to catch up
                 catch_up += [p for p in prices if p.seq > self._memory.last_seq(zone)]
-            self._memory.reset(zone, _contiguous_tail(prices, seq), seq=seq)
+            tail = _contiguous_tail(prices, seq)
+            self._memory.reset(zone, tail, seq=seq)
+            self._write_behind(_reset_record(zone, tail, seq), price=False)
         changed = epoch != self._epoch
         quiet = self._quiet
         self._epoch, self._redis = epoch, redis
@@ -407,9 +533,11 @@ class FailoverStorage:
             return
         if price.seq == last + 1:
             self._memory.mirror(price)
+            self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
         else:  # a hole the history could not fill: keep the mirror contiguous
             self.gaps += 1
             self._memory.reset(price.zone, [price], seq=price.seq)
+            self._write_behind(_reset_record(price.zone, [price], price.seq), price=False)
         if self._listener is not None:
             self._listener.on_price(price)
 
@@ -458,6 +586,9 @@ class FailoverStorage:
             if not self._gate.is_set():
                 await self._gate.wait()
                 continue
+            if self._appends is not None:  # written and fsynced before it is delivered
+                (price,) = await self._appends.submit(((zone, body),))
+                return price
             price = self._memory.record(zone, body)
             if self._listener is not None:
                 self._listener.on_price(price)
@@ -515,6 +646,9 @@ class FailoverStorage:
         hold, resync and memory-failover rules are exactly ``append``'s. A lost ingest
         lease ends the batch (``LeaseLost``); ingest entries are never numbered in memory.
         """
+        appends = self._appends
+        if self._mode == MEMORY and appends is not None and acks is None and self._gate.is_set():
+            return await appends.submit(items)  # one journal batch, as DurableStorage's
         ack_of = (lambda index: None) if acks is None else acks.__getitem__
         results: list[StoredPrice | None] = [None] * len(items)
         redis = self._redis
@@ -636,6 +770,12 @@ class _Mirror:
 
     def on_epoch_changed(self, epoch: str) -> None:
         self._owner._epoch_announced(self._redis, epoch)
+
+
+def _reset_record(
+    zone: str, prices: Sequence[StoredPrice], seq: int
+) -> Callable[[Journal], asyncio.Future[None]]:
+    return lambda journal: journal.queue_reset(zone, prices, seq=seq)
 
 
 def _contiguous_tail(prices: Sequence[StoredPrice], seq: int) -> list[StoredPrice]:

@@ -738,28 +738,51 @@ class Journal:
         :raises DiskError: the write or fsync failed (or the journal is closed); the
             next append retries on a new segment.
         """
-        if prices:
-            records: list[fmt.Record] = [fmt.PriceRecord(price) for price in prices]
-            await self._submit(b"".join(fmt.encode_price(price) for price in prices), records)
+        await self.queue_append(prices)
 
     async def set_epoch(self, epoch: str) -> None:
         """Record a new numbering lineage (failover reconciliation)."""
-        await self._submit(fmt.encode_epoch(epoch), [fmt.EpochRecord(epoch)])
+        await self.queue_epoch(epoch)
 
     async def reset_zone(self, zone: str, prices: Sequence[StoredPrice], *, seq: int) -> None:
         """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
         oldest first), as ``MemoryStorage.reset`` does."""
-        kept = tuple(prices)[-self._state.history_size :]
-        await self._submit(fmt.encode_reset(zone, seq, kept), [fmt.ResetRecord(zone, seq, kept)])
+        await self.queue_reset(zone, prices, seq=seq)
 
-    async def _submit(self, data: bytes, records: list[fmt.Record]) -> None:
-        if self._closed:
-            raise DiskError(f"journal {self._directory} is closed")
+    # The ``queue_*`` twins take their place in the write order *now*, synchronously,
+    # and return the future of their batch: a caller that must not wait for the disk
+    # (write-behind of prices Redis already keeps) still cannot be overtaken by a
+    # record queued after it (an ``asyncio.create_task(journal.append(...))`` could).
+
+    def queue_append(self, prices: Sequence[StoredPrice]) -> asyncio.Future[None]:
+        """``append`` without waiting: the future is settled once the batch is written."""
+        if not prices:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        records: list[fmt.Record] = [fmt.PriceRecord(price) for price in prices]
+        return self._enqueue(b"".join(fmt.encode_price(price) for price in prices), records)
+
+    def queue_epoch(self, epoch: str) -> asyncio.Future[None]:
+        """``set_epoch`` without waiting."""
+        return self._enqueue(fmt.encode_epoch(epoch), [fmt.EpochRecord(epoch)])
+
+    def queue_reset(
+        self, zone: str, prices: Sequence[StoredPrice], *, seq: int
+    ) -> asyncio.Future[None]:
+        """``reset_zone`` without waiting."""
+        kept = tuple(prices)[-self._state.history_size :]
+        return self._enqueue(fmt.encode_reset(zone, seq, kept), [fmt.ResetRecord(zone, seq, kept)])
+
+    def _enqueue(self, data: bytes, records: list[fmt.Record]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(DiskError(f"journal {self._directory} is closed"))
+            return future
         self._pending.append(_Pending(data, records, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
-        await future
+        return future
 
     async def _flush_loop(self) -> None:
         """Write everything pending as one batch, then whatever arrived meanwhile."""

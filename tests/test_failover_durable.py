@@ -1,0 +1,197 @@
+"""A Redis URL plus a data dir (issue 15): the failover's memory store is durable too.
+
+PROTOCOL.md, "Durable in-memory storage": the data dir is "used whenever the store is in
+memory (configured, or Redis unreachable at start)", and with a Redis URL a locked or
+unwritable data dir only disables durability (a warning, ``checks.disk``). Real
+``run_server.py`` processes, a real ``redis-server`` (``RedisProcess``, no persistence:
+a SIGKILL loses everything it held) and real WebSocket resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pricehub.storage.durable import disk_status
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.journal import DiskError
+from pricehub.wire import paths
+from tests.redisproc import RedisProcess
+from tests.serverproc import ServerProcess, free_port
+from tests.support import PUBLISH_KEY, eventually
+from tests.test_durable import (
+    COMMON,
+    Listener,
+    body,
+    epoch_of,
+    fill,
+    get_json,
+    history,
+    resume,
+    tmpfs,
+)
+
+# Fast failover and probing, so an outage and a recovery take a fraction of a second.
+FAST = ("--redis-timeout", "0.3", "--redis-probe-interval", "0.2")
+
+
+def server(redis_url: str, data_dir: Path | str, **options: Any) -> ServerProcess:
+    return ServerProcess(
+        *COMMON, *FAST, publish_key=PUBLISH_KEY, redis_url=redis_url, data_dir=data_dir,
+        **options,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    with RedisProcess() as redis:
+        yield redis
+
+
+def nowhere() -> str:
+    """A Redis URL with nothing listening: Redis unreachable at start."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+async def health(target: ServerProcess) -> dict[str, Any]:
+    body: dict[str, Any] = await get_json(target, paths.HEALTH)
+    return body
+
+
+async def prices(target: ServerProcess, zone: str = "pjm") -> list[tuple[int, float]]:
+    return [(entry["seq"], entry["price"]) for entry in await history(target, zone)]
+
+
+def pjm(*values: float) -> list[dict[str, Any]]:
+    return [{"market_zone": "pjm", "price": value} for value in values]
+
+
+async def seqs_of(target: ServerProcess, *values: float) -> list[int]:
+    return [entry["seq"] for entry in await target.publish(*pjm(*values))]
+
+
+async def test_redis_unreachable_at_start_restart_keeps_epoch_history_and_numbering(
+    data_dir: Path,
+) -> None:
+    with server(nowhere(), data_dir) as instance:
+        assert await seqs_of(instance, 1.0, 2.0, 3.0) == [1, 2, 3]
+        epoch = await epoch_of(instance)
+        instance.kill()
+        await instance.start_async()  # Redis still unreachable
+        assert (await health(instance))["durability"]["recovered"] is True
+        assert await epoch_of(instance) == epoch
+        assert await seqs_of(instance, 4.0) == [4]  # no gap, no reused seq
+        replayed, complete = await resume(instance, "pjm", since=1, epoch=epoch)
+        assert complete["recovered"] is True
+        assert [(m["seq"], m["price"]) for m in replayed] == [(2, 2.0), (3, 3.0), (4, 4.0)]
+
+
+async def test_two_processes_on_one_data_dir_with_a_redis_url_both_serve(
+    data_dir: Path,
+) -> None:
+    url = nowhere()
+    with server(url, data_dir) as first, server(url, data_dir) as second:
+        assert first.process is not None
+        disk = (await health(first))["checks"]["disk"]
+        assert disk == "ok"
+        disk = (await health(second))["checks"]["disk"]
+        assert disk.startswith("disabled: "), disk
+        assert f"in use by another process (pid {first.process.pid}" in disk
+        assert "durability_disabled" in second.log()
+        assert await seqs_of(first, 1.0) == [1]
+        assert await seqs_of(second, 2.0) == [1]  # each its own memory: Redis is away
+
+
+async def test_a_restart_with_redis_up_keeps_the_epoch_and_redis_wins(
+    data_dir: Path, redis_server: RedisProcess
+) -> None:
+    with server(redis_server.url, data_dir) as instance:
+        assert await seqs_of(instance, 1.0, 2.0, 3.0) == [1, 2, 3]
+        epoch = await epoch_of(instance)
+        instance.kill()
+        await instance.start_async()
+        report = await health(instance)
+        assert (report["checks"]["redis"], report["checks"]["disk"]) == ("ok", "ok")
+        assert report["durability"]["recovered"] is True  # the mirror was journaled
+        assert await epoch_of(instance) == epoch  # nothing diverged: no epoch change
+        assert await seqs_of(instance, 4.0) == [4]
+        assert await prices(instance) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        replayed, complete = await resume(instance, "pjm", since=2, epoch=epoch)
+        assert complete["recovered"] is True
+        assert [m["seq"] for m in replayed] == [3, 4]
+        assert "epoch_changed=True" not in instance.log()
+        assert '"epoch_changed": true' not in instance.log()
+
+
+async def test_outage_prices_survive_a_sigkill_and_are_written_back_to_redis(
+    data_dir: Path, redis_server: RedisProcess
+) -> None:
+    with server(redis_server.url, data_dir) as instance:
+        assert await seqs_of(instance, 1.0, 2.0) == [1, 2]
+        epoch = await epoch_of(instance)
+        redis_server.kill()  # no persistence: Redis comes back empty
+        # A lone instance numbers on in memory, journaled before each 202.
+        assert await seqs_of(instance, 3.0) == [3]
+        assert await seqs_of(instance, 4.0) == [4]
+        instance.kill()
+        await instance.start_async()  # Redis still away
+        assert await epoch_of(instance) == epoch
+        assert await prices(instance) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        assert await seqs_of(instance, 5.0) == [5]
+        redis_server.start()
+
+        async def recovered() -> bool:
+            return bool((await health(instance))["storage_backend"] == "redis")
+
+        await eventually(recovered)
+        # Another instance without a data dir sees the written-back history in Redis.
+        with server(redis_server.url, "none") as reader:
+            assert await epoch_of(reader) == epoch
+            assert await prices(reader) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0)]
+            assert await seqs_of(reader, 6.0) == [6]
+        replayed, complete = await resume(instance, "pjm", since=2, epoch=epoch)
+        assert complete["recovered"] is True
+        assert [(m["seq"], m["price"]) for m in replayed][:3] == [(3, 3.0), (4, 4.0), (5, 5.0)]
+
+
+async def test_a_full_disk_during_an_outage_fails_the_append_broadcasts_nothing_no_gap(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "small", "size=128k") as mountpoint:
+        storage = FailoverStorage(nowhere(), zones=("pjm",), data_dir=mountpoint / "data")
+        listener = Listener()
+        await storage.start(listener)  # Redis unreachable: numbering in (durable) memory
+        try:
+            await storage.append("pjm", body(0))
+            filler = mountpoint / "filler"
+            await asyncio.to_thread(fill, filler)
+            try:
+                for attempt in range(200):
+                    results = await asyncio.gather(
+                        *(storage.append("pjm", body(attempt + i / 10)) for i in range(10)),
+                        return_exceptions=True,
+                    )
+                    if any(isinstance(result, DiskError) for result in results):
+                        break
+                else:
+                    raise AssertionError("the disk never filled up")
+                stored = listener.prices[-1]
+                assert await storage.latest("pjm") == stored  # nothing unwritten delivered
+                assert disk_status(storage).check.startswith("unavailable: ")
+            finally:
+                filler.unlink()
+            healed = await asyncio.gather(*(storage.append("pjm", body(-i)) for i in range(5)))
+            assert [p.seq for p in healed] == list(range(stored.seq + 1, stored.seq + 6))
+            assert [p.seq for p in listener.prices] == list(range(1, stored.seq + 6))
+            assert disk_status(storage).check == "ok"
+        finally:
+            await storage.close()
