@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from pricehub.server.app import create_app
+from pricehub.server.http.group_metrics import WORKER_GROUP, WorkerGroup
 from pricehub.server.logs import AccessLogger
 from pricehub.server.settings import Settings
 from pricehub.storage.journal import JournalUnavailable
@@ -78,15 +79,21 @@ def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[sock
     return sockets
 
 
-async def serve_async(settings: Settings, *, reuse_port: bool = False) -> None:
+async def serve_async(
+    settings: Settings, *, reuse_port: bool = False, group: WorkerGroup | None = None
+) -> None:
+    """Serve until a signal; ``group``: this process is one of ``--workers N``."""
     sockets = bind_sockets(settings.host, settings.port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        app = create_app(settings)
+        if group is not None:  # before start-up: the metrics read it there
+            app[WORKER_GROUP] = group
         runner = web.AppRunner(
-            create_app(settings),
+            app,
             handle_signals=False,
             access_log_class=AccessLogger,
             shutdown_timeout=settings.shutdown_grace,
@@ -116,12 +123,14 @@ async def serve_async(settings: Settings, *, reuse_port: bool = False) -> None:
     log.info("stopped")
 
 
-def serve(settings: Settings, *, reuse_port: bool = False) -> int:
+def serve(
+    settings: Settings, *, reuse_port: bool = False, group: WorkerGroup | None = None
+) -> int:
     """Run until a signal; returns the process exit code: 2, with one line on stderr,
     when the address cannot be bound or (``--redis-url none``) the data dir is locked by
     another process or unusable."""
     try:
-        asyncio.run(serve_async(settings, reuse_port=reuse_port))
+        asyncio.run(serve_async(settings, reuse_port=reuse_port, group=group))
     except (BindError, JournalUnavailable) as exc:
         print(f"pricehub: {exc}", file=sys.stderr)
         return 2

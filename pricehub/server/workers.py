@@ -10,6 +10,9 @@ number prices alone and a client would see a different feed per connection.
 The parent supervises: SIGTERM/SIGINT are passed on as SIGTERM (each worker then shuts
 down gracefully, closing its sockets with 1001), a worker that crashes is restarted,
 and one that crashes right after starting stops the whole group instead of looping.
+It also makes the private directory (mode 0700) where each worker serves its own
+metrics on a Unix socket, so that one scrape of the port returns the whole group's
+(``pricehub.server.http.group_metrics``); it removes the directory at the end.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -26,6 +32,7 @@ from types import FrameType
 import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
+from pricehub.server.http.group_metrics import WorkerGroup
 from pricehub.server.settings import Settings
 from pricehub.storage.cluster import connect_any
 
@@ -82,13 +89,13 @@ def redis_problem(settings: Settings) -> str | None:
     return None
 
 
-def _serve_worker(settings: Settings) -> None:
+def _serve_worker(settings: Settings, group: WorkerGroup) -> None:
     """A worker process: configure logging (a spawned process starts blank), serve."""
     from pricehub.server.logs import configure_logging
     from pricehub.server.runner import serve
 
     configure_logging(log_format=settings.log_format, level=settings.log_level)
-    sys.exit(serve(settings, reuse_port=True))
+    sys.exit(serve(settings, reuse_port=True, group=group))
 
 
 class _Supervisor:
@@ -100,12 +107,16 @@ class _Supervisor:
         self._started: dict[int, float] = {}
         self._stopping = False
         self._failed = False
+        self._socket_dir = ""  # made by run: mkdtemp gives it mode 0700
 
     def run(self) -> int:
         previous = {
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
+        self._socket_dir = tempfile.mkdtemp(
+            prefix=f"pricehub-{os.getpid()}-{self._settings.port}-"
+        )
         try:
             for index in range(self._count):
                 self._start(index)
@@ -114,6 +125,7 @@ class _Supervisor:
                 self._reap()
             return self._shutdown()
         finally:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -122,7 +134,9 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         process = self._context.Process(
-            target=_serve_worker, args=(self._settings,), name=f"pricehub-worker-{index}"
+            target=_serve_worker,
+            args=(self._settings, WorkerGroup(index, self._count, self._socket_dir)),
+            name=f"pricehub-worker-{index}",
         )
         process.start()
         self._workers[index] = process

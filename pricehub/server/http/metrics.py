@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,10 +30,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import Collector
 
 from pricehub import __version__
 from pricehub.server.fanout.broadcaster import Broadcaster
+from pricehub.server.http.group_metrics import WORKER_GROUP, gather, serve_own
 from pricehub.server.keys import (
     BROADCASTER,
     INGEST_STATS,
@@ -55,7 +57,7 @@ from pricehub.wire import paths
 from pricehub.wire.codes import DisconnectReason
 
 __all__ = [
-    "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "MetricSpec",
+    "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "Families", "MetricSpec",
     "PricehubCollector", "ProcessMetrics", "Sources", "add_routes",
 ]
 
@@ -475,14 +477,50 @@ def latency_histogram(registry: CollectorRegistry) -> Histogram:
     )
 
 
+class Families(Collector):
+    """Already gathered families, to hand to an encoder as a registry."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+async def own_registry(app: web.Application) -> CollectorRegistry:
+    """This process's registry, its ``process_*`` metrics refreshed (off the loop)."""
+    await asyncio.to_thread(app[PROCESS_METRICS].refresh)
+    return app[REGISTRY]
+
+
 async def metrics_handler(request: web.Request) -> web.Response:
     """The text format 0.0.4 by default; OpenMetrics when the scraper asks for it (as
-    Prometheus does), negotiated like prometheus_client's own exporters."""
+    Prometheus does), negotiated like prometheus_client's own exporters. In a
+    ``--workers N`` group, every worker's metrics (``group_metrics``)."""
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    await asyncio.to_thread(request.app[PROCESS_METRICS].refresh)
-    return web.Response(
-        body=encode(request.app[REGISTRY]), headers={"Content-Type": content_type}
-    )
+    registry = await own_registry(request.app)
+    group = request.app.get(WORKER_GROUP)
+    if group is not None:
+        families = await gather(group, list(registry.collect()))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Families(families))
+    return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+
+
+async def group_member(app: web.Application) -> AsyncIterator[None]:
+    """In a worker group, serve this worker's own exposition on its private socket."""
+    group = app.get(WORKER_GROUP)  # set by the runner before start-up, if at all
+    if group is None:
+        yield
+        return
+
+    async def exposition() -> bytes:
+        registry = await own_registry(app)
+        body: bytes = openmetrics_latest(registry)  # type: ignore[no-untyped-call]
+        return body
+
+    async with serve_own(group, exposition):
+        yield
 
 
 def add_routes(app: web.Application) -> None:
@@ -500,4 +538,5 @@ def add_routes(app: web.Application) -> None:
         app[BROADCASTER].observe_latency = histogram.observe
 
     app.on_startup.append(install_latency_observer)
+    app.cleanup_ctx.append(group_member)
     app.router.add_get(paths.METRICS, metrics_handler)
