@@ -77,6 +77,9 @@ __all__ = [
     "is_cluster_url",
 ]
 
+# Tries to re-subscribe a moved zone's channel before calling the storage lost.
+FOLLOW_ATTEMPTS = 4
+
 CLUSTER_SCHEME = "redis+cluster://"
 LOAD_CHUNK = 2000  # zones per pipelined round trip when loading every zone's state
 LOGGED_UNREPLICATED = 10  # log every short WAIT up to this many, then one in a thousand
@@ -416,29 +419,44 @@ class RedisClusterStorage(RedisStorage):
         zone = self._zone_of(channel)
         if zone is None:
             return  # our probe channel: its slot moved too; the watch notices silence
-        client = self.cluster
         async with redis_errors("follow slot"):
-            await client.nodes_manager.initialize()
-            node = client.get_node_from_key(channel)
-            if node is None:
-                raise StorageUnavailable(f"redis cluster: no master for {channel}")
-            target = next((s for s in self._shards if s.name == node.name), None)
-            if target is None:
-                target = await self._open_shard(client, node, {0: [channel]})
-                self._shards.append(target)
-                self._tasks.append(asyncio.get_running_loop().create_task(
-                    self._read_shard(target)
-                ))  # fmt: skip
-            else:
-                waiter = self._confirmations[raw_channel] = asyncio.Event()
-                await target.pubsub.ssubscribe(channel)
-                async with asyncio.timeout(2 * self._timeout):
-                    await waiter.wait()
+            for attempt in range(FOLLOW_ATTEMPTS):
+                try:
+                    await self._subscribe_where_it_lives(channel, raw_channel)
+                    break
+                except TimeoutError:
+                    # A migration's new owner can be announced before every node agrees:
+                    # the subscribe lands on the old owner, which never confirms it.
+                    # Refresh the slot map and try again, a few times, then give up.
+                    if attempt == FOLLOW_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.1 * (attempt + 1))
             latest = await self.latest(zone)
         self.moves += 1
         if latest is not None:
             async with self._delivering:
                 await self._on_message(self._message_prefix(zone).encode() + latest.payload)
+
+    async def _subscribe_where_it_lives(self, channel: str, raw_channel: bytes) -> None:
+        """SSUBSCRIBE ``channel`` on the master that owns its slot now (after a refresh of
+        the slot map), waiting for the confirmation."""
+        client = self.cluster
+        await client.nodes_manager.initialize()
+        node = client.get_node_from_key(channel)
+        if node is None:
+            raise StorageUnavailable(f"redis cluster: no master for {channel}")
+        target = next((s for s in self._shards if s.name == node.name), None)
+        if target is None:
+            target = await self._open_shard(client, node, {0: [channel]})
+            self._shards.append(target)
+            self._tasks.append(asyncio.get_running_loop().create_task(
+                self._read_shard(target)
+            ))  # fmt: skip
+            return
+        waiter = self._confirmations[raw_channel] = asyncio.Event()
+        await target.pubsub.ssubscribe(channel)
+        async with asyncio.timeout(2 * self._timeout):
+            await waiter.wait()
 
     def _zone_of(self, channel: str) -> str | None:
         if self._zone_by_channel is None:  # built on the first move only
