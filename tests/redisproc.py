@@ -576,6 +576,9 @@ def _pairs(flat: Any) -> dict[str, str]:
     return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
+START_ATTEMPTS = 3  # cluster start-ups tried with fresh ports after a lost port race
+
+
 class RedisCluster:
     """A six-node Redis Cluster (three masters, one replica each) on loopback ports.
 
@@ -602,15 +605,18 @@ class RedisCluster:
         self.cli = redis_cli_binary()
         self._dir = Path(tempfile.mkdtemp(prefix="pricehub-cluster-"))
         self._startup_timeout = startup_timeout
+        self._node_timeout_ms = node_timeout_ms
+        self.nodes = self._pick_nodes()
+        self.started_in: float | None = None  # seconds __enter__ took
+        self._killed_slots: dict[int, list[tuple[int, int]]] = {}
+
+    def _pick_nodes(self) -> dict[int, _Node]:
         ports: list[int] = []
         while len(ports) < self.NODES:
             port = free_cluster_port()
             if port not in ports and port + 10000 not in ports and port - 10000 not in ports:
                 ports.append(port)
-        self._node_timeout_ms = node_timeout_ms
-        self.nodes = {port: self._cluster_node(port) for port in ports}
-        self.started_in: float | None = None  # seconds __enter__ took
-        self._killed_slots: dict[int, list[tuple[int, int]]] = {}
+        return {port: self._cluster_node(port) for port in ports}
 
     def _cluster_node(self, port: int) -> _Node:
         args = [
@@ -693,11 +699,18 @@ class RedisCluster:
 
     def __enter__(self) -> RedisCluster:
         started = time.monotonic()
-        try:
-            self._start()
-        except BaseException:
-            self._stop()
-            raise
+        for attempt in range(START_ATTEMPTS):
+            try:
+                self._start()
+                break
+            except BaseException as exc:
+                self._stop()
+                # A port (or its bus port, +10000) free a moment ago was taken meanwhile
+                # by someone else on the machine: pick new ports and start again.
+                if "exited" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                    raise
+                self._dir.mkdir(parents=True, exist_ok=True)  # _stop removed it
+                self.nodes = self._pick_nodes()
         self.started_in = time.monotonic() - started
         return self
 

@@ -53,12 +53,14 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError
 
 from pricehub.storage.base import StoredPrice
-from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.storage.redis import (
     INGEST_GROUP,
     RESTORE_LUA,
+    EpochChanged,
     KeyLayout,
     RedisStorage,
     WriteInDoubt,
@@ -287,6 +289,15 @@ class RedisClusterStorage(RedisStorage):
 
     # --- hooks of RedisStorage ---------------------------------------------------------
 
+    def _write_error(self, error: BaseException) -> StorageError:
+        """A script answered MOVED/ASK (a slot is migrating; the driver does not retry):
+        it did not run, nothing was written. Refused like an epoch change, so the owner
+        resyncs quietly (a fresh connection refreshes the slot map) and retries it:
+        never a failover to memory for a resharding."""
+        if isinstance(error, MovedError | AskError):
+            return EpochChanged(f"redis cluster: slot moved ({error})")
+        return super()._write_error(error)
+
     def _channel(self, zone: str) -> str:
         return self.keys.channel(zone)
 
@@ -383,6 +394,21 @@ class RedisClusterStorage(RedisStorage):
         await asyncio.gather(*(self._read_shard(shard) for shard in self._shards))
 
     async def _read_shard(self, shard: _Shard) -> None:
+        try:
+            while not await self._listen(shard):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of a shard subscriber means it is lost
+            self._mark_lost(exc)
+        else:
+            self._mark_lost(StorageUnavailable(f"redis shard subscriber {shard.name} stopped"))
+
+    async def _listen(self, shard: _Shard) -> bool:
+        """Deliver what the shard subscriber hears; True when its connection ended,
+        False after a MOVED/ASK reply: a subscribe the slot's old owner refused while a
+        migration settled (``_follow`` re-subscribed where the slot lives), which leaves
+        the connection usable, so listening goes on."""
         probe = shard.probe.encode()
         try:
             async for message in shard.pubsub.listen():
@@ -397,12 +423,9 @@ class RedisClusterStorage(RedisStorage):
                     self._confirmed(message["channel"])
                 elif kind == "sunsubscribe":
                     await self._follow(message["channel"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # any failure of a shard subscriber means it is lost
-            self._mark_lost(exc)
-        else:
-            self._mark_lost(StorageUnavailable(f"redis shard subscriber {shard.name} stopped"))
+        except (MovedError, AskError):
+            return False
+        return True
 
     def _confirmed(self, channel: bytes) -> None:
         waiter = self._confirmations.pop(channel, None)
