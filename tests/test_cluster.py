@@ -344,7 +344,9 @@ async def test_redis_outages_with_two_instances_never_number_alone(
 
         async def both_see_a_peer() -> bool:  # /stats reads the registry (who else is up)
             stats = [await get_json(session, s.url + "/api/ws/ws/stats") for s in instances]
-            return all(len(s.get("cluster", {}).get("instances", [])) == 2 for s in stats)
+            # At least 2: an instance an earlier test of this module SIGKILLed on the same
+            # redis-server stays registered until its entry expires (15 s).
+            return all(len(s.get("cluster", {}).get("instances", [])) >= 2 for s in stats)
 
         await eventually(both_see_a_peer, within=SLOW)
         accepted: dict[int, float] = {}
