@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -282,24 +283,64 @@ async def publish_alternating(
     await asyncio.gather(*(one(s, 1000.0 * i) for i, s in enumerate(storages)))
 
 
+@dataclass
+class PublishingPeers:
+    """Two registered peer storages on one Redis, both publishing (``publish_alternating``)
+    until ``stop``; what they accepted and refused, what their listeners got."""
+
+    storages: list[FailoverStorage]
+    listeners: list[RecordingListener]
+    epoch: str
+    publisher: asyncio.Task[None]
+    stop_event: asyncio.Event
+    accepted: list[StoredPrice] = field(default_factory=list)
+    refused: list[Exception] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.publisher, 10)
+
+    async def assert_every_accepted_price_kept_once_in_order(self) -> None:
+        """Both instances delivered seqs 1..last in order, the same prices; one seq names
+        one price; every accepted (202) price is among the delivered ones."""
+        last = max(price.seq for price in self.accepted)
+        for listener in self.listeners:
+            assert await listener.wait_for("pjm", last) == list(range(1, last + 1))
+        assert all_prices(self.listeners[0]) == all_prices(self.listeners[1])
+        assert len({p.seq for p in self.accepted}) == len(self.accepted)  # one seq, one price
+        delivered = {(p.seq, p.payload) for p in self.listeners[0].prices}
+        assert {(p.seq, p.payload) for p in self.accepted} <= delivered  # 202 means kept
+
+
+@contextlib.asynccontextmanager
+async def publishing_peers(url: str, prefix: str, *, hold: float) -> AsyncIterator[PublishingPeers]:
+    storages = await peers(url, prefix, hold=hold)
+    listeners = [RecordingListener(), RecordingListener()]
+    for storage, listener in zip(storages, listeners, strict=True):
+        await storage.start(listener)
+    async with running(*storages):
+        await register_all(storages)
+        stop = asyncio.Event()
+        accepted: list[StoredPrice] = []
+        refused: list[Exception] = []
+        publisher = asyncio.create_task(publish_alternating(storages, stop, accepted, refused))
+        run = PublishingPeers(
+            storages, listeners, storages[0].epoch, publisher, stop, accepted, refused
+        )
+        try:
+            yield run
+        finally:
+            stop.set()
+            await asyncio.wait({publisher}, timeout=10)
+
+
 async def test_short_pause_with_peers_costs_only_latency(prefix: str) -> None:
     """SIGSTOP shorter than the hold window, two instances publishing: nobody numbers
     alone, so the epoch stays, every accepted price is delivered once, in order, to both
     instances, and one (zone, epoch, seq) never names two prices."""
     with RedisProcess() as server:
-        storages = await peers(server.url, prefix, hold=5.0)
-        listeners = [RecordingListener(), RecordingListener()]
-        for storage, listener in zip(storages, listeners, strict=True):
-            await storage.start(listener)
-        async with running(*storages):
-            await register_all(storages)
-            epoch = storages[0].epoch
-            stop = asyncio.Event()
-            accepted: list[StoredPrice] = []
-            refused: list[Exception] = []
-            publisher = asyncio.create_task(
-                publish_alternating(storages, stop, accepted, refused)
-            )
+        async with publishing_peers(server.url, prefix, hold=5.0) as run:
+            listeners = run.listeners
             await listeners[0].wait_for("pjm", 20)
             server.pause()
             await listeners[0].wait_backend("in-memory")
@@ -309,21 +350,13 @@ async def test_short_pause_with_peers_costs_only_latency(prefix: str) -> None:
             await listeners[0].wait_backend("redis")
             await listeners[1].wait_backend("redis")
             await listeners[0].wait_for("pjm", len(listeners[0].seqs("pjm")) + 20)
-            stop.set()
-            await asyncio.wait_for(publisher, 10)
+            await run.stop()
 
-            assert not refused
-            for storage, listener in zip(storages, listeners, strict=True):
-                assert storage.epoch == epoch and listener.epochs == []
+            assert not run.refused
+            for storage, listener in zip(run.storages, listeners, strict=True):
+                assert storage.epoch == run.epoch and listener.epochs == []
                 assert storage.holds == 1
-            last = max(price.seq for price in accepted)
-            for listener in listeners:
-                await listener.wait_for("pjm", last)
-            assert all_prices(listeners[0]) == all_prices(listeners[1])
-            assert listeners[0].seqs("pjm") == list(range(1, last + 1))
-            delivered = {(p.seq, p.payload) for p in listeners[0].prices}
-            assert len({p.seq for p in accepted}) == len(accepted)  # one seq, one price
-            assert {(p.seq, p.payload) for p in accepted} <= delivered  # 202 means kept
+            await run.assert_every_accepted_price_kept_once_in_order()
 
 
 async def test_long_kill_with_peers_refuses_then_recovers_without_epoch_change(
@@ -406,19 +439,8 @@ async def test_a_fault_of_each_kind_with_peers_never_collides(prefix: str) -> No
     names two prices, every accepted price is delivered to both, in order, and the epoch
     never changes (nobody numbered alone)."""
     with RedisProcess() as server:
-        storages = await peers(server.url, prefix, hold=1.0)
-        listeners = [RecordingListener(), RecordingListener()]
-        for storage, listener in zip(storages, listeners, strict=True):
-            await storage.start(listener)
-        async with running(*storages):
-            await register_all(storages)
-            epoch = storages[0].epoch
-            stop = asyncio.Event()
-            accepted: list[StoredPrice] = []
-            refused: list[Exception] = []
-            publisher = asyncio.create_task(
-                publish_alternating(storages, stop, accepted, refused)
-            )
+        async with publishing_peers(server.url, prefix, hold=1.0) as run:
+            accepted = run.accepted
             for fault, length in (("pause", 0.5), ("kill", 0.5), ("pause", 1.8)):
                 target = len(accepted) + 20
                 await eventually(lambda: len(accepted) >= target, within=10)  # noqa: B023
@@ -432,15 +454,9 @@ async def test_a_fault_of_each_kind_with_peers_never_collides(prefix: str) -> No
                     server.start()
             target = len(accepted) + 20
             await eventually(lambda: len(accepted) >= target, within=10)
-            stop.set()
-            await asyncio.wait_for(publisher, 10)
+            await run.stop()
 
-            assert refused  # the long pause outlasted the window: refused, not numbered
-            last = max(price.seq for price in accepted)
-            for storage, listener in zip(storages, listeners, strict=True):
-                assert await listener.wait_for("pjm", last) == list(range(1, last + 1))
-                assert storage.epoch == epoch and listener.epochs == []
-            assert all_prices(listeners[0]) == all_prices(listeners[1])
-            assert len({p.seq for p in accepted}) == len(accepted)
-            delivered = {(p.seq, p.payload) for p in listeners[0].prices}
-            assert {(p.seq, p.payload) for p in accepted} <= delivered
+            assert run.refused  # the long pause outlasted the window: refused, not numbered
+            await run.assert_every_accepted_price_kept_once_in_order()
+            for storage, listener in zip(run.storages, run.listeners, strict=True):
+                assert storage.epoch == run.epoch and listener.epochs == []
