@@ -36,6 +36,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,7 @@ class Plan:
     server_cpus: frozenset[int]
     client_cpus: frozenset[int]
     out: Path
+    profile: bool = False
 
 
 @contextlib.asynccontextmanager
@@ -143,6 +145,51 @@ def redis_benchmark(port: int, zones: int) -> float:
     ).stdout  # fmt: skip
     cli("FLUSHALL")
     return float(re.findall(r"([\d.]+) requests per second", out)[-1])
+
+
+@contextlib.asynccontextmanager
+async def profiled(plan: Plan, server_pid: int, label: str) -> AsyncIterator[None]:
+    """``--profile``: py-spy samples the server over the block (collapsed stacks, then a
+    summary of the hottest frames in ``<label>-profile.txt``)."""
+    if not plan.profile:
+        yield
+        return
+    raw = plan.out / f"{label}-profile.raw"
+    argv = ["py-spy", "record", "--pid", str(server_pid), "--rate", "1000", "--format", "raw",
+            "--output", str(raw), "--nonblocking"]  # fmt: skip
+    process = await spawn(argv, log=plan.out / f"{label}-py-spy.log", cwd=REPO, pipes=False,
+                          cpus=plan.client_cpus)  # fmt: skip
+    await asyncio.sleep(0.5)  # py-spy attaches
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+        await asyncio.wait_for(process.wait(), 30)
+        if raw.exists():
+            (plan.out / f"{label}-profile.txt").write_text(summarize_profile(raw))
+
+
+def summarize_profile(raw: Path, top: int = 40) -> str:
+    """Self and inclusive sample shares per frame, from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count, frames = int(count_text), stack.split(";")
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    lines = [f"{total} samples"]
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        lines.append(f"-- {title}")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100 * count / max(total, 1):5.1f}%  {frame}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -274,16 +321,17 @@ async def run_case(plan: Plan, zone_count: int, case: str, redis_port: int | Non
         connected = [await proc.expect("connected", 120) for proc in procs]
         connect_cpu = cpu_seconds(server.pids()) - cpu0
         await asyncio.sleep(0.5)  # let the connect phase's stragglers settle
-        cpu_before = cpu_seconds(server.pids())
-        started = time.time()
-        if case.endswith("http"):
-            accepted = await publish_http(server, zones, plan.batch)
-        else:
-            accepted = await publish_stream(redis_url, label, zone_count)
-        accepted_at = time.time()
-        for proc in procs:
-            await proc.send({"cmd": "report", "wait": 30})
-        reports = [await proc.expect("report", 60) for proc in procs]
+        async with profiled(plan, server.process.pid, label):
+            cpu_before = cpu_seconds(server.pids())
+            started = time.time()
+            if case.endswith("http"):
+                accepted = await publish_http(server, zones, plan.batch)
+            else:
+                accepted = await publish_stream(redis_url, label, zone_count)
+            accepted_at = time.time()
+            for proc in procs:
+                await proc.send({"cmd": "report", "wait": 30})
+            reports = [await proc.expect("report", 60) for proc in procs]
         done = [t for report in reports for t in report["complete"]]
         last = max(done) if done else accepted_at
         cpu = cpu_seconds(server.pids()) - cpu_before
@@ -385,6 +433,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--record", action="store_true", help="write into bench/RESULTS.md")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the server over each burst (<out>/<case>-profile.txt)")
     return parser.parse_args(argv)
 
 
@@ -420,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         per_client=args.zones_per_client, batch=args.batch, client_procs=args.client_procs,
         server_cpus=server_cpus, client_cpus=cpus - server_cpus or cpus,
         out=args.out or BENCH / "out" / ("s5-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")),
+        profile=args.profile,
     )  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     machine = machine_line(REPO)

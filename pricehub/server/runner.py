@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import ssl
@@ -111,8 +112,9 @@ async def serve_async(
         port = sockets[0].getsockname()[1]
         log.info(
             "listening", url=f"{scheme}://{settings.host}:{port}",
-            zones=list(settings.zones), simulator=settings.simulator_enabled,
+            zones=len(settings.zones), simulator=settings.simulator_enabled,
         )
+        settle_heap()
         await stop.wait()
         log.info("shutting_down")
     finally:
@@ -121,6 +123,27 @@ async def serve_async(
             with contextlib.suppress(OSError):
                 sock.close()
     log.info("stopped")
+
+
+# Young-generation threshold of the cyclic GC (CPython's default is 700 allocations).
+# A market-interval burst allocates a few tracked objects per price (the decoded JSON, its
+# PriceBody, futures, StoredPrice): at 700 a burst of 20,000 prices ran ~300 young passes.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def settle_heap() -> None:
+    """Once start-up is done: freeze what it built and collect less often.
+
+    A full (generation 2) pass walks every tracked object, and start-up builds many that
+    live as long as the process (the zone set, routes, loaded history): measured, a full
+    pass in the middle of a burst stalled the loop for 30-99 ms at 20,000 zones.
+    ``gc.freeze`` moves them where the collector never looks again (Instagram's trick;
+    see the ``gc.freeze`` docs).
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def serve(
