@@ -9,6 +9,9 @@ Started by ``bench/burst.py``. Talks JSON lines:
   ``connection_established``. The server opens the zones after that, one per loop turn
   (paced, issue 11): a zone opened after the burst gets the burst's price as its
   ``initial_data``, which counts as receiving it (it is the zone's price, once);
+* stdin ``{"cmd": "arm", "seq": K}`` (answer ``{"event": "armed"}``) gets every socket ready
+  for burst K: on a fresh server the K-th burst gives every zone its seq K, so a price of
+  any other seq is not this burst's (counted in ``extra``). Armed for seq 1 on connect;
 * stdin ``{"cmd": "report", "wait": S}`` waits up to S seconds for every socket to have one
   price of each of its zones and answers ``{"event": "report", "complete": [t, ...],
   "incomplete": N, "missing": N, "frames": N, "extra": N}``: ``t`` is the wall-clock time
@@ -36,15 +39,20 @@ class Burst:
     """One socket's zones and which of them a price has arrived for."""
 
     def __init__(self, zones: list[str]) -> None:
-        self.waiting = set(zones)
+        self.zones = zones
         self.frames = 0
+        self.arm(1)
+
+    def arm(self, seq: int) -> None:
+        self.seq = seq
+        self.waiting = set(self.zones)
         self.extra = 0
         self.done_at: float | None = None
         self.complete = asyncio.Event()
 
-    def on_price(self, zone: str) -> None:
+    def on_price(self, zone: str, seq: int) -> None:
         self.frames += 1
-        if zone not in self.waiting:
+        if seq != self.seq or zone not in self.waiting:
             self.extra += 1
             return
         self.waiting.discard(zone)
@@ -62,9 +70,10 @@ async def run_socket(
                 break
             data: dict[str, Any] = orjson.loads(message.data)
             kind = data.get("type")
-            # On a fresh server any initial_data's latest price is the burst's.
-            if kind in ("price_update", "initial_data"):
-                burst.on_price(data["market_zone"])
+            if kind == "price_update":
+                burst.on_price(data["market_zone"], data["seq"])
+            elif kind == "initial_data":
+                burst.on_price(data["market_zone"], data["latest_price"]["seq"])
             elif kind == "connection_established":
                 established.set()
 
@@ -118,6 +127,10 @@ async def main() -> None:
                 )
                 reply({"event": "connected", "ok": len(bursts) - failed, "failed": failed,
                        "seconds": seconds})  # fmt: skip
+            elif command["cmd"] == "arm":
+                for burst in bursts:
+                    burst.arm(command["seq"])
+                reply({"event": "armed"})
             elif command["cmd"] == "report":
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(command["wait"]):

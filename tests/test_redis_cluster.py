@@ -38,6 +38,7 @@ KEY = "cluster-test-key"  # the publish key tests.test_cluster.post sends
 ZONES = ("pjm", "ercot", "caiso", "nyiso")
 SLOW = 30.0  # bound of waits over real processes on a shared 2-core machine
 FAILOVER_BOUND = 20.0  # node timeout 1 s: detection plus election takes 2-4 s here
+HISTORY = 100_000  # retained per zone (--history-size): more than any test publishes
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,10 @@ async def instances(
 ) -> AsyncIterator[list[ServerProcess]]:
     args = ["--no-simulate", "--zones", ",".join(ZONES), "--key-prefix", prefix,
             "--redis-timeout", "1", "--redis-probe-interval", "0.2",
-            "--publish-rate-limit", "100000"]  # fmt: skip
+            "--publish-rate-limit", "100000",
+            # Room for every price a test publishes: a fast machine publishes thousands
+            # per zone while a master fails over, and the history is what is checked.
+            "--history-size", str(HISTORY)]  # fmt: skip
     started = [ServerProcess(*args, publish_key=KEY, redis_url=cluster.url) for _ in range(count)]
     try:
         await asyncio.gather(*(server.start_async() for server in started))
@@ -332,7 +336,7 @@ async def test_a_master_killed_under_load_loses_and_repeats_nothing(
                 assert seqs == sorted(set(seqs)), f"{zone}: repeated or out of order"
         history: dict[str, list[Any]] = {}
         for zone in ZONES:
-            url = servers[1].url + f"/api/ws/ws/history/{zone}?limit=1000"
+            url = servers[1].url + f"/api/ws/ws/history/{zone}?limit={HISTORY}"
             history[zone] = (await get_json(session, url))["data"]
             assert [p["seq"] for p in history[zone]] == list(range(1, last[zone] + 1))
         stored = [p["price"] for zone in ZONES for p in history[zone]]

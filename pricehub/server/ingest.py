@@ -153,6 +153,7 @@ class IngestConsumer:
         self._block_ms = max(1, int(block * 1000))
         self._batch = batch
         self._stopping = asyncio.Event()
+        self._claim_due = True
         self.stats = stats or IngestStats()
 
     async def run(self) -> None:
@@ -194,19 +195,43 @@ class IngestConsumer:
         await self._forget_idle_consumers(client)
         self.stats.leases += 1
         log.info("ingest_lease_acquired", consumer=self._consumer)
+        # Pending entries (a dead holder's, ours from before a failure) come first; after
+        # that only a batch left unread by ``_read_batch`` can be pending again.
+        self._claim_due = True
         renew_at = time.monotonic() + self._renew_every
-        while not self._stopping.is_set():
-            entries = (
-                await self._claim_pending(client)
-                or await self._read_batch(client)
-                or await self._read_new(client)
-            )
-            if entries:
+        ahead: asyncio.Task[list[Entry]] | None = None
+        try:
+            while not self._stopping.is_set():
+                if ahead is not None:
+                    entries, ahead = await ahead, None
+                else:
+                    entries = await self._next_entries(client)
+                if entries:
+                    if time.monotonic() >= renew_at:
+                        renew_at = await self._renew(client)
+                    if len(entries) >= self._batch:
+                        # A full read: more is probably waiting (a burst). Read it while
+                        # this batch is appended; it is appended after this one, in
+                        # stream order, and an entry read but never appended stays
+                        # pending, claimed by the next holder (or by us after a failure).
+                        ahead = asyncio.create_task(self._read_batch(client))
+                    await self._handle_batch(client, entries)
                 if time.monotonic() >= renew_at:
                     renew_at = await self._renew(client)
-                await self._handle_batch(client, entries)
-            if time.monotonic() >= renew_at:
-                renew_at = await self._renew(client)
+        finally:
+            if ahead is not None:
+                # Not cancelled (see ``stop``); a read of Redis ends within its timeout.
+                with contextlib.suppress(Exception):
+                    await ahead
+
+    async def _next_entries(self, client: aioredis.Redis) -> list[Entry]:
+        if self._claim_due:
+            self._claim_due = False
+            claimed = await self._claim_pending(client)
+            if claimed:
+                self._claim_due = True  # until a claim comes back empty
+                return claimed
+        return await self._read_batch(client) or await self._read_new(client)
 
     async def _renew(self, client: aioredis.Redis) -> float:
         if not await self._acquire(client):
@@ -257,6 +282,7 @@ class IngestConsumer:
         try:
             decoded: list[list[Any]] = orjson.loads(raw)
         except orjson.JSONDecodeError:
+            self._claim_due = True
             return []
         # Fields stay a flat list: a name given twice must be seen (and refused).
         return [(entry_id.encode(), flat) for entry_id, flat in decoded]

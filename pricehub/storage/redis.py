@@ -164,14 +164,16 @@ return seq
 # subscriber message on every instance) for the lot, instead of one of each per price.
 # Same steps per price as APPEND_LUA, in order; the epoch (and, for ingest, the lease) is
 # checked once, and the batch's stream entries are acknowledged and deleted in the same
-# script as their appends (exactly once). Every key is declared, so under Redis Cluster
-# the caller would group a batch by hash slot, one script per slot.
-# KEYS: epoch, ingest lease, ingest stream, then per price: seq, history, latest.
-# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group, and
-#       the prices as one string of lines "zone entry_id body" (entry_id '' without
-#       acks): one argument instead of three per price, because packing arguments is
-#       most of redis-py's cost for a batch. Zones and ids hold no space, a compact JSON
-#       body no newline.
+# script as their appends (exactly once).
+# Single Redis only: a zone's keys are built inside the script (prefix .. zone) instead
+# of being declared, because packing three key arguments per price was the largest share
+# of redis-py's cost for a batch. That is fine on one node and wrong on a cluster, where a
+# batch spans slots: RedisClusterStorage sends APPEND_LUA per price instead.
+# KEYS: epoch, ingest lease, ingest stream.
+# ARGV: history_size, channel, epoch, consumer token ('' = no ingest acks), group, the
+#       seq, history and latest key prefixes (KeyLayout's, zone appended), and the
+#       prices as one string of lines "zone entry_id body" (entry_id '' without acks).
+#       Zones and ids hold no space, a compact JSON body no newline.
 # Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply).
 APPEND_MANY_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then
@@ -182,10 +184,12 @@ if acking and redis.call('GET', KEYS[2]) ~= ARGV[4] then
   return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
 end
 local keep = -(tonumber(ARGV[1]) + 1)
-local blob = ARGV[6]
-local pos = 1
+local seq_key, history_key, latest_key = ARGV[6], ARGV[7], ARGV[8]
+local blob = ARGV[9]
+local pos, i = 1, 0
 local seqs, lines, ids = {}, {}, {}
-for i = 1, (#KEYS - 3) / 3 do
+while pos <= #blob do
+  i = i + 1
   local stop = string.find(blob, '\\n', pos, true) or (#blob + 1)
   local first = string.find(blob, ' ', pos, true)
   local second = string.find(blob, ' ', first + 1, true)
@@ -193,11 +197,12 @@ for i = 1, (#KEYS - 3) / 3 do
   ids[i] = string.sub(blob, first + 1, second - 1)
   local body = string.sub(blob, second + 1, stop - 1)
   pos = stop + 1
-  local seq = redis.call('INCR', KEYS[3 * i + 1])
+  local seq = redis.call('INCR', seq_key .. zone)
   local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
-  redis.call('SET', KEYS[3 * i + 3], payload)
-  redis.call('ZADD', KEYS[3 * i + 2], seq, payload)
-  redis.call('ZREMRANGEBYRANK', KEYS[3 * i + 2], 0, keep)
+  redis.call('SET', latest_key .. zone, payload)
+  local history = history_key .. zone
+  redis.call('ZADD', history, seq, payload)
+  redis.call('ZREMRANGEBYRANK', history, 0, keep)
   seqs[i] = seq
   lines[i] = zone .. ' ' .. payload
 end
@@ -557,9 +562,19 @@ class RedisStorage:
         """``!many <epoch>`` then one ``<zone> <payload>`` line per price of a batch."""
         header, _, body = data.partition(b"\n")
         epoch = header[len(MANY_MESSAGE) :].decode(errors="replace")
+        positions = self._positions
         for line in body.split(b"\n"):
             zone, _, payload = line.partition(b" ")
-            await self._on_price_message(listener, line, epoch, _parse_price(zone, payload))
+            price = _parse_price(zone, payload)
+            # Fast path, no coroutine per price: our lineage and the zone's next seq (or
+            # its first), which is every price of a burst unless something went wrong.
+            if price is not None and epoch == self._epoch:
+                last = positions.get(price.zone)
+                if last is None or price.seq == last + 1:
+                    positions[price.zone] = price.seq
+                    self._deliver(listener, price)
+                    continue
+            await self._on_price_message(listener, line, epoch, price)
 
     async def _on_price_message(
         self, listener: StorageListener, data: bytes, epoch: str, price: StoredPrice | None
@@ -753,19 +768,18 @@ class RedisStorage:
         """APPEND_MANY_LUA's KEYS and ARGV for a group (see the script)."""
         keys = self.keys
         ack = group[0].ack
-        script_keys = [keys.epoch, keys.ingest_lease, keys.ingest]
         args: list[str | bytes | int] = [
             self._history_size, keys.prices, self.epoch,
             "" if ack is None else ack.consumer, INGEST_GROUP,
+            keys.seq(""), keys.history(""), keys.latest(""),
+            b"\n".join([
+                b"%s %s %s" % (write.zone.encode(),
+                               b"" if write.ack is None else write.ack.entry_id.encode(),
+                               write.body)
+                for write in group
+            ]),
         ]  # fmt: skip
-        lines = []
-        for write in group:
-            zone = write.zone
-            script_keys += [keys.seq(zone), keys.history(zone), keys.latest(zone)]
-            entry_id = b"" if write.ack is None else write.ack.entry_id.encode()
-            lines.append(b"%s %s %s" % (zone.encode(), entry_id, write.body))
-        args.append(b"\n".join(lines))
-        return script_keys, args
+        return [keys.epoch, keys.ingest_lease, keys.ingest], args
 
     def _write_error(self, error: BaseException) -> StorageError:
         text = str(error)
