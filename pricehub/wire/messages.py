@@ -216,13 +216,15 @@ def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBo
     """Validate one price object (already JSON-decoded). ``now`` is the default timestamp."""
     if not isinstance(item, dict):
         raise ValidationError("body", "a price must be a JSON object")
-    unknown = sorted(set(item) - _PRICE_FIELDS, key=str)
-    if unknown:
+    if not _PRICE_FIELDS.issuperset(item):
+        unknown = sorted(set(item) - _PRICE_FIELDS, key=str)
         raise ValidationError(str(unknown[0]), "unknown field")
     zone = item.get("market_zone")
     if zone is None:
         raise ValidationError("market_zone", "is required")
-    if not is_valid_zone_name(zone) or zone not in zones:
+    # Membership alone: every configured zone is a valid name (settings checked them).
+    # The str check first: a JSON list or object is unhashable.
+    if not isinstance(zone, str) or zone not in zones:
         raise ValidationError("market_zone", f"unknown zone {zone!r}")
     if "price" not in item:
         raise ValidationError("price", "is required")
@@ -272,6 +274,7 @@ IngestFields = Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes] | Seq
 # A JSON number (RFC 8259), ASCII only: what the HTTP body's parser accepts as a number.
 # ``float()`` alone would also take ``1_000``, `` 5 ``, ``inf`` and non-ASCII digits.
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_JSON_NUMBER_FULL = _JSON_NUMBER.fullmatch
 
 
 def validate_ingest_fields(
@@ -286,16 +289,19 @@ def validate_ingest_fields(
     item: dict[str, Any] = {}
     for key, value in _field_pairs(fields):
         try:
-            name = key.decode() if isinstance(key, bytes) else key
-            text = value.decode() if isinstance(value, bytes) else value
+            name = key if isinstance(key, str) else key.decode()
+            text = value if isinstance(value, str) else value.decode()
         except UnicodeDecodeError:
             raise ValidationError("entry", "not UTF-8") from None
         if name in item:
             raise ValidationError(name[:40], "field given more than once")
         item[name] = text
-    for name in ("price", "volume"):
-        if name in item:
-            item[name] = _parse_number_text(name, item[name])
+    price = item.get("price")
+    if price is not None:
+        item["price"] = _parse_number_text("price", price)
+    volume = item.get("volume")
+    if volume is not None:
+        item["volume"] = _parse_number_text("volume", volume)
     return validate_price(item, zones=zones, now=now)
 
 
@@ -310,7 +316,7 @@ def _field_pairs(fields: IngestFields) -> list[tuple[bytes | str, bytes | str]]:
 def _parse_number_text(name: str, text: str) -> float | None:
     if name == "volume" and text in {"", "null"}:
         return None
-    if _JSON_NUMBER.fullmatch(text) is None:
+    if _JSON_NUMBER_FULL(text) is None:
         raise ValidationError(name, f"not a JSON number: {text[:40]!r}")
     return float(text)
 
