@@ -17,7 +17,7 @@ from pricehub.server.ingest import IngestConsumer
 from pricehub.server.publisher import Publisher
 from pricehub.storage.base import IngestAck
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_GROUP, LeaseLost
+from pricehub.storage.redis import INGEST_GROUP, LeaseLost, OlderEntryPending
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import REPO
@@ -145,6 +145,41 @@ async def test_a_fenced_consumer_cannot_append(
         await instance.stop()
 
 
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-price-script", "batch-script"])
+async def test_an_entry_cannot_overtake_an_older_pending_one(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str, batch: int
+) -> None:
+    """The scripts enforce stream order themselves: the consumer keeps two batches in
+    flight, so an append whose entries have an older entry still pending is refused,
+    nothing written, and goes through once the older one is in."""
+    instance = Instance(redis_server.url, prefix, "holder")
+    stream = f"{prefix}ingest"
+    await instance.storage.start(instance.listener)
+    try:
+        await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
+        ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
+               for _ in range(1 + batch)]  # fmt: skip
+        await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"})  # all pending now
+        await raw.set(f"{prefix}ingest:lease", "holder")
+        later = [PriceBody("pjm", float(i), None, "2026-11-27T15:00:00.000Z")
+                 for i in range(1, 1 + batch)]  # fmt: skip
+        acks = [IngestAck(entry_id, "holder") for entry_id in ids[1:]]
+        with pytest.raises(OlderEntryPending):
+            await instance.publisher.publish_many(later, source="redis-ingest", acks=acks)
+        assert await raw.get(f"{prefix}seq:pjm") is None
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 1 + batch
+        assert instance.storage.backend == "redis"  # a refusal is not a lost Redis
+
+        first = PriceBody("pjm", 0.0, None, "2026-11-27T15:00:00.000Z")
+        await instance.publisher.publish(first, source="redis-ingest",
+                                         ack=IngestAck(ids[0], "holder"))  # fmt: skip
+        stored = await instance.publisher.publish_many(later, source="redis-ingest", acks=acks)
+        assert [price.seq for price in stored] == list(range(2, 2 + batch))
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+    finally:
+        await instance.stop()
+
+
 DOOMED = """
 import asyncio, sys
 from pricehub.server.ingest import IngestConsumer
@@ -267,6 +302,9 @@ class Quiet:
 
 class Stalling(FailoverStorage):
     # Appends 3 chunks of a batch, then hangs in the 4th: killed there, mid-batch.
+    # One batch in flight: with two, the next batch's first chunk would be refused
+    # (an older entry pending) and counted as a call here.
+    ingest_depth = 1
     calls = 0
     async def append_many(self, items, *, acks=None):
         Stalling.calls += 1

@@ -36,7 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -101,6 +102,12 @@ LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a th
 
 # id, flat [name, value, ...] as Redis sends it: a duplicated field stays visible.
 Entry = tuple[bytes, list[bytes] | list[str]]
+
+
+async def _settle(flying: deque[asyncio.Task[None]]) -> None:
+    """Wait for every append in flight, oldest first; the first error ends the wait."""
+    while flying:
+        await flying.popleft()
 
 
 def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
@@ -200,29 +207,43 @@ class IngestConsumer:
         self._claim_due = True
         renew_at = time.monotonic() + self._renew_every
         ahead: asyncio.Task[list[Entry]] | None = None
+        # Appends in flight, oldest first: while Redis runs one batch's script the next
+        # is validated and queued behind it (same connection, so run in order after it).
+        flying: deque[asyncio.Task[None]] = deque()
+        depth = self._storage.ingest_depth
         try:
             while not self._stopping.is_set():
                 if ahead is not None:
                     entries, ahead = await ahead, None
                 else:
+                    if self._claim_due:
+                        # In-flight entries are pending too: a claim now would take
+                        # them again and append them twice.
+                        await _settle(flying)
                     entries = await self._next_entries(client)
-                if entries:
+                if not entries:
+                    await _settle(flying)  # nothing new: settle what is in flight first
+                else:
                     if time.monotonic() >= renew_at:
                         renew_at = await self._renew(client)
                     if len(entries) >= self._batch:
                         # A full read: more is probably waiting (a burst). Read it while
-                        # this batch is appended; it is appended after this one, in
-                        # stream order, and an entry read but never appended stays
+                        # this batch is appended; an entry read but never appended stays
                         # pending, claimed by the next holder (or by us after a failure).
                         ahead = asyncio.create_task(self._read_batch(client))
-                    await self._handle_batch(client, entries)
+                    publish = await self._prepare_batch(client, entries)
+                    if publish is not None:
+                        flying.append(asyncio.create_task(publish))
+                        await asyncio.sleep(0)  # it queues its appends before the next
+                    while flying and (len(flying) >= depth or flying[0].done()):
+                        await flying.popleft()  # its error ends this lease's consuming
                 if time.monotonic() >= renew_at:
                     renew_at = await self._renew(client)
         finally:
-            if ahead is not None:
-                # Not cancelled (see ``stop``); a read of Redis ends within its timeout.
+            # Not cancelled (see ``stop``): reads and appends end within Redis's timeout.
+            for task in [*flying, *([ahead] if ahead is not None else [])]:
                 with contextlib.suppress(Exception):
-                    await ahead
+                    await task
 
     async def _next_entries(self, client: aioredis.Redis) -> list[Entry]:
         if self._claim_due:
@@ -300,11 +321,14 @@ class IngestConsumer:
         streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
         return [(entry_id, fields or []) for entries in streams for entry_id, fields in entries]
 
-    async def _handle_batch(self, client: aioredis.Redis, entries: Sequence[Entry]) -> None:
-        """One read's entries, in stream order: invalid ones acknowledged first (they
-        publish nothing, so their order against the valid ones does not matter), then
-        every valid one appended in one pipelined batch, each entry's XACK in its own
-        append script (exactly once; see ``IngestAck``)."""
+    async def _prepare_batch(
+        self, client: aioredis.Redis, entries: Sequence[Entry]
+    ) -> Coroutine[Any, Any, None] | None:
+        """One read's entries, in stream order: invalid ones acknowledged at once (they
+        publish nothing, and must not stay pending: an append is refused while an older
+        entry is), then the append of every valid one as one pipelined batch, each
+        entry's XACK in its append script (exactly once; see ``IngestAck``), returned for
+        the caller to run (``None``: nothing valid)."""
         now = utc_now()  # one clock read per batch: entries of one read are one instant
         bodies: list[PriceBody] = []
         acks: list[IngestAck] = []
@@ -322,9 +346,15 @@ class IngestConsumer:
                 pipe.xack(self._keys.ingest, INGEST_GROUP, *invalid)
                 pipe.xdel(self._keys.ingest, *invalid)
                 await pipe.execute()
-        if bodies:
-            await self._publisher.publish_many(bodies, source="redis-ingest", acks=acks)
-            self.stats.accepted += len(bodies)
+        return self._publish(bodies, acks) if bodies else None
+
+    async def _publish(self, bodies: Sequence[PriceBody], acks: Sequence[IngestAck]) -> None:
+        # One storage call for the batch (no chunks): the next batch queues behind all of
+        # it, never between its chunks, where an append would be refused (older pending).
+        await self._publisher.publish_many(
+            bodies, source="redis-ingest", acks=acks, chunk=len(bodies)
+        )
+        self.stats.accepted += len(bodies)
 
     def _validate(self, entry_id: bytes, fields: Any, now: str) -> PriceBody | None:
         try:

@@ -44,6 +44,10 @@ class IngestSource(Protocol):
     @property
     def key_prefix(self) -> str: ...
 
+    @property
+    def ingest_depth(self) -> int:
+        """Batches the consumer may keep in flight at once (1: strictly one after another)."""
+
     def redis_client(self) -> aioredis.Redis: ...
 
     async def append(

@@ -246,6 +246,14 @@ class FailoverStorage:
         return self._key_prefix
 
     @property
+    def ingest_depth(self) -> int:
+        """Two batches in flight on one Redis: its append script refuses an entry while an
+        older one is pending (``OlderEntryPending``), so order holds whatever fails. One
+        on a cluster: there an entry's per-zone idempotency marker would take an older
+        entry arriving after a newer one as applied before, and skip it."""
+        return 1 if is_cluster_url(self._url) else 2
+
+    @property
     def foreign_messages(self) -> int:
         redis = self._redis
         return self._foreign_before + (redis.foreign_messages if redis is not None else 0)

@@ -55,6 +55,7 @@ __all__ = [
     "IngestAck",
     "KeyLayout",
     "LeaseLost",
+    "OlderEntryPending",
     "RedisStorage",
     "WriteInDoubt",
     "connect_client",
@@ -83,6 +84,12 @@ class WriteInDoubt(StorageUnavailable):
 
 class LeaseLost(StorageError):
     """The ingest lease passed to another instance; this one must stop consuming."""
+
+
+class OlderEntryPending(LeaseLost):
+    """An ingest append was refused because an older stream entry is still pending: it
+    would overtake it. As for a lost lease, the consumer stops, nothing was written, and
+    it starts over from the pending entries (oldest first) once it holds the lease."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +149,13 @@ APPEND_LUA = """
 if redis.call('GET', KEYS[4]) ~= ARGV[5] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
 end
-if #KEYS == 6 and redis.call('GET', KEYS[5]) ~= ARGV[6] then
-  return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+if #KEYS == 6 then
+  if redis.call('GET', KEYS[5]) ~= ARGV[6] then
+    return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+  end
+  if #redis.call('XPENDING', KEYS[6], ARGV[7], '-', '(' .. ARGV[8], 1) > 0 then
+    return redis.error_reply('PRICEHUB_ORDER an older ingest entry is still pending')
+  end
 end
 local seq = redis.call('INCR', KEYS[1])
 local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
@@ -180,8 +192,18 @@ if redis.call('GET', KEYS[1]) ~= ARGV[3] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
 end
 local acking = ARGV[4] ~= ''
-if acking and redis.call('GET', KEYS[2]) ~= ARGV[4] then
-  return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+if acking then
+  if redis.call('GET', KEYS[2]) ~= ARGV[4] then
+    return redis.error_reply('PRICEHUB_LEASE ingest lease lost')
+  end
+  -- Stream order, enforced here: the batch's first entry (its ids are in stream order)
+  -- may only be appended once no older entry is pending. The consumer keeps more than
+  -- one batch in flight; if a failure ever let a later batch overtake an earlier one,
+  -- it is refused and the consumer starts over from the pending entries, oldest first.
+  local first = string.match(ARGV[9], '^[^ ]* ([^ ]*) ')
+  if #redis.call('XPENDING', KEYS[3], ARGV[5], '-', '(' .. first, 1) > 0 then
+    return redis.error_reply('PRICEHUB_ORDER an older ingest entry is still pending')
+  end
 end
 local keep = -(tonumber(ARGV[1]) + 1)
 local seq_key, history_key, latest_key = ARGV[6], ARGV[7], ARGV[8]
@@ -785,6 +807,8 @@ class RedisStorage:
         text = str(error)
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_LEASE"):
             return LeaseLost(text)
+        if isinstance(error, ResponseError) and text.startswith("PRICEHUB_ORDER"):
+            return OlderEntryPending(text)
         if isinstance(error, ResponseError) and text.startswith("PRICEHUB_EPOCH"):
             # Refused, nothing written, and the connection is fine: the owner
             # reconciles and retries (it must not fail over to numbering alone).
