@@ -59,6 +59,7 @@ from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.storage.redis import (
     INGEST_GROUP,
+    MAX_PIPELINE,
     RESTORE_LUA,
     EpochChanged,
     KeyLayout,
@@ -522,6 +523,25 @@ class RedisClusterStorage(RedisStorage):
     def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
         # One price per script: APPEND_MANY_LUA's batch spans zones, so slots.
         return [[write] for write in batch]
+
+    async def _flush(self) -> None:
+        """One pipeline at a time, each waiting for its replies (not RedisStorage's
+        pipelining on one connection: a cluster pipeline spans nodes, and its WAIT and
+        ingest acknowledgements follow its replies)."""
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
+            groups = self._groups(batch)
+            try:
+                results = await self._run_groups(groups)
+            except StorageUnavailable as exc:
+                self._fail_writes(batch, exc)
+                self._mark_lost(exc)
+                continue
+            except BaseException:
+                self._fail_writes(batch, StorageUnavailable("redis storage closed"))
+                raise
+            for group, result in zip(groups, results, strict=True):
+                self._settle(group, result)
 
     async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
         batch = [write for group in groups for write in group]  # groups of one

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -39,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -50,6 +52,7 @@ from pricehub.wire.messages import with_seq
 
 __all__ = [
     "INGEST_GROUP",
+    "MAX_PIPELINE",
     "RESTORE_LUA",
     "EpochChanged",
     "IngestAck",
@@ -67,7 +70,10 @@ EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no z
 # Several prices in one message (APPEND_MANY_LUA): "!many zone payload\nzone payload...".
 # A payload is compact JSON, which never holds a raw newline.
 MANY_MESSAGE = b"!many "
-MAX_PIPELINE = 512  # appends per round trip
+MAX_PIPELINE = 512  # appends per pipeline (one APPEND_MANY_LUA script, usually)
+# Pipelines sent on the write connection ahead of their replies. Bounds what is in doubt
+# when the connection fails (and so looked up one by one): 4 x 512 prices.
+MAX_IN_FLIGHT = 4
 LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a thousand
 LOAD_CHUNK = 2000  # zones per LOAD_LUA call when loading every zone (start, recovery)
 
@@ -457,6 +463,12 @@ class RedisStorage:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
+        # The write connection (appends only) and its pipelines sent and not yet
+        # answered, oldest first, with the task reading their replies.
+        self._writer: Connection | None = None
+        self._in_flight: deque[list[list[_Write]]] = deque()
+        self._replied = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
         self._activity = asyncio.Event()
         self._lost: BaseException | None = None
         self.gaps = 0  # updates that arrived after a hole the history could not fill
@@ -516,14 +528,16 @@ class RedisStorage:
         self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *([self._flusher] if self._flusher else [])]
-        self._tasks, self._flusher = [], None
+        tasks = [*self._tasks, *(task for task in (self._flusher, self._reader) if task)]
+        self._tasks, self._flusher, self._reader = [], None, None
         for task in tasks:
             task.cancel()
         if tasks:
             # Bounded: a task cancelled inside a redis-py read can fail to end.
             await asyncio.wait(tasks, timeout=2 * self._timeout)
         self._fail_pending(StorageUnavailable("redis storage closed"))
+        self._fail_in_flight(StorageUnavailable("redis storage closed"))
+        await self._drop_writer()
         pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
         for resource in (pubsub, client):
             if resource is not None:
@@ -729,21 +743,84 @@ class RedisStorage:
         return outcomes
 
     async def _flush(self) -> None:
-        """Send queued appends, many per round trip, in the order they were made."""
+        """Send queued appends, many per pipeline, in the order they were made, without
+        waiting for one pipeline's replies before sending the next (up to
+        ``MAX_IN_FLIGHT``): Redis works through them back to back while this process
+        handles the replies and messages of the previous ones. One connection, so Redis
+        runs them in the order sent; ``_read_replies`` settles them in that order."""
+        try:
+            writer = await self._write_connection()
+        except StorageUnavailable as exc:
+            self._fail_pending(exc)
+            self._mark_lost(exc)
+            return
         while self._pending:
+            while len(self._in_flight) >= MAX_IN_FLIGHT:
+                self._replied.clear()
+                await self._replied.wait()
+            if self._lost is not None:
+                self._fail_pending(StorageUnavailable(f"redis lost: {self._lost!r}"))
+                return
             batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
             groups = self._groups(batch)
+            self._in_flight.append(groups)
             try:
-                results = await self._run_groups(groups)
+                async with redis_errors("append"):
+                    packed = writer.pack_commands([self._script_call(g) for g in groups])
+                    await writer.send_packed_command(packed, check_health=False)
             except StorageUnavailable as exc:
-                self._fail_writes(batch, exc)
-                self._mark_lost(exc)
-                continue
-            except BaseException:
-                self._fail_writes(batch, StorageUnavailable("redis storage closed"))
-                raise
+                # Maybe partly sent: this pipeline and those before it are in doubt.
+                self._write_failed(WriteInDoubt(str(exc)))
+                return
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        writer = self._writer
+        while self._in_flight and writer is not None:
+            groups = self._in_flight[0]
+            results: list[Any] = []
+            try:
+                async with redis_errors("append"):
+                    for _ in groups:
+                        try:
+                            results.append(await writer.read_response())
+                        except ResponseError as exc:  # one script refused: the others ran
+                            results.append(exc)
+            except StorageUnavailable as exc:
+                self._write_failed(WriteInDoubt(str(exc)))  # sent, replies lost
+                return
+            self._in_flight.popleft()
+            self._replied.set()
             for group, result in zip(groups, results, strict=True):
                 self._settle(group, result)
+
+    def _write_failed(self, error: WriteInDoubt) -> None:
+        """The write connection failed: what was sent is in doubt (the owner looks each
+        price up), what was not is refused as not written, and the storage is lost."""
+        self._fail_in_flight(error)
+        self._fail_pending(StorageUnavailable(f"redis lost: {error}"))
+        self._mark_lost(error)
+        self._replied.set()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            # Not awaited from here (a failing task); the socket is closed already or
+            # closes now: redis-py disconnects on any send or read error.
+            asyncio.get_running_loop().create_task(writer.disconnect(nowait=True))
+
+    async def _write_connection(self) -> Connection:
+        if self._writer is None:
+            async with redis_errors("connect"):
+                pool = self.client.connection_pool
+                writer = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._writer = cast(Connection, writer)
+        return self._writer
+
+    async def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer.disconnect(nowait=True)
 
     def _settle(self, group: Sequence[_Write], result: Any) -> None:
         """Resolve one script's writes with its reply: a seq, "s1,s2,..." or an error."""
@@ -761,30 +838,22 @@ class RedisStorage:
         """Hook (RedisClusterStorage: one price per script, a batch spans slots)."""
         return _groups(batch)
 
-    async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
-        """One pipeline, one script per group, in order: a lone price is an APPEND_LUA
-        (its message is the per-price one), several are one APPEND_MANY_LUA."""
-        keys, client = self.keys, self.client
-        pipe = client.pipeline(transaction=False)
-        for group in groups:
-            if len(group) > 1:
-                script_keys, args = self._many_args(group)
-                pipe.evalsha(self._append_many_sha, len(script_keys), *script_keys, *args)
-                continue
-            write = group[0]
-            zone = write.zone
-            script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
-            args = [write.body, self._history_size, keys.prices, zone, self.epoch]
-            if write.ack is not None:
-                script_keys += [keys.ingest_lease, keys.ingest]
-                args += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
-            pipe.evalsha(self._append_sha, len(script_keys), *script_keys, *args)
-        try:
-            async with redis_errors("append"):
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-        except StorageUnavailable as exc:
-            raise WriteInDoubt(str(exc)) from exc
-        return results
+    def _script_call(self, group: Sequence[_Write]) -> tuple[str | bytes | int, ...]:
+        """The EVALSHA of one group: a lone price is an APPEND_LUA (its message is the
+        per-price one), several are one APPEND_MANY_LUA."""
+        if len(group) > 1:
+            script_keys, args = self._many_args(group)
+            return ("EVALSHA", self._append_many_sha, len(script_keys), *script_keys, *args)
+        keys, write = self.keys, group[0]
+        zone = write.zone
+        script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
+        one: list[str | bytes | int] = [
+            write.body, self._history_size, keys.prices, zone, self.epoch,
+        ]  # fmt: skip
+        if write.ack is not None:
+            script_keys += [keys.ingest_lease, keys.ingest]
+            one += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
+        return ("EVALSHA", self._append_sha, len(script_keys), *script_keys, *one)
 
     def _many_args(self, group: Sequence[_Write]) -> tuple[list[str], list[str | bytes | int]]:
         """APPEND_MANY_LUA's KEYS and ARGV for a group (see the script)."""
@@ -826,6 +895,12 @@ class RedisStorage:
     def _fail_pending(self, error: BaseException) -> None:
         pending, self._pending = self._pending, []
         self._fail_writes(pending, error)
+
+    def _fail_in_flight(self, error: BaseException) -> None:
+        in_flight, self._in_flight = self._in_flight, deque()
+        for groups in in_flight:
+            for group in groups:
+                self._fail_writes(group, error)
 
     # --- reads ------------------------------------------------------------------------
 
