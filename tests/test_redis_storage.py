@@ -13,9 +13,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import EpochChanged, RedisStorage
+from pricehub.storage.redis import MAX_IN_FLIGHT, EpochChanged, RedisStorage, WriteInDoubt
 from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
@@ -278,3 +279,26 @@ async def test_feeds_on_two_databases_never_mix(
     finally:
         for feed in feeds:
             await feed.close()
+
+
+async def test_appends_go_out_ahead_of_replies_and_a_lost_link_splits_sent_from_unsent() -> None:
+    """Up to MAX_IN_FLIGHT pipelines are sent without waiting for replies. When the link
+    fails, every price that was sent is in doubt (it may have been stored: the owner
+    looks it up) and every price that was not is refused as not written."""
+    with RedisProcess() as server:
+        storage = RedisStorage(server.url, key_prefix="inflight:", timeout=5.0)
+        await storage.start(RecordingListener())
+        try:
+            server.pause()  # SIGSTOP: its socket takes the bytes, nothing answers
+            body = PriceBody("pjm", 1.0, None, "2026-11-27T15:00:00.000Z").encode()
+            calls: list[asyncio.Task[list[StoredPrice | BaseException]]] = []
+            for number in range(MAX_IN_FLIGHT + 2):  # one pipeline per call
+                calls.append(asyncio.create_task(storage.append_outcomes([("pjm", body)] * 3)))
+                sent = min(number + 1, MAX_IN_FLIGHT)
+                await eventually(lambda sent=sent: len(storage._in_flight) == sent)
+            server.kill()
+            outcomes = [await call for call in calls]
+        finally:
+            await storage.close()
+    kinds = [{type(outcome) for outcome in outcome_list} for outcome_list in outcomes]
+    assert kinds == [{WriteInDoubt}] * MAX_IN_FLIGHT + [{StorageUnavailable}] * 2

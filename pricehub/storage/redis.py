@@ -52,6 +52,7 @@ from pricehub.wire.messages import with_seq
 
 __all__ = [
     "INGEST_GROUP",
+    "MAX_IN_FLIGHT",
     "MAX_PIPELINE",
     "RESTORE_LUA",
     "EpochChanged",
@@ -802,11 +803,9 @@ class RedisStorage:
         self._fail_pending(StorageUnavailable(f"redis lost: {error}"))
         self._mark_lost(error)
         self._replied.set()
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            # Not awaited from here (a failing task); the socket is closed already or
-            # closes now: redis-py disconnects on any send or read error.
-            asyncio.get_running_loop().create_task(writer.disconnect(nowait=True))
+        # redis-py closed its socket already (it disconnects on any send or read error);
+        # the pool's ``aclose`` in ``close`` finishes it.
+        self._writer = None
 
     async def _write_connection(self) -> Connection:
         if self._writer is None:
