@@ -309,12 +309,13 @@ class IngestConsumer:
         return [(entry_id.encode(), flat) for entry_id, flat in decoded]
 
     async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
-        # Blocks until something is new: one entry, the rest of a burst comes through
-        # the cheaper ``_read_batch`` on the next turn.
+        # Blocks until something is new, then takes up to a batch: the nested reply is
+        # parsed by hiredis (C), so the first read of a burst is a whole batch, not one
+        # entry and another round trip (``_read_batch`` takes the rest).
         # Raw reply: RESP2 [[stream, [[id, fields], ...]]], RESP3 {stream: [...]}, or nil.
         response: Any = await client.xreadgroup(
             INGEST_GROUP, self._consumer, {self._keys.ingest: ">"},
-            count=1, block=self._block_ms,
+            count=self._batch, block=self._block_ms,
         )  # fmt: skip
         if not response:
             return []

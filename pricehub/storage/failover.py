@@ -541,7 +541,8 @@ class FailoverStorage:
             return
         if price.seq == last + 1:
             self._memory.mirror(price)
-            self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
+            if self._journal is not None:  # no closure per price without one
+                self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
         else:  # a hole the history could not fill: keep the mirror contiguous
             self.gaps += 1
             self._memory.reset(price.zone, [price], seq=price.seq)
