@@ -777,6 +777,14 @@ class RedisStorage:
                 self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
     async def _read_replies(self) -> None:
+        try:
+            await self._read_each_reply()
+        except Exception as exc:
+            # Whatever stopped the reader, no append in flight may wait for ever.
+            self._write_failed(WriteInDoubt(f"redis reply reader failed: {exc!r}"))
+            raise
+
+    async def _read_each_reply(self) -> None:
         writer = self._writer
         while self._in_flight and writer is not None:
             groups = self._in_flight[0]
