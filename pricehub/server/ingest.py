@@ -6,8 +6,9 @@ instance takes them". A consumer group alone does not give that (two consumers c
 entries 1 and 2 of a zone and append them in either order), so exactly one instance
 consumes at a time: the holder of a lease (``<prefix>ingest:lease``, ``SET NX PX``,
 renewed by its holder). It reads through the consumer group, up to ``batch`` entries
-at a time (a burst through ``READ_JSON_LUA``), and appends each read as one batch, in
-stream order (``Publisher.publish_many``).
+at a time (the reply parsed by hiredis), and appends each read as one batch, in stream
+order (``Publisher.publish_many``); on one Redis node two batches are in flight at once,
+and the append script itself refuses an entry while an older one is pending.
 
 Exactly once: an entry's append and its XACK are one Lua script (the ``acks=`` of
 ``Storage.append_many``, passed through ``Publisher.publish_many``; a batch's entries are
@@ -40,7 +41,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
@@ -80,21 +80,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
-
-# KEYS: stream. ARGV: group, consumer, count. XREADGROUP (new entries, no blocking: a
-# script cannot block) answered as one JSON string, [[id, [field, value, ...]], ...], or
-# '' when nothing is new. Parsing one string costs a fraction of redis-py parsing the
-# nested reply element by element, which was most of the ingest's CPU in a burst.
-READ_JSON_LUA = """
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-                         'STREAMS', KEYS[1], '>')
-if not reply then return '' end
-local out = {}
-for i, entry in ipairs(reply[1][2]) do
-  out[i] = {entry[1], entry[2]}
-end
-return cjson.encode(out)
 """
 
 STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
@@ -202,8 +187,7 @@ class IngestConsumer:
         await self._forget_idle_consumers(client)
         self.stats.leases += 1
         log.info("ingest_lease_acquired", consumer=self._consumer)
-        # Pending entries (a dead holder's, ours from before a failure) come first; after
-        # that only a batch left unread by ``_read_batch`` can be pending again.
+        # Pending entries (a dead holder's, ours from before a failure) come first.
         self._claim_due = True
         renew_at = time.monotonic() + self._renew_every
         ahead: asyncio.Task[list[Entry]] | None = None
@@ -252,7 +236,7 @@ class IngestConsumer:
             if claimed:
                 self._claim_due = True  # until a claim comes back empty
                 return claimed
-        return await self._read_batch(client) or await self._read_new(client)
+        return await self._read_new(client)  # returns at once when entries are waiting
 
     async def _renew(self, client: aioredis.Redis) -> float:
         if not await self._acquire(client):
@@ -289,33 +273,20 @@ class IngestConsumer:
         return entries
 
     async def _read_batch(self, client: aioredis.Redis) -> list[Entry]:
-        """Up to ``batch`` new entries without blocking, through ``READ_JSON_LUA``.
-
-        Entries whose fields are not UTF-8 cannot travel as JSON: the batch is left
-        pending (the script already read it) and the next ``_claim_pending`` takes it
-        the ordinary way, in order, where such an entry is refused as invalid.
-        """
-        raw: bytes = await client.eval(
-            READ_JSON_LUA, 1, self._keys.ingest, INGEST_GROUP, self._consumer, self._batch
-        )
-        if not raw:
-            return []
-        try:
-            decoded: list[list[Any]] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self._claim_due = True
-            return []
-        # Fields stay a flat list: a name given twice must be seen (and refused).
-        return [(entry_id.encode(), flat) for entry_id, flat in decoded]
+        """Up to ``batch`` new entries, without blocking."""
+        return await self._read(client, block=None)
 
     async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
-        # Blocks until something is new, then takes up to a batch: the nested reply is
-        # parsed by hiredis (C), so the first read of a burst is a whole batch, not one
-        # entry and another round trip (``_read_batch`` takes the rest).
-        # Raw reply: RESP2 [[stream, [[id, fields], ...]]], RESP3 {stream: [...]}, or nil.
+        """Blocks until something is new (up to ``block``), then takes up to a batch."""
+        return await self._read(client, block=self._block_ms)
+
+    async def _read(self, client: aioredis.Redis, *, block: int | None) -> list[Entry]:
+        # The nested reply is parsed by hiredis (C); it is left as Redis sent it (see
+        # ``_raw_replies``): RESP2 [[stream, [[id, fields], ...]]], RESP3 {stream: [...]},
+        # or nil, each entry's fields a flat list in which a name given twice is seen.
         response: Any = await client.xreadgroup(
             INGEST_GROUP, self._consumer, {self._keys.ingest: ">"},
-            count=self._batch, block=self._block_ms,
+            count=self._batch, block=block,
         )  # fmt: skip
         if not response:
             return []
