@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -466,7 +466,7 @@ class RedisStorage:
         self._flusher: asyncio.Task[None] | None = None
         # The write connection (appends only) and its pipelines sent and not yet
         # answered, oldest first, with the task reading their replies.
-        self._writer: Connection | None = None
+        self._writer: AbstractConnection | None = None
         self._in_flight: deque[list[list[_Write]]] = deque()
         self._replied = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
@@ -815,12 +815,12 @@ class RedisStorage:
         # the pool's ``aclose`` in ``close`` finishes it.
         self._writer = None
 
-    async def _write_connection(self) -> Connection:
+    async def _write_connection(self) -> AbstractConnection:
         if self._writer is None:
             async with redis_errors("connect"):
                 pool = self.client.connection_pool
                 writer = await pool.get_connection()  # type: ignore[no-untyped-call]
-            self._writer = cast(Connection, writer)
+            self._writer = cast(AbstractConnection, writer)
         return self._writer
 
     async def _drop_writer(self) -> None:
