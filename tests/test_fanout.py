@@ -277,7 +277,8 @@ async def test_the_close_frame_is_the_last_frame_when_the_session_closes_mid_str
 ) -> None:
     """A close decided outside the broadcaster (here 4029, for flooding) while prices
     stream: nothing, shared or not, is written after the close frame."""
-    client = await make_client(client_rate_limit=1)
+    # Publishing flat out for the whole test: no publish rate limit to run into.
+    client = await make_client(client_rate_limit=1, publish_rate_limit=1_000_000)
     raw = await RawSocket.open(client, "/api/ws/ws/market/pjm")
     assert (await raw.message())["type"] == "connection_established"
     streaming = asyncio.Event()
