@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -215,9 +215,9 @@ class IngestConsumer:
                         # this batch is appended; an entry read but never appended stays
                         # pending, claimed by the next holder (or by us after a failure).
                         ahead = asyncio.create_task(self._read_batch(client))
-                    publish = await self._prepare_batch(client, entries)
-                    if publish is not None:
-                        flying.append(asyncio.create_task(publish))
+                    bodies, acks = await self._prepare_batch(client, entries)
+                    if bodies:
+                        flying.append(asyncio.create_task(self._publish(bodies, acks)))
                         await asyncio.sleep(0)  # it queues its appends before the next
                     while flying and (len(flying) >= depth or flying[0].done()):
                         await flying.popleft()  # its error ends this lease's consuming
@@ -295,12 +295,11 @@ class IngestConsumer:
 
     async def _prepare_batch(
         self, client: aioredis.Redis, entries: Sequence[Entry]
-    ) -> Coroutine[Any, Any, None] | None:
+    ) -> tuple[list[PriceBody], list[IngestAck]]:
         """One read's entries, in stream order: invalid ones acknowledged at once (they
         publish nothing, and must not stay pending: an append is refused while an older
-        entry is), then the append of every valid one as one pipelined batch, each
-        entry's XACK in its append script (exactly once; see ``IngestAck``), returned for
-        the caller to run (``None``: nothing valid)."""
+        entry is); returns the valid ones with their acks, for ``_publish`` (each entry's
+        XACK rides in its append script: exactly once, see ``IngestAck``)."""
         now = utc_now()  # one clock read per batch: entries of one read are one instant
         bodies: list[PriceBody] = []
         acks: list[IngestAck] = []
@@ -318,7 +317,7 @@ class IngestConsumer:
                 pipe.xack(self._keys.ingest, INGEST_GROUP, *invalid)
                 pipe.xdel(self._keys.ingest, *invalid)
                 await pipe.execute()
-        return self._publish(bodies, acks) if bodies else None
+        return bodies, acks
 
     async def _publish(self, bodies: Sequence[PriceBody], acks: Sequence[IngestAck]) -> None:
         # One storage call for the batch (no chunks): the next batch queues behind all of

@@ -288,6 +288,10 @@ class RedisClusterStorage(RedisStorage):
     def cluster(self) -> AsyncRedisCluster:
         return cast(AsyncRedisCluster, self.client)
 
+    # One ingest batch at a time: an entry's per-zone idempotency marker would take an
+    # older entry arriving after a newer one as applied before, and skip it.
+    ingest_depth = 1
+
     # --- hooks of RedisStorage ---------------------------------------------------------
 
     def _write_error(self, error: BaseException) -> StorageError:

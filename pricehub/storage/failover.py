@@ -247,11 +247,9 @@ class FailoverStorage:
 
     @property
     def ingest_depth(self) -> int:
-        """Two batches in flight on one Redis: its append script refuses an entry while an
-        older one is pending (``OlderEntryPending``), so order holds whatever fails. One
-        on a cluster: there an entry's per-zone idempotency marker would take an older
-        entry arriving after a newer one as applied before, and skip it."""
-        return 1 if is_cluster_url(self._url) else 2
+        """The connected Redis backend's (1 while there is none: ingest waits anyway)."""
+        redis = self._redis
+        return 1 if redis is None else redis.ingest_depth
 
     @property
     def foreign_messages(self) -> int:
@@ -541,8 +539,7 @@ class FailoverStorage:
             return
         if price.seq == last + 1:
             self._memory.mirror(price)
-            if self._journal is not None:  # no closure per price without one
-                self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
+            self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
         else:  # a hole the history could not fill: keep the mirror contiguous
             self.gaps += 1
             self._memory.reset(price.zone, [price], seq=price.seq)

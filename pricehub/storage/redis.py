@@ -430,6 +430,9 @@ class RedisStorage:
     """
 
     backend = "redis"
+    # Ingest batches the consumer may keep in flight: the append script refuses an entry
+    # while an older one is pending (``OlderEntryPending``), so order holds whatever fails.
+    ingest_depth = 2
     # Hooks for RedisClusterStorage (pricehub.storage.cluster): the write-back script and
     # the channel a zone's prices are published on.
     _restore_script = RESTORE_LUA

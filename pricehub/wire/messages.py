@@ -274,7 +274,6 @@ IngestFields = Mapping[bytes, bytes] | Mapping[str, str] | Sequence[bytes] | Seq
 # A JSON number (RFC 8259), ASCII only: what the HTTP body's parser accepts as a number.
 # ``float()`` alone would also take ``1_000``, `` 5 ``, ``inf`` and non-ASCII digits.
 _JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?", re.ASCII)
-_JSON_NUMBER_FULL = _JSON_NUMBER.fullmatch
 
 
 def validate_ingest_fields(
@@ -296,12 +295,9 @@ def validate_ingest_fields(
         if name in item:
             raise ValidationError(name[:40], "field given more than once")
         item[name] = text
-    price = item.get("price")
-    if price is not None:
-        item["price"] = _parse_number_text("price", price)
-    volume = item.get("volume")
-    if volume is not None:
-        item["volume"] = _parse_number_text("volume", volume)
+    for name in ("price", "volume"):
+        if name in item:
+            item[name] = _parse_number_text(name, item[name])
     return validate_price(item, zones=zones, now=now)
 
 
@@ -316,7 +312,7 @@ def _field_pairs(fields: IngestFields) -> list[tuple[bytes | str, bytes | str]]:
 def _parse_number_text(name: str, text: str) -> float | None:
     if name == "volume" and text in {"", "null"}:
         return None
-    if _JSON_NUMBER_FULL(text) is None:
+    if _JSON_NUMBER.fullmatch(text) is None:
         raise ValidationError(name, f"not a JSON number: {text[:40]!r}")
     return float(text)
 
