@@ -180,6 +180,40 @@ async def test_an_entry_cannot_overtake_an_older_pending_one(
         await instance.stop()
 
 
+async def test_a_batch_deletes_its_entries_and_nothing_newer(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """The batch script deletes its entries by trimming the stream below its last one:
+    entries added after the batch (read or not) stay, pending or new, and are taken
+    next; an entry older than the batch was already done with."""
+    instance = Instance(redis_server.url, prefix, "holder")
+    stream = f"{prefix}ingest"
+    await instance.storage.start(instance.listener)
+    try:
+        await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
+        ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
+               for _ in range(6)]  # fmt: skip
+        await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"}, count=5)  # 6th unread
+        await raw.set(f"{prefix}ingest:lease", "holder")
+        bodies = [PriceBody("pjm", float(i), None, "2026-11-27T15:00:00.000Z")
+                  for i in range(6)]  # fmt: skip
+        acks = [IngestAck(entry_id, "holder") for entry_id in ids]
+
+        await instance.publisher.publish_many(bodies[:3], source="redis-ingest", acks=acks[:3])
+        left = [entry_id.decode() for entry_id, _ in await raw.xrange(stream)]
+        assert left == ids[3:]  # read and pending (4, 5) and never read (6) stay
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 2
+        await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"})
+        stored = await instance.publisher.publish_many(
+            bodies[3:], source="redis-ingest", acks=acks[3:]
+        )
+        assert [price.seq for price in stored] == [4, 5, 6]
+        assert await raw.xlen(stream) == 0
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+    finally:
+        await instance.stop()
+
+
 DOOMED = """
 import asyncio, sys
 from pricehub.server.ingest import IngestConsumer

@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import MAX_IN_FLIGHT, EpochChanged, RedisStorage, WriteInDoubt
+from pricehub.storage.redis import (
+    MAX_IN_FLIGHT,
+    EpochChanged,
+    RedisStorage,
+    WriteInDoubt,
+    next_stream_id,
+)
 from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
@@ -302,3 +308,20 @@ async def test_appends_go_out_ahead_of_replies_and_a_lost_link_splits_sent_from_
             await storage.close()
     kinds = [{type(outcome) for outcome in outcome_list} for outcome_list in outcomes]
     assert kinds == [{WriteInDoubt}] * MAX_IN_FLIGHT + [{StorageUnavailable}] * 2
+
+
+@pytest.mark.parametrize(
+    ("entry_id", "after"),
+    [("5-1", "5-2"), ("5-18446744073709551615", "6-0"), ("1764000000000-0", "1764000000000-1")],
+)
+async def test_next_stream_id_trims_exactly_up_to_the_entry(
+    raw: aioredis.Redis, prefix: str, entry_id: str, after: str
+) -> None:
+    """The batch script deletes its entries with ``XTRIM MINID next_stream_id(last)``:
+    the entry goes, the one right after it (even past a 64-bit seq) stays."""
+    stream = f"{prefix}trim"
+    assert next_stream_id(entry_id) == after
+    await raw.xadd(stream, {"n": "1"}, id=entry_id)
+    await raw.xadd(stream, {"n": "2"}, id=after)
+    await raw.xtrim(stream, minid=next_stream_id(entry_id), approximate=False)
+    assert [i.decode() for i, _ in await raw.xrange(stream)] == [after]
