@@ -19,6 +19,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -233,6 +234,39 @@ def test_ingest_fields_validator(fields: dict[bytes, bytes] | dict[str, str]) ->
         check_field(exc)
     else:
         check_price(body)
+
+
+# Flat field lists as Redis sends them: names drawn mostly from the real ones (so
+# repeats happen), values any bytes (NUL and invalid UTF-8 included).
+flat_entries = st.lists(
+    st.tuples(
+        st.sampled_from([b"market_zone", b"price", b"volume", b"timestamp"])
+        | st.binary(max_size=6),
+        st.sampled_from([b"pjm", b"1.5", b"", b"2026-11-27T15:00:00Z"]) | st.binary(max_size=12),
+    ),
+    max_size=5,
+).map(lambda pairs: [part for pair in pairs for part in pair])
+
+
+@FUZZ_LIGHT
+@given(flat_entries, st.booleans())
+@example([b"market_zone", b"pjm", b"price", b"1", b"price", b"2"], False)
+@example([b"market_zone", b"pjm", b"price", b"1\x00"], False)
+@example([b"market_zone", b"pjm", b"price", b"1"], True)
+def test_a_field_list_is_read_like_the_same_fields_one_by_one(
+    fields: list[bytes], odd: bool
+) -> None:
+    """A list of bytes is decoded in one call (joined on NUL); any other sequence one
+    field at a time. Both must give the same price or the same refusal."""
+    fields = [*fields, b"price"] if odd else fields
+
+    def outcome(given: Sequence[bytes]) -> object:
+        try:
+            return messages.validate_ingest_fields(given, zones=ZONES, now=NOW)
+        except ValidationError as exc:
+            return (exc.field, exc.message)
+
+    assert outcome(fields) == outcome(tuple(fields))
 
 
 @FUZZ_LIGHT

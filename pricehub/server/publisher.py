@@ -7,6 +7,8 @@ storage, which publishes it to every instance, and it is counted by source.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import operator
 from collections import Counter
 from collections.abc import Sequence
 
@@ -24,6 +26,8 @@ SOURCES = ("http", "redis-ingest", "simulator")
 # loop (heartbeats, health, socket reads wait behind it); on Redis it is about one
 # pipeline (MAX_PIPELINE), so chunks overlap with the round trips anyway.
 PUBLISH_CHUNK = 500
+
+_ZONE = operator.attrgetter("zone")
 
 
 class Publisher:
@@ -76,5 +80,5 @@ class Publisher:
         return prices
 
     def _count(self, prices: Sequence[StoredPrice], source: str) -> None:
-        for price in prices:
-            self.accepted[price.zone, source] += 1
+        # Counted in C (Counter.update over an iterator): a burst counts thousands.
+        self.accepted.update(zip(map(_ZONE, prices), itertools.repeat(source)))
