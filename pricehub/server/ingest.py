@@ -83,6 +83,11 @@ return 0
 """
 
 STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
+# Entries per read, validated in one loop turn (as one HTTP batch of up to 1,000 is).
+# Measured on 2-core bursts (bench/RESULTS.md): 1,000 took 2,000-zone bursts at 32-36k/s
+# where 500 took 20-23k/s and 250 or 2,000 less still; at 20,000 zones 39k vs 29k/s.
+# With two such reads in flight a whole 2,000-price interval is in Redis's hands at once.
+BATCH = 1000
 LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
 
 # id, flat [name, value, ...] as Redis sends it: a duplicated field stays visible.
@@ -119,7 +124,7 @@ class IngestConsumer:
         dead holder's entries wait before another instance takes them.
     :param block: seconds one read waits for new entries (default 0.25); keep it under
         the Redis socket timeout.
-    :param batch: entries per read (default 500): appended as one pipelined batch.
+    :param batch: entries per read (default ``BATCH``): appended as one pipelined batch.
     :param stats: counters to update (default: a fresh ``IngestStats``).
     """
 
@@ -132,7 +137,7 @@ class IngestConsumer:
         consumer: str,
         lease_ttl: float = 2.0,
         block: float = 0.25,
-        batch: int = 500,
+        batch: int = BATCH,
         stats: IngestStats | None = None,
     ) -> None:
         self._storage = storage
