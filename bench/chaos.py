@@ -4,13 +4,14 @@ Run from the repository root::
 
     python -m bench.chaos --seed 1 --duration 90     # ~100 s: random faults for 90 s
     python -m bench.chaos --short --seed 1           # CI size: each fault kind once, < 60 s
-    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(d) > 0
+    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(g) > 0
 
 What runs: one ``redis-server`` (no persistence) on a free port; two pricehub instances on it
 (``--no-simulate --publish-key``, zones pjm, ercot, caiso); 60 resuming WebSocket clients, half
 single-zone, half multi-zone, spread over both instances, which reconnect after every close (to
 either instance) and resume with ``since``/``epoch``; a publisher POSTing ~40 prices/s, one price
-per request, alternating instances, each price carrying a nonce in ``volume``. While that runs,
+per request, alternating instances, each price carrying a nonce in ``volume``, and a producer
+``XADD``ing ~20 entries/s to the ingest stream, nonces in ``volume`` too. While that runs,
 faults from a seeded schedule hit Redis (SIGKILL + restart on the same port, SIGSTOP/SIGCONT
 short and long) and the instances (SIGTERM + restart, SIGKILL + restart), one at a time.
 
@@ -24,7 +25,10 @@ What is measured, and how to read the output (details in bench/README.md, "Chaos
 (d) ``lost_accepted``     202-accepted prices no client received although some client followed
                           that zone in that epoch over the publish without a declared break.
 
-(a)-(d) are the contract's promises and should be 0; ``--check`` exits 1 when one is not. The
+(e)-(g) check the Redis stream ingest the same way (``bench/chaos_stream.py``: an entry appended
+twice, entries numbered against stream order, a backlog left after the drain).
+
+(a)-(g) are the contract's promises and should be 0; ``--check`` exits 1 when one is not. The
 rest is context, charged to the fault active at the time or ended at most 5 s before: non-202
 publish answers, ``mass_closes_1001`` (1001 closes not caused by the client's own instance
 shutting down, e.g. an epoch change), ``recovered_false`` resumes; publish-to-receive latency
@@ -32,7 +36,7 @@ p50/p99 of live deliveries inside vs outside fault windows; server RSS at the st
 soak; ``Traceback`` count in the server logs. Output: a table on stdout (or the JSON with
 ``--json``), the JSON in ``bench/out/chaos-<seed>.json``, server logs in
 ``bench/out/chaos-<seed>/``. Exit code 0 unless the harness itself fails (2) or ``--check`` finds
-(a)-(d) non-zero (1).
+(a)-(g) non-zero (1).
 
 Everything runs on 127.0.0.1, every wait is bounded, every child is killed when this ends.
 """
@@ -60,6 +64,7 @@ from bench.chaos_clients import EpochWatcher, Recorder, ResumingClient
 from bench.chaos_faults import Fault, inject, plan_faults
 from bench.chaos_procs import HarnessError, Instance, RedisServer
 from bench.chaos_publisher import Publisher
+from bench.chaos_stream import StreamProducer
 
 __all__ = ["main"]
 
@@ -68,6 +73,7 @@ ZONES = ("pjm", "ercot", "caiso")
 INSTANCES = 2
 CLIENTS = 60
 RATE = 40.0
+STREAM_RATE = 20.0
 WARMUP = 3.0
 SETTLE = 5.0  # quiet seconds after the last fault before publishing stops
 DRAIN = 3.0  # seconds clients keep reading after the last publish
@@ -129,9 +135,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--short", action="store_true", help="CI size: each fault kind once, about 50 s in all"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON report, not tables")
-    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(d) is non-zero")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(g) is non-zero")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="WebSocket clients")
     parser.add_argument("--rate", type=float, default=RATE, help="prices per second")
+    parser.add_argument(
+        "--stream-rate", type=float, default=STREAM_RATE,
+        help="ingest stream entries per second",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -240,6 +250,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 rng=random.Random(f"{args.seed}-prices"),
             )
             publishing = asyncio.create_task(publisher.run(stop_publisher))
+            producer = StreamProducer(cluster.redis.url, ZONES, rate=args.stream_rate)
+            streaming = asyncio.create_task(producer.run(stop_publisher))
             origin = time.time()
             await asyncio.sleep(WARMUP)
             cluster.rss_start = cluster.rss()
@@ -247,8 +259,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             faults = await run_faults(args, cluster, clients, deadline)
             await asyncio.sleep(max(SETTLE, (deadline - time.time()) if not args.short else 0))
             stop_publisher.set()
-            await publishing
+            await asyncio.gather(publishing, streaming)
             await asyncio.sleep(DRAIN)
+            await producer.measure_backlog()
             cluster.rss_end = cluster.rss()
             stop_clients.set()
             await asyncio.wait(tasks, timeout=STOP_WAIT)
@@ -257,10 +270,14 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await cluster.shutdown()
-    report = analyse(recorder, publisher.log, faults, origin=origin, servers=cluster.servers())
+    report = analyse(
+        recorder, publisher.log, faults,
+        origin=origin, servers=cluster.servers(), stream=producer.log,
+    )  # fmt: skip
     config = {
         "clients": args.clients,
         "rate": args.rate,
+        "stream_rate": args.stream_rate,
         "zones": list(ZONES),
         "instances": INSTANCES,
         "duration": None if args.short else args.duration,

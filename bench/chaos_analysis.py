@@ -14,6 +14,7 @@ from typing import Any
 from bench.chaos_clients import Body, Recorder, Span
 from bench.chaos_faults import Fault
 from bench.chaos_publisher import Accepted, PublishLog
+from bench.chaos_stream import StreamLog, stream_checks
 
 __all__ = ["FAULT_TAIL", "analyse", "table"]
 
@@ -21,7 +22,10 @@ FAULT_TAIL = 5.0  # seconds after a fault's end still charged to it
 SPAN_LEAD = 0.5  # a client must have been following the zone this long before a publish ...
 SPAN_TAIL = 1.0  # ... and this long after its 202, to be expected to receive it
 EXAMPLES = 5
-GRAVE = ("undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted")
+GRAVE = (
+    "undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted",
+    "stream_duplicates", "stream_reorders", "stream_backlog",
+)  # fmt: skip
 
 
 def fault_at(faults: Sequence[Fault], moment: float) -> Fault | None:
@@ -163,8 +167,10 @@ def analyse(
     *,
     origin: float,
     servers: dict[str, dict[str, int]],
+    stream: StreamLog,
 ) -> dict[str, Any]:
     conflicting = conflicts(recorder, log)
+    streamed = stream_checks(recorder.keys, stream)
     lost_prices, unwitnessed = lost(recorder, log)
     mass = mass_closes(recorder, faults)
     events = {
@@ -182,6 +188,7 @@ def analyse(
         "duplicates": len(recorder.duplicates),
         "conflicting_keys": len(conflicting),
         "lost_accepted": len(lost_prices),
+        **streamed["counts"],
         "mass_closes_1001": len(mass),
         "recovered_false": len(recorder.not_recovered),
         "reorders": len(recorder.reorders),
@@ -197,6 +204,7 @@ def analyse(
             "statuses": dict(log.statuses), "skipped": log.skipped,
             "accepted_unreceived_unwitnessed": unwitnessed,
         },
+        "stream": streamed["stream"],
         "clients": {
             "connects": recorder.connects, "connect_failures": dict(recorder.connect_failures),
             "closes_by_code": {str(k): v for k, v in close_codes.items()},
@@ -216,6 +224,7 @@ def analyse(
             "conflicting_keys": conflicting[:EXAMPLES],
             "lost_accepted": lost_prices[:EXAMPLES],
             "undeclared_epoch_switches": recorder.epoch_switches[:EXAMPLES],
+            **streamed["examples"],
         },
     }  # fmt: skip
 
@@ -225,12 +234,14 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"chaos soak: seed {report['seed']}, {'short' if report['short'] else 'full'}, "
         f"{report['run_seconds']} s, {report['config']['clients']} clients, "
-        f"{report['publish']['sent']} POSTs ({report['publish']['accepted']} accepted)",
+        f"{report['publish']['sent']} POSTs ({report['publish']['accepted']} accepted), "
+        f"{report['stream']['answered']} stream entries ({report['stream']['delivered']} "
+        "delivered)",
         "",
     ]
     counts = report["counts"]
     lines += ["counter                      value"] + [
-        f"{('(' + 'abcd'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
+        f"{('(' + 'abcdefg'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
         for k, v in counts.items()
     ]
     columns = (

@@ -10,11 +10,14 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from typing import Any
 
 import pytest
 
+from bench.chaos_clients import Body
 from bench.chaos_faults import KINDS
+from bench.chaos_stream import STREAM_NONCE_BASE, StreamLog, stream_checks
 from tests.serverproc import REPO
 from tests.support import missing_tool
 
@@ -57,7 +60,34 @@ def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
     # Issue 13: one name per price, and acknowledged means kept.
     assert counts["conflicting_keys"] == 0, examples["conflicting_keys"]
     assert counts["lost_accepted"] == 0, examples["lost_accepted"]
+    # The stream ingest under the same faults: each entry once, in stream order, none stuck.
+    assert report["stream"]["delivered"] > 300, report["stream"]
+    assert counts["stream_duplicates"] == 0, examples["stream_duplicates"]
+    assert counts["stream_reorders"] == 0, examples["stream_reorders"]
+    assert counts["stream_backlog"] == 0, report["stream"]
     # A Redis outage shorter than the hold window costs clients nothing but latency.
     for fault in faults:
         if fault["kind"].startswith("redis"):
             assert fault["mass_closes_1001"] == 0 and fault["recovered_false"] == 0, fault
+
+
+def test_the_stream_checks_see_a_duplicate_and_a_reorder() -> None:
+    """(e) and (f) can fail: entry 2 appended twice, entries 3 and 4 numbered against
+    their stream order; a third zone in another epoch is checked apart."""
+    log = StreamLog()
+    for tick, entry_id in enumerate([(10, 0), (10, 1), (11, 0), (12, 0)], start=1):
+        log.zones[STREAM_NONCE_BASE + tick] = "pjm"
+        log.ids[STREAM_NONCE_BASE + tick] = entry_id
+    log.backlog = 0
+
+    def seen(seq: int, tick: int, epoch: str = "e1") -> tuple[tuple[str, str, int], Counter[Body]]:
+        body: Body = (1.0, float(STREAM_NONCE_BASE + tick), "2026-12-02T00:00:00.000Z")
+        return ("pjm", epoch, seq), Counter([body])
+
+    keys = dict([seen(1, 1), seen(2, 2), seen(3, 2), seen(4, 4), seen(5, 3), seen(1, 4, "e2")])
+    checked = stream_checks(keys, log)
+    assert checked["counts"] == {
+        "stream_duplicates": 1, "stream_reorders": 1, "stream_backlog": 0,
+    }  # fmt: skip
+    assert checked["examples"]["stream_reorders"][0]["seqs"] == [4, 5]
+    assert checked["stream"]["delivered"] == 4

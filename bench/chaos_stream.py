@@ -1,0 +1,155 @@
+"""The chaos soak's stream producer, and the checks of what became of its entries.
+
+While the HTTP publisher runs, one producer ``XADD``s prices to the instances' ingest stream
+(``pricehub:ingest``), one at a time, at a fixed rate, zone ``zones[n % len(zones)]``. Each entry
+carries a nonce as its ``volume`` (``STREAM_NONCE_BASE + n``: never one of the HTTP publisher's),
+so a delivered price names the entry it came from; for every ``XADD`` Redis answered, the entry
+id is kept. A refused or timed-out ``XADD`` is counted; its entry may still exist (a stopped
+Redis runs it once continued), so only answered ones take part in the order check.
+
+What the stream ingest promises (docs/cluster.md), checked over every client's deliveries:
+
+(e) ``stream_duplicates``   an entry appended twice: one nonce under two seqs of one
+                            (zone, epoch);
+(f) ``stream_reorders``     two answered entries of one zone whose seqs, in one epoch, are in
+                            the opposite order of their stream ids;
+(g) ``stream_backlog``      entries left in the stream or pending in its group once the soak has
+                            been quiet for ``SETTLE`` + ``DRAIN`` seconds (a stalled consumer).
+
+Entries lost with a SIGKILLed Redis (no persistence here) are context, not a fault of
+pricehub's: ``delivered`` / ``answered`` says how many became prices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bench.chaos_clients import Body
+from bench.chaos_publisher import iso_ms
+
+__all__ = ["STREAM_NONCE_BASE", "StreamLog", "StreamProducer", "stream_checks"]
+
+STREAM_NONCE_BASE = 1_000_000_000
+STREAM = "pricehub:ingest"  # the instances' default key prefix
+GROUP = "pricehub"  # pricehub.storage.redis.INGEST_GROUP (the bench does not import pricehub)
+TIMEOUT = 1.0
+EXAMPLES = 5
+
+
+@dataclass
+class StreamLog:
+    ids: dict[int, tuple[int, int]] = field(default_factory=dict)  # nonce -> parsed entry id
+    zones: dict[int, str] = field(default_factory=dict)  # nonce -> zone, every XADD tried
+    failed: Counter[str] = field(default_factory=Counter)
+    backlog: int | None = None  # XLEN + pending at the end; None: Redis did not answer
+
+
+class StreamProducer:
+    def __init__(self, redis_url: str, zones: Sequence[str], *, rate: float) -> None:
+        self.redis_url = redis_url
+        self.zones = tuple(zones)
+        self.rate = rate
+        self.log = StreamLog()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """``XADD`` one entry per tick until ``stop``; one at a time, so answered entries'
+        ids follow their nonces."""
+        client = aioredis.Redis.from_url(
+            self.redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
+        )
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            tick = 0
+            while not stop.is_set():
+                tick += 1
+                await asyncio.sleep(max(0.0, start + tick / self.rate - loop.time()))
+                await self._add(client, tick)
+        finally:
+            await client.aclose()
+
+    async def _add(self, client: aioredis.Redis, tick: int) -> None:
+        nonce = STREAM_NONCE_BASE + tick
+        zone = self.zones[tick % len(self.zones)]
+        self.log.zones[nonce] = zone
+        fields = {"market_zone": zone, "price": f"{tick % 9000 / 100:.2f}",
+                  "volume": str(nonce), "timestamp": iso_ms(time.time())}  # fmt: skip
+        try:
+            entry_id = await client.xadd(STREAM, fields)  # type: ignore[arg-type]
+        except (RedisError, OSError) as exc:
+            self.log.failed[type(exc).__name__] += 1
+            return
+        ms, _, seq = entry_id.decode().partition("-")
+        self.log.ids[nonce] = (int(ms), int(seq))
+
+    async def measure_backlog(self) -> None:
+        """Entries still in the stream plus those pending in the group (once quiet)."""
+        client = aioredis.Redis.from_url(self.redis_url, socket_timeout=TIMEOUT)
+        try:
+            length = int(await client.xlen(STREAM))
+            try:
+                pending = int((await client.xpending(STREAM, GROUP))["pending"])
+            except RedisError:  # no group: nothing consumed since Redis last restarted
+                pending = 0
+            self.log.backlog = length + pending
+        except (RedisError, OSError):
+            self.log.backlog = None
+        finally:
+            await client.aclose()
+
+
+def stream_checks(
+    keys: Mapping[tuple[str, str, int], Counter[Body]], log: StreamLog
+) -> dict[str, Any]:
+    """(e)-(g) and context from every (zone, epoch, seq) a client saw."""
+    seqs: dict[tuple[str, str, int], set[int]] = {}  # (zone, epoch, nonce) -> seqs
+    for (zone, epoch, seq), bodies in keys.items():
+        for _, volume, _ in bodies:
+            if volume is not None and int(volume) in log.zones:
+                seqs.setdefault((zone, epoch, int(volume)), set()).add(seq)
+    duplicates = [
+        {"zone": z, "epoch": e, "nonce": n, "seqs": sorted(s)}
+        for (z, e, n), s in sorted(seqs.items()) if len(s) > 1
+    ]  # fmt: skip
+    reorders = _reorders(seqs, log)
+    return {
+        "counts": {
+            "stream_duplicates": len(duplicates),
+            "stream_reorders": len(reorders),
+            "stream_backlog": 1 if log.backlog is None else log.backlog,
+        },
+        "stream": {
+            "tried": len(log.zones), "answered": len(log.ids),
+            "failed": dict(log.failed), "backlog": log.backlog,
+            "delivered": len({n for _, _, n in seqs}),
+        },
+        "examples": {"stream_duplicates": duplicates[:EXAMPLES],
+                     "stream_reorders": reorders[:EXAMPLES]},
+    }  # fmt: skip
+
+
+def _reorders(
+    seqs: Mapping[tuple[str, str, int], set[int]], log: StreamLog
+) -> list[dict[str, Any]]:
+    """Per (zone, epoch), the answered entries in seq order: each id must be above the last."""
+    lines: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for (zone, epoch, nonce), found in seqs.items():
+        if nonce in log.ids:
+            lines.setdefault((zone, epoch), []).append((min(found), nonce))
+    found_reorders = []
+    for (zone, epoch), line in sorted(lines.items()):
+        line.sort()
+        for (seq_a, nonce_a), (seq_b, nonce_b) in itertools.pairwise(line):
+            if log.ids[nonce_a] > log.ids[nonce_b]:
+                found_reorders.append({"zone": zone, "epoch": epoch, "seqs": [seq_a, seq_b],
+                                       "nonces": [nonce_a, nonce_b]})  # fmt: skip
+    return found_reorders
