@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m bench.chaos --seed 1 --duration 90     # ~100 s: random faults for 90 s
     python -m bench.chaos --short --seed 1           # CI size: each fault kind once, < 60 s
-    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(g) > 0
+    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(h) > 0
 
 What runs: one ``redis-server`` (no persistence) on a free port; two pricehub instances on it
 (``--no-simulate --publish-key``, zones pjm, ercot, caiso); 60 resuming WebSocket clients, half
@@ -25,10 +25,10 @@ What is measured, and how to read the output (details in bench/README.md, "Chaos
 (d) ``lost_accepted``     202-accepted prices no client received although some client followed
                           that zone in that epoch over the publish without a declared break.
 
-(e)-(g) check the Redis stream ingest the same way (``bench/chaos_stream.py``: an entry appended
-twice, entries numbered against stream order, a backlog left after the drain).
+(e)-(h) check the Redis stream ingest the same way (``bench/chaos_stream.py``: an entry appended
+twice, entries numbered against stream order, a backlog left after the drain, an entry lost).
 
-(a)-(g) are the contract's promises and should be 0; ``--check`` exits 1 when one is not. The
+(a)-(h) are the contract's promises and should be 0; ``--check`` exits 1 when one is not. The
 rest is context, charged to the fault active at the time or ended at most 5 s before: non-202
 publish answers, ``mass_closes_1001`` (1001 closes not caused by the client's own instance
 shutting down, e.g. an epoch change), ``recovered_false`` resumes; publish-to-receive latency
@@ -36,7 +36,7 @@ p50/p99 of live deliveries inside vs outside fault windows; server RSS at the st
 soak; ``Traceback`` count in the server logs. Output: a table on stdout (or the JSON with
 ``--json``), the JSON in ``bench/out/chaos-<seed>.json``, server logs in
 ``bench/out/chaos-<seed>/``. Exit code 0 unless the harness itself fails (2) or ``--check`` finds
-(a)-(g) non-zero (1).
+(a)-(h) non-zero (1).
 
 Everything runs on 127.0.0.1, every wait is bounded, every child is killed when this ends.
 """
@@ -135,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--short", action="store_true", help="CI size: each fault kind once, about 50 s in all"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON report, not tables")
-    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(g) is non-zero")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(h) is non-zero")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="WebSocket clients")
     parser.add_argument("--rate", type=float, default=RATE, help="prices per second")
     parser.add_argument(

@@ -24,7 +24,7 @@ SPAN_TAIL = 1.0  # ... and this long after its 202, to be expected to receive it
 EXAMPLES = 5
 GRAVE = (
     "undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted",
-    "stream_duplicates", "stream_reorders", "stream_backlog",
+    "stream_duplicates", "stream_reorders", "stream_backlog", "stream_lost",
 )  # fmt: skip
 
 
@@ -170,7 +170,8 @@ def analyse(
     stream: StreamLog,
 ) -> dict[str, Any]:
     conflicting = conflicts(recorder, log)
-    streamed = stream_checks(recorder.keys, stream)
+    kills = [fault.start for fault in faults if fault.plan.kind == "redis_kill"]
+    streamed = stream_checks(recorder.keys, stream, redis_kills=kills)
     lost_prices, unwitnessed = lost(recorder, log)
     mass = mass_closes(recorder, faults)
     events = {
@@ -241,7 +242,7 @@ def table(report: dict[str, Any]) -> str:
     ]
     counts = report["counts"]
     lines += ["counter                      value"] + [
-        f"{('(' + 'abcdefg'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
+        f"{('(' + 'abcdefgh'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
         for k, v in counts.items()
     ]
     columns = (

@@ -14,10 +14,13 @@ What the stream ingest promises (docs/cluster.md), checked over every client's d
 (f) ``stream_reorders``     two answered entries of one zone whose seqs, in one epoch, are in
                             the opposite order of their stream ids;
 (g) ``stream_backlog``      entries left in the stream or pending in its group once the soak has
-                            been quiet for ``SETTLE`` + ``DRAIN`` seconds (a stalled consumer).
+                            been quiet for ``SETTLE`` + ``DRAIN`` seconds (a stalled consumer);
+(h) ``stream_lost``         answered entries no client received, added more than ``KILL_SHADOW``
+                            seconds before any Redis SIGKILL (or after it).
 
-Entries lost with a SIGKILLed Redis (no persistence here) are context, not a fault of
-pricehub's: ``delivered`` / ``answered`` says how many became prices.
+A SIGKILLed Redis (no persistence here) takes the entries still in its stream with it: that
+is Redis's durability, not pricehub's, so entries added in the ``KILL_SHADOW`` seconds before a
+kill (time to be consumed, even across a lease takeover or a hold) are not counted in (h).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ STREAM_NONCE_BASE = 1_000_000_000
 STREAM = "pricehub:ingest"  # the instances' default key prefix
 GROUP = "pricehub"  # pricehub.storage.redis.INGEST_GROUP (the bench does not import pricehub)
 TIMEOUT = 1.0
+KILL_SHADOW = 10.0  # lease expiry (2 s) + the hold (5 s) + margin
 EXAMPLES = 5
 
 
@@ -108,9 +112,13 @@ class StreamProducer:
 
 
 def stream_checks(
-    keys: Mapping[tuple[str, str, int], Counter[Body]], log: StreamLog
+    keys: Mapping[tuple[str, str, int], Counter[Body]],
+    log: StreamLog,
+    *,
+    redis_kills: Sequence[float],
 ) -> dict[str, Any]:
-    """(e)-(g) and context from every (zone, epoch, seq) a client saw."""
+    """(e)-(h) and context from every (zone, epoch, seq) a client saw; ``redis_kills``:
+    when Redis was SIGKILLed (epoch seconds)."""
     seqs: dict[tuple[str, str, int], set[int]] = {}  # (zone, epoch, nonce) -> seqs
     for (zone, epoch, seq), bodies in keys.items():
         for _, volume, _ in bodies:
@@ -121,19 +129,27 @@ def stream_checks(
         for (z, e, n), s in sorted(seqs.items()) if len(s) > 1
     ]  # fmt: skip
     reorders = _reorders(seqs, log)
+    delivered = {n for _, _, n in seqs}
+    lost = [
+        {"nonce": nonce, "zone": log.zones[nonce], "id": f"{entry_id[0]}-{entry_id[1]}"}
+        for nonce, entry_id in sorted(log.ids.items())
+        if nonce not in delivered
+        and not any(0 <= kill - entry_id[0] / 1000 <= KILL_SHADOW for kill in redis_kills)
+    ]
     return {
         "counts": {
             "stream_duplicates": len(duplicates),
             "stream_reorders": len(reorders),
             "stream_backlog": 1 if log.backlog is None else log.backlog,
+            "stream_lost": len(lost),
         },
         "stream": {
             "tried": len(log.zones), "answered": len(log.ids),
             "failed": dict(log.failed), "backlog": log.backlog,
-            "delivered": len({n for _, _, n in seqs}),
+            "delivered": len(delivered),
         },
         "examples": {"stream_duplicates": duplicates[:EXAMPLES],
-                     "stream_reorders": reorders[:EXAMPLES]},
+                     "stream_reorders": reorders[:EXAMPLES], "stream_lost": lost[:EXAMPLES]},
     }  # fmt: skip
 
 

@@ -65,17 +65,21 @@ def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
     assert counts["stream_duplicates"] == 0, examples["stream_duplicates"]
     assert counts["stream_reorders"] == 0, examples["stream_reorders"]
     assert counts["stream_backlog"] == 0, report["stream"]
+    assert counts["stream_lost"] == 0, examples["stream_lost"]
     # A Redis outage shorter than the hold window costs clients nothing but latency.
     for fault in faults:
         if fault["kind"].startswith("redis"):
             assert fault["mass_closes_1001"] == 0 and fault["recovered_false"] == 0, fault
 
 
-def test_the_stream_checks_see_a_duplicate_and_a_reorder() -> None:
-    """(e) and (f) can fail: entry 2 appended twice, entries 3 and 4 numbered against
-    their stream order; a third zone in another epoch is checked apart."""
+def test_the_stream_checks_see_a_duplicate_a_reorder_and_a_loss() -> None:
+    """(e), (f) and (h) can fail: entry 2 appended twice, entries 3 and 4 numbered
+    against their stream order (the same zone in another epoch is checked apart), entry
+    5 never delivered; entry 6 never delivered either, but added just before a Redis
+    SIGKILL (its loss is Redis's)."""
     log = StreamLog()
-    for tick, entry_id in enumerate([(10, 0), (10, 1), (11, 0), (12, 0)], start=1):
+    stamps = [(10, 0), (10, 1), (11, 0), (12, 0), (13, 0), (60_000, 0)]
+    for tick, entry_id in enumerate(stamps, start=1):
         log.zones[STREAM_NONCE_BASE + tick] = "pjm"
         log.ids[STREAM_NONCE_BASE + tick] = entry_id
     log.backlog = 0
@@ -85,9 +89,12 @@ def test_the_stream_checks_see_a_duplicate_and_a_reorder() -> None:
         return ("pjm", epoch, seq), Counter([body])
 
     keys = dict([seen(1, 1), seen(2, 2), seen(3, 2), seen(4, 4), seen(5, 3), seen(1, 4, "e2")])
-    checked = stream_checks(keys, log)
+    checked = stream_checks(keys, log, redis_kills=[61.0])
     assert checked["counts"] == {
-        "stream_duplicates": 1, "stream_reorders": 1, "stream_backlog": 0,
+        "stream_duplicates": 1, "stream_reorders": 1, "stream_backlog": 0, "stream_lost": 1,
     }  # fmt: skip
+    assert [lost["nonce"] for lost in checked["examples"]["stream_lost"]] == [
+        STREAM_NONCE_BASE + 5
+    ]
     assert checked["examples"]["stream_reorders"][0]["seqs"] == [4, 5]
     assert checked["stream"]["delivered"] == 4

@@ -17,7 +17,7 @@ from pricehub.server.ingest import IngestConsumer
 from pricehub.server.publisher import Publisher
 from pricehub.storage.base import IngestAck
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.redis import INGEST_GROUP, LeaseLost, OlderEntryPending
+from pricehub.storage.redis import INGEST_GROUP, LeaseLost, OlderEntryPending, RedisStorage
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import REPO
@@ -212,6 +212,69 @@ async def test_a_batch_deletes_its_entries_and_nothing_newer(
         assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
     finally:
         await instance.stop()
+
+
+async def pending_entries(raw: aioredis.Redis, stream: str, count: int, prefix: str) -> list[str]:
+    """``count`` entries read (pending) by "holder", which holds the lease."""
+    await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
+    ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
+           for _ in range(count)]  # fmt: skip
+    await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"})
+    await raw.set(f"{prefix}ingest:lease", "holder")
+    return ids
+
+
+async def test_the_batch_trim_never_deletes_an_entry_still_pending(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """A batch that is not one run of the stream (entry 2 left out, still pending) trims
+    the stream only up to the oldest entry still pending: entry 2 stays, to be taken."""
+    storage = RedisStorage(redis_server.url, key_prefix=prefix)
+    stream = f"{prefix}ingest"
+    await storage.start(RecordingListener())
+    try:
+        ids = await pending_entries(raw, stream, 4, prefix)
+        picked = [ids[0], ids[2]]
+        outcomes = await storage.append_outcomes(
+            [("pjm", price_body(1.0)), ("pjm", price_body(3.0))],
+            acks=[IngestAck(entry_id, "holder") for entry_id in picked],
+        )
+        assert [getattr(outcome, "seq", outcome) for outcome in outcomes] == [1, 2]
+        left = [entry_id.decode() for entry_id, _ in await raw.xrange(stream)]
+        assert left == ids[1:]  # 2 and 4 pending, 3 acknowledged but not yet trimmed
+        pending = await raw.xpending_range(stream, INGEST_GROUP, min="-", max="+", count=10)
+        assert [entry["message_id"].decode() for entry in pending] == [ids[1], ids[3]]
+    finally:
+        await storage.close()
+
+
+async def test_single_entry_appends_of_two_calls_are_never_one_script(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """Two entries appended one by one in the same loop turn (retries of two batches in
+    flight after a failure) leave in one pipeline, but as two scripts: each checks its
+    own stream order, so entry 4 is refused while 2 and 3 are pending, not appended
+    ahead of them as the second half of a batch that starts at entry 1."""
+    storage = RedisStorage(redis_server.url, key_prefix=prefix)
+    stream = f"{prefix}ingest"
+    await storage.start(RecordingListener())
+    try:
+        ids = await pending_entries(raw, stream, 4, prefix)
+        first, later = await asyncio.gather(
+            storage.append("pjm", price_body(1.0), ack=IngestAck(ids[0], "holder")),
+            storage.append("pjm", price_body(4.0), ack=IngestAck(ids[3], "holder")),
+            return_exceptions=True,
+        )
+        assert getattr(first, "seq", first) == 1
+        assert isinstance(later, OlderEntryPending)
+        assert await raw.get(f"{prefix}seq:pjm") == b"1"
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 3
+    finally:
+        await storage.close()
+
+
+def price_body(price: float) -> bytes:
+    return PriceBody("pjm", price, None, "2026-11-27T15:00:00.000Z").encode()
 
 
 DOOMED = """

@@ -239,12 +239,16 @@ end
 if acking then
   redis.call('XACK', KEYS[3], ARGV[5], unpack(ids))
   -- As in APPEND_LUA, a consumed entry is deleted (the stream stays a bounded queue),
-  -- but by trimming below the batch's last entry (ARGV[10]: the id just after it): no
-  -- older entry is pending (checked above), the batch's are acknowledged just now and
-  -- an invalid one was acknowledged and deleted before the batch was sent, so all of
-  -- them are done with. XTRIM frees whole stream nodes; XDEL looked every id up, which
-  -- cost Redis more than any other step of an entry (~3 of ~10 us).
-  redis.call('XTRIM', KEYS[3], 'MINID', ARGV[10])
+  -- but by trimming below the batch's last entry (ARGV[10]: the id just after it):
+  -- XTRIM frees whole stream nodes; XDEL looked every id up, which cost Redis more than
+  -- any other step of an entry (~3 of ~10 us). Nothing older is pending (checked above)
+  -- and the batch's own entries are acknowledged by now, but the trim stops at the
+  -- oldest entry still pending all the same: an entry never appended is never deleted,
+  -- whatever a caller got wrong about the batch being one run of the stream.
+  local minid = ARGV[10]
+  local pending = redis.call('XPENDING', KEYS[3], ARGV[5], '-', '(' .. minid, 1)
+  if #pending > 0 then minid = pending[1][1] end
+  redis.call('XTRIM', KEYS[3], 'MINID', minid)
 end
 redis.call('PUBLISH', ARGV[2], '!many ' .. ARGV[3] .. '\\n' .. table.concat(lines, '\\n'))
 return table.concat(seqs, ',')
@@ -418,16 +422,21 @@ class _Write:
     body: bytes
     ack: IngestAck | None
     future: asyncio.Future[int]
+    # For an ingest write, the call it came from (``append_outcomes``' acks, or a token
+    # per ``append``): only one call's entries are a run of the stream. None otherwise.
+    call: object = None
 
 
 def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
-    """Consecutive writes that can share one script: the same ingest consumer, or none
-    (a lost lease must refuse only the stream entries, never HTTP prices)."""
+    """Consecutive writes that can share one script: HTTP prices (none of them ingest),
+    or the ingest entries of one call. Never ingest and HTTP together (a lost lease must
+    refuse only the stream entries), nor two calls' entries: retries of two batches in
+    flight, one price each, can meet in one pipeline, and the script checks stream order
+    and trims the stream from the group's first and last entry, as if it were a run."""
     groups: list[list[_Write]] = []
     for write in batch:
-        consumer = None if write.ack is None else write.ack.consumer
         last = groups[-1][-1] if groups else None
-        if last is not None and (None if last.ack is None else last.ack.consumer) == consumer:
+        if last is not None and last.call is write.call:
             groups[-1].append(write)
         else:
             groups.append([write])
@@ -717,7 +726,7 @@ class RedisStorage:
         if self._lost is not None:
             raise StorageUnavailable(f"redis lost: {self._lost!r}")
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Write(zone, body, ack, future))
+        self._pending.append(_Write(zone, body, ack, future, None if ack is None else object()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         seq = await future
@@ -747,7 +756,7 @@ class RedisStorage:
             raise StorageUnavailable(f"redis lost: {self._lost!r}")
         loop = asyncio.get_running_loop()
         writes = [
-            _Write(zone, body, None if acks is None else acks[index], loop.create_future())
+            _Write(zone, body, None if acks is None else acks[index], loop.create_future(), acks)
             for index, (zone, body) in enumerate(items)
         ]
         self._pending.extend(writes)

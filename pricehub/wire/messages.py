@@ -14,7 +14,6 @@ Three parts:
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import re
 import struct
@@ -296,48 +295,48 @@ def validate_ingest_fields(
 
 
 def _entry_texts(fields: IngestFields) -> dict[str, str]:
-    """The entry's fields as text, each name once."""
+    """The entry's fields as text, each name once; the first problem in field order is
+    the one refused."""
     # ``type() is list`` first: an ABC isinstance (Mapping) costs more than the join.
-    texts = _joined_texts(fields) if type(fields) is list else None
-    if texts is None:  # a mapping, str values, or a NUL inside one: one field at a time
-        parts = itertools.chain(*fields.items()) if isinstance(fields, Mapping) else fields
-        texts = [_text(part) for part in parts]
-    if len(texts) % 2:
-        raise ValidationError("entry", "field without a value")
-    pairs = iter(texts)
-    item = dict(zip(pairs, pairs, strict=False))  # an even count: checked above
-    if 2 * len(item) != len(texts):
-        raise ValidationError(_repeated(texts[::2])[:40], "field given more than once")
-    return item
+    if type(fields) is list and not len(fields) % 2:
+        texts = _joined_texts(fields)
+        if texts is not None:
+            pairs = iter(texts)
+            item = dict(zip(pairs, pairs, strict=False))  # an even count: checked above
+            if 2 * len(item) == len(texts):
+                return item
+    return _texts_one_by_one(fields)  # anything else, refusals included
 
 
 def _joined_texts(fields: list[Any]) -> list[str] | None:
     """Every field decoded in one call (a stream entry is a list of bytes): about a
-    quarter of decoding them one by one. None when that cannot be told apart from the
-    entry (a value holding the NUL used to join) or the parts are not all bytes."""
+    quarter of decoding them one by one. None unless every part is bytes, all of it is
+    UTF-8 and no value holds the NUL used to join (then one by one tells what is wrong)."""
     try:
         texts = b"\0".join(fields).decode().split("\0")
-    except TypeError:
+    except (TypeError, UnicodeDecodeError):
         return None
-    except UnicodeDecodeError:
-        raise ValidationError("entry", "not UTF-8") from None
     return texts if len(texts) == len(fields) else None
 
 
-def _text(part: bytes | str) -> str:
-    try:
-        return part if isinstance(part, str) else part.decode()
-    except UnicodeDecodeError:
-        raise ValidationError("entry", "not UTF-8") from None
-
-
-def _repeated(names: Iterable[str]) -> str:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            return name
-        seen.add(name)
-    return ""
+def _texts_one_by_one(fields: IngestFields) -> dict[str, str]:
+    if isinstance(fields, Mapping):
+        pairs: Iterable[tuple[bytes | str, bytes | str]] = fields.items()
+    elif len(fields) % 2:
+        raise ValidationError("entry", "field without a value")
+    else:
+        pairs = zip(fields[::2], fields[1::2], strict=True)
+    item: dict[str, str] = {}
+    for key, value in pairs:
+        try:
+            name = key if isinstance(key, str) else key.decode()
+            text = value if isinstance(value, str) else value.decode()
+        except UnicodeDecodeError:
+            raise ValidationError("entry", "not UTF-8") from None
+        if name in item:
+            raise ValidationError(name[:40], "field given more than once")
+        item[name] = text
+    return item
 
 
 def _parse_number_text(name: str, text: str) -> float | None:
