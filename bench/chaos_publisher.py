@@ -13,7 +13,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,7 +22,7 @@ import orjson
 
 from bench.chaos_clients import Body
 
-__all__ = ["Accepted", "PublishLog", "Publisher"]
+__all__ = ["Accepted", "PublishLog", "Publisher", "ticks"]
 
 PUBLISH_PATH = "/api/ws/ws/broadcast/price"
 MAX_IN_FLIGHT = 64
@@ -32,6 +32,18 @@ TIMEOUT = 5.0
 def iso_ms(moment: float) -> str:
     stamp = datetime.fromtimestamp(moment, UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+async def ticks(rate: float, stop: asyncio.Event) -> AsyncIterator[int]:
+    """1, 2, 3, ... at ``rate`` per second from now (open loop: a late tick is not moved),
+    until ``stop`` is set."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tick = 0
+    while not stop.is_set():
+        tick += 1
+        await asyncio.sleep(max(0.0, start + tick / rate - loop.time()))
+        yield tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +90,7 @@ class Publisher:
         timeout = aiohttp.ClientTimeout(total=TIMEOUT)
         in_flight: set[asyncio.Task[None]] = set()
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            tick = 0
-            while not stop.is_set():
-                tick += 1
-                await asyncio.sleep(max(0.0, start + tick / self.rate - loop.time()))
+            async for tick in ticks(self.rate, stop):
                 if len(in_flight) >= MAX_IN_FLIGHT:
                     self.log.skipped += 1
                     continue

@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from bench.chaos_clients import Body
-from bench.chaos_publisher import iso_ms
+from bench.chaos_publisher import iso_ms, ticks
 
 __all__ = ["STREAM_NONCE_BASE", "StreamLog", "StreamProducer", "stream_checks"]
 
@@ -71,12 +71,7 @@ class StreamProducer:
             self.redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
         )
         try:
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            tick = 0
-            while not stop.is_set():
-                tick += 1
-                await asyncio.sleep(max(0.0, start + tick / self.rate - loop.time()))
+            async for tick in ticks(self.rate, stop):
                 await self._add(client, tick)
         finally:
             await client.aclose()

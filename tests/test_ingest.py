@@ -145,6 +145,19 @@ async def test_a_fenced_consumer_cannot_append(
         await instance.stop()
 
 
+async def pending_entries(
+    raw: aioredis.Redis, stream: str, count: int, prefix: str, *, read: int | None = None
+) -> list[str]:
+    """``count`` entries, the first ``read`` of them (all by default) read, so pending,
+    by "holder", which holds the lease."""
+    await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
+    ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
+           for _ in range(count)]  # fmt: skip
+    await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"}, count=read)
+    await raw.set(f"{prefix}ingest:lease", "holder")
+    return ids
+
+
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-price-script", "batch-script"])
 async def test_an_entry_cannot_overtake_an_older_pending_one(
     redis_server: RedisProcess, raw: aioredis.Redis, prefix: str, batch: int
@@ -156,11 +169,7 @@ async def test_an_entry_cannot_overtake_an_older_pending_one(
     stream = f"{prefix}ingest"
     await instance.storage.start(instance.listener)
     try:
-        await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
-        ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
-               for _ in range(1 + batch)]  # fmt: skip
-        await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"})  # all pending now
-        await raw.set(f"{prefix}ingest:lease", "holder")
+        ids = await pending_entries(raw, stream, 1 + batch, prefix)
         later = [PriceBody("pjm", float(i), None, "2026-11-27T15:00:00.000Z")
                  for i in range(1, 1 + batch)]  # fmt: skip
         acks = [IngestAck(entry_id, "holder") for entry_id in ids[1:]]
@@ -190,11 +199,7 @@ async def test_a_batch_deletes_its_entries_and_nothing_newer(
     stream = f"{prefix}ingest"
     await instance.storage.start(instance.listener)
     try:
-        await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
-        ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
-               for _ in range(6)]  # fmt: skip
-        await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"}, count=5)  # 6th unread
-        await raw.set(f"{prefix}ingest:lease", "holder")
+        ids = await pending_entries(raw, stream, 6, prefix, read=5)  # the 6th unread
         bodies = [PriceBody("pjm", float(i), None, "2026-11-27T15:00:00.000Z")
                   for i in range(6)]  # fmt: skip
         acks = [IngestAck(entry_id, "holder") for entry_id in ids]
@@ -212,16 +217,6 @@ async def test_a_batch_deletes_its_entries_and_nothing_newer(
         assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
     finally:
         await instance.stop()
-
-
-async def pending_entries(raw: aioredis.Redis, stream: str, count: int, prefix: str) -> list[str]:
-    """``count`` entries read (pending) by "holder", which holds the lease."""
-    await raw.xgroup_create(stream, INGEST_GROUP, id="0", mkstream=True)
-    ids = [(await raw.xadd(stream, {"market_zone": "pjm", "price": "1"})).decode()
-           for _ in range(count)]  # fmt: skip
-    await raw.xreadgroup(INGEST_GROUP, "holder", {stream: ">"})
-    await raw.set(f"{prefix}ingest:lease", "holder")
-    return ids
 
 
 async def test_the_batch_trim_never_deletes_an_entry_still_pending(
