@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
 from pricehub.server.ingest import IngestConsumer
 from pricehub.server.publisher import Publisher
@@ -339,6 +340,28 @@ async def test_a_consumer_killed_mid_stream_leaves_nothing_behind(
             doomed.kill()
             await doomed.wait()
         await survivor.stop()
+
+
+async def test_a_pending_entry_deleted_before_its_append_is_reported(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """Entries a dead consumer read are taken over; one deleted in between (by hand, or
+    an XTRIM MAXLEN shorter than the backlog) cannot be, and its loss is logged as an
+    error, not passed over in silence."""
+    stream = f"{prefix}ingest"
+    ids = await pending_entries(raw, stream, 3, prefix)  # "holder" read them, then died
+    await raw.delete(f"{prefix}ingest:lease")
+    await raw.xdel(stream, ids[1])
+    instance = Instance(redis_server.url, prefix, "successor")
+    with capture_logs() as logs:
+        await instance.start()
+        try:
+            await instance.listener.wait_for("pjm", 2)
+        finally:
+            await instance.stop()
+    deleted = [entry for entry in logs if entry["event"] == "ingest_pending_entries_deleted"]
+    assert [(entry["count"], entry["first"]) for entry in deleted] == [(1, ids[1])]
+    assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
 
 
 LOOSE_ENTRIES: list[tuple[str, list[str]]] = [

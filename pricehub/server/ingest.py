@@ -275,6 +275,14 @@ class IngestConsumer:
         )  # fmt: skip
         entries = [(entry_id, fields or []) for entry_id, fields in response[1]]
         self.stats.claimed += len(entries)
+        if len(response) > 2 and response[2]:
+            # Redis 7: pending entries that no longer exist (deleted before they were
+            # appended: by hand, or an XTRIM MAXLEN too short for the backlog). Redis drops
+            # them from the group; their prices are lost, so say so loudly.
+            log.error(
+                "ingest_pending_entries_deleted", count=len(response[2]),
+                first=response[2][0].decode(errors="replace"),
+            )  # fmt: skip
         return entries
 
     async def _read_batch(self, client: aioredis.Redis) -> list[Entry]:
