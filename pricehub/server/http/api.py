@@ -248,16 +248,13 @@ async def read_body(request: web.Request) -> bytes | web.StreamResponse:
     lingering close), holding the connection or raising the same error again.
     """
     settings = request.app[SETTINGS]
-    too_large = json_error(
-        413, HttpErrorCode.BODY_TOO_LARGE, f"body over {settings.max_body_size} bytes"
-    )
     if request.content_length is not None and request.content_length > settings.max_body_size:
-        return too_large
+        return _body_too_large(settings.max_body_size)
     try:
         async with asyncio.timeout(settings.body_timeout):
             return await request.read()  # client_max_size also caps chunked bodies
     except web.HTTPRequestEntityTooLarge:
-        return too_large
+        return _body_too_large(settings.max_body_size)
     except TimeoutError:
         log.warning("body_timeout", remote=request.remote, timeout_s=settings.body_timeout)
         return await send_and_close(request, json_error(
@@ -270,6 +267,11 @@ async def read_body(request: web.Request) -> bytes | web.StreamResponse:
         return await send_and_close(request, json_error(
             400, HttpErrorCode.INVALID_BODY, f"request body cannot be decoded: {reason}"
         ))
+
+
+def _body_too_large(limit: int) -> web.Response:
+    # Built only when needed: every publish request reads a body.
+    return json_error(413, HttpErrorCode.BODY_TOO_LARGE, f"body over {limit} bytes")
 
 
 async def send_and_close(request: web.Request, response: web.Response) -> web.Response:
