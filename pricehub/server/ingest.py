@@ -273,16 +273,19 @@ class IngestConsumer:
             self._keys.ingest, INGEST_GROUP, self._consumer,
             min_idle_time=0, start_id="0-0", count=self._batch,
         )  # fmt: skip
+        # Pending entries that no longer exist were deleted before anyone appended them (by
+        # hand, or an XADD MAXLEN shorter than the backlog): their prices are lost, so say
+        # so loudly. Redis 7 lists their ids apart (and drops them from the group); 6.2
+        # returns them without fields, and they go on to be acknowledged as invalid.
+        gone = [entry_id for entry_id, fields in response[1] if fields is None]
+        gone += response[2] if len(response) > 2 else []
+        if gone:
+            log.error(
+                "ingest_pending_entries_deleted", count=len(gone),
+                first=gone[0].decode(errors="replace"),
+            )  # fmt: skip
         entries = [(entry_id, fields or []) for entry_id, fields in response[1]]
         self.stats.claimed += len(entries)
-        if len(response) > 2 and response[2]:
-            # Redis 7: pending entries that no longer exist (deleted before they were
-            # appended: by hand, or an XTRIM MAXLEN too short for the backlog). Redis drops
-            # them from the group; their prices are lost, so say so loudly.
-            log.error(
-                "ingest_pending_entries_deleted", count=len(response[2]),
-                first=response[2][0].decode(errors="replace"),
-            )  # fmt: skip
         return entries
 
     async def _read_batch(self, client: aioredis.Redis) -> list[Entry]:
