@@ -63,6 +63,7 @@ __all__ = [
     "RedisStorage",
     "WriteInDoubt",
     "connect_client",
+    "next_stream_id",
     "redis_errors",
 ]
 

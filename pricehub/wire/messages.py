@@ -203,11 +203,12 @@ _PRICE_FIELDS = frozenset({"market_zone", "price", "volume", "timestamp"})
 
 
 def _finite_number(name: str, value: object) -> float:
-    number = value
-    if type(number) is not float:  # what JSON and stream numbers parse to, checked first
-        # bool is an int subclass; "price": true is a publisher bug, not 1.0.
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValidationError(name, "must be a number")
+    if type(value) is float:  # what JSON and stream numbers parse to: checked first
+        number = value
+    # bool is an int subclass; "price": true is a publisher bug, not 1.0.
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(name, "must be a number")
+    else:
         number = float(value)
     if not math.isfinite(number):
         raise ValidationError(name, "must be finite")
