@@ -1,24 +1,51 @@
 #!/usr/bin/env python3
-"""Start one pricehub instance: ``python run_server.py --help`` lists the flags.
+"""Start one pricehub instance: ``python3 run_server.py --help`` lists the flags.
 
-On a fresh checkout this installs pricehub's dependencies first (into the running
-Python), so the one command works on a machine with only Python 3.11+.
+On a fresh checkout, when the running Python lacks pricehub's dependencies, this makes the
+project's own venv (``.venv/``, from the committed lock ``requirements/run.txt``) once and
+runs there: a stock Debian/Ubuntu ``python3`` is "externally managed" (PEP 668) and is never
+installed into. A Python that already has them (an activated venv, say) is used as it is.
 """
 
 import importlib.util
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REQUIRED = ("aiohttp", "redis", "orjson", "structlog", "prometheus_client", "jwt")
+# Set before re-running in the venv: a venv that still lacks a dependency is an error to
+# report, not a reason to make it again (and again).
+REEXEC = "PRICEHUB_IN_PROJECT_VENV"
 
-if any(importlib.util.find_spec(name) is None for name in REQUIRED):
-    print("pricehub: installing dependencies (pip install -e .) ...", file=sys.stderr)
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(HERE)])
 
-sys.path.insert(0, str(HERE))
-from pricehub.cli import main  # noqa: E402
+def _bootstrap() -> None:
+    if all(importlib.util.find_spec(name) is not None for name in REQUIRED):
+        return
+    if os.environ.get(REEXEC):
+        sys.exit(f"pricehub: {sys.prefix} still lacks a dependency; remove .venv/ and retry")
+    spec = importlib.util.spec_from_file_location("_pricehub_venv", HERE / "scripts" / "venv.py")
+    assert spec is not None and spec.loader is not None
+    venv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(venv)
+    status = 0
+    try:
+        python = venv.ensure_venv("run")
+    except venv.VenvError as exc:
+        print(f"pricehub: {exc}", file=sys.stderr)
+        status = 1
+    except venv.subprocess.CalledProcessError as exc:
+        print(f"pricehub: installing dependencies failed (exit {exc.returncode})", file=sys.stderr)
+        status = 1
+    if status:
+        sys.exit(status)
+    os.environ[REEXEC] = "1"
+    os.execv(str(python), [str(python), str(HERE / "run_server.py"), *sys.argv[1:]])
+
 
 if __name__ == "__main__":
+    _bootstrap()
+    sys.path.insert(0, str(HERE))
+    from pricehub.cli import main
+
     sys.exit(main())

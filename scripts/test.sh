@@ -2,12 +2,15 @@
 # The whole test suite, from a fresh clone: installs what the tests need, then runs them.
 #   - system packages (redis-server, chromium, prometheus's promtool, node) when missing,
 #     with apt-get when running as root;
-#   - pricehub with its [test] extras, editable, into the running python3;
+#   - the project's venv .venv/ from the committed lock requirements/test.txt (every
+#     dependency pinned and hash-checked; nothing is installed into the system Python),
+#     with pricehub itself editable;
 #   - then lint (ruff), types (mypy --strict), the JS unit tests and pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k resume).
+# PRICEHUB_DEPS=latest runs the same against the newest releases setup.cfg allows, in
+# .venv-latest/ (scripts/test-latest.sh): how an upgrade is tried before the lock moves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -24,8 +27,8 @@ if ((${#missing[@]})); then
   fi
 fi
 
-"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
-"$PYTHON" -m ruff check pricehub tests bench
+PYTHON=$(python3 scripts/venv.py "${PRICEHUB_DEPS:-test}")
+"$PYTHON" -m ruff check pricehub tests bench scripts run_server.py
 "$PYTHON" -m mypy
 node --test tests/js/
 exec "$PYTHON" -m pytest "$@"

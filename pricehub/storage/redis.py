@@ -349,7 +349,7 @@ def _sentinel_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
     password = unquote(parts.password) if parts.password else None
     query = parse_qs(parts.query)
     sentinel_password = query.get("sentinel_password", [None])[0]
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         hosts,
         sentinel_kwargs={
             "socket_timeout": options["socket_timeout"],
