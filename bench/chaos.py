@@ -135,6 +135,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--short", action="store_true", help="CI size: each fault kind once, about 50 s in all"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON report, not tables")
+    parser.add_argument(
+        "--out", type=Path, default=OUT, help=f"where logs and the report go (default {OUT})"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(h) is non-zero")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="WebSocket clients")
     parser.add_argument("--rate", type=float, default=RATE, help="prices per second")
@@ -293,7 +296,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = OUT / f"chaos-{args.seed}"
+    workdir = args.out / f"chaos-{args.seed}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
@@ -301,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         say(f"harness failed: {exc}")
         return 2
-    path = OUT / f"chaos-{args.seed}.json"
+    path = args.out / f"chaos-{args.seed}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str) if args.json else table(report))
     say(f"report written to {path}")

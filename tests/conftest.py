@@ -10,8 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from pricehub.server.app import create_app
+from tests.hygiene import Footprint
 from tests.redisproc import RedisProcess
-from tests.serverproc import ServerProcess
+from tests.serverproc import REPO, ServerProcess, use_scratch_dir
 from tests.support import PUBLISH_KEY, Client, MakeClient, make_settings
 
 # Markers, derived once here instead of on every test: what a test needs decides how
@@ -44,6 +45,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             kinds.add(_KIND_BY_MODULE[module.__name__])
         for kind in kinds or {"unit"}:
             item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Harness files go under the session's tmp dir; the run fails (an error at the last
+    test's teardown) if it touched ``./data`` or left ``pricehub-*`` in the temp dir."""
+    use_scratch_dir(tmp_path_factory.mktemp("harness"))
+    before = Footprint.take(REPO / "data")
+    yield
+    problems = Footprint.take(REPO / "data").changes_since(before)
+    assert not problems, "the test run left files behind:\n" + "\n".join(problems)
 
 
 @pytest.fixture

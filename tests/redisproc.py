@@ -7,7 +7,9 @@
         redis_server.kill()       # SIGKILL: connections drop, every key is gone
         redis_server.start()      # the same port again, empty
 
-Never the Redis on 6379: each instance gets a port that was free a moment ago.
+Never the Redis on 6379: each instance gets a port that was free a moment ago. Its unix
+socket and log live in a directory of the session's tmp dir (``scratch_dir``), removed
+at ``__exit__``.
 Without a ``redis-server`` binary the test is skipped, except under ``CI=true``
 where a missing binary fails the run (CI must not silently skip the cluster tests).
 
@@ -33,7 +35,7 @@ from typing import Any
 import redis
 
 from pricehub.storage import StoredPrice
-from tests.serverproc import free_port
+from tests.serverproc import free_port, scratch_dir
 from tests.support import missing_tool
 
 __all__ = [
@@ -108,7 +110,7 @@ class RedisProcess:
         self.binary = redis_binary()
         self.port = port or free_port()
         self.tls = tls
-        self._dir = Path(tempfile.mkdtemp(prefix=f"pricehub-redis-{self.port}-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=f"redis-{self.port}-", dir=scratch_dir()))
         self.unix_socket = self._dir / "redis.sock"
         self._startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
@@ -429,7 +431,7 @@ class SentinelSetup:
         startup_timeout: float = 30.0,
     ) -> None:
         self.binary = redis_binary()
-        self._dir = Path(tempfile.mkdtemp(prefix="pricehub-sentinel-"))
+        self._dir = Path(tempfile.mkdtemp(prefix="sentinel-", dir=scratch_dir()))
         self._down_after_ms = down_after_ms
         self._failover_timeout_ms = failover_timeout_ms
         self._startup_timeout = startup_timeout
@@ -603,7 +605,7 @@ class RedisCluster:
     def __init__(self, *, node_timeout_ms: int = 1000, startup_timeout: float = 60.0) -> None:
         self.binary = redis_binary()
         self.cli = redis_cli_binary()
-        self._dir = Path(tempfile.mkdtemp(prefix="pricehub-cluster-"))
+        self._dir = Path(tempfile.mkdtemp(prefix="cluster-", dir=scratch_dir()))
         self._startup_timeout = startup_timeout
         self._node_timeout_ms = node_timeout_ms
         self.nodes = self._pick_nodes()

@@ -10,8 +10,9 @@
 The server always runs with ``--redis-url none`` unless ``redis_url`` is given, so a test
 never touches a developer's Redis, and with ``--data-dir none`` unless ``data_dir`` is
 given, so no test writes ``data/`` into the repository (and a SIGKILL forgets everything,
-as those tests expect). Output goes to a log file (``server.log()``) instead of a
-pipe nobody reads, and start-up failures include it. The blocking methods have ``_async``
+as those tests expect). Output goes to a log file (``server.log()``, ``server.log_path``,
+under the session's tmp dir: ``scratch_dir``) instead of a pipe nobody
+reads, and start-up failures include it. The blocking methods have ``_async``
 twins that run in a thread: a test that owns client sockets must keep its event loop
 running while the server shuts down, or the server waits for close handshakes nobody sends.
 """
@@ -19,7 +20,9 @@ running while the server shuts down, or the server waits for close handshakes no
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,11 +38,31 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["REPO", "ServerProcess", "free_port"]
+__all__ = ["REPO", "ServerProcess", "free_port", "scratch_dir", "use_scratch_dir"]
 
 REPO = Path(__file__).resolve().parent.parent
 HEALTH_PATH = "/api/ws/ws/health"
 PUBLISH_PATH = "/api/ws/ws/broadcast/price"
+
+
+# Set once per session by conftest: a directory of pytest's tmp_path_factory.
+_scratch: list[Path] = []
+
+
+def use_scratch_dir(path: Path) -> None:
+    _scratch[:] = [path]
+
+
+def scratch_dir() -> Path:
+    """Where the process harnesses (here and tests/redisproc.py) keep server logs and
+    redis-server directories: under the pytest session's tmp dir, so a run leaves nothing
+    in the system temp dir and a failed test's logs stay readable (pytest prunes old
+    runs). Outside pytest (bench scripts), a temp dir removed at exit."""
+    if not _scratch:
+        path = Path(tempfile.mkdtemp(prefix="pricehub-harness-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        _scratch.append(path)
+    return _scratch[0]
 
 
 def free_port() -> int:
@@ -79,7 +102,11 @@ class ServerProcess:
         ]  # fmt: skip
         self._env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._startup_timeout = startup_timeout
-        self._log = Path(tempfile.mkstemp(prefix=f"pricehub-{self.port}-", suffix=".log")[1])
+        descriptor, log = tempfile.mkstemp(
+            prefix=f"server-{self.port}-", suffix=".log", dir=scratch_dir()
+        )
+        os.close(descriptor)
+        self.log_path = Path(log)
         self.process: subprocess.Popen[bytes] | None = None
 
     # --- start ------------------------------------------------------------------------
@@ -88,7 +115,7 @@ class ServerProcess:
         """Spawn the server and wait until its health endpoint answers 200."""
         if self.running:
             raise RuntimeError("the server is already running")
-        with self._log.open("ab") as log:
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command, cwd=REPO, env=self._env, stdout=log, stderr=subprocess.STDOUT
             )
@@ -147,7 +174,7 @@ class ServerProcess:
 
     def log(self) -> str:
         """Everything the server printed, across restarts."""
-        return self._log.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
 
     def __enter__(self) -> ServerProcess:
         self.start()
@@ -161,7 +188,6 @@ class ServerProcess:
     ) -> None:
         if self.running:
             self.stop()
-        self._log.unlink(missing_ok=True)
 
     # --- publishing -------------------------------------------------------------------
 

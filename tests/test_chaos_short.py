@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +25,10 @@ from tests.support import missing_tool
 SOAK_TIMEOUT = 150.0
 
 
-def run_short_soak() -> dict[str, Any]:
+def run_short_soak(out: Path) -> dict[str, Any]:
+    # --out: the soak's logs and report go to the test's tmp dir, never bench/out/.
     command = [sys.executable, "-m", "bench.chaos", "--short", "--seed", "1", "--json"]
+    command += ["--out", str(out)]
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=SOAK_TIMEOUT, check=False
     )
@@ -35,10 +38,10 @@ def run_short_soak() -> dict[str, Any]:
 
 
 @pytest.mark.timeout(SOAK_TIMEOUT + 30)  # the suite's default (120 s) is shorter than the soak
-def test_short_chaos_soak_has_no_gap_and_no_duplicate() -> None:
+def test_short_chaos_soak_has_no_gap_and_no_duplicate(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         missing_tool("redis-server not installed (apt-get install redis-server)")
-    report = run_short_soak()
+    report = run_short_soak(tmp_path)
     counts = report["counts"]
     for name in ("undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted"):
         assert isinstance(counts[name], int), f"no count for {name}"

@@ -38,17 +38,22 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 @pytest.fixture
-async def embedded_default() -> AsyncIterator[str]:
-    """The README's run command exactly, with only the port (and an unreachable Redis,
-    so the machine's own Redis is never touched) changed through the environment."""
+async def embedded_default(tmp_path: Path) -> AsyncIterator[str]:
+    """The README's run command exactly, typed in a working directory of the test's own,
+    with only the port (and an unreachable Redis, so the machine's own Redis is never
+    touched) changed through the environment. ``run_server.py`` there is a link to the
+    checkout's, so the default ``--data-dir data`` (relative to the working directory)
+    is ``tmp_path / "data"``, never the checkout's: its journal would be replayed into the
+    next real Redis that server is started with."""
     (run_command,) = readme_block("## Run the server")
     port = free_port()
     env = {**os.environ, "PRICEHUB_PORT": str(port),
            "PRICEHUB_REDIS_URL": "redis://127.0.0.1:1/0", "PRICEHUB_LOG_FORMAT": "json"}
     argv = shlex.split(run_command)
-    assert argv[:2] == ["python", "run_server.py"]
+    assert argv[0] in ("python", "python3") and argv[1:] == ["run_server.py"], run_command
+    (tmp_path / "run_server.py").symlink_to(REPO / "run_server.py")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, *argv[1:], cwd=REPO, env=env,
+        sys.executable, *argv[1:], cwd=tmp_path, env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -71,7 +76,7 @@ async def connect_when_up(
 
 
 async def test_readme_run_command_streams_simulated_prices_in_memory(
-    embedded_default: str,
+    embedded_default: str, tmp_path: Path
 ) -> None:
     async with aiohttp.ClientSession() as session:
         ws = await connect_when_up(session, embedded_default + "/api/ws/ws/prices")
@@ -82,6 +87,9 @@ async def test_readme_run_command_streams_simulated_prices_in_memory(
                 pass
         assert message["market_zone"] in hello["zones"] and message["seq"] >= 1
         await ws.close()
+    # Journaled where the README's default --data-dir says: data/ of the working directory.
+    journal = await asyncio.to_thread(lambda: list((tmp_path / "data").glob("wal-*.log")))
+    assert journal, "no journal in data/ of the server's working directory"
 
 
 async def test_readme_curl_publish_example_works() -> None:

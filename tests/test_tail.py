@@ -65,6 +65,14 @@ class Tail:
 StartTail = Callable[..., Awaitable[Tail]]
 
 
+def sigint_as_in_a_terminal() -> None:
+    """Run in the child before exec: SIGINT back to its default, as an interactive shell
+    gives it to a command. A suite started as a background job (``pytest ... &`` in a
+    script) inherits SIGINT *ignored*; that survives exec, Python then installs no
+    KeyboardInterrupt handler, and tail would sit out ``interrupt`` (the user's Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 async def run_tail() -> AsyncIterator[StartTail]:
     """Starts ``python -m pricehub tail ARGS``; kills what is still running at the end."""
@@ -74,7 +82,7 @@ async def run_tail() -> AsyncIterator[StartTail]:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "pricehub", "tail", *args,
             cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, preexec_fn=sigint_as_in_a_terminal,
         )  # fmt: skip
         started.append(process)
         return Tail(process)
@@ -103,6 +111,20 @@ async def test_json_mode_prints_one_price_object_per_line(
         assert line["volume"] == 7
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
         assert set(line) == {"market_zone", "price", "volume", "seq", "timestamp"}
+
+
+async def test_ctrl_c_stops_tail_even_when_the_suite_ignores_sigint(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    # What a background job gets (``pytest ... &`` in a script): SIGINT ignored, and
+    # inherited by every child the suite starts unless it says otherwise.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tail = await run_tail("--json", "--server", server.url, "pjm")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    await tail.stderr_until("pricehub tail: connected")
+    assert await tail.interrupt() == 0
 
 
 async def test_table_mode_renders_a_frame(server: ServerProcess, run_tail: StartTail) -> None:
