@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -52,6 +52,7 @@ from pricehub.wire.messages import with_seq
 
 __all__ = [
     "DISK_DISABLED",
+    "DISK_FOREIGN",
     "DiskStatus",
     "DurableStorage",
     "JournaledAppends",
@@ -61,21 +62,27 @@ __all__ = [
 
 DISK_OK = "ok"
 DISK_DISABLED = "disabled"
+# The failover's journal mirrors another Redis feed than the one configured: left
+# untouched and not used (``binding.py``). A degradation: nothing is durable, and the
+# operator has a decision to make (see docs/operations.md).
+DISK_FOREIGN = "journal_belongs_to_another_redis"
 
 
 @dataclass(frozen=True, slots=True)
 class DiskStatus:
     """What health, stats and metrics say about durability.
 
-    ``check`` is health's ``checks.disk``: ``"ok"``, ``"disabled"`` (no data dir), or
+    ``check`` is health's ``checks.disk``: ``"ok"``, ``"disabled"`` (no data dir),
     ``"unavailable: <reason>"`` (the last write failed, or the data dir could not be
-    used). ``journal`` is None without a journal.
+    used), or ``DISK_FOREIGN``. ``journal`` is None without a journal; ``detail`` adds
+    fields to the ``durability`` section (which Redis a foreign journal mirrors).
     """
 
     check: str
     journal: JournalStats | None = None
     recovered: Recovered | None = None
     write_errors: int = 0
+    detail: Mapping[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -83,7 +90,7 @@ class DiskStatus:
 
     def as_json(self) -> dict[str, Any]:
         """The ``durability`` section of the stats and health documents."""
-        section: dict[str, Any] = {"status": self.check}
+        section: dict[str, Any] = {"status": self.check, **(self.detail or {})}
         journal = self.journal
         if journal is None:
             return section

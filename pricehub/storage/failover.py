@@ -51,6 +51,21 @@ Prices mirrored from Redis, zone resets and epochs of a reconcile are written be
 (not awaited: Redis keeps them), in the same order as everything else. A data dir that
 is locked or not writable is not fatal here: the instance runs without durability and
 says so (``disk_status``: ``disabled: <reason>``).
+
+A journal never seeds a Redis it did not mirror (issue 22, ``binding.py``). The data
+dir's meta records the Redis address (host, port, db, key prefix) and the feed id found
+in Redis (``<prefix>feed``, created with the feed, next to the epoch). A journal bound
+to another address is closed at ``start`` without being loaded; one whose Redis turns
+out, at the run's first reconcile, to hold another feed (another feed id; for a journal
+of an older pricehub with no binding: anything but its epoch) is closed then, and memory
+forgets its lineage before anything is written back. Either way the journal is left as
+it was, the instance mirrors the Redis it found without durability, one warning names
+both, and ``disk_status`` says ``DISK_FOREIGN`` (health degraded). Later reconciles need
+no check: memory is then this run's live mirror of that Redis, as without a data dir.
+The same Redis found empty (it lost its data) is restored from the journal as before.
+``adopt_journal`` (one start, logged) binds the journal to the configured Redis before
+the first connect, so it seeds that Redis if it has no feed (if it has one, Redis wins
+as on any reconcile).
 """
 
 from __future__ import annotations
@@ -66,17 +81,25 @@ import structlog
 
 from pricehub.server.errors import ConfigError
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
+from pricehub.storage.binding import FEED_KEY, Binding, RedisAddress, mirrors
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
 from pricehub.storage.durable import (
     DISK_DISABLED,
+    DISK_FOREIGN,
     DiskStatus,
     JournaledAppends,
     journal_disk_status,
 )
 from pricehub.storage.errors import BatchInterrupted, StorageHeld, StorageUnavailable
-from pricehub.storage.journal import Journal, JournalUnavailable, Recovered
+from pricehub.storage.journal import DiskError, Journal, JournalUnavailable, Recovered
 from pricehub.storage.memory import MemoryStorage
-from pricehub.storage.redis import EpochChanged, LeaseLost, RedisStorage, WriteInDoubt
+from pricehub.storage.redis import (
+    EpochChanged,
+    LeaseLost,
+    RedisStorage,
+    WriteInDoubt,
+    redis_errors,
+)
 from pricehub.wire.messages import with_seq
 
 T = TypeVar("T")
@@ -105,6 +128,11 @@ HOLD_PROBE_INTERVAL = 0.2  # seconds between reconnect attempts while appends ar
 # Epochs and zone resets are never dropped: they carry the lineage.
 MAX_WRITE_BEHIND = 50_000
 WRITE_BEHIND_WARN_INTERVAL = 10.0  # seconds between warnings of write-behind trouble
+NO_BINDING = "none recorded (a data dir of an older pricehub, or of --redis-url none)"
+FOREIGN_JOURNAL = (
+    "left untouched and not used: no durability until restarted on the Redis it mirrors, "
+    "with --adopt-journal (seeds this Redis from it), or with another --data-dir"
+)
 
 
 class FailoverStorage:
@@ -122,6 +150,8 @@ class FailoverStorage:
     :param assume_peers: act as an instance with peers from the start (``--workers`` >
         1), whatever the registry says (default False).
     :param data_dir: journal the memory store there (default None: nothing on disk).
+    :param adopt_journal: take the journal as this Redis's even if it mirrored another
+        (default False; see the module docstring).
     :param journal_options: passed to ``Journal.open`` (tests, benchmarks).
     :param log: structlog logger (default ``pricehub.storage``).
 
@@ -146,10 +176,12 @@ class FailoverStorage:
         hold: float = 5.0,
         assume_peers: bool = False,
         data_dir: str | Path | None = None,
+        adopt_journal: bool = False,
         journal_options: Mapping[str, Any] | None = None,
         log: Any = None,
     ) -> None:
         self._url = redis_url
+        self._address = RedisAddress.from_url(redis_url, key_prefix=key_prefix)
         self._zones = tuple(zones)
         self._key_prefix = key_prefix
         self._history_size = history_size
@@ -196,6 +228,13 @@ class FailoverStorage:
         self._behind_warned_at = -WRITE_BEHIND_WARN_INTERVAL
         self.journal_behind_errors = 0
         self.journal_behind_dropped = 0
+        self._adopt_journal = adopt_journal
+        # Whether memory still holds the journal's lineage as loaded, unchecked: until
+        # this run's first reconcile (after it memory is a live mirror of this Redis).
+        self._unchecked = not adopt_journal
+        self._binding: Binding | None = None  # what the journal mirrors (None: unproven)
+        self._feed_id: str | None = None  # of the feed last reconciled with (or the journal's)
+        self._foreign: dict[str, str] | None = None  # why the journal is not used
 
     @classmethod
     def from_settings(
@@ -213,6 +252,7 @@ class FailoverStorage:
             hold=settings.redis_hold,
             assume_peers=settings.workers > 1,
             data_dir=settings.data_dir,
+            adopt_journal=settings.adopt_journal,
             log=log,
         )
 
@@ -307,16 +347,60 @@ class FailoverStorage:
                 new_epoch=self._epoch, log=self._log, **self._journal_options,
             )  # fmt: skip
         except JournalUnavailable as exc:
-            self._disk_reason = str(exc)
-            self._log.warning(
-                "durability_disabled", data_dir=str(self._data_dir), reason=str(exc)
-            )
+            self._disable_durability(exc)
             return
+        try:
+            binding = await self._bind_at_open(journal, recovered)
+        except DiskError as exc:  # the meta file could not be written
+            await journal.close()
+            self._disable_durability(exc)
+            return
+        if binding is not None and not binding.address.same_as(self._address):
+            await journal.close()  # never loaded, never written: left as it was
+            self._reject(str(binding), str(self._address))
+            return
+        self._binding, self._feed_id = binding, None if binding is None else binding.feed_id
         self._epoch = recovered.epoch
         for zone, state in recovered.zones.items():
             self._memory.reset(zone, state.prices, seq=state.seq)
         self._journal, self._recovered = journal, recovered
         self._appends = JournaledAppends(self._memory, journal, listener=listener, log=self._log)
+
+    def _disable_durability(self, exc: Exception) -> None:
+        self._disk_reason = str(exc)
+        self._log.warning("durability_disabled", data_dir=str(self._data_dir), reason=str(exc))
+
+    async def _bind_at_open(self, journal: Journal, recovered: Recovered) -> Binding | None:
+        """The journal's binding, to be checked against Redis. ``adopt_journal`` rebinds
+        it to the configured Redis *before* anything of it can reach that Redis (so a
+        crash right after the seeding finds it bound to where its feed went); a journal
+        with nothing to seed (a new data dir) is simply bound to it."""
+        binding = Binding.from_json(journal.meta)
+        if self._adopt_journal:
+            self._log.warning(
+                "journal_adopted", data_dir=str(self._data_dir), epoch=recovered.epoch,
+                journal_redis=NO_BINDING if binding is None else str(binding),
+                redis=str(self._address),
+            )  # fmt: skip
+            binding = Binding(self._address, None if binding is None else binding.feed_id)
+        elif binding is None and not any(zone.seq for zone in recovered.zones.values()):
+            binding = Binding(self._address)
+        else:
+            return binding
+        await journal.write_meta(binding.as_json())
+        return binding
+
+    def _reject(self, journal_redis: str, redis: str) -> None:
+        """The journal mirrors another feed: say so, once (log, health, stats)."""
+        data_dir = str(self._data_dir)
+        self._foreign = {
+            "reason": DISK_FOREIGN, "data_dir": data_dir, "journal_redis": journal_redis,
+            "redis": redis, "journal": FOREIGN_JOURNAL,
+        }  # fmt: skip
+        self._log.warning(
+            DISK_FOREIGN, data_dir=data_dir, journal_redis=journal_redis, redis=redis,
+            journal=FOREIGN_JOURNAL,
+        )  # fmt: skip
 
     def _write_behind(
         self, write: Callable[[Journal], asyncio.Future[None]], *, price: bool
@@ -352,6 +436,8 @@ class FailoverStorage:
         """Health ``checks.disk`` and the ``durability`` section (see ``durable.py``)."""
         if self._data_dir is None:
             return DiskStatus(DISK_DISABLED)
+        if self._foreign is not None:
+            return DiskStatus(DISK_FOREIGN, detail=self._foreign)
         if self._disk_reason is not None:
             return DiskStatus(f"{DISK_DISABLED}: {self._disk_reason}")
         errors = self.journal_behind_errors
@@ -447,6 +533,7 @@ class FailoverStorage:
             if self._closed:
                 raise StorageUnavailable("storage closed during recovery")
             self._adopt(redis, epoch, state, recovering=recovering)
+            self._unchecked = False
         except BaseException:
             await redis.close()
             raise
@@ -468,7 +555,13 @@ class FailoverStorage:
         self, redis: RedisStorage
     ) -> tuple[str, dict[str, tuple[int, list[StoredPrice]]]]:
         """Steps 1-3 of the module docstring; returns Redis's epoch and state."""
-        epoch = await redis.claim_epoch(self._epoch)
+        candidate = self._epoch
+        redis_epoch, redis_feed = await _feed_state(redis)
+        if not self._mirrors(redis_epoch, redis_feed):
+            await self._detach_journal(_describe(self._address, redis_epoch, redis_feed))
+            candidate = uuid.uuid4().hex[:12]  # a new feed if Redis has none, not ours
+        epoch = await redis.claim_epoch(candidate)
+        await self._settle_feed(redis)
         # Only zones this instance holds prices for have anything to write back.
         local = {
             zone: (
@@ -484,6 +577,52 @@ class FailoverStorage:
             if any(diverged.values()):
                 epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
         return epoch, await redis.load(self._zones)
+
+    def _mirrors(self, redis_epoch: str | None, redis_feed: str | None) -> bool:
+        """Whether memory's lineage may be reconciled into this Redis: always without a
+        journal, and once this run has reconciled with it (memory is then this instance's
+        own live mirror of this Redis, as without a data dir)."""
+        if self._journal is None or not self._unchecked:
+            return True
+        return mirrors(
+            self._binding, journal_epoch=self._epoch, redis_epoch=redis_epoch,
+            redis_feed=redis_feed,
+        )  # fmt: skip
+
+    async def _detach_journal(self, redis: str) -> None:
+        """Stop using a journal of another feed; memory forgets its lineage (restore then
+        writes nothing). Called under the closed gate, appends drained."""
+        journal, appends = self._journal, self._appends
+        assert journal is not None
+        self._journal = self._appends = self._recovered = None
+        if appends is not None:
+            appends.listener = None
+        self._memory.clear()
+        self._feed_id = None  # this Redis's feed is not the journal's
+        self._reject(NO_BINDING if self._binding is None else str(self._binding), redis)
+        self._binding = None
+        await journal.close()
+
+    async def _settle_feed(self, redis: RedisStorage) -> None:
+        """Give a Redis without a feed id ours (a restored or new feed), or one of its own
+        (a feed an older pricehub created), and bind the journal to the id it holds."""
+        key = f"{redis.keys.prefix}{FEED_KEY}"
+        candidate = self._feed_id or uuid.uuid4().hex[:16]
+        client = redis.client
+        async with redis_errors("feed"):
+            await client.set(key, candidate, nx=True)
+            found = await client.get(key)
+        self._feed_id = _text(found) or candidate
+        binding = Binding(self._address, self._feed_id)
+        journal = self._journal
+        if journal is None or binding == self._binding:
+            return
+        try:
+            await journal.write_meta(binding.as_json())
+        except DiskError:
+            return  # logged; the old binding stays, which at worst makes a start refuse it
+        self._binding = binding
+        self._log.info("journal_bound", data_dir=str(self._data_dir), redis=str(binding))
 
     def _adopt(
         self,
@@ -759,6 +898,29 @@ class FailoverStorage:
         reports that as ``degraded`` through ``backend``). A failing PING here is one
         more way to notice Redis is gone."""
         await self._on_redis(lambda redis: redis.check())
+
+
+async def _feed_state(redis: RedisStorage) -> tuple[str | None, str | None]:
+    """The epoch and feed id Redis holds (None: missing), before anything is claimed."""
+    client = redis.client
+    async with redis_errors("feed"):
+        epoch = await client.get(redis.keys.epoch)
+        feed = await client.get(f"{redis.keys.prefix}{FEED_KEY}")
+    return _text(epoch), _text(feed)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A reply as text (clients are made with decode_responses off: bytes)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _describe(address: RedisAddress, epoch: str | None, feed: str | None) -> str:
+    """A Redis as found at a reconcile, for the warning and health."""
+    if feed is not None:
+        return f"{address}, feed {feed}"
+    if epoch is None:
+        return f"{address}, empty"
+    return f"{address}, epoch {epoch} without a feed id"
 
 
 class _Mirror:

@@ -4,6 +4,8 @@ The memory store numbers prices; this journal makes them survive a restart, clea
 SIGKILL. It is a write-ahead log plus snapshots in one data directory::
 
     LOCK                     flock'd by the one process using the directory (PID, host)
+    meta.json                the owner's record of what the data describes (``write_meta``:
+                             the failover's journal names the Redis feed it mirrors)
     wal-000000000007.log     log segments: framed, CRC'd records (``journal_format``)
     snap-000000000007.snap   the whole state as of every segment numbered below 7
 
@@ -42,12 +44,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,7 @@ __all__ = [
 ]
 
 LOCK_NAME = "LOCK"
+META_NAME = "meta.json"
 _SEGMENT_PREFIX, _SEGMENT_SUFFIX = "wal-", ".log"
 _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "snap-", ".snap"
 _TMP_SUFFIX = ".tmp"
@@ -560,6 +564,37 @@ def _move_aside(directory: Path, damaged: _Damaged, log: Any) -> list[str]:
     return moved
 
 
+def _read_meta(directory: Path, log: Any) -> dict[str, Any] | None:
+    """The meta file's object; None when there is none. An unreadable one is reported
+    and taken as none: it only ever makes the owner more careful (see ``write_meta``)."""
+    path = directory / META_NAME
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("journal_meta_unreadable", file=str(path), error=str(exc))
+        return None
+    if not isinstance(meta, dict):
+        log.warning("journal_meta_unreadable", file=str(path), error="not a JSON object")
+        return None
+    return meta
+
+
+def _write_meta_file(directory: Path, data: bytes, *, fsync: bool) -> None:
+    """Replace the meta file atomically: temp file, fsync, rename, fsync the directory."""
+    final = directory / META_NAME
+    temp = final.with_name(final.name + _TMP_SUFFIX)
+    with open(temp, "wb") as out:
+        out.write(data)
+        out.flush()
+        if fsync:
+            os.fsync(out.fileno())
+    os.replace(temp, final)
+    if fsync:
+        _fsync_dir(directory)
+
+
 def _sizes(directory: Path) -> dict[str, int]:
     sizes = {}
     for entry in os.scandir(directory):
@@ -624,6 +659,7 @@ class Journal:
         self._fsync_recent: deque[float] = deque(maxlen=_RECENT_FSYNCS)
         self._fsync_max = 0.0
         self._last_error: str | None = None
+        self._meta: dict[str, Any] | None = None
 
     # -- opening ----------------------------------------------------------------------
 
@@ -710,6 +746,7 @@ class Journal:
             recovery.fresh_reason = recovery.fresh_reason or "new data dir"
             state.epoch = new_epoch
         journal = cls(directory, lock_fd=lock_fd, recovery=recovery, log=log, **options)
+        journal._meta = _read_meta(directory, log)
         # Opening the next segment now proves the directory writable at start, and a
         # fresh epoch must be durable before anything is numbered under it.
         journal._segments.write(fmt.encode_epoch(state.epoch) if recovery.fresh_reason else b"")
@@ -729,6 +766,25 @@ class Journal:
     def epoch(self) -> str:
         assert self._state.epoch is not None
         return self._state.epoch
+
+    @property
+    def meta(self) -> dict[str, Any] | None:
+        """The owner's record of what this data describes (``meta.json``), as found at
+        open or last written; None when there is none. A damaged journal starts afresh
+        but keeps it: it describes the directory's purpose, not its records."""
+        return None if self._meta is None else dict(self._meta)
+
+    async def write_meta(self, meta: Mapping[str, Any]) -> None:
+        """Replace the meta file (atomically, fsynced unless ``fsync`` is off).
+
+        :raises DiskError: it could not be written (the old one, if any, stays).
+        """
+        data = json.dumps(dict(meta), sort_keys=True, indent=1).encode() + b"\n"
+        try:
+            await asyncio.to_thread(_write_meta_file, self._directory, data, fsync=self._fsync)
+        except OSError as exc:
+            raise self._disk_error("journal_meta_write_failed", exc) from exc
+        self._meta = dict(meta)
 
     async def append(self, prices: Sequence[StoredPrice]) -> None:
         """Write ``prices`` (each zone's in seq order) and return once they are on disk.

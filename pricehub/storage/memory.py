@@ -123,6 +123,11 @@ class MemoryStorage:
         state.history.clear()
         state.history.extend(prices)
 
+    def clear(self) -> None:
+        """Forget every zone's seq and history (registrations stay): failover drops a
+        lineage that must not reach Redis (a journal of another Redis feed)."""
+        self._zones.clear()
+
     def last_seq(self, zone: str) -> int:
         return self._zones.get(zone, _EMPTY).seq
 
