@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pricehub.server.errors import ConfigError
-from pricehub.server.logs import configure_logging, redact_text
-from pricehub.server.settings import load_settings
+from pricehub.server.errors import ConfigError, error_line
+from pricehub.server.logs import configure_logging
+from pricehub.server.settings import Settings, load_settings
 
 __all__ = ["main"]
 
@@ -21,10 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["serve"]:
         args = args[1:]
     try:
-        settings = load_settings(args)
-    except ConfigError as exc:
-        # A mistyped URL may carry a password: redacted like every log line.
-        print(f"pricehub: configuration error: {redact_text(str(exc))}", file=sys.stderr)
+        settings = _checked_settings(args)
+    except ConfigError as exc:  # a usage error too: one line, exit 2
+        print(error_line(exc), file=sys.stderr)
         return 2
     configure_logging(log_format=settings.log_format, level=settings.log_level)
     if settings.workers > 1:
@@ -34,6 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pricehub.server.runner import serve
 
     return serve(settings)
+
+
+def _checked_settings(args: list[str]) -> Settings:
+    """The settings, with the files they name loaded once (TLS, subscriber key) before
+    anything starts or forks."""
+    settings = load_settings(args)
+    # Imported only for good settings: --help and a typo stay quick.
+    from pricehub.server.runner import preflight
+
+    preflight(settings)
+    return settings
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,11 @@
 """Serve one instance until SIGTERM/SIGINT, then shut down gracefully and exit 0.
 
-The listening sockets are bound first, before the application exists: a port already
-in use is then one line on stderr and exit 2, with nothing started (no storage, no
-Redis ingest lease, no background task). aiohttp's ``AppRunner.setup`` runs the
-startup contexts, so binding through ``TCPSite`` after it would come too late.
+The TLS files are loaded and the listening sockets bound first, before the application
+exists: a port already in use or an unloadable certificate is then one line on stderr
+and exit 2, with nothing started (no storage, no Redis ingest lease, no background
+task). aiohttp's ``AppRunner.setup`` runs the startup contexts, so binding through
+``TCPSite`` after it would come too late. Whatever else fails at start for a reason an
+operator must fix (the data dir, a subscriber key file) is reported the same way.
 
 Shutdown order: stop accepting, close every socket with 1001 (``on_shutdown``), stop
 the background tasks and the storage (``cleanup_ctx``), all within ``shutdown_grace``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import signal
 import socket
 import ssl
@@ -23,12 +26,14 @@ import structlog
 from aiohttp import web
 
 from pricehub.server.app import create_app
+from pricehub.server.errors import ConfigError, error_line
 from pricehub.server.http.group_metrics import WORKER_GROUP, WorkerGroup
 from pricehub.server.logs import AccessLogger
+from pricehub.server.policy.auth import TokenVerifier
 from pricehub.server.settings import Settings
 from pricehub.storage.journal import JournalUnavailable
 
-__all__ = ["BindError", "bind_sockets", "serve", "serve_async"]
+__all__ = ["BindError", "bind_sockets", "preflight", "serve", "serve_async"]
 
 log = structlog.get_logger("pricehub.server")
 BACKLOG = 1024
@@ -39,11 +44,31 @@ class BindError(Exception):
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or a ``ConfigError`` naming both files (OpenSSL does not
+    say which of them it could not read)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except OSError as exc:  # ssl.SSLError is one: not PEM, or the key of another cert
+        reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc.strerror or exc))
+        if reason.endswith("PEM lib"):
+            reason += " (not a PEM certificate and private key)"
+        raise ConfigError(
+            f"tls_cert {settings.tls_cert} / tls_key {settings.tls_key} cannot be loaded: "
+            f"{reason}"
+        ) from None
     return context
+
+
+def preflight(settings: Settings) -> None:
+    """Load the files the server will need (TLS certificate and key, subscriber key)
+    before any process, socket or storage exists; a ``ConfigError`` when one cannot be.
+    The CLI calls it before ``--workers N`` forks, so a bad file is one line, not one
+    per worker; ``serve`` loads them again, and reports the same error the same way."""
+    ssl_context(settings)
+    TokenVerifier.from_settings(settings)
 
 
 def bind_sockets(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
@@ -84,6 +109,7 @@ async def serve_async(
     settings: Settings, *, reuse_port: bool = False, group: WorkerGroup | None = None
 ) -> None:
     """Serve until a signal; ``group``: this process is one of ``--workers N``."""
+    context = ssl_context(settings)
     sockets = bind_sockets(settings.host, settings.port, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,7 +131,6 @@ async def serve_async(
             sock.close()
         raise
     try:
-        context = ssl_context(settings)
         for sock in sockets:
             await web.SockSite(runner, sock, ssl_context=context).start()
         scheme = "https" if context else "http"
@@ -149,12 +174,13 @@ def settle_heap() -> None:
 def serve(
     settings: Settings, *, reuse_port: bool = False, group: WorkerGroup | None = None
 ) -> int:
-    """Run until a signal; returns the process exit code: 2, with one line on stderr,
-    when the address cannot be bound or (``--redis-url none``) the data dir is locked by
-    another process or unusable."""
+    """Run until a signal; returns the process exit code: 2, with one line on stderr
+    (``error_line``; after whatever was logged before, in either log format), when the
+    address cannot be bound, the TLS files or the subscriber key cannot be loaded, or
+    (``--redis-url none``) the data dir is locked by another process or unusable."""
     try:
         asyncio.run(serve_async(settings, reuse_port=reuse_port, group=group))
-    except (BindError, JournalUnavailable) as exc:
-        print(f"pricehub: {exc}", file=sys.stderr)
+    except (BindError, ConfigError, JournalUnavailable) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     return 0
