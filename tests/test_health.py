@@ -5,22 +5,29 @@ shutdown, Redis lost and back)."""
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+import subprocess
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from pricehub.server.app import create_app
+from pricehub.server.settings import load_settings
 from pricehub.server.stats import ERROR_RATE_WINDOW, LOOP_LAG_WINDOW, Stats, health_report
 from pricehub.storage import MemoryStorage, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from tests.redisproc import RedisProcess
-from tests.serverproc import free_port
-from tests.support import WAIT, make_settings, publish, receive_json
+from tests.serverproc import REPO, ServerProcess, free_port
+from tests.support import WAIT, make_settings, missing_tool, publish, receive_json
 
 Client = TestClient[Any, Any]
 HEALTH = "/api/ws/ws/health"
@@ -52,6 +59,10 @@ def stats_with(**fields: Any) -> Stats:
         (Stats, {"redis_configured": False, "backend": "in-memory"}, "healthy",
          {"redis": "disabled"}),
         (Stats, {"backend": "in-memory"}, "degraded", {"redis": "unavailable"}),
+        # The embedded default: no Redis URL given, none answering the default one.
+        (Stats, {"backend": "in-memory", "redis_required": False}, "healthy",
+         {"redis": "not_found"}),
+        (Stats, {"redis_required": False}, "healthy", {}),
         (lambda: stats_with(total_connections=10, connection_errors=1), {}, "degraded",
          {"error_rate": "high"}),
         (lambda: stats_with(loop_lag=0.6), {}, "degraded", {"event_loop": "lagging"}),
@@ -262,3 +273,128 @@ async def test_redis_lost_and_back_moves_health_and_failover_counters(
         await health_until(client, "healthy")
         assert await metric(client, "pricehub_storage_recoveries_total") == 1
         assert await metric(client, 'pricehub_storage_backend{backend="redis"}') == 1
+
+
+# --- the embedded default is no fallback (issue 22.7) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml", "explicit"),
+    [
+        ([], {}, None, False),
+        (["--redis-url", "redis://127.0.0.1:6379/0"], {}, None, True),  # the default, named
+        ([], {"PRICEHUB_REDIS_URL": "redis://10.0.0.1:6379/0"}, None, True),
+        ([], {}, 'redis_url = "redis://10.0.0.1:6379/0"', True),
+        ([], {}, 'port = 9000', False),
+    ],
+)
+def test_settings_know_whether_the_redis_url_was_given(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], toml: str | None, explicit: bool
+) -> None:
+    if toml is not None:
+        config = tmp_path / "pricehub.toml"
+        config.write_text(toml + "\n")
+        argv = [*argv, "--config", str(config)]
+    assert load_settings(argv, environ=environ).redis_url_explicit is explicit
+
+
+def unanswered_url() -> str:
+    """A Redis URL nothing answers (never the machine's Redis on 6379)."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+FAST_PROBES: dict[str, Any] = {"redis_timeout": 0.2, "redis_probe_interval": 0.2}
+
+
+async def test_the_embedded_default_without_redis_is_healthy(make_app: MakeApp) -> None:
+    """``python3 run_server.py`` on a machine without Redis, as it would load its
+    settings: the default URL, not given (here a free port, so the machine's Redis on
+    6379 cannot answer)."""
+    client, _ = await make_app(redis_url=unanswered_url(), redis_url_explicit=False, **FAST_PROBES)
+    code, body = await health(client)
+    assert (code, body["status"], body["storage_backend"]) == (200, "healthy", "in-memory")
+    assert body["checks"]["redis"] == "not_found"
+    assert await metric(client, "pricehub_redis_required") == 0
+    assert await metric(client, 'pricehub_storage_backend{backend="redis"}') == 0
+
+
+async def test_a_given_redis_url_that_does_not_answer_is_degraded(make_app: MakeApp) -> None:
+    client, _ = await make_app(redis_url=unanswered_url(), **FAST_PROBES)
+    code, body = await health(client)
+    assert (code, body["status"], body["checks"]["redis"]) == (200, "degraded", "unavailable")
+    assert await metric(client, "pricehub_redis_required") == 1
+
+
+def test_a_redis_url_given_on_the_command_line_that_does_not_answer_is_degraded() -> None:
+    """The real ``run_server.py`` with ``--redis-url`` (what ``ServerProcess`` passes)."""
+    with ServerProcess("--no-simulate", redis_url=unanswered_url()) as server:
+        with urllib.request.urlopen(server.url + HEALTH, timeout=WAIT) as response:
+            body = orjson.loads(response.read())
+        assert (body["status"], body["checks"]["redis"]) == ("degraded", "unavailable")
+
+
+async def test_the_default_url_is_required_once_redis_served_there(make_app: MakeApp) -> None:
+    """Not given, but answering: losing it since is a fallback like any other (the
+    instances that shared it drift apart), until it is back."""
+    with RedisProcess() as redis_server:
+        client, _ = await make_app(
+            redis_url=redis_server.url, redis_url_explicit=False, redis_timeout=0.3,
+            redis_probe_interval=0.2,
+        )
+        _, body = await health_until(client, "healthy")
+        assert body["checks"]["redis"] == "ok"
+        assert await metric(client, "pricehub_redis_required") == 0
+        await asyncio.to_thread(redis_server.kill)
+        _, body = await health_until(client, "degraded")
+        assert body["checks"]["redis"] == "unavailable"
+        assert await metric(client, "pricehub_redis_required") == 1
+        await asyncio.to_thread(redis_server.start)
+        await health_until(client, "healthy")
+
+
+OPERATIONS_MD = REPO / "docs" / "operations.md"
+# promtool unit test of the documented rules: per instance, 10 minutes of samples.
+ALERT_TEST = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+{series}
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: PricehubOnFallback
+        exp_alerts:
+{alerts}
+"""
+
+
+def test_the_fallback_alert_fires_only_where_memory_is_a_fallback(tmp_path: Path) -> None:
+    """``PricehubOnFallback`` as docs/operations.md has it: for a Redis that is required
+    and gone, not for ``--redis-url none`` nor for the embedded default."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        missing_tool("promtool not installed (Debian package 'prometheus')")
+    (rules,) = re.findall(r"```yaml\n(.*?)```", OPERATIONS_MD.read_text(), flags=re.DOTALL)
+    (tmp_path / "rules.yml").write_text(rules)
+    # instance: (pricehub_storage_backend{backend="redis"}, pricehub_redis_required)
+    instances = {"given": (0, 1), "embedded": (0, 0), "none": (0, 0), "on_redis": (1, 1)}
+    series = "\n".join(
+        f"      - series: '{name}{{job=\"pricehub\",instance=\"{instance}\"{extra}}}'\n"
+        f"        values: '{value}x10'"
+        for instance, values in instances.items()
+        for name, extra, value in zip(
+            ("pricehub_storage_backend", "pricehub_redis_required"),
+            (',backend="redis"', ""), values, strict=True,
+        )
+    )
+    alerts = (
+        "          - exp_labels: {severity: page, job: pricehub, instance: given, "
+        "backend: redis}"
+    )
+    (tmp_path / "test.yml").write_text(ALERT_TEST.format(series=series, alerts=alerts))
+    result = subprocess.run(
+        [promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True,
+        timeout=WAIT, check=False,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

@@ -220,3 +220,41 @@ async def test_a_crashed_background_task_makes_health_unhealthy_and_surfaces() -
     finally:
         with pytest.raises(RuntimeError, match="bug in register_instance"):
             await client.close()  # cleanup re-raises the crash instead of hiding it
+
+
+# --- zone names in capitals (issue 22.6): one code and message on every path ---------
+
+CASE_MESSAGE = 'zone names are lower case: "PJM" (did you mean "pjm"?)'
+
+
+async def test_a_zone_in_capitals_gets_one_answer_on_every_path(make_client: MakeClient) -> None:
+    """Publish, history, SSE and WebSocket all refuse ``PJM`` with ``unknown_zone`` and
+    the same message, each in its transport's shape (PROTOCOL.md)."""
+    client = await make_client()
+    published = await client.post(
+        PUBLISH, json=[{"market_zone": "pjm", "price": 1}, {"market_zone": "PJM", "price": 2}],
+        headers=AUTH,
+    )
+    assert published.status == 422
+    assert await published.json() == {
+        "error": "unknown_zone", "message": CASE_MESSAGE, "field": "[1].market_zone"
+    }
+    for path in ("/api/ws/ws/history/PJM", "/api/ws/sse/market/PJM",
+                 "/api/ws/sse/prices?zones=ercot,PJM"):
+        refused = await client.get(path)
+        assert refused.status == 404, path
+        assert await refused.json() == {"error": "unknown_zone", "message": CASE_MESSAGE}, path
+    for path in ("/api/ws/ws/market/PJM", "/api/ws/ws/prices?zones=ercot,PJM"):
+        ws = await client.ws_connect(path)
+        closing = await ws.receive(timeout=10)
+        assert (ws.close_code, closing.extra) == (1008, CASE_MESSAGE), path
+    ws = await client.ws_connect("/api/ws/ws/prices?zones=")
+    assert (await receive_json(ws))["type"] == "connection_established"
+    for message in ({"type": "subscribe", "zones": ["PJM"]},
+                    {"type": "request_price_history", "market_zone": "PJM", "limit": 1}):
+        await ws.send_json(message)
+        error = await receive_json(ws)
+        assert (error["type"], error["code"], error["message"]) == (
+            "error", "unknown_zone", CASE_MESSAGE
+        )
+    await ws.close()

@@ -205,3 +205,29 @@ def test_docs_protocol_is_the_shared_contract_verbatim() -> None:
     assert shipped.read_bytes() == SHARED_CONTRACT.read_bytes(), (
         "docs/PROTOCOL.md differs from ../shared/PROTOCOL.md: copy the shared file over it"
     )
+
+
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("PJM", 'zone names are lower case: "PJM" (did you mean "pjm"?)'),
+        ("Ercot", 'zone names are lower case: "Ercot" (did you mean "ercot"?)'),
+        ("MARS", 'zone names are lower case: "MARS"'),  # not served: no suggestion
+        ("pjm", None), ("mars", None), ("PJM-East", None), ("P" * 33, None),
+        ("\u212a", None),  # KELVIN SIGN lower-cases to "k": not a name typed in capitals
+    ],
+)
+def test_a_zone_in_capitals_is_refused_with_one_message(zone: str, message: str | None) -> None:
+    error = messages.zone_case_error(zone, ZONES)
+    assert (error and (error.code, error.message)) == (message and ("unknown_zone", message))
+    generic = f"unknown zone {zone[:40]}"
+    assert messages.unknown_zone_text(zone, ZONES) == (message or generic)
+
+
+def test_a_published_zone_in_capitals_says_so_and_carries_its_code() -> None:
+    with pytest.raises(ValidationError) as caught:
+        messages.validate_publish_body(
+            b'[{"market_zone": "PJM", "price": 1}]', zones=ZONES, now=NOW, max_batch=10
+        )
+    assert (caught.value.field, caught.value.code) == ("[0].market_zone", "unknown_zone")
+    assert caught.value.message == 'zone names are lower case: "PJM" (did you mean "pjm"?)'

@@ -5,6 +5,7 @@ slow streams, shutdown and resume across restarts and instances."""
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 
 from pricehub.server.keys import BROADCASTER, STATS
@@ -314,3 +316,67 @@ async def test_streams_in_step_share_one_encoding_and_one_cursor(make_client: Ma
         got = [await events.until(lambda e: e.data.get("seq") == 2) for events in (a, b, c)]
         assert got[0] == got[1] == got[2]
         assert [e.id.split(".")[2:] for e in got[0] if e.id] == [["1", "1"], ["1", "2"]]
+
+
+# Every line an event stream of the contract may carry: a field (``event``, ``data``,
+# ``id``, ``retry``), a comment (``: ping``), or the blank line that ends an event.
+SSE_LINE = re.compile(rb"(?:(?:event|data|id|retry): [^\r\n]*|:[^\r\n]*)?\n")
+
+
+async def strict_event(response: aiohttp.ClientResponse, *, timeout: float = 10.0) -> Event:
+    """The next event, failing on any line the contract never writes (a WebSocket
+    frame's bytes, say: ``EventStream`` would skip it as an unknown field) and on an
+    event whose ``event:`` name is missing or is not its data's ``type``."""
+    fields: dict[bytes, bytes] = {}
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await response.content.readline()
+            if not line:
+                raise EOFError("event stream ended")
+            assert SSE_LINE.fullmatch(line), f"not an SSE line: {line[:120]!r}"
+            if line.startswith(b":"):
+                continue
+            if line == b"\n":
+                if b"data" in fields:
+                    break
+                fields.clear()  # the end of the ``retry:`` block
+                continue
+            name, _, value = line[:-1].partition(b": ")
+            assert name not in fields, f"{name!r} twice in one event: {fields}"
+            fields[name] = value
+    data = orjson.loads(fields[b"data"])
+    assert fields.get(b"event") == data["type"].encode(), (fields.get(b"event"), data)
+    event_id = fields.get(b"id")
+    return Event(data["type"], data, None if event_id is None else event_id.decode())
+
+
+def test_a_live_stream_gets_failover_and_recovery_as_well_formed_events() -> None:
+    """Redis SIGKILLed under a live stream, then back: each backend change is an SSE
+    event (no WebSocket frame in the stream) and the next price keeps its ``event:``."""
+    with RedisProcess() as redis_server:
+        server = ServerProcess(
+            "--no-simulate", "--redis-timeout", "0.3", "--redis-probe-interval", "0.2",
+            # A ping every second ends the line a stray frame would leave open.
+            "--heartbeat-interval", "1", "--heartbeat-timeout", "30",
+            publish_key=PUBLISH_KEY, redis_url=redis_server.url,
+        )  # fmt: skip
+        with server:
+            asyncio.run(_backend_changes_on_a_stream(server, redis_server))
+
+
+async def _backend_changes_on_a_stream(server: ServerProcess, redis_server: RedisProcess) -> None:
+    async with aiohttp.ClientSession() as session, session.get(server.url + MARKET) as response:
+        assert response.status == 200
+        hello = await strict_event(response)
+        assert (hello.type, hello.data["storage_backend"]) == ("connection_established", "redis")
+        for value, (backend, change) in enumerate(
+            [("in-memory", redis_server.kill), ("redis", redis_server.start)]
+        ):
+            await asyncio.to_thread(change)
+            while (event := await strict_event(response)).type != "storage_backend_changed":
+                assert event.type == "price_update", event  # nothing else is due
+            assert event.data["storage_backend"] == backend and event.id is None
+            (accepted,) = await server.publish(price("pjm", float(value)))
+            while (event := await strict_event(response)).type != "price_update":
+                pass
+            assert event.data["seq"] == accepted["seq"] and event.id is not None

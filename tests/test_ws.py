@@ -393,11 +393,15 @@ async def test_server_pings_and_reaper_closes_silent_clients_4000(make_client: M
 
 
 async def test_backend_change_is_announced_to_every_client(make_client: MakeClient) -> None:
-    client = await make_client()
+    client = await make_client(compression=True)
     sockets = [
-        await connect(client, path)
-        for path in ("/api/ws/ws/market/pjm", "/api/ws/ws/prices?zones=")
+        await connect(client, path, compress=compress)
+        for path, compress in (
+            ("/api/ws/ws/market/pjm", 0), ("/api/ws/ws/prices?zones=", 0),
+            ("/api/ws/ws/market/pjm", 15),  # permessage-deflate: its own framing
+        )
     ]
+    assert [bool(ws.compress) for ws in sockets] == [False, False, True]
     for ws in sockets:
         await receive_json(ws)
     client.app[BROADCASTER].on_backend_changed("redis")

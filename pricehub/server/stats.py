@@ -20,9 +20,8 @@ from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals",
-    "HealthReport", "IngestStats", "SocketCounters", "SocketSource", "Stats",
-    "disk_check_ok",
-    "health_report",
+    "HealthReport", "IngestStats", "RedisChoice", "SocketCounters", "SocketSource", "Stats",
+    "disk_check_ok", "health_report", "redis_required",
 ]
 
 ERROR_RATE_WINDOW = 300.0  # seconds of history the health error rate looks at
@@ -223,10 +222,35 @@ def disk_check_ok(check: str) -> bool:
     return check in ("ok", "disabled") or check.startswith("disabled:")
 
 
+class RedisChoice(Protocol):
+    """What ``redis_required`` reads of the settings (``server.settings.Settings``)."""
+
+    @property
+    def redis_url(self) -> str | None: ...
+
+    @property
+    def redis_url_explicit(self) -> bool: ...
+
+
+def redis_required(settings: RedisChoice, storage: object) -> bool:
+    """Whether serving from memory is a degradation (health, ``pricehub_redis_required``).
+
+    Yes for a Redis URL the operator gave (flag, environment, file), and for the default
+    URL once a Redis has served there: losing it since leaves the instances that shared
+    it apart. No with ``--redis-url none``, nor while nothing has answered the default
+    URL: that is the embedded default (durable memory) working as designed, not a fallback.
+    """
+    if settings.redis_url is None:
+        return False
+    # ``failovers``: the failover storage's count of losses of a Redis it served from.
+    return settings.redis_url_explicit or int(getattr(storage, "failovers", 0)) > 0
+
+
 def health_report(
     stats: Stats,
     *,
     redis_configured: bool,
+    redis_required: bool = True,
     backend: str,
     storage_ok: bool,
     loop_lag_threshold: float,
@@ -238,14 +262,17 @@ def health_report(
 
     ``unhealthy`` (503): shutting down, the storage cannot serve, or a background task
     (reaper, conflation monitor, ...) crashed. ``degraded`` (200):
-    Redis configured but the in-memory fallback serving, error rate at or over
+    a Redis the operator asked for (``redis_required``) but the in-memory fallback
+    serving, error rate at or over
     ``error_rate_threshold`` percent, event-loop lag over ``loop_lag_threshold`` s, or
     the journal of the in-memory store failing (``disk``: ``"unavailable: <reason>"``;
     subscribers are still served, publishes get 503 until the disk recovers). A data dir
-    not usable at start with a Redis URL (``"disabled: <reason>"``) is not a degradation.
+    not usable at start with a Redis URL (``"disabled: <reason>"``) is not a degradation,
+    nor is the embedded default: no Redis URL given and none answering at the default one
+    (``redis: "not_found"``; it is still probed, and used once it answers).
     """
     error_rate = stats.error_rate(now=now)
-    redis = "ok" if backend == "redis" else "unavailable"
+    redis = "ok" if backend == "redis" else "unavailable" if redis_required else "not_found"
     checks = {
         "redis": redis if redis_configured else "disabled",
         "storage": "ok" if storage_ok else "unavailable",

@@ -25,10 +25,13 @@ class ProtocolError(PriceHubError):
 class ValidationError(PriceHubError):
     """A published price (HTTP body or Redis ingest entry) is invalid.
 
-    ``field`` names the offending field so a publisher can fix its payload.
+    ``field`` names the offending field so a publisher can fix its payload; ``code`` is
+    the error code when the field alone does not decide it (None: the field's), e.g.
+    ``unknown_zone`` for a zone in capitals, as every transport answers it.
     """
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        self.code = code

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from pricehub.wire.codes import ErrorCode
 from pricehub.wire.errors import ProtocolError, ValidationError
 
 __all__ = [
@@ -52,11 +53,13 @@ __all__ = [
     "storage_backend_changed",
     "text_frame",
     "timestamp_of",
+    "unknown_zone_text",
     "utc_now",
     "validate_ingest_fields",
     "validate_price",
     "validate_publish_body",
     "with_seq",
+    "zone_case_error",
     "zones_message",
 ]
 
@@ -66,6 +69,29 @@ DEFAULT_HISTORY_LIMIT = 100  # prices in a history answer when the client names 
 
 def is_valid_zone_name(zone: object) -> bool:
     return isinstance(zone, str) and ZONE_RE.match(zone) is not None
+
+
+def zone_case_error(zone: str, zones: Collection[str]) -> ProtocolError | None:
+    """The refusal of a zone name written with capitals (``PJM``); None for any other.
+
+    Zone names are lower case on the wire, and a person who types ``PJM`` meant ``pjm``:
+    the dashboard and ``pricehub tail`` lower-case what is typed, and every server path
+    (publish, WebSocket, SSE, history) answers this one code and message, each in its
+    transport's error shape, instead of a bare "unknown zone".
+    """
+    lowered = zone.lower()
+    # ASCII only: "\u212a".lower() is "k", but nobody typed a Kelvin sign for a zone.
+    if lowered == zone or not zone.isascii() or not is_valid_zone_name(lowered):
+        return None
+    hint = f' (did you mean "{lowered}"?)' if lowered in zones else ""
+    return ProtocolError(ErrorCode.UNKNOWN_ZONE, f'zone names are lower case: "{zone}"{hint}')
+
+
+def unknown_zone_text(zone: str, zones: Collection[str]) -> str:
+    """What refusing a zone that is not served says before a socket or stream opens
+    (close 1008's reason, the SSE and history 404's message)."""
+    case = zone_case_error(zone, zones)
+    return f"unknown zone {zone[:40]}" if case is None else case.message
 
 
 # --- time -------------------------------------------------------------------------------
@@ -228,7 +254,7 @@ def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBo
     # Membership alone: every configured zone is a valid name (settings checked them).
     # The str check first: a JSON list or object is unhashable.
     if not isinstance(zone, str) or zone not in zones:
-        raise ValidationError("market_zone", f"unknown zone {zone!r}")
+        raise _unknown_zone(zone, zones)
     if "price" not in item:
         raise ValidationError("price", "is required")
     price = _finite_number("price", item["price"])
@@ -247,6 +273,13 @@ def validate_price(item: object, *, zones: Collection[str], now: str) -> PriceBo
     else:
         raise ValidationError("timestamp", "must be an ISO-8601 string")
     return PriceBody(str(zone), price, volume, timestamp)
+
+
+def _unknown_zone(zone: object, zones: Collection[str]) -> ValidationError:
+    case = zone_case_error(zone, zones) if isinstance(zone, str) else None
+    if case is not None:
+        return ValidationError("market_zone", case.message, code=case.code)
+    return ValidationError("market_zone", f"unknown zone {zone!r}")
 
 
 def validate_publish_body(
@@ -268,7 +301,7 @@ def validate_publish_body(
             bodies.append(validate_price(item, zones=zones, now=now))
         except ValidationError as exc:
             field = f"[{index}].{exc.field}" if isinstance(data, list) else exc.field
-            raise ValidationError(field, exc.message) from None
+            raise ValidationError(field, exc.message, code=exc.code) from None
     return bodies
 
 

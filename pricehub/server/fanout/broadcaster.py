@@ -343,9 +343,25 @@ class Broadcaster:
             )
 
     def send_all(self, payload: bytes) -> None:
-        frame = messages.text_frame(payload)
+        """One server message to every connection, framed once per encoding: a text
+        frame, a compressed frame, an SSE event. Not for prices: their SSE events carry
+        each stream's own cursor (``SseConnection.send``)."""
+        if sse.message_type(payload) in sse.CURSOR_TYPES:
+            raise ValueError("send_all cannot frame a price: its SSE id is per stream")
+        framed: dict[str, bytes] = {}
         for connection in self.connections:
-            connection.queue(frame)
+            encoding = connection.encoding
+            data = framed.get(encoding)
+            if data is None:
+                data = framed[encoding] = self._frame(encoding, payload)
+            connection.queue(data)
+
+    def _frame(self, encoding: str, payload: bytes) -> bytes:
+        if encoding == SSE:
+            return sse.event(payload)
+        if encoding == DEFLATE:
+            return self.deflater.frame(payload)
+        return messages.text_frame(payload)
 
     # --- FlushScheduler ---------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from pricehub.server.http.replies import json_error, json_response
 from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, STATS, STORAGE
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
-from pricehub.server.stats import health_report
+from pricehub.server.stats import health_report, redis_required
 from pricehub.storage.durable import disk_status
 from pricehub.storage.errors import BatchInterrupted, StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
@@ -92,6 +92,7 @@ async def health_handler(request: web.Request) -> web.Response:
     report = health_report(
         stats,
         redis_configured=settings.redis_url is not None,
+        redis_required=redis_required(settings, storage),
         backend=storage.backend,
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
@@ -153,11 +154,13 @@ async def connections_handler(request: web.Request) -> web.Response:
 
 def _zone_or_error(request: web.Request) -> str | web.Response:
     zone = request.match_info["zone"]
-    if not messages.is_valid_zone_name(zone):
+    zones = request.app[SETTINGS].zone_set
+    if zone in zones:
+        return zone
+    # A zone in capitals is a name, only wrongly written: 404, as on its SSE stream.
+    if not messages.is_valid_zone_name(zone) and messages.zone_case_error(zone, zones) is None:
         return json_error(422, HttpErrorCode.INVALID_ZONE, "zone names are [a-z0-9_]{1,32}")
-    if zone not in request.app[SETTINGS].zone_set:
-        return json_error(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {zone}")
-    return zone
+    return json_error(404, HttpErrorCode.UNKNOWN_ZONE, messages.unknown_zone_text(zone, zones))
 
 
 async def history_handler(request: web.Request) -> web.Response:
@@ -223,7 +226,8 @@ async def publish_handler(request: web.Request) -> web.StreamResponse:
             raw, zones=settings.zone_set, now=messages.utc_now(), max_batch=settings.max_batch_size
         )
     except ValidationError as exc:
-        return json_error(422, validation_code(exc.field), exc.message, field=exc.field)
+        code = HttpErrorCode(exc.code) if exc.code else validation_code(exc.field)
+        return json_error(422, code, exc.message, field=exc.field)
     try:
         prices = await app[PUBLISHER].publish_many(bodies, source="http")
     except StorageUnavailable as exc:  # held past --redis-hold, Redis refused, disk failed

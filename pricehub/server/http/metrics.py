@@ -49,7 +49,7 @@ from pricehub.server.keys import (
 from pricehub.server.policy.admission import ConnectionLimits
 from pricehub.server.publisher import SOURCES, Publisher
 from pricehub.server.settings import Settings
-from pricehub.server.stats import ConnectionTotals, IngestStats, Stats
+from pricehub.server.stats import ConnectionTotals, IngestStats, Stats, redis_required
 from pricehub.storage import Storage
 from pricehub.storage.durable import disk_status
 from pricehub.storage.journal import JournalStats
@@ -310,6 +310,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "pricehub_storage_backend", "gauge", "1 for the storage backend serving now, else 0.",
         storage_backend, ("backend",),
+    ),
+    MetricSpec(
+        "pricehub_redis_required", "gauge",
+        "1 when serving from memory is a degradation: a Redis URL was given, or Redis has "
+        "served at the default one; 0 for --redis-url none and the embedded default.",
+        scalar(lambda s: float(redis_required(s.settings, s.storage))),
     ),
     MetricSpec(
         "pricehub_storage_failovers_total", "counter",

@@ -118,10 +118,11 @@ async def admit(
     try:
         grant = app[VERIFIER].verify(request.query.get("token"))
         allowed = grant.zones
-        unknown = [zone for zone in zones if zone not in app[SETTINGS].zone_set]
+        zone_set = app[SETTINGS].zone_set
+        unknown = [zone for zone in zones if zone not in zone_set]
         if unknown:
             refusal, code = "unknown_zone", CloseCode.POLICY
-            message = f"unknown zone {unknown[0][:40]}"
+            message = messages.unknown_zone_text(unknown[0], zone_set)
         elif allowed is not None and not set(zones) <= allowed:
             refusal, code = "forbidden_zone", CloseCode.FORBIDDEN_ZONE
             message = "token does not allow this zone"

@@ -299,8 +299,10 @@ class Session:
                 yield from self._unsubscribe(message.zones)
 
     def _known_zone(self, zone: str) -> str:
-        if zone not in self.policy.zones:
-            raise ProtocolError(ErrorCode.UNKNOWN_ZONE, f"unknown zone {zone[:40]!r}")
+        zones = self.policy.zones
+        if zone not in zones:
+            case = messages.zone_case_error(zone, zones)
+            raise case or ProtocolError(ErrorCode.UNKNOWN_ZONE, f"unknown zone {zone[:40]!r}")
         return zone
 
     def _forbidden(self, zone: str) -> bool:

@@ -104,9 +104,10 @@ def admit(
         grant = request.app[VERIFIER].verify(_token(request))
     except AuthError as exc:
         raise Refused(401, HttpErrorCode.INVALID_TOKEN, exc.message, "auth") from None
-    unknown = [zone for zone in zones if zone not in settings.zones]
+    unknown = [zone for zone in zones if zone not in settings.zone_set]
     if unknown:
-        raise Refused(404, HttpErrorCode.UNKNOWN_ZONE, f"unknown zone {unknown[0][:40]}")
+        message = messages.unknown_zone_text(unknown[0], settings.zone_set)
+        raise Refused(404, HttpErrorCode.UNKNOWN_ZONE, message)
     if grant.zones is not None and not set(zones) <= grant.zones:
         raise Refused(403, HttpErrorCode.FORBIDDEN_ZONE, "token does not allow this zone")
     if not zones or len(zones) > settings.max_zones_per_socket:
