@@ -2,9 +2,10 @@
 
 Run from the repository root (see bench/README.md)::
 
-    python bench/burst.py                       # 2,000 and 20,000 zones, memory and Redis
+    python bench/burst.py                       # 2,000 and 20,000 zones, all four cases
     python bench/burst.py --zones 2000 --cases memory-http
     python bench/burst.py --record              # also write the table into bench/RESULTS.md
+    python bench/burst.py --profile             # py-spy the server (exit 2 without py-spy)
 
 Per (zone count, case) a fresh pricehub (``--zones-file`` with that many zones, pinned to the
 first CPU) and ``--clients`` sockets on ``/prices`` with ``--zones-per-client`` zones each (a
@@ -13,7 +14,8 @@ Then ``--bursts`` (5) bursts of one price per zone each, 0.5 s apart, as a marke
 every interval; the table shows the median burst (by accept rate) and the first one beside
 it (cold: it creates every zone's state). A burst is:
 
-* ``memory-http`` / ``redis-http``: ``POST /api/ws/ws/broadcast/price`` in batches of
+* ``memory-http`` / ``memory-durable-http`` (the embedded store with its journal in
+  ``--data-dir``) / ``redis-http``: ``POST /api/ws/ws/broadcast/price`` in batches of
   ``--batch``, ``IN_FLIGHT`` requests at a time; accepted = the last 202 is in;
 * ``redis-stream``: every entry ``XADD``-ed to the ingest stream by one Lua script (so the
   producer is not what is measured); accepted = the stream is empty (pricehub deletes an entry
@@ -61,6 +63,7 @@ RESULTS = BENCH / "RESULTS.md"
 # memory-durable-http: the embedded default with its journal (issue 15: >= 0.5x memory-http).
 CASES = ("memory-http", "memory-durable-http", "redis-http", "redis-stream")
 IN_FLIGHT = 4  # concurrent publish requests
+REDIS_TOOLS = ("redis-server", "redis-cli", "redis-benchmark")  # the redis-* cases run all three
 START_TIMEOUT = 60.0
 PUBLISH_PATH = "/api/ws/ws/broadcast/price"
 PRICES_PATH = "/api/ws/ws/prices"
@@ -489,9 +492,25 @@ async def run(plan: Plan) -> tuple[list[dict[str, Any]], dict[int, float]]:
     return runs, redis_rate
 
 
+def missing_tool(args: argparse.Namespace) -> str | None:
+    """What the run needs that is not on the PATH, checked before anything starts (it
+    would otherwise be a traceback from deep inside the first burst or Redis case)."""
+    needed = {"py-spy": "--profile needs it: pip install py-spy"} if args.profile else {}
+    if any(case.startswith("redis") for case in args.cases):
+        needed |= {tool: "the redis-* cases need it" for tool in REDIS_TOOLS}
+    for tool, why in needed.items():
+        if shutil.which(tool) is None:
+            return f"{tool} is not on the PATH ({why})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
+    missing = missing_tool(args)
+    if missing is not None:
+        print(f"bench/burst.py: {missing}", file=sys.stderr)
+        return 2
     cpus = frozenset(os.sched_getaffinity(0))
     server_cpus = frozenset({min(cpus)}) if args.pin and len(cpus) > 1 else cpus
     plan = Plan(

@@ -6,8 +6,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loadclient import bucket_value
-
 __all__ = [
     "Run",
     "idle_table",
@@ -41,6 +39,10 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def percentile_ms(histogram: Counter[str], fraction: float) -> float | None:
+    # Imported here: loadclient needs picows, and ``run.py --record-from`` (which only
+    # copies saved tables) must work without the bench extra installed.
+    from loadclient import bucket_value
+
     total = sum(histogram.values())
     running = 0
     for bucket in sorted(histogram, key=int):

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import resource
 import secrets
 import signal
@@ -590,13 +591,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--record",
         action="store_true",
-        help="also write the tables into bench/RESULTS.md, between its markers",
+        help="also write the tables into bench/RESULTS.md, between its markers (not with --quick)",
     )
     parser.add_argument(
         "--record-from",
         type=Path,
         metavar="DIR",
-        help="run nothing: write DIR/results.json's tables into bench/RESULTS.md",
+        help="run nothing: write DIR/results.json's tables into bench/RESULTS.md (not those "
+        "of a --quick run)",
     )
     parser.add_argument(
         "--pricehub-arg",
@@ -640,13 +642,49 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def refuse(message: str) -> int:
+    """A command that would do the wrong thing: one line on stderr, exit 2."""
+    print(f"bench/run.py: {message}", file=sys.stderr)
+    return 2
+
+
+def is_quick(saved: dict[str, Any]) -> bool:
+    """Whether a results.json comes from a ``--quick`` run. Files written before ``quick``
+    was saved say so only in the command line of their sections."""
+    if "quick" in saved:
+        return bool(saved["quick"])
+    command = re.compile(r"Command: `python bench/run\.py [^`]*--quick")
+    return any(command.search(text) for text in saved["sections"].values())
+
+
+QUICK_NOT_RECORDED = (
+    "a --quick run is a smoke test of the harness, not a measurement: it is not recorded "
+    "into bench/RESULTS.md, whose tables are full runs"
+)
+
+
+def record_from(directory: Path) -> int:
+    """``--record-from``: the tables of an earlier run into RESULTS.md, unless it was quick."""
+    path = directory / "results.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return refuse(f"cannot read {path}: {exc}")
+    if "sections" not in saved:
+        return refuse(f"{path} has no tables: that run did not finish")
+    if is_quick(saved):
+        return refuse(f"{QUICK_NOT_RECORDED} (its tables: {directory / 'results.md'})")
+    record({int(key): text for key, text in saved["sections"].items()}, RESULTS)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     args = parse_args(raw)
     if args.record_from:
-        saved = json.loads((args.record_from / "results.json").read_text())
-        record({int(key): text for key, text in saved["sections"].items()}, RESULTS)
-        return 0
+        return record_from(args.record_from)
+    if args.quick and args.record:
+        return refuse(f"{QUICK_NOT_RECORDED}; drop --record (results.md in --out has the tables)")
     plan = build_plan(args)
     machine = machine_line(REPO)  # taken now: the date and tree of the run, not of its end
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -666,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     (plan.out / "results.md").write_text(text + "\n")
     saved = json.loads((plan.out / "results.json").read_text())
-    (plan.out / "results.json").write_text(json.dumps({**saved, "sections": sections}, indent=1))
+    saved.update(sections=sections, quick=args.quick)  # what --record-from reads
+    (plan.out / "results.json").write_text(json.dumps(saved, indent=1))
     if args.record:
         record(sections, RESULTS)
     print(f"logs and raw results: {plan.out}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 ``pricehub tail [--server http://127.0.0.1:8080] [--json] [--transport auto|ws|sse] ZONE...``
 
+``--server`` is a base URL; a bare ``host:port`` means ``http://host:port``.
+
 Zone names are case-insensitive here (``PJM`` as the dashboard shows it is ``pjm`` on the
 wire). Only the zones named are opened, whatever the number of zones the server has.
 
@@ -9,7 +11,8 @@ The table (plain ANSI escapes, redrawn every ``--refresh`` seconds) shows per zo
 last price, its change from the previous one, volume, seq, update rate, age and gaps, under
 a line with the connection state. ``--json`` prints one price object per line on stdout,
 for ``jq``; connection states and gaps go to stderr. Ctrl-C exits 0; giving up on the
-server (attempts exhausted, or a terminal close such as an unknown zone) exits 1.
+server (attempts exhausted, or a terminal close such as an unknown zone) exits 1, its reason
+printed once on stderr; a usage error exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import NoReturn, TextIO
+
+from yarl import URL
 
 from pricehub.client.backoff import Backoff
 from pricehub.client.client import ClientError, Gap, PriceClient, PriceUpdate, Status
@@ -39,14 +44,59 @@ _HOME, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 _HIDE_CURSOR, _SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit 2: argparse's usage dump above the message buries
+    the one thing that is wrong (``--help`` still prints the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, _usage_line(message))
+
+
+def _usage_line(message: str) -> str:
+    return f"pricehub tail: error: {message} (see pricehub tail --help)\n"
+
+
+def _server_url(text: str) -> str:
+    """``--server``: a bare ``host:port`` is ``http://host:port``, as curl reads it. Which
+    schemes the client takes, ``PriceClient`` decides (one check, not two); yarl's words for
+    a URL without a host (about "relative URLs") would not tell a user what to type."""
+    url = text if "://" in text else f"http://{text}"
+    try:
+        host = URL(url).host
+    except ValueError as exc:  # e.g. a port out of range
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL: {exc}") from None
+    if not host:
+        raise argparse.ArgumentTypeError(f"no host in {text!r}: give host:port or http://host:port")
+    return url
+
+
+def _positive(kind: Callable[[str], int | float]) -> Callable[[str], int | float]:
+    """An argparse ``type`` taking numbers > 0: ``--max-attempts 0`` is a ``ValueError`` deep
+    in ``Backoff``, ``--refresh 0`` a redraw loop that never sleeps."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pricehub tail", description="Watch pricehub zones live.")
+    parser = _Parser(prog="pricehub tail", description="Watch pricehub zones live.")
     parser.add_argument(
         "zones", nargs="+", metavar="ZONE", type=str.lower,
         help="zone names, any case, e.g. pjm ERCOT",
     )  # fmt: skip
     parser.add_argument(
-        "--server", default="http://127.0.0.1:8080", help="base URL (default: %(default)s)"
+        "--server",
+        type=_server_url,
+        default="http://127.0.0.1:8080",
+        help="base URL, or host:port for http:// (default: %(default)s)",
     )
     parser.add_argument(
         "--json", action="store_true", help="one JSON price object per line on stdout"
@@ -54,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="subscriber token, when the server requires one")
     parser.add_argument(
         "--max-attempts",
-        type=int,
+        type=_positive(int),
         default=5,
         help="reconnect attempts before giving up (default: %(default)s)",
     )
@@ -66,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--refresh", type=float, default=0.5, help="table redraw period in s (default: %(default)s)"
+        "--refresh",
+        type=_positive(float),
+        default=0.5,
+        help="table redraw period in s (default: %(default)s)",
     )
     return parser
 
@@ -87,21 +140,29 @@ def main(argv: list[str]) -> int:
 
 async def _tail(args: argparse.Namespace) -> int:
     output: _JsonOutput | _TableOutput
-    output = _JsonOutput(sys.stdout, sys.stderr) if args.json else _TableOutput(args, sys.stdout)
-    client = PriceClient(
-        args.server,
-        args.zones,
-        token=args.token,
-        backoff=Backoff(max_attempts=args.max_attempts),
-        on_status=output.status,
-        transport=args.transport,
-    )
+    if args.json:
+        output = _JsonOutput(sys.stdout, sys.stderr)
+    else:
+        output = _TableOutput(args, sys.stdout, sys.stderr)
+    try:
+        client = PriceClient(
+            args.server,
+            args.zones,
+            token=args.token,
+            backoff=Backoff(max_attempts=args.max_attempts),
+            on_status=output.status,
+            transport=args.transport,
+        )
+    except ValueError as exc:  # e.g. --server ftp://host: the client's own check of the URL
+        sys.stderr.write(_usage_line(f"argument --server: {exc}"))
+        return 2
     async with client, output:
         try:
             async for event in client:
                 output.event(event)
-        except ClientError as exc:
-            print(f"pricehub tail: {exc}", file=sys.stderr)
+        except ClientError:
+            # The output already reported why, from the ``failed`` status: printing the
+            # exception as well said every reason twice.
             return 1
     return 0
 
@@ -128,9 +189,13 @@ class _JsonOutput:
     def __init__(self, out: TextIO, err: TextIO) -> None:
         self._out = out
         self._err = err
+        self._failed = False
 
     def status(self, status: Status) -> None:
-        print(f"pricehub tail: {_describe(status)}", file=self._err, flush=True)
+        # After ``failed`` the client's closing is not news: the reason stays the last line.
+        if not (self._failed and status.state == "closed"):
+            print(f"pricehub tail: {_describe(status)}", file=self._err, flush=True)
+        self._failed = self._failed or status.state == "failed"
 
     def event(self, event: PriceUpdate | Gap) -> None:
         if isinstance(event, Gap):
@@ -198,7 +263,7 @@ class TableView:
         # home, no longer overwrites the extra line: the status would scroll the table away.
         width = max(self._width(), 20)
         head = f"pricehub tail {self.server}  "
-        state = _clip(_describe(self.status), width - 1 - len(head))
+        state = _clip(self._state_text(), width - 1 - len(head))
         lines = [
             f"{_BOLD}{_clip(head, width - 1)}{_RESET}{colour}{state}{_RESET}",
             _clip(self.note, width - 1),
@@ -208,6 +273,11 @@ class TableView:
         lines += [self._line(zone, row) for zone, row in self.rows.items()]
         lines = [_clip_styled(line, width - 1) for line in lines]
         return _HOME + "".join(line + _CLEAR_LINE + "\n" for line in lines) + _CLEAR_BELOW
+
+    def _state_text(self) -> str:
+        # Why the client gave up is often wider than a terminal: ``_TableOutput`` prints it
+        # whole on stderr below the final frame, so the frame only says that it did.
+        return "failed" if self.status.state == "failed" else _describe(self.status)
 
     def _line(self, zone: str, row: _Row) -> str:
         rate = f"{self.rate(row):>7.1f}"
@@ -263,11 +333,13 @@ def _clip_styled(line: str, width: int) -> str:
 
 
 class _TableOutput:
-    """Keeps a ``TableView`` current and redraws it periodically on ``out``."""
+    """Keeps a ``TableView`` current and redraws it periodically on ``out``; why the client
+    gave up goes to ``err`` once, after the final frame (a frame drawn later would clear it)."""
 
-    def __init__(self, args: argparse.Namespace, out: TextIO) -> None:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
         self.view = TableView(args.zones, server=args.server)
         self._out = out
+        self._err = err
         self._period = args.refresh
         self._task: asyncio.Task[None] | None = None
 
@@ -296,6 +368,8 @@ class _TableOutput:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._draw()  # the final state, e.g. why the client gave up
+        self._draw()  # the final state, e.g. that the client gave up
         self._out.write(_SHOW_CURSOR)
         self._out.flush()
+        if self.view.status.state == "failed":
+            print(f"pricehub tail: {_describe(self.view.status)}", file=self._err, flush=True)
