@@ -53,11 +53,12 @@ SPARKLINES_AT_LEAST = """n => {
   const s = [...document.querySelectorAll('[data-field=sparkline]')];
   return s.length > 0 && s.every(svg => Number(svg.dataset.points) >= n);
 }"""
-RECORD_BANNER = """() => {
-  window.bannerLog = [];
-  const text = document.querySelector('#conn-banner-text');
-  new MutationObserver(() => window.bannerLog.push(text.textContent))
-    .observe(text, {childList: true, characterData: true, subtree: true});
+# Every text an element shows, in window[name]: page.evaluate(RECORD_TEXT, [selector, name]).
+RECORD_TEXT = """([selector, name]) => {
+  const log = window[name] = [];
+  const node = document.querySelector(selector);
+  new MutationObserver(() => log.push(node.textContent))
+    .observe(node, {childList: true, characterData: true, subtree: true});
 }"""
 
 # Simulates a network drop: the client sees a close it did not ask for and must resume.
@@ -172,7 +173,7 @@ def test_live_prices_survive_a_server_restart(
         shutil.copyfile(shot, SCREENSHOT)
 
     # 2. Server gone: the banner counts every attempt, then the button appears.
-    page.evaluate(RECORD_BANNER)
+    page.evaluate(RECORD_TEXT, ["#conn-banner-text", "bannerLog"])
     server.stop()
     expect(button).to_be_visible(timeout=WAIT_MS)
     expect(badge).to_have_attribute("data-state", "offline")
@@ -277,12 +278,18 @@ def test_close_reasons_are_said_in_words(browser: Any) -> None:
 # What nginx answers when it forwards an upgrade without the Upgrade/Connection headers and
 # pricehub says "upgrade expected": the browser only sees the WebSocket fail (1006).
 REFUSED_UPGRADE = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+# What nginx answers when nothing listens behind it any more (the server stopped).
+BAD_GATEWAY = (
+    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 24\r\n"
+    b"Connection: close\r\n\r\n<h1>502 Bad Gateway</h1>"
+)
 
 
 class HostProxy:
     """A TCP proxy in front of ``target_port`` that rewrites each request's ``Host`` header,
     like nginx's ``proxy_set_header Host $host`` (port dropped) or ``$http_host`` (kept),
-    and can refuse WebSocket upgrades like a proxy that strips them.
+    and can refuse WebSocket upgrades like a proxy that strips them. With the target down it
+    answers 502 Bad Gateway, as nginx does.
 
     Every request gets ``Connection: close`` (upgrades excepted), so each TCP connection
     carries one request and every request head passes through the rewrite.
@@ -358,6 +365,8 @@ class HostProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
+            writer.write(BAD_GATEWAY)
+            await writer.drain()
             writer.close()
             return
         up_writer.write("\r\n".join(out).encode("latin-1"))
@@ -589,6 +598,80 @@ def test_behind_a_proxy_that_refuses_websockets_the_page_goes_live_over_sse(
             result = page.evaluate(RESUME_RESULT)
     assert result["gaps"] == 0
     assert result["holes"] == [], "seqs missing from the pjm series after the restart"
+
+
+def test_an_unreachable_server_behind_a_proxy_is_not_called_an_origin_refusal(
+    browser: Any,
+) -> None:
+    """Issue 22.7: live over SSE behind a proxy that refuses upgrades, then the server stops
+    and the proxy answers 502. The banner blamed the page's origin (the diagnosis of the
+    refused WebSocket, long stale); it now says what the 502 says, and so does the badge."""
+    from playwright.sync_api import expect
+
+    with ServerProcess("--simulate", "--simulate-interval", "0.05") as server:
+        if _sse_route_missing(server):
+            pytest.skip("this server has no SSE endpoint yet (branch sse)")
+        with HostProxy(server.port, keep_port=True, refuse_upgrades=True) as proxy:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"{proxy.url}/?zones=pjm&max_attempts=3&{FAST_BACKOFF}")
+            badge = page.locator("#conn-badge")
+            expect(badge).to_have_text(re.compile(r"Live · SSE"), timeout=WAIT_MS)
+            # Why not the WebSocket: from a same-origin page, Origin and proxy look alike.
+            expect(badge).to_have_attribute(
+                "title",
+                re.compile(r"^Live over Server-Sent Events: the WebSocket could not be opened "
+                           r"\(.*this page's origin .* or a proxy strips the WebSocket upgrade"),
+                timeout=WAIT_MS,
+            )  # fmt: skip
+            page.evaluate(RECORD_TEXT, ["#conn-banner-reason", "reasonLog"])
+            server.stop()
+            expect(page.locator("#reconnect-btn")).to_be_visible(timeout=WAIT_MS)
+            unreachable = (
+                f"Cannot reach the server behind the proxy at 127.0.0.1:{proxy.port} (HTTP 502)."
+            )
+            expect(page.locator("#conn-banner-reason")).to_have_text(unreachable)
+            expect(badge).to_have_attribute("title", f"Offline: {unreachable}")
+            reasons = _dedupe(page.evaluate("window.reasonLog"))
+    assert unreachable in reasons
+    assert [r for r in reasons if "origin" in r] == [], reasons
+
+
+def test_after_a_restart_on_a_new_epoch_open_high_and_low_agree(browser: Any) -> None:
+    """Issue 22.7: an in-memory server restarted (new epoch, its history gone). The
+    sparkline, High and Low restarted from the new server's history while Open* kept the
+    old server's price; every figure of the tile now comes from the new history."""
+    from playwright.sync_api import expect
+
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    step = (now - midnight) / 5  # four prices of today, in market-time order
+
+    def price(value: float, k: int) -> dict[str, Any]:
+        return {"market_zone": "pjm", "price": value, "timestamp": _iso(midnight + k * step)}
+
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        _publish(server, price(100.0, 1), price(110.0, 2))
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm&max_attempts=20&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        field = {name: pjm.locator(f"[data-field={name}]") for name in
+                 ("price", "open", "open-label", "high", "low", "change-abs")}  # fmt: skip
+        expect(field["price"]).to_have_text("110.00", timeout=WAIT_MS)
+        expect(field["open"]).to_have_text("100.00")
+        expect(field["low"]).to_have_text("100.00")
+
+        server.stop()
+        server.start()  # same port, new epoch, no history
+        _publish(server, price(20.0, 3), price(30.0, 4))
+        page.evaluate("() => window.pricehubDashboard.client.reconnect()")  # skip the wait
+        expect(field["price"]).to_have_text("30.00", timeout=WAIT_MS)
+        expect(page.locator("#conn-badge")).to_have_attribute("data-state", "live")
+        expect(pjm.locator("[data-field=sparkline]")).to_have_attribute("data-points", "2")
+        expect(field["open"]).to_have_text("20.00")
+        expect(field["open-label"]).to_have_text("Open*")
+        expect(field["high"]).to_have_text("30.00")
+        expect(field["low"]).to_have_text("20.00")
+        expect(field["change-abs"]).to_have_text("+10.00")
 
 
 class ScriptedSseSite:

@@ -11,7 +11,10 @@
 //   base_delay_ms, jitter_ms, max_attempts, stable_after_ms   reconnect tuning (see pricehub.js)
 //   transport=auto|ws|sse   how to connect (default auto: WebSocket, SSE when it is refused)
 //   token=...           subscriber token, when the server has auth on
-import { describeClose, PriceHubClient } from './pricehub.js';
+//
+// Imported outside a page (tests/js/), it only exports its pure parts: ZoneSeries and
+// connectionView.
+import { PriceHubClient } from './pricehub.js';
 
 const ZONE_NAMES = {
   pjm: 'PJM Interconnection',
@@ -87,31 +90,38 @@ const midnightUtc = (ms) => Date.parse(`${utcDay(ms)}T00:00:00.000Z`);
  * before 00:00 UTC (`coveredFrom`): retained history and the live stream are contiguous from
  * there. Otherwise it is the earliest price today that the server still retains, and the tile
  * says so (the server keeps --history-size prices per zone, possibly less than a day).
+ *
+ * Every figure comes from one seq lineage (epoch): a new one (the server lost its history)
+ * starts the points, the open and the coverage over together, so the open, high, low and
+ * sparkline of a tile always describe the same history.
  */
-class ZoneSeries {
-  constructor(limit) {
+export class ZoneSeries {
+  constructor(limit, { now = Date.now } = {}) {
     this.limit = limit;
+    this.now = now;
+    this._reset(null);
+  }
+
+  _reset(epoch) {
     this.points = []; // {seq, price, volume, t}, ascending seq
-    this.epoch = null; // seq lineage of `points`
-    this.open = null; // {price, t}: earliest of `day` (kept across epochs: it is a time)
+    this.epoch = epoch; // seq lineage of everything below
+    this.open = null; // {price, t}: earliest of `day`
     this.day = null; // the UTC day of `open`
     this.coveredFrom = Infinity; // market time from which the page has seen every price
   }
 
   /** The open of today, or null when no price of today has been seen yet. */
-  openToday() { return this.day === utcDay(Date.now()) ? this.open : null; }
+  openToday() { return this.day === utcDay(this.now()) ? this.open : null; }
   /** Does the open cover the whole UTC day (see the class comment)? */
-  get openExact() { return this.coveredFrom < midnightUtc(Date.now()); }
+  get openExact() { return this.coveredFrom < midnightUtc(this.now()); }
 
   /**
    * Merge points of seq lineage `epoch` (any order, possibly overlapping); returns whether the
-   * last point changed. Points of an older lineage are dropped: their seqs are not comparable.
+   * last point changed. Another lineage replaces everything: its seqs are not comparable, and
+   * an open kept from the old one would not be the open of the history shown.
    */
   merge(prices, epoch) {
-    if (epoch !== this.epoch) {
-      this.points = [];
-      this.epoch = epoch;
-    }
+    if (epoch !== this.epoch) this._reset(epoch);
     const lastBefore = this.points.at(-1);
     const bySeq = new Map(this.points.map((p) => [p.seq, p]));
     for (const p of prices) {
@@ -125,7 +135,7 @@ class ZoneSeries {
   }
 
   _considerOpen(price, t) {
-    const today = utcDay(Date.now());
+    const today = utcDay(this.now());
     if (utcDay(t) !== today) return;
     if (this.day !== today || t < this.open.t) {
       this.open = { price, t };
@@ -138,6 +148,18 @@ class ZoneSeries {
 
   get last() { return this.points.at(-1) ?? null; }
   get previous() { return this.points.at(-2) ?? null; }
+
+  /** What the tile shows, or null before the first point: {last, open, openPoint, exact,
+   * high, low, prices}; `open` is null when no price of today has been seen. */
+  figures() {
+    const { last } = this;
+    if (!last) return null;
+    const openPoint = this.openToday();
+    const prices = this.points.map((p) => p.price);
+    return { last, openPoint, open: openPoint?.price ?? null,
+      exact: openPoint !== null && this.openExact,
+      high: Math.max(...prices), low: Math.min(...prices), prices };
+  }
 }
 
 /** DOM of one tile. */
@@ -157,10 +179,9 @@ class Tile {
   }
 
   render({ flash }) {
-    const last = this.series.last;
-    if (!last) return;
-    const openPoint = this.series.openToday();
-    const open = openPoint?.price ?? null;
+    const figures = this.series.figures();
+    if (!figures) return;
+    const { last, openPoint, open, exact } = figures;
     const change = open === null ? null : last.price - open;
     const dir = change > 0 ? 'up' : change < 0 ? 'down' : 'flat';
     this.el.dataset.dir = dir;
@@ -174,17 +195,15 @@ class Tile {
     this.f.updated.dateTime = new Date(last.t).toISOString();
     this.f.volume.textContent = last.volume == null ? '—' : volumeFormat.format(last.volume);
     this.f.open.textContent = open === null ? '—' : fmtPrice(open);
-    const exact = open !== null && this.series.openExact;
     this.f.open.dataset.exact = String(exact);
     this.f['open-label'].textContent = open === null || exact ? 'Open' : 'Open*';
     this.f['open-label'].title = open === null ? 'No price yet today (UTC)'
       : exact ? `First price of the UTC day, at ${utcTime(openPoint.t)}`
         : `Earliest price today the server still holds (at ${utcTime(openPoint.t)}): `
           + 'its history does not reach back to 00:00 UTC';
-    const prices = this.series.points.map((p) => p.price);
-    this.f.high.textContent = fmtPrice(Math.max(...prices));
-    this.f.low.textContent = fmtPrice(Math.min(...prices));
-    this._renderSparkline(prices, open ?? prices[0]);
+    this.f.high.textContent = fmtPrice(figures.high);
+    this.f.low.textContent = fmtPrice(figures.low);
+    this._renderSparkline(figures.prices, open ?? figures.prices[0]);
     this.f.sparkline.dataset.firstSeq = String(this.series.points[0].seq);
     if (flash) this._flash();
   }
@@ -237,7 +256,7 @@ class Dashboard {
     this.client.on('gap', (g) => this.onGap(g));
     this.client.on('zones', (z) => this.onZones(z));
     this.client.on('error', (e) => this.onServerError(e));
-    this.client.on('diagnosis', () => this.renderBanner(this.lastStatus));
+    this.client.on('diagnosis', () => this.renderConnection());
     this.$('reconnect-btn').addEventListener('click', () => this.client.reconnect());
     this.$('zone-picker').addEventListener('submit', (event) => {
       event.preventDefault();
@@ -373,56 +392,31 @@ class Dashboard {
       // Tiles were made before the epoch was known: their history loads now.
       for (const tile of this.tiles.values()) if (tile.series.epoch !== s.epoch) this.loadHistory(tile);
     }
-    const state = {
-      connecting: s.attempt ? 'reconnecting' : 'connecting',
-      connected: 'live',
-      reconnecting: 'reconnecting',
-      failed: 'offline',
-      closed: 'offline',
-    }[s.status] ?? 'connecting';
-    const badge = this.$('conn-badge');
-    badge.dataset.state = state;
-    const transport = s.status === 'connected' ? s.transport : '';
-    badge.dataset.transport = transport ?? '';
-    badge.querySelector('[data-field=conn-label]').textContent =
-      { live: 'Live', reconnecting: 'Reconnecting', offline: 'Offline', connecting: 'Connecting' }[state]
-      + (transport ? ` · ${transport === 'sse' ? 'SSE' : 'WebSocket'}` : '');
-    badge.title = transport === 'sse'
-      ? 'Live over Server-Sent Events: the WebSocket could not be opened'
-        + (this.client.lastDiagnosis ? ` (${this.client.lastDiagnosis.text})` : '')
-      : 'Connection to the price feed';
-    this.$('tiles').dataset.stale = String(state !== 'live');
     this.retryDeadline = s.status === 'reconnecting' ? performance.now() + s.delayMs : null;
-    this.renderBanner(s);
+    this.renderConnection();
   }
 
-  renderBanner(s) {
+  /** Badge and banner, from the last status and what the client knows about why. */
+  renderConnection() {
+    const s = this.lastStatus;
+    const view = connectionView(s, { cause: this.client.lastCause,
+      diagnosis: this.client.lastDiagnosis });
+    const badge = this.$('conn-badge');
+    badge.dataset.state = view.state;
+    badge.dataset.transport = view.transport;
+    badge.querySelector('[data-field=conn-label]').textContent = view.label;
+    badge.title = view.title;
+    this.$('tiles').dataset.stale = String(view.state !== 'live');
     const banner = this.$('conn-banner');
-    const button = this.$('reconnect-btn');
-    const retrying = s.status === 'reconnecting' || (s.status === 'connecting' && s.attempt > 0);
-    let text = '';
-    let state = 'hidden';
-    // Why: the server's close in words, or what the page learned about a refused socket.
-    const diagnosis = this.client.lastDiagnosis;
-    const why = s.code && s.code !== 1006 ? `${capitalise(describeClose(s.code, s.reason))}.`
-      : diagnosis?.text ?? '';
-    if (retrying) {
-      state = 'reconnecting';
-      text = `Reconnecting… (attempt ${s.attempt}/${s.maxAttempts})`;
-    } else if (s.status === 'failed') {
-      state = 'failed';
-      text = s.terminal
-        ? `Connection refused by the server (code ${s.code ?? '—'}${s.reason ? `: ${s.reason}` : ''}).`
-        : `Offline: reconnection stopped after ${s.attempts} attempt${s.attempts === 1 ? '' : 's'}.`;
-    }
-    banner.hidden = state === 'hidden';
-    banner.dataset.state = state;
-    this.$('conn-banner-text').textContent = text;
+    banner.hidden = view.banner.state === 'hidden';
+    banner.dataset.state = view.banner.state;
+    this.$('conn-banner-text').textContent = view.banner.text;
     const reason = this.$('conn-banner-reason');
-    reason.textContent = state === 'hidden' ? '' : why;
+    reason.textContent = view.banner.reason;
     reason.hidden = !reason.textContent;
-    this.$('conn-banner-detail').textContent = s.status === 'connecting' && retrying ? 'connecting…' : '';
-    button.hidden = s.status !== 'failed';
+    this.$('conn-banner-detail').textContent = s.status === 'connecting' && view.retrying
+      ? 'connecting…' : '';
+    this.$('reconnect-btn').hidden = s.status !== 'failed';
     this.renderCountdown();
   }
 
@@ -465,9 +459,54 @@ class Dashboard {
   }
 }
 
-function capitalise(text) { return text.charAt(0).toUpperCase() + text.slice(1); }
+const BADGE_STATES = {
+  connecting: 'connecting', connected: 'live', reconnecting: 'reconnecting', failed: 'offline',
+  closed: 'offline',
+};
+const STATE_LABELS = { live: 'Live', reconnecting: 'Reconnecting', offline: 'Offline', connecting: 'Connecting' };
+const TRANSPORT_LABELS = { sse: 'SSE', ws: 'WebSocket' };
 
-const dashboard = new Dashboard(document, readOptions(location.search));
-// Handy from the devtools console: pricehubDashboard.client.reconnect(), .tiles, ...
-globalThis.pricehubDashboard = dashboard;
-dashboard.start();
+/**
+ * What the badge and the banner say for the client status `s`. Why the page is not live is
+ * one sentence, the client's `cause` of the last attempt that ended (pricehub.js explainEnd:
+ * only what the page could read), shown in the banner and the badge's tooltip alike. While
+ * live over SSE the tooltip says why not the WebSocket: `diagnosis`, unless it found the
+ * server unreachable, which the stream just disproved.
+ * Returns {state, transport, label, title, retrying, banner: {state, text, reason}}.
+ */
+export function connectionView(s, { cause = null, diagnosis = null } = {}) {
+  const retrying = s.status === 'reconnecting' || (s.status === 'connecting' && s.attempt > 0);
+  const state = s.status === 'connecting' && s.attempt ? 'reconnecting'
+    : BADGE_STATES[s.status] ?? 'connecting';
+  const transport = s.status === 'connected' ? s.transport ?? '' : '';
+  const label = STATE_LABELS[state] + (transport ? ` · ${TRANSPORT_LABELS[transport]}` : '');
+  const why = state === 'live' ? '' : cause?.text ?? '';
+  let title = why ? `${STATE_LABELS[state]}: ${why}` : 'Connection to the price feed';
+  if (transport === 'sse') {
+    const known = diagnosis && diagnosis.kind !== 'unreachable' ? ` (${diagnosis.text})` : '';
+    title = `Live over Server-Sent Events: the WebSocket could not be opened${known}`;
+  } else if (transport === 'ws') {
+    title = 'Live over WebSocket';
+  }
+  const banner = bannerView(s, retrying);
+  banner.reason = banner.state === 'hidden' ? '' : why;
+  return { state, transport, label, title, retrying, banner };
+}
+
+function bannerView(s, retrying) {
+  if (retrying) {
+    return { state: 'reconnecting', text: `Reconnecting… (attempt ${s.attempt}/${s.maxAttempts})` };
+  }
+  if (s.status !== 'failed') return { state: 'hidden', text: '' };
+  return { state: 'failed', text: s.terminal
+    ? `Connection refused by the server (code ${s.code ?? '—'}${s.reason ? `: ${s.reason}` : ''}).`
+    : `Offline: reconnection stopped after ${s.attempts} attempt${s.attempts === 1 ? '' : 's'}.` };
+}
+
+// In a page, run; imported elsewhere (the unit tests), only export.
+if (typeof document !== 'undefined') {
+  const dashboard = new Dashboard(document, readOptions(location.search));
+  // Handy from the devtools console: pricehubDashboard.client.reconnect(), .tiles, ...
+  globalThis.pricehubDashboard = dashboard;
+  dashboard.start();
+}

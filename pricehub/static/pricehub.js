@@ -72,6 +72,72 @@ export const SSE_STATUS_CLOSE_CODES = Object.freeze({
   401: 4001, 403: 4003, 404: 1008, 422: 1008, 503: 1013,
 });
 
+const ORIGIN_ADVICE = "check --allowed-origins, or the proxy's Host header: nginx needs "
+  + "'proxy_set_header Host $http_host'";
+
+/** A sentence fragment as a sentence. */
+function sentence(text) { return `${text.charAt(0).toUpperCase()}${text.slice(1)}.`; }
+
+/** A response body as a JSON object, or null (a proxy's HTML page, an empty body, ...). */
+function jsonObject(text) {
+  try {
+    const value = JSON.parse(text);
+    return value && typeof value === 'object' ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Did a proxy or load balancer answer instead of pricehub, because nothing answers it behind?
+ * pricehub itself never sends 502 or 504, and its 503s carry a JSON body (over_capacity on the
+ * stream, the health report): a 503 without one is a gateway's.
+ */
+function isGatewayAnswer(status, body) {
+  return status === 502 || status === 504 || (status === 503 && body === null);
+}
+
+function unreachable(host, status) {
+  return { kind: 'unreachable', text: status === undefined ? `Cannot reach the server at ${host}.`
+    : `Cannot reach the server behind the proxy at ${host} (HTTP ${status}).` };
+}
+
+/**
+ * Why a connection attempt ended, from what the page can actually read: `{kind, text}`.
+ *   unreachable  nothing answered, or a gateway answered for a server that is gone
+ *   origin       pricehub's 403 origin_not_allowed on the event stream (a readable answer,
+ *                unlike a refused WebSocket upgrade)
+ *   refused      any other HTTP refusal of the stream without a close code of its own
+ *   dropped      it was open, and ended without a close code
+ *   timeout      the client gave up on a silent or stuck connection
+ *   server       the server's close code (or its stream's HTTP status as one), in words
+ *   ws_refused   a WebSocket closed before it opened: the browser hides why (`pending`: the
+ *                diagnosis over HTTP, diagnoseRefusedSocket, replaces it)
+ * `end`: {transport 'ws'|'sse', opened, code, reason, host, origin}, plus for a stream refused
+ * over HTTP {status, error (pricehub's error code, or null), gateway}.
+ */
+export function explainEnd(end) {
+  const { transport, opened, code, reason = '' } = end;
+  if (transport === 'sse' && end.status !== undefined) return explainRefusedStream(end);
+  if (code === CLIENT_TIMEOUT_CODE) return { kind: 'timeout', text: `No answer from the server in time (${reason}).` };
+  if (code !== ABNORMAL_CLOSE_CODE) return { kind: 'server', text: sentence(describeClose(code, reason)) };
+  if (opened) {
+    return { kind: 'dropped', text: transport === 'sse' ? 'The event stream from the server ended.'
+      : 'The connection to the server dropped without a close frame.' };
+  }
+  if (transport === 'sse') return unreachable(end.host); // fetch() itself failed
+  return { kind: 'ws_refused', pending: true, text: 'The WebSocket could not be opened.' };
+}
+
+function explainRefusedStream({ code, reason, status, error, gateway, host, origin }) {
+  if (gateway) return unreachable(host, status);
+  if (status === 403 && error === 'origin_not_allowed') {
+    return { kind: 'origin', text: `The server refused this page's origin (${origin}): ${ORIGIN_ADVICE}.` };
+  }
+  if (code !== ABNORMAL_CLOSE_CODE) return { kind: 'server', text: sentence(describeClose(code, reason)) };
+  return { kind: 'refused', text: `The server refused the event stream (${reason}).` };
+}
+
 /**
  * Incremental text/event-stream parser (WHATWG rules). feed(text) returns the events that the
  * text completed: {event, data, id}; `id` persists across events as the spec says.
@@ -184,15 +250,17 @@ export class SseConnection {
   async _refused(response) {
     let text = '';
     try { text = (await response.text()).slice(0, 300); } catch { /* the status says enough */ }
-    let body = null;
-    try { body = JSON.parse(text); } catch { /* not JSON: a proxy's or the router's page */ }
-    const reason = body?.message ?? (text.trim() || `HTTP ${response.status}`);
-    const routeMissing = response.status === 404 && body?.error !== 'unknown_zone'
-      && body?.code !== 'unknown_zone';
-    const code = routeMissing ? ABNORMAL_CLOSE_CODE
-      : SSE_STATUS_CLOSE_CODES[response.status] ?? ABNORMAL_CLOSE_CODE;
-    this._end(code, `HTTP ${response.status}: ${reason}`,
-      { status: response.status, routeMissing, badCursor: response.status === 400 });
+    const body = jsonObject(text); // null: a proxy's or the router's page
+    const { status } = response;
+    const reason = body?.message ?? (text.trim() || `HTTP ${status}`);
+    const error = body?.error ?? body?.code ?? null;
+    const routeMissing = status === 404 && error !== 'unknown_zone';
+    // A gateway's 503 is not pricehub's "over capacity": nothing answered behind it.
+    const gateway = isGatewayAnswer(status, body);
+    const code = routeMissing || gateway ? ABNORMAL_CLOSE_CODE
+      : SSE_STATUS_CLOSE_CODES[status] ?? ABNORMAL_CLOSE_CODE;
+    this._end(code, `HTTP ${status}: ${reason}`,
+      { status, error, gateway, routeMissing, badCursor: status === 400 });
   }
 
   async _read(reader) {
@@ -288,6 +356,8 @@ function defaultBaseUrl() {
  *   error    {code, message}           (server `error` messages; the socket stays open)
  *   zones    {zones, added, removed, rejected: [{zone, code, message}]}  (watched zones changed)
  *   diagnosis {kind, text}             (why a WebSocket was refused before it opened)
+ *   `reconnecting` and `failed` carry `cause` {kind, text}: why the last attempt ended
+ *   (explainEnd), also in `client.lastCause` (null while connected)
  *   message  the raw server message     (every frame, after the client processed it)
  */
 export class PriceHubClient extends EventTarget {
@@ -353,6 +423,7 @@ export class PriceHubClient extends EventTarget {
     this._pending = []; // zone subscribes awaiting `subscribed` / `error`: {zones, resolve}
     this._diagnosing = false;
     this.lastDiagnosis = null;
+    this.lastCause = null;
   }
 
   /** Current status: idle, connecting, connected, reconnecting, failed or closed. */
@@ -579,8 +650,9 @@ export class PriceHubClient extends EventTarget {
       }
     } catch (err) {
       // A throwing constructor means a bad URL or a blocked scheme: retrying cannot help.
+      this.lastCause = { kind: 'invalid', text: sentence(String(err)) };
       this._setStatus('failed', { terminal: true, reason: String(err), attempts: this._attempts,
-        maxAttempts: this.options.maxAttempts });
+        maxAttempts: this.options.maxAttempts, cause: this.lastCause });
       return;
     }
     this._ws = ws;
@@ -622,21 +694,26 @@ export class PriceHubClient extends EventTarget {
       this._open(this._attempts);
       return;
     }
-    if (ws.oneWay) {
-      if (event.badCursor && this._sseCursor) {
-        // A cursor the server no longer takes (e.g. made for another set of zones): the
-        // cause is gone with it, so open again at once; the zones report gaps instead.
-        this._sseCursor = '';
-        this._open(this._attempts);
-        return;
-      }
-      if (event.routeMissing && this.options.transport === 'auto') {
-        // No SSE on this server: go on with the WebSocket and its own failure.
-        this._sseUnavailable = true;
-        this._useSse = false;
-        reason = this._wsFailure ?? reason;
-      }
-    } else if (code === ABNORMAL_CLOSE_CODE && !opened) {
+    if (ws.oneWay && event.badCursor && this._sseCursor) {
+      // A cursor the server no longer takes (e.g. made for another set of zones): the
+      // cause is gone with it, so open again at once; the zones report gaps instead.
+      this._sseCursor = '';
+      this._open(this._attempts);
+      return;
+    }
+    if (ws.oneWay && event.routeMissing && this.options.transport === 'auto') {
+      // No SSE on this server: go on with the WebSocket and its own failure (its cause
+      // stays, and its diagnosis may still replace it).
+      this._sseUnavailable = true;
+      this._useSse = false;
+      reason = this._wsFailure ?? reason;
+    } else {
+      // What the page could read about this end; a stream's HTTP answer replaces whatever
+      // the WebSocket's diagnosis said (it is the more precise of the two).
+      this.lastCause = explainEnd({ ...event, transport: ws.oneWay ? 'sse' : 'ws', opened, code,
+        reason, host: toHttpBase(this._baseUrl).host, origin: this._pageOrigin() });
+    }
+    if (!ws.oneWay && code === ABNORMAL_CLOSE_CODE && !opened) {
       // Refused or unreachable before the upgrade: the browser hides which; ask over HTTP.
       this._diagnose();
       if (this.options.transport === 'auto' && !this._sseUnavailable && this._fetch) {
@@ -647,7 +724,7 @@ export class PriceHubClient extends EventTarget {
     }
     if (TERMINAL_CLOSE_CODES.includes(code)) {
       this._setStatus('failed', { code, reason, terminal: true, attempts: this._attempts,
-        maxAttempts: this.options.maxAttempts });
+        maxAttempts: this.options.maxAttempts, cause: this.lastCause });
       return;
     }
     this._scheduleRetry(code, reason);
@@ -656,14 +733,15 @@ export class PriceHubClient extends EventTarget {
   _scheduleRetry(code, reason) {
     const attempt = this._attempts + 1;
     const { maxAttempts } = this.options;
+    const cause = this.lastCause;
     if (attempt > maxAttempts) {
       this._setStatus('failed', { code, reason, terminal: false, attempts: this._attempts,
-        maxAttempts });
+        maxAttempts, cause });
       return;
     }
     this._attempts = attempt;
     const delayMs = backoffDelay(attempt, { ...this.options, random: this._random });
-    this._setStatus('reconnecting', { attempt, maxAttempts, delayMs, code, reason });
+    this._setStatus('reconnecting', { attempt, maxAttempts, delayMs, code, reason, cause });
     this._retryTimer = this._timers.setTimeout(() => {
       this._retryTimer = null;
       this._open(attempt);
@@ -686,17 +764,21 @@ export class PriceHubClient extends EventTarget {
 
   /**
    * Why did a WebSocket fail before it opened? The browser reports only close 1006, not the
-   * HTTP status of a refused upgrade, so ask over plain HTTP: is the server reachable, and
-   * what does the socket path answer to a request without an upgrade? That request carries
-   * no Origin header (browsers send none on same-origin GETs), so a pricehub server answers
-   * it 400 ("upgrade expected") where the upgrade itself got 403: then the page's Origin
-   * was refused, or a proxy stripped the upgrade. Emits `diagnosis` {kind, text}.
+   * HTTP status of a refused upgrade, so ask over plain HTTP: is the server reachable (a
+   * proxy's 502/503/504 says it is not), and what does the socket path answer to a request
+   * without an upgrade? That request carries no Origin header (browsers send none on
+   * same-origin GETs), so a pricehub server answers it 400 ("upgrade expected") where the
+   * upgrade itself got 403: then the page's Origin was refused, or a proxy stripped the
+   * upgrade, and the page cannot tell which. Emits `diagnosis` {kind, text}.
    */
   async _diagnose() {
     if (!this._fetch || this._diagnosing) return;
     this._diagnosing = true;
     try {
       this.lastDiagnosis = await diagnoseRefusedSocket(this._fetch, this._baseUrl, this._socketUrl());
+      // It explains a refused WebSocket only: an answer read since (a stream's 502, a close
+      // code) or a connection made since keeps its own cause.
+      if (this.lastCause?.pending) this.lastCause = this.lastDiagnosis;
       this.dispatchEvent(new PriceHubEvent('diagnosis', this.lastDiagnosis));
     } finally {
       this._diagnosing = false;
@@ -707,10 +789,14 @@ export class PriceHubClient extends EventTarget {
   _abandon(reason) {
     const ws = this._detach();
     if (ws) ws.close(CLIENT_TIMEOUT_CODE, reason);
+    this.lastCause = explainEnd({ code: CLIENT_TIMEOUT_CODE, reason });
     this._scheduleRetry(CLIENT_TIMEOUT_CODE, reason);
   }
 
   _cancelRetry() { this._clearTimer('_retryTimer', 'clearTimeout'); }
+
+  /** The Origin a browser sends for this page (the server's own outside a browser). */
+  _pageOrigin() { return globalThis.location?.origin ?? toHttpBase(this._baseUrl).origin; }
 
   _clearTimer(field, clearFn) {
     if (this[field] !== null) {
@@ -786,6 +872,7 @@ export class PriceHubClient extends EventTarget {
     this._setBackend(msg.storage_backend);
     this._startHeartbeat(msg.heartbeat_interval);
     if (this._subscribeAfterOpen && this._zones.length) this._subscribeAll(resumeSince, previousEpoch);
+    this.lastCause = null;
     this._setStatus('connected', { connectionId: msg.connection_id, zones: this.zones,
       backend: this._backend, epoch: msg.epoch, resuming: resumeZones,
       transport: this.transport });
@@ -900,17 +987,11 @@ export async function diagnoseRefusedSocket(fetchImpl, baseUrl, socketUrl) {
   const base = toHttpBase(baseUrl);
   const probeUrl = toHttpBase(socketUrl);
   const origin = globalThis.location?.origin ?? base.origin;
-  const get = (url) => fetchImpl(url.href, { cache: 'no-store', headers: { Accept: 'application/json' } });
-  try {
-    await get(new URL(PATHS.health, base));
-  } catch {
-    return { kind: 'unreachable', text: `Cannot reach the server at ${base.host}.` };
-  }
   let status;
-  try {
-    status = (await get(probeUrl)).status;
-  } catch {
-    return { kind: 'unreachable', text: `Cannot reach the server at ${base.host}.` };
+  for (const url of [new URL(PATHS.health, base), probeUrl]) {
+    const answer = await answerTo(fetchImpl, url);
+    if (answer.status === undefined || answer.gateway) return unreachable(base.host, answer.status);
+    status = answer.status;
   }
   const text = {
     401: 'The server refused the connection: a valid subscriber token is required.',
@@ -919,12 +1000,26 @@ export async function diagnoseRefusedSocket(fetchImpl, baseUrl, socketUrl) {
     503: 'The server refused the connection: it is over its connection limit or unavailable.',
   }[status];
   if (text) return { kind: { 401: 'auth', 403: 'origin', 404: 'not_found', 503: 'busy' }[status], text };
+  // The server answers plain HTTP (pricehub: 400 "upgrade expected"), the upgrade did not
+  // get through: its Origin, or a proxy, and a same-origin page cannot tell which.
   return {
-    kind: 'origin',
+    kind: 'upgrade_refused',
     text: `The server refused the connection: this page's origin (${origin}) is not allowed `
-      + "(check --allowed-origins, or the proxy's Host header: nginx needs "
-      + "'proxy_set_header Host $http_host'), or a proxy strips the WebSocket upgrade.",
+      + `(${ORIGIN_ADVICE}), or a proxy strips the WebSocket upgrade.`,
   };
+}
+
+/** {status, gateway} of a GET (see isGatewayAnswer); {} when nothing answered. */
+async function answerTo(fetchImpl, url) {
+  let response;
+  try {
+    response = await fetchImpl(url.href, { cache: 'no-store', headers: { Accept: 'application/json' } });
+  } catch {
+    return {};
+  }
+  let text = '';
+  try { text = await response.text(); } catch { /* the status says enough */ }
+  return { status: response.status, gateway: isGatewayAnswer(response.status, jsonObject(text)) };
 }
 
 PriceHubClient.prototype._handlers = Object.freeze({

@@ -146,8 +146,11 @@ describe('close codes', () => {
       client.connect();
       WS.last().serverOpen();
       WS.last().serverClose(code, 'nope');
-      assert.deepEqual(events.status.at(-1),
+      const { cause, ...failed } = events.status.at(-1);
+      assert.deepEqual(failed,
         { status: 'failed', code, reason: 'nope', terminal: true, attempts: 0, maxAttempts: 5 });
+      assert.equal(cause.kind, 'server');
+      assert.match(cause.text, /^The .* \(nope\)\.$/);
       clock.advance(10 * 60_000);
       assert.equal(WS.sockets.length, 1);
     });

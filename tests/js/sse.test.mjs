@@ -228,27 +228,49 @@ describe('transport fallback', () => {
 
 describe('diagnosis of a refused WebSocket', () => {
   const SOCKET = 'ws://127.0.0.1:8080/api/ws/ws/prices?zones=';
+  // byPath: pathname -> status, or [status, body]; a path missing: the fetch fails.
   const answering = (byPath) => async (url) => {
-    const status = byPath[new URL(url).pathname];
-    if (status === undefined) throw new TypeError('fetch failed');
-    return { status, ok: status < 300, text: async () => '' };
+    const answer = byPath[new URL(url).pathname];
+    if (answer === undefined) throw new TypeError('fetch failed');
+    const [status, body] = Array.isArray(answer) ? answer : [answer, ''];
+    return { status, ok: status < 300, text: async () => body };
   };
+  const BUSY = [503, '{"error":"over_capacity","message":"server over its connection limit"}'];
 
-  test('server up, the socket path wants an upgrade: the Origin was refused', async () => {
+  test('server up, the socket path wants an upgrade: the Origin or a proxy refused it', async () => {
     const fetch = answering({ '/api/ws/ws/health': 200, '/api/ws/ws/prices': 400 });
     const d = await diagnoseRefusedSocket(fetch, 'http://127.0.0.1:8080/', SOCKET);
-    assert.equal(d.kind, 'origin');
+    assert.equal(d.kind, 'upgrade_refused');
     assert.match(d.text, /^The server refused the connection: this page's origin \(http:\/\/127\.0\.0\.1:8080\) is not allowed/);
     assert.match(d.text, /--allowed-origins/);
     assert.match(d.text, /\$http_host/);
   });
 
-  for (const [status, kind] of [[401, 'auth'], [403, 'origin'], [404, 'not_found'], [503, 'busy']]) {
-    test(`the socket path answers ${status}: ${kind}`, async () => {
-      const fetch = answering({ '/api/ws/ws/health': 200, '/api/ws/ws/prices': status });
+  for (const [answer, kind] of [[401, 'auth'], [403, 'origin'], [404, 'not_found'], [BUSY, 'busy']]) {
+    test(`the socket path answers ${answer}: ${kind}`, async () => {
+      const fetch = answering({ '/api/ws/ws/health': 200, '/api/ws/ws/prices': answer });
       assert.equal((await diagnoseRefusedSocket(fetch, 'http://127.0.0.1:8080/', SOCKET)).kind, kind);
     });
   }
+
+  // Issue 22.7: a proxy's 502 went on to the socket path, whose 502 read as an Origin refusal.
+  for (const [path, answer] of [['/api/ws/ws/health', 502], ['/api/ws/ws/health', 504],
+    ['/api/ws/ws/health', [503, '<html>Service Unavailable</html>']], ['/api/ws/ws/prices', 502]]) {
+    const status = Array.isArray(answer) ? answer[0] : answer;
+    test(`a gateway's ${status} on ${path}: unreachable, with the status`, async () => {
+      const fetch = answering({ '/api/ws/ws/health': 200, '/api/ws/ws/prices': 400, [path]: answer });
+      const d = await diagnoseRefusedSocket(fetch, 'http://127.0.0.1:8080/', SOCKET);
+      assert.deepEqual(d, { kind: 'unreachable',
+        text: `Cannot reach the server behind the proxy at 127.0.0.1:8080 (HTTP ${status}).` });
+    });
+  }
+
+  test("pricehub's own 503 health report (unhealthy) is an answer from the server", async () => {
+    const fetch = answering({ '/api/ws/ws/health': [503, '{"status":"unhealthy"}'],
+      '/api/ws/ws/prices': 400 });
+    const d = await diagnoseRefusedSocket(fetch, 'http://127.0.0.1:8080/', SOCKET);
+    assert.equal(d.kind, 'upgrade_refused');
+  });
 
   test('nothing answers: unreachable', async () => {
     const d = await diagnoseRefusedSocket(answering({}), 'http://127.0.0.1:8080/', SOCKET);
@@ -268,7 +290,7 @@ describe('diagnosis of a refused WebSocket', () => {
     clock.advance(1500);
     WS.last().refuse();
     await flush();
-    assert.deepEqual(seen, ['origin']);
+    assert.deepEqual(seen, ['upgrade_refused']);
   });
 });
 
