@@ -344,6 +344,17 @@ def test_zones_per_socket_limit_and_unsubscribe() -> None:
     assert kinds(effects)[:3] == ["subscribed", "Drain", "Attach"]
 
 
+def test_zones_already_open_do_not_count_twice_against_the_limit() -> None:
+    """The limit counts the zones the socket would have: re-subscribing open ones (to
+    resume them) is no new zone (counted per zone asked, not by re-building sets)."""
+    session = make_session(max_zones=2)
+    run(session.handle(messages.Subscribe(zones=("pjm",), since={}, epoch=None)))
+    again = messages.Subscribe(zones=("pjm", "ercot"), since={"pjm": 0}, epoch=None)
+    assert sent(run(session.handle(again)))[0]["type"] == "subscribed"
+    one_more = messages.Subscribe(zones=("ercot", "caiso"), since={}, epoch=None)
+    assert [m["code"] for m in sent(run(session.handle(one_more)))] == ["invalid_message"]
+
+
 # --- history and the reply budget -----------------------------------------------------------
 
 

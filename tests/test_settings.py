@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import fields
@@ -24,6 +25,7 @@ from pricehub.server.settings import (
     example_toml,
     load_settings,
 )
+from pricehub.wire.messages import is_valid_zone_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -322,3 +324,41 @@ def test_a_hundred_thousand_zones_load_fast(tmp_path: Path) -> None:
     assert elapsed < 3.0, f"100,000 zones took {elapsed:.2f} s"
     changed = settings.replace(port=1)  # a copy keeps the file's zones
     assert changed.zones == settings.zones and "node_000000" in changed.zone_set
+
+
+# --- --zones-file and zone names, settled (issue 23, item 9) --------------------------------
+
+
+def test_zones_file_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """``str.splitlines`` also splits at U+2028, VT, FF...: one line with those inside is
+    one (invalid) name, not several zones; CRLF files still read."""
+    zones = tmp_path / "zones.txt"
+    zones.write_bytes(b"pjm\r\nercot\r\n")
+    assert load_settings(["--zones-file", str(zones)], environ={}).zones == ("pjm", "ercot")
+    for separator in ("\u2028", "\x0b", "\x0c", "\x1c", "\x85"):
+        zones.write_text(f"pjm\nercot{separator}caiso\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"zones\.txt:2: .* is not a valid zone name"):
+            load_settings(["--zones-file", str(zones)], environ={})
+
+
+def test_zones_file_may_start_with_a_utf8_bom(tmp_path: Path) -> None:
+    zones = tmp_path / "zones.txt"
+    zones.write_bytes(b"\xef\xbb\xbfpjm\nercot\n")  # what some Windows editors write
+    assert load_settings(["--zones-file", str(zones)], environ={}).zones == ("pjm", "ercot")
+
+
+def test_zones_file_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO used to block start-up forever (opening it waits for a writer)."""
+    fifo = tmp_path / "zones.fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, Path("/dev/zero")):
+        with pytest.raises(ConfigError, match=r"^zones_file \S+: not a regular file$"):
+            load_settings(["--zones-file", str(path)], environ={})
+
+
+@pytest.mark.parametrize("zone", ["pjm\n", "pjm\r\n", "\npjm"])
+def test_a_zone_name_with_a_newline_is_invalid(zone: str) -> None:
+    """``^...$`` with ``match`` accepted a trailing newline; names are matched whole."""
+    assert not is_valid_zone_name(zone)
+    with pytest.raises(ConfigError, match="is not a valid zone name"):
+        Settings(redis_url=None, zones=(zone, "ercot"))

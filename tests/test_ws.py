@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import os
 import re
 import uuid
 from typing import Any
@@ -626,3 +628,108 @@ async def test_a_client_busy_reading_a_long_replay_is_not_taken_for_dead(
     sock.abort()
     assert seqs == list(range(1, 3001)) and elapsed > 0.6
     assert client.app[STATS].disconnections["heartbeat_timeout"] == 0
+
+
+# --- many zones on one socket (issue 23, item 6) ----------------------------------------
+
+
+def pricehub_calls(profile: cProfile.Profile) -> int:
+    """Calls of pricehub's own functions plus the calls they make (builtins included): the
+    work a profile saw pricehub do, whatever the machine's speed (speed targets live in
+    bench/; this counts operations)."""
+    package = f"{os.sep}pricehub{os.sep}"
+    total = 0
+    for entry in profile.getstats():
+        code = entry.code
+        if isinstance(code, str) or package not in code.co_filename:
+            continue
+        total += entry.callcount + sum(sub.callcount for sub in entry.calls or ())
+    return total
+
+
+def many_zones(count: int) -> tuple[str, ...]:
+    return tuple(f"z{index}" for index in range(count))
+
+
+async def publish_one_price_each(client: Client, zones: tuple[str, ...]) -> None:
+    for start in range(0, len(zones), 1000):
+        batch = zones[start:start + 1000]
+        await publish(client, *[{"market_zone": zone, "price": 1.0} for zone in batch])
+
+
+async def open_zones(client: Client, zones: tuple[str, ...], how: str) -> list[dict[str, Any]]:
+    """Open every zone on one socket (in the URL, or with one ``subscribe``); every message
+    up to the pong of a ping sent after it (answered once the opening job is done)."""
+    ws = await connect(client, "/api/ws/ws/prices" if how == "url" else "/api/ws/ws/prices?zones=")
+    if how == "subscribe":
+        await ws.send_json({"type": "subscribe", "zones": list(zones)})
+    await ws.send_json({"type": "ping"})
+    seen = await receive_until(ws, lambda m: m["type"] == "pong", timeout=60)
+    await ws.close()
+    return seen
+
+
+async def opening_calls(make_client: MakeClient, count: int, how: str) -> int:
+    zones = many_zones(count)
+    client = await make_client(zones=zones, max_zones_per_socket=count)
+    await publish_one_price_each(client, zones)
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        seen = await open_zones(client, zones, how)
+    finally:
+        profile.disable()
+    assert [m["market_zone"] for m in seen if m["type"] == "initial_data"] == list(zones)
+    return pricehub_calls(profile)
+
+
+@pytest.mark.parametrize("how", ["url", "subscribe"])
+async def test_opening_zones_on_one_socket_is_linear_work(
+    make_client: MakeClient, how: str
+) -> None:
+    """4x the zones is about 4x the work (it was quadratic: each zone opened made and
+    unmade an audience of all the zones opened before it, ~16x)."""
+    small = await opening_calls(make_client, 1000, how)
+    large = await opening_calls(make_client, 4000, how)
+    assert large < 6 * small, f"1,000 zones: {small} calls; 4,000 zones: {large}"
+
+
+async def test_a_client_reading_everything_while_its_zones_open_is_not_closed_4000(
+    make_client: MakeClient,
+) -> None:
+    """The client answers pings, but its pongs wait unread behind the opening job: the
+    bytes it takes in meanwhile are its sign of life. (20,000 zones: the opening lasts
+    well past the 0.3 s timeout even on a fast machine, ~35 us per zone.)"""
+    zones = many_zones(20_000)
+    client = await make_client(
+        zones=zones, max_zones_per_socket=len(zones), max_frame_size=1 << 20,
+        heartbeat_interval=0.1, heartbeat_timeout=0.3,
+    )
+    await publish_one_price_each(client, zones)
+    started = asyncio.get_running_loop().time()
+    seen = await open_zones(client, zones, "subscribe")
+    elapsed = asyncio.get_running_loop().time() - started
+    assert sum(m["type"] == "initial_data" for m in seen) == len(zones)
+    assert elapsed > 0.3, "the opening must outlast the heartbeat timeout to test anything"
+    assert client.app[STATS].disconnections["heartbeat_timeout"] == 0
+
+
+async def test_a_peer_that_stops_reading_during_a_job_is_still_reaped_4000(
+    make_client: MakeClient,
+) -> None:
+    """Bytes count as life only once the peer has taken them in: a socket that reads
+    nothing while its zones open (a tiny window, so the job waits on it) is closed 4000."""
+    from tests.test_flood import RawSocket
+
+    zones = many_zones(2000)
+    client = await make_client(
+        zones=zones, max_zones_per_socket=len(zones), heartbeat_interval=0.1,
+        heartbeat_timeout=0.3, send_high_water=16 * 1024, send_hard_limit=1 << 20,
+    )
+    await publish_one_price_each(client, zones)
+    assert client.port is not None
+    sock = await RawSocket.open(client.port, "/api/ws/ws/prices", receive_buffer=4096)
+    try:
+        await eventually(lambda: client.app[STATS].disconnections["heartbeat_timeout"] == 1)
+    finally:
+        sock.abort()

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import math
 import os
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -382,15 +383,14 @@ def _positive(*names: str) -> Callable[[Settings], None]:
 
 
 def read_zones_file(path: Path) -> tuple[str, ...]:
-    """``--zones-file``: one zone per line; ``#`` starts a comment, blank lines are
-    ignored. A bad or repeated name is an error naming its line (one pass, O(n))."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"zones_file {path}: {exc}") from None
+    """``--zones-file``: one zone per line (``\n`` or ``\r\n``; a UTF-8 BOM is
+    skipped); ``#`` starts a comment, blank lines are ignored. A bad or repeated name is
+    an error naming its line (one pass, O(n))."""
     seen: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        zone = line.partition("#")[0].strip()
+    # Lines end at "\n" only: str.splitlines() also splits at U+2028, VT, FF and more,
+    # which would turn one odd line into several zones.
+    for number, line in enumerate(_read_regular_file(path).split("\n"), start=1):
+        zone = line.partition("#")[0].strip(" \t\r")
         if not zone:
             continue
         if not is_valid_zone_name(zone):
@@ -407,6 +407,23 @@ def read_zones_file(path: Path) -> tuple[str, ...]:
     if not seen:
         raise ConfigError(f"zones_file {path}: no zones in the file")
     return tuple(seen)
+
+
+def _read_regular_file(path: Path) -> str:
+    """A regular file's UTF-8 text. Anything else is refused at once: opening a FIFO
+    for reading would block start-up until some writer appears, and a device such as
+    /dev/zero never ends (O_NONBLOCK makes the open itself return; fstat then decides)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"zones_file {path}: not a regular file")
+            with open(fd, "rb", closefd=False) as file:
+                return file.read().decode("utf-8-sig")
+        finally:
+            os.close(fd)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"zones_file {path}: {exc}") from None
 
 
 def _check_zones(settings: Settings) -> None:

@@ -63,12 +63,13 @@ __all__ = [
     "zones_message",
 ]
 
-ZONE_RE = re.compile(r"^[a-z0-9_]{1,32}$")
+# Always ``fullmatch``: with ``match``, ``$`` also matches before a trailing newline.
+ZONE_RE = re.compile(r"[a-z0-9_]{1,32}")
 DEFAULT_HISTORY_LIMIT = 100  # prices in a history answer when the client names no limit
 
 
 def is_valid_zone_name(zone: object) -> bool:
-    return isinstance(zone, str) and ZONE_RE.match(zone) is not None
+    return isinstance(zone, str) and ZONE_RE.fullmatch(zone) is not None
 
 
 def zone_case_error(zone: str, zones: Collection[str]) -> ProtocolError | None:

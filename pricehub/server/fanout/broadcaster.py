@@ -266,8 +266,13 @@ class Broadcaster:
             self._schedule_flush()
 
     def _join_audience(self, connection: Connection) -> bool:
-        """Move a connection into its audience if every zone of it is in step."""
-        if connection.closing or connection.conflated is not None or connection.outbox:
+        """Move a connection into its audience if every zone of it is in step; never
+        while a session job runs (``busy``: its zones are still being opened, and
+        joining after each one was O(zones) per zone; ``offer`` retries at its end)."""
+        if (
+            connection.busy or connection.closing or connection.conflated is not None
+            or connection.outbox
+        ):
             return False
         streams = connection.streams
         if not streams:

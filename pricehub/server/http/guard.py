@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from pricehub.server.errors import AuthError
 from pricehub.server.http.replies import json_error
 from pricehub.server.keys import SETTINGS, VERIFIER
-from pricehub.server.policy.auth import FailedAttempts, Grant, key_matches
+from pricehub.server.policy.auth import FailedAttempts, Grant, key_matches, request_token
 from pricehub.server.settings import Settings
 from pricehub.wire import paths
 from pricehub.wire.codes import HttpErrorCode
@@ -135,12 +135,8 @@ def bearer_refusal(
 def subscriber_grant(request: web.Request, zone: str) -> web.Response | Grant:
     """The socket rules over HTTP: a token from the ``token`` query or ``Authorization:
     Bearer``; 401 without or invalid, 403 when its ``zones`` claim leaves ``zone`` out."""
-    token = request.query.get("token")
-    if token is None:
-        scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        token = value.strip() if scheme.lower() == "bearer" else None
     try:
-        grant = request.app[VERIFIER].verify(token)
+        grant = request.app[VERIFIER].verify(request_token(request))
     except AuthError as exc:
         return json_error(
             401, HttpErrorCode.INVALID_TOKEN, exc.message,

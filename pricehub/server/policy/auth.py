@@ -2,8 +2,10 @@
 
 Tokens are optional: with neither ``--jwt-secret`` nor ``--jwt-public-key`` every
 subscriber may read every zone. When on, a token must carry ``exp`` and may restrict the
-zones with a ``zones`` claim (a list). Publisher keys are compared in constant time so
-response timing does not reveal how much of a guessed key was right.
+zones with a ``zones`` claim: absent, every zone; present, it must be a list of strings
+(``null`` or anything else is an invalid token, never "every zone"). Publisher keys are
+compared in constant time so response timing does not reveal how much of a guessed key
+was right.
 
 Algorithm confusion is ruled out by construction: a secret only ever verifies HS256, and
 a public key only the one algorithm its type allows (RSA: RS256, P-256: ES256), so a token
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from aiohttp import hdrs, web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -37,6 +40,7 @@ __all__ = [
     "TokenVerifier",
     "key_matches",
     "load_public_key",
+    "request_token",
 ]
 
 FAR_FUTURE = 2**53  # Unix seconds; any later expiry is "never" for a socket
@@ -94,7 +98,18 @@ class TokenVerifier:
         # PyJWT checked that ``exp`` is in the future; clamp it because a huge one
         # (signed by a buggy issuer) would overflow a float.
         expires_at = float(min(int(claims["exp"]), FAR_FUTURE))
-        return Grant(zones=_zones_claim(claims.get("zones")), expires_at=expires_at)
+        return Grant(zones=_zones_claim(claims), expires_at=expires_at)
+
+
+def request_token(request: web.Request) -> str | None:
+    """A subscriber token over HTTP: the ``token`` query (EventSource cannot set headers)
+    or ``Authorization: Bearer``. An empty ``token=`` is no token, so it does not hide a
+    valid header."""
+    token = request.query.get("token")
+    if not token:
+        scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        token = value.strip() if scheme.lower() == "bearer" else None
+    return token or None
 
 
 def _check_numeric_dates(claims: dict[str, Any]) -> None:
@@ -106,9 +121,12 @@ def _check_numeric_dates(claims: dict[str, Any]) -> None:
             raise AuthError(CloseCode.INVALID_TOKEN, f"invalid '{name}' claim")
 
 
-def _zones_claim(zones: object) -> frozenset[str] | None:
-    if zones is None:
+def _zones_claim(claims: dict[str, Any]) -> frozenset[str] | None:
+    """None (every zone) only when the token has no ``zones`` claim: ``"zones": null``
+    from a buggy issuer must not widen a grant to every zone."""
+    if "zones" not in claims:
         return None
+    zones = claims["zones"]
     if not isinstance(zones, list) or not all(isinstance(zone, str) for zone in zones):
         raise AuthError(CloseCode.INVALID_TOKEN, "invalid 'zones' claim")
     return frozenset(zones)

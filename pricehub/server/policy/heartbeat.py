@@ -1,8 +1,14 @@
 """The heartbeat reaper: pings every socket and closes the silent ones with 4000.
 
 Any frame from the client (a message, a ``heartbeat``, a protocol-level pong) counts as
-a sign of life. The reaper wakes often (at most every second) so a dead client is closed
-close to ``heartbeat_timeout`` after its last frame, not up to a whole interval later.
+a sign of life. So does, while a session job runs (``Connection.busy``: opening zones,
+a replay, a history), the client consuming what is written to it: its frames, the pongs
+among them, wait unread behind the job, and a client reading a long opening must not be
+taken for dead. Consumed means acknowledged by the peer (gone from pricehub's buffer and
+the kernel's send queue), not merely written, so a dead peer is still closed
+``heartbeat_timeout`` after the last bytes it took in. The reaper wakes often (at most
+every second) so a dead client is closed close to ``heartbeat_timeout`` after its last
+sign of life, not up to a whole interval later.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ def reap_once(
     for connection in list(broadcaster.connections):
         if connection.transport.is_closing():
             connection.transport_lost()  # gone without a close; SSE learns it only here
-        elif now - connection.last_seen >= timeout:
+            continue
+        if connection.busy and connection.consumed_since_last_look():
+            connection.last_seen = now
+        if now - connection.last_seen >= timeout:
             broadcaster.close(
                 connection, CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout",
                 reason=DisconnectReason.HEARTBEAT,

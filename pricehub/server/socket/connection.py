@@ -127,8 +127,8 @@ class Connection:
     """Per-socket state; all methods are synchronous and never await the client."""
 
     __slots__ = (
-        "_bytes", "_frames", "_writes", "audience", "audience_base", "checkpoint_at",
-        "checkpoint_bytes", "closing", "conflated", "conflating_since", "deflater",
+        "_bytes", "_frames", "_writes", "audience", "audience_base", "busy", "checkpoint_at",
+        "checkpoint_bytes", "closing", "conflated", "conflating_since", "consumed_mark", "deflater",
         "disconnect_reason", "encoding", "epoch", "id", "last_ping", "last_seen", "limits",
         "messages_received", "next_check", "opened_at", "outbox", "scheduler", "sock",
         "streams", "transport", "ws",
@@ -169,6 +169,11 @@ class Connection:
         # Set by whoever closes the socket from the server side (DisconnectReason).
         self.disconnect_reason: str | None = None
         self.opened_at = self.last_seen = self.last_ping = time.monotonic()
+        # True while a session job runs (``Driver.run``): the client's frames, its pongs
+        # among them, wait unread behind it, so the heartbeat reaper takes what the client
+        # consumes as its sign of life instead (``consumed_since_last_look``).
+        self.busy = False
+        self.consumed_mark: int | None = None  # bytes_received() at the reaper's last look
         # Lag: the client had not yet received everything up to ``checkpoint_bytes``
         # (of ``bytes_written``) when last checked; it was written at ``checkpoint_at``.
         self.sock: socket.socket | None = transport.get_extra_info("socket")
@@ -375,3 +380,12 @@ class Connection:
         """Bytes written so far that the client has received (acknowledged)."""
         waiting = self.transport.get_write_buffer_size() + kernel_unsent(self.sock)
         return self.bytes_written - waiting
+
+    def consumed_since_last_look(self) -> bool:
+        """True if the client has taken in bytes since the last call (the first call of a
+        job only sets the mark). Taken in, not merely queued: bytes leave pricehub's
+        buffer and the kernel's send queue only as the peer acknowledges them, so a
+        dead peer shows no progress however much is written to it."""
+        received = self.bytes_received()
+        before, self.consumed_mark = self.consumed_mark, received
+        return before is not None and received > before

@@ -65,9 +65,14 @@ class Driver:
         self.low_water = connection.limits.high_water // 2
 
     async def run(self, job: Job) -> None:
-        """Perform every effect of ``job``; stop early when the socket closes."""
+        """Perform every effect of ``job``; stop early when the socket closes.
+
+        While it runs the connection is ``busy``: it joins no audience (opening N zones
+        would otherwise make and unmake an audience of every zone opened so far, once
+        per zone: O(N²)), and the reaper counts what it consumes as a sign of life."""
         connection = self.connection
         answer: Any = None
+        connection.busy, connection.consumed_mark = True, None
         try:
             while True:
                 try:
@@ -94,7 +99,8 @@ class Driver:
                         return  # closed by someone else while we waited
         finally:
             job.close()
-            self.broadcaster.offer(connection)
+            connection.busy = False
+            self.broadcaster.offer(connection)  # in step now, it may join its audience
 
     async def perform(self, effect: Pong | Attach | Detach | ReadLatest | ReadHistory | ReadSince
                       ) -> Any:
@@ -121,9 +127,8 @@ class Driver:
 
     async def drained(self) -> bool:
         """Wait until the socket's unsent bytes are at most ``low_water``; False if it
-        closes meanwhile. A client that receives bytes meanwhile is alive: it is touched,
-        so the heartbeat reaper does not close a reader that is busy with a long replay
-        (its own frames wait unread behind the job)."""
+        closes meanwhile. (That the client is alive meanwhile, its own frames unread
+        behind the job, the heartbeat reaper learns from what it consumes: ``busy``.)"""
         connection = self.connection
         await asyncio.sleep(0)  # others run between two chunks, and the outbox is flushed
         delay = DRAIN_POLL_MIN
@@ -131,11 +136,8 @@ class Driver:
         while not self.closed() and connection.unsent() > self.low_water:
             await asyncio.sleep(delay)
             now_received = connection.bytes_received()
-            if now_received > received:
-                connection.touch()
-                delay = DRAIN_POLL_MIN
-            else:
-                delay = min(2 * delay, DRAIN_POLL_MAX)
+            # Back off while nothing moves; a client that reads gets its next chunk soon.
+            delay = DRAIN_POLL_MIN if now_received > received else min(2 * delay, DRAIN_POLL_MAX)
             received = now_received
         return not self.closed()
 
