@@ -176,6 +176,17 @@ class ServerProcess:
         """Everything the server printed, across restarts."""
         return self.log_path.read_text(errors="replace")
 
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """The running server's ``VmRSS`` (resident now) or ``VmHWM`` (its peak), KiB."""
+        if self.process is None:
+            raise RuntimeError("the server was never started")
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        for line in status.splitlines():
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+        raise KeyError(f"{field} not in /proc/{self.process.pid}/status")
+
     def __enter__(self) -> ServerProcess:
         self.start()
         return self

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,9 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pricehub.server.app import create_app
 from pricehub.server.errors import AuthError
+from pricehub.server.keys import STATS
 from pricehub.server.policy.admission import ConnectionLimits
 from pricehub.server.policy.auth import TokenVerifier, key_matches
-from pricehub.server.settings import Settings
+from pricehub.server.settings import DEFAULT_ZONES, Settings
+from pricehub.wire import paths
+from pricehub.wire.codes import DisconnectReason
+from tests.support import eventually
 
 WAIT = 5.0  # upper bound of every wait; the happy path takes milliseconds
 SECRET = "hs256-test-secret-of-at-least-32-bytes!"
@@ -314,6 +319,63 @@ async def test_socket_is_closed_when_its_token_expires(serve: Serve) -> None:
     assert time.monotonic() - started < 3.0
 
 
+async def test_sse_stream_ends_at_exp_even_in_the_middle_of_its_replay(serve: Serve) -> None:
+    """A client pacing its reads of a long opening replay used to keep its stream well
+    past ``exp`` (the deadline started after the replay); it ends at ``exp`` like the
+    socket's 4001, whatever the stream is doing."""
+    client = await serve(jwt_secret=SECRET, history_size=5000, send_high_water=4096)
+    for start in range(0, 3000, 500):
+        body = [{"market_zone": "pjm", "price": float(i)} for i in range(start, start + 500)]
+        assert (await client.post(PUBLISH, json=body, headers=bearer("k1"))).status == 202
+    reader = PacedReader(await tiny_window_socket(client))
+    request = f"GET /api/ws/sse/market/pjm?since=0&token={token(ttl=1.5)} HTTP/1.1\r\n"
+    await reader.send(request.encode() + b"Host: x\r\n\r\n")
+    # 3,000 replayed events are ~750 KB: ~15 s at this pace, ended after at most 1.5 s.
+    received = await reader.until_closed(rate=50_000, within=1.5 + WAIT / 2)
+    assert received.startswith(b"HTTP/1.1 200") and b"event: price_update" in received
+    assert b"resume_complete" not in received  # cut off in the middle of the replay
+    stats = client.app[STATS]
+    await eventually(lambda: stats.disconnections[DisconnectReason.AUTH] == 1, within=WAIT)
+
+
+async def tiny_window_socket(client: Client) -> socket.socket:
+    """A socket to the server whose receive window is 4 KiB (set before connecting, so
+    the kernel cannot autotune it): what the server writes waits for our reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    return sock
+
+
+class PacedReader:
+    """Reads a raw socket at a set pace, as a client that takes its time would."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def until_closed(self, *, rate: int, within: float) -> bytes:
+        """Everything received until the server closes, reading ``rate`` bytes/s in
+        1 KiB steps; fails if it is still open after ``within`` s."""
+        received = bytearray()
+        try:
+            async with asyncio.timeout(within):
+                while chunk := await self.loop.sock_recv(self.sock, 1024):
+                    received += chunk
+                    await asyncio.sleep(1024 / rate)
+        except ConnectionResetError:
+            pass  # the server aborts a stream whose last bytes we had not read yet
+        except TimeoutError:
+            raise AssertionError(f"still open after {within} s ({len(received)} bytes)") from None
+        finally:
+            self.sock.close()
+        return bytes(received)
+
+
 async def test_rs256_and_es256_public_keys(
     serve: Serve, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
@@ -381,6 +443,24 @@ async def test_allowed_origins_list_and_wildcard(serve: Serve) -> None:
     ws = await client.ws_connect(PRICES, origin="https://any.example")
     await next_json(ws, "connection_established")
     await ws.close()
+
+
+async def test_sse_answers_carry_cors_headers_for_allowed_origins_only(serve: Serve) -> None:
+    """A refusal for a foreign Origin used to echo it in ``Access-Control-Allow-Origin``
+    with credentials (that page could read the answer); an allowed Origin still gets
+    them, on a refusal for another reason too (its page may read why)."""
+    client = await serve(allowed_origins=("https://desk.example",))
+    foreign = await client.get(paths.sse_market("pjm"), headers={"Origin": "https://evil.example"})
+    assert foreign.status == 403
+    assert not [name for name in foreign.headers if name.lower().startswith("access-control-")]
+    assert foreign.headers["Vary"] == "Origin"
+    allowed = {"Origin": "https://desk.example"}
+    for path, status in ((paths.sse_market("nowhere"), 404), (paths.sse_market("pjm"), 200)):
+        response = await client.get(path, headers=allowed)
+        assert response.status == status
+        assert response.headers["Access-Control-Allow-Origin"] == "https://desk.example"
+        assert response.headers["Access-Control-Allow-Credentials"] == "true"
+        response.close()
 
 
 async def test_origin_without_host_header_is_refused(serve: Serve) -> None:
@@ -564,3 +644,36 @@ async def test_bad_since_is_an_error_message(serve: Serve, since: str) -> None:
 async def test_odd_zone_paths_close_1008(serve: Serve, zone: str) -> None:
     client = await serve()
     assert await refusal(client, f"{MARKET}{zone}") == 1008
+
+
+# --- token rules, settled (issue 23, item 9) ------------------------------------------------
+
+
+async def test_a_null_zones_claim_is_an_invalid_token_not_every_zone(serve: Serve) -> None:
+    """``"zones": null`` used to grant every zone; only a token *without* the claim does."""
+    client = await serve(jwt_secret=SECRET)
+    null_zones = token(zones=None)
+    assert await refusal(client, f"{PRICES}?token={null_zones}") == 4001
+    response = await client.get(paths.history("pjm"), params={"token": null_zones})
+    assert response.status == 401
+    every_zone = await client.ws_connect(f"{PRICES}?token={token()}")  # no claim: all zones
+    hello = await next_json(every_zone, "connection_established")
+    assert hello["zones"] == list(DEFAULT_ZONES)
+    await every_zone.close()
+
+
+async def test_an_empty_token_query_does_not_hide_the_authorization_header(
+    serve: Serve,
+) -> None:
+    client = await serve(jwt_secret=SECRET)
+    response = await client.get(
+        paths.history("pjm") + "?token=", headers={"Authorization": f"Bearer {token()}"}
+    )
+    assert response.status == 200, await response.text()
+    # The SSE stream reads its token the same way (EventSource sends ?token=, a proxy or
+    # a non-browser client may send the header).
+    stream = await client.get(
+        paths.sse_market("pjm") + "?token=", headers={"Authorization": f"Bearer {token()}"}
+    )
+    assert stream.status == 200, await stream.text()
+    stream.close()

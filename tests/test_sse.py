@@ -5,10 +5,13 @@ slow streams, shutdown and resume across restarts and instances."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
+import urllib.request
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,13 +19,14 @@ import aiohttp
 import jwt
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from pricehub.server.keys import BROADCASTER, STATS
-from pricehub.wire import paths
+from pricehub.wire import paths, sse
 from tests.redisproc import RedisProcess
 from tests.serverproc import ServerProcess
 from tests.ssestream import Event, EventStream
-from tests.support import PUBLISH_KEY, Client, MakeClient, eventually, publish
+from tests.support import PUBLISH_KEY, WAIT, Client, MakeClient, eventually, publish
 
 MARKET = paths.sse_market("pjm")
 
@@ -47,6 +51,12 @@ def updates(events: list[Event]) -> list[tuple[str, int]]:
     return [(e.data["market_zone"], e.data["seq"]) for e in events if e.type == "price_update"]
 
 
+def cursor_seqs(event: Event, zones: list[str]) -> dict[str, int]:
+    """What an event's ``id:`` says, per zone (the cursor is opaque on the wire)."""
+    assert event.id is not None, event
+    return dict(sse.decode_cursor(event.id, zones).seqs)
+
+
 async def test_single_zone_stream_sends_retry_established_initial_data_and_ids(
     make_client: MakeClient,
 ) -> None:
@@ -68,7 +78,7 @@ async def test_single_zone_stream_sends_retry_established_initial_data_and_ids(
     assert update.type == "price_update" and update.data["seq"] == 2
     assert update.data["price"] == 41.0 and "replay" not in update.data
     assert update.id is not None and update.id.isascii() and " " not in update.id
-    assert update.id.startswith(hello.data["epoch"] + ".") and update.id.endswith(".2")
+    assert sse.decode_cursor(update.id, ["pjm"]) == sse.Cursor(hello.data["epoch"], {"pjm": 2})
     response.close()
 
 
@@ -80,10 +90,9 @@ async def test_multi_zone_stream_cursor_names_every_zone(make_client: MakeClient
         await publish(client, price("pjm", 1.0), price("ercot", 2.0), price("pjm", 3.0))
         seen = await events.until(lambda e: e.type == "price_update" and e.data["seq"] == 2)
         assert updates(seen) == [("pjm", 1), ("ercot", 1), ("pjm", 2)]
-        ids = [e.id for e in seen if e.type == "price_update"]
-        # sorted zones: ercot then pjm
-        assert [i.split(".")[2:] if i else None for i in ids] == [
-            ["0", "1"], ["1", "1"], ["1", "2"],
+        cursors = [cursor_seqs(e, ["pjm", "ercot"]) for e in seen if e.type == "price_update"]
+        assert cursors == [
+            {"pjm": 1, "ercot": 0}, {"pjm": 1, "ercot": 1}, {"pjm": 2, "ercot": 1},
         ]
 
 
@@ -114,6 +123,25 @@ async def test_last_event_id_resumes_exactly(make_client: MakeClient) -> None:
         assert (live.data["seq"], "replay" in live.data) == (4, False)
 
 
+async def test_a_cursor_of_the_previous_decimal_form_still_resumes(
+    make_client: MakeClient,
+) -> None:
+    """Clients holding a cursor written before the compact form resume across an upgrade
+    (``<epoch>.<hash>.<seq>...``, one decimal seq a zone in sorted zone order)."""
+    client = await make_client()
+    path = paths.SSE_PRICES + "?zones=pjm,ercot"
+    async with stream(client, path) as events:
+        epoch = (await events.next()).data["epoch"]
+    await publish(client, price("pjm", 1.0), price("ercot", 1.0), price("pjm", 2.0))
+    decimal = f"{epoch}.{sse.zone_set_hash(['pjm', 'ercot'])}.1.1"  # ercot 1, pjm 1
+    async with stream(client, path, headers={"Last-Event-ID": decimal}) as events:
+        seen = await events.until(
+            lambda e: e.type == "resume_complete" and e.data["market_zone"] == "ercot"
+        )
+    assert updates(seen) == [("pjm", 2)]
+    assert all(e.data["recovered"] for e in seen if e.type == "resume_complete")
+
+
 async def test_since_and_epoch_query_resume_on_the_single_zone_stream(
     make_client: MakeClient,
 ) -> None:
@@ -131,11 +159,21 @@ async def test_since_and_epoch_query_resume_on_the_single_zone_stream(
         assert [e.type for e in seen[1:]] == ["initial_data", "resume_complete"]
 
 
+PJM_HASH = sse.zone_set_hash(["pjm"])
+
+
 @pytest.mark.parametrize(
     "last_event_id",
-    ["garbage", "abc.00000000.1", "e.deadbeef.x", "e" + "." * 5000, "\u00e9poch.1.2"],
-    ids=["garbage", "wrong-hash", "not-a-seq", "too-long", "not-ascii"],
-)
+    [
+        "garbage", "abc.00000000.1", f"e.{PJM_HASH}.x", "e" * (sse.MAX_CURSOR + 1),
+        "\u00e9poch.1.2", f"e.{PJM_HASH}.1.zAA", f"e.{PJM_HASH}.1.aAAA", f"e.{PJM_HASH}.1.a+A",
+        f"e.{PJM_HASH}.{2**63}", f"e.{PJM_HASH}.1.AA",
+    ],
+    ids=[
+        "garbage", "wrong-hash", "not-a-seq", "too-long", "not-ascii", "bad-width",
+        "deltas-too-long", "not-base64url", "seq-over-2^63", "no-width",
+    ],
+)  # fmt: skip
 async def test_malformed_cursor_is_400_with_json(
     make_client: MakeClient, last_event_id: str
 ) -> None:
@@ -144,6 +182,58 @@ async def test_malformed_cursor_is_400_with_json(
     assert response.status == 400
     body = await response.json()
     assert body["error"] == "invalid_cursor" and body["message"]
+
+
+# One zone more than a stream may carry; the first MAX_STREAM_ZONES make the widest stream.
+MANY_ZONES = tuple(f"z{i:04d}" for i in range(sse.MAX_STREAM_ZONES + 1))
+
+
+async def test_the_widest_stream_resumes_from_its_own_cursor(
+    make_client: MakeClient, redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """A stream of the most zones allowed, on a feed that has been running a while (seqs
+    of 5 to 7 digits: the decimal cursor was 7 KB and refused over 4 KiB, so EventSource
+    stopped reconnecting for good), resumes from the ``id:`` it was given, exactly."""
+    client = await make_client(
+        zones=MANY_ZONES, max_zones_per_socket=2 * len(MANY_ZONES), max_batch_size=2000,
+        redis_url=redis_server.url, key_prefix=prefix,
+    )  # fmt: skip
+    zones = MANY_ZONES[:-1]
+    # Where a long-running feed's seqs are; the next price of each zone takes the next one.
+    await raw.mset({f"{prefix}seq:{zone}": 10_000 + 997 * i for i, zone in enumerate(zones)})
+    await publish(client, *[price(zone, 1.0) for zone in zones])
+    path = paths.SSE_PRICES + "?zones=" + ",".join(zones)
+    async with stream(client, path) as events:
+        await events.until(lambda e: e.data.get("market_zone") == zones[-1], timeout=30)
+        (accepted,) = await publish(client, price(zones[0], 2.0))
+        await events.until(lambda e: e.data.get("seq") == accepted["seq"])
+        cursor = events.last_id
+    assert cursor is not None
+    (missed,) = await publish(client, price(zones[500], 3.0))
+    async with stream(client, path, headers={"Last-Event-ID": cursor}) as events:
+        seen = await events.until(
+            lambda e: e.type == "resume_complete" and e.data["market_zone"] == zones[-1],
+            timeout=30,
+        )
+    assert updates(seen) == [(zones[500], missed["seq"])]
+    completes = [e.data for e in seen if e.type == "resume_complete"]
+    assert len(completes) == len(zones) and all(c["recovered"] for c in completes)
+
+
+async def test_the_widest_cursor_there_can_be_is_accepted(make_client: MakeClient) -> None:
+    """``MAX_STREAM_ZONES`` zones with seqs as far apart as a store can hand out and the
+    longest epoch: the longest ``id:`` the server could ever write still passes its own
+    header limits and checks; a stream of one zone more is refused before it starts."""
+    client = await make_client(zones=MANY_ZONES, max_zones_per_socket=2 * len(MANY_ZONES))
+    zones = MANY_ZONES[:-1]
+    seqs = {zone: sse.MAX_SEQ if i % 2 else 2**62 for i, zone in enumerate(zones)}
+    widest = sse.encode_cursor("e" * 64, zones, seqs).decode()
+    assert len(widest) == sse.MAX_CURSOR
+    path = paths.SSE_PRICES + "?zones=" + ",".join(zones)
+    async with stream(client, path, headers={"Last-Event-ID": widest}) as events:
+        assert (await events.next()).type == "connection_established"
+    refused = await client.get(paths.SSE_PRICES)  # every zone: one too many
+    assert refused.status == 422 and (await refused.json())["error"] == "too_many_zones"
 
 
 async def test_cursor_of_another_zone_set_is_400(make_client: MakeClient) -> None:
@@ -315,7 +405,9 @@ async def test_streams_in_step_share_one_encoding_and_one_cursor(make_client: Ma
         await publish(client, price("ercot", 2.0), price("pjm", 3.0))
         got = [await events.until(lambda e: e.data.get("seq") == 2) for events in (a, b, c)]
         assert got[0] == got[1] == got[2]
-        assert [e.id.split(".")[2:] for e in got[0] if e.id] == [["1", "1"], ["1", "2"]]
+        assert [cursor_seqs(e, ["pjm", "ercot"]) for e in got[0] if e.id] == [
+            {"pjm": 1, "ercot": 1}, {"pjm": 2, "ercot": 1},
+        ]
 
 
 # Every line an event stream of the contract may carry: a field (``event``, ``data``,
@@ -380,3 +472,66 @@ async def _backend_changes_on_a_stream(server: ServerProcess, redis_server: Redi
             while (event := await strict_event(response)).type != "price_update":
                 pass
             assert event.data["seq"] == accepted["seq"] and event.id is not None
+
+
+# --- bytes a client sends after its request (issue 23, finding 1) -----------------------
+
+JUNK_STREAMS = 8
+JUNK_PER_STREAM = 12 << 20  # bytes; past aiohttp's 32 queued parse errors of 256 KiB
+JUNK_BUDGET_KIB = 48 << 10  # what the server may grow by for all of them (it used to be ~300 MB)
+
+
+def open_raw_stream(port: int) -> socket.socket:
+    """A bare SSE request, read up to the end of the response headers (the stream runs)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(f"GET {MARKET} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(65536)
+        assert data, f"the server closed before the stream started: {head!r}"
+        head += data
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def send_junk(sock: socket.socket) -> int:
+    """Up to ``JUNK_PER_STREAM`` NUL bytes (the costliest junk: each repr is 4 bytes);
+    returns how many the server took before it stopped reading (bounded: 2 s a chunk)."""
+    chunk, sent = b"\0" * (1 << 20), 0
+    sock.settimeout(2.0)
+    with contextlib.suppress(TimeoutError, OSError):
+        while sent < JUNK_PER_STREAM:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    return sent
+
+
+def test_bytes_after_the_request_cost_the_server_no_memory() -> None:
+    """An SSE client has nothing to send once its stream runs; what one sends anyway is
+    dropped unparsed: the server's memory stays flat while streams push junk and nothing
+    of it remains after they close (it used to queue ~39 MB of parse errors per stream,
+    cyclic garbage the frozen, rarely running collector kept for good)."""
+    with ServerProcess("--no-simulate") as server:
+        baseline = server.memory_kib()
+        sockets = [open_raw_stream(server.port) for _ in range(JUNK_STREAMS)]
+        try:
+            with ThreadPoolExecutor(JUNK_STREAMS) as pool:
+                sent = list(pool.map(send_junk, sockets))
+            peak = server.memory_kib("VmHWM") - baseline
+            assert peak < JUNK_BUDGET_KIB, f"grew {peak} KiB while streams sent {sent}"
+        finally:
+            for sock in sockets:
+                sock.close()
+        deadline = time.monotonic() + WAIT
+        # Reading went on (only parsing stopped), so the server saw every client leave.
+        while True:
+            still, grown = open_connections(server), server.memory_kib() - baseline
+            if not still and grown <= JUNK_BUDGET_KIB // 4:
+                break
+            assert time.monotonic() < deadline, f"{still} streams open, {grown} KiB more"
+            time.sleep(0.05)
+
+
+def open_connections(server: ServerProcess) -> int:
+    with urllib.request.urlopen(server.url + paths.HEALTH, timeout=WAIT) as response:
+        return int(orjson.loads(response.read())["active_connections"])

@@ -46,12 +46,14 @@ from pricehub.storage import Storage, create_storage
 from pricehub.storage.errors import StorageError
 from pricehub.wire import paths
 from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.sse import MAX_CURSOR
 
 __all__ = ["create_app"]
 
 log = structlog.get_logger("pricehub.app")
 REGISTRY_INTERVAL = 5.0
 LOOP_LAG_INTERVAL = 0.5
+MAX_HEADER_FIELD = max(8190, len("Last-Event-ID: ") + MAX_CURSOR)
 
 
 def create_app(settings: Settings, *, storage: Storage | None = None) -> web.Application:
@@ -61,6 +63,9 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
         # aiohttp closes a connection that has not sent a whole request by then (idle
         # or slowloris sockets; its default is an hour). Also the HTTP keep-alive idle.
         "keepalive_timeout": settings.handshake_timeout,
+        # One header, name and value (aiohttp's default: 8190 bytes): an SSE client's
+        # Last-Event-ID must fit the widest cursor the server writes.
+        "max_field_size": MAX_HEADER_FIELD,
     })
     storage = storage or create_storage(settings, log=log)
     app[SETTINGS] = settings

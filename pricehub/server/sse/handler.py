@@ -33,8 +33,9 @@ from pricehub.server.keys import (
     VERIFIER,
 )
 from pricehub.server.policy.admission import normalise_origin, origin_allowed
-from pricehub.server.policy.auth import Grant
+from pricehub.server.policy.auth import Grant, request_token
 from pricehub.server.socket.driver import Driver
+from pricehub.server.socket.handler import close_at_expiry
 from pricehub.server.socket.session import Session, SessionPolicy
 from pricehub.server.sse.connection import SseConnection
 from pricehub.wire import messages, sse
@@ -101,7 +102,7 @@ def admit(
     if not origin_allowed(request, settings.allowed_origins):
         raise Refused(403, HttpErrorCode.ORIGIN_NOT_ALLOWED, "origin not allowed", "origin")
     try:
-        grant = request.app[VERIFIER].verify(_token(request))
+        grant = request.app[VERIFIER].verify(request_token(request))
     except AuthError as exc:
         raise Refused(401, HttpErrorCode.INVALID_TOKEN, exc.message, "auth") from None
     unknown = [zone for zone in zones if zone not in settings.zone_set]
@@ -110,21 +111,15 @@ def admit(
         raise Refused(404, HttpErrorCode.UNKNOWN_ZONE, message)
     if grant.zones is not None and not set(zones) <= grant.zones:
         raise Refused(403, HttpErrorCode.FORBIDDEN_ZONE, "token does not allow this zone")
-    if not zones or len(zones) > settings.max_zones_per_socket:
+    # Also at most sse.MAX_STREAM_ZONES, whatever --max-zones-per-socket allows: the
+    # bound under which every cursor the stream writes fits a Last-Event-ID header.
+    limit = min(settings.max_zones_per_socket, sse.MAX_STREAM_ZONES)
+    if not zones or len(zones) > limit:
         raise Refused(
-            422, HttpErrorCode.TOO_MANY_ZONES,
-            f"a stream carries 1 to {settings.max_zones_per_socket} zones", "too_many_zones",
+            422, HttpErrorCode.TOO_MANY_ZONES, f"a stream carries 1 to {limit} zones",
+            "too_many_zones",
         )  # fmt: skip
     return grant, resume_points(request, zones, single_zone=single_zone)
-
-
-def _token(request: web.Request) -> str | None:
-    """``token`` query (EventSource cannot set headers) or ``Authorization: Bearer``."""
-    token = request.query.get("token")
-    if token is None:
-        scheme, _, value = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        token = value.strip() if scheme.lower() == "bearer" else None
-    return token or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,15 +164,33 @@ def error_response(request: web.Request, refused: Refused) -> web.Response:
 
 
 def cors_headers(request: web.Request) -> dict[str, str]:
-    """An allowed cross-origin page may read the stream (its Origin was checked)."""
+    """An allowed cross-origin page may read the stream, and the reason of a refusal.
+    A disallowed Origin gets no CORS header (its refusal included: echoing it with
+    credentials would let that page read the answer), only ``Vary``."""
     origin = request.headers.get(hdrs.ORIGIN)
     if origin is None:
         return {}
+    if not origin_allowed(request, request.app[SETTINGS].allowed_origins):
+        return {hdrs.VARY: hdrs.ORIGIN}
     return {
         hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: normalise_origin(origin),
         hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS: "true",
         hdrs.VARY: hdrs.ORIGIN,
     }
+
+
+def stop_parsing(request: web.Request) -> None:
+    """An SSE client sends nothing after its request, so nothing it sends is read as HTTP
+    any more: aiohttp would otherwise parse those bytes as further (pipelined) requests
+    and queue a parse error per 256 KiB read (the chunk and its repr, up to 32 of them:
+    39 MB of NULs per stream) that nobody ever takes, since this handler runs until the
+    stream ends. ``RequestHandler.close`` ("stop accepting new pipelining messages")
+    makes aiohttp drop what arrives unread, while it keeps reading, so a client that
+    closes or resets is still seen at once (pausing the transport would hide that until
+    a write failed). Called before the handler's first await, so at most what arrived
+    before the handler ran was parsed (bytes in the request's own read make aiohttp
+    answer 400 instead: no stream starts)."""
+    request.protocol.close()
 
 
 async def start_response(request: web.Request) -> web.StreamResponse:
@@ -208,6 +221,7 @@ async def run_stream(
     app = request.app
     settings, stats, storage = app[SETTINGS], app[STATS], app[STORAGE]
     broadcaster = app[BROADCASTER]
+    stop_parsing(request)
     response = await start_response(request)
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -227,16 +241,15 @@ async def run_stream(
     stats.total_connections += 1
     started = time.monotonic()
     stream_log.info("connected", transport="sse")
+    # Access ends with the token, whatever the stream is doing then (the opening replay
+    # included): at ``exp`` the stream is sealed and ended, as the WebSocket gets 4001.
+    expiry = close_at_expiry(broadcaster, connection, grant.expires_at)
     reason: str = DisconnectReason.CLIENT
     try:
         connection.send(established(connection, zones, single_zone=single_zone, app=app))
         await driver.run(session.resume(zones, since=resume.since, epoch=resume.epoch))
-        expiry = grant.expires_at
-        async with asyncio.timeout_at(_loop_deadline(expiry)):
-            await connection.finished.wait()
+        await connection.finished.wait()
         reason = connection.disconnect_reason or DisconnectReason.CLIENT
-    except TimeoutError:  # the token expired: access ends with it
-        reason = DisconnectReason.AUTH
     except asyncio.CancelledError:
         reason = connection.disconnect_reason or DisconnectReason.SHUTDOWN
         raise
@@ -245,6 +258,8 @@ async def run_stream(
         stats.connection_errors += 1
         stream_log.exception("stream_failed")
     finally:
+        if expiry is not None:
+            expiry.cancel()
         await finish(response, connection, grace=settings.shutdown_grace)
         broadcaster.remove(connection)
         stats.connection_closed(connection, reason)
@@ -267,12 +282,6 @@ def established(
     # The contract's one SSE-only field; spliced in after the type (which must stay first).
     head, _, rest = payload.partition(b",")
     return head + b',"transport":"sse",' + rest
-
-
-def _loop_deadline(expires_at: float | None) -> float | None:
-    if expires_at is None:
-        return None
-    return asyncio.get_running_loop().time() + max(0.0, expires_at - time.time())
 
 
 async def finish(response: web.StreamResponse, connection: SseConnection, *, grace: float) -> None:
