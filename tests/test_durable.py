@@ -25,6 +25,7 @@ import orjson
 import pytest
 import structlog
 
+import pricehub.storage.journal_format as fmt
 from pricehub.server.app import create_app
 from pricehub.storage import MemoryStorage, StoredPrice, create_storage
 from pricehub.storage.durable import DurableStorage, disk_status
@@ -377,6 +378,182 @@ async def test_a_damaged_file_is_moved_aside_and_a_new_epoch_starts(data_dir: Pa
         assert accepted[0]["seq"] == 1
 
 
+def segments_of(directory: Path) -> list[Path]:
+    return sorted(directory.glob("wal-*.log"))
+
+
+def zero_page_after(path: Path, start: int) -> None:
+    """Zero the first whole page after ``start``, where later pages of the same write
+    still hold good records: a power cut with out-of-order writeback."""
+    page = (start // 4096 + 1) * 4096
+    assert page + 2 * 4096 < path.stat().st_size
+    with open(path, "r+b") as out:
+        out.seek(page)
+        out.write(b"\0" * 4096)
+
+
+async def publish_prices(server: ServerProcess, prices: range, per_request: int = 10
+                         ) -> list[tuple[int, float]]:  # fmt: skip
+    """Publish ``prices`` to pjm, ``per_request`` in each request (one journal write each);
+    the (seq, price) acknowledged."""
+    acked = []
+    values = [float(p) for p in prices]
+    for start in range(0, len(values), per_request):
+        chunk = values[start : start + per_request]
+        accepted = await server.publish(*({"market_zone": "pjm", "price": p} for p in chunk))
+        acked += [(entry["seq"], p) for entry, p in zip(accepted, chunk, strict=True)]
+    return acked
+
+
+async def pjm_history(server: ServerProcess) -> list[tuple[int, float]]:
+    return [(p["seq"], p["price"]) for p in await history(server, "pjm")]
+
+
+async def resume_outcome(server: ServerProcess, *, since: int, epoch: str) -> dict[str, Any]:
+    """pjm's ``resume_complete`` for a client that last saw ``since`` of ``epoch`` (a
+    client that cannot be resumed gets ``initial_data`` before it)."""
+    url = f"{server.ws_url}{paths.ws_market('pjm')}?since={since}&epoch={epoch}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        while (message := await receive_json(ws))["type"] != "resume_complete":
+            assert message["type"] in ("connection_established", "initial_data"), message
+        return message
+
+
+async def test_a_zeroed_page_inside_the_last_write_is_cut_and_older_prices_stay(
+    data_dir: Path,
+) -> None:
+    with durable_server(data_dir) as server:
+        older = await publish_prices(server, range(100))  # an older segment: 100 acked
+        epoch = await epoch_of(server)
+        server.kill()
+        await server.start_async()  # the next segment begins
+        newest = segments_of(data_dir)[-1]
+        start = newest.stat().st_size
+        await publish_prices(server, range(1000, 1400), per_request=400)  # one write
+        server.kill()
+        await asyncio.to_thread(zero_page_after, newest, start)  # that write never landed whole
+        await server.start_async()
+        assert await epoch_of(server) == epoch
+        assert await pjm_history(server) == older
+        durability = (await get_json(server, paths.STATS))["durability"]
+        assert durability["recovered"] is True, durability["fresh_reason"]
+        assert '"journal_torn_tail"' in server.log()
+        assert '"journal_damaged_starting_new_epoch"' not in server.log()
+        _, complete = await resume(server, "pjm", since=50, epoch=epoch)
+        assert complete["recovered"] is True
+        assert (await server.publish({"market_zone": "pjm", "price": -1.0}))[0]["seq"] == 101
+
+
+async def test_damage_in_an_older_segment_serves_what_came_before_it_on_a_new_epoch(
+    data_dir: Path,
+) -> None:
+    with durable_server(data_dir) as server:
+        acked = await publish_prices(server, range(100))
+        epoch = await epoch_of(server)
+        server.kill()
+        await server.start_async()
+        acked += await publish_prices(server, range(100, 150))
+        server.kill()
+        older = segments_of(data_dir)[0]
+        await asyncio.to_thread(flip_byte, older, older.stat().st_size // 2)
+        await server.start_async()
+        assert await epoch_of(server) != epoch
+        kept = await pjm_history(server)
+        assert 10 < len(kept) < 90 and kept == acked[: len(kept)]  # the intact prefix, served
+        durability = (await get_json(server, paths.STATS))["durability"]
+        assert durability["recovered"] is False and older.name in durability["fresh_reason"]
+        assert moved_aside(data_dir, older.name)
+        assert '"journal_damaged_starting_new_epoch"' in server.log()
+        complete = await resume_outcome(server, since=5, epoch=epoch)
+        assert complete["recovered"] is False  # told, not silently mixed
+        accepted = await server.publish({"market_zone": "pjm", "price": 9.0})
+        assert accepted[0]["seq"] == len(kept) + 1
+
+
+STRAYS = ("wal-3.log", "wal-²³.log", "snap-٣.snap", "wal-000000000099.log",
+          "snap-000000000098.snap")  # fmt: skip
+
+
+def add_strays(directory: Path) -> dict[str, bytes | None]:
+    """Names that look like the journal's and are not: a short number, digits that are
+    not ASCII, a directory named like a segment, an empty snapshot. What each holds."""
+    (directory / STRAYS[0]).write_bytes(b"PHJLOG1\nan operator's")
+    (directory / STRAYS[1]).write_bytes(b"PHJLOG1\n")
+    (directory / STRAYS[2]).write_bytes(b"PHJSNP1\n")
+    (directory / STRAYS[3]).mkdir()
+    (directory / STRAYS[4]).write_bytes(b"")
+    return strays_of(directory)
+
+
+def strays_of(directory: Path) -> dict[str, bytes | None]:
+    """What each stray present holds (None: a directory)."""
+    paths = [directory / name for name in STRAYS if (directory / name).exists()]
+    return {path.name: None if path.is_dir() else path.read_bytes() for path in paths}
+
+
+async def test_stray_names_in_the_data_dir_are_left_alone(data_dir: Path) -> None:
+    with durable_server(data_dir, "--history-size", "20") as server:
+        acked = await publish_prices(server, range(5))
+        epoch = await epoch_of(server)
+        assert await server.stop_async() == 0
+        strays = await asyncio.to_thread(add_strays, data_dir)
+        await server.start_async()  # no traceback, no exit 1, nothing moved aside
+        assert await epoch_of(server) == epoch and await pjm_history(server) == acked
+        assert '"journal_files_ignored"' in server.log()
+        acked += await publish_prices(server, range(5, 305))  # compactions on the way
+        assert await asyncio.to_thread(strays_of, data_dir) == strays
+        assert not moved_aside(data_dir, "*")
+        server.kill()
+        await server.start_async()
+        assert await pjm_history(server) == acked[-20:]
+        assert await asyncio.to_thread(strays_of, data_dir) == strays
+
+
+def forged(payload: bytes, zone: str, seq: int) -> bytes:
+    return fmt.encode_price(StoredPrice(zone, seq, payload))
+
+
+def with_seq_of(entry: dict[str, Any], seq: int) -> bytes:
+    """A stored payload as the server writes it (``seq`` first, ``timestamp`` last)."""
+    return orjson.dumps({**entry, "seq": seq})
+
+
+async def test_forged_records_are_refused_and_never_served(data_dir: Path) -> None:
+    with durable_server(data_dir) as server:
+        await server.publish({"market_zone": "caiso", "price": 1.0})
+        acked = await publish_prices(server, range(3))
+        (entry, *_) = await history(server, "pjm")
+        epoch = await epoch_of(server)
+        server.kill()
+        records = [
+            forged(b"\xff not json", "pjm", 4),  # checksummed, but not a price
+            forged(with_seq_of(entry, 5), "pjm", 5),
+            forged(with_seq_of(entry, 2**64 - 1), "caiso", 2**64 - 1),  # no next seq
+            forged(with_seq_of(entry, 1), "nyiso", 1),  # a zone this server does not serve
+            forged(with_seq_of(entry, 1), "Pjm/../x", 1),  # no zone name at all
+        ]
+        newest = segments_of(data_dir)[-1]
+        await asyncio.to_thread(append_to, newest, fmt.encode_write(b"".join(records)))
+        await server.start_async()
+        assert await epoch_of(server) == epoch
+        # What follows the refused price is served; what precedes it cannot be resumed
+        # across it, so the history restarts after it.
+        assert await pjm_history(server) == [(5, entry["price"])]
+        complete = await resume_outcome(server, since=acked[-1][0], epoch=epoch)
+        assert complete["recovered"] is False
+        log = server.log()
+        assert '"journal_records_refused"' in log and '"journal_zones_not_served"' in log
+        accepted = await server.publish(
+            {"market_zone": "caiso", "price": 2.0}, {"market_zone": "pjm", "price": 6.0}
+        )
+        assert [entry["seq"] for entry in accepted] == [2, 6]  # not a 503
+
+
+def append_to(path: Path, data: bytes) -> None:
+    with open(path, "ab") as out:
+        out.write(data)
+
+
 # --- start errors -------------------------------------------------------------------------
 
 
@@ -409,6 +586,18 @@ def test_an_unusable_data_dir_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     (line,) = error_lines(result.stderr)
     assert line.startswith(f"pricehub: data dir {tmp_path / 'file' / 'data'} cannot be used")
+
+
+def test_a_symlinked_lock_exits_2_and_leaves_its_target_alone(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"an operator's file\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "LOCK").symlink_to(target)
+    result = run_second(tmp_path / "data")
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "LOCK is a symbolic link" in line and "Traceback" not in result.stderr
+    assert target.read_bytes() == b"an operator's file\n"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+import pricehub.storage.journal_format as fmt
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.storage.journal import (
@@ -334,63 +335,298 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def assert_moved_aside_fresh(
+def zero(path: Path, offset: int, size: int) -> None:
+    """What a power cut with out-of-order writeback leaves: a page that never landed."""
+    with open(path, "r+b") as out:
+        out.seek(offset)
+        out.write(b"\0" * size)
+
+
+def frame_offset(path: Path, seq: int) -> int:
+    """Where the record of pjm ``seq`` starts in segment ``path``."""
+    for frame in fmt.scan_segment(path.read_bytes()).frames:
+        record = fmt.decode_body(frame.body)
+        if isinstance(record, fmt.PriceRecord) and record.price.seq == seq:
+            return frame.offset
+    raise AssertionError(f"no record of seq {seq} in {path.name}")
+
+
+def forge(path: Path, *prices: StoredPrice) -> None:
+    """Append to segment ``path`` one well-formed write of ``prices``: bytes no journal
+    wrote, which a checksum cannot tell from its own."""
+    append_bytes(path, fmt.encode_write(b"".join(fmt.encode_price(p) for p in prices)))
+
+
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == name]
+
+
+def assert_damage_reported(
     path: Path, recovered: Recovered, logs: list[MutableMapping[str, Any]]
 ) -> None:
-    assert not recovered.recovered and recovered.epoch == "new" and recovered.zones == {}
+    """A new epoch, said in ``fresh_reason`` and one error, the files kept aside."""
+    assert not recovered.recovered and recovered.epoch == "new"
     assert "damaged" in (recovered.fresh_reason or "")
     aside = sorted(p.name for p in path.glob("*.corrupt-*"))
     assert aside and all(name in (recovered.fresh_reason or "") for name in aside)
-    errors = [e for e in logs if e["event"] == "journal_damaged_starting_new_epoch"]
-    assert errors and errors[0]["log_level"] == "error"
+    (error,) = events(logs, "journal_damaged_starting_new_epoch")
+    assert error["log_level"] == "error" and error["moved_aside"] == aside
 
 
-async def test_damage_in_the_middle_is_moved_aside_and_a_new_epoch_starts(
-    tmp_path: Path,
-) -> None:
-    await write_prices(tmp_path, 50)
-    damaged = segments(tmp_path)[-1]
-    original = damaged.read_bytes()
-    flip_byte(damaged, len(original) // 3)
+def assert_kept_aside(path: Path, originals: dict[str, bytes]) -> None:
+    """Each damaged (or later) file is kept whole under a second name, never deleted,
+    and its own name is gone (the new lineage's snapshot superseded it)."""
+    for name, data in originals.items():
+        (kept,) = files(path, name + ".corrupt-*")
+        assert kept.read_bytes() == data and not (path / name).exists()
+
+
+async def test_a_zeroed_page_inside_the_last_write_is_a_torn_tail(tmp_path: Path) -> None:
+    await write_prices(tmp_path, 100)  # an older segment: 100 acknowledged prices
+    journal, _ = reopen(tmp_path)
+    await journal.append([price("pjm", 101)])
+    newest = segments(tmp_path)[-1]
+    start = newest.stat().st_size  # where the last write begins
+    await journal.append([price("pjm", seq, size=40) for seq in range(102, 302)])  # one write
+    await journal.close()
+    end = newest.stat().st_size
+    page = (start // 4096 + 1) * 4096  # the first whole page inside the last write
+    assert page + 2 * 4096 < end  # good records of that write follow the zeroed page
+    zero(newest, page, 4096)
     with capture_logs() as logs:
         journal, recovered = reopen(tmp_path, new_epoch="new")
-    await journal.append([price("pjm", 1)])
     await journal.close()
-    assert_moved_aside_fresh(tmp_path, recovered, logs)
-    kept = files(tmp_path, damaged.name + ".corrupt-*")
-    assert len(kept) == 1 and len(kept[0].read_bytes()) == len(original)  # never deleted
-    _, recovered = reopen(tmp_path)  # the new lineage is durable
-    assert recovered.epoch == "new" and recovered.zones["pjm"].seq == 1
+    assert recovered.recovered and recovered.epoch == "old", recovered.fresh_reason
+    assert [p.seq for p in recovered.zones["pjm"].prices] == list(range(2, 102))
+    assert recovered.torn_bytes == end - start and newest.stat().st_size == start
+    (torn,) = events(logs, "journal_torn_tail")
+    assert torn["offset"] == start and torn["cut_bytes"] == end - start
+    assert not files(tmp_path, "*.corrupt-*")
 
 
-async def test_damaged_snapshot_is_moved_aside_and_a_new_epoch_starts(tmp_path: Path) -> None:
+async def test_damage_in_an_older_segment_keeps_every_record_before_it_on_a_new_epoch(
+    tmp_path: Path,
+) -> None:
+    await write_prices(tmp_path, 100)
+    journal, _ = reopen(tmp_path)
+    await journal.append([price("pjm", seq) for seq in range(101, 151)])
+    await journal.close()
+    older, newer = segments(tmp_path)
+    flip_byte(older, frame_offset(older, 60) + 10)
+    originals = {path.name: path.read_bytes() for path in (older, newer)}
+    with capture_logs() as logs:
+        journal, recovered = reopen(tmp_path, new_epoch="new", history_size=1000)
+    await journal.append([price("pjm", 60)])  # numbering goes on after what was kept
+    await journal.close()
+    assert_damage_reported(tmp_path, recovered, logs)
+    assert older.name in (recovered.fresh_reason or "")
+    assert [p.seq for p in recovered.zones["pjm"].prices] == list(range(1, 60))
+    assert_kept_aside(tmp_path, originals)
+    _, again = reopen(tmp_path, new_epoch="other", history_size=1000)  # the lineage is durable
+    assert again.recovered and again.epoch == "new"
+    assert [p.seq for p in again.zones["pjm"].prices] == list(range(1, 61))
+
+
+async def test_damage_before_the_last_write_is_damage_not_a_torn_tail(tmp_path: Path) -> None:
+    await write_prices(tmp_path, 50)
+    (damaged,) = segments(tmp_path)
+    flip_byte(damaged, frame_offset(damaged, 20) + 10)  # 30 later writes follow it
+    original = damaged.read_bytes()
+    with capture_logs() as logs:
+        journal, recovered = reopen(tmp_path, new_epoch="new")
+    await journal.append([price("pjm", 20)])
+    await journal.close()
+    assert_damage_reported(tmp_path, recovered, logs)
+    assert [p.seq for p in recovered.zones["pjm"].prices] == list(range(1, 20))
+    assert_kept_aside(tmp_path, {damaged.name: original})
+    _, recovered = reopen(tmp_path)
+    assert recovered.epoch == "new" and recovered.zones["pjm"].seq == 20
+
+
+async def test_damaged_snapshot_keeps_the_zones_before_the_damage(tmp_path: Path) -> None:
     journal, _ = reopen(tmp_path, new_epoch="old")
     await journal.append([price("pjm", seq) for seq in range(1, 30)])
+    await journal.append([price("miso", seq) for seq in range(1, 30)])
     await journal.snapshot()
     await journal.close()
     (snapshot,) = files(tmp_path, "snap-*.snap")
-    flip_byte(snapshot, snapshot.stat().st_size // 2)
+    flip_byte(snapshot, snapshot.stat().st_size * 3 // 4)  # inside the second zone's record
+    original = snapshot.read_bytes()
     with capture_logs() as logs:
         journal, recovered = reopen(tmp_path, new_epoch="new")
     await journal.close()
-    assert_moved_aside_fresh(tmp_path, recovered, logs)
-    assert files(tmp_path, snapshot.name + ".corrupt-*")
+    assert_damage_reported(tmp_path, recovered, logs)
+    assert list(recovered.zones) == ["pjm"] and recovered.zones["pjm"].seq == 29
+    assert_kept_aside(tmp_path, {snapshot.name: original})
 
 
-async def test_unreadable_segment_is_moved_aside(tmp_path: Path) -> None:
-    await write_prices(tmp_path, 3)
-    make_unreadable(segments(tmp_path)[-1])
-    with capture_logs() as logs:
-        journal, recovered = reopen(tmp_path, new_epoch="new")
+async def test_a_long_zero_tail_is_cut_in_no_time(tmp_path: Path) -> None:
+    await write_prices(tmp_path, 20)
+    tail = 20 * 1024 * 1024  # preallocated, or grown by a power cut, never written
+    append_bytes(segments(tmp_path)[-1], b"\0" * tail)
+    started = time.perf_counter()
+    journal, recovered = reopen(tmp_path)
+    elapsed = time.perf_counter() - started
     await journal.close()
-    assert_moved_aside_fresh(tmp_path, recovered, logs)
-    assert "unreadable" in (recovered.fresh_reason or "")
+    assert recovered.recovered and recovered.torn_bytes == tail
+    assert recovered.zones["pjm"].seq == 20
+    assert elapsed < 1.0, f"a 20 MiB zero tail took {elapsed:.2f} s to open"
 
 
-def make_unreadable(path: Path) -> None:
-    """Root reads through any mode bits: a directory in the file's place cannot be read."""
-    path.rename(path.with_name(path.name + ".orig"))
+def legacy_segment(path: Path, count: int) -> bytes:
+    """A segment as the previous format wrote it: frames without write headers."""
+    prices = (fmt.encode_price(price("pjm", seq)) for seq in range(1, count + 1))
+    frames = [fmt.encode_epoch("old"), *prices]
+    data = fmt.LEGACY_SEGMENT_MAGIC + b"".join(frames)
     path.mkdir()
+    (path / "wal-000000000001.log").write_bytes(data)
+    return data
+
+
+async def test_a_segment_of_the_previous_format_is_replayed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    legacy_segment(data, 30)
+    append_bytes(data / "wal-000000000001.log", b"\0" * 4096)
+    journal, recovered = reopen(data)
+    await journal.append([price("pjm", 31)])
+    await journal.close()
+    assert recovered.recovered and recovered.epoch == "old" and recovered.torn_bytes == 4096
+    assert [p.seq for p in recovered.zones["pjm"].prices] == list(range(1, 31))
+    _, recovered = reopen(data)
+    assert recovered.recovered and recovered.zones["pjm"].seq == 31
+
+
+async def test_damage_in_a_segment_of_the_previous_format_keeps_what_precedes_it(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    original = legacy_segment(data, 30)
+    flip_byte(data / "wal-000000000001.log", len(original) // 2)
+    with capture_logs() as logs:
+        journal, recovered = reopen(data, new_epoch="new")
+    await journal.close()
+    assert_damage_reported(data, recovered, logs)
+    assert 10 < recovered.zones["pjm"].seq < 20
+
+
+# --- what the directory holds besides the journal -------------------------------------
+
+
+def make_stray(data: Path, kind: str) -> Path:
+    """One entry that is not the journal's although its name looks like one."""
+    if kind == "directory":
+        path = data / "wal-000000000009.log"
+        path.mkdir()
+        (path / "inside").write_bytes(b"kept")
+        return path
+    if kind == "symlink":
+        (data.parent / "elsewhere").write_bytes(b"kept")
+        path = data / "wal-000000000008.log"
+        path.symlink_to(data.parent / "elsewhere")
+        return path
+    if kind == "empty snapshot":
+        path = data / "snap-000000000009.snap"
+        path.write_bytes(b"")
+        return path
+    path = data / kind  # a name that is not exactly the journal's
+    path.write_bytes(fmt.LEGACY_SEGMENT_MAGIC + b"kept")
+    return path
+
+
+def contents(path: Path) -> bytes:
+    return (path / "inside").read_bytes() if path.is_dir() else path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "wal-3.log",
+        "wal-²³.log",
+        "snap-٣.snap",
+        "wal-0000000000012.log",
+        "directory",
+        "symlink",
+        "empty snapshot",
+    ],
+)
+async def test_a_stray_name_is_left_alone_and_named_once(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    await write_prices(data, 20)
+    stray = make_stray(data, kind)
+    before = contents(stray)
+    with capture_logs() as logs:
+        journal, recovered = reopen(data, new_epoch="new")
+    await journal.append([price("pjm", 21)])
+    await journal.snapshot()  # a compaction deletes only the journal's own files
+    await journal.close()
+    assert recovered.recovered and recovered.epoch == "old", recovered.fresh_reason
+    assert recovered.zones["pjm"].seq == 20
+    (ignored,) = events(logs, "journal_files_ignored")
+    assert ignored["count"] == 1 and ignored["files"][0].startswith(repr(stray.name))
+    assert stray.is_symlink() == (kind == "symlink") and contents(stray) == before
+    _, again = reopen(data)
+    assert again.recovered and again.zones["pjm"].seq == 21 and contents(stray) == before
+
+
+def test_a_symlinked_lock_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"an operator's file\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "LOCK").symlink_to(target)
+    with pytest.raises(JournalUnavailable, match="LOCK is a symbolic link") as refused:
+        reopen(data)
+    assert "\n" not in str(refused.value)
+    assert target.read_bytes() == b"an operator's file\n"
+
+
+# --- records a checksum cannot refuse ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("forged", "reason"),
+    [
+        (StoredPrice("pjm", 21, b"\xff not json"), "payload is not JSON"),
+        (StoredPrice("pjm", 21, b"[21]"), "payload is not a JSON object"),
+        (StoredPrice("pjm", 21, b'{"seq":5}'), "payload names another seq"),
+        (StoredPrice("pjm", 2**64 - 1, b"{}"), "out of range"),
+        (StoredPrice("pjm", 2**63, b"{}"), "out of range"),
+        (StoredPrice("PJM", 1, b"{}"), "is not a zone name"),
+        (StoredPrice("pjm\n", 1, b"{}"), "is not a zone name"),
+    ],
+)
+async def test_a_forged_record_is_refused_with_a_warning_and_never_served(
+    tmp_path: Path, forged: StoredPrice, reason: str
+) -> None:
+    await write_prices(tmp_path, 20)
+    forge(segments(tmp_path)[-1], forged)
+    with capture_logs() as logs:
+        journal, recovered = reopen(tmp_path)
+    await journal.close()
+    assert recovered.recovered and set(recovered.zones) == {"pjm"}
+    (refused,) = events(logs, "journal_records_refused")
+    assert refused["log_level"] == "warning" and refused["count"] == 1
+    assert reason in refused["records"][0]
+    pjm = recovered.zones["pjm"]
+    assert forged not in pjm.prices and pjm.seq < 2**63
+    if forged.seq == 21:  # its seq stays taken; the history restarts after it
+        assert pjm.seq == 21 and not pjm.prices
+    else:
+        assert pjm.seq == 20 and [p.seq for p in pjm.prices] == list(range(1, 21))
+
+
+async def test_a_zone_not_served_is_kept_on_disk_but_not_recovered(tmp_path: Path) -> None:
+    await write_prices(tmp_path, 20)
+    forge(segments(tmp_path)[-1], price("nyiso", 1), price("nyiso", 2))
+    with capture_logs() as logs:
+        journal, recovered = reopen(tmp_path, zones=("pjm", "miso"))
+    await journal.snapshot()
+    await journal.close()
+    assert recovered.recovered and set(recovered.zones) == {"pjm"}
+    (unserved,) = events(logs, "journal_zones_not_served")
+    assert unserved["zones"] == ["nyiso"] and unserved["log_level"] == "warning"
+    _, again = reopen(tmp_path)  # served again: numbering goes on where it was
+    assert again.zones["nyiso"].seq == 2
 
 
 # --- the lock and the directory -------------------------------------------------------

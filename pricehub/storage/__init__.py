@@ -32,7 +32,9 @@ def create_storage(settings: Settings, *, log: structlog.typing.FilteringBoundLo
             return MemoryStorage(history_size=settings.history_size)
         from pricehub.storage.durable import DurableStorage
 
-        return DurableStorage(settings.data_dir, history_size=settings.history_size)
+        return DurableStorage(
+            settings.data_dir, history_size=settings.history_size, zones=settings.zones
+        )
     from pricehub.storage.failover import FailoverStorage
 
     return FailoverStorage.from_settings(settings, log=log)

@@ -22,8 +22,11 @@ fsynced, and only then stored in memory, broadcast and acknowledged:
 ``start`` opens the journal in a worker thread (it locks the directory, replays, and
 writes the epoch of a fresh directory) and loads what it recovered into memory: the
 epoch, each zone's seq and retained history, so resuming clients get ``recovered: true``
-and numbering continues where it stopped. ``JournalLocked`` / ``JournalUnavailable``
-propagate from ``start``: with ``--redis-url none`` they are start errors (exit 2).
+and numbering continues where it stopped. After damage the journal recovers what came
+before it under a new epoch (``Recovered.fresh_reason``): that is loaded and served just
+the same, and resuming clients are told (``recovered: false``). ``JournalLocked`` /
+``JournalUnavailable`` propagate from ``start``: with ``--redis-url none`` they are start
+errors (exit 2).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -258,6 +261,8 @@ class DurableStorage:
 
     :param data_dir: the journal's directory (created if missing).
     :param history_size: prices retained per zone, in memory and on disk.
+    :param zones: the zones served: what the journal holds of others is kept on disk
+        but not loaded (``Journal.open``). None: every zone it holds.
     :param log: structlog logger (default ``pricehub.storage``).
     :param journal_options: passed to ``Journal.open`` (``fsync``, ``compact_factor``,
         ``compact_min_records``), for tests and benchmarks.
@@ -272,11 +277,13 @@ class DurableStorage:
         data_dir: str | Path,
         *,
         history_size: int = 1000,
+        zones: Collection[str] | None = None,
         log: Any = None,
         **journal_options: Any,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._history_size = history_size
+        self._zones = None if zones is None else frozenset(zones)
         self._log = log or structlog.get_logger("pricehub.storage")
         self._journal_options = journal_options
         # Replaced in ``start`` by one on the recovered epoch and state.
@@ -313,6 +320,7 @@ class DurableStorage:
             history_size=self._history_size,
             new_epoch=self._memory.epoch,
             log=self._log,
+            zones=self._zones,
             **self._journal_options,
         )
         memory = MemoryStorage(history_size=self._history_size, epoch=recovered.epoch)

@@ -6,8 +6,15 @@ SIGKILL. It is a write-ahead log plus snapshots in one data directory::
     LOCK                     flock'd by the one process using the directory (PID, host)
     meta.json                the owner's record of what the data describes (``write_meta``:
                              the failover's journal names the Redis feed it mirrors)
-    wal-000000000007.log     log segments: framed, CRC'd records (``journal_format``)
+    wal-000000000007.log     log segments: one header + framed, CRC'd records per write
+                             (``journal_format``)
     snap-000000000007.snap   the whole state as of every segment numbered below 7
+    *.corrupt-<time>         damaged files (and what followed them), kept aside
+
+Only those exact names are the journal's (ASCII digits, zero-padded to 12, regular
+files, a snapshot never empty): anything else in the directory (``wal-3.log``, a
+directory named like a segment, ``snap-٣.snap``) is left alone, named in one
+``journal_files_ignored`` warning per start, and new files are numbered above it.
 
 *Appends* use group commit: a caller's records join a pending batch; one flusher task
 writes the batch and fsyncs it in a worker thread, and every append that arrived while
@@ -15,9 +22,9 @@ that fsync was in flight goes into the next single write+fsync. A burst of N con
 publishes costs a handful of fsyncs, and the event loop never waits on the disk.
 
 A write or fsync that fails (ENOSPC, EIO) fails its whole batch with ``DiskError`` and
-abandons the segment: its torn bytes are cut back to the last good frame (best effort)
-and the next batch starts a new segment, so a full disk that gets space back heals by
-itself. Recovery treats an unterminated tail of *any* segment as torn for that reason.
+abandons the segment: its torn bytes are cut back to the end of the last good write
+(best effort) and the next batch starts a new segment, so a full disk that gets space
+back heals by itself.
 
 *Snapshots* keep the disk near history size x zones: once the log holds more than
 ``compact_factor`` x history size x zones-with-data records, the flusher rotates to a
@@ -26,11 +33,28 @@ payloads), and a background thread writes ``snap-N.snap.tmp``, fsyncs it, rename
 fsyncs the directory and only then deletes the segments and snapshots below N.
 
 *Recovery* (``Journal.open``) loads the newest snapshot and replays the segments from its
-number on. A torn tail (a bad frame with no good frame after it) is cut off with a
-warning. Anything else unreadable (a bad frame followed by good ones, a damaged
-snapshot, a record that makes no sense) is damage: every data file is moved aside as
-``<name>.corrupt-<timestamp>`` (never deleted), an error is logged, and the journal
-starts empty on the caller's new epoch, reporting why in ``Recovered.fresh_reason``.
+number on, and recovers the longest intact prefix of that sequence:
+
+* The *last write* is the group-committed batch whose write + fsync was in flight when
+  the process died: never acknowledged, and tearable anywhere (a power cut with
+  out-of-order writeback can zero a page in its middle and still land later pages). It
+  can only be the newest segment's last write. A bad frame inside it (no later write's
+  header after it, nothing but zeros past its declared end) is a *torn tail*: that whole
+  write is cut off, with a ``journal_torn_tail`` warning; the epoch and everything
+  before it stay.
+* Any other bad frame (in an earlier write, in an older segment, in a snapshot, a file
+  that cannot be read, a checksummed record that makes no sense) is *damage to
+  acknowledged data*. Everything before it is kept (every earlier file, the damaged one
+  up to the bad frame); the damaged file and every data file after it get a second name,
+  ``<name>.corrupt-<timestamp>`` (never deleted); a snapshot of what was kept, under the
+  caller's new epoch, supersedes them (``_supersede``); an error is logged. The lineage
+  changes, since acknowledged seqs may be missing, but what was kept is served:
+  ``Recovered`` holds it, with ``fresh_reason`` saying what happened.
+
+Replayed records are checked, not only checksummed (``_Replay._refusal``, ``_payload_refusal``):
+a zone name the server would refuse, a seq outside 1 .. 2^63-1, or a retained payload
+that is not the JSON object of its seq is refused, named in one ``journal_records_refused``
+warning, and never served.
 
 Seq rules on replay (and in the live mirror, so both agree): a price with the zone's
 next seq is appended; one further ahead restarts the zone's history at it (a batch in
@@ -43,23 +67,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import itertools
 import json
 import os
+import shutil
 import socket
+import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import orjson
 import structlog
 
 import pricehub.storage.journal_format as fmt
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
+from pricehub.wire.messages import ZONE_RE
 
 __all__ = [
     "DiskError",
@@ -112,8 +142,9 @@ class Recovered:
     """What ``Journal.open`` found.
 
     ``epoch`` is the epoch to use: the recovered one, or the caller's ``new_epoch`` when
-    ``fresh_reason`` is set (``"new data dir"``, or which damaged file was moved aside).
-    ``torn_bytes`` is how much torn tail was cut off.
+    ``fresh_reason`` is set (``"new data dir"``, or where the damage was and what was
+    moved aside). ``zones`` is what to serve, damage or not: after damage, what came
+    before it. ``torn_bytes`` is how much torn tail was cut off.
     """
 
     epoch: str
@@ -235,12 +266,81 @@ def _snapshot_name(number: int) -> str:
     return f"{_SNAPSHOT_PREFIX}{number:012d}{_SNAPSHOT_SUFFIX}"
 
 
-def _number(name: str, prefix: str, suffix: str) -> int | None:
-    if name.startswith(prefix) and name.endswith(suffix):
-        digits = name[len(prefix) : -len(suffix)]
-        if digits.isdigit():
-            return int(digits)
-    return None
+# The names the journal writes have at least this many digits (``_segment_name``).
+_DIGITS = 12
+_CORRUPT = ".corrupt-"  # what moved-aside files are named with (``_keep_aside``)
+_QUIET = frozenset({LOCK_NAME, META_NAME, META_NAME + _TMP_SUFFIX})
+SEGMENT, SNAPSHOT, TEMP = "segment", "snapshot", "temp"
+_KINDS = (
+    (SEGMENT, _SEGMENT_PREFIX, _SEGMENT_SUFFIX),
+    (SNAPSHOT, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX),
+    (TEMP, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX + _TMP_SUFFIX),
+)
+
+
+def _exact_number(name: str, prefix: str, suffix: str) -> int | None:
+    """The number in ``name`` if it is exactly a name the journal writes (ASCII digits,
+    zero-padded to 12, no other leading zero): ``wal-3.log`` or ``wal-²³.log`` is not."""
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    digits = name[len(prefix) : len(name) - len(suffix)]
+    if not (_DIGITS <= len(digits) <= 20 and digits.isascii() and digits.isdigit()):
+        return None
+    number = int(digits)
+    return number if f"{number:0{_DIGITS}d}" == digits else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Own:
+    """A data file of the journal's: a segment, a snapshot or a snapshot's temp file."""
+
+    kind: str
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Stray:
+    """An entry the journal leaves alone, and why; ``number`` when its name is one the
+    journal could write (numbering steps over it)."""
+
+    name: str
+    reason: str
+    number: int | None = None
+
+
+def _classify(entry: os.DirEntry[str]) -> _Own | _Stray | None:
+    """What ``entry`` is to the journal; None for the files it keeps besides its data
+    (the lock, the meta file, files moved aside)."""
+    name = entry.name
+    for kind, prefix, suffix in _KINDS:
+        number = _exact_number(name, prefix, suffix)
+        if number is not None:
+            return _own_entry(entry, kind, number)
+    aside = name.startswith((_SEGMENT_PREFIX, _SNAPSHOT_PREFIX)) and _CORRUPT in name
+    if name in _QUIET or aside:
+        return None
+    return _Stray(name, "not a name the journal writes")
+
+
+def _own_entry(entry: os.DirEntry[str], kind: str, number: int) -> _Own | _Stray:
+    # A temp file is only ever unlinked: a symlink in its place may go with it.
+    if kind == TEMP and entry.is_symlink():
+        return _Own(kind, number)
+    if not entry.is_file(follow_symlinks=False):
+        return _Stray(entry.name, "not a regular file", number)
+    # A snapshot is fsynced before it is renamed into place: an empty one was never
+    # written by the journal (an operator's ``touch``, a copy that failed).
+    if kind == SNAPSHOT and entry.stat(follow_symlinks=False).st_size == 0:
+        return _Stray(entry.name, "an empty snapshot", number)
+    return _Own(kind, number)
+
+
+def _own_files(directory: Path) -> Iterable[tuple[str, _Own]]:
+    """The journal's data files in ``directory`` (name, what it is); nothing else."""
+    for entry in os.scandir(directory):
+        found = _classify(entry)
+        if isinstance(found, _Own):
+            yield entry.name, found
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -264,6 +364,12 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
+def _create_file(path: Path) -> BinaryIO:
+    """``open(path, "wb")`` that never follows a symlink planted under that name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
+
+
 class _Segments:
     """The log segment being written. Used by one thread operation at a time (the
     flusher serializes them), so it needs no lock."""
@@ -279,12 +385,14 @@ class _Segments:
     def name(self) -> str:
         return _segment_name(self.number)
 
-    def write(self, data: bytes) -> float | None:
-        """Append ``data`` and fsync it; the fsync's duration (None with fsync off).
-        On failure the segment is abandoned and the error raised."""
+    def write(self, frames: bytes) -> float | None:
+        """Append ``frames`` (encoded records) as one write, behind its header, and
+        fsync it; the fsync's duration (None with fsync off). No frames: only create
+        the segment. On failure the segment is abandoned and the error raised."""
         if self.fd is None:
             self._create()
         assert self.fd is not None
+        data = fmt.encode_write(frames) if frames else b""
         try:
             _write_all(self.fd, data)
             started = time.perf_counter()
@@ -299,7 +407,13 @@ class _Segments:
 
     def _create(self) -> None:
         path = self.directory / self.name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            # Something appeared under that name since the start (which numbers above
+            # every name present): this batch fails, the next one takes the next number.
+            self.number += 1
+            raise
         try:
             _write_all(fd, fmt.SEGMENT_MAGIC)
             if self.fsync:
@@ -315,7 +429,8 @@ class _Segments:
 
     def _abandon(self) -> None:
         """Cut a failed write's torn bytes and move on to a new segment. If the cut
-        fails too, recovery still reads the tail as torn (nothing good follows it)."""
+        fails too, recovery finds those bytes at the end of a segment that a later one
+        follows: damage (a new epoch, the intact records kept), never a silent loss."""
         assert self.fd is not None
         try:
             os.ftruncate(self.fd, self.offset)
@@ -350,7 +465,7 @@ class _Segments:
 
 def _write_snapshot_file(path: Path, capture: _Capture, *, fsync: bool) -> int:
     """Write ``capture`` to ``path`` (a temp name) and fsync it; its size."""
-    with open(path, "wb") as out:
+    with _create_file(path) as out:
         out.write(fmt.SNAPSHOT_MAGIC)
         out.write(fmt.encode_epoch(capture.epoch))
         for name, seq, prices in capture.zones:
@@ -378,14 +493,29 @@ def _holder(fd: int) -> tuple[int | None, str | None]:
     return (int(pid) if pid.isdigit() else None), fields.get("host")
 
 
-def _acquire_lock(directory: Path) -> int:
+def _open_lock_file(directory: Path) -> int:
+    """The lock file, created if missing. Never through a symlink (the lock is
+    truncated and written: a ``LOCK`` pointing elsewhere would overwrite its target),
+    and only a regular file (a FIFO or device there is refused, not written to)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(directory / LOCK_NAME, flags, 0o644)
     except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ELOOP:
+            reason = f"{LOCK_NAME} is a symbolic link (refusing to follow it)"
+        raise JournalUnavailable(f"data dir {directory} cannot be used: {reason}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         raise JournalUnavailable(
-            f"data dir {directory} cannot be used: {exc.strerror or exc}"
-        ) from exc
+            f"data dir {directory} cannot be used: {LOCK_NAME} is not a regular file"
+        )
+    return fd
+
+
+def _acquire_lock(directory: Path) -> int:
+    fd = _open_lock_file(directory)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -408,72 +538,227 @@ def _acquire_lock(directory: Path) -> int:
 
 # --- recovery ----------------------------------------------------------------------
 
+# Every store numbers below 2^63 (Redis's INCR is signed 64-bit); a replayed seq of
+# 2^64-1 would leave the zone's next seq unencodable: every later publish a 503.
+_MAX_SEQ = 2**63 - 1
+_EXAMPLES = 10  # refused records or ignored files named in one log line
 
-class _Damaged(Exception):
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    """Where the intact prefix ends: the file, the offset of the first bad frame
+    (None: the file cannot be read at all), and why."""
+
+    name: str
+    offset: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = "" if self.offset is None else f" at offset {self.offset}"
+        return f"{self.name} ({self.reason}{where})"
 
 
 @dataclass(slots=True)
 class _Recovery:
+    """What replay found. With ``damage``, ``aside`` names the files to keep aside: the
+    damaged one and every data file after it (and any a damaged snapshot did not
+    prove covered)."""
+
     state: _State
     next_segment: int
     log_records: int = 0
     torn_bytes: int = 0
     fresh_reason: str | None = None
+    damage: _Damage | None = None
+    aside: list[str] = field(default_factory=list)
 
 
-def _listing(directory: Path) -> tuple[list[int], list[int]]:
-    """Snapshot and segment numbers present, ascending; temp files removed (a temp
+@dataclass(slots=True)
+class _Listing:
+    snapshots: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    highest: int = 0  # the highest number any entry's name holds, ours or not
+    stray: list[_Stray] = field(default_factory=list)
+
+
+def _listing(directory: Path) -> _Listing:
+    """The data files present, numbers ascending; temp snapshots removed (a temp
     snapshot is by construction incomplete and was never the authority)."""
-    snapshots, segments = [], []
+    listing = _Listing()
     for entry in os.scandir(directory):
-        if entry.name.startswith(_SNAPSHOT_PREFIX) and entry.name.endswith(_TMP_SUFFIX):
+        found = _classify(entry)
+        if found is None:
+            continue
+        if found.number is not None:  # new files are numbered above every such name
+            listing.highest = max(listing.highest, found.number)
+        if isinstance(found, _Stray):
+            listing.stray.append(found)
+        elif found.kind == TEMP:
             _unlink_quietly(Path(entry.path))
-        elif (number := _number(entry.name, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX)) is not None:
-            snapshots.append(number)
-        elif (number := _number(entry.name, _SEGMENT_PREFIX, _SEGMENT_SUFFIX)) is not None:
-            segments.append(number)
-    return sorted(snapshots), sorted(segments)
+        else:
+            (listing.snapshots if found.kind == SNAPSHOT else listing.segments).append(
+                found.number
+            )
+    listing.snapshots.sort()
+    listing.segments.sort()
+    return listing
 
 
-def _read(path: Path) -> bytes:
+def _log_strays(stray: list[_Stray], log: Any) -> None:
+    if stray:
+        named = sorted(stray, key=lambda item: item.name)[:_EXAMPLES]
+        log.warning(
+            "journal_files_ignored",
+            count=len(stray),
+            files=[f"{item.name!r}: {item.reason}" for item in named],
+        )
+
+
+def _read(path: Path) -> bytes | _Damage:
     """A data file's bytes; one that cannot be read (EIO, ...) is damage like a bad CRC."""
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise _Damaged(path.name, f"unreadable: {exc.strerror or exc}") from exc
+        return _Damage(path.name, None, f"unreadable: {exc.strerror or exc}")
 
 
-def _load_snapshot(path: Path, state: _State) -> None:
-    data = _read(path)
-    if not data.startswith(fmt.SNAPSHOT_MAGIC):
-        raise _Damaged(path.name, "not a snapshot (bad magic)")
-    scan = fmt.scan_frames(data, len(fmt.SNAPSHOT_MAGIC))
-    if scan.error is not None:
-        raise _Damaged(path.name, scan.error)
+def _zone_refusal(zone: str) -> str | None:
+    return None if ZONE_RE.fullmatch(zone) else f"zone {zone[:40]!r} is not a zone name"
+
+
+def _seq_refusal(seq: int, *, lowest: int) -> str | None:
+    return None if lowest <= seq <= _MAX_SEQ else f"seq {seq} out of range"
+
+
+def _history_refusal(record: fmt.ResetRecord) -> str | None:
+    seqs = [price.seq for price in record.prices]
+    if seqs and (seqs[0] < 1 or seqs[-1] > record.seq or seqs[-1] - seqs[0] != len(seqs) - 1):
+        return "history not contiguous up to its seq"
+    if any(later <= earlier for earlier, later in itertools.pairwise(seqs)):
+        return "history not in seq order"
+    return None
+
+
+
+
+def _payload_refusal(price: StoredPrice) -> str | None:
+    """Why a retained price cannot be served: its payload goes out verbatim inside
+    history, snapshot and replay messages, so it must be the JSON object of its seq."""
     try:
-        records = [fmt.decode_body(body) for body in scan.bodies]
-    except fmt.FormatError as exc:
-        raise _Damaged(path.name, str(exc)) from exc
-    if not records or not isinstance(records[0], fmt.EpochRecord):
-        raise _Damaged(path.name, "snapshot does not start with its epoch")
-    end = records[-1]
-    resets = records[1:-1]
-    if not isinstance(end, fmt.SnapshotEnd) or end.zones != len(resets):
-        raise _Damaged(path.name, "snapshot is incomplete")
-    for record in records[:-1]:
-        if not isinstance(record, fmt.EpochRecord | fmt.ResetRecord):
-            raise _Damaged(path.name, "unexpected record in a snapshot")
-        state.apply(record)
+        payload = orjson.loads(price.payload)
+    except orjson.JSONDecodeError:
+        return "payload is not JSON"
+    if not isinstance(payload, dict):
+        return "payload is not a JSON object"
+    seq = payload.get("seq", price.seq)
+    if type(seq) is not int or seq != price.seq:
+        return "payload names another seq"
+    return None
+
+
+def _drop_unservable(state: _State) -> list[str]:
+    """Cut each zone's history after its last price that cannot be served (a history
+    stays contiguous; the zone's seq is kept, so nothing is numbered twice)."""
+    refused = []
+    for name, zone in state.zones.items():
+        for kept, price in enumerate(reversed(zone.history)):
+            reason = _payload_refusal(price)
+            if reason is not None:
+                refused.append(f"{name} seq {price.seq}: {reason}")
+                suffix = list(zone.history)[len(zone.history) - kept :]
+                zone.history.clear()
+                zone.history.extend(suffix)
+                break
+    return refused
+
+
+class _Replay:
+    """Applies replayed records to the state, skipping those ``_refusal`` refuses
+    (named in one warning at the end, ``journal_records_refused``)."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.records = 0  # segment records seen (the log's size, for compaction)
+        self.refused: list[str] = []
+        self._zones: set[str] = set()  # names already checked: one regex per zone
+
+    def apply(self, record: fmt.Record, name: str, offset: int) -> None:
+        reason = self._refusal(record)
+        if reason is None:
+            self.state.apply(record)
+        else:
+            self.refused.append(f"{name} at offset {offset}: {reason}")
+
+    def _refusal(self, record: fmt.Record) -> str | None:
+        """Why a checksummed record is not one the journal writes, if it is not: a CRC
+        proves the bytes are the ones written, not who wrote them."""
+        if isinstance(record, fmt.PriceRecord):
+            price = record.price
+            return self._zone_refusal(price.zone) or _seq_refusal(price.seq, lowest=1)
+        if isinstance(record, fmt.ResetRecord):
+            return (
+                self._zone_refusal(record.zone)
+                or _seq_refusal(record.seq, lowest=0)
+                or _history_refusal(record)
+            )
+        return None
+
+    def _zone_refusal(self, zone: str) -> str | None:
+        if zone in self._zones:
+            return None
+        reason = _zone_refusal(zone)
+        if reason is None:
+            self._zones.add(zone)
+        return reason
+
+    def frames(self, name: str, frames: Iterable[fmt.Frame]) -> _Damage | None:
+        """Apply a segment's records; damage at the first that makes no sense (its
+        checksum holds, its body is no log record: a bug or deliberate bytes)."""
+        for frame in frames:
+            try:
+                record = fmt.decode_body(frame.body)
+            except fmt.FormatError as exc:
+                return _Damage(name, frame.offset, str(exc))
+            if isinstance(record, fmt.SnapshotEnd):
+                return _Damage(name, frame.offset, "snapshot end record inside a log segment")
+            self.apply(record, name, frame.offset)
+            self.records += 1
+        return None
+
+
+def _load_snapshot(path: Path, replay: _Replay) -> _Damage | None:
+    """Apply a snapshot's records up to the first bad one; the damage, if any."""
+    data = _read(path)
+    if isinstance(data, _Damage):
+        return data
+    if not data.startswith(fmt.SNAPSHOT_MAGIC):
+        return _Damage(path.name, 0, "not a snapshot (bad magic)")
+    scan = fmt.scan_frames(data, len(fmt.SNAPSHOT_MAGIC))
+    offset, resets = len(fmt.SNAPSHOT_MAGIC), 0
+    for index, body in enumerate(scan.bodies):
+        try:
+            record = fmt.decode_body(body)
+        except fmt.FormatError as exc:
+            return _Damage(path.name, offset, str(exc))
+        if isinstance(record, fmt.SnapshotEnd):
+            last = index == len(scan.bodies) - 1 and scan.error is None
+            complete = last and record.zones == resets
+            return None if complete else _Damage(path.name, offset, "snapshot is incomplete")
+        expected = fmt.EpochRecord if index == 0 else fmt.ResetRecord
+        if not isinstance(record, expected):
+            return _Damage(path.name, offset, "unexpected record in a snapshot")
+        replay.apply(record, path.name, offset)
+        resets += isinstance(record, fmt.ResetRecord)
+        offset += fmt.FRAME_HEADER.size + len(body)
+    return _Damage(path.name, scan.good_end, scan.error or "snapshot is incomplete")
 
 
 def _is_torn_header(data: bytes) -> bool:
     """A segment cut before its magic was whole: a crash right after creating it."""
     return len(data) < len(fmt.SEGMENT_MAGIC) and (
-        fmt.SEGMENT_MAGIC.startswith(data) or not data.strip(b"\0")
+        fmt.SEGMENT_MAGIC.startswith(data)
+        or fmt.LEGACY_SEGMENT_MAGIC.startswith(data)
+        or not data.strip(b"\0")
     )
 
 
@@ -483,85 +768,124 @@ def _cut(path: Path, size: int) -> None:
         os.fsync(file.fileno())
 
 
-def _replay_segment(path: Path, state: _State, log: Any) -> tuple[int, int]:
-    """Apply one segment's records; (records, torn bytes cut)."""
+def _scan(path: Path, data: bytes) -> fmt.SegmentScan | _Damage:
+    legacy = data.startswith(fmt.LEGACY_SEGMENT_MAGIC)
+    if not legacy and not data.startswith(fmt.SEGMENT_MAGIC):
+        return _Damage(path.name, 0, "not a log segment (bad magic)")
+    return fmt.scan_segment(data, legacy=legacy)
+
+
+def _replay_segment(
+    path: Path, replay: _Replay, log: Any, *, newest: bool
+) -> tuple[int, _Damage | None]:
+    """Apply one segment's records; (torn bytes cut, damage).
+
+    Only the newest segment's last write can be torn: every older segment was done
+    with (rotated, abandoned after a failed write and cut, or cut here at an earlier
+    start) before the next one was begun. In the newest, a bad frame that no later
+    write follows is inside the write in flight at the crash, never acknowledged: that
+    whole write is cut and everything before it kept (``fmt.BadFrame``). Any other bad
+    frame is damage to acknowledged data; the records before it are kept all the same.
+    """
     data = _read(path)
+    if isinstance(data, _Damage):
+        return 0, data
     if _is_torn_header(data):
         if data:
             log.warning("journal_torn_tail", file=path.name, offset=0, cut_bytes=len(data))
             _cut(path, 0)
-        return 0, len(data)
-    if not data.startswith(fmt.SEGMENT_MAGIC):
-        raise _Damaged(path.name, "not a log segment (bad magic)")
-    scan = fmt.scan_frames(data, len(fmt.SEGMENT_MAGIC))
-    torn = 0
-    if scan.error is not None:
-        later = fmt.find_frame_after(data, scan.good_end)
-        if later is not None:
-            raise _Damaged(path.name, f"{scan.error}, good records follow at offset {later}")
-        torn = len(data) - scan.good_end
-        log.warning(
-            "journal_torn_tail",
-            file=path.name,
-            offset=scan.good_end,
-            cut_bytes=torn,
-            reason=scan.error,
-        )
-        _cut(path, scan.good_end)
-    try:
-        for body in scan.bodies:
-            state.apply(fmt.decode_body(body))
-    except fmt.FormatError as exc:
-        raise _Damaged(path.name, str(exc)) from exc
-    return len(scan.bodies), torn
+        return len(data), None
+    scan = _scan(path, data)
+    if isinstance(scan, _Damage):
+        return 0, scan
+    bad = scan.bad
+    torn = bad is not None and newest and not bad.followed
+    frames = [f for f in scan.frames if bad is None or not torn or f.offset < bad.write_start]
+    damage = replay.frames(path.name, frames)
+    if damage is not None or bad is None:
+        return 0, damage
+    if not torn:
+        after = "a later write follows" if newest else "a later segment follows"
+        return 0, _Damage(path.name, bad.offset, f"{bad.reason}, and {after}")
+    log.warning(
+        "journal_torn_tail",
+        file=path.name,
+        offset=bad.write_start,
+        cut_bytes=len(data) - bad.write_start,
+        reason=f"{bad.reason} at offset {bad.offset}",
+    )
+    _cut(path, bad.write_start)
+    return len(data) - bad.write_start, None
 
 
-def _recover(directory: Path, state: _State, log: Any) -> _Recovery:
-    snapshots, segments = _listing(directory)
-    base = snapshots[-1] if snapshots else 0
-    if snapshots:
-        _load_snapshot(directory / _snapshot_name(base), state)
+def _replay_files(directory: Path, listing: _Listing, replay: _Replay, log: Any) -> _Recovery:
+    """The newest snapshot, then the segments from its number on, up to the first
+    damage; the snapshot's leftovers and empty segments deleted on the way."""
+    recovery = _Recovery(replay.state, listing.highest + 1)
+    base = listing.snapshots[-1] if listing.snapshots else 0
+    live = [_segment_name(n) for n in listing.segments if n >= base]
+    leftovers = [_snapshot_name(n) for n in listing.snapshots[:-1]]
+    leftovers += [_segment_name(n) for n in listing.segments if n < base]
+    if listing.snapshots:
+        damage = _load_snapshot(directory / _snapshot_name(base), replay)
+        if damage is not None:  # nothing proves the leftovers covered: keep them too
+            recovery.damage, recovery.aside = damage, [_snapshot_name(base), *live, *leftovers]
+            return recovery
     # Leftovers of a compaction interrupted after its rename: the snapshot covers them.
-    for number in snapshots[:-1]:
-        _unlink_quietly(directory / _snapshot_name(number))
-    for number in segments:
-        if number < base:
-            _unlink_quietly(directory / _segment_name(number))
-    recovery = _Recovery(state, max([base, 1, *(n + 1 for n in segments)]))
-    for number in (n for n in segments if n >= base):
-        path = directory / _segment_name(number)
-        records, torn = _replay_segment(path, state, log)
-        recovery.log_records += records
+    for name in leftovers:
+        _unlink_quietly(directory / name)
+    for index, name in enumerate(live):
+        before = replay.records
+        torn, damage = _replay_segment(
+            directory / name, replay, log, newest=index == len(live) - 1
+        )
         recovery.torn_bytes += torn
-        if records == 0:
-            _unlink_quietly(path)  # each open starts a new segment; drop empty ones
-    if state.restarts:
-        log.warning("journal_seq_restarts", zones_restarted=state.restarts)
-    if state.epoch is None and any(zone.seq for zone in state.zones.values()):
-        raise _Damaged(directory.name, "prices without an epoch")
+        if damage is not None:
+            recovery.damage, recovery.aside = damage, live[index:]
+            return recovery
+        if replay.records == before:
+            _unlink_quietly(directory / name)  # each open starts a new segment; drop empty ones
     return recovery
 
 
-def _move_aside(directory: Path, damaged: _Damaged, log: Any) -> list[str]:
-    """Rename every data file to ``<name>.corrupt-<timestamp>``: the damaged one cannot be
-    read, and the others belong to the lineage being abandoned."""
+def _recover(directory: Path, state: _State, log: Any) -> _Recovery:
+    listing = _listing(directory)
+    _log_strays(listing.stray, log)
+    replay = _Replay(state)
+    recovery = _replay_files(directory, listing, replay, log)
+    recovery.log_records = replay.records
+    refused = replay.refused + _drop_unservable(state)
+    if refused:
+        log.warning("journal_records_refused", count=len(refused), records=refused[:_EXAMPLES])
+    if state.restarts:
+        log.warning("journal_seq_restarts", zones_restarted=state.restarts)
+    return recovery
+
+
+def _keep_aside(directory: Path, names: Iterable[str]) -> list[str]:
+    """Give each file a second name, ``<name>.corrupt-<timestamp>``, that outlives the
+    first: a hard link (a copy where links are refused), fsynced before the caller
+    supersedes and deletes the originals, so a crash in between loses no evidence."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.3f}"[1:]
-    moved = []
-    for entry in sorted(os.scandir(directory), key=lambda entry: entry.name):
-        name = entry.name
-        snapshot = _number(name, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX) is not None
-        if snapshot or _number(name, _SEGMENT_PREFIX, _SEGMENT_SUFFIX) is not None:
-            os.rename(entry.path, directory / f"{name}.corrupt-{stamp}")
-            moved.append(f"{name}.corrupt-{stamp}")
+    kept = []
+    for name in names:
+        source, target = directory / name, directory / f"{name}{_CORRUPT}{stamp}"
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError:
+            _copy_durably(source, target)
+        kept.append(target.name)
     _fsync_dir(directory)
-    log.error(
-        "journal_damaged_starting_new_epoch",
-        data_dir=str(directory),
-        damaged_file=damaged.name,
-        reason=damaged.reason,
-        moved_aside=moved,
-    )
-    return moved
+    return kept
+
+
+def _copy_durably(source: Path, target: Path) -> None:
+    with open(source, "rb") as reader, _create_file(target) as out:
+        shutil.copyfileobj(reader, out)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _read_meta(directory: Path, log: Any) -> dict[str, Any] | None:
@@ -585,7 +909,7 @@ def _write_meta_file(directory: Path, data: bytes, *, fsync: bool) -> None:
     """Replace the meta file atomically: temp file, fsync, rename, fsync the directory."""
     final = directory / META_NAME
     temp = final.with_name(final.name + _TMP_SUFFIX)
-    with open(temp, "wb") as out:
+    with _create_file(temp) as out:
         out.write(data)
         out.flush()
         if fsync:
@@ -596,14 +920,25 @@ def _write_meta_file(directory: Path, data: bytes, *, fsync: bool) -> None:
 
 
 def _sizes(directory: Path) -> dict[str, int]:
-    sizes = {}
-    for entry in os.scandir(directory):
-        if (
-            _number(entry.name, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX) is not None
-            or _number(entry.name, _SEGMENT_PREFIX, _SEGMENT_SUFFIX) is not None
-        ):
-            sizes[entry.name] = entry.stat().st_size
-    return sizes
+    return {
+        name: (directory / name).stat().st_size
+        for name, own in _own_files(directory)
+        if own.kind != TEMP
+    }
+
+
+def _served(state: _State, zones: Collection[str] | None, log: Any) -> dict[str, RecoveredZone]:
+    """What ``Recovered`` holds: every zone, or only those served (the others are
+    named once)."""
+    exported = state.export()
+    unserved = [] if zones is None else sorted(set(exported).difference(zones))
+    if unserved:
+        log.warning(
+            "journal_zones_not_served", count=len(unserved), zones=unserved[:_EXAMPLES]
+        )
+    for zone in unserved:
+        del exported[zone]
+    return exported
 
 
 # --- the journal -------------------------------------------------------------------
@@ -674,6 +1009,7 @@ class Journal:
         fsync: bool = True,
         compact_factor: float = 4.0,
         compact_min_records: int = 256,
+        zones: Collection[str] | None = None,
     ) -> tuple[Journal, Recovered]:
         """Lock ``path`` (created if missing), recover what it holds and open a new log
         segment. Blocking: call it at start, or through ``asyncio.to_thread``.
@@ -681,6 +1017,9 @@ class Journal:
         :param history_size: prices kept per zone, as the memory store's.
         :param new_epoch: the epoch of a fresh journal (new or damaged data dir);
             a random one by default. Written durably before ``open`` returns.
+        :param zones: the zones served; the others the journal holds are kept on disk
+            (numbering goes on if they are served again) but left out of ``Recovered``,
+            with one warning. None: every zone.
         :param fsync: off only for tests and benchmarks (survives a process crash, not
             a power cut).
         :param compact_factor: snapshot once the log holds this many times
@@ -702,6 +1041,7 @@ class Journal:
                 fsync=fsync,
                 compact_factor=compact_factor,
                 compact_min_records=compact_min_records,
+                zones=zones,
             )
         except OSError as exc:
             os.close(lock_fd)
@@ -731,30 +1071,54 @@ class Journal:
         history_size: int,
         new_epoch: str,
         log: Any,
+        zones: Collection[str] | None,
         **options: Any,
     ) -> tuple[Journal, Recovered]:
-        try:
-            recovery = _recover(directory, _State(history_size), log)
-        except _Damaged as damaged:
-            moved = _move_aside(directory, damaged, log)
-            recovery = _Recovery(_State(history_size), 1)
-            recovery.fresh_reason = (
-                f"damaged {damaged.name} ({damaged.reason}); moved aside: {', '.join(moved)}"
-            )
+        recovery = _recover(directory, _State(history_size), log)
         state = recovery.state
-        if state.epoch is None:
-            recovery.fresh_reason = recovery.fresh_reason or "new data dir"
-            state.epoch = new_epoch
+        if recovery.damage is None and state.epoch is None:
+            recovery.fresh_reason = "prices without an epoch" if state.zones else "new data dir"
+        if recovery.damage is not None or state.epoch is None:
+            state.epoch = new_epoch  # before the new lineage's snapshot captures it
         journal = cls(directory, lock_fd=lock_fd, recovery=recovery, log=log, **options)
         journal._meta = _read_meta(directory, log)
+        if recovery.damage is not None:
+            journal._supersede(recovery)
         # Opening the next segment now proves the directory writable at start, and a
         # fresh epoch must be durable before anything is numbered under it.
         journal._segments.write(fmt.encode_epoch(state.epoch) if recovery.fresh_reason else b"")
         journal._file_sizes = _sizes(directory)
         recovered = Recovered(
-            state.epoch, state.export(), recovery.fresh_reason, recovery.torn_bytes
+            state.epoch, _served(state, zones, log), recovery.fresh_reason, recovery.torn_bytes
         )
         return journal, recovered
+
+    def _supersede(self, recovery: _Recovery) -> None:
+        """Start the new lineage on what was recovered: keep the damaged file and all
+        after it aside (second names first), then a snapshot of the recovered state
+        under the new epoch, numbered above every file, which makes them obsolete.
+
+        A crash before the snapshot's rename finds the same damage again; one after it
+        finds the new lineage. Never is the intact prefix served under the old epoch
+        without the acknowledged records the damage took (their seqs would be reused).
+        """
+        damage = recovery.damage
+        assert damage is not None
+        kept = _keep_aside(self._directory, recovery.aside)
+        self._snapshot_in_thread(self._segments.number, self._state.capture())
+        recovery.fresh_reason = (
+            f"damaged {damage}; the records before it are kept; moved aside: {', '.join(kept)}"
+        )
+        self._log.error(
+            "journal_damaged_starting_new_epoch",
+            data_dir=str(self._directory),
+            damaged_file=damage.name,
+            offset=damage.offset,
+            reason=damage.reason,
+            moved_aside=kept,
+            epoch=self.epoch,
+            zones_kept=len(self._state.zones),
+        )
 
     # -- appending --------------------------------------------------------------------
 
@@ -967,13 +1331,11 @@ class Journal:
             _fsync_dir(self._directory)
 
     def _drop_obsolete(self, number: int) -> list[str]:
-        """Delete the segments and snapshots the new snapshot ``number`` covers."""
+        """Delete the segments and snapshots the new snapshot ``number`` covers (the
+        journal's own files only: whatever else the directory holds stays)."""
         dropped = []
-        for name in sorted(entry.name for entry in os.scandir(self._directory)):
-            segment = _number(name, _SEGMENT_PREFIX, _SEGMENT_SUFFIX)
-            snapshot = _number(name, _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX)
-            older = segment if segment is not None else snapshot
-            if older is not None and older < number:
+        for name, own in sorted(_own_files(self._directory), key=lambda item: item[0]):
+            if own.kind != TEMP and own.number < number:
                 _unlink_quietly(self._directory / name)
                 dropped.append(name)
         if self._fsync:
