@@ -10,10 +10,12 @@ a SIGKILL loses everything it held) and real WebSocket resumes.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from pricehub.storage.durable import disk_status
@@ -25,6 +27,7 @@ from tests.serverproc import ServerProcess, free_port
 from tests.support import PUBLISH_KEY, eventually
 from tests.test_durable import (
     COMMON,
+    HEADERS,
     Listener,
     body,
     epoch_of,
@@ -39,10 +42,10 @@ from tests.test_durable import (
 FAST = ("--redis-timeout", "0.3", "--redis-probe-interval", "0.2")
 
 
-def server(redis_url: str, data_dir: Path | str, **options: Any) -> ServerProcess:
+def server(redis_url: str, data_dir: Path | str, *args: str, **options: Any) -> ServerProcess:
     return ServerProcess(
-        *COMMON, *FAST, publish_key=PUBLISH_KEY, redis_url=redis_url, data_dir=data_dir,
-        **options,
+        *COMMON, *FAST, *args, publish_key=PUBLISH_KEY, redis_url=redis_url,
+        data_dir=data_dir, **options,
     )  # fmt: skip
 
 
@@ -195,3 +198,65 @@ async def test_a_full_disk_during_an_outage_fails_the_append_broadcasts_nothing_
             assert disk_status(storage).check == "ok"
         finally:
             await storage.close()
+
+
+async def publish_answer(target: ServerProcess, value: float) -> tuple[int, dict[str, Any]]:
+    """POST one pjm price: the status and the JSON body, whatever the status."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(target.url + paths.BROADCAST_PRICE, json=pjm(value), headers=HEADERS) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_peers_restarted_during_one_outage_hold_instead_of_numbering_alone(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """Two instances with their own data dirs, both restarted (SIGKILL) while Redis is
+    away: each starts from its own journal, same epoch, same seqs. The registry is in
+    Redis, so before the fix neither knew of the other and both numbered alone: two
+    202s for (pjm, epoch, 3). Now the data dir remembers the peers: both hold and
+    refuse (503, nothing written), and once Redis is back (empty) the lineage goes on."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    instances = [server(redis_server.url, d, "--redis-hold", "0.5") for d in dirs]
+    with instances[0] as first, instances[1] as second:
+        assert await seqs_of(first, 1.0, 2.0) == [1, 2]
+        epoch = await epoch_of(first)
+
+        async def peers_seen() -> bool:  # stats read the registry (and record peers)
+            reports = [await get_json(target, paths.STATS) for target in (first, second)]
+            return all(len((r.get("cluster") or {}).get("instances", [])) == 2 for r in reports)
+
+        await eventually(peers_seen, within=15)
+        assert all(json.loads((d / "meta.json").read_text())["peers"] for d in dirs)
+        redis_server.kill()
+        first.kill()
+        second.kill()
+        await asyncio.gather(first.start_async(), second.start_async())  # Redis away
+        answers = [await publish_answer(target, 3.0) for target in (first, second)]
+        epochs = [await epoch_of(target) for target in (first, second)]
+        accepted = [
+            (epoch_now, entry["seq"])
+            for (status, body), epoch_now in zip(answers, epochs, strict=True)
+            if status == 202 for entry in body["accepted"]
+        ]  # fmt: skip
+        assert len(set(accepted)) == len(accepted), f"two prices, one seq: {answers}"
+        assert [status for status, _ in answers] == [503, 503], answers
+        assert epochs == [epoch, epoch]
+        for target in (first, second):
+            assert await prices(target) == [(1, 1.0), (2, 2.0)]  # the journal, served
+        redis_server.start()  # empty
+
+        async def recovered() -> bool:
+            reports = [await health(target) for target in (first, second)]
+            return all(report["storage_backend"] == "redis" for report in reports)
+
+        await eventually(recovered)
+        assert await seqs_of(second, 3.0) == [3]
+        for target in (first, second):
+            assert await epoch_of(target) == epoch  # nobody numbered alone
+
+            async def caught_up(target: ServerProcess = target) -> bool:
+                return await prices(target) == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+            await eventually(caught_up)

@@ -1,20 +1,27 @@
-"""Redis Stream ingest: once per cluster, in stream order, past bad entries and a
-consumer killed mid-stream."""
+"""Redis Stream ingest: once per cluster, in stream order, past bad entries (huge ones
+included), a zone whose keys are damaged and a consumer killed mid-stream."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import logging
 import signal
 import sys
 import time
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from structlog.testing import capture_logs
 
 from pricehub.server.ingest import IngestConsumer
+from pricehub.server.logs import configure_logging
 from pricehub.server.publisher import Publisher
 from pricehub.storage.base import IngestAck
 from pricehub.storage.failover import FailoverStorage
@@ -524,3 +531,142 @@ async def test_entries_that_are_not_utf8_are_refused_and_the_rest_kept_in_order(
         assert await raw.xlen(f"{prefix}ingest") == 0
     finally:
         await instance.stop()
+
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The server's own log pipeline (JSON, secrets redacted) writing into a buffer; the
+    process-wide logging state is put back after."""
+    config, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure_logging(stream=stream, log_format="json")
+    yield stream
+    structlog.configure(**config)
+    root.handlers, root.level = handlers, level
+    logging.captureWarnings(False)
+
+
+@contextlib.asynccontextmanager
+async def loop_stalls() -> AsyncIterator[list[float]]:
+    """The longest the event loop went without running a 5 ms ticker (``[0]``), as any
+    concurrent publish or ping would have waited."""
+    worst = [0.0]
+
+    async def tick() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.005)
+            worst[0] = max(worst[0], time.monotonic() - before - 0.005)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        yield worst
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+
+
+async def test_huge_entries_are_refused_unread_logged_short_and_never_stall_the_loop(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str, json_log: io.StringIO
+) -> None:
+    """An 8 MiB zone, an 8 MiB field name, 100,000 fields and 16 entries of 1 MiB (the
+    issue's 64 MiB / 1,000,000 / 300 x 1 MiB, scaled to a few seconds): each is invalid,
+    counted and acknowledged like any bad entry, without this process ever holding them
+    (one read brings at most a few MiB), without a long log line, without a stall. Then
+    one more huge entry arrives while the consumer waits (the blocking read, which takes
+    an entry as Redis sends it): refused the same way."""
+    stream = f"{prefix}ingest"
+    add = raw.execute_command
+    await add("XADD", stream, "*", "market_zone", "pjm", "price", "1")
+    await add("XADD", stream, "*", "market_zone", "z" * (8 * MiB), "price", "2")
+    await add("XADD", stream, "*", "f" * (8 * MiB), "pjm", "price", "3")
+    await add("XADD", stream, "*", *[f"f{i}".encode() for i in range(200_000)])
+    for _ in range(16):
+        await add("XADD", stream, "*", "market_zone", "pjm", "price", "9" * MiB)
+    await add("XADD", stream, "*", "market_zone", "pjm", "price", "4")
+    instance = Instance(redis_server.url, prefix, "bounded")
+    tracemalloc.start()
+    try:
+        async with loop_stalls() as stalled:
+            await instance.start()
+            await instance.listener.wait_for("pjm", 2)
+
+            async def drained() -> bool:
+                return int(await raw.xlen(stream)) == 0
+
+            await eventually(drained, within=15)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            await asyncio.sleep(0.3)  # the consumer is waiting in its blocking read now
+            await add("XADD", stream, "*", "market_zone", "y" * (8 * MiB), "price", "5")
+            await add("XADD", stream, "*", "market_zone", "pjm", "price", "6")
+            await instance.listener.wait_for("pjm", 3)
+            await eventually(drained, within=15)
+        assert instance.prices("pjm") == [1.0, 4.0, 6.0]
+        assert instance.consumer.stats.invalid == 3 + 16 + 1
+        assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+        assert peak < 6 * MiB, f"{peak / MiB:.0f} MiB held while reading"
+        assert stalled[0] < 1.0, f"the event loop stalled {stalled[0]:.2f} s"
+        lines = json_log.getvalue().splitlines()
+        invalid = [line for line in lines if "ingest_invalid_entry" in line]
+        assert len(invalid) == 10  # the first 10, then one in a thousand
+        assert max(map(len, lines)) < 1024, max(lines, key=len)[:300]
+        assert "too large" in invalid[1] and "never decoded" in invalid[1]
+        print(f"huge entries: {peak / MiB:.1f} MiB peak, worst loop stall {stalled[0]:.3f} s")
+    finally:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        await instance.stop()
+
+
+async def test_a_zone_with_damaged_keys_fails_its_entries_and_ingest_goes_on(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """``SET pricehub:seq:ercot not-a-number``: ercot's entries are refused (logged with
+    their price, counted, acknowledged: never left to hold up the stream), pjm's go on in
+    order on Redis, in a batch (the many-price script) and one by one (the one-price
+    script); no failover, the consumer keeps its lease. Repaired, ercot publishes again."""
+    stream = f"{prefix}ingest"
+    instance = Instance(redis_server.url, prefix, "steady")
+    with capture_logs() as logs:
+        await instance.start()
+        try:
+            await raw.set(f"{prefix}seq:ercot", "not-a-number")
+            async with raw.pipeline(transaction=True) as pipe:  # at once: read as a batch
+                for index in range(6):
+                    pipe.xadd(stream, entry(index))  # type: ignore[arg-type]
+                await pipe.execute()
+            await instance.listener.wait_for("pjm", 3)
+            for index in range(6, 10):  # one at a time: each read alone
+                await raw.xadd(stream, entry(index))  # type: ignore[arg-type]
+                if index % 2 == 0:
+                    await instance.listener.wait_for("pjm", index // 2 + 1)
+
+            async def drained() -> bool:
+                return int(await raw.xlen(stream)) == 0
+
+            await eventually(drained)
+            assert instance.prices("pjm") == expected_prices("pjm", 10)
+            assert instance.listener.seqs("pjm") == [1, 2, 3, 4, 5]
+            stats, storage = instance.consumer.stats, instance.storage
+            await eventually(lambda: stats.accepted == 5)
+            assert stats.invalid == 5 and stats.leases == 1
+            assert (storage.backend, storage.failovers) == ("redis", 0)
+            assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
+            assert await raw.get(f"{prefix}seq:ercot") == b"not-a-number"  # left as found
+
+            await raw.delete(f"{prefix}seq:ercot")  # repaired by an operator
+            await raw.xadd(stream, entry(11))  # type: ignore[arg-type]
+            assert await instance.listener.wait_for("ercot", 1) == [1]
+        finally:
+            await instance.stop()
+    refused = [e for e in logs if e["event"] == "ingest_entry_refused"]
+    assert [orjson.loads(e["price"])["price"] for e in refused] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    assert {e["zone"] for e in refused} == {"ercot"}
+    assert "not an integer" in refused[0]["error"]
+    assert not [e for e in logs if e["event"] == "storage_failover"]

@@ -26,6 +26,7 @@ from pricehub.server.ingest import IngestConsumer
 from pricehub.server.publisher import Publisher
 from pricehub.server.settings import Settings
 from pricehub.storage.cluster import ClusterKeyLayout, RedisClusterStorage
+from pricehub.storage.errors import BatchInterrupted, ZoneRefused
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import IngestAck
 from pricehub.wire.messages import PriceBody
@@ -205,6 +206,63 @@ async def test_an_ingest_entry_delivered_again_is_not_appended_again(
         assert await listener.wait_for("pjm", 2) == [1, 2]
         assert [p.seq for p in await storage.history("pjm", limit=10)] == [1, 2]
     finally:
+        await storage.close()
+
+
+async def test_a_zone_whose_keys_are_damaged_fails_alone_on_the_cluster(
+    cluster: RedisCluster, prefix: str
+) -> None:
+    """``SET pricehub:{ercot}:seq not-a-number``: ercot's prices are refused (HTTP-style
+    batch and stream ingest alike: its entries acknowledged, never left pending), every
+    other zone publishes on the cluster in order, no failover; an instance started with
+    the damage in place starts on the cluster."""
+    keys = ClusterKeyLayout(prefix)
+    client = client_of(cluster)
+    storage = FailoverStorage(
+        cluster.url, zones=ZONES, key_prefix=prefix, timeout=1.0, probe_interval=0.2
+    )
+    listener = RecordingListener()
+    await storage.start(listener)
+    publisher = Publisher(storage)
+    consumer = IngestConsumer(
+        storage, publisher, zones=ZONES, consumer="only", block=0.2, lease_ttl=1.0
+    )
+    consuming = asyncio.create_task(consumer.run())
+    try:
+        await client.set(keys.seq("ercot"), "not-a-number")
+        batch = [PriceBody(zone, 1.0, None, "2026-11-27T15:00:00.000Z") for zone in ZONES]
+        with pytest.raises(BatchInterrupted) as refused:
+            await publisher.publish_many(batch, source="http")
+        assert isinstance(refused.value.cause, ZoneRefused)
+        assert [p.zone for p in refused.value.accepted] == [z for z in ZONES if z != "ercot"]
+        for index in range(16):
+            zone = ZONES[index % len(ZONES)]
+            await client.xadd(keys.ingest, {"market_zone": zone, "price": str(index)})
+        for zone in ZONES:
+            if zone != "ercot":
+                assert await asyncio.wait_for(listener.wait_for(zone, 5), SLOW) == [1, 2, 3, 4, 5]
+
+        async def drained() -> bool:
+            pending = await client.xpending(keys.ingest, "pricehub")
+            return bool(pending["pending"] == 0 and await client.xlen(keys.ingest) == 0)
+
+        await eventually(drained, within=SLOW)
+        await eventually(lambda: consumer.stats.invalid == 4)
+        assert (consumer.stats.accepted, consumer.stats.leases) == (12, 1)
+        assert (storage.backend, storage.failovers) == ("redis", 0)
+        assert await client.get(keys.seq("ercot")) == b"not-a-number"
+
+        restarted = FailoverStorage(cluster.url, zones=ZONES, key_prefix=prefix, timeout=1.0)
+        await restarted.start(RecordingListener())
+        try:
+            assert restarted.backend == "redis"
+            assert [p.seq for p in await restarted.history("pjm", limit=10)] == [1, 2, 3, 4, 5]
+        finally:
+            await restarted.close()
+    finally:
+        consumer.stop()
+        await asyncio.wait({consuming}, timeout=5)
+        await client.aclose()
         await storage.close()
 
 

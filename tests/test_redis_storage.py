@@ -1,5 +1,6 @@
 """What only the Redis backend has: key layout, several instances on one Redis, URLs
-(unix socket, Sentinel), losing the subscriber loudly or silently, gap filling."""
+(unix socket, Sentinel), losing the subscriber loudly or silently, gap filling, one zone's
+damaged keys."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from structlog.testing import capture_logs
 
+from pricehub.server.publisher import Publisher
 from pricehub.storage.base import StoredPrice
-from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.errors import BatchInterrupted, StorageUnavailable, ZoneRefused
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import (
     MAX_IN_FLIGHT,
@@ -26,7 +29,7 @@ from pricehub.storage.redis import (
 from pricehub.wire.messages import PriceBody, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
-from tests.support import eventually, missing_tool
+from tests.support import PUBLISH_KEY, MakeClient, eventually, missing_tool
 from tests.test_failover import EventLog
 
 FAST = {"timeout": 0.25, "probe_interval": 0.2}
@@ -325,3 +328,139 @@ async def test_next_stream_id_trims_exactly_up_to_the_entry(
     await raw.xadd(stream, {"n": "2"}, id=after)
     await raw.xtrim(stream, minid=next_stream_id(entry_id), approximate=False)
     assert [i.decode() for i, _ in await raw.xrange(stream)] == [after]
+
+
+DAMAGED = ("ercot", "caiso", "nyiso")  # four zones, three of them damaged by hand
+
+
+async def damage(raw: aioredis.Redis, prefix: str) -> None:
+    """What another program (or an operator) might leave: a seq that is no integer, a
+    history that is no sorted set, a seq below 1."""
+    await raw.set(f"{prefix}seq:ercot", "not-a-number")
+    await raw.rpush(f"{prefix}history:caiso", "not a sorted set")
+    await raw.set(f"{prefix}seq:nyiso", "-3")
+
+
+async def assert_left_as_found(raw: aioredis.Redis, prefix: str) -> None:
+    assert await raw.get(f"{prefix}seq:ercot") == b"not-a-number"
+    assert await raw.lrange(f"{prefix}history:caiso", 0, -1) == [b"not a sorted set"]
+    assert await raw.get(f"{prefix}seq:caiso") is None  # its refused INCR taken back
+    assert await raw.get(f"{prefix}seq:nyiso") == b"-3"
+    for zone in DAMAGED:
+        assert await raw.get(f"{prefix}latest:{zone}") is None
+
+
+def price(zone: str, value: float) -> PriceBody:
+    return PriceBody(zone, value, None, "2026-11-27T15:00:00.000Z")
+
+
+async def test_a_zone_whose_keys_are_damaged_fails_alone_and_redis_keeps_serving(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """``SET pricehub:seq:ercot not-a-number`` (and two more kinds of damage): that zone's
+    prices are refused (``ZoneRefused``, logged, counted), nothing of them written; the
+    other prices of the batch are numbered on Redis, in order; no failover. One price
+    alone (the one-price script) is refused the same way. Repaired, the zone publishes."""
+    zones = ("pjm", *DAMAGED)
+    storage = FailoverStorage(redis_server.url, zones=zones, key_prefix=prefix, **FAST)
+    listener = RecordingListener()
+    await storage.start(listener)
+    publisher = Publisher(storage)
+    try:
+        await damage(raw, prefix)
+        batch = [price(zone, float(i))
+                 for i, zone in enumerate(["pjm", "ercot", "pjm", "caiso", "nyiso", "pjm"])]
+        with capture_logs() as logs, pytest.raises(BatchInterrupted) as refused:
+            await publisher.publish_many(batch, source="http")
+        assert [(p.zone, p.seq) for p in refused.value.accepted] == [("pjm", s) for s in (1, 2, 3)]
+        assert isinstance(refused.value.cause, ZoneRefused)
+        assert refused.value.cause.zone == "ercot"
+        assert "not an integer" in str(refused.value)
+        assert [(e["zone"], e["event"]) for e in logs] == [
+            (zone, "storage_zone_damaged") for zone in DAMAGED
+        ]
+        for zone in DAMAGED:
+            with pytest.raises(BatchInterrupted) as alone:
+                await publisher.publish_many([price(zone, 9.0)], source="http")
+            assert alone.value.accepted == []
+            assert isinstance(alone.value.cause, ZoneRefused) and alone.value.cause.zone == zone
+        assert await listener.wait_for("pjm", 3) == [1, 2, 3]
+        assert await storage.since("ercot", 5) is None  # asked of Redis: cannot replay
+        assert (storage.backend, storage.failovers, storage.redis_errors) == ("redis", 0, 6)
+        assert publisher.accepted == {("pjm", "http"): 3}
+        await assert_left_as_found(raw, prefix)
+
+        await raw.delete(f"{prefix}seq:ercot")  # repaired
+        (stored,) = await publisher.publish_many([price("ercot", 1.0)], source="http")
+        assert stored.seq == 1
+        assert await listener.wait_for("ercot", 1) == [1]
+        assert storage.backend == "redis"
+    finally:
+        await storage.close()
+
+
+async def test_damaged_zone_keys_never_stop_a_start_or_a_recovery(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """A damaged zone found loading every zone (start) or writing back what memory
+    numbered during an outage (recovery) is left out, logged: the start does not crash
+    and the recovery does not fail for ever; the other zones are loaded and written back."""
+    zones = ("pjm", *DAMAGED)
+    await raw.set(f"{prefix}seq:pjm", "1")
+    await raw.zadd(f"{prefix}history:pjm", {with_seq(body("pjm", 0.5), 1): 1})
+    await damage(raw, prefix)
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    storage = FailoverStorage(proxy.url, zones=zones, key_prefix=prefix, hold=0, **FAST)
+    listener = RecordingListener()
+    try:
+        with capture_logs() as logs:
+            await storage.start(listener)
+            assert storage.backend == "redis"
+            assert [p.seq for p in await storage.history("pjm", limit=10)] == [1]
+            proxy.block()  # an outage: this lone instance numbers in memory
+            await listener.wait_backend("in-memory")
+            assert (await storage.append("pjm", body("pjm", 2.0))).seq == 2
+            assert (await storage.append("ercot", body("ercot", 1.0))).seq == 1
+            proxy.unblock()
+            await listener.wait_backend("redis")
+        assert (await storage.append("pjm", body("pjm", 3.0))).seq == 3  # written back
+        assert int(await raw.get(f"{prefix}seq:pjm")) == 3
+        await assert_left_as_found(raw, prefix)
+        damaged = [(e["zone"], e["reason"].rpartition("; ")[2])
+                   for e in logs if e["event"] == "storage_zone_damaged"]
+        assert ("ercot", "not loaded") in damaged and ("nyiso", "not loaded") in damaged
+        assert ("ercot", "not written back") in damaged
+    finally:
+        await storage.close()
+        await proxy.close()
+
+
+async def test_a_publish_to_a_damaged_zone_is_a_503_naming_it_the_others_accepted(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str, make_client: MakeClient
+) -> None:
+    """Through the HTTP endpoint: the batch answers 503 ``storage_unavailable`` with the
+    zone named in the message and the prices that were numbered in ``accepted``; the
+    instance stays on Redis (health ``healthy``) and publishes the other zones."""
+    client = await make_client(
+        redis_url=redis_server.url, key_prefix=prefix, redis_timeout=0.3,
+        redis_probe_interval=0.2,
+    )  # fmt: skip
+    await raw.set(f"{prefix}seq:ercot", "not-a-number")
+    headers = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+    prices = [{"market_zone": zone, "price": 1.0} for zone in ("pjm", "ercot", "caiso")]
+    response = await client.post("/api/ws/ws/broadcast/price", json=prices, headers=headers)
+    assert response.status == 503
+    answer = await response.json()
+    assert answer["error"] == "storage_unavailable"
+    assert answer["message"].startswith("zone ercot: ")
+    assert answer["accepted"] == [
+        {"market_zone": "pjm", "seq": 1}, {"market_zone": "caiso", "seq": 1},
+    ]  # fmt: skip
+    health = await (await client.get("/api/ws/ws/health")).json()
+    assert health["status"] == "healthy" and health["storage_backend"] == "redis"
+    response = await client.post(
+        "/api/ws/ws/broadcast/price", json={"market_zone": "pjm", "price": 2.0}, headers=headers
+    )
+    assert response.status == 202
+    assert (await response.json())["accepted"] == [{"market_zone": "pjm", "seq": 2}]

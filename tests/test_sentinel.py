@@ -90,6 +90,9 @@ class ResumingSubscriber:
     established: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
     _ws: aiohttp.ClientWebSocketResponse | None = None
+    # Prices received as ``initial_data``'s ``latest_price`` (after a fresh connect or a
+    # ``recovered: false`` resume): they reached the subscriber, though not as an update.
+    initial_prices: set[float] = field(default_factory=set)
     _undelivered: list[int] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
@@ -133,6 +136,7 @@ class ResumingSubscriber:
             self.last_seq = int(message["seq"])
         elif kind == "initial_data":
             self.last_seq = int(message["latest_price"]["seq"])
+            self.initial_prices.add(float(message["latest_price"]["price"]))
 
     def of_type(self, kind: str) -> list[tuple[float, dict[str, Any]]]:
         return [(at, m) for at, m in self.messages if m["type"] == kind]
@@ -146,9 +150,24 @@ class ResumingSubscriber:
         return any(at >= ack.at for at in self.unrecovered_at())
 
     def missing(self, acks: list[Acknowledged]) -> list[Acknowledged]:
-        delivered = {d.price for d in self.deliveries}
+        """Acknowledged prices this subscriber never got and was not told about. A price
+        that came as ``initial_data`` counts as received: after a ``recovered: false``
+        resume the zone's newest price arrives that way, possibly in the same loop turn
+        as its 202 but read first, so the declaration looks older than the price (the
+        flake of issue 23: ``initial_data latest=166`` with the 202 for seq 166)."""
+        delivered = {d.price for d in self.deliveries} | self.initial_prices
         self._undelivered = [int(a.price) for a in acks if a.price not in delivered]
         return [a for a in acks if a.price not in delivered and not self.excused(a)]
+
+    def around(self, at: float, window: float = 1.0) -> list[str]:
+        """What this subscriber received within ``window`` s of ``at`` (s relative)."""
+        shown = ("seq", "recovered", "from_seq", "to_seq", "epoch", "storage_backend")
+        return [
+            f"{when - at:+.3f} {m['type']} "
+            + " ".join(f"{k}={m[k]}" for k in shown if k in m)
+            + (f" latest={m['latest_price'].get('seq')}" if m.get("latest_price") else "")
+            for when, m in self.messages if abs(when - at) <= window
+        ] + [f"closes {self.closes}"]  # fmt: skip
 
     def summary(self) -> str:
         epochs = list(dict.fromkeys(d.epoch for d in self.deliveries))
@@ -250,11 +269,13 @@ def undeclared_losses(
     subscribers: list[ResumingSubscriber], acks: list[Acknowledged]
 ) -> list[str]:
     """Per subscriber: acknowledged prices neither delivered nor covered by a
-    ``recovered: false`` that arrived after their 202."""
+    ``recovered: false`` that arrived after their 202 (with what that subscriber got
+    around the first one's 202, to tell a lost price from a late declaration)."""
     return [
         f"subscriber {index} ({subscriber.base_url}): {len(missing)} acknowledged prices "
         f"never delivered, no recovered:false after them: "
-        f"{[(a.price, a.seq, f'via {a.instance}') for a in missing[:12]]}"
+        f"{[(a.price, a.seq, f'via {a.instance}') for a in missing[:12]]}; "
+        f"around the first 202: {subscriber.around(missing[0].at)}"
         for index, subscriber in enumerate(subscribers)
         if (missing := subscriber.missing(acks))
     ]

@@ -28,6 +28,22 @@ not redis-py's dict), so a field given twice is seen and rejected instead of "th
 one wins". While the instance serves from memory (Redis away), ingest pauses: entries
 wait in the stream.
 
+Sizes are bounded before anything is decoded (anyone who can XADD can send a 64 MiB
+field or a million of them: Redis takes up to 512 MB per value): an entry over
+``MAX_ENTRY_BYTES`` or ``MAX_ENTRY_FIELDS`` is invalid. Reads go through ``READ_LUA``,
+which takes the entries inside Redis and sends one over a cap as a stub (its size, not
+its fields), so a read brings at most about ``batch`` x ``MAX_ENTRY_BYTES`` (4 MiB by
+default) into this process whatever the stream holds. Only the wait for new entries
+(``XREADGROUP BLOCK``, which a script cannot do) takes an entry as Redis sends it: one
+entry at a time, of any size, checked against the caps like the others before anything
+decodes it. Every value a log line echoes is cut to ``ECHO_LIMIT`` characters (``clip``).
+
+A zone whose Redis keys are damaged (``ZoneRefused``: its seq is no integer, ...) fails
+its entries, not the consumer: they are logged (``ingest_entry_refused``), counted with
+the invalid ones and acknowledged in the script that refused them (left pending, they
+would hold up every later entry of every zone, and would only be refused again); the
+other zones' entries go on.
+
 The consumer talks to the storage through ``storage.base.IngestSource`` only, and owns
 its counters (``IngestStats``, published as ``keys.INGEST_STATS`` by ``install``).
 """
@@ -39,6 +55,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,13 +67,16 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from pricehub.server.keys import INGEST_STATS, INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
 from pricehub.server.publisher import Publisher
 from pricehub.server.stats import IngestStats
-from pricehub.storage.base import IngestAck, IngestSource
-from pricehub.storage.errors import StorageError
+from pricehub.storage.base import IngestAck, IngestSource, StoredPrice
+from pricehub.storage.errors import BatchInterrupted, StorageError, ZoneRefused
 from pricehub.storage.redis import INGEST_GROUP, KeyLayout, LeaseLost
 from pricehub.wire.errors import ValidationError
-from pricehub.wire.messages import PriceBody, utc_now, validate_ingest_fields
+from pricehub.wire.messages import PriceBody, utc_now, validate_ingest_fields, with_seq
 
-__all__ = ["INGEST_STATS", "IngestConsumer", "IngestStats", "ingest_ctx", "install"]
+__all__ = [
+    "ECHO_LIMIT", "INGEST_STATS", "MAX_ENTRY_BYTES", "MAX_ENTRY_FIELDS", "IngestConsumer",
+    "IngestStats", "clip", "ingest_ctx", "install",
+]
 
 log = structlog.get_logger("pricehub.ingest")
 
@@ -89,9 +109,107 @@ STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
 # With two such reads in flight a whole 2,000-price interval is in Redis's hands at once.
 BATCH = 1000
 LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
+# Caps of one entry, checked before anything decodes it. A price has at most 4 fields of
+# a few dozen bytes (a zone is at most 32 characters): 4 KiB and 8 fields leave room.
+MAX_ENTRY_BYTES = 4096  # its names and values together
+MAX_ENTRY_FIELDS = 8  # name/value pairs
+ECHO_LIMIT = 120  # characters of a value a log line echoes (``clip``)
 
-# id, flat [name, value, ...] as Redis sends it: a duplicated field stays visible.
-Entry = tuple[bytes, list[bytes] | list[str]]
+# KEYS: stream. ARGV: group, consumer, 'new' or 'claim', count, max entry bytes, max
+# entry items (names and values), budget. Up to ``count`` new entries (XREADGROUP >) or
+# pending ones (XAUTOCLAIM from 0-0, any idle time), each sized inside Redis before
+# anything is sent: an entry over a cap is sent as {id, false, bytes, items} (its fields
+# stay in Redis), one deleted while pending (Redis 6.2) as {id, false}. When the whole
+# stream holds no more than ``budget`` bytes (MEMORY USAGE: the usual case, a burst's
+# backlog) one command takes the batch; otherwise one entry at a time, stopping once the
+# entries taken hold more than ``budget``: no call copies more than one entry beyond it
+# (inside Redis) nor runs longer than that takes. In one script, so nothing lands
+# between the measure and the read. Returns {entries, ids found deleted while pending
+# (Redis 7)}.
+READ_LUA = """
+local group, consumer, claiming = ARGV[1], ARGV[2], ARGV[3] == 'claim'
+local count, max_bytes, max_items = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget = tonumber(ARGV[7])
+
+local function take(n, cursor)
+  if claiming then
+    local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, 0, cursor, 'COUNT', n)
+    return reply[2], reply[1], reply[3] or {}
+  end
+  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
+                           'STREAMS', KEYS[1], '>')
+  return reply and reply[1][2] or {}, cursor, {}
+end
+
+local function sized(entry)
+  local fields = entry[2]
+  if not fields then return entry, 0 end
+  local size = 0
+  for _, part in ipairs(fields) do size = size + #part end
+  if #fields > max_items or size > max_bytes then
+    return {entry[1], false, size, #fields}, size + #fields
+  end
+  return entry, size + #fields
+end
+
+-- MEMORY refused (an ACL, a proxy): as for a large stream, one entry at a time.
+local usage = redis.pcall('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
+local step = 1
+if type(usage) ~= 'table' and (usage or 0) <= budget then step = count end
+local out, gone, used, cursor = {}, {}, 0, '0-0'
+repeat
+  local want = math.min(step, count - #out)
+  local entries, deleted
+  entries, cursor, deleted = take(want, cursor)
+  for _, id in ipairs(deleted) do gone[#gone + 1] = id end
+  for _, entry in ipairs(entries) do
+    local sent, bytes = sized(entry)
+    out[#out + 1] = sent
+    used = used + bytes
+  end
+until #out >= count or used > budget or (claiming and cursor == '0-0')
+  or (not claiming and #entries < want)
+return {out, gone}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """An entry over a cap, as far as it was looked at (its fields are never decoded)."""
+
+    size: int  # bytes of its names and values (0: too many fields to count)
+    items: int  # names and values
+
+
+# id, flat [name, value, ...] as Redis sends it (a duplicated field stays visible), or
+# what the caps found of an entry over them; None for the fields of a pending entry found
+# deleted (Redis 6.2), until it is reported.
+Entry = tuple[bytes, list[bytes] | list[str] | Oversized | None]
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` as a log line may echo it: at most ``limit`` characters, the cut said."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
+def _capped(fields: list[bytes] | list[str]) -> list[bytes] | list[str] | Oversized:
+    """``fields``, or ``Oversized`` when they are over a cap: READ_LUA's check, for the
+    entry the blocking wait took as Redis sent it."""
+    items = len(fields)
+    if items > 2 * MAX_ENTRY_FIELDS:
+        return Oversized(0, items)
+    size = sum(map(len, fields))
+    return Oversized(size, items) if size > MAX_ENTRY_BYTES else fields
+
+
+def _oversize_error(entry: Oversized) -> ValidationError:
+    if entry.items > 2 * MAX_ENTRY_FIELDS:
+        what = f"{entry.items // 2} fields, over {MAX_ENTRY_FIELDS}"
+    else:
+        what = f"{entry.size} bytes, over {MAX_ENTRY_BYTES}"
+    return ValidationError("entry", f"too large: {what} (never decoded)")
 
 
 async def _settle(flying: deque[asyncio.Task[None]]) -> None:
@@ -101,15 +219,15 @@ async def _settle(flying: deque[asyncio.Task[None]]) -> None:
 
 
 def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
-    """A client on the same connections whose stream reads are left as Redis sent them:
-    redis-py turns an entry's fields into a dict, which hides a duplicated field."""
+    """A client on the same connections whose stream reads (the blocking wait's; the
+    others are READ_LUA's) are left as Redis sent them: redis-py turns an entry's fields
+    into a dict, which hides a duplicated field."""
     raw = client
     if not isinstance(client, AsyncRedisCluster):
         # A cluster client has no pool to share; its callbacks can be set in place, as
         # only the ingest reads streams through it.
         raw = aioredis.Redis(connection_pool=client.connection_pool)
-    for command in ("XREADGROUP", "XAUTOCLAIM"):
-        raw.set_response_callback(command, lambda response, **_: response)
+    raw.set_response_callback("XREADGROUP", lambda response, **_: response)
     return raw
 
 
@@ -162,7 +280,7 @@ class IngestConsumer:
                     await self._consume(_raw_replies(client))
             # RedisClusterException: a cluster with a slot uncovered (mid-failover).
             except (StorageError, RedisError, RedisClusterException, OSError) as exc:
-                log.debug("ingest_paused", reason=str(exc))
+                log.debug("ingest_paused", reason=clip(str(exc), 2 * ECHO_LIMIT))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._renew_every):
                     await self._stopping.wait()
@@ -269,45 +387,56 @@ class IngestConsumer:
     async def _claim_pending(self, client: aioredis.Redis) -> list[Entry]:
         """Entries delivered but never acknowledged (a dead holder's, or ours from
         before Redis failed), oldest first: they come before anything new."""
-        response = await client.xautoclaim(
-            self._keys.ingest, INGEST_GROUP, self._consumer,
-            min_idle_time=0, start_id="0-0", count=self._batch,
-        )  # fmt: skip
+        entries, gone = await self._take(client, "claim")
         # Pending entries that no longer exist were deleted before anyone appended them (by
         # hand, or an XADD MAXLEN shorter than the backlog): their prices are lost, so say
         # so loudly. Redis 7 lists their ids apart (and drops them from the group); 6.2
         # returns them without fields, and they go on to be acknowledged as invalid.
-        gone = [entry_id for entry_id, fields in response[1] if fields is None]
-        gone += response[2] if len(response) > 2 else []
+        gone += [entry_id for entry_id, fields in entries if fields is None]
         if gone:
             log.error(
                 "ingest_pending_entries_deleted", count=len(gone),
-                first=gone[0].decode(errors="replace"),
+                first=clip(gone[0].decode(errors="replace")),
             )  # fmt: skip
-        entries = [(entry_id, fields or []) for entry_id, fields in response[1]]
         self.stats.claimed += len(entries)
-        return entries
+        return [(entry_id, [] if fields is None else fields) for entry_id, fields in entries]
 
     async def _read_batch(self, client: aioredis.Redis) -> list[Entry]:
         """Up to ``batch`` new entries, without blocking."""
         return await self._read(client, block=None)
 
     async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
-        """Blocks until something is new (up to ``block``), then takes up to a batch."""
+        """Up to a batch of new entries; when there is none, blocks until one is new
+        (up to ``block``) and takes that one."""
         return await self._read(client, block=self._block_ms)
 
     async def _read(self, client: aioredis.Redis, *, block: int | None) -> list[Entry]:
-        # The nested reply is parsed by hiredis (C); it is left as Redis sent it (see
-        # ``_raw_replies``): RESP2 [[stream, [[id, fields], ...]]], RESP3 {stream: [...]},
-        # or nil, each entry's fields a flat list in which a name given twice is seen.
-        response: Any = await client.xreadgroup(
-            INGEST_GROUP, self._consumer, {self._keys.ingest: ">"},
-            count=self._batch, block=block,
+        entries, _ = await self._take(client, "new")
+        if entries or block is None:
+            return entries
+        return await self._wait_for_one(client, block)
+
+    async def _take(self, client: aioredis.Redis, mode: str) -> tuple[list[Entry], list[bytes]]:
+        """READ_LUA: up to a batch of entries, ``mode`` 'new' (XREADGROUP >) or 'claim'
+        (pending, XAUTOCLAIM), with the ids of pending entries found deleted (Redis 7).
+        Bounded in bytes whatever the stream holds: about ``batch`` x ``MAX_ENTRY_BYTES``
+        (4 MiB by default) at most, an entry over a cap only as a stub (its size)."""
+        reply: Any = await client.eval(
+            READ_LUA, 1, self._keys.ingest, INGEST_GROUP, self._consumer, mode, self._batch,
+            MAX_ENTRY_BYTES, 2 * MAX_ENTRY_FIELDS, self._batch * MAX_ENTRY_BYTES,
         )  # fmt: skip
-        if not response:
-            return []
-        streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
-        return [(entry_id, fields or []) for entries in streams for entry_id, fields in entries]
+        return [_entry(item) for item in reply[0]], list(reply[1])
+
+    async def _wait_for_one(self, client: aioredis.Redis, block: int) -> list[Entry]:
+        """Blocks until an entry is new (up to ``block`` ms; a script cannot block), then
+        takes it as Redis sends it: the one read the caps cannot bound beforehand, so it
+        takes one entry (of any size) and checks it against them after."""
+        # Left as Redis sent it (see ``_raw_replies``): RESP2 [[stream, [[id, fields]]]],
+        # RESP3 {stream: [...]}, or nil; the fields a flat list (a name twice is seen).
+        response: Any = await client.xreadgroup(
+            INGEST_GROUP, self._consumer, {self._keys.ingest: ">"}, count=1, block=block,
+        )  # fmt: skip
+        return _stream_entries(response)
 
     async def _prepare_batch(
         self, client: aioredis.Redis, entries: Sequence[Entry]
@@ -338,23 +467,88 @@ class IngestConsumer:
     async def _publish(self, bodies: Sequence[PriceBody], acks: Sequence[IngestAck]) -> None:
         # One storage call for the batch (no chunks): the next batch queues behind all of
         # it, never between its chunks, where an append would be refused (older pending).
-        await self._publisher.publish_many(
-            bodies, source="redis-ingest", acks=acks, chunk=len(bodies)
-        )
+        try:
+            await self._publisher.publish_many(
+                bodies, source="redis-ingest", acks=acks, chunk=len(bodies)
+            )
+        except BatchInterrupted as exc:
+            if not isinstance(exc.cause, ZoneRefused):
+                raise  # the storage's failure: consuming stops, the entries stay pending
+            self._refused(exc.cause, bodies, acks, exc.accepted)
+            return
         self.stats.accepted += len(bodies)
 
     def _validate(self, entry_id: bytes, fields: Any, now: str) -> PriceBody | None:
         try:
+            if isinstance(fields, Oversized):
+                raise _oversize_error(fields)
             return validate_ingest_fields(fields, zones=self._zones, now=now)
         except ValidationError as exc:
-            self.stats.invalid += 1
-            # Throttled: a broken publisher must not turn into a log flood.
-            if self.stats.invalid <= LOGGED_INVALID or self.stats.invalid % 1000 == 0:
+            if self._count_dropped():
                 log.warning(
-                    "ingest_invalid_entry", entry_id=entry_id.decode(), field=exc.field,
-                    error=exc.message, invalid_total=self.stats.invalid,
+                    "ingest_invalid_entry", entry_id=clip(entry_id.decode(errors="replace")),
+                    field=clip(exc.field), error=clip(exc.message),
+                    invalid_total=self.stats.invalid,
                 )  # fmt: skip
             return None
+
+    def _count_dropped(self) -> bool:
+        """Count an entry dropped (invalid, or refused by its zone's keys); whether to log
+        it. Throttled: a broken publisher must not turn into a log flood."""
+        self.stats.invalid += 1
+        return self.stats.invalid <= LOGGED_INVALID or self.stats.invalid % 1000 == 0
+
+    def _refused(
+        self,
+        refusal: ZoneRefused,
+        bodies: Sequence[PriceBody],
+        acks: Sequence[IngestAck],
+        accepted: Sequence[StoredPrice],
+    ) -> None:
+        """The entries of a batch their zone's damaged keys refused, acknowledged with the
+        others (in the script that refused them on one node, right after it on a
+        cluster): logged, with the price (to publish it again once the key is repaired),
+        and counted; the batch's other entries stand."""
+        self.stats.accepted += len(accepted)
+        for index in _refused_indexes(bodies, accepted):
+            if self._count_dropped():
+                log.error(
+                    "ingest_entry_refused", entry_id=clip(acks[index].entry_id),
+                    zone=bodies[index].market_zone, price=clip(bodies[index].encode().decode()),
+                    error=clip(refusal.reason, 2 * ECHO_LIMIT), invalid_total=self.stats.invalid,
+                )  # fmt: skip
+
+
+def _entry(item: list[Any]) -> Entry:
+    """One entry of READ_LUA's reply: [id, fields], [id, nil] (deleted while pending:
+    no fields, kept as None) or [id, nil, bytes, items] (over a cap)."""
+    if len(item) > 2:
+        return item[0], Oversized(int(item[2]), int(item[3]))
+    return item[0], item[1]
+
+
+def _stream_entries(response: Any) -> list[Entry]:
+    """The entries of an XREADGROUP reply as Redis sent it (RESP2 or RESP3, or nil),
+    each checked against the caps."""
+    if not response:
+        return []
+    streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
+    return [
+        (entry_id, _capped(fields or [])) for entries in streams for entry_id, fields in entries
+    ]  # fmt: skip
+
+
+def _refused_indexes(bodies: Sequence[PriceBody], accepted: Sequence[StoredPrice]) -> list[int]:
+    """Which prices of a batch were refused, from those stored (a subsequence, in order)."""
+    kept = iter(accepted)
+    stored = next(kept, None)
+    refused: list[int] = []
+    for index, body in enumerate(bodies):
+        if stored is not None and stored.payload == with_seq(body.encode(), stored.seq):
+            stored = next(kept, None)
+        else:
+            refused.append(index)
+    return refused
 
 
 def install(app: web.Application) -> None:

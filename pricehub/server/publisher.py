@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pricehub.storage import Storage, StoredPrice
 from pricehub.storage.base import IngestAck
-from pricehub.storage.errors import BatchInterrupted, StorageUnavailable
+from pricehub.storage.errors import BatchInterrupted, StorageUnavailable, ZoneRefused
 from pricehub.wire.messages import PriceBody
 
 __all__ = ["PUBLISH_CHUNK", "SOURCES", "Publisher"]
@@ -68,10 +68,13 @@ class Publisher:
             part = None if acks is None else acks[start : start + chunk]
             try:
                 stored = await self.storage.append_many(items, acks=part)
-            except StorageUnavailable as exc:
+            except (StorageUnavailable, ZoneRefused) as exc:
                 kept = exc.accepted if isinstance(exc, BatchInterrupted) else []
                 self._count(kept, source)
-                if not prices and not kept:
+                # A bare ZoneRefused (a retry after an epoch change can raise one) still
+                # goes out as a BatchInterrupted: the caller answers it like any refusal
+                # (503 naming the zone), never as an internal error.
+                if not prices and not kept and isinstance(exc, StorageUnavailable):
                     raise
                 cause = exc.cause if isinstance(exc, BatchInterrupted) else exc
                 raise BatchInterrupted([*prices, *kept], cause) from exc

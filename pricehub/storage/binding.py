@@ -14,7 +14,13 @@ meta file, ``Binding``):
   does not, so it tells "this Redis lost its data" from "this is another feed".
 
 ``mirrors`` decides, once the address matched, whether the Redis found holds the
-journal's feed (or nothing, having lost its data). Nothing here touches Redis or disk.
+journal's feed (or nothing, having lost its data).
+
+The meta file also keeps the instance's *peer knowledge* (issue 23, ``PEERS_KEY``): whether
+it had peers the last time it could see the instance registry. The registry lives in
+Redis, so an instance restarted while Redis is away has nothing else to go by, and one
+that had peers must hold its appends rather than number alone (``meta_json``,
+``had_peers``). Nothing here touches Redis or disk.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from pricehub.server.errors import ConfigError
 
-__all__ = ["FEED_KEY", "Binding", "RedisAddress", "mirrors"]
+__all__ = [
+    "FEED_KEY", "PEERS_KEY", "Binding", "RedisAddress", "had_peers", "meta_json", "mirrors",
+]
 
 FEED_KEY = "feed"  # <prefix>feed: the feed id, next to <prefix>epoch
+PEERS_KEY = "peers"  # meta.json: whether the registry last showed this instance peers
 
 TCP, UNIX, SENTINEL, CLUSTER = "redis", "unix", "sentinel", "cluster"
 _KINDS = (TCP, UNIX, SENTINEL, CLUSTER)
@@ -197,3 +206,17 @@ def mirrors(
         return binding.feed_id in (None, redis_feed)
     # No feed id there: empty (lost its data), or a feed of an older pricehub.
     return True
+
+
+def meta_json(binding: Binding | None, *, peers: bool) -> dict[str, Any]:
+    """The meta file's object: the binding (none for a data dir of an older pricehub
+    that has not met its Redis yet) and the peer knowledge."""
+    meta = {} if binding is None else binding.as_json()
+    meta[PEERS_KEY] = peers
+    return meta
+
+
+def had_peers(meta: Mapping[str, Any] | None) -> bool:
+    """Whether the instance that wrote ``meta`` had peers when it last saw the registry.
+    A data dir without the key (an older pricehub, or a new one) says no, as before."""
+    return meta is not None and meta.get(PEERS_KEY) is True

@@ -61,11 +61,14 @@ from pricehub.storage.redis import (
     INGEST_GROUP,
     MAX_PIPELINE,
     RESTORE_LUA,
+    STORE_LUA,
+    STORED_LUA,
     EpochChanged,
     KeyLayout,
     RedisStorage,
     WriteInDoubt,
     _price,
+    _refusal,
     _Write,
     connect_client,
     redis_errors,
@@ -136,8 +139,10 @@ class ClusterKeyLayout(KeyLayout):
 # KEYS: seq, history, latest, zone epoch [, zone ingested]
 # ARGV: body, history_size, channel, message prefix, epoch [, ingest entry id]
 # As APPEND_LUA, with the zone's epoch mirror and SPUBLISH; an ingest entry whose id is
-# not above the zone's last applied one was applied before: skipped, returns 0.
-CLUSTER_APPEND_LUA = """
+# not above the zone's last applied one was applied before: skipped, returns 0. A price
+# its zone's keys refuse (damaged, see STORE_LUA) is an error reply (ZONE_ERROR); its
+# entry is acknowledged after it like an applied one (``_ack_ingested``).
+CLUSTER_APPEND_LUA = STORE_LUA + """
 if redis.call('GET', KEYS[4]) ~= ARGV[5] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
 end
@@ -150,11 +155,8 @@ if #KEYS == 5 then
     if ms < lms or (ms == lms and sq <= lsq) then return 0 end
   end
 end
-local seq = redis.call('INCR', KEYS[1])
-local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
-redis.call('SET', KEYS[3], payload)
-redis.call('ZADD', KEYS[2], seq, payload)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+local seq, payload = store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], -(tonumber(ARGV[2]) + 1))
+if not seq then return redis.error_reply('PRICEHUB_ZONE ' .. payload) end
 redis.call('SPUBLISH', ARGV[3], ARGV[4] .. payload)
 if #KEYS == 5 then redis.call('SET', KEYS[5], ARGV[6]) end
 return seq
@@ -178,9 +180,12 @@ end
 return redis.call('GET', KEYS[1])
 """
 
-# KEYS: seq, history. A zone's seq and retained history, read atomically.
-LOAD_ZONE_LUA = """
-return {redis.call('GET', KEYS[1]) or '0', redis.call('ZRANGE', KEYS[2], 0, -1)}
+# KEYS: seq, history. A zone's seq and retained history, read atomically; seq 0 without
+# a price, -1 (no history) when the zone's keys are damaged (see STORED_LUA).
+LOAD_ZONE_LUA = STORED_LUA + """
+local seq = stored(KEYS[1], KEYS[2]) or 0
+if seq <= 0 then return {seq, {}} end
+return {seq, redis.call('ZRANGE', KEYS[2], 0, -1)}
 """
 
 # The write-back script of RedisStorage, publishing on the zone's sharded channel.
@@ -605,13 +610,16 @@ class RedisClusterStorage(RedisStorage):
                 )  # fmt: skip
 
     async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
-        """XACK + XDEL the ingest entries whose script ran (applied now or before).
-        Not atomic with the append: a failure here leaves them pending, and their next
-        delivery is skipped by the script (the zone's last applied id)."""
+        """XACK + XDEL the ingest entries whose script ran (applied now or before) or
+        that their zone's keys refused (damaged: done with, as on one node; see
+        APPEND_LUA). Not atomic with the append: a failure here leaves them pending, and
+        their next delivery is skipped by the script (the zone's last applied id) or
+        refused again."""
         done = [
             write.ack.entry_id
             for write, result in zip(batch, results, strict=True)
-            if write.ack is not None and not isinstance(result, BaseException)
+            if write.ack is not None
+            and (not isinstance(result, BaseException) or _refusal(result) is not None)
         ]
         if not done:
             return
@@ -639,7 +647,9 @@ class RedisClusterStorage(RedisStorage):
             async with redis_errors("load"):
                 results = await pipe.execute()
             for zone, (seq, payloads) in zip(chunk, results, strict=True):
-                if int(seq):  # as RedisStorage.load: zones without a price are left out
+                if int(seq) < 0:  # damaged: left out, logged (as RedisStorage.load)
+                    self._zone_damaged(zone, f"{self._damage(zone)}; not loaded")
+                elif int(seq):  # as RedisStorage.load: zones without a price are left out
                     state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
         return state
 

@@ -8,7 +8,7 @@ from pricehub.storage.base import StoredPrice
 from pricehub.wire.errors import PriceHubError
 
 __all__ = [
-    "BatchInterrupted","StorageError", "StorageHeld", "StorageUnavailable"]
+    "BatchInterrupted","StorageError", "StorageHeld", "StorageUnavailable", "ZoneRefused"]
 
 
 class StorageError(PriceHubError):
@@ -29,12 +29,43 @@ class StorageHeld(StorageUnavailable):
         self.retry_after = retry_after
 
 
+class ZoneRefused(StorageError):
+    """Redis refused one zone's append because of that zone's own keys (a seq that is no
+    integer, a history that is no sorted set: damaged by hand or by another program),
+    with nothing written. The price fails, not the backend: no failover, no retry (it
+    would be refused again until an operator repairs the key); other zones go on."""
+
+    def __init__(self, zone: str, reason: str) -> None:
+        super().__init__(
+            f"zone {zone}: Redis refused its append ({reason}); its keys need repair, "
+            "other zones are unaffected"
+        )
+        self.zone = zone
+        self.reason = reason
+        self.retry_after = 1.0
+
+
 class BatchInterrupted(StorageUnavailable):
     """Part of a batch was kept (``accepted``: its stored prices, in order) before
-    ``cause`` refused the rest: a publisher must learn which prices have a seq."""
+    ``cause`` refused the rest: a publisher must learn which prices have a seq. When
+    ``cause`` is a ``ZoneRefused``, only that zone's prices were refused: ``accepted``
+    may hold prices that came after them in the batch."""
 
-    def __init__(self, accepted: Sequence[StoredPrice], cause: StorageUnavailable) -> None:
+    def __init__(self, accepted: Sequence[StoredPrice], cause: StorageError) -> None:
         super().__init__(str(cause))
         self.accepted = list(accepted)
         self.cause = cause
         self.retry_after: float = getattr(cause, "retry_after", 1.0)
+
+    @classmethod
+    def of_refused_zones(
+        cls, results: Sequence[StoredPrice | None], errors: Sequence[BaseException | None]
+    ) -> BatchInterrupted | None:
+        """A batch whose only failures (``errors``) are zones refusing their prices
+        (``ZoneRefused``): what was kept (``results``, None where refused) with the first
+        refusal as cause. None when ``errors`` is empty or holds anything else: that is
+        the storage's failure, not a zone's."""
+        refusals = [error for error in errors if isinstance(error, ZoneRefused)]
+        if not errors or len(refusals) < len(errors):
+            return None
+        return cls([price for price in results if price is not None], refusals[0])

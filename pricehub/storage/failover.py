@@ -2,7 +2,11 @@
 
 Every price Redis delivers is mirrored into a ``MemoryStorage``, and reads are served
 from that mirror, which is exactly what this instance's listener has seen (resumes are
-consistent with the live stream and cost no round trip). So when Redis fails (an error,
+consistent with the live stream and cost no round trip). A price Redis numbered for one
+of our own appends is mirrored from the append's reply, before it is answered, not only
+when Pub/Sub delivers it (issue 23, ``_acknowledged``): Redis can die between the two,
+and a mirror without a price we acknowledged would give its seq to another one. So
+when Redis fails (an error,
 a timeout, a silent subscriber), the instance switches to the mirror at once: it keeps
 serving, its numbering continues from the last seq it knew, and clients are told
 through ``on_backend_changed("in-memory")``. Unreachable at start is the same state.
@@ -13,7 +17,10 @@ closed gate (appends wait, for a few round trips):
 1. the epoch: claimed if Redis lost it, else Redis's is adopted;
 2. per zone, the prices accepted during the outage are written back (and published)
    where Redis is behind, and Redis's seq is raised to ours, so no instance's
-   numbering ever goes backwards;
+   numbering ever goes backwards; a Redis that lost its data and was just restored by
+   this instance is not numbered in until the peers seen alive have written back
+   theirs too (bounded, ``_await_peers``): one of them may hold a price acknowledged
+   as Redis died that no other copy has;
 3. if a seq both sides hold carries different prices, the numbering diverged (several
    instances numbered alone): the epoch changes, so clients resuming across the
    outage get ``recovered: false`` instead of a silent mix of two histories;
@@ -22,8 +29,9 @@ closed gate (appends wait, for a few round trips):
 
 Several instances (issue 13): numbering alone is only safe for a *lone* instance. One
 that knows it has peers (the instance registry showed another live instance within the
-last ``PEER_MEMORY`` seconds, or ``assume_peers``: ``--workers`` > 1) does not number in
-memory while Redis is
+last ``PEER_MEMORY`` seconds, or ``assume_peers``: ``--workers`` > 1, or, restarted
+while Redis is away, its data dir's meta says it had peers when it last read the
+registry: ``binding.had_peers``) does not number in memory while Redis is
 away: it *holds* appends (``hold`` seconds from the start of the outage, ``--redis-hold``)
 and lets them through, in order, once Redis is back and reconciled; after the window an
 append raises ``StorageHeld`` (HTTP 503 with ``Retry-After``). Reads and subscribers are
@@ -81,7 +89,14 @@ import structlog
 
 from pricehub.server.errors import ConfigError
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
-from pricehub.storage.binding import FEED_KEY, Binding, RedisAddress, mirrors
+from pricehub.storage.binding import (
+    FEED_KEY,
+    Binding,
+    RedisAddress,
+    had_peers,
+    meta_json,
+    mirrors,
+)
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
 from pricehub.storage.durable import (
     DISK_DISABLED,
@@ -122,6 +137,11 @@ MEMORY = "in-memory"
 HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 MAX_HELD = 10_000  # appends waiting at once; more are refused at once (503), not queued
 HOLD_PROBE_INTERVAL = 0.2  # seconds between reconnect attempts while appends are held
+# After restoring a Redis that lost its data: how long to wait for the peers known to be
+# alive to write back their copies before numbering there (see ``_await_peers``). Peers
+# holding reconnect every HOLD_PROBE_INTERVAL; this covers a few of their attempts.
+PEER_RESTORE_WAIT = 2.0
+PEER_POLL_INTERVAL = 0.05  # seconds between looks at the registry meanwhile
 # Mirrored prices waiting to be written behind. Past this (a disk much slower than the
 # feed) further mirrored prices are not journaled: Redis keeps them, and the hole only
 # makes a later replay restart that zone's history after it (its seq stays right).
@@ -200,7 +220,18 @@ class FailoverStorage:
         self._assume_peers = assume_peers
         # When the registry last showed another live instance (monotonic seconds).
         self._peer_seen_at: float | None = None
+        self._peer_ids: frozenset[str] = frozenset()  # the other instances last seen
         self._instance_id: str | None = None  # ours, once registered
+        self._registration: tuple[bytes, float] | None = None  # our snapshot and ttl
+        # What the data dir's meta says of peers (``binding.had_peers``), kept in step
+        # with ``has_peers`` while the registry can be read.
+        self._peers_recorded = False
+        # Prices Redis acknowledged to our appends that the mirror cannot take yet (a
+        # seq before them not delivered by Pub/Sub yet), per zone and seq: see
+        # ``_acknowledged``.
+        self._unheard: dict[str, dict[int, StoredPrice]] = {}
+        # The lost connection's close: it settles the appends still in flight on it.
+        self._closing: asyncio.Task[None] | None = None
         self._quiet = False  # holding for a resync after the epoch moved, not an outage
         self._outage_started = time.monotonic()
         # Cleared while appends are held (mode HOLD); held appends wait for it.
@@ -344,11 +375,13 @@ class FailoverStorage:
         try:
             journal, recovered = await asyncio.to_thread(
                 Journal.open, self._data_dir, history_size=self._history_size,
-                new_epoch=self._epoch, log=self._log, **self._journal_options,
+                new_epoch=self._epoch, log=self._log, zones=self._zones,
+                **self._journal_options,
             )  # fmt: skip
         except JournalUnavailable as exc:
             self._disable_durability(exc)
             return
+        self._peers_recorded = had_peers(journal.meta)
         try:
             binding = await self._bind_at_open(journal, recovered)
         except DiskError as exc:  # the meta file could not be written
@@ -361,6 +394,11 @@ class FailoverStorage:
             return
         self._binding, self._feed_id = binding, None if binding is None else binding.feed_id
         self._epoch = recovered.epoch
+        if self._peers_recorded:
+            # The registry is in Redis: restarted while Redis is away, the last run's
+            # view is all there is. Peers then may be numbering from this same journal
+            # epoch and seqs, so this instance holds instead of numbering alone.
+            self._peer_seen_at = time.monotonic()
         for zone, state in recovered.zones.items():
             self._memory.reset(zone, state.prices, seq=state.seq)
         self._journal, self._recovered = journal, recovered
@@ -387,7 +425,7 @@ class FailoverStorage:
             binding = Binding(self._address)
         else:
             return binding
-        await journal.write_meta(binding.as_json())
+        await journal.write_meta(meta_json(binding, peers=self._peers_recorded))
         return binding
 
     def _reject(self, journal_redis: str, redis: str) -> None:
@@ -468,7 +506,7 @@ class FailoverStorage:
         self._redis = None
         self._foreign_before += redis.foreign_messages
         self._outage_started = time.monotonic()
-        self._spawn(redis.close())
+        self._closing = self._spawn(redis.close())
         if isinstance(cause, EpochChanged):
             self._set_mode(HOLD, quiet=True)
             self.resyncs += 1
@@ -479,6 +517,8 @@ class FailoverStorage:
 
     def _enter_outage(self, cause: BaseException) -> None:
         self._set_mode(self._outage_mode(), quiet=False)
+        for zone in list(self._unheard):  # numbering alone: after every seq acknowledged
+            self._fold_unheard(zone)
         self.failovers += 1
         self.holds += self._mode == HOLD
         self._log.warning(
@@ -513,14 +553,29 @@ class FailoverStorage:
             except Exception:
                 self._log.exception("redis_recovery_failed")
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    @property
+    def _lost_writes_pending(self) -> bool:
+        """Whether the lost connection may still settle appends (see ``_closing``)."""
+        return self._closing is not None and not self._closing.done()
+
+    async def _settle_lost_writes(self) -> None:
+        """Wait until the lost connection is closed: a reply it read before that is an
+        acknowledged price (``_acknowledged`` mirrors it), which neither memory numbering
+        nor a write-back may overlook. Bounded: ``RedisStorage.close`` is."""
+        closing = self._closing
+        if closing is not None and not closing.done():
+            await asyncio.wait({closing})
 
     # --- recovery ---------------------------------------------------------------------
 
     async def _switch_to_redis(self, *, recovering: bool) -> None:
+        await self._settle_lost_writes()
         redis = self._new_redis()
         await redis.connect()
         self._gate.clear()
@@ -562,21 +617,65 @@ class FailoverStorage:
             candidate = uuid.uuid4().hex[:12]  # a new feed if Redis has none, not ours
         epoch = await redis.claim_epoch(candidate)
         await self._settle_feed(redis)
-        # Only zones this instance holds prices for have anything to write back.
-        local = {
-            zone: (
-                self._memory.last_seq(zone),
-                await self._memory.history(zone, limit=self._history_size),
-            )
-            for zone in self._memory.zones_with_prices()
-        }
+        restored_empty = False
         if epoch == self._epoch:
             # Only into our own lineage: what memory numbered under an epoch Redis no
             # longer has is declared lost by the epoch change instead.
-            diverged = await redis.restore(local)
+            diverged = await redis.restore(await self._write_back())
             if any(diverged.values()):
                 epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
+            else:
+                restored_empty = redis_epoch is None
+        await self._register_again(redis)  # our write-back is done: waiting peers go on
+        if restored_empty:
+            await self._await_peers(redis)
         return epoch, await redis.load(self._zones)
+
+    async def _write_back(self) -> dict[str, tuple[int, list[StoredPrice]]]:
+        """What ``restore`` gets, per zone this instance holds prices for: the last seq
+        and the retained history, plus the prices Redis acknowledged to us that the
+        mirror could not take (``_unheard``): a Redis that lost them gets them back, and
+        their seqs are never given again."""
+        local: dict[str, tuple[int, list[StoredPrice]]] = {}
+        for zone in dict.fromkeys([*self._memory.zones_with_prices(), *self._unheard]):
+            last = self._memory.last_seq(zone)
+            prices = await self._memory.history(zone, limit=self._history_size)
+            extra = sorted(
+                (p for p in self._unheard.get(zone, {}).values() if p.seq > last),
+                key=lambda price: price.seq,
+            )  # fmt: skip
+            local[zone] = (extra[-1].seq if extra else last, prices + extra)
+        return local
+
+    async def _await_peers(self, redis: RedisStorage) -> None:
+        """Redis had lost its data and this instance just restored it. A peer may hold
+        prices this copy lacks (acknowledged to it as Redis died, their Pub/Sub messages
+        lost); numbering here before it writes them back would give their seqs to other
+        prices. So wait, bounded, until every peer seen alive has reconciled too (each
+        registers again right after its write-back, ``_register_again``). A peer that
+        does not come back in time is gone or cut off: its write-back, if any, will find
+        the divergence and change the epoch (declared, not silent)."""
+        peers = self._peer_ids if self.has_peers and self._hold > 0 else frozenset()
+        if not peers:
+            return
+        # A deadline between looks, not a timeout around them: a command cancelled
+        # midway would cost the reconcile its connection.
+        deadline = time.monotonic() + PEER_RESTORE_WAIT
+        missing = set(peers) - (await redis.instances()).keys()
+        while missing and time.monotonic() < deadline:
+            await asyncio.sleep(PEER_POLL_INTERVAL)
+            missing -= (await redis.instances()).keys()
+        self._log.info(
+            "storage_restored_empty_redis", epoch=self._epoch, peers=len(peers),
+            peers_missing=sorted(missing),
+        )  # fmt: skip
+
+    async def _register_again(self, redis: RedisStorage) -> None:
+        """Put our registration in the Redis just reconciled (the registry loop would
+        in a few seconds): it tells waiting peers our write-back is done."""
+        if self._instance_id is not None and self._registration is not None:
+            snapshot, ttl = self._registration
+            await redis.register_instance(self._instance_id, snapshot, ttl=ttl)
 
     def _mirrors(self, redis_epoch: str | None, redis_feed: str | None) -> bool:
         """Whether memory's lineage may be reconciled into this Redis: always without a
@@ -618,7 +717,7 @@ class FailoverStorage:
         if journal is None or binding == self._binding:
             return
         try:
-            await journal.write_meta(binding.as_json())
+            await journal.write_meta(meta_json(binding, peers=self._peers_recorded))
         except DiskError:
             return  # logged; the old binding stays, which at worst makes a start refuse it
         self._binding = binding
@@ -635,6 +734,14 @@ class FailoverStorage:
         """Step 4, synchronously so no price or append slips in between."""
         catch_up: list[StoredPrice] = []
         self._write_behind(lambda journal: journal.queue_epoch(epoch), price=False)
+        self._unheard.clear()  # Redis has them now, or the epoch change declares them
+        for zone in self._memory.zones_with_prices():
+            if zone not in state and self._memory.last_seq(zone) > 0:
+                # Redis has no price here (another lineage, or a Redis that lost its data
+                # claimed by an instance that never had this zone): its first price will
+                # be seq 1, which a mirror still at our old seq would drop.
+                self._memory.forget(zone)
+                self._write_behind(_reset_record(zone, [], 0), price=False)
         for zone, (seq, prices) in state.items():
             if seq == 0 and self._memory.last_seq(zone) == 0:
                 continue  # no price on either side: no state for this zone
@@ -673,6 +780,14 @@ class FailoverStorage:
     def _mirror(self, redis: RedisStorage, price: StoredPrice) -> None:
         if redis is not self._redis:
             return
+        self._store(price)
+        pending = self._unheard.get(price.zone)
+        if pending:
+            pending.pop(price.seq, None)  # heard at last: the same price
+            self._fold_unheard(price.zone)
+
+    def _store(self, price: StoredPrice) -> None:
+        """Keep a price Redis numbered in the mirror (once) and deliver it."""
         last = self._memory.last_seq(price.zone)
         if price.seq <= last:
             return
@@ -683,8 +798,44 @@ class FailoverStorage:
             self.gaps += 1
             self._memory.reset(price.zone, [price], seq=price.seq)
             self._write_behind(_reset_record(price.zone, [price], price.seq), price=False)
+            pending = self._unheard.get(price.zone)
+            if pending:  # (rare) what the jump passed over is moot now
+                self._unheard[price.zone] = {s: p for s, p in pending.items() if s > price.seq}
         if self._listener is not None:
             self._listener.on_price(price)
+
+    def _acknowledged(self, price: StoredPrice) -> None:
+        """Redis numbered ``price`` for one of our appends, which is about to be answered
+        (202). The mirror takes it now, from the reply, not only when Pub/Sub delivers
+        it: if Redis dies in between (the reply came back, the message did not), the
+        mirror would otherwise lack a price we acknowledged, and a lone instance's
+        memory numbering, or a write-back into a Redis that restarted empty, would give
+        its seq to another price (issue 23). Pub/Sub's copy is then dropped as known.
+        A price after a seq the mirror has not heard of yet waits in ``_unheard``."""
+        if price.seq <= self._memory.last_seq(price.zone):
+            return  # Pub/Sub was first (or a reconcile took it)
+        self._unheard.setdefault(price.zone, {})[price.seq] = price
+        self._fold_unheard(price.zone)
+
+    def _fold_unheard(self, zone: str) -> None:
+        """Move the zone's acknowledged prices that now follow the mirror into it, in
+        seq order. Those after a hole stay until Pub/Sub fills it or a reconcile writes
+        them back (``_write_back``); but an instance about to number alone in memory
+        takes them across the hole (a declared gap for resumes, as ``_store`` does):
+        its numbering must go on after every seq it acknowledged."""
+        pending = self._unheard.pop(zone, None)
+        if not pending:
+            return
+        if self._mode == MEMORY:
+            for seq in sorted(pending):
+                self._store(pending[seq])  # (it skips what the mirror has)
+            return
+        # One look per price, no sorting: this runs for every mirrored price of a zone
+        # with prices waiting (two instances publishing into one zone at once).
+        while (price := pending.pop(self._memory.last_seq(zone) + 1, None)) is not None:
+            self._store(price)
+        if pending:
+            self._unheard[zone] = pending
 
     def _epoch_announced(self, redis: RedisStorage, epoch: str) -> None:
         """Another instance moved the epoch (declared a divergence, or claimed a lineage
@@ -707,7 +858,7 @@ class FailoverStorage:
             if self._mode == REDIS and redis is not None:
                 known = self._memory.last_seq(zone)
                 try:
-                    return await redis.append(zone, body, ack=ack)
+                    price = await redis.append(zone, body, ack=ack)
                 except EpochChanged as exc:
                     self._on_lost(redis, exc)  # refused, nothing written: resync, retry
                     continue
@@ -721,6 +872,8 @@ class FailoverStorage:
                 except StorageUnavailable as exc:
                     self._on_lost(redis, exc)
                     continue
+                self._acknowledged(price)
+                return price
             if ack is not None:
                 # An ingest entry stays pending in the stream and is taken again once
                 # Redis is back; numbering it here too would deliver it twice.
@@ -730,6 +883,9 @@ class FailoverStorage:
                 continue
             if not self._gate.is_set():
                 await self._gate.wait()
+                continue
+            if self._lost_writes_pending:  # numbering after every seq Redis answered us
+                await self._settle_lost_writes()
                 continue
             if self._appends is not None:  # written and fsynced before it is delivered
                 (price,) = await self._appends.submit(((zone, body),))
@@ -792,7 +948,10 @@ class FailoverStorage:
         lease ends the batch (``LeaseLost``); ingest entries are never numbered in memory.
         """
         appends = self._appends
-        if self._mode == MEMORY and appends is not None and acks is None and self._gate.is_set():
+        if (
+            self._mode == MEMORY and appends is not None and acks is None
+            and self._gate.is_set() and not self._lost_writes_pending
+        ):  # fmt: skip
             return await appends.submit(items)  # one journal batch, as DurableStorage's
         ack_of = (lambda index: None) if acks is None else acks.__getitem__
         results: list[StoredPrice | None] = [None] * len(items)
@@ -842,9 +1001,17 @@ class FailoverStorage:
             if isinstance(outcome, BaseException):
                 left.append((index, outcome))
             else:
+                self._acknowledged(outcome)
                 results[index] = outcome
-        if left:
-            self._on_lost(redis, left[0][1] or StorageUnavailable("redis append failed"))
+        refused = BatchInterrupted.of_refused_zones(results, [error for _, error in left])
+        if refused is not None:
+            # Only zones whose own keys are damaged (ZoneRefused, logged by RedisStorage):
+            # Redis is fine, so no failover and no retry; the other prices stand.
+            self.redis_errors += len(left)
+            raise refused
+        if left:  # the cause is the storage's failure (a ZoneRefused is no StorageUnavailable)
+            lost = next((e for _, e in left if isinstance(e, StorageUnavailable)), None)
+            self._on_lost(redis, lost or StorageUnavailable("redis append failed"))
         return left
 
     async def latest(self, zone: str) -> StoredPrice | None:
@@ -876,6 +1043,7 @@ class FailoverStorage:
         """Also looks at who else is registered: an instance that has peers must not
         number alone during an outage (see ``has_peers``)."""
         self._instance_id = instance_id
+        self._registration = (snapshot, ttl)
         await self._memory.register_instance(instance_id, snapshot, ttl=ttl)
         await self._on_redis(lambda redis: redis.register_instance(instance_id, snapshot, ttl=ttl))
         await self.instances()
@@ -889,9 +1057,27 @@ class FailoverStorage:
         if found is None:
             return await self._memory.instances()
         me = self._instance_id  # registered: who else is there?
-        if me is not None and any(other != me for other in found):
-            self._peer_seen_at = time.monotonic()
+        if me is None:
+            return found
+        others = frozenset(other for other in found if other != me)
+        if others:
+            self._peer_seen_at, self._peer_ids = time.monotonic(), others
+        await self._record_peers()
         return found
+
+    async def _record_peers(self) -> None:
+        """Keep the data dir's peer knowledge in step with ``has_peers`` (written when
+        it changes, so rarely): an instance restarted while Redis is away can then tell
+        whether it may number alone (see ``_open_journal``). Only from a registry Redis
+        answered: during an outage nothing is learned, the last view stands."""
+        peers, journal = self.has_peers, self._journal
+        if journal is None or peers == self._peers_recorded:
+            return
+        try:
+            await journal.write_meta(meta_json(self._binding, peers=peers))
+        except DiskError:
+            return  # logged by the journal; tried again at the next look
+        self._peers_recorded = peers
 
     async def check(self) -> None:
         """Never raises: this storage serves from memory when Redis is away (health

@@ -123,6 +123,11 @@ class MemoryStorage:
         state.history.clear()
         state.history.extend(prices)
 
+    def forget(self, zone: str) -> None:
+        """Drop one zone's seq and history: failover recovery adopted a lineage that
+        has no price there, so its first price must be taken as seq 1 again."""
+        self._zones.pop(zone, None)
+
     def clear(self) -> None:
         """Forget every zone's seq and history (registrations stay): failover drops a
         lineage that must not reach Redis (a journal of another Redis feed)."""

@@ -24,6 +24,9 @@ Errors never escape as driver exceptions: every Redis/socket failure surfaces as
 ``StorageUnavailable``, which ``FailoverStorage`` turns into a failover (or a hold of
 appends, with peers). Two kinds say more: ``WriteInDoubt`` (the append was sent, its
 reply lost) and ``EpochChanged`` (refused, nothing written, the connection is fine).
+One is no outage at all: ``ZoneRefused`` (a ``StorageError``), a price refused because
+its zone's own keys are damaged (``STORE_LUA``); the other prices go on, and a load or
+write-back leaves such a zone out instead of failing for every zone.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
-from pricehub.storage.errors import StorageError, StorageUnavailable
+from pricehub.storage.errors import StorageError, StorageUnavailable, ZoneRefused
 from pricehub.wire.messages import with_seq
 
 __all__ = [
@@ -55,6 +58,9 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_PIPELINE",
     "RESTORE_LUA",
+    "STORED_LUA",
+    "STORE_LUA",
+    "ZONE_ERROR",
     "EpochChanged",
     "IngestAck",
     "KeyLayout",
@@ -77,6 +83,7 @@ MAX_PIPELINE = 512  # appends per pipeline (one APPEND_MANY_LUA script, usually)
 # when the connection fails (and so looked up one by one): 4 x 512 prices.
 MAX_IN_FLIGHT = 4
 LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a thousand
+LOGGED_DAMAGED = 10  # log every refusal of a damaged zone up to this many, then 1 in 1000
 LOAD_CHUNK = 2000  # zones per LOAD_LUA call when loading every zone (start, recovery)
 
 
@@ -151,9 +158,49 @@ class KeyLayout:
 
 # Replies are bytes throughout: clients are made with decode_responses off (the default).
 
+# A zone's refusal (ZoneRefused), as the append scripts' error reply starts.
+ZONE_ERROR = "PRICEHUB_ZONE"
+
+# Lua shared by every append script (pricehub.storage.cluster's too), prepended to it:
+# one price into its zone's keys. Returns its seq and payload, or nil and why the zone's
+# keys refuse it, with nothing written: a seq that is no integer, or out of 1 .. 2^53 - 1
+# (what Lua's numbers hold exactly), or a history that is no sorted set. Such damage (a
+# key set by hand or by another program) is that zone's, not the feed's: its prices
+# fail, the others go on (``redis.pcall``; ``redis.call`` would abort the script, and
+# with it a whole batch half written, as an error the caller could not tell from a broken
+# Redis). A price costs the steps of before (INCR, ZADD, ZREMRANGEBYRANK, SET): the
+# checks ride in their replies, and a refused price's INCR is taken back (``undo``: a seq
+# key it created is deleted again).
+STORE_LUA = """
+local function undo(seq_key)
+  if redis.call('DECR', seq_key) == 0 then redis.call('DEL', seq_key) end
+end
+
+local function store(seq_key, history_key, latest_key, body, keep)
+  local seq = redis.pcall('INCR', seq_key)
+  if type(seq) == 'table' then return nil, seq_key .. ': ' .. seq.err end
+  if seq < 1 or seq > 9007199254740991 then
+    undo(seq_key)
+    return nil, seq_key .. ': not a seq from 1 to 2^53 - 1'
+  end
+  local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
+  local added = redis.pcall('ZADD', history_key, seq, payload)
+  if type(added) == 'table' then
+    undo(seq_key)
+    return nil, history_key .. ': ' .. added.err
+  end
+  redis.call('ZREMRANGEBYRANK', history_key, 0, keep)
+  redis.call('SET', latest_key, payload)
+  return seq, payload
+end
+"""
+
 # KEYS: seq, history, latest, epoch [, ingest lease, ingest stream]
 # ARGV: body, history_size, channel, zone, epoch [, consumer token, group, entry id]
-APPEND_LUA = """
+# A price its zone's keys refuse is an error reply (ZONE_ERROR); its ingest entry is
+# acknowledged all the same: left pending, it would hold up every later entry (the
+# order check), and it would only be refused again. The consumer logs and counts it.
+APPEND_LUA = STORE_LUA + """
 if redis.call('GET', KEYS[4]) ~= ARGV[5] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
 end
@@ -165,18 +212,17 @@ if #KEYS == 6 then
     return redis.error_reply('PRICEHUB_ORDER an older ingest entry is still pending')
   end
 end
-local seq = redis.call('INCR', KEYS[1])
-local payload = string.format('{"seq":%d,', seq) .. string.sub(ARGV[1], 2)
-redis.call('SET', KEYS[3], payload)
-redis.call('ZADD', KEYS[2], seq, payload)
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
-redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. payload)
+local seq, payload = store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], -(tonumber(ARGV[2]) + 1))
+if seq then
+  redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. payload)
+end
 if #KEYS == 6 then
   redis.call('XACK', KEYS[6], ARGV[7], ARGV[8])
   -- The stream is a queue, not an archive: a consumed entry is deleted so it stays
   -- bounded by the backlog (history lives in the per-zone ZSETs).
   redis.call('XDEL', KEYS[6], ARGV[8])
 end
+if not seq then return redis.error_reply('PRICEHUB_ZONE ' .. payload) end
 return seq
 """
 
@@ -195,8 +241,10 @@ return seq
 #       prices as one string of lines "zone entry_id body" (entry_id '' without acks),
 #       then (with acks) the stream id just after the batch's last entry.
 #       Zones and ids hold no space, a compact JSON body no newline.
-# Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply).
-APPEND_MANY_LUA = """
+# Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply); a
+# price its zone's keys refuse has "!<why>" in its place (no comma in it) and is left out
+# of the message, its ingest entry acknowledged with the others (see APPEND_LUA).
+APPEND_MANY_LUA = STORE_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
 end
@@ -217,7 +265,7 @@ end
 local keep = -(tonumber(ARGV[1]) + 1)
 local seq_key, history_key, latest_key = ARGV[6], ARGV[7], ARGV[8]
 local blob = ARGV[9]
-local pos, i = 1, 0
+local pos, i, n = 1, 0, 0
 local seqs, lines, ids = {}, {}, {}
 while pos <= #blob do
   i = i + 1
@@ -228,14 +276,14 @@ while pos <= #blob do
   ids[i] = string.sub(blob, first + 1, second - 1)
   local body = string.sub(blob, second + 1, stop - 1)
   pos = stop + 1
-  local seq = redis.call('INCR', seq_key .. zone)
-  local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
-  redis.call('SET', latest_key .. zone, payload)
-  local history = history_key .. zone
-  redis.call('ZADD', history, seq, payload)
-  redis.call('ZREMRANGEBYRANK', history, 0, keep)
-  seqs[i] = seq
-  lines[i] = zone .. ' ' .. payload
+  local seq, payload = store(seq_key .. zone, history_key .. zone, latest_key .. zone, body, keep)
+  if seq then
+    seqs[i] = seq
+    n = n + 1
+    lines[n] = zone .. ' ' .. payload
+  else
+    seqs[i] = '!' .. string.gsub(payload, ',', ';')
+  end
 end
 if acking then
   redis.call('XACK', KEYS[3], ARGV[5], unpack(ids))
@@ -251,8 +299,28 @@ if acking then
   if #pending > 0 then minid = pending[1][1] end
   redis.call('XTRIM', KEYS[3], 'MINID', minid)
 end
-redis.call('PUBLISH', ARGV[2], '!many ' .. ARGV[3] .. '\\n' .. table.concat(lines, '\\n'))
+if n > 0 then
+  redis.call('PUBLISH', ARGV[2], '!many ' .. ARGV[3] .. '\\n' .. table.concat(lines, '\\n'))
+end
 return table.concat(seqs, ',')
+"""
+
+# Lua shared by the scripts that read a zone's state (load, restore; the cluster's too):
+# the seq its key holds, nil without one, or -1 when its keys are damaged (a seq that is
+# no integer from 0 to 2^53 - 1, as APPEND's ``store`` takes them, or a history that is
+# no sorted set). A damaged zone is left out (logged) instead of failing the script, and
+# with it a start or a recovery for every zone.
+STORED_LUA = """
+local function stored(seq_key, history_key)
+  local raw = redis.pcall('GET', seq_key)
+  if not raw then return nil end
+  local kind = redis.call('TYPE', history_key)['ok']
+  if type(raw) ~= 'string' or (kind ~= 'zset' and kind ~= 'none') then return -1 end
+  if raw ~= '0' and not string.match(raw, '^[1-9]%d*$') then return -1 end
+  local seq = tonumber(raw)
+  if seq > 9007199254740991 then return -1 end
+  return seq
+end
 """
 
 # Recovery of one zone. KEYS: seq, history, latest.
@@ -260,9 +328,11 @@ return table.concat(seqs, ',')
 # oldest first.
 # Writes back (and publishes) the prices Redis lacks, raises the seq to ours so no
 # instance's numbering goes backwards, and reports whether a seq both sides hold
-# carries different prices (numbering diverged during the outage).
-RESTORE_LUA = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+# carries different prices (numbering diverged during the outage): 1, else 0; 2 when
+# the zone's keys are damaged (nothing written: its prices stay this instance's).
+RESTORE_LUA = STORED_LUA + """
+local current = stored(KEYS[1], KEYS[2]) or 0
+if current < 0 then return 2 end
 local diverged = 0
 for i = 6, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
@@ -293,15 +363,16 @@ return redis.call('GET', KEYS[1])
 """
 
 # KEYS: per zone its seq and history key. Per zone that has a seq: its (1-based) index
-# in the chunk, the seq and the whole retained history; zones without one are skipped.
-LOAD_LUA = """
+# in the chunk, the seq and the whole retained history; zones without one are skipped;
+# a zone whose keys are damaged has seq -1 and no history.
+LOAD_LUA = STORED_LUA + """
 local out = {}
 for i = 1, #KEYS, 2 do
-  local seq = redis.call('GET', KEYS[i])
+  local seq = stored(KEYS[i], KEYS[i + 1])
   if seq then
     out[#out + 1] = (i + 1) / 2
-    out[#out + 1] = tonumber(seq)
-    out[#out + 1] = redis.call('ZRANGE', KEYS[i + 1], 0, -1)
+    out[#out + 1] = seq
+    out[#out + 1] = seq < 0 and {} or redis.call('ZRANGE', KEYS[i + 1], 0, -1)
   end
 end
 return out
@@ -370,6 +441,25 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
     # RedisClusterException (no reachable node, a slot not covered) is no RedisError.
     except (RedisError, RedisClusterException, OSError) as exc:  # TimeoutError: OSError
         raise StorageUnavailable(f"redis {what}: {exc!r}") from exc
+
+
+RESTORE_DAMAGED = 2  # RESTORE_LUA's reply for a zone whose keys are damaged
+
+
+def _refusal(error: BaseException) -> str | None:
+    """Why a zone's keys refused an append (ZONE_ERROR), or None for any other error."""
+    text = str(error)
+    if isinstance(error, ResponseError) and text.startswith(ZONE_ERROR):
+        return text[len(ZONE_ERROR) + 1 :]
+    return None
+
+
+def _seq_or_none(raw: Any) -> int | None:
+    """A zone's seq key as read (bytes or None: 0), None when it is no integer."""
+    try:
+        return int(raw or 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def _seq_of(payload: bytes) -> int:
@@ -506,6 +596,7 @@ class RedisStorage:
         self._lost: BaseException | None = None
         self.gaps = 0  # updates that arrived after a hole the history could not fill
         self.foreign_messages = 0  # dropped: not this feed's lineage, or not a price
+        self.damaged_zones = 0  # prices (or zone states) refused: that zone's keys are damaged
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -862,15 +953,42 @@ class RedisStorage:
                 await writer.disconnect(nowait=True)
 
     def _settle(self, group: Sequence[_Write], result: Any) -> None:
-        """Resolve one script's writes with its reply: a seq, "s1,s2,..." or an error."""
+        """Resolve one script's writes with its reply: a seq, "s1,s2,..." (a price its
+        zone's keys refused has "!<why>" in its place) or an error."""
         if isinstance(result, BaseException):
-            error = self._write_error(result)
-            self._fail_writes(group, error)
+            why = _refusal(result)
+            if why is not None and len(group) == 1:
+                self._fail_writes(group, self._zone_damaged(group[0].zone, why))
+            else:
+                self._fail_writes(group, self._write_error(result))
             return
-        seqs = [int(result)] if len(group) == 1 else [int(seq) for seq in result.split(b",")]
+        seqs: list[int | bytes]
+        if len(group) == 1:
+            seqs = [int(result)]
+        elif b"!" in result:  # rare: checked once per reply, not per price
+            seqs = [seq if seq[:1] == b"!" else int(seq) for seq in result.split(b",")]
+        else:
+            seqs = [int(seq) for seq in result.split(b",")]
         for write, seq in zip(group, seqs, strict=True):
-            if not write.future.done():
+            if write.future.done():
+                continue
+            if isinstance(seq, int):
                 write.future.set_result(seq)
+            else:
+                write.future.set_exception(
+                    self._zone_damaged(write.zone, seq[1:].decode(errors="replace"))
+                )
+
+    def _zone_damaged(self, zone: str, why: str) -> ZoneRefused:
+        """``zone``'s keys are damaged (see STORE_LUA): its price is refused, or its state
+        left out of a load or restore; logged (throttled) and counted. The connection and
+        every other zone are fine: nothing is lost, no failover."""
+        self.damaged_zones += 1
+        if self.damaged_zones <= LOGGED_DAMAGED or self.damaged_zones % 1000 == 0:
+            self._log.error(
+                "storage_zone_damaged", zone=zone, reason=why, total=self.damaged_zones
+            )
+        return ZoneRefused(zone, why)
 
     @staticmethod
     def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
@@ -965,10 +1083,10 @@ class RedisStorage:
         pipe.get(self.keys.seq(zone))
         pipe.zrange(self.keys.history(zone), f"({seq}", "+inf", byscore=True)
         async with redis_errors("since"):
-            current_raw, payloads = await pipe.execute()
-        current = int(current_raw or 0)
-        if seq > current:
-            return None
+            current_raw, payloads = await pipe.execute(raise_on_error=False)
+        current = _seq_or_none(current_raw)
+        if current is None or isinstance(payloads, ResponseError) or seq > current:
+            return None  # a zone whose keys are damaged cannot replay either
         prices = [_price(zone, payload) for payload in payloads]
         # A retained history with a hole (bounded write-back after an outage) cannot
         # replay across it: that is a gap, not a short answer.
@@ -1051,7 +1169,16 @@ class RedisStorage:
             )  # fmt: skip
         async with redis_errors("restore"):
             results = await pipe.execute()
-        return {zone: bool(result) for zone, result in zip(zones, results, strict=True)}
+        diverged: dict[str, bool] = {}
+        for zone, result in zip(zones, results, strict=True):
+            if result == RESTORE_DAMAGED:  # nothing written back: logged, not diverged
+                self._zone_damaged(zone, f"{self._damage(zone)}; not written back")
+            diverged[zone] = result == 1
+        return diverged
+
+    def _damage(self, zone: str) -> str:
+        """What STORED_LUA found wrong with a zone (it says no more than that)."""
+        return f"{self.keys.seq(zone)} is no seq or {self.keys.history(zone)} no sorted set"
 
     def _channel(self, zone: str) -> str:
         """The channel ``zone``'s prices are published on (one for all zones here)."""
@@ -1075,6 +1202,9 @@ class RedisStorage:
             async with redis_errors("load"):
                 reply = await self.client.eval(LOAD_LUA, len(script_keys), *script_keys)
             for i in range(0, len(reply), 3):
-                zone = chunk[int(reply[i]) - 1]
-                state[zone] = (int(reply[i + 1]), [_price(zone, p) for p in reply[i + 2]])
+                zone, seq = chunk[int(reply[i]) - 1], int(reply[i + 1])
+                if seq < 0:  # damaged: left out (as a zone without prices), logged
+                    self._zone_damaged(zone, f"{self._damage(zone)}; not loaded")
+                    continue
+                state[zone] = (seq, [_price(zone, p) for p in reply[i + 2]])
         return state
