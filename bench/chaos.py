@@ -1,42 +1,50 @@
-"""Chaos soak (issue 13): a pricehub cluster under seeded faults, checked for what clients see.
+"""Chaos soak (issues 13, 23): pricehub under seeded faults, checked for what clients see.
 
 Run from the repository root::
 
     python -m bench.chaos --seed 1 --duration 90     # ~100 s: random faults for 90 s
     python -m bench.chaos --short --seed 1           # CI size: each fault kind once, < 60 s
-    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(h) > 0
+    python -m bench.chaos --short --topology cluster # the same on a 3 + 3 Redis Cluster
+    python -m bench.chaos --short --json --check     # JSON on stdout; exit 1 on (a)-(j) > 0
 
-What runs: one ``redis-server`` (no persistence) on a free port; two pricehub instances on it
-(``--no-simulate --publish-key``, zones pjm, ercot, caiso); 60 resuming WebSocket clients, half
-single-zone, half multi-zone, spread over both instances, which reconnect after every close (to
-either instance) and resume with ``since``/``epoch``; a publisher POSTing ~40 prices/s, one price
-per request, alternating instances, each price carrying a nonce in ``volume``, and a producer
-``XADD``ing ~20 entries/s to the ingest stream, nonces in ``volume`` too. While that runs,
-faults from a seeded schedule hit Redis (SIGKILL + restart on the same port, SIGSTOP/SIGCONT
-short and long) and the instances (SIGTERM + restart, SIGKILL + restart), one at a time.
+``--topology`` (``bench/chaos_topology.py``): ``single`` (one ``redis-server``, no persistence,
+two instances), ``sentinel`` (a master, a replica and three sentinels; two instances on
+``redis+sentinel://``), ``cluster`` (three masters, three replicas; two instances on
+``redis+cluster://``) or ``durable`` (no Redis: one instance, ``--redis-url none``, its data
+dir on a tmpfs the soak mounts). Every instance runs ``--no-simulate --publish-key``, zones
+pjm, ercot, caiso, and journals in its own data dir. 60 resuming WebSocket clients, half
+single-zone, half multi-zone, spread over the instances, reconnect after every close (to any
+instance) and resume with ``since``/``epoch``; a publisher POSTs ~40 prices/s, one price per
+request, alternating instances, each price carrying a nonce in ``volume``; with Redis, a
+producer ``XADD``s ~20 entries/s to the ingest stream, nonces in ``volume`` too. While that
+runs, faults from a seeded schedule hit the storage and the instances, one at a time (the
+kinds of each topology: ``bench/chaos_faults.py``).
 
 What is measured, and how to read the output (details in bench/README.md, "Chaos soak"):
 
 (a) ``undeclared_gaps``   a client got seq N, then N+k (k > 1) of a zone in the same epoch,
-                          with no ``resume_complete`` ``recovered: false`` in between;
+                          with no ``recovered: false`` or ``gap`` declaring it;
 (b) ``duplicates``        a client got the same (zone, epoch, seq) twice outside a declared reset;
 (c) ``conflicting_keys``  (zone, epoch, seq) keys naming two different prices across all clients
                           and all 202 answers (the split-brain symptom);
 (d) ``lost_accepted``     202-accepted prices no client received although some client followed
-                          that zone in that epoch over the publish without a declared break.
-
+                          that zone in that epoch over the publish, and nothing declared the loss;
 (e)-(h) check the Redis stream ingest the same way (``bench/chaos_stream.py``: an entry appended
-twice, entries numbered against stream order, a backlog left after the drain, an entry lost).
+twice, entries numbered against stream order, a backlog left after the drain, an entry lost);
+(i) ``double_acks``       (zone, epoch, seq) keys two 202 answers named (a seq given twice);
+(j) ``undue_resets``      ``recovered: false`` or a 1001 close charged to a fault that promises
+                          none (a storage outage shorter than the hold, a durable restart).
 
-(a)-(h) are the contract's promises and should be 0; ``--check`` exits 1 when one is not. The
+(a)-(j) are the contract's promises and should be 0; ``--check`` exits 1 when one is not.
+``declared_replication_loss`` counts the 202s a master failover lost *and declared* (an epoch
+change or a ``gap``): asynchronous replication allows that, silently it is (d) or (i). The
 rest is context, charged to the fault active at the time or ended at most 5 s before: non-202
-publish answers, ``mass_closes_1001`` (1001 closes not caused by the client's own instance
-shutting down, e.g. an epoch change), ``recovered_false`` resumes; publish-to-receive latency
-p50/p99 of live deliveries inside vs outside fault windows; server RSS at the start and end of the
-soak; ``Traceback`` count in the server logs. Output: a table on stdout (or the JSON with
-``--json``), the JSON in ``bench/out/chaos-<seed>.json``, server logs in
-``bench/out/chaos-<seed>/``. Exit code 0 unless the harness itself fails (2) or ``--check`` finds
-(a)-(h) non-zero (1).
+publish answers, ``mass_closes_1001``, ``recovered_false`` resumes; publish-to-receive latency
+p50/p99 of live deliveries inside vs outside fault windows; server RSS at the start and end of
+the soak; ``Traceback`` count in the server logs. Output: a table on stdout (or the JSON with
+``--json``), the JSON in ``<out>/chaos-<topology>-<seed>.json``, server logs in
+``<out>/chaos-<topology>-<seed>/``. Exit code 0 unless the harness itself fails (2) or
+``--check`` finds (a)-(j) non-zero (1).
 
 Everything runs on 127.0.0.1, every wait is bounded, every child is killed when this ends.
 """
@@ -61,16 +69,17 @@ import aiohttp
 
 from bench.chaos_analysis import analyse, table
 from bench.chaos_clients import EpochWatcher, Recorder, ResumingClient
-from bench.chaos_faults import Fault, inject, plan_faults
-from bench.chaos_procs import HarnessError, Instance, RedisServer
+from bench.chaos_faults import Fault, Rig, inject, plan_faults
+from bench.chaos_procs import REPO, Child, HarnessError, Instance
 from bench.chaos_publisher import Publisher
+from bench.chaos_replicated import ClusterRedis, SentinelRedis
 from bench.chaos_stream import StreamProducer
+from bench.chaos_topology import TMPFS, Backend, NoRedis, SingleRedis, Topology, unmount
 
 __all__ = ["main"]
 
 OUT = Path(__file__).resolve().parent / "out"
 ZONES = ("pjm", "ercot", "caiso")
-INSTANCES = 2
 CLIENTS = 60
 RATE = 40.0
 STREAM_RATE = 20.0
@@ -81,36 +90,47 @@ CONNECT_WAIT = 15.0
 STOP_WAIT = 10.0
 
 
+TOPOLOGIES: dict[str, Topology] = {
+    "single": Topology(lambda w, _: SingleRedis(w), 2, ("instance_term", "instance_kill")),
+    "sentinel": Topology(lambda w, _: SentinelRedis(w), 2, ("instance_term", "instance_kill")),
+    "cluster": Topology(
+        lambda w, a: ClusterRedis(w, wait_replicas=a.wait_replicas), 2, ("instance_kill",)
+    ),
+    "durable": Topology(lambda w, _: NoRedis(w), 1, ("restart_loop", "instance_term")),
+}
+
+
 @dataclass
-class Cluster:
-    redis: RedisServer
+class Deployment:
+    """The topology's storage and the instances on it."""
+
+    backend: Backend
     instances: list[Instance]
     rss_start: dict[str, int] = field(default_factory=dict)
     rss_end: dict[str, int] = field(default_factory=dict)
 
+    def children(self) -> list[Child]:
+        return [*self.instances, *self.backend.nodes]
+
     def rss(self) -> dict[str, int]:
-        return {"redis": self.redis.rss_kib()} | {i.name: i.rss_kib() for i in self.instances}
+        return {child.name: child.rss_kib() for child in self.children()}
 
     async def shutdown(self) -> None:
-        for child in (*self.instances, self.redis):
+        for instance in self.instances:
             with contextlib.suppress(Exception):
-                await child.shutdown()
+                await instance.shutdown()
+        await self.backend.shutdown()
 
     def servers(self) -> dict[str, dict[str, int]]:
-        info = {
-            "redis": {
-                "starts": self.redis.starts,
-                "rss_kib_start": self.rss_start.get("redis", 0),
-                "rss_kib_end": self.rss_end.get("redis", 0),
-            },
-        }
-        for instance in self.instances:
-            info[instance.name] = {
-                "starts": instance.starts,
-                "rss_kib_start": self.rss_start.get(instance.name, 0),
-                "rss_kib_end": self.rss_end.get(instance.name, 0),
-                "tracebacks": instance.tracebacks(),
+        info: dict[str, dict[str, int]] = {}
+        for child in self.children():
+            info[child.name] = {
+                "starts": child.starts,
+                "rss_kib_start": self.rss_start.get(child.name, 0),
+                "rss_kib_end": self.rss_end.get(child.name, 0),
             }
+            if isinstance(child, Instance):
+                info[child.name]["tracebacks"] = child.tracebacks()
         return info
 
 
@@ -126,6 +146,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1, help="seeds faults, clients, prices")
     parser.add_argument(
+        "--topology", choices=sorted(TOPOLOGIES), default="single",
+        help="what the instances store in (default single: one Redis, two instances)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--server-tree", type=Path, default=REPO,
+        help="run the instances from this checkout's run_server.py (default: this one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wait-replicas", type=int, default=0,
+        help="cluster: acknowledge a price once N replicas have it (?wait_replicas=N)",
+    )  # fmt: skip
+    parser.add_argument(
         "--duration",
         type=float,
         default=90.0,
@@ -138,7 +170,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=OUT, help=f"where logs and the report go (default {OUT})"
     )
-    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(h) is non-zero")
+    parser.add_argument("--check", action="store_true", help="exit 1 if any of (a)-(j) is non-zero")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="WebSocket clients")
     parser.add_argument("--rate", type=float, default=RATE, help="prices per second")
     parser.add_argument(
@@ -148,28 +180,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def start_cluster(workdir: Path) -> Cluster:
-    redis = RedisServer(workdir)
-    await redis.start()
+async def deploy(topology: Topology, args: argparse.Namespace, workdir: Path) -> Deployment:
+    """Start the storage, then the instances on it (their data dirs go where the started
+    backend says: the durable run's tmpfs, if it could be mounted)."""
+    deployment = Deployment(topology.backend(workdir, args), [])
     key = secrets.token_hex(16)  # hex: a urlsafe token may start with "-" (read as a flag)
-    instances = [
-        Instance(i, workdir, redis_url=redis.url, zones=ZONES, key=key) for i in range(INSTANCES)
-    ]
-    cluster = Cluster(redis, instances)
     try:
-        await asyncio.gather(*(instance.start() for instance in instances))
+        await deployment.backend.start()
+        deployment.instances = [
+            Instance(
+                i, workdir, redis_url=deployment.backend.url, zones=ZONES, key=key,
+                data_dir=deployment.backend.data_root / f"instance-{i}.data",
+                tree=args.server_tree.resolve(),
+            )
+            for i in range(topology.instances)
+        ]  # fmt: skip
+        await asyncio.gather(*(instance.start() for instance in deployment.instances))
     except BaseException:
-        await cluster.shutdown()
+        await deployment.shutdown()
         raise
-    return cluster
+    return deployment
 
 
 def make_clients(
-    count: int, cluster: Cluster, recorder: Recorder, seed: int
+    count: int, deployment: Deployment, recorder: Recorder, seed: int
 ) -> list[ResumingClient]:
     """Half single-zone (zones in turn), half multi-zone (all zones, or two of them); each
     starts on the instances in turn and then reconnects to a random one."""
-    bases = [instance.ws for instance in cluster.instances]
+    bases = [instance.ws for instance in deployment.instances]
     clients = []
     for ident in range(count):
         multi = ident % 2 == 1
@@ -203,24 +241,26 @@ async def wait_connected(clients: Sequence[ResumingClient]) -> None:
         await asyncio.sleep(0.1)
 
 
-def load(clients: Sequence[ResumingClient]) -> list[int]:
+def load(clients: Sequence[ResumingClient], instances: int) -> list[int]:
     """Connected clients per instance."""
-    return [sum(c.connected and c.instance == i for c in clients) for i in range(INSTANCES)]
+    return [sum(c.connected and c.instance == i for c in clients) for i in range(instances)]
 
 
 async def run_faults(
-    args: argparse.Namespace, cluster: Cluster, clients: Sequence[ResumingClient], deadline: float
+    args: argparse.Namespace, topology: Topology, rig: Rig, deadline: float
 ) -> list[Fault]:
     budget = deadline - time.time() - SETTLE
+    assert isinstance(rig.backend, Backend)
     plans = plan_faults(
-        random.Random(f"{args.seed}-faults"), short=args.short, budget=budget, instances=INSTANCES
-    )
+        random.Random(f"{args.seed}-faults"), topology.kinds(rig.backend),
+        short=args.short, budget=budget, instances=len(rig.instances),
+    )  # fmt: skip
     faults: list[Fault] = []
     for plan in plans:
         if not args.short and time.time() + plan.gap + plan.hold > deadline - SETTLE:
             break
         await asyncio.sleep(plan.gap)
-        fault = await inject(plan, cluster.redis, cluster.instances, load(clients))
+        fault = await inject(plan, rig)
         faults.append(fault)
         say(f"fault {len(faults)}/{len(plans)}: {fault.as_dict(fault.start)}")
     return faults
@@ -228,61 +268,72 @@ async def run_faults(
 
 async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     started = time.time()
-    cluster = await start_cluster(workdir)
+    topology = TOPOLOGIES[args.topology]
+    deployment = await deploy(topology, args, workdir)
+    backend, instances = deployment.backend, deployment.instances
+    if isinstance(backend, NoRedis) and backend.unmountable:
+        say(f"{backend.unmountable}: the data dir stays on disk, disk_full will be skipped")
     say(
-        f"redis on {cluster.redis.port}, instances on "
-        f"{', '.join(str(i.port) for i in cluster.instances)}; logs in {workdir}"
+        f"{args.topology}: {backend.url}, instances on "
+        f"{', '.join(str(i.port) for i in instances)}; logs in {workdir}"
     )
     recorder = Recorder()
     stop_clients, stop_publisher = asyncio.Event(), asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
     tasks: list[asyncio.Task[None]] = []
+    connect = backend.stream()
+    producer = StreamProducer(connect, ZONES, rate=args.stream_rate) if connect else None
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            clients = make_clients(args.clients, cluster, recorder, args.seed)
-            watchers = [EpochWatcher(i.index, i.ws, recorder) for i in cluster.instances]
+            clients = make_clients(args.clients, deployment, recorder, args.seed)
+            watchers = [EpochWatcher(i.index, i.ws, recorder) for i in instances]
             runners = [c.run(session, stop_clients) for c in clients]
             runners += [w.run(session, stop_clients) for w in watchers]
             tasks = [asyncio.create_task(runner) for runner in runners]
             await wait_connected(clients)
             publisher = Publisher(
-                [i.http for i in cluster.instances],
-                cluster.instances[0].key,
-                ZONES,
-                rate=args.rate,
-                rng=random.Random(f"{args.seed}-prices"),
-            )
-            publishing = asyncio.create_task(publisher.run(stop_publisher))
-            producer = StreamProducer(cluster.redis.url, ZONES, rate=args.stream_rate)
-            streaming = asyncio.create_task(producer.run(stop_publisher))
+                [i.http for i in instances], instances[0].key, ZONES,
+                rate=args.rate, rng=random.Random(f"{args.seed}-prices"),
+            )  # fmt: skip
+            feeding = [publisher.run(stop_publisher)]
+            feeding += [producer.run(stop_publisher)] if producer else []
+            publishing = [asyncio.create_task(feed) for feed in feeding]
             origin = time.time()
             await asyncio.sleep(WARMUP)
-            cluster.rss_start = cluster.rss()
+            deployment.rss_start = deployment.rss()
             deadline = origin + (args.duration if not args.short else 1e9)
-            faults = await run_faults(args, cluster, clients, deadline)
+            rig = Rig(
+                backend, instances, publisher, lambda: load(clients, len(instances)),
+                rng=random.Random(f"{args.seed}-bursts"),
+                restarts_recover=isinstance(backend, NoRedis),
+            )  # fmt: skip
+            faults = await run_faults(args, topology, rig, deadline)
             await asyncio.sleep(max(SETTLE, (deadline - time.time()) if not args.short else 0))
             stop_publisher.set()
-            await asyncio.gather(publishing, streaming)
+            await asyncio.gather(*publishing)
             await asyncio.sleep(DRAIN)
-            await producer.measure_backlog()
-            cluster.rss_end = cluster.rss()
+            if producer:
+                await producer.measure_backlog()
+            deployment.rss_end = deployment.rss()
             stop_clients.set()
             await asyncio.wait(tasks, timeout=STOP_WAIT)
     finally:
         stop_clients.set()
         for task in tasks:
             task.cancel()
-        await cluster.shutdown()
+        await deployment.shutdown()
     report = analyse(
-        recorder, publisher.log, faults,
-        origin=origin, servers=cluster.servers(), stream=producer.log,
+        recorder, publisher.log, faults, origin=origin, servers=deployment.servers(),
+        stream=producer.log if producer else None,
     )  # fmt: skip
     config = {
+        "topology": args.topology,
+        "redis_url": backend.url,
         "clients": args.clients,
         "rate": args.rate,
-        "stream_rate": args.stream_rate,
+        "stream_rate": args.stream_rate if producer else None,
         "zones": list(ZONES),
-        "instances": INSTANCES,
+        "instances": len(instances),
         "duration": None if args.short else args.duration,
     }
     return {
@@ -296,7 +347,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = args.out / f"chaos-{args.seed}"
+    name = f"chaos-{args.topology}-{args.seed}"
+    workdir = args.out / name
+    unmount(workdir / TMPFS)  # a killed durable run may have left its disk mounted
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
@@ -304,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         say(f"harness failed: {exc}")
         return 2
-    path = args.out / f"chaos-{args.seed}.json"
+    path = args.out / f"{name}.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps(report, indent=2, default=str) if args.json else table(report))
     say(f"report written to {path}")

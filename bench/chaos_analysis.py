@@ -1,5 +1,6 @@
-"""The chaos soak's analysis: from what clients saw and what the publisher was told, the four
-counters of issue 13 (a-d) plus closes, failed resumes, latency and server health per fault.
+"""The chaos soak's analysis: from what clients saw and what the publisher was told, the
+counters of issues 13 and 23 (a-d, i, j; e-h are ``chaos_stream``'s) plus declared losses,
+closes, failed resumes, latency and server health per fault.
 
 Counter definitions are in bench/README.md ("Chaos soak"); the functions below follow them.
 """
@@ -7,6 +8,7 @@ Counter definitions are in bench/README.md ("Chaos soak"); the functions below f
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,7 +27,14 @@ EXAMPLES = 5
 GRAVE = (
     "undeclared_gaps", "duplicates", "conflicting_keys", "lost_accepted",
     "stream_duplicates", "stream_reorders", "stream_backlog", "stream_lost",
+    "double_acks", "undue_resets",
 )  # fmt: skip
+NO_STREAM: dict[str, Any] = {
+    "counts": {"stream_duplicates": 0, "stream_reorders": 0, "stream_backlog": 0,
+               "stream_lost": 0},
+    "stream": {"not_run": "no Redis, no ingest stream", "answered": 0, "delivered": 0},
+    "examples": {},
+}  # fmt: skip
 
 
 def fault_at(faults: Sequence[Fault], moment: float) -> Fault | None:
@@ -79,18 +88,83 @@ def conflicts(recorder: Recorder, log: PublishLog) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
-def lost(recorder: Recorder, log: PublishLog) -> tuple[list[dict[str, Any]], int]:
+def double_acks(recorder: Recorder, log: PublishLog) -> list[dict[str, Any]]:
+    """(i): every (zone, epoch, seq) that two 202 answers named (each POST carries its own
+    nonce, so two nonces on one key are two prices given one seq), epochs placed as in (c)."""
+    named: dict[tuple[str, str, int], list[Accepted]] = {}
+    for accepted in log.accepted:
+        for epoch in accepted_epochs(recorder, accepted):
+            named.setdefault((accepted.zone, epoch, accepted.seq), []).append(accepted)
+    return [
+        {"zone": zone, "epoch": epoch, "seq": seq,
+         "answers": [{"nonce": a.nonce, "instance": a.instance, "answered": a.answered,
+                      "received": a.nonce in recorder.nonce_epochs} for a in answers]}
+        for (zone, epoch, seq), answers in sorted(named.items())
+        if len({a.nonce for a in answers}) > 1
+    ]  # fmt: skip
+
+
+def epoch_ends(recorder: Recorder) -> list[tuple[float, str]]:
+    """(time, old epoch) of every epoch change an instance announced."""
+    ends = []
+    for events in recorder.epoch_events.values():
+        for (_, before), (moment, after) in itertools.pairwise(sorted(events)):
+            if after != before:
+                ends.append((moment, before))
+    return ends
+
+
+def declaration(
+    accepted: Accepted,
+    epochs: set[str],
+    recorder: Recorder,
+    faults: Sequence[Fault],
+    ends: Sequence[tuple[float, str]],
+) -> str | None:
+    """How the loss of an unreceived 202 was declared, if it was: a ``gap`` naming its seq,
+    or its epoch ended (every client resuming it gets ``recovered: false``) by the recovery
+    of the fault it was answered in."""
+    for gap in recorder.declared_gaps:
+        last = gap["to_seq"] if gap["to_seq"] is not None else float("inf")
+        same_line = gap["zone"] == accepted.zone and gap["epoch"] in epochs
+        if same_line and gap["from_seq"] <= accepted.seq <= last:
+            return "gap"
+    fault = fault_at(faults, accepted.answered)
+    if fault is not None and any(
+        old in epochs and moment >= accepted.answered and fault_at(faults, moment) is fault
+        for moment, old in ends
+    ):
+        return "epoch_change"
+    return None
+
+
+def lost(
+    recorder: Recorder, log: PublishLog, faults: Sequence[Fault]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
     """(d): accepted prices no client received although one followed the zone in that epoch
     over the publish (``SPAN_LEAD`` before it to ``SPAN_TAIL`` after its 202) with no declared
-    break. Also returns how many unreceived 202s no client was placed to see (not counted)."""
+    break, and whose loss nothing declared. Also returns the unreceived 202s whose loss was
+    declared (``declaration``), and how many unreceived ones no client was placed to see."""
     spans: dict[tuple[str, str], list[Span]] = {}
     for span in recorder.spans:
         spans.setdefault((span.zone, span.epoch), []).append(span)
-    found, unwitnessed = [], 0
+    ends = epoch_ends(recorder)
+    found, declared, unwitnessed = [], [], 0
     for accepted in log.accepted:
         if accepted.nonce in recorder.nonce_epochs:
             continue
         epochs = accepted_epochs(recorder, accepted)
+        entry = {
+            "zone": accepted.zone, "seq": accepted.seq, "nonce": accepted.nonce,
+            "instance": accepted.instance, "epochs": sorted(epochs),
+            "answered": accepted.answered,
+        }  # fmt: skip
+        how = declaration(accepted, epochs, recorder, faults, ends)
+        if how is not None:
+            fault = fault_at(faults, accepted.answered)
+            declared.append(entry | {"declared_by": how, "replication": bool(
+                fault is not None and fault.kind.replication)})  # fmt: skip
+            continue
         witnesses = {
             span.client
             for epoch in epochs
@@ -100,18 +174,8 @@ def lost(recorder: Recorder, log: PublishLog) -> tuple[list[dict[str, Any]], int
         if not witnesses:
             unwitnessed += 1
             continue
-        found.append(
-            {
-                "zone": accepted.zone,
-                "seq": accepted.seq,
-                "nonce": accepted.nonce,
-                "instance": accepted.instance,
-                "epochs": sorted(epochs),
-                "answered": accepted.answered,
-                "witnesses": len(witnesses),
-            }
-        )
-    return found, unwitnessed
+        found.append(entry | {"witnesses": len(witnesses)})
+    return found, declared, unwitnessed
 
 
 def percentiles(values: list[float]) -> dict[str, float | int | None]:
@@ -149,6 +213,20 @@ def mass_closes(recorder: Recorder, faults: Sequence[Fault]) -> list[float]:
     ]  # fmt: skip
 
 
+def undue_resets(faults: Sequence[Fault], charged: Sequence[Counter[str]]) -> dict[int, int]:
+    """(j): per fault that promises its clients no reset (``Fault.no_reset``), the
+    ``recovered: false`` resumes and 1001 closes charged to it. Only a master failover that
+    lost acknowledged prices and declared it is excused: that declaration may reset
+    clients; any other outage shorter than the hold must not."""
+    undue = {}
+    for index, fault in enumerate(faults):
+        resets = charged[index]["recovered_false"] + charged[index]["mass_closes_1001"]
+        excused = fault.kind.replication and charged[index]["declared_loss"] > 0
+        if fault.no_reset and resets and not excused:
+            undue[index] = resets
+    return undue
+
+
 def per_fault(faults: Sequence[Fault], events: Mapping[str, Iterable[float]]) -> list[Counter[str]]:
     """Each event time charged to its fault (``fault_at``); the last entry is outside faults."""
     counters = [Counter(dict.fromkeys(events, 0)) for _ in range(len(faults) + 1)]
@@ -167,12 +245,14 @@ def analyse(
     *,
     origin: float,
     servers: dict[str, dict[str, int]],
-    stream: StreamLog,
+    stream: StreamLog | None,
 ) -> dict[str, Any]:
     conflicting = conflicts(recorder, log)
-    kills = [fault.start for fault in faults if fault.plan.kind == "redis_kill"]
-    streamed = stream_checks(recorder.keys, stream, redis_kills=kills)
-    lost_prices, unwitnessed = lost(recorder, log)
+    doubled = double_acks(recorder, log)
+    streamed = NO_STREAM if stream is None else stream_checks(
+        recorder.keys, stream, redis_kills=[t for f in faults for t in f.losses]
+    )  # fmt: skip
+    lost_prices, declared, unwitnessed = lost(recorder, log, faults)
     mass = mass_closes(recorder, faults)
     events = {
         "non_202": [t for t, _, _ in log.refused],
@@ -181,8 +261,10 @@ def analyse(
         "undeclared_gaps": [g["time"] for g in recorder.gaps],
         "duplicates": [d["time"] for d in recorder.duplicates],
         "lost_accepted": [a["answered"] for a in lost_prices],
+        "declared_loss": [a["answered"] for a in declared],
     }
     charged = per_fault(faults, events)
+    undue = undue_resets(faults, charged)
     close_codes = Counter(code for _, _, code in recorder.closes)
     counts = {
         "undeclared_gaps": len(recorder.gaps),
@@ -190,6 +272,10 @@ def analyse(
         "conflicting_keys": len(conflicting),
         "lost_accepted": len(lost_prices),
         **streamed["counts"],
+        "double_acks": len(doubled),
+        "undue_resets": sum(undue.values()),
+        "declared_replication_loss": sum(a["replication"] for a in declared),
+        "declared_loss_other": sum(not a["replication"] for a in declared),
         "mass_closes_1001": len(mass),
         "recovered_false": len(recorder.not_recovered),
         "reorders": len(recorder.reorders),
@@ -204,6 +290,7 @@ def analyse(
             "sent": len(log.sent_at), "accepted": len(log.accepted),
             "statuses": dict(log.statuses), "skipped": log.skipped,
             "accepted_unreceived_unwitnessed": unwitnessed,
+            "declared_gaps": len(recorder.declared_gaps),
         },
         "stream": streamed["stream"],
         "clients": {
@@ -224,6 +311,12 @@ def analyse(
             "duplicates": recorder.duplicates[:EXAMPLES],
             "conflicting_keys": conflicting[:EXAMPLES],
             "lost_accepted": lost_prices[:EXAMPLES],
+            "double_acks": doubled[:EXAMPLES],
+            "undue_resets": [
+                faults[i].as_dict(origin) | dict(charged[i]) for i in sorted(undue)
+            ][:EXAMPLES],
+            "declared_loss": declared[:EXAMPLES],
+            "declared_gaps": recorder.declared_gaps[:EXAMPLES],
             "undeclared_epoch_switches": recorder.epoch_switches[:EXAMPLES],
             **streamed["examples"],
         },
@@ -233,7 +326,8 @@ def analyse(
 def table(report: dict[str, Any]) -> str:
     """The report as plain-text tables for a terminal."""
     lines = [
-        f"chaos soak: seed {report['seed']}, {'short' if report['short'] else 'full'}, "
+        f"chaos soak: {report['config']['topology']}, seed {report['seed']}, "
+        f"{'short' if report['short'] else 'full'}, "
         f"{report['run_seconds']} s, {report['config']['clients']} clients, "
         f"{report['publish']['sent']} POSTs ({report['publish']['accepted']} accepted), "
         f"{report['stream']['answered']} stream entries ({report['stream']['delivered']} "
@@ -242,7 +336,7 @@ def table(report: dict[str, Any]) -> str:
     ]
     counts = report["counts"]
     lines += ["counter                      value"] + [
-        f"{('(' + 'abcdefgh'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
+        f"{('(' + 'abcdefghij'[GRAVE.index(k)] + ') ') if k in GRAVE else '    '}{k:<25}{v:>6}"
         for k, v in counts.items()
     ]
     columns = (
@@ -252,6 +346,7 @@ def table(report: dict[str, Any]) -> str:
         "undeclared_gaps",
         "duplicates",
         "lost_accepted",
+        "declared_loss",
     )
     header = f"{'fault':<18}{'tgt':>4}{'start':>7}{'end':>7}" + "".join(
         f"{c[:12]:>13}" for c in columns
@@ -259,10 +354,12 @@ def table(report: dict[str, Any]) -> str:
     lines += ["", header]
     for fault in report["faults"]:
         lines.append(
-            f"{fault['kind']:<18}{fault['target']:>4}{fault['start']:>7}"
+            f"{fault['kind'][:17]:<18}{fault['target']:>4}{fault['start']:>7}"
             f"{fault['end'] if fault['end'] is not None else '-':>7}"
             + "".join(f"{fault.get(c, 0):>13}" for c in columns)
         )
+    lines += [f"  {fault['kind']}: {fault['skipped']}" for fault in report["faults"]
+              if "skipped" in fault]  # fmt: skip
     outside = report["outside_faults"]
     lines.append(f"{'(outside faults)':<36}" + "".join(f"{outside.get(c, 0):>13}" for c in columns))
     lines += ["", "latency ms        count      p50      p99      max"]

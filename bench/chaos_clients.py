@@ -72,6 +72,7 @@ class Recorder:
     connect_failures: Counter[str] = field(default_factory=Counter)
     client_exceptions: Counter[str] = field(default_factory=Counter)
     spans: list[Span] = field(default_factory=list)
+    declared_gaps: list[dict[str, Any]] = field(default_factory=list)  # ``gap`` messages
 
     def observe(self, zone: str, epoch: str, price: dict[str, Any]) -> int | None:
         """Note which price ``(zone, epoch, seq)`` named; returns the publisher's nonce."""
@@ -96,6 +97,7 @@ class ZoneState:
     seen: set[int] = field(default_factory=set)
     span: tuple[str, float] | None = None  # (epoch, start) of the open span
     closed_at: float | None = None  # when the socket that carried it last closed
+    declared: tuple[int, float] | None = None  # seqs a ``gap`` said will never come
 
 
 class ResumingClient:
@@ -185,7 +187,8 @@ class ResumingClient:
 
     async def _handle(self, ws: aiohttp.ClientWebSocketResponse, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if isinstance(message.get("epoch"), str):
+        # A ``gap`` names the client's (old) epoch, not the one this socket serves.
+        if isinstance(message.get("epoch"), str) and kind != "gap":
             self.conn_epoch = message["epoch"]
             self.recorder.epoch_seen(self.instance, self.conn_epoch)
         if kind == "connection_established":
@@ -196,6 +199,8 @@ class ResumingClient:
             self._initial(message["market_zone"], message["latest_price"])
         elif kind == "resume_complete":
             self._resumed(message)
+        elif kind == "gap":
+            self._gap(message)
         elif kind == "subscribed":
             self._fresh([z for z in message["zones"] if self.state[z].last is None])
         elif kind == "storage_backend_changed":
@@ -262,6 +267,26 @@ class ResumingClient:
         to_seq = int(message["to_seq"])
         state.epoch, state.last, state.seen = self.conn_epoch, to_seq or None, set()
 
+    def _gap(self, message: dict[str, Any]) -> None:
+        """The server says seqs ``from_seq``..``to_seq`` (None: open) of a zone will never
+        come: a declared hole, so the jump over them is not an undeclared gap, and the
+        prices they named are declared lost (``chaos_analysis``)."""
+        zone = message["market_zone"]
+        epoch = message.get("epoch") or self.conn_epoch
+        first, last = int(message["from_seq"]), message.get("to_seq")
+        self.recorder.declared_gaps.append({
+            "client": self.ident, "zone": zone, "epoch": epoch, "time": time.time(),
+            "from_seq": first, "to_seq": last, "reason": message.get("reason"),
+        })  # fmt: skip
+        self.state[zone].declared = (first, float("inf") if last is None else int(last))
+
+    def _undeclared(self, state: ZoneState, seq: int) -> bool:
+        """Whether the jump from ``state.last`` to ``seq`` skips a seq no ``gap`` covered."""
+        if state.last is None or seq <= state.last + 1:
+            return False
+        declared, state.declared = state.declared, None
+        return declared is None or not (declared[0] <= state.last + 1 and seq - 1 <= declared[1])
+
     def _price(self, message: dict[str, Any]) -> None:
         zone, seq = message["market_zone"], int(message["seq"])
         nonce = self.recorder.observe(zone, self.conn_epoch, message)
@@ -291,7 +316,8 @@ class ResumingClient:
             self.recorder.conflated += 1
         elif seq in state.seen:
             self.recorder.duplicates.append(where)
-        elif state.last is not None and seq > state.last + 1:
+        elif self._undeclared(state, seq):
+            assert state.last is not None
             self.recorder.gaps.append(where | {"missing": seq - state.last - 1})
         elif state.last is not None and seq < state.last:
             self.recorder.reorders.append(where)

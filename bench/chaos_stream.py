@@ -16,30 +16,49 @@ What the stream ingest promises (docs/cluster.md), checked over every client's d
 (g) ``stream_backlog``      entries left in the stream or pending in its group once the soak has
                             been quiet for ``SETTLE`` + ``DRAIN`` seconds (a stalled consumer);
 (h) ``stream_lost``         answered entries no client received, added more than ``KILL_SHADOW``
-                            seconds before any Redis SIGKILL (or after it).
+                            seconds before any moment Redis lost data (or after it).
 
-A SIGKILLed Redis (no persistence here) takes the entries still in its stream with it: that
-is Redis's durability, not pricehub's, so entries added in the ``KILL_SHADOW`` seconds before a
-kill (time to be consumed, even across a lease takeover or a hold) are not counted in (h).
+A SIGKILLed Redis (no persistence here) takes the entries still in its stream with it, and a
+master replaced by its replica takes the entries it had not replicated: that is Redis's
+durability, not pricehub's, so entries added in the ``KILL_SHADOW`` seconds before such a
+moment (time to be consumed, even across a lease takeover or a hold) are not counted in (h).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException, RedisError
 
 from bench.chaos_clients import Body
+from bench.chaos_procs import HOST, no_retry
 from bench.chaos_publisher import iso_ms, ticks
 
-__all__ = ["STREAM_NONCE_BASE", "StreamLog", "StreamProducer", "stream_checks"]
+__all__ = [
+    "STREAM_NONCE_BASE",
+    "Connect",
+    "StreamLog",
+    "StreamProducer",
+    "cluster_client",
+    "node_client",
+    "sentinel_client",
+    "stream_checks",
+]
+
+StreamClient = aioredis.Redis | RedisCluster  # one node (or a Sentinel's master), or a cluster
+Connect = Callable[[], contextlib.AbstractAsyncContextManager[StreamClient]]
+# RedisClusterException (no node answers for a slot) is not a RedisError.
+STREAM_ERRORS = (RedisError, RedisClusterException, OSError)
 
 STREAM_NONCE_BASE = 1_000_000_000
 STREAM = "pricehub:ingest"  # the instances' default key prefix
@@ -57,9 +76,55 @@ class StreamLog:
     backlog: int | None = None  # XLEN + pending at the end; None: Redis did not answer
 
 
+@contextlib.asynccontextmanager
+async def node_client(port: int) -> AsyncIterator[StreamClient]:
+    """A client of one node."""
+    client = aioredis.Redis(
+        host=HOST, port=port, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+        retry=no_retry(),
+    )  # fmt: skip
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def sentinel_client(ports: Sequence[int], service: str) -> AsyncIterator[StreamClient]:
+    """A client of the master the sentinels name, found again after a promotion."""
+    timeouts = {"socket_timeout": TIMEOUT, "socket_connect_timeout": TIMEOUT}
+    sentinel = Sentinel(
+        [(HOST, port) for port in ports], sentinel_kwargs=timeouts,
+        socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+    )  # fmt: skip
+    client = sentinel.master_for(service, retry=no_retry())
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await sentinel.aclose()
+
+
+@contextlib.asynccontextmanager
+async def cluster_client(ports: Sequence[int]) -> AsyncIterator[StreamClient]:
+    """A cluster client that follows MOVED/ASK (nothing ran) but never resends a command
+    after a connection error (it may have run)."""
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(HOST, port) for port in ports], retry=no_retry(),
+        socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+    )  # fmt: skip
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 class StreamProducer:
-    def __init__(self, redis_url: str, zones: Sequence[str], *, rate: float) -> None:
-        self.redis_url = redis_url
+    """``connect()`` opens a client of the topology's Redis that never retries a command on
+    its own: a resent ``XADD`` would add the entry twice, a duplicate of the producer's."""
+
+    def __init__(self, connect: Connect, zones: Sequence[str], *, rate: float) -> None:
+        self.connect = connect
         self.zones = tuple(zones)
         self.rate = rate
         self.log = StreamLog()
@@ -67,16 +132,11 @@ class StreamProducer:
     async def run(self, stop: asyncio.Event) -> None:
         """``XADD`` one entry per tick until ``stop``; one at a time, so answered entries'
         ids follow their nonces."""
-        client = aioredis.Redis.from_url(
-            self.redis_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
-        )
-        try:
+        async with self.connect() as client:
             async for tick in ticks(self.rate, stop):
                 await self._add(client, tick)
-        finally:
-            await client.aclose()
 
-    async def _add(self, client: aioredis.Redis, tick: int) -> None:
+    async def _add(self, client: StreamClient, tick: int) -> None:
         nonce = STREAM_NONCE_BASE + tick
         zone = self.zones[tick % len(self.zones)]
         self.log.zones[nonce] = zone
@@ -84,26 +144,25 @@ class StreamProducer:
                   "volume": str(nonce), "timestamp": iso_ms(time.time())}  # fmt: skip
         try:
             entry_id = await client.xadd(STREAM, fields)  # type: ignore[arg-type]
-        except (RedisError, OSError) as exc:
+        except STREAM_ERRORS as exc:
             self.log.failed[type(exc).__name__] += 1
             return
-        ms, _, seq = entry_id.decode().partition("-")
+        text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        ms, _, seq = text.partition("-")
         self.log.ids[nonce] = (int(ms), int(seq))
 
     async def measure_backlog(self) -> None:
         """Entries still in the stream plus those pending in the group (once quiet)."""
-        client = aioredis.Redis.from_url(self.redis_url, socket_timeout=TIMEOUT)
         try:
-            length = int(await client.xlen(STREAM))
-            try:
-                pending = int((await client.xpending(STREAM, GROUP))["pending"])
-            except RedisError:  # no group: nothing consumed since Redis last restarted
-                pending = 0
+            async with self.connect() as client:
+                length = int(await client.xlen(STREAM))
+                try:
+                    pending = int((await client.xpending(STREAM, GROUP))["pending"])
+                except RedisError:  # no group: nothing consumed since Redis last restarted
+                    pending = 0
             self.log.backlog = length + pending
-        except (RedisError, OSError):
+        except STREAM_ERRORS:
             self.log.backlog = None
-        finally:
-            await client.aclose()
 
 
 def stream_checks(
@@ -113,7 +172,7 @@ def stream_checks(
     redis_kills: Sequence[float],
 ) -> dict[str, Any]:
     """(e)-(h) and context from every (zone, epoch, seq) a client saw; ``redis_kills``:
-    when Redis was SIGKILLed (epoch seconds)."""
+    when Redis lost data (a SIGKILL, a master replaced; epoch seconds)."""
     seqs: dict[tuple[str, str, int], set[int]] = {}  # (zone, epoch, nonce) -> seqs
     for (zone, epoch, seq), bodies in keys.items():
         for _, volume, _ in bodies:
