@@ -55,6 +55,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import secrets
 import shutil
@@ -67,7 +68,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.chaos_analysis import analyse, table
+from bench.chaos_analysis import analyse, drift, table
 from bench.chaos_clients import EpochWatcher, Recorder, ResumingClient
 from bench.chaos_faults import Fault, Rig, inject, plan_faults
 from bench.chaos_procs import REPO, Child, HarnessError, Instance
@@ -108,12 +109,26 @@ class Deployment:
     instances: list[Instance]
     rss_start: dict[str, int] = field(default_factory=dict)
     rss_end: dict[str, int] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def children(self) -> list[Child]:
         return [*self.instances, *self.backend.nodes]
 
     def rss(self) -> dict[str, int]:
         return {child.name: child.rss_kib() for child in self.children()}
+
+    async def sample(self, origin: float, every: float, stop: asyncio.Event) -> None:
+        """Every ``every`` s, each instance's RSS, open descriptors and starts: a long run
+        shows drift (a leak grows across samples of one process; ``starts`` tells a
+        restart's reset apart from a release)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+            self.samples.append({
+                "t": round(time.time() - origin, 1),
+                **{i.name: {"rss_kib": i.rss_kib(), "fds": _fds(i), "starts": i.starts}
+                   for i in self.instances},
+            })  # fmt: skip
 
     async def shutdown(self) -> None:
         for instance in self.instances:
@@ -132,6 +147,13 @@ class Deployment:
             if isinstance(child, Instance):
                 info[child.name]["tracebacks"] = child.tracebacks()
         return info
+
+
+def _fds(child: Child) -> int:
+    try:
+        return len(os.listdir(f"/proc/{child.pid}/fd")) if child.running else 0
+    except OSError:  # exited between the check and the read
+        return 0
 
 
 def say(text: str) -> None:
@@ -167,6 +189,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--short", action="store_true", help="CI size: each fault kind once, about 50 s in all"
     )
     parser.add_argument("--json", action="store_true", help="print the JSON report, not tables")
+    parser.add_argument(
+        "--sample-every", type=float, default=60.0,
+        help="seconds between drift samples (RSS, descriptors, latency per window)",
+    )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=OUT, help=f"where logs and the report go (default {OUT})"
     )
@@ -301,6 +327,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             origin = time.time()
             await asyncio.sleep(WARMUP)
             deployment.rss_start = deployment.rss()
+            sampling = asyncio.create_task(
+                deployment.sample(origin, args.sample_every, stop_publisher)
+            )
             deadline = origin + (args.duration if not args.short else 1e9)
             rig = Rig(
                 backend, instances, publisher, lambda: load(clients, len(instances)),
@@ -310,7 +339,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             faults = await run_faults(args, topology, rig, deadline)
             await asyncio.sleep(max(SETTLE, (deadline - time.time()) if not args.short else 0))
             stop_publisher.set()
-            await asyncio.gather(*publishing)
+            await asyncio.gather(*publishing, sampling)
             await asyncio.sleep(DRAIN)
             if producer:
                 await producer.measure_backlog()
@@ -326,6 +355,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         recorder, publisher.log, faults, origin=origin, servers=deployment.servers(),
         stream=producer.log if producer else None,
     )  # fmt: skip
+    report["drift"] = drift(
+        deployment.samples, recorder, publisher.log, faults, origin=origin, every=args.sample_every
+    )
     config = {
         "topology": args.topology,
         "redis_url": backend.url,

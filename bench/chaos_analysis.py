@@ -18,7 +18,7 @@ from bench.chaos_faults import Fault
 from bench.chaos_publisher import Accepted, PublishLog
 from bench.chaos_stream import StreamLog, stream_checks
 
-__all__ = ["FAULT_TAIL", "analyse", "table"]
+__all__ = ["FAULT_TAIL", "analyse", "drift", "table"]
 
 FAULT_TAIL = 5.0  # seconds after a fault's end still charged to it
 SPAN_LEAD = 0.5  # a client must have been following the zone this long before a publish ...
@@ -201,6 +201,32 @@ def latency(recorder: Recorder, log: PublishLog, faults: Sequence[Fault]) -> dic
     return {"inside_faults": percentiles(inside), "outside_faults": percentiles(outside)}
 
 
+def drift(
+    samples: list[dict[str, Any]],
+    recorder: Recorder,
+    log: PublishLog,
+    faults: Sequence[Fault],
+    *,
+    origin: float,
+    every: float,
+) -> dict[str, Any]:
+    """The samples, each with the p50/p99 of live deliveries outside faults in the window
+    that ends at it: latency, RSS and descriptors side by side over a long run."""
+    windows: dict[int, list[float]] = {}
+    for received, nonce in recorder.live:
+        sent = log.sent_at.get(nonce)
+        if sent is not None and not fault_at(faults, received):
+            windows.setdefault(int((received - origin) // every), []).append(
+                (received - sent) * 1000
+            )
+    rows = []
+    for sample in samples:
+        window = windows.get(int((sample["t"] - 1e-6) // every), [])
+        stats = percentiles(window)
+        rows.append(sample | {"latency_ms": {k: stats[k] for k in ("count", "p50", "p99")}})
+    return {"every_s": every, "samples": rows}
+
+
 def mass_closes(recorder: Recorder, faults: Sequence[Fault]) -> list[float]:
     """Times of 1001 closes not explained by their own instance being stopped."""
     stops = [
@@ -374,4 +400,20 @@ def table(report: dict[str, Any]) -> str:
             f"{name:<14}{info.get('starts', 1):>6}{info['rss_kib_start']:>15}"
             f"{info['rss_kib_end']:>13}{info.get('tracebacks', 0):>12}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + drift_lines(report.get("drift")))
+
+
+def drift_lines(drift: dict[str, Any] | None) -> list[str]:
+    """One row per sample: each instance's RSS KiB / descriptors / starts, and the p99 of
+    live deliveries outside faults in the window before it."""
+    if not drift or not drift["samples"]:
+        return []
+    names = [k for k in drift["samples"][0] if k not in ("t", "latency_ms")]
+    lines = ["", "drift      t s" + "".join(f"{n + ' RSS/fds/starts':>28}" for n in names)
+             + "   p99 ms"]  # fmt: skip
+    for row in drift["samples"]:
+        cells = "".join(
+            f"{row[n]['rss_kib']:>14}/{row[n]['fds']:>5}/{row[n]['starts']:>6}" for n in names
+        )
+        lines.append(f"{'':<6}{row['t']:>8}{cells}{row['latency_ms']['p99']!s:>9}")
+    return lines
