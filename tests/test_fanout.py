@@ -33,7 +33,7 @@ from tests.support import (
     receive_json,
 )
 
-BATCH = 500  # prices per publish request: ~60 KiB of frames in one tick
+BATCH = 500  # prices per publish request: ~80 KiB of frames in one tick
 STALLED_RCVBUF = 4096
 STALLED_MSS = 536
 
@@ -243,12 +243,16 @@ async def test_stalled_reader_is_conflated_then_4008_while_readers_get_every_upd
 async def test_burst_over_the_hard_limit_closes_4008_with_the_code_on_the_wire(
     make_client: MakeClient,
 ) -> None:
+    # The high-water mark above what the first tick leaves in pricehub's buffer (~80 KiB
+    # written, most of it taken by the kernel), so the burst reaches the hard limit
+    # before the connection starts conflating.
     client = await make_client(
-        send_high_water=16 * 1024, send_hard_limit=64 * 1024, max_batch_size=10 * BATCH
+        send_high_water=48 * 1024, send_hard_limit=64 * 1024, max_batch_size=10 * BATCH
     )
     broadcaster = client.app[BROADCASTER]
     stalled, connection = await open_stalled(client, "/api/ws/ws/market/pjm")
-    # One tick writes ~600 KiB, far more than the kernel takes for a stalled reader.
+    # One request writes ~800 KiB (ticks of 500), far more than the kernel takes for a
+    # stalled reader.
     await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(10 * BATCH)])
     assert connection.closing and connection.disconnect_reason == "slow_consumer"
     assert broadcaster.slow_consumer_closes == 1

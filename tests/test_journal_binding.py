@@ -249,7 +249,7 @@ async def test_a_running_instance_follows_a_feed_recreated_at_its_redis(
 
 
 def price(seq: int, value: float) -> StoredPrice:
-    return StoredPrice("pjm", seq, with_seq(body(value), seq))
+    return StoredPrice("pjm", seq, with_seq(body(value), seq, b"2026-11-27T15:00:00.000000Z"))
 
 
 async def legacy_journal(directory: Path, epoch: str) -> None:

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pricehub import __version__
 from pricehub.server.http.group_metrics import WORKERS_MISSING
-from pricehub.server.http.metrics import METRICS
+from pricehub.server.http.metrics import DELIVERY_LAG, METRICS
 from pricehub.wire.codes import DisconnectReason
 from tests.support import (
     WAIT,
@@ -318,7 +318,7 @@ async def test_every_declared_metric_is_exposed_and_documented(make_client: Make
         # prometheus_client adds the histogram's creation time as a family of its own.
         if family.name.startswith("pricehub_") and not family.name.endswith("_created")
     }
-    declared = {spec.name for spec in METRICS} | {LATENCY}
+    declared = {spec.name for spec in METRICS} | {LATENCY, DELIVERY_LAG}
     assert exposed == {name.removesuffix("_total") for name in declared}
     page = OPERATIONS_MD.read_text()
     # the tables, plus the gauge only a --workers group exposes

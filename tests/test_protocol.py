@@ -13,6 +13,7 @@ from pricehub.wire.errors import ProtocolError, ValidationError
 
 ZONES = ("pjm", "ercot")
 NOW = "2026-11-27T15:00:00.000Z"
+ACCEPTED = b"2026-11-27T15:00:00.123456Z"  # a stored price's accepted_at
 
 
 @pytest.mark.parametrize(
@@ -99,15 +100,18 @@ def test_ingest_fields_are_strings_parsed_like_the_http_body() -> None:
 
 @pytest.mark.parametrize("stamp", [NOW, "0999-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"])
 def test_timestamp_of_reads_the_stored_price_without_parsing(stamp: str) -> None:
-    stored = messages.with_seq(messages.PriceBody("pjm", -1.5, None, stamp).encode(), 123456)
+    stored = messages.with_seq(
+        messages.PriceBody("pjm", -1.5, None, stamp).encode(), 123456, ACCEPTED
+    )
     assert messages.timestamp_of(stored) == orjson.loads(stored)["timestamp"] == stamp
 
 
 def test_with_seq_and_price_update_splice_valid_json() -> None:
     body = messages.PriceBody("pjm", 41.5, 10.0, NOW).encode()
-    stored = messages.with_seq(body, 42)
+    stored = messages.with_seq(body, 42, ACCEPTED)
     assert orjson.loads(stored) == {
         "seq": 42, "market_zone": "pjm", "price": 41.5, "volume": 10.0, "timestamp": NOW,
+        "accepted_at": ACCEPTED.decode(),
     }
     update = orjson.loads(messages.price_update(stored, replay=True, conflated=True))
     assert update["type"] == "price_update"
@@ -176,7 +180,7 @@ def test_bad_client_messages_map_to_contract_codes(raw: str | bytes, code: str) 
 
 
 def test_server_messages_carry_type_and_timestamp() -> None:
-    stored = messages.with_seq(messages.PriceBody("pjm", 1.0, None, NOW).encode(), 1)
+    stored = messages.with_seq(messages.PriceBody("pjm", 1.0, None, NOW).encode(), 1, ACCEPTED)
     frames = [
         messages.simple("pong", now=NOW),
         messages.initial_data("pjm", stored, now=NOW),

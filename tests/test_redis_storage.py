@@ -26,7 +26,7 @@ from pricehub.storage.redis import (
     WriteInDoubt,
     next_stream_id,
 )
-from pricehub.wire.messages import PriceBody, with_seq
+from pricehub.wire.messages import PriceBody, accepted_at_of, with_seq
 from tests.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.serverproc import free_port
 from tests.support import PUBLISH_KEY, MakeClient, eventually, missing_tool
@@ -63,10 +63,13 @@ async def test_key_layout(redis_server: RedisProcess, raw: aioredis.Redis, prefi
             f"{prefix}instances", f"{prefix}latest:pjm", f"{prefix}seq:pjm",
         ]  # fmt: skip
         assert await raw.get(f"{prefix}seq:pjm") == b"2"
-        # the Lua script splices the seq exactly like protocol.with_seq
-        assert await raw.get(f"{prefix}latest:pjm") == with_seq(body("pjm", 2.0), 2)
-        assert await raw.zrange(f"{prefix}history:pjm", 0, -1, withscores=True) == [
-            (with_seq(body("pjm", 1.0), 1), 1.0), (with_seq(body("pjm", 2.0), 2), 2.0),
+        # the Lua script splices the seq (and Redis's time) exactly like messages.with_seq
+        history = await raw.zrange(f"{prefix}history:pjm", 0, -1, withscores=True)
+        stamps = [str(accepted_at_of(payload)).encode() for payload, _ in history]
+        assert await raw.get(f"{prefix}latest:pjm") == with_seq(body("pjm", 2.0), 2, stamps[1])
+        assert history == [
+            (with_seq(body("pjm", 1.0), 1, stamps[0]), 1.0),
+            (with_seq(body("pjm", 2.0), 2, stamps[1]), 2.0),
         ]  # fmt: skip
         assert await raw.get(f"{prefix}epoch") == storage.epoch.encode()
         assert 0 < await raw.pttl(f"{prefix}instance:i1") <= 10_000
@@ -270,7 +273,7 @@ async def test_feeds_on_two_databases_never_mix(
             assert prices == [base + index for index in range(5)]  # its own feed only
         # A stray publisher on our channel, in the old and in the new message shape.
         channel = f"{prefix}db0:prices"
-        stray = with_seq(body("pjm", 666.0), 6)
+        stray = with_seq(body("pjm", 666.0), 6, b"2026-11-27T15:00:00.000000Z")
         await raw.publish(channel, b"pjm " + stray)
         await raw.publish(channel, f"{feeds[1].epoch} pjm ".encode() + stray)
         await raw.publish(channel, b"garbage")
@@ -407,7 +410,9 @@ async def test_damaged_zone_keys_never_stop_a_start_or_a_recovery(
     and the recovery does not fail for ever; the other zones are loaded and written back."""
     zones = ("pjm", *DAMAGED)
     await raw.set(f"{prefix}seq:pjm", "1")
-    await raw.zadd(f"{prefix}history:pjm", {with_seq(body("pjm", 0.5), 1): 1})
+    await raw.zadd(
+        f"{prefix}history:pjm", {with_seq(body("pjm", 0.5), 1, b"2026-11-27T15:00:00.000000Z"): 1}
+    )
     await damage(raw, prefix)
     proxy = TcpProxy(redis_server.port)
     await proxy.start()

@@ -40,10 +40,10 @@ ZONES = frozenset({"pjm", "ercot", "caiso"})
 
 
 def price(zone: str, seq: int) -> StoredPrice:
-    body = b'{"market_zone":"%s","price":%d.5,"volume":null,"seq":%d,"timestamp":"%s"}' % (
-        zone.encode(), seq, seq, NOW.encode()
+    body = b'{"market_zone":"%s","price":%d.5,"volume":null,"timestamp":"%s"}' % (
+        zone.encode(), seq, NOW.encode()
     )
-    return StoredPrice(zone, seq, body)
+    return StoredPrice(zone, seq, messages.with_seq(body, seq, b"2026-12-01T12:00:00.000001Z"))
 
 
 class Store:

@@ -7,6 +7,7 @@ and are kept apart by a unique key prefix.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 
@@ -16,7 +17,7 @@ import pytest
 from pricehub.storage import MemoryStorage, Storage
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import RedisStorage
-from pricehub.wire.messages import PriceBody, with_seq
+from pricehub.wire.messages import PriceBody, accepted_at_of, with_seq
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.support import eventually
 
@@ -26,6 +27,16 @@ HISTORY = 5
 
 def body(zone: str, price: float, *, volume: float | None = 1.0) -> bytes:
     return PriceBody(zone, price, volume, "2026-11-27T15:00:00.000Z").encode()
+
+
+def stored(body: bytes, seq: int, payload: bytes) -> bytes:
+    """What ``body`` stored as ``seq`` reads, with the accepted_at ``payload`` carries."""
+    accepted_at = accepted_at_of(payload)
+    assert accepted_at is not None and re.fullmatch(ACCEPTED_AT, accepted_at), payload
+    return with_seq(body, seq, accepted_at.encode())
+
+
+ACCEPTED_AT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 
 
 def make_storage(kind: str, redis_server: RedisProcess, prefix: str) -> Storage:
@@ -72,10 +83,10 @@ async def test_seqs_per_zone_and_payload(started: tuple[Storage, RecordingListen
     second = await storage.append("pjm", body("pjm", -3.25, volume=None))
     other = await storage.append("ercot", body("ercot", 12.0))
     assert [first.seq, second.seq, other.seq] == [1, 2, 1]
-    assert first.payload == with_seq(body("pjm", 41.5), 1)
+    assert first.payload == stored(body("pjm", 41.5), 1, first.payload)
     assert orjson.loads(second.payload) == {
         "seq": 2, "market_zone": "pjm", "price": -3.25, "volume": None,
-        "timestamp": "2026-11-27T15:00:00.000Z",
+        "timestamp": "2026-11-27T15:00:00.000Z", "accepted_at": accepted_at_of(second.payload),
     }  # fmt: skip
     assert await listener.wait_for("pjm", 2) == [1, 2]
     assert await listener.wait_for("ercot", 1) == [1]
@@ -92,7 +103,7 @@ async def test_latest_and_bounded_history(started: tuple[Storage, RecordingListe
     latest = await storage.latest("pjm")
     assert latest is not None
     assert latest.seq == HISTORY + 3
-    assert latest.payload == with_seq(body("pjm", float(HISTORY + 2)), HISTORY + 3)
+    assert latest.payload == stored(body("pjm", float(HISTORY + 2)), HISTORY + 3, latest.payload)
     assert [p.seq for p in await storage.history("pjm", limit=100)] == [4, 5, 6, 7, 8]
     assert [p.seq for p in await storage.history("pjm", limit=2)] == [7, 8]
     assert await storage.history("pjm", limit=0) == []
@@ -109,7 +120,7 @@ async def test_since(started: tuple[Storage, RecordingListener]) -> None:
     replay = await storage.since("pjm", 4)
     assert replay is not None
     assert [p.seq for p in replay] == [5, 6, 7]
-    assert replay[0].payload == with_seq(body("pjm", 4.0), 5)
+    assert replay[0].payload == stored(body("pjm", 4.0), 5, replay[0].payload)
     assert [p.seq for p in await storage.since("pjm", 2) or []] == [3, 4, 5, 6, 7]
     assert await storage.since("pjm", 1) is None  # seq 2 is no longer retained
     assert await storage.since("pjm", 0) is None

@@ -110,7 +110,8 @@ async def test_json_mode_prints_one_price_object_per_line(
         assert line["market_zone"] == "pjm"
         assert line["volume"] == 7
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["timestamp"])
-        assert set(line) == {"market_zone", "price", "volume", "seq", "timestamp"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["accepted_at"])
+        assert set(line) == {"market_zone", "price", "volume", "seq", "timestamp", "accepted_at"}
 
 
 async def test_ctrl_c_stops_tail_even_when_the_suite_ignores_sigint(

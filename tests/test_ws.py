@@ -54,6 +54,7 @@ async def test_single_zone_connect_sends_established_then_initial_data(
         "volume": 10.0,
         "seq": 1,
         "timestamp": initial["latest_price"]["timestamp"],
+        "accepted_at": initial["latest_price"]["accepted_at"],  # tests/test_accepted_at.py
     }
     await publish(
         client, {"market_zone": "pjm", "price": -3.25, "timestamp": "2026-11-27T10:00:00-05:00"}
@@ -66,6 +67,7 @@ async def test_single_zone_connect_sends_established_then_initial_data(
         "volume": None,
         "seq": 2,
         "timestamp": "2026-11-27T15:00:00.000Z",
+        "accepted_at": update["accepted_at"],
     }
 
 

@@ -35,6 +35,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -87,6 +88,9 @@ class PriceUpdate:
     ``timestamp`` is the wire string (ISO-8601 UTC, milliseconds, ``Z``). ``replay`` marks an
     update re-sent during a resume, ``conflated`` one after which the server skipped updates
     for a slow reader, ``initial`` the zone's current price sent on (re)subscribe.
+    ``accepted_at`` is when the server gave it its seq (ISO-8601 UTC, microseconds, ``Z``;
+    the same on every instance), None for a price the server stored before it had the
+    field; ``accepted`` is it as a ``datetime``, for measuring lag.
     """
 
     zone: str
@@ -97,6 +101,14 @@ class PriceUpdate:
     replay: bool = False
     conflated: bool = False
     initial: bool = False
+    accepted_at: str | None = None
+
+    @property
+    def accepted(self) -> datetime | None:
+        """``accepted_at`` as an aware UTC ``datetime`` (None without one)."""
+        if self.accepted_at is None:
+            return None
+        return datetime.fromisoformat(self.accepted_at.replace("Z", "+00:00"))
 
     def as_price_object(self) -> dict[str, Any]:
         """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true
@@ -107,6 +119,7 @@ class PriceUpdate:
             "volume": self.volume,
             "seq": self.seq,
             "timestamp": self.timestamp,
+            "accepted_at": self.accepted_at,
         }
         if self.replay:
             price["replay"] = True
@@ -708,4 +721,11 @@ def _price(
         replay=bool(message.get("replay", False)),
         conflated=bool(message.get("conflated", False)),
         initial=initial,
+        accepted_at=_accepted_at(obj.get("accepted_at")),
     )
+
+
+def _accepted_at(value: object) -> str | None:
+    """The wire's ``accepted_at`` (null for a price stored before the server had it);
+    anything but a string is treated as absent rather than failing the update."""
+    return value if isinstance(value, str) else None

@@ -71,7 +71,7 @@ from pricehub.storage.base import IngestAck, IngestSource, StoredPrice
 from pricehub.storage.errors import BatchInterrupted, StorageError, ZoneRefused
 from pricehub.storage.redis import INGEST_GROUP, KeyLayout, LeaseLost
 from pricehub.wire.errors import ValidationError
-from pricehub.wire.messages import PriceBody, utc_now, validate_ingest_fields, with_seq
+from pricehub.wire.messages import PriceBody, body_of, utc_now, validate_ingest_fields
 
 __all__ = [
     "ECHO_LIMIT", "INGEST_STATS", "MAX_ENTRY_BYTES", "MAX_ENTRY_FIELDS", "IngestConsumer",
@@ -544,7 +544,7 @@ def _refused_indexes(bodies: Sequence[PriceBody], accepted: Sequence[StoredPrice
     stored = next(kept, None)
     refused: list[int] = []
     for index, body in enumerate(bodies):
-        if stored is not None and stored.payload == with_seq(body.encode(), stored.seq):
+        if stored is not None and body_of(stored.payload) == body.encode():
             stored = next(kept, None)
         else:
             refused.append(index)

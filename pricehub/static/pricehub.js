@@ -350,7 +350,7 @@ function defaultBaseUrl() {
  * Events (use `client.on(type, fn)` -> fn(detail), or addEventListener(type, e => e.detail)):
  *   status   {status: 'connecting'|'connected'|'reconnecting'|'failed'|'closed', ...};
  *            `connected` carries `transport` ('ws' | 'sse')
- *   price    {price: {market_zone, price, volume, seq, timestamp}, flags: {initial, replay, conflated}}
+ *   price    {price: {market_zone, price, volume, seq, timestamp, accepted_at}, flags: {initial, replay, conflated}}
  *   gap      {zone, fromSeq, toSeq, epochChanged}
  *   backend  {backend, previous}
  *   error    {code, message}           (server `error` messages; the socket stays open)
@@ -921,8 +921,11 @@ export class PriceHubClient extends EventTarget {
   }
 
   _onPriceUpdate(msg) {
+    // accepted_at: when the server gave the price its seq (null for one stored before the
+    // server had the field), passed through as the wire string.
     const { market_zone, price, volume, seq, timestamp } = msg;
-    this._deliver({ market_zone, price, volume, seq, timestamp },
+    const accepted_at = msg.accepted_at ?? null;
+    this._deliver({ market_zone, price, volume, seq, timestamp, accepted_at },
       { initial: false, replay: msg.replay === true, conflated: msg.conflated === true });
   }
 

@@ -51,7 +51,7 @@ from pricehub.storage.journal import (
     Recovered,
 )
 from pricehub.storage.memory import MemoryStorage
-from pricehub.wire.messages import with_seq
+from pricehub.wire.messages import accepted_now, with_seq
 
 __all__ = [
     "DISK_DISABLED",
@@ -218,15 +218,18 @@ class JournaledAppends:
             self._commit(batch, numbered, prices)
 
     def _number(self, batch: list[_Pending]) -> list[list[StoredPrice]]:
-        """Seqs continue from memory's, which holds exactly what is durable."""
+        """Seqs continue from memory's, which holds exactly what is durable. The batch is
+        numbered in one step, and that moment is every price's ``accepted_at``: stored in
+        its payload, so it is journaled with it and the same after any restart."""
         seqs: dict[str, int] = {}
         numbered = []
+        accepted_at = accepted_now()
         for pending in batch:
             group = []
             for zone, body in pending.items:
                 seq = seqs.get(zone, 0) or self.memory.last_seq(zone)
                 seqs[zone] = seq = seq + 1
-                group.append(StoredPrice(zone, seq, with_seq(body, seq)))
+                group.append(StoredPrice(zone, seq, with_seq(body, seq, accepted_at)))
             numbered.append(group)
         return numbered
 

@@ -115,7 +115,7 @@ from pricehub.storage.redis import (
     WriteInDoubt,
     redis_errors,
 )
-from pricehub.wire.messages import with_seq
+from pricehub.wire.messages import body_of
 
 T = TypeVar("T")
 
@@ -929,7 +929,8 @@ class FailoverStorage:
             return None  # the resync ended in a lone instance's memory failover
         for price in await self._memory.since(zone, after) or []:
             key = (zone, price.seq)
-            if price.payload == with_seq(body, price.seq) and (taken is None or key not in taken):
+            # The stored body, not the whole payload: its accepted_at is Redis's to know.
+            if body_of(price.payload) == body and (taken is None or key not in taken):
                 if taken is not None:
                     taken.add(key)
                 return price

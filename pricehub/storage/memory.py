@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
-from pricehub.wire.messages import with_seq
+from pricehub.wire.messages import accepted_now, with_seq
 
 __all__ = ["MemoryStorage"]
 
@@ -89,21 +89,25 @@ class MemoryStorage:
     async def append_many(
         self, items: Sequence[tuple[str, bytes]], *, acks: Sequence[IngestAck] | None = None
     ) -> list[StoredPrice]:
-        """``append`` for a batch, in order, with no await in between (one loop turn)."""
+        """``append`` for a batch, in order, with no await in between (one loop turn):
+        numbered in one step, so its prices share one ``accepted_at``."""
         if acks is not None:
             raise StorageUnavailable("no ingest stream without Redis")
-        prices = [self.record(zone, body) for zone, body in items]
+        accepted_at = accepted_now()
+        prices = [self.record(zone, body, accepted_at) for zone, body in items]
         listener = self._listener
         if listener is not None:
             for price in prices:
                 listener.on_price(price)
         return prices
 
-    def record(self, zone: str, body: bytes) -> StoredPrice:
-        """Number and store a price without publishing it."""
+    def record(self, zone: str, body: bytes, accepted_at: bytes | None = None) -> StoredPrice:
+        """Number and store a price without publishing it. ``accepted_at`` (the time of
+        numbering, stored in the payload): now unless a batch numbered together gives it."""
         state = self._zone(zone)
         state.seq += 1
-        price = StoredPrice(zone, state.seq, with_seq(body, state.seq))
+        stamp = accepted_now() if accepted_at is None else accepted_at
+        price = StoredPrice(zone, state.seq, with_seq(body, state.seq, stamp))
         state.history.append(price)
         return price
 

@@ -2,8 +2,9 @@
 
 Every key and channel lives under one prefix (``pricehub:`` by default, see
 ``KeyLayout``). Appending a price is one Lua script (``APPEND_LUA``): INCR the zone's seq,
-splice ``"seq":N,`` into the body exactly as ``protocol.with_seq`` does, store it as
-latest and in a bounded history ZSET (score = seq), PUBLISH it. Because the script is
+splice ``"seq":N,"accepted_at":"<Redis's TIME>",`` into the body exactly as
+``messages.with_seq`` does, store it as latest and in a bounded history ZSET
+(score = seq), PUBLISH it. Because the script is
 atomic and one PUB/SUB connection delivers in publish order, every instance sees a
 zone's prices in seq order. Concurrent appends are pipelined: they queue up while one
 round trip is in flight and leave together in the next one, several of them as one
@@ -58,6 +59,7 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_PIPELINE",
     "RESTORE_LUA",
+    "STAMP_LUA",
     "STORED_LUA",
     "STORE_LUA",
     "ZONE_ERROR",
@@ -161,6 +163,43 @@ class KeyLayout:
 # A zone's refusal (ZoneRefused), as the append scripts' error reply starts.
 ZONE_ERROR = "PRICEHUB_ZONE"
 
+# Lua shared by every append script: ``accepted_at`` (PROTOCOL.md), the moment the seq is
+# given, taken inside the script that gives it, from Redis's own clock (TIME), not the
+# instance's: so it is the moment of numbering whichever instance sent the price and
+# however long it queued in a pipeline, and a zone's prices all get their time from one
+# clock (its keys live on one node, on a cluster too) instead of from instances whose
+# clocks may disagree. The value is then stored in the payload (history, latest, the
+# published message): every instance serves it as stored, never recomputes it. TIME may
+# precede writes in a script because Redis replicates a script's effects, not the
+# script (the default since Redis 5, the only mode since 7.0): a replica or an AOF
+# replay gets the payload with the time in it and never runs TIME again. One TIME per
+# script: a batch (APPEND_MANY_LUA) is numbered in one atomic step, and its prices
+# share the value. ``utc_text`` is ``messages.format_accepted_at`` in Lua (days to civil
+# date, H. Hinnant's algorithm: Redis's Lua has no os.date); a test compares the two.
+STAMP_LUA = """
+local function utc_text(secs, micros)
+  local days = math.floor(secs / 86400)
+  local rem = secs - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06dZ', year, month, day,
+    math.floor(rem / 3600), math.floor(rem % 3600 / 60), rem % 60, micros)
+end
+
+local function accepted_now()
+  local now = redis.call('TIME')
+  return utc_text(tonumber(now[1]), tonumber(now[2]))
+end
+"""
+
 # Lua shared by every append script (pricehub.storage.cluster's too), prepended to it:
 # one price into its zone's keys. Returns its seq and payload, or nil and why the zone's
 # keys refuse it, with nothing written: a seq that is no integer, or out of 1 .. 2^53 - 1
@@ -170,20 +209,21 @@ ZONE_ERROR = "PRICEHUB_ZONE"
 # with it a whole batch half written, as an error the caller could not tell from a broken
 # Redis). A price costs the steps of before (INCR, ZADD, ZREMRANGEBYRANK, SET): the
 # checks ride in their replies, and a refused price's INCR is taken back (``undo``: a seq
-# key it created is deleted again).
-STORE_LUA = """
+# key it created is deleted again). ``accepted``: the script's ``accepted_now()``.
+STORE_LUA = STAMP_LUA + """
 local function undo(seq_key)
   if redis.call('DECR', seq_key) == 0 then redis.call('DEL', seq_key) end
 end
 
-local function store(seq_key, history_key, latest_key, body, keep)
+local function store(seq_key, history_key, latest_key, body, keep, accepted)
   local seq = redis.pcall('INCR', seq_key)
   if type(seq) == 'table' then return nil, seq_key .. ': ' .. seq.err end
   if seq < 1 or seq > 9007199254740991 then
     undo(seq_key)
     return nil, seq_key .. ': not a seq from 1 to 2^53 - 1'
   end
-  local payload = string.format('{"seq":%d,', seq) .. string.sub(body, 2)
+  local payload = string.format('{"seq":%d,"accepted_at":"%s",', seq, accepted)
+    .. string.sub(body, 2)
   local added = redis.pcall('ZADD', history_key, seq, payload)
   if type(added) == 'table' then
     undo(seq_key)
@@ -197,6 +237,8 @@ end
 
 # KEYS: seq, history, latest, epoch [, ingest lease, ingest stream]
 # ARGV: body, history_size, channel, zone, epoch [, consumer token, group, entry id]
+# Returns "<accepted_at> <seq>": the caller rebuilds the stored payload from it byte for
+# byte (``with_seq``), so the price it answers with is the one Redis stores.
 # A price its zone's keys refuse is an error reply (ZONE_ERROR); its ingest entry is
 # acknowledged all the same: left pending, it would hold up every later entry (the
 # order check), and it would only be refused again. The consumer logs and counts it.
@@ -212,7 +254,9 @@ if #KEYS == 6 then
     return redis.error_reply('PRICEHUB_ORDER an older ingest entry is still pending')
   end
 end
-local seq, payload = store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], -(tonumber(ARGV[2]) + 1))
+local accepted = accepted_now()
+local seq, payload = store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], -(tonumber(ARGV[2]) + 1),
+  accepted)
 if seq then
   redis.call('PUBLISH', ARGV[3], ARGV[5] .. ' ' .. ARGV[4] .. ' ' .. payload)
 end
@@ -223,7 +267,7 @@ if #KEYS == 6 then
   redis.call('XDEL', KEYS[6], ARGV[8])
 end
 if not seq then return redis.error_reply('PRICEHUB_ZONE ' .. payload) end
-return seq
+return string.format('%s %d', accepted, seq)
 """
 
 # A batch of appends in one script: one round trip, one reply and one PUBLISH (so one
@@ -241,9 +285,10 @@ return seq
 #       prices as one string of lines "zone entry_id body" (entry_id '' without acks),
 #       then (with acks) the stream id just after the batch's last entry.
 #       Zones and ids hold no space, a compact JSON body no newline.
-# Returns the seqs as one "s1,s2,..." string (cheaper to parse than an array reply); a
-# price its zone's keys refuse has "!<why>" in its place (no comma in it) and is left out
-# of the message, its ingest entry acknowledged with the others (see APPEND_LUA).
+# Returns "<accepted_at> " and the seqs as one "s1,s2,..." string (cheaper to parse than
+# an array reply); a price its zone's keys refuse has "!<why>" in its place (no comma in
+# it) and is left out of the message, its ingest entry acknowledged with the others (see
+# APPEND_LUA). Every price of the batch has that one accepted_at (STAMP_LUA).
 APPEND_MANY_LUA = STORE_LUA + """
 if redis.call('GET', KEYS[1]) ~= ARGV[3] then
   return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
@@ -263,6 +308,7 @@ if acking then
   end
 end
 local keep = -(tonumber(ARGV[1]) + 1)
+local accepted = accepted_now()
 local seq_key, history_key, latest_key = ARGV[6], ARGV[7], ARGV[8]
 local blob = ARGV[9]
 local pos, i, n = 1, 0, 0
@@ -276,7 +322,8 @@ while pos <= #blob do
   ids[i] = string.sub(blob, first + 1, second - 1)
   local body = string.sub(blob, second + 1, stop - 1)
   pos = stop + 1
-  local seq, payload = store(seq_key .. zone, history_key .. zone, latest_key .. zone, body, keep)
+  local seq, payload = store(seq_key .. zone, history_key .. zone, latest_key .. zone, body, keep,
+    accepted)
   if seq then
     seqs[i] = seq
     n = n + 1
@@ -302,7 +349,7 @@ end
 if n > 0 then
   redis.call('PUBLISH', ARGV[2], '!many ' .. ARGV[3] .. '\\n' .. table.concat(lines, '\\n'))
 end
-return table.concat(seqs, ',')
+return accepted .. ' ' .. table.concat(seqs, ',')
 """
 
 # Lua shared by the scripts that read a zone's state (load, restore; the cluster's too):
@@ -512,7 +559,7 @@ class _Write:
     zone: str
     body: bytes
     ack: IngestAck | None
-    future: asyncio.Future[int]
+    future: asyncio.Future[StoredPrice]
     # For an ingest write, the call it came from (``append_outcomes``' acks, or a token
     # per ``append``): only one call's entries are a run of the stream. None otherwise.
     call: object = None
@@ -817,12 +864,11 @@ class RedisStorage:
     ) -> StoredPrice:
         if self._lost is not None:
             raise StorageUnavailable(f"redis lost: {self._lost!r}")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[StoredPrice] = asyncio.get_running_loop().create_future()
         self._pending.append(_Write(zone, body, ack, future, None if ack is None else object()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        seq = await future
-        return StoredPrice(zone, seq, with_seq(body, seq))
+        return await future
 
     async def append_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
         """``append`` for a batch, in order: one script per price (each atomic, so the
@@ -859,11 +905,9 @@ class RedisStorage:
             # Sequential awaits, not gather: once the first is done the rest mostly are,
             # and awaiting a done future costs no loop turn.
             try:
-                seq = await write.future
+                outcomes.append(await write.future)
             except StorageError as exc:
                 outcomes.append(exc)
-            else:
-                outcomes.append(StoredPrice(write.zone, seq, with_seq(write.body, seq)))
         return outcomes
 
     async def _flush(self) -> None:
@@ -953,8 +997,9 @@ class RedisStorage:
                 await writer.disconnect(nowait=True)
 
     def _settle(self, group: Sequence[_Write], result: Any) -> None:
-        """Resolve one script's writes with its reply: a seq, "s1,s2,..." (a price its
-        zone's keys refused has "!<why>" in its place) or an error."""
+        """Resolve one script's writes with its reply: "<accepted_at> <seq>",
+        "<accepted_at> s1,s2,..." (a price its zone's keys refused has "!<why>" in its
+        place) or an error. Each write gets its price as Redis stored it."""
         if isinstance(result, BaseException):
             why = _refusal(result)
             if why is not None and len(group) == 1:
@@ -962,18 +1007,20 @@ class RedisStorage:
             else:
                 self._fail_writes(group, self._write_error(result))
             return
+        accepted_at, _, numbers = result.partition(b" ")
         seqs: list[int | bytes]
         if len(group) == 1:
-            seqs = [int(result)]
-        elif b"!" in result:  # rare: checked once per reply, not per price
-            seqs = [seq if seq[:1] == b"!" else int(seq) for seq in result.split(b",")]
+            seqs = [int(numbers)]
+        elif b"!" in numbers:  # rare: checked once per reply, not per price
+            seqs = [seq if seq[:1] == b"!" else int(seq) for seq in numbers.split(b",")]
         else:
-            seqs = [int(seq) for seq in result.split(b",")]
+            seqs = [int(seq) for seq in numbers.split(b",")]
         for write, seq in zip(group, seqs, strict=True):
             if write.future.done():
                 continue
             if isinstance(seq, int):
-                write.future.set_result(seq)
+                payload = with_seq(write.body, seq, accepted_at)
+                write.future.set_result(StoredPrice(write.zone, seq, payload))
             else:
                 write.future.set_exception(
                     self._zone_damaged(write.zone, seq[1:].decode(errors="replace"))

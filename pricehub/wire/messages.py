@@ -13,10 +13,12 @@ Three parts:
 
 from __future__ import annotations
 
+import calendar
 import functools
 import math
 import re
 import struct
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +30,7 @@ from pricehub.wire.codes import ErrorCode
 from pricehub.wire.errors import ProtocolError, ValidationError
 
 __all__ = [
+    "ACCEPTED_AT_NULL",
     "DEFAULT_HISTORY_LIMIT",
     "ClientMessage",
     "Heartbeat",
@@ -36,17 +39,23 @@ __all__ = [
     "RequestHistory",
     "Subscribe",
     "Unsubscribe",
+    "accepted_at_of",
+    "accepted_now",
+    "accepted_seconds",
+    "body_of",
     "close_reason",
     "connection_established",
     "decode_client_message",
     "encode",
     "error",
+    "format_accepted_at",
     "format_timestamp",
     "initial_data",
     "is_valid_zone_name",
     "normalise_timestamp",
     "parse_count",
     "price_history",
+    "price_object",
     "price_update",
     "resume_complete",
     "simple",
@@ -193,7 +202,8 @@ class PriceBody:
     timestamp: str
 
     def encode(self) -> bytes:
-        """The JSON object without ``seq``; ``with_seq`` adds it once the seq is known."""
+        """The JSON object without ``seq``; ``with_seq`` adds it (and ``accepted_at``) once
+        the seq is known."""
         return orjson.dumps(
             {
                 "market_zone": self.market_zone,
@@ -204,13 +214,17 @@ class PriceBody:
         )
 
 
-def with_seq(body: bytes, seq: int) -> bytes:
-    """Insert ``"seq"`` into an encoded ``PriceBody``.
+def with_seq(body: bytes, seq: int, accepted_at: bytes) -> bytes:
+    """Insert ``"seq"`` and ``"accepted_at"`` into an encoded ``PriceBody``.
 
-    Done by splicing bytes (the Redis Lua script does the same) so the seq can be
-    assigned atomically by the storage without parsing the JSON again.
+    Done by splicing bytes (the Redis Lua script does the same, ``STORE_LUA``) so the
+    seq can be assigned atomically by the storage without parsing the JSON again. Both go
+    in front: ``timestamp`` stays last (``timestamp_of``) and the seq first (the Redis
+    backend reads it from the first bytes). ``accepted_at`` is ``format_accepted_at``'s
+    text of the moment the storage gave the seq, and from then on part of the stored
+    price: every instance, restart and failover serves the same bytes.
     """
-    return b'{"seq":%d,%s' % (seq, body[1:])
+    return b'{"seq":%d,"accepted_at":"%s",%s' % (seq, accepted_at, body[1:])
 
 
 _TIMESTAMP_TAIL = len(b'"2026-11-27T15:21:16.123Z"}')
@@ -224,6 +238,93 @@ def timestamp_of(payload: bytes) -> str:
     the closing quote and brace (a test keeps this true).
     """
     return payload[-_TIMESTAMP_TAIL + 1 : -2].decode()
+
+
+# --- accepted time ----------------------------------------------------------------------
+#
+# ``accepted_at`` (PROTOCOL.md, "Accepted time on every price") is taken where the seq is
+# given and stored in the payload, right after the seq: ``{"seq":N,"accepted_at":"...",``.
+# Prices stored before it existed (an older journal, Redis history written by an older
+# version, a price published during a rolling upgrade by an older instance) have no such
+# field: they are served as they are, with ``"accepted_at":null`` added to the object
+# (``price_object``), so every price object on the wire has the field and old data
+# stays readable.
+
+_ACCEPTED_KEY = b'"accepted_at":'
+_ACCEPTED_TEXT = b'"accepted_at":"'
+ACCEPTED_AT_NULL = b'"accepted_at":null,'  # what a price stored without one gets on the wire
+
+
+def format_accepted_at(unix_ns: int) -> bytes:
+    """ISO-8601 UTC with microseconds and ``Z`` (``2026-11-27T15:21:16.123456Z``), from
+    nanoseconds since the epoch (``time.time_ns()``). The Lua twin is ``STAMP_LUA``."""
+    seconds, micros = divmod(unix_ns // 1000, 1_000_000)
+    return b"%s.%06dZ" % (_second_text(seconds), micros)
+
+
+@functools.lru_cache(maxsize=8)
+def _second_text(seconds: int) -> bytes:
+    # Cached: every price accepted within one second shares this part.
+    return b"%04d-%02d-%02dT%02d:%02d:%02d" % time.gmtime(seconds)[:6]
+
+
+def accepted_now() -> bytes:
+    """The ``accepted_at`` of a price numbered now, by this process's clock (the memory
+    and durable stores; Redis takes it from its own clock, see ``STAMP_LUA``)."""
+    return format_accepted_at(time.time_ns())
+
+
+def _accepted_start(payload: bytes) -> int:
+    """Where the key ``"accepted_at"`` of a stored price starts, or -1 without one."""
+    start = payload.find(b",", 7) + 1  # after {"seq":N,
+    return start if start and payload.startswith(_ACCEPTED_KEY, start) else -1
+
+
+def accepted_at_of(payload: bytes) -> str | None:
+    """The ``accepted_at`` text of a stored price, None for one stored without it."""
+    start = _accepted_start(payload)
+    if start < 0 or not payload.startswith(_ACCEPTED_TEXT, start):
+        return None
+    value = start + len(_ACCEPTED_TEXT)
+    return payload[value : payload.index(b'"', value)].decode()
+
+
+def accepted_seconds(payload: bytes) -> float | None:
+    """``accepted_at`` of a stored price as Unix seconds (for the delivery-lag metric),
+    None without one (or unreadable: the metric skips it, the price is served anyway)."""
+    text = accepted_at_of(payload)
+    if text is None or len(text) != 27:
+        return None
+    try:
+        return _epoch_second(text[:19]) + int(text[20:26]) / 1e6
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_second(text: str) -> int:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+
+
+def body_of(payload: bytes) -> bytes:
+    """The body a stored price was numbered from: ``with_seq``'s inverse (also for a
+    price stored without ``accepted_at``). Tells whether a stored price is the one a
+    given body became, whatever time it was accepted at."""
+    start = payload.find(b",", 7) + 1
+    if start and payload.startswith(_ACCEPTED_TEXT, start):
+        start = payload.index(b'",', start + len(_ACCEPTED_TEXT)) + 2
+    return b"{" + payload[start:]
+
+
+def price_object(payload: bytes) -> bytes:
+    """A stored price as it goes on the wire: as stored, or for a price stored before
+    ``accepted_at`` existed, with ``"accepted_at":null`` (see above). One comparison for
+    every current price: this runs once per update and per price of a history."""
+    if _accepted_start(payload) >= 0:
+        return payload
+    if len(payload) <= 2:  # {}: nothing to separate from
+        return b'{"accepted_at":null}'
+    return b"{" + ACCEPTED_AT_NULL + payload[1:]
 
 
 _PRICE_FIELDS = frozenset({"market_zone", "price", "volume", "timestamp"})
@@ -526,7 +627,7 @@ def connection_established(
 def price_update(payload: bytes, *, replay: bool = False, conflated: bool = False) -> bytes:
     """A ``price_update`` built by splicing the stored price object (no re-encoding)."""
     flags = (b'"replay":true,' if replay else b"") + (b'"conflated":true,' if conflated else b"")
-    return b'{"type":"price_update",' + flags + payload[1:]
+    return b'{"type":"price_update",' + flags + price_object(payload)[1:]
 
 
 def initial_data(zone: str, payload: bytes, *, now: str) -> bytes:
@@ -534,7 +635,7 @@ def initial_data(zone: str, payload: bytes, *, now: str) -> bytes:
         {
             "type": "initial_data",
             "market_zone": zone,
-            "latest_price": orjson.Fragment(payload),
+            "latest_price": orjson.Fragment(price_object(payload)),
             "timestamp": now,
         }
     )
@@ -559,7 +660,7 @@ def price_history(
     message: dict[str, Any] = {
         "type": "price_history",
         "market_zone": zone,
-        "data": [orjson.Fragment(payload) for payload in payloads],
+        "data": [orjson.Fragment(price_object(payload)) for payload in payloads],
     }
     if hours is not None:
         message["hours"] = hours

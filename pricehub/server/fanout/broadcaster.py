@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, cast
 
+from pricehub.server.fanout.lag import TRANSPORTS, LagHistogram
 from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
 from pricehub.server.socket.connection import DEFLATE, Connection
 from pricehub.server.sse.connection import SSE, SseConnection, chunk
@@ -113,6 +114,23 @@ class Audience:
             self.cursor = {zone: last_seq.get(zone, 0) for zone in self.zones}
 
 
+class _TickLag:
+    """One flush's view of the tick's first price per zone, each ``accepted_at`` parsed
+    once, when a write first needs it (not per audience)."""
+
+    __slots__ = ("_seconds", "firsts")
+
+    def __init__(self, firsts: dict[str, bytes]) -> None:
+        self.firsts = firsts
+        self._seconds: dict[str, float | None] = {}
+
+    def accepted(self, zone: str) -> float | None:
+        seconds = self._seconds
+        if zone not in seconds:
+            seconds[zone] = messages.accepted_seconds(self.firsts[zone])
+        return seconds[zone]
+
+
 class Broadcaster:
     """Implements ``StorageListener``; owns the set of open connections.
 
@@ -151,6 +169,11 @@ class Broadcaster:
         # in that tick to its write (the metrics module installs a histogram here).
         self.observe_latency: Callable[[float], None] = _ignore
         self._tick_started: float | None = None
+        # accepted_at -> shared write, per transport (``lag.py`` says what is observed).
+        self.delivery_lag = {transport: LagHistogram() for transport in TRANSPORTS}
+        # The tick's first price of each zone that went to an audience (its oldest in
+        # every audience's share of the tick): the zone's lag is measured on it.
+        self._tick_first: dict[str, bytes] = {}
         self._dirty_audiences: list[Audience] = []
         self._dirty: list[Connection] = []
         self._candidates: dict[Connection, None] = {}
@@ -318,6 +341,8 @@ class Broadcaster:
         deflated = self.deflater.frame(payload) if zone in self._deflating else None
         event = sse.event_data(payload) if zone in self._sse else None
         if audiences:
+            if zone not in self._tick_first:
+                self._tick_first[zone] = price.payload
             entry = (zone, price.seq, frame, deflated, event)
             for audience in audiences:
                 audience.pending.append(entry)
@@ -417,6 +442,8 @@ class Broadcaster:
         per-delivery cost). Returns the members that must leave their audience."""
         audiences, self._dirty_audiences = self._dirty_audiences, []
         leaving = self._leaving = []
+        lag = _TickLag(self._tick_first)
+        self._tick_first = {}
         for audience in audiences:
             audience.dirty = False
             frames = audience.share()
@@ -427,21 +454,43 @@ class Broadcaster:
             audience.bytes += len(data)
             audience.frames += count
             audience.writes += 1
+            skipped = 0  # counted off the hot path: only members that were not written
             for connection in audience.members:
                 if connection.outbox:  # its own messages, queued first this tick, go first
                     connection.flush(now)
                     if connection.closing:
+                        skipped += 1
                         continue
                 transport = connection.transport
                 if transport.is_closing():
+                    skipped += 1
                     continue
                 transport.write(data)
                 if transport.get_write_buffer_size() or now >= connection.next_check:
                     connection.check_backlog(now)
                     if connection.conflated is not None:
                         leaving.append(connection)
+            written = len(audience.members) - skipped
+            if written > 0:
+                self._observe_lag(audience, lag, written)
         self._leaving = None
         return leaving
+
+    def _observe_lag(self, audience: Audience, lag: _TickLag, written: int) -> None:
+        """One observation per zone of the write just made to ``audience``: now minus the
+        accepted_at of the zone's oldest price in it, weighted by the members written
+        (``lag.py``). O(zones of the audience or of the tick, whichever is fewer)."""
+        zones: Collection[str] = audience.zones
+        firsts: Collection[str] = lag.firsts
+        if len(zones) > len(firsts):
+            zones, firsts = firsts, zones  # walk the smaller, look up in the other
+        histogram = self.delivery_lag["sse" if audience.encoding == SSE else "ws"]
+        now = time.time()  # wall clock, as accepted_at
+        for zone in zones:
+            if zone in firsts:
+                accepted = lag.accepted(zone)
+                if accepted is not None:  # None: stored before accepted_at existed
+                    histogram.observe(now - accepted, written)
 
     def seal(self, connection: Connection) -> None:
         """Before a close frame: write out what the connection has (its share of this

@@ -177,7 +177,7 @@ async def history_handler(request: web.Request) -> web.Response:
     limit = min(requested, request.app[SETTINGS].history_size)
     prices = await request.app[STORAGE].history(zone, limit=limit)
     body = b'{"market_zone":"%s","data":[%s]}' % (
-        zone.encode(), b",".join(price.payload for price in prices)
+        zone.encode(), b",".join(messages.price_object(price.payload) for price in prices)
     )
     return web.Response(body=body, content_type="application/json")
 

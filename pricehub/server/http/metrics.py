@@ -6,7 +6,10 @@ A custom collector reads those integers when Prometheus scrapes, so a scrape cos
 pass over the open connections on the loop (plus the ``process_*`` metrics, read in a
 thread) and a message costs nothing extra. The only native
 prometheus metric is the publish-to-send latency histogram, observed once per flushed
-event-loop tick (not per message or per client).
+event-loop tick (not per message or per client). The delivery-lag histogram
+(``pricehub_delivery_lag_seconds``: accepted_at to the write, per transport) is kept as
+plain bucket counts by the broadcaster (``fanout/lag.py``) and exported by
+``DeliveryLagCollector``.
 
 Every metric is declared once in ``METRICS`` (name, type, help, labels, how to read it);
 ``docs/operations.md`` lists the same names and a test keeps the two in step.
@@ -28,7 +31,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.registry import Collector
@@ -57,8 +65,9 @@ from pricehub.wire import paths
 from pricehub.wire.codes import DisconnectReason
 
 __all__ = [
-    "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY", "Families", "MetricSpec",
-    "PricehubCollector", "ProcessMetrics", "Sources", "add_routes",
+    "DELIVERY_LAG", "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY",
+    "DeliveryLagCollector", "Families", "MetricSpec", "PricehubCollector", "ProcessMetrics",
+    "Sources", "add_routes",
 ]
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
@@ -448,6 +457,32 @@ class PricehubCollector(Collector):
             yield spec.family(spec.read(sources))
 
 
+DELIVERY_LAG = "pricehub_delivery_lag_seconds"
+
+
+class DeliveryLagCollector(Collector):
+    """``pricehub_delivery_lag_seconds{transport}`` from the broadcaster's bucket counts
+    (both transports always, 0 before their first delivery)."""
+
+    HELP = (
+        "Seconds from a price's accepted_at to the write of it to the sockets, per "
+        "transport: one observation per shared write of an audience and zone (the zone's "
+        "oldest price in it), weighted by the sockets written."
+    )
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(DELIVERY_LAG, self.HELP, labels=("transport",))
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(DELIVERY_LAG, self.HELP, labels=("transport",))
+        for transport, histogram in self._app[BROADCASTER].delivery_lag.items():
+            family.add_metric([transport], histogram.cumulative(), histogram.total)
+        yield family
+
+
 class ProcessMetrics(Collector):
     """``process_*`` metrics (CPU, memory, file descriptors), gathered off the loop.
 
@@ -538,6 +573,7 @@ def add_routes(app: web.Application) -> None:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(PricehubCollector(app))
+    registry.register(DeliveryLagCollector(app))
     histogram = latency_histogram(registry)
 
     async def install_latency_observer(app: web.Application) -> None:

@@ -458,7 +458,8 @@ def fit_history(prices: list[StoredPrice], budget: int) -> list[StoredPrice]:
     """The newest of ``prices`` (oldest first, as given) whose answer fits ``budget`` bytes."""
     room = budget - _HISTORY_ENVELOPE
     for index in range(len(prices) - 1, -1, -1):
-        room -= len(prices[index].payload) + 1  # and its comma
+        # as sent: a price stored without accepted_at gets it (null) on the wire
+        room -= len(messages.price_object(prices[index].payload)) + 1  # and its comma
         if room < 0:
             return prices[index + 1:]
     return prices
