@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -31,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -215,6 +216,26 @@ class ServerProcess:
             if response.status != 202:
                 raise AssertionError(f"publish answered {response.status}: {body}")
             return list(body["accepted"])
+
+
+@contextlib.asynccontextmanager
+async def running_servers(
+    count: int, redis_url: str, *args: str, publish_key: str
+) -> AsyncIterator[list[ServerProcess]]:
+    """``count`` instances on one Redis (no simulator), started together and stopped
+    together, whatever the test did to them (a killed one is left as it is)."""
+    started = [
+        ServerProcess("--no-simulate", *args, publish_key=publish_key, redis_url=redis_url)
+        for _ in range(count)
+    ]
+    try:
+        await asyncio.gather(*(server.start_async() for server in started))
+        yield started
+    finally:
+        await asyncio.gather(
+            *(server.stop_async() for server in started if server.running),
+            return_exceptions=True,
+        )
 
 
 def many_zones_config(directory: Path, count: int) -> Path:

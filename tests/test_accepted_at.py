@@ -16,10 +16,9 @@ the ``pricehub_delivery_lag_seconds`` histogram, black-box through real sockets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pricehub.client import PriceClient, PriceUpdate
 from pricehub.wire import messages, paths
 from tests.redisproc import RedisCluster, RedisProcess
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, running_servers
 from tests.ssestream import EventStream
 from tests.support import (
     PUBLISH_KEY,
@@ -350,20 +349,8 @@ def own_redis() -> Iterator[RedisProcess]:
         yield server
 
 
-@contextlib.asynccontextmanager
-async def instances(url: str, count: int, *args: str) -> AsyncIterator[list[ServerProcess]]:
-    started = [
-        ServerProcess("--no-simulate", *args, publish_key=PUBLISH_KEY, redis_url=url)
-        for _ in range(count)
-    ]
-    try:
-        await asyncio.gather(*(server.start_async() for server in started))
-        yield started
-    finally:
-        await asyncio.gather(
-            *(server.stop_async() for server in started if server.running),
-            return_exceptions=True,
-        )
+def instances(url: str, count: int, *args: str) -> Any:
+    return running_servers(count, url, *args, publish_key=PUBLISH_KEY)
 
 
 async def live_updates(

@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import aiohttp
@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.redisproc import RedisProcess
-from tests.serverproc import REPO, ServerProcess, free_port
+from tests.serverproc import REPO, ServerProcess, free_port, running_servers
 from tests.support import eventually
 
 KEY = "cluster-test-key"
@@ -83,20 +83,8 @@ def redis_server() -> Iterator[RedisProcess]:
         yield server
 
 
-@contextlib.asynccontextmanager
-async def servers(count: int, redis_url: str, *args: str) -> AsyncIterator[list[ServerProcess]]:
-    started = [
-        ServerProcess("--no-simulate", *args, publish_key=KEY, redis_url=redis_url)
-        for _ in range(count)
-    ]
-    try:
-        await asyncio.gather(*(server.start_async() for server in started))
-        yield started
-    finally:
-        await asyncio.gather(
-            *(server.stop_async() for server in started if server.running),
-            return_exceptions=True,
-        )
+def servers(count: int, redis_url: str, *args: str) -> Any:
+    return running_servers(count, redis_url, *args, publish_key=KEY)
 
 
 async def subscribe(
