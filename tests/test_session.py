@@ -242,17 +242,20 @@ def test_resume_replays_flagged_then_completes_then_releases_live() -> None:
     assert (complete["recovered"], complete["from_seq"], complete["to_seq"]) == (True, 3, 5)
 
 
-@pytest.mark.parametrize(("since", "epoch"), [(0, "another-lineage"), (99, "e1")])
+@pytest.mark.parametrize(("since", "epoch", "told"), [
+    (0, "another-lineage", ["gap"]),  # epoch_changed: no read needed to say it
+    (99, "e1", ["ReadHistory"]),  # ahead of the zone: nothing it lacks, no gap
+])
 def test_a_resume_that_cannot_be_filled_sends_current_state_not_recovered(
-    since: int, epoch: str
+    since: int, epoch: str, told: list[str]
 ) -> None:
     store = Store()
     store.fill("pjm", 1, 5)
     effects = run(make_session(single_zone="pjm").start(
         ["pjm"], since=since, epoch=epoch, bad_since=False
     ), store)
-    assert kinds(effects) == ["Drain", "Attach", "ReadSince", "ReadLatest", "initial_data",
-                              "resume_complete"]
+    assert kinds(effects) == ["Drain", "Attach", "ReadSince", *told, "ReadLatest",
+                              "initial_data", "resume_complete"]
     assert sent(effects)[-1]["recovered"] is False and sent(effects)[-1]["to_seq"] == 5
 
 

@@ -156,7 +156,8 @@ async def test_since_and_epoch_query_resume_on_the_single_zone_stream(
     async with stream(client, f"{MARKET}?since=1&epoch=another") as events:
         seen = await events.until(lambda e: e.type == "resume_complete")
         assert seen[-1].data["recovered"] is False
-        assert [e.type for e in seen[1:]] == ["initial_data", "resume_complete"]
+        assert [e.type for e in seen[1:]] == ["gap", "initial_data", "resume_complete"]
+        assert seen[1].data["reason"] == "epoch_changed" and seen[1].id is None
 
 
 PJM_HASH = sse.zone_set_hash(["pjm"])

@@ -38,6 +38,6 @@ def test_error_codes_and_message_types_are_the_contracts() -> None:
     assert {str(kind) for kind in MessageType} == {
         "connection_established", "initial_data", "price_update", "resume_complete", "pong",
         "heartbeat_ack", "price_history", "subscribed", "unsubscribed",
-        "storage_backend_changed", "error", "ping", "heartbeat", "request_price_history",
-        "subscribe", "unsubscribe",
+        "storage_backend_changed", "gap", "zone_status", "error", "ping", "heartbeat",
+        "request_price_history", "subscribe", "unsubscribe",
     }

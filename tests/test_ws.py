@@ -284,15 +284,28 @@ async def test_resume_up_to_date_client_is_recovered_without_replay(
     )
 
 
-@pytest.mark.parametrize("query", ["since=1&epoch=another-lineage", "since=50", "since=1"])
+@pytest.mark.parametrize(
+    ("query", "gap"),
+    [
+        # The contract's gap comes first, naming what the client will never get.
+        ("since=1&epoch=another-lineage",
+         {"reason": "epoch_changed", "from_seq": 2, "to_seq": None, "epoch": "another-lineage"}),
+        ("since=50", None),  # ahead of the zone: nothing newer is missing, no gap
+        ("since=1", {"reason": "history_exceeded", "from_seq": 2, "to_seq": 3}),
+    ],
+)  # fmt: skip
 async def test_resume_that_cannot_be_filled_sends_initial_data_and_recovered_false(
-    make_client: MakeClient, query: str
+    make_client: MakeClient, query: str, gap: dict[str, Any] | None
 ) -> None:
     client = await make_client(history_size=3)
     await publish(client, *[{"market_zone": "pjm", "price": p} for p in range(6)])
     ws = await connect(client, f"/api/ws/ws/market/pjm?{query}")
     await receive_json(ws)
     initial = await receive_json(ws)
+    if gap is not None:
+        assert initial["type"] == "gap" and initial["market_zone"] == "pjm"
+        assert {key: initial.get(key) for key in gap} == gap
+        initial = await receive_json(ws)
     assert initial["type"] == "initial_data" and initial["latest_price"]["seq"] == 6
     done = await receive_json(ws)
     assert done["type"] == "resume_complete" and done["recovered"] is False
@@ -438,6 +451,7 @@ async def test_epoch_change_closes_sockets_with_1001_so_clients_resume(
     # The resume the client then makes with its old epoch is answered as a gap.
     again = await connect(client, f"/api/ws/ws/market/pjm?since=1&epoch={epoch}x")
     await receive_json(again)
+    assert (await receive_json(again))["reason"] == "epoch_changed"  # the gap, then ...
     assert (await receive_json(again))["type"] == "initial_data"
     assert (await receive_json(again))["recovered"] is False
     await eventually(lambda: client.app[STATS].disconnections["epoch_changed"] == 1)

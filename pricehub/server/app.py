@@ -41,8 +41,9 @@ from pricehub.server.settings import Settings
 from pricehub.server.socket import handler as ws
 from pricehub.server.socket.connection import SendLimits
 from pricehub.server.sse import handler as sse
+from pricehub.server.staleness import Staleness
 from pricehub.server.stats import Stats
-from pricehub.storage import Storage, create_storage
+from pricehub.storage import Storage, StorageListener, create_storage
 from pricehub.storage.errors import StorageError
 from pricehub.wire import paths
 from pricehub.wire.codes import CloseCode, DisconnectReason
@@ -54,6 +55,8 @@ log = structlog.get_logger("pricehub.app")
 REGISTRY_INTERVAL = 5.0
 LOOP_LAG_INTERVAL = 0.5
 MAX_HEADER_FIELD = max(8190, len("Last-Event-ID: ") + MAX_CURSOR)
+# With --stale-after: the storage's listener, in front of the broadcaster.
+STALENESS = web.AppKey("staleness", Staleness)
 
 
 def create_app(settings: Settings, *, storage: Storage | None = None) -> web.Application:
@@ -78,6 +81,8 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
         lag_timeout=settings.slow_consumer_timeout,
         max_lag=settings.send_max_lag,
     )
+    if settings.stale_after > 0:
+        app[STALENESS] = Staleness(app[BROADCASTER], stale_after=settings.stale_after)
     app[PUBLISHER] = Publisher(storage)
     app[LIMITS] = ConnectionLimits(
         total=settings.max_connections, per_ip=settings.max_connections_per_ip
@@ -101,14 +106,18 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     storage = app[STORAGE]
-    await storage.start(app[BROADCASTER])
+    listener: StorageListener = app[BROADCASTER]
+    if STALENESS in app:
+        listener = app[STALENESS]
+    await storage.start(listener)
     log.info("storage_started", backend=storage.backend, epoch=storage.epoch)
     yield
     await storage.close()
 
 
 async def background_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The reaper, conflation monitor, registry, loop-lag probe and simulator."""
+    """The reaper, conflation monitor, registry, loop-lag probe, staleness sweep and
+    simulator."""
     settings, broadcaster, stats = app[SETTINGS], app[BROADCASTER], app[STATS]
     jobs: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
         "reaper": lambda: heartbeat.run_reaper(
@@ -123,6 +132,9 @@ async def background_ctx(app: web.Application) -> AsyncIterator[None]:
         jobs["simulator"] = lambda: simulator.run_simulator(
             app[PUBLISHER], settings.zones, interval=settings.simulate_interval
         )
+    staleness = app.get(STALENESS)
+    if staleness is not None:
+        jobs["staleness"] = lambda: staleness.run(app[STORAGE], settings.zones)
     tasks = [watch(asyncio.create_task(job(), name=name), stats) for name, job in jobs.items()]
     yield
     for task in tasks:

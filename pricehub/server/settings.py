@@ -238,6 +238,10 @@ class Settings:
         20.0, "client messages per second per connection (burst 2x)", FLOAT
     )
     max_zones_per_socket: int = _option(64, "zones one multi-zone socket may subscribe to", INT)
+    stale_after: float = _option(
+        0.0, "seconds without an accepted price after which a zone is announced stale (0: off)",
+        FLOAT,
+    )
     max_body_size: int = _option(
         1024 * 1024, "largest publish request body in bytes (over: 413)", INT
     )
@@ -443,6 +447,8 @@ def _check_ranges(settings: Settings) -> None:
         raise ConfigError(f"port must be 0..65535, got {settings.port}")
     if settings.heartbeat_timeout <= settings.heartbeat_interval:
         raise ConfigError("heartbeat_timeout must be greater than heartbeat_interval")
+    if not 0 <= settings.stale_after < math.inf:  # (also refuses NaN)
+        raise ConfigError(f"stale_after must be >= 0 and finite, got {settings.stale_after!r}")
     if settings.flush_delay < 0:
         raise ConfigError(f"flush_delay must be >= 0, got {settings.flush_delay!r}")
     if settings.send_hard_limit <= settings.send_high_water:

@@ -113,6 +113,7 @@ from pricehub.storage.redis import (
     LeaseLost,
     RedisStorage,
     WriteInDoubt,
+    announce_gap,
     redis_errors,
 )
 from pricehub.wire.messages import body_of
@@ -796,6 +797,8 @@ class FailoverStorage:
             self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
         else:  # a hole the history could not fill: keep the mirror contiguous
             self.gaps += 1
+            if last > 0 and self._listener is not None:  # said to subscribers: gap lost
+                announce_gap(self._listener, price.zone, last + 1, price.seq - 1)
             self._memory.reset(price.zone, [price], seq=price.seq)
             self._write_behind(_reset_record(price.zone, [price], price.seq), price=False)
             pending = self._unheard.get(price.zone)

@@ -70,6 +70,7 @@ __all__ = [
     "OlderEntryPending",
     "RedisStorage",
     "WriteInDoubt",
+    "announce_gap",
     "connect_client",
     "next_stream_id",
     "redis_errors",
@@ -581,6 +582,16 @@ def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
     return groups
 
 
+def announce_gap(listener: object, zone: str, from_seq: int, to_seq: int) -> None:
+    """Tell ``listener`` that seqs ``from_seq..to_seq`` of ``zone`` will never be
+    delivered (the broadcaster says ``gap`` ``lost`` to the zone's subscribers). Optional:
+    a listener without ``on_gap`` (the failover's mirror, which finds the hole itself;
+    the storage tests' recorders) hears nothing."""
+    on_gap = getattr(listener, "on_gap", None)
+    if on_gap is not None:
+        on_gap(zone, from_seq, to_seq)
+
+
 class RedisStorage:
     """The ``Storage`` Protocol on Redis.
 
@@ -825,6 +836,7 @@ class RedisStorage:
         missing = await self.since(zone, last)
         if missing is None or not missing or missing[0].seq != last + 1:
             self.gaps += 1
+            announce_gap(listener, zone, last + 1, seq - 1)
             return
         for price in missing:
             if price.seq >= seq:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from enum import IntEnum, StrEnum
 
 __all__ = [
-    "NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "HttpErrorCode",
-    "MessageType",
+    "NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "GapReason",
+    "HttpErrorCode", "MessageType", "ZoneStatus",
 ]
 
 
@@ -76,6 +76,8 @@ class MessageType(StrEnum):
     SUBSCRIBED = "subscribed"
     UNSUBSCRIBED = "unsubscribed"
     STORAGE_BACKEND_CHANGED = "storage_backend_changed"
+    GAP = "gap"
+    ZONE_STATUS = "zone_status"
     ERROR = "error"
     # client -> server
     PING = "ping"
@@ -83,6 +85,21 @@ class MessageType(StrEnum):
     REQUEST_PRICE_HISTORY = "request_price_history"
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
+
+
+class GapReason(StrEnum):
+    """``reason`` of a ``gap`` message (``PROTOCOL.md``, "Holes said in-band: gap")."""
+
+    HISTORY_EXCEEDED = "history_exceeded"  # a resume asked for seqs no longer retained
+    EPOCH_CHANGED = "epoch_changed"  # the client's epoch is not the zone's
+    LOST = "lost"  # any other hole the server detects (e.g. Redis could not fill one)
+
+
+class ZoneStatus(StrEnum):
+    """``status`` of a ``zone_status`` message (``--stale-after``)."""
+
+    STALE = "stale"
+    LIVE = "live"
 
 
 class HttpErrorCode(StrEnum):

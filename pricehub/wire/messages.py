@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from pricehub.wire.codes import ErrorCode
+from pricehub.wire.codes import ErrorCode, GapReason, MessageType, ZoneStatus
 from pricehub.wire.errors import ProtocolError, ValidationError
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "error",
     "format_accepted_at",
     "format_timestamp",
+    "gap",
     "initial_data",
     "is_valid_zone_name",
     "normalise_timestamp",
@@ -69,6 +70,7 @@ __all__ = [
     "validate_publish_body",
     "with_seq",
     "zone_case_error",
+    "zone_status",
     "zones_message",
 ]
 
@@ -677,6 +679,41 @@ def zones_message(kind: str, zones: Sequence[str], *, now: str) -> bytes:
 
 def storage_backend_changed(backend: str, *, now: str) -> bytes:
     return encode({"type": "storage_backend_changed", "storage_backend": backend, "timestamp": now})
+
+
+def gap(
+    zone: str, *, from_seq: int, to_seq: int | None, reason: GapReason,
+    epoch: str | None = None, now: str,
+) -> bytes:
+    """Seqs ``from_seq..to_seq`` (inclusive; ``to_seq`` None: unknown) of ``zone`` that
+    the client will never get; ``epoch`` (the client's) only with ``epoch_changed``."""
+    message: dict[str, Any] = {
+        "type": MessageType.GAP,
+        "market_zone": zone,
+        "from_seq": from_seq,
+        "to_seq": to_seq,
+        "reason": reason,
+    }
+    if reason is GapReason.EPOCH_CHANGED:
+        message["epoch"] = epoch
+    message["timestamp"] = now
+    return encode(message)
+
+
+def zone_status(
+    zone: str, status: ZoneStatus, *, since: str | None, last_seq: int, now: str
+) -> bytes:
+    """``stale`` (``since``: the ``accepted_at`` of the zone's last price) or ``live``."""
+    return encode(
+        {
+            "type": MessageType.ZONE_STATUS,
+            "market_zone": zone,
+            "status": status,
+            "since": since,
+            "last_seq": last_seq,
+            "timestamp": now,
+        }
+    )
 
 
 def error(code: str, message: str, *, now: str) -> bytes:

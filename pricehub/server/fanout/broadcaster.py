@@ -33,7 +33,7 @@ from pricehub.server.socket.connection import DEFLATE, Connection
 from pricehub.server.sse.connection import SSE, SseConnection, chunk
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages, sse
-from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.codes import CloseCode, DisconnectReason, GapReason
 from pricehub.wire.sse import encode_cursor
 
 __all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
@@ -48,6 +48,10 @@ TickFrame = tuple[str, int, bytes, bytes | None, bytes | None]
 
 
 def _ignore(_seconds: float) -> None:
+    return None
+
+
+def _never_stale(_zone: str) -> bytes | None:
     return None
 
 
@@ -183,6 +187,10 @@ class Broadcaster:
         self._flush_scheduled = False
         self._conflating: dict[Connection, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Installed by ``staleness.Staleness`` with --stale-after: a zone's zone_status
+        # stale message while it is stale (sessions opening it send it), and the list.
+        self.zone_status: Callable[[str], bytes | None] = _never_stale
+        self.stale_zones: Callable[[], list[str]] = list
 
     # --- registry ---------------------------------------------------------------------
 
@@ -371,6 +379,34 @@ class Broadcaster:
                 f"seq lineage changed to {epoch}; reconnect and resume",
                 reason=DisconnectReason.EPOCH_CHANGED,
             )
+
+    def on_gap(self, zone: str, from_seq: int, to_seq: int) -> None:
+        """Seqs the storage knows no subscriber will get (a hole Redis could not fill):
+        a ``gap`` ``lost`` to each, before the zone's next update. Zones being opened get
+        it too: their replay cannot cross the hole either."""
+        self.send_zone(zone, messages.gap(
+            zone, from_seq=from_seq, to_seq=to_seq, reason=GapReason.LOST,
+            now=messages.utc_now(),
+        ), syncing=True)
+
+    def send_zone(self, zone: str, payload: bytes, *, syncing: bool = False) -> None:
+        """A message about ``zone`` (not a price) to its subscribers, framed once per
+        encoding and queued behind what they have (their share of this tick included),
+        so it reaches each before the zone's next update. Streams still opening the zone
+        are left out unless ``syncing``: their session tells them when it ends."""
+        subscribers = self.subscribers.get(zone)
+        if not subscribers:
+            return
+        framed: dict[str, bytes] = {}
+        for connection in subscribers:
+            stream = connection.streams.get(zone)
+            if stream is None or (stream.syncing and not syncing):
+                continue
+            encoding = connection.encoding
+            data = framed.get(encoding)
+            if data is None:
+                data = framed[encoding] = self._frame(encoding, payload)
+            connection.queue(data)
 
     def send_all(self, payload: bytes) -> None:
         """One server message to every connection, framed once per encoding: a text

@@ -68,6 +68,7 @@ async def stats_handler(request: web.Request) -> web.Response:
         "total_connections": len(broadcaster.connections),
         "connections_by_zone": by_zone,
         "active_zones": sorted(by_zone),
+        "stale_zones": broadcaster.stale_zones(),  # --stale-after: zones announced stale
         "connections_by_transport": broadcaster.connections_by_transport(),
         "statistics": app[STATS].statistics(broadcaster, backend=storage.backend),
         "instance_id": app[INSTANCE_ID],

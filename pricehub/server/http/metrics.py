@@ -221,6 +221,11 @@ METRICS: tuple[MetricSpec, ...] = (
         zone_subscribers, ("zone",),
     ),
     MetricSpec(
+        "pricehub_zones_stale", "gauge",
+        "Zones announced stale: no accepted price for --stale-after seconds (0 when off).",
+        scalar(lambda s: len(s.broadcaster.stale_zones())),
+    ),
+    MetricSpec(
         "pricehub_connections_limit", "gauge",
         "Configured maximum of open WebSocket connections (--max-connections).",
         scalar(lambda s: s.limits.total),

@@ -181,7 +181,10 @@ async def run_connection(
         ws=ws, transport=transport, scheduler=broadcaster, limits=app[SEND_LIMITS]
     )
     session = Session(
-        SessionPolicy.from_settings(settings, allowed_zones=grant.zones, single_zone=single_zone)
+        SessionPolicy.from_settings(
+            settings, allowed_zones=grant.zones, single_zone=single_zone,
+            zone_status=broadcaster.zone_status,
+        )
     )
     driver = Driver(connection, storage=storage, broadcaster=broadcaster, stats=stats)
     conn_log = log.bind(connection_id=connection.id, zone=",".join(zones), remote=remote)

@@ -31,7 +31,7 @@ from pricehub.server.policy.resume import HELD_LIMIT, ZoneStream, plan_resume
 from pricehub.server.settings import Settings
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages
-from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, MessageType
+from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, GapReason, MessageType
 from pricehub.wire.errors import ProtocolError
 
 __all__ = [
@@ -140,6 +140,10 @@ _HISTORY_ENVELOPE = 256
 REPLAY_CHUNK = 16 * 1024
 
 
+def _never_stale(_zone: str) -> bytes | None:
+    return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionPolicy:
     """Everything a session needs to know besides the client's frames.
@@ -155,6 +159,8 @@ class SessionPolicy:
         send_high_water``: queued after a drain, it cannot push the socket over its hard
         limit by itself).
     :param held_limit: live updates held per syncing zone.
+    :param zone_status: a stale zone's ``zone_status`` message, None for a live one
+        (``Broadcaster.zone_status``): sent to a client that opens a stale zone.
     """
 
     zones: frozenset[str]
@@ -166,12 +172,15 @@ class SessionPolicy:
     chunk_bytes: int = REPLAY_CHUNK
     reply_budget: int = 768 * 1024
     held_limit: int = HELD_LIMIT
+    zone_status: Callable[[str], bytes | None] = _never_stale
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, allowed_zones: frozenset[str] | None, single_zone: str | None
+        cls, settings: Settings, *, allowed_zones: frozenset[str] | None, single_zone: str | None,
+        zone_status: Callable[[str], bytes | None] = _never_stale,
     ) -> SessionPolicy:
         return cls(
+            zone_status=zone_status,
             zones=settings.zone_set,  # built once: not O(zones) per connection
             allowed_zones=allowed_zones,
             single_zone=single_zone,
@@ -386,8 +395,14 @@ class Session:
             if resumed is None:
                 return  # closed: the client fell behind the retained history
             delivered = resumed
-        for price in stream.finish(delivered_up_to=delivered):
+        # Held prices and the zone's status in one step (the driver runs Sends without
+        # awaiting): from ``finish`` on the broadcaster tells this stream of changes.
+        fresh = stream.finish(delivered_up_to=delivered)
+        status = self.policy.zone_status(zone)
+        for price in fresh:
             yield Send(messages.price_update(price.payload))
+        if status is not None:
+            yield Send(status)
 
     def _initial(self, zone: str) -> Generator[Effect, Any, int]:
         latest: StoredPrice | None = yield ReadLatest(zone)
@@ -410,6 +425,9 @@ class Session:
                 return None
             delivered = to_seq = replayed
         else:
+            lost = yield from self._resume_gap(zone, since, epoch, retained)
+            if lost is not None:
+                yield Send(lost)
             delivered = yield from self._initial(zone)
             to_seq = delivered
         yield Send(
@@ -419,6 +437,32 @@ class Session:
             )
         )
         return delivered
+
+    def _resume_gap(
+        self, zone: str, since: int, epoch: str | None, retained: Retained
+    ) -> Generator[Effect, Any, bytes | None]:
+        """The ``gap`` of a resume that cannot recover (sent before its ``initial_data``),
+        None when nothing newer than ``since`` is missing (a client ahead of the zone)."""
+        if epoch is not None and epoch != retained.epoch:
+            # Its seqs name another lineage: which of ours it lacks is unknown.
+            return messages.gap(
+                zone, from_seq=since + 1, to_seq=None, reason=GapReason.EPOCH_CHANGED,
+                epoch=epoch, now=self.now(),
+            )
+        # Read only now, on this rare path: where the retained history starts.
+        prices: list[StoredPrice] = yield ReadHistory(zone, self.policy.history_size)
+        if not prices:
+            return None
+        first, latest = prices[0].seq, prices[-1].seq
+        # Before the history: lost for good. A history with a hole of its own replays
+        # nothing: everything up to the latest is missed (initial_data gives the latest).
+        to_seq = first - 1 if first > since + 1 else latest
+        if to_seq <= since:
+            return None
+        return messages.gap(
+            zone, from_seq=since + 1, to_seq=to_seq, reason=GapReason.HISTORY_EXCEEDED,
+            now=self.now(),
+        )
 
     def _replay(
         self, stream: ZoneStream, retained: Retained, since: int

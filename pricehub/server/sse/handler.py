@@ -232,7 +232,8 @@ async def run_stream(
     )  # fmt: skip
     session = Session(
         SessionPolicy.from_settings(
-            settings, allowed_zones=grant.zones, single_zone=zones[0] if single_zone else None
+            settings, allowed_zones=grant.zones, single_zone=zones[0] if single_zone else None,
+            zone_status=broadcaster.zone_status,
         )
     )
     driver = Driver(connection, storage=storage, broadcaster=broadcaster, stats=stats)
