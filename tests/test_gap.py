@@ -67,7 +67,9 @@ async def test_ws_resume_beyond_history_is_a_gap_before_initial_data(
     assert kinds(seen)[-3:] == ["gap", "initial_data", "resume_complete"], seen
     gap, initial, done = seen[-3:]
     assert gap["market_zone"] == ZONE and gap["reason"] == "history_exceeded"
-    assert (gap["from_seq"], gap["to_seq"]) == (2, 3)  # 4..6 are still in the history
+    # 4 and 5 are still in the history, but this stream never sends them: initial_data
+    # gives 6, so the gap names every seq between the cursor and it.
+    assert (gap["from_seq"], gap["to_seq"]) == (2, 5)
     assert "epoch" not in gap
     assert initial["latest_price"]["seq"] == 6
     assert done["recovered"] is False
@@ -83,7 +85,7 @@ async def test_sse_resume_beyond_history_is_a_gap_event_without_id(
     gap = events[-3]
     assert gap.id is None  # not a cursor: a reconnect resumes from the prices' ids
     assert gap.data["reason"] == "history_exceeded"
-    assert (gap.data["from_seq"], gap.data["to_seq"]) == (2, 3)
+    assert (gap.data["from_seq"], gap.data["to_seq"]) == (2, 5)
     assert events[-1].data["recovered"] is False
 
 

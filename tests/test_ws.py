@@ -291,7 +291,7 @@ async def test_resume_up_to_date_client_is_recovered_without_replay(
         ("since=1&epoch=another-lineage",
          {"reason": "epoch_changed", "from_seq": 2, "to_seq": None, "epoch": "another-lineage"}),
         ("since=50", None),  # ahead of the zone: nothing newer is missing, no gap
-        ("since=1", {"reason": "history_exceeded", "from_seq": 2, "to_seq": 3}),
+        ("since=1", {"reason": "history_exceeded", "from_seq": 2, "to_seq": 5}),
     ],
 )  # fmt: skip
 async def test_resume_that_cannot_be_filled_sends_initial_data_and_recovered_false(

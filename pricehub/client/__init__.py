@@ -14,9 +14,10 @@ from pricehub.client.client import (
     ReconnectFailed,
     Status,
     TerminalCloseError,
+    ZoneState,
 )
 
 __all__ = [
     "Backoff", "ClientError", "ConnectionState", "Gap", "GiveUp", "PriceClient", "PriceUpdate",
-    "ReconnectFailed", "Retry", "Status", "TerminalCloseError",
+    "ReconnectFailed", "Retry", "Status", "TerminalCloseError", "ZoneState",
 ]

@@ -17,7 +17,9 @@ or the ``Last-Event-ID`` cursor) and stays on it; ``"ws"`` and ``"sse"`` pin one
 client keeps the last delivered ``seq`` of every zone, so after any retryable close it
 reconnects per ``pricehub.client.backoff`` and asks for exactly what it missed. Each zone's
 updates come out once and in ``seq`` order; when the server cannot fill a gap
-(``resume_complete`` with ``recovered: false``) a ``Gap`` comes out first.
+(``resume_complete`` with ``recovered: false``) or says one in-band (``gap``) a ``Gap``
+comes out first. ``client.events()`` yields the same plus ``ZoneState`` (``zone_status``:
+a zone gone stale, live again); ``client.stale_zones`` holds the zones stale right now.
 
 Connection state is reported to an ``on_status`` callback as ``Status`` values:
 ``connecting`` -> ``connected`` -> (``reconnecting`` -> ``connecting`` -> ...) and finally
@@ -46,6 +48,7 @@ from pricehub.client.sse import SseParser
 from pricehub.wire import paths
 from pricehub.wire.codes import CloseCode, ErrorCode, MessageType
 from pricehub.wire.errors import PriceHubError
+from pricehub.wire.messages import GapNotice, ZoneState, decode_gap, decode_zone_status
 
 __all__ = [
     "ClientError",
@@ -56,7 +59,9 @@ __all__ = [
     "ReconnectFailed",
     "Status",
     "TerminalCloseError",
+    "TradingEvent",
     "Transport",
+    "ZoneState",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,7 +139,10 @@ class Gap:
 
     ``epoch`` differs from ``previous_epoch`` when the server's numbering restarted (history
     lost, e.g. an in-memory server restarted); otherwise the missing updates were older than
-    the retained history. ``from_seq``/``to_seq`` are the server's ``resume_complete`` fields.
+    the retained history, or lost on the way. ``from_seq``/``to_seq`` are the missing seqs
+    as the server's ``gap`` says (inclusive, ``to_seq`` None when unknown); from a server
+    that sends no ``gap``, its ``resume_complete`` fields. ``reason`` is the ``gap``'s
+    (``history_exceeded``, ``epoch_changed``, ``lost``), None when the server said none.
     """
 
     zone: str
@@ -143,6 +151,7 @@ class Gap:
     epoch: str
     from_seq: int | None
     to_seq: int | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +197,8 @@ class _Cursor:
     seq: int
 
 
-Event = PriceUpdate | Gap
+Event = PriceUpdate | Gap  # what ``async for event in client`` yields
+TradingEvent = PriceUpdate | Gap | ZoneState  # what ``client.events()`` yields
 _LOST_TYPES = (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 _WAKE = object()  # queued to wake a blocked iterator after a failure or close
 
@@ -262,6 +272,8 @@ class PriceClient:
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max_queue)
         self._cursors: dict[str, _Cursor] = {}
         self._held: dict[str, list[PriceUpdate]] = {}  # zones awaiting resume_complete
+        self._gaps: dict[str, GapNotice] = {}  # the `gap` of a zone awaiting resume_complete
+        self._stale: dict[str, ZoneState] = {}
         self._epoch: str | None = None  # epoch of the current connection
         self._task: asyncio.Task[None] | None = None
         self._failure: ClientError | None = None
@@ -321,6 +333,29 @@ class PriceClient:
         return self
 
     async def __anext__(self) -> Event:
+        # ZoneState only through ``events()``: a loop written before it existed treats
+        # everything that is not a Gap as a price.
+        while not isinstance(item := await self._next_item(), PriceUpdate | Gap):
+            pass
+        return item
+
+    async def events(self) -> AsyncIterator[TradingEvent]:
+        """Like ``async for event in client``, plus a ``ZoneState`` whenever a zone goes
+        stale or live again (``zone_status``), in the order the server said them."""
+        if not self._closed:
+            self.start()
+        while True:
+            try:
+                yield await self._next_item()
+            except StopAsyncIteration:
+                return
+
+    @property
+    def stale_zones(self) -> Mapping[str, ZoneState]:
+        """The zones the server last said are stale, with that ``ZoneState`` (a copy)."""
+        return dict(self._stale)
+
+    async def _next_item(self) -> TradingEvent:
         while True:
             if self._queue.empty():
                 if self._closed:
@@ -391,6 +426,7 @@ class PriceClient:
         assert self._session is not None
         # Zones with a cursor resume; their output is held until resume_complete.
         self._held = {zone: [] for zone in self._cursors}
+        self._gaps = {}
         self._epoch = None
         if self._on_sse:
             code, error, _ = await self._sse_once()
@@ -631,6 +667,10 @@ class PriceClient:
                 await self._offer(_price(message["latest_price"], message, initial=True))
             elif kind == MessageType.RESUME_COMPLETE:
                 await self._on_resume_complete(message)
+            elif kind == MessageType.GAP:
+                await self._on_gap(decode_gap(message))
+            elif kind == MessageType.ZONE_STATUS:
+                await self._on_zone_status(decode_zone_status(message))
             elif kind == MessageType.ERROR:
                 logger.warning("server error %s: %s", message.get("code"), message.get("message"))
         except (KeyError, TypeError, ValueError) as exc:
@@ -650,7 +690,39 @@ class PriceClient:
             return
         assert self._epoch is not None  # updates only follow connection_established
         self._cursors[update.zone] = _Cursor(self._epoch, update.seq)
+        stale = self._stale.get(update.zone)
+        if stale is not None and (update.seq > stale.last_seq or cursor is None):
+            # A newer price (or another lineage's) while the zone was stale: it went live
+            # while this client was away, and the server tells `live` only to those who
+            # saw it stale. Said here, so `events()` readers never see a price of a
+            # zone they were told is stale.
+            await self._on_zone_status(ZoneState(update.zone, "live", None, update.seq))
         await self._queue.put(update)
+
+    async def _on_gap(self, notice: GapNotice) -> None:
+        """A ``gap``: a resuming zone's is told with its ``resume_complete`` (which says
+        what the resume did deliver); any other comes out at once, before the zone's next
+        update."""
+        if notice.zone in self._held:
+            self._gaps[notice.zone] = notice
+            return
+        assert self._epoch is not None
+        await self._queue.put(
+            Gap(
+                notice.zone, notice.from_seq - 1, self._epoch, self._epoch,
+                notice.from_seq, notice.to_seq, notice.reason,
+            )
+        )
+
+    async def _on_zone_status(self, state: ZoneState) -> None:
+        known = self._stale.get(state.zone)
+        if state.stale:
+            if known == state:
+                return  # told again on reconnecting to a zone still stale
+            self._stale[state.zone] = state
+        elif self._stale.pop(state.zone, None) is None:
+            return  # live without having been stale here: nothing changed
+        await self._queue.put(state)
 
     async def _on_resume_complete(self, message: Mapping[str, Any]) -> None:
         zone = str(message["market_zone"])
@@ -659,17 +731,14 @@ class PriceClient:
         if held is None or cursor is None:
             return  # not a resume this client asked for
         assert self._epoch is not None
+        notice = self._gaps.pop(zone, None)
         if not message["recovered"]:
-            await self._queue.put(
-                Gap(
-                    zone,
-                    cursor.seq,
-                    cursor.epoch,
-                    self._epoch,
-                    message.get("from_seq"),
-                    message.get("to_seq"),
-                )
-            )
+            span: tuple[int | None, int | None, str | None]
+            if notice is None:  # a server without `gap`: what resume_complete says
+                span = (message.get("from_seq"), message.get("to_seq"), None)
+            else:
+                span = (notice.from_seq, notice.to_seq, notice.reason)
+            await self._queue.put(Gap(zone, cursor.seq, cursor.epoch, self._epoch, *span))
             if cursor.epoch != self._epoch:
                 del self._cursors[zone]  # a new lineage: its seqs start over
         # Replay, live updates and initial_data may interleave while resuming; seq order

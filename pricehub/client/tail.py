@@ -9,8 +9,10 @@ wire). Only the zones named are opened, whatever the number of zones the server 
 
 The table (plain ANSI escapes, redrawn every ``--refresh`` seconds) shows per zone the
 last price, its change from the previous one, volume, seq, update rate, age and gaps, under
-a line with the connection state. ``--json`` prints one price object per line on stdout,
-for ``jq``; connection states and gaps go to stderr. Ctrl-C exits 0; giving up on the
+a line with the connection state; a zone the server says is stale (``--stale-after``) is
+marked ``STALE since 14:05:00Z``. ``--json`` prints one price object per line on stdout,
+for ``jq``, and each ``gap`` and ``zone_status`` as a JSON object with its ``type``;
+connection states (and gaps, in words) go to stderr. Ctrl-C exits 0; giving up on the
 server (attempts exhausted, or a terminal close such as an unknown zone) exits 1, its reason
 printed once on stderr; a usage error exits 2 with one line on stderr.
 """
@@ -33,7 +35,16 @@ from typing import NoReturn, TextIO
 from yarl import URL
 
 from pricehub.client.backoff import Backoff
-from pricehub.client.client import ClientError, Gap, PriceClient, PriceUpdate, Status
+from pricehub.client.client import (
+    ClientError,
+    Gap,
+    PriceClient,
+    PriceUpdate,
+    Status,
+    TradingEvent,
+    ZoneState,
+)
+from pricehub.wire.codes import MessageType
 
 __all__ = ["TableView", "build_parser", "main"]
 
@@ -158,7 +169,7 @@ async def _tail(args: argparse.Namespace) -> int:
         return 2
     async with client, output:
         try:
-            async for event in client:
+            async for event in client.events():
                 output.event(event)
         except ClientError:
             # The output already reported why, from the ``failed`` status: printing the
@@ -179,8 +190,36 @@ def _describe(status: Status) -> str:
 
 
 def _describe_gap(gap: Gap) -> str:
-    cause = "server history lost" if gap.epoch != gap.previous_epoch else "too far behind"
+    if gap.reason == "lost":
+        cause = "lost on the way"
+    else:
+        cause = "server history lost" if gap.epoch != gap.previous_epoch else "too far behind"
     return f"gap in {gap.zone} after seq {gap.last_seq} ({cause})"
+
+
+def _stale_mark(state: ZoneState) -> str:
+    """``STALE since 14:05:00Z``: the time of day of the zone's last accepted price (the
+    date is today's on any desk watching a zone go quiet)."""
+    since = state.since or ""
+    return f"STALE since {since[11:19]}Z" if len(since) >= 19 else "STALE"
+
+
+def _gap_object(gap: Gap) -> dict[str, object]:
+    """A ``Gap`` as the wire's ``gap`` object (``epoch``: the one the missing seqs had)."""
+    obj: dict[str, object] = {
+        "type": MessageType.GAP.value, "market_zone": gap.zone, "from_seq": gap.from_seq,
+        "to_seq": gap.to_seq, "reason": gap.reason,
+    }  # fmt: skip
+    if gap.epoch != gap.previous_epoch:
+        obj["epoch"] = gap.previous_epoch
+    return obj
+
+
+def _zone_status_object(state: ZoneState) -> dict[str, object]:
+    return {
+        "type": MessageType.ZONE_STATUS.value, "market_zone": state.zone,
+        "status": state.status, "since": state.since, "last_seq": state.last_seq,
+    }  # fmt: skip
 
 
 class _JsonOutput:
@@ -197,12 +236,16 @@ class _JsonOutput:
             print(f"pricehub tail: {_describe(status)}", file=self._err, flush=True)
         self._failed = self._failed or status.state == "failed"
 
-    def event(self, event: PriceUpdate | Gap) -> None:
+    def event(self, event: TradingEvent) -> None:
         if isinstance(event, Gap):
             print(f"pricehub tail: {_describe_gap(event)}", file=self._err, flush=True)
+            obj = _gap_object(event)
+        elif isinstance(event, ZoneState):
+            obj = _zone_status_object(event)
         else:
-            self._out.write(json.dumps(event.as_price_object()) + "\n")
-            self._out.flush()
+            obj = event.as_price_object()
+        self._out.write(json.dumps(obj) + "\n")
+        self._out.flush()
 
     async def __aenter__(self) -> _JsonOutput:
         return self
@@ -216,6 +259,7 @@ class _Row:
     last: PriceUpdate | None = None
     change: float | None = None
     gaps: int = 0
+    stale: ZoneState | None = None
     arrivals: deque[float] = field(default_factory=deque)
 
 
@@ -238,11 +282,14 @@ class TableView:
         self.note = ""
         self.rows = {zone: _Row() for zone in zones}
 
-    def record(self, event: PriceUpdate | Gap) -> None:
+    def record(self, event: TradingEvent) -> None:
         row = self.rows.setdefault(event.zone, _Row())
         if isinstance(event, Gap):
             row.gaps += 1
             self.note = _describe_gap(event)
+            return
+        if isinstance(event, ZoneState):
+            row.stale = event if event.stale else None
             return
         if row.last is not None:
             row.change = event.price - row.last.price
@@ -287,9 +334,10 @@ class TableView:
         tint = _GREEN if (row.change or 0) > 0 else _RED if (row.change or 0) < 0 else ""
         volume = "-" if row.last.volume is None else f"{row.last.volume:g}"
         age = f"{self._clock() - row.arrivals[-1]:.1f}s" if row.arrivals else "-"
+        stale = "" if row.stale is None else f"  {_RED}{_BOLD}{_stale_mark(row.stale)}{_RESET}"
         return (
             f"{zone:<12}{row.last.price:>12.2f}{tint}{change:>10}{_RESET}{volume:>10}"
-            f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}"
+            f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}{stale}"
         )
 
 
@@ -346,7 +394,7 @@ class _TableOutput:
     def status(self, status: Status) -> None:
         self.view.status = status
 
-    def event(self, event: PriceUpdate | Gap) -> None:
+    def event(self, event: TradingEvent) -> None:
         self.view.record(event)
 
     async def _redraw(self) -> None:

@@ -412,6 +412,8 @@ export class PriceHubClient extends EventTarget {
     this._epochChanged = false; // did the current connection start a new seq lineage?
     this._lastSeq = new Map(); // zone -> last seq delivered to the application
     this._resuming = new Map(); // zone -> held initial_data price (or null) until resume_complete
+    this._gaps = new Map(); // zone -> the server's `gap` of a zone awaiting resume_complete
+    this._stale = new Map(); // zone -> the last `zone_status` stale of it
     this._backend = null;
     this._zones = o.zone ? [o.zone] : [...(o.zones ?? [])];
     this._subscribeAfterOpen = false; // multi-zone resume: socket opened with `zones=`
@@ -434,6 +436,9 @@ export class PriceHubClient extends EventTarget {
   get zones() { return [...this._zones]; }
   /** Sequence-number lineage of the server's history, or null before the first connection. */
   get epoch() { return this._epoch; }
+
+  /** Zones the server last said are stale: {zone: {zone, status, since, lastSeq, stale}}. */
+  get staleZones() { return Object.fromEntries(this._stale); }
   /** 'ws' or 'sse' while connected (or the one being tried), else null. */
   get transport() { return this._ws ? (this._ws.oneWay ? 'sse' : 'ws') : null; }
   /** Number of updates dropped because their seq was already delivered. */
@@ -756,6 +761,7 @@ export class PriceHubClient extends EventTarget {
     this._clearTimer('_establishTimer', 'clearTimeout');
     this._clearTimer('_heartbeatTimer', 'clearInterval');
     this._resuming.clear();
+    this._gaps.clear();
     // Subscribes sent on this socket will never be answered.
     for (const { zones, resolve } of this._pending.splice(0)) resolve({ added: zones, rejected: [] });
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = ws.onping = null;
@@ -933,11 +939,50 @@ export class PriceHubClient extends EventTarget {
     const zone = msg.market_zone;
     const held = this._resuming.get(zone);
     this._resuming.delete(zone);
+    // The server's `gap` (sent before this) has the exact hole and why; a server without
+    // it leaves resume_complete's range.
+    const notice = this._gaps.get(zone);
+    this._gaps.delete(zone);
     if (msg.recovered === false) {
-      this.dispatchEvent(new PriceHubEvent('gap', { zone, fromSeq: msg.from_seq,
-        toSeq: msg.to_seq, epochChanged: this._epochChanged }));
+      this.dispatchEvent(new PriceHubEvent('gap', { zone,
+        fromSeq: notice ? notice.from_seq : msg.from_seq,
+        toSeq: notice ? notice.to_seq : msg.to_seq,
+        epochChanged: this._epochChanged, reason: notice?.reason ?? null }));
     }
     if (held) this._deliver(held, { initial: true, replay: false, conflated: false });
+  }
+
+  /** A `gap`: a resuming zone's is told with its resume_complete, any other at once
+   * (before the zone's next update, which the server sends after it). */
+  _onGap(msg) {
+    const zone = msg.market_zone;
+    if (typeof zone !== 'string' || typeof msg.from_seq !== 'number') return;
+    if (this._resuming.has(zone)) {
+      this._gaps.set(zone, msg);
+      return;
+    }
+    this.dispatchEvent(new PriceHubEvent('gap', { zone, fromSeq: msg.from_seq,
+      toSeq: msg.to_seq ?? null, epochChanged: false, reason: msg.reason ?? null }));
+  }
+
+  _onZoneStatus(msg) {
+    if (typeof msg.market_zone !== 'string' || !['stale', 'live'].includes(msg.status)) return;
+    this._setZoneStatus({ zone: msg.market_zone, status: msg.status, since: msg.since ?? null,
+      lastSeq: msg.last_seq ?? null });
+  }
+
+  /** Emit `zone_status` on a change only: a zone still stale after a reconnect is told
+   * again by the server, a `live` of a zone never seen stale here changes nothing. */
+  _setZoneStatus(state) {
+    const known = this._stale.get(state.zone);
+    const detail = { ...state, stale: state.status === 'stale' };
+    if (detail.stale) {
+      if (known && known.since === detail.since && known.lastSeq === detail.lastSeq) return;
+      this._stale.set(state.zone, detail);
+    } else if (!this._stale.delete(state.zone)) {
+      return;
+    }
+    this.dispatchEvent(new PriceHubEvent('zone_status', detail));
   }
 
   _onBackendChanged(msg) { this._setBackend(msg.storage_backend); }
@@ -971,6 +1016,12 @@ export class PriceHubClient extends EventTarget {
         return;
       }
       this._lastSeq.set(zone, price.seq);
+      const stale = this._stale.get(zone);
+      if (stale && (last === undefined || price.seq > stale.lastSeq)) {
+        // Newer than the stale zone's last price: it came back while this client was
+        // away (the server says `live` only to sockets that saw it stale).
+        this._setZoneStatus({ zone, status: 'live', since: null, lastSeq: price.seq });
+      }
     }
     this.dispatchEvent(new PriceHubEvent('price', { price, flags }));
   }
@@ -1031,6 +1082,8 @@ PriceHubClient.prototype._handlers = Object.freeze({
   initial_data: PriceHubClient.prototype._onInitialData,
   price_update: PriceHubClient.prototype._onPriceUpdate,
   resume_complete: PriceHubClient.prototype._onResumeComplete,
+  gap: PriceHubClient.prototype._onGap,
+  zone_status: PriceHubClient.prototype._onZoneStatus,
   storage_backend_changed: PriceHubClient.prototype._onBackendChanged,
   error: PriceHubClient.prototype._onError,
 });

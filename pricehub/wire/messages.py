@@ -33,12 +33,14 @@ __all__ = [
     "ACCEPTED_AT_NULL",
     "DEFAULT_HISTORY_LIMIT",
     "ClientMessage",
+    "GapNotice",
     "Heartbeat",
     "Ping",
     "PriceBody",
     "RequestHistory",
     "Subscribe",
     "Unsubscribe",
+    "ZoneState",
     "accepted_at_of",
     "accepted_now",
     "accepted_seconds",
@@ -46,6 +48,8 @@ __all__ = [
     "close_reason",
     "connection_established",
     "decode_client_message",
+    "decode_gap",
+    "decode_zone_status",
     "encode",
     "error",
     "format_accepted_at",
@@ -713,6 +717,81 @@ def zone_status(
             "last_seq": last_seq,
             "timestamp": now,
         }
+    )
+
+
+# --- server messages, read by clients -----------------------------------------------------
+#
+# The Python client's view of ``gap`` and ``zone_status`` (the builders' inverses): here, so
+# the client reads the wire format from the same module that writes it.
+
+
+@dataclass(frozen=True, slots=True)
+class GapNotice:
+    """A ``gap``: seqs ``from_seq..to_seq`` (inclusive; ``to_seq`` None: unknown) of
+    ``zone`` will never be delivered; ``epoch`` (the client's) only with ``epoch_changed``."""
+
+    zone: str
+    from_seq: int
+    to_seq: int | None
+    reason: str
+    epoch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneState:
+    """A ``zone_status``: ``status`` ``"stale"`` (no accepted price since ``since``, the
+    ``accepted_at`` of the zone's last price, seq ``last_seq``) or ``"live"`` (a price
+    follows)."""
+
+    zone: str
+    status: str
+    since: str | None
+    last_seq: int
+
+    @property
+    def stale(self) -> bool:
+        return self.status == ZoneStatus.STALE
+
+
+def _seq_field(obj: Mapping[str, Any], name: str) -> int:
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name!r} must be a non-negative integer")
+    return value
+
+
+def _text_field(obj: Mapping[str, Any], name: str, *, nullable: bool = False) -> str | None:
+    value = obj.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r} must be a string")
+    return value
+
+
+def decode_gap(obj: Mapping[str, Any]) -> GapNotice:
+    """A decoded ``gap`` message; ``ValueError``/``KeyError`` when malformed. An unknown
+    ``reason`` is kept (a newer server may add one): it is still a hole."""
+    return GapNotice(
+        zone=str(_text_field(obj, "market_zone")),
+        from_seq=_seq_field(obj, "from_seq"),
+        to_seq=None if obj["to_seq"] is None else _seq_field(obj, "to_seq"),
+        reason=str(_text_field(obj, "reason")),
+        epoch=_text_field(obj, "epoch", nullable=True),
+    )
+
+
+def decode_zone_status(obj: Mapping[str, Any]) -> ZoneState:
+    """A decoded ``zone_status`` message; ``ValueError``/``KeyError`` when malformed."""
+    status = _text_field(obj, "status")
+    if status not in set(ZoneStatus):
+        raise ValueError(f"unknown zone status {status!r:.40}")
+    return ZoneState(
+        zone=str(_text_field(obj, "market_zone")),
+        status=str(status),
+        since=_text_field(obj, "since", nullable=True),
+        last_seq=_seq_field(obj, "last_seq"),
     )
 
 

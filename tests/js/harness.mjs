@@ -16,7 +16,7 @@ export function makeClient(options = {}, { random = () => 0.5 } = {}) {
     random,
     ...options,
   });
-  const events = { status: [], price: [], gap: [], backend: [], error: [] };
+  const events = { status: [], price: [], gap: [], zone_status: [], backend: [], error: [] };
   for (const type of Object.keys(events)) client.on(type, (detail) => events[type].push(detail));
   return { client, clock, WS, events };
 }

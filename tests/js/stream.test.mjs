@@ -127,7 +127,8 @@ describe('resume on the multi-zone socket', () => {
     next.serverSend(established());
     next.serverSend(initialData('pjm', 900, 60));
     next.serverSend(resumeComplete('pjm', false, 4, 900));
-    assert.deepEqual(events.gap, [{ zone: 'pjm', fromSeq: 4, toSeq: 900, epochChanged: false }]);
+    assert.deepEqual(events.gap, [{ zone: 'pjm', fromSeq: 4, toSeq: 900, epochChanged: false,
+      reason: null }]); // reason: that server sent no `gap`
     assert.deepEqual(seqs(events).at(-1), 'pjm:900');
     assert.equal(events.price.at(-1).flags.initial, true);
   });

@@ -425,11 +425,15 @@ class Session:
                 return None
             delivered = to_seq = replayed
         else:
-            lost = yield from self._resume_gap(zone, since, epoch, retained)
+            # One read of the latest price serves both the gap and initial_data, so the gap
+            # ends exactly before the seq the client is then given.
+            latest: StoredPrice | None = yield ReadLatest(zone)
+            lost = self._resume_gap(zone, since, epoch, retained, latest)
             if lost is not None:
                 yield Send(lost)
-            delivered = yield from self._initial(zone)
-            to_seq = delivered
+            delivered = to_seq = 0 if latest is None else latest.seq
+            if latest is not None:
+                yield Send(messages.initial_data(zone, latest.payload, now=self.now()))
         yield Send(
             messages.resume_complete(
                 zone, recovered=outcome.recovered, from_seq=outcome.from_seq, to_seq=to_seq,
@@ -439,30 +443,27 @@ class Session:
         return delivered
 
     def _resume_gap(
-        self, zone: str, since: int, epoch: str | None, retained: Retained
-    ) -> Generator[Effect, Any, bytes | None]:
-        """The ``gap`` of a resume that cannot recover (sent before its ``initial_data``),
-        None when nothing newer than ``since`` is missing (a client ahead of the zone)."""
+        self, zone: str, since: int, epoch: str | None, retained: Retained,
+        latest: StoredPrice | None,
+    ) -> bytes | None:
+        """The ``gap`` of a resume that cannot recover (sent before its ``initial_data``
+        of ``latest``), None when nothing newer than ``since`` is missing (a client ahead
+        of the zone)."""
         if epoch is not None and epoch != retained.epoch:
             # Its seqs name another lineage: which of ours it lacks is unknown.
             return messages.gap(
                 zone, from_seq=since + 1, to_seq=None, reason=GapReason.EPOCH_CHANGED,
                 epoch=epoch, now=self.now(),
             )
-        # Read only now, on this rare path: where the retained history starts.
-        prices: list[StoredPrice] = yield ReadHistory(zone, self.policy.history_size)
-        if not prices:
-            return None
-        first, latest = prices[0].seq, prices[-1].seq
-        # Before the history: lost for good. A history with a hole of its own replays
-        # nothing: everything up to the latest is missed (initial_data gives the latest).
-        to_seq = first - 1 if first > since + 1 else latest
-        if to_seq <= since:
+        # The stream gives the client ``latest`` and what follows it: every seq between
+        # its cursor and that one is never sent (older than the history, or retained but
+        # not replayed since the history does not reach back to the cursor).
+        if latest is None or latest.seq - 1 <= since:
             return None
         return messages.gap(
-            zone, from_seq=since + 1, to_seq=to_seq, reason=GapReason.HISTORY_EXCEEDED,
-            now=self.now(),
-        )
+            zone, from_seq=since + 1, to_seq=latest.seq - 1,
+            reason=GapReason.HISTORY_EXCEEDED, now=self.now(),
+        )  # fmt: skip
 
     def _replay(
         self, stream: ZoneStream, retained: Retained, since: int
