@@ -15,6 +15,21 @@ server). Talks JSON lines:
 Publish-to-receive latency: the publisher writes its send time, in microseconds since the run's
 ``--t0`` (wall clock, shared by every process on the machine), into ``volume``; receive time
 minus that is the latency, read in the frame callback before anything else is done.
+
+``--protocol`` is how the price objects arrive (the counting is the same for all):
+
+* ``plain`` (pricehub, the baselines, the ``ws`` and uWS peers): JSON text frames,
+  ``{"type": "price_update", ...}``; the URL names the zones;
+* ``socketio`` (Engine.IO v4 / Socket.IO 5): the server's OPEN ``0{...}``, the client's
+  CONNECT ``40{"zones": [...]}`` (``--zones``), the server's CONNECT answer ``40{...}``, then
+  events ``42["price", {...}]``; a ping ``2`` is answered with a pong ``3``;
+* ``pusher`` (Pusher protocol 7, soketi): ``pusher:connection_established``, then one
+  ``pusher:subscribe`` per zone (``--zones``, the channel is the zone) and its
+  ``pusher_internal:subscription_succeeded``; events ``{"event": "price", "channel": ...,
+  "data": "<the price object as a JSON string>"}``; ``pusher:ping`` gets ``pusher:pong``.
+
+A connection counts as connected once it is subscribed: for ``plain`` when its WebSocket
+handshake is done, for the others when the server has confirmed every zone.
 """
 
 from __future__ import annotations
@@ -33,7 +48,15 @@ from typing import Any
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-__all__ = ["HISTOGRAM_STEPS", "Recorder", "Subscriber", "bucket_value"]
+__all__ = [
+    "HISTOGRAM_STEPS",
+    "PROTOCOLS",
+    "PusherSubscriber",
+    "Recorder",
+    "SocketIOSubscriber",
+    "Subscriber",
+    "bucket_value",
+]
 
 # Latency histogram resolution: buckets of log(µs) * HISTOGRAM_STEPS, i.e. about 0.5 % wide.
 HISTOGRAM_STEPS = 200
@@ -82,11 +105,18 @@ class Recorder:
         self.latency_us.append((now - self.t0) * 1e6 - sent_us)
 
 
-class Subscriber(WSListener):
-    """One connection: which seqs of each zone arrived, in what order, and how it ended."""
+class NotSubscribed(Exception):
+    """The server refused the subscription, or the connection ended before it was confirmed."""
 
-    def __init__(self, recorder: Recorder) -> None:
+
+class Subscriber(WSListener):
+    """One connection: which seqs of each zone arrived, in what order, and how it ended.
+
+    This class speaks the plain protocol; the others override ``on_text`` (and ``on_open``)."""
+
+    def __init__(self, recorder: Recorder, zones: list[str]) -> None:
         self.recorder = recorder
+        self.zones = zones
         self.seen: dict[int, bytearray] = {}
         self.last_seq: dict[int, int] = {}
         self.out_of_order = 0
@@ -94,25 +124,53 @@ class Subscriber(WSListener):
         self.conflated = 0
         self.close_code: int | None = None
         self.transport: WSTransport | None = None
+        # Set once the server has confirmed the subscription, or refused it (``refusal``).
+        self.answered = asyncio.Event()
+        self.refusal: str | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self.on_open()
+
+    def on_open(self) -> None:
+        self.confirm()  # the URL named the zones: subscribed with the handshake
+
+    def confirm(self) -> None:
+        self.answered.set()
+
+    def refuse(self, reason: str) -> None:
+        if not self.answered.is_set():
+            self.refusal = reason
+            self.answered.set()
+
+    async def wait_subscribed(self, within: float) -> None:
+        await asyncio.wait_for(self.answered.wait(), within)
+        if self.refusal is not None:
+            raise NotSubscribed(self.refusal)
+
+    def send_text(self, text: bytes) -> None:
+        if self.transport is not None:
+            self.transport.send(WSMsgType.TEXT, text)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.TEXT:
             now = time.time()
-            message = orjson.loads(frame.get_payload_as_memoryview())
-            if message.get("type") == "price_update":
-                self._price(message, now)
+            self.on_text(frame.get_payload_as_memoryview(), now)
         elif frame.msg_type is WSMsgType.CLOSE:
             payload = frame.get_payload_as_bytes()
             self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
+    def on_text(self, payload: memoryview, now: float) -> None:
+        message = orjson.loads(payload)
+        if message.get("type") == "price_update":
+            self._price(message, now)
+
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.close_code is None:
             self.close_code = NO_CLOSE_FRAME
+        self.refuse(f"closed ({self.close_code}) before the subscription was confirmed")
 
     def _price(self, message: dict[str, Any], now: float) -> None:
         recorder = self.recorder
@@ -139,6 +197,64 @@ class Subscriber(WSListener):
         base = self.recorder.seq_base[zone]
         seen = self.seen.get(zone, bytearray())
         return (high - low + 1) - seen[max(0, low - base) : high - base + 1].count(1)
+
+
+class SocketIOSubscriber(Subscriber):
+    """Engine.IO v4 / Socket.IO 5 on the WebSocket transport, the default namespace."""
+
+    def on_open(self) -> None:
+        pass  # the server speaks first (OPEN)
+
+    def on_text(self, payload: memoryview, now: float) -> None:
+        head = payload[:2].tobytes()  # packet type (and for MESSAGE, the socket.io type)
+        if head == b"42":  # MESSAGE + EVENT: ["name", data]
+            name, data = orjson.loads(payload[2:])
+            if name == "price":
+                self._price(data, now)
+        elif head == b"2":  # PING
+            self.send_text(b"3")
+        elif head[:1] == b"0":  # OPEN {"sid", "pingInterval", ...}: join, naming the zones
+            self.send_text(b"40" + orjson.dumps({"zones": self.zones}))
+        elif head == b"40":  # CONNECT answer: in the zones' rooms
+            self.confirm()
+        elif head == b"44":  # CONNECT_ERROR
+            self.refuse("socket.io connect error: " + payload[2:202].tobytes().decode())
+
+
+class PusherSubscriber(Subscriber):
+    """Pusher protocol 7: one public channel per zone."""
+
+    def __init__(self, recorder: Recorder, zones: list[str]) -> None:
+        super().__init__(recorder, zones)
+        self.pending = set(zones)  # channels not confirmed yet
+
+    def on_open(self) -> None:
+        pass  # the server speaks first (connection_established)
+
+    def on_text(self, payload: memoryview, now: float) -> None:
+        message = orjson.loads(payload)
+        event = message.get("event")
+        if event == "price":  # data is the price object as a JSON string
+            self._price(orjson.loads(message["data"]), now)
+        elif event == "pusher:ping":
+            self.send_text(b'{"event":"pusher:pong","data":{}}')
+        elif event == "pusher:connection_established":
+            for zone in self.zones:
+                subscribe = {"event": "pusher:subscribe", "data": {"channel": zone}}
+                self.send_text(orjson.dumps(subscribe))
+        elif event in ("pusher_internal:subscription_succeeded", "pusher:subscription_succeeded"):
+            self.pending.discard(message.get("channel"))
+            if not self.pending:
+                self.confirm()
+        elif event == "pusher:error":
+            self.refuse("pusher error: " + str(message.get("data"))[:200])
+
+
+PROTOCOLS: dict[str, type[Subscriber]] = {
+    "plain": Subscriber,
+    "socketio": SocketIOSubscriber,
+    "pusher": PusherSubscriber,
+}
 
 
 def report(
@@ -203,13 +319,15 @@ async def connect_all(
 ) -> tuple[list[Subscriber], dict[str, Any]]:
     """Open ``--connections`` sockets, at most ``--concurrency`` handshakes in flight."""
     gate = asyncio.Semaphore(args.concurrency)
+    kind = PROTOCOLS[args.protocol]
+    zones = args.zones.split(",") if args.zones else []
     subscribers: list[Subscriber] = []
     errors: Counter[str] = Counter()
     started = time.time()
 
     async def one() -> None:
         async with gate:
-            subscriber = Subscriber(recorder)
+            subscriber = kind(recorder, zones)
             try:
                 transport, _listener = await ws_connect(
                     lambda: subscriber,
@@ -217,9 +335,14 @@ async def connect_all(
                     websocket_handshake_timeout=args.handshake_timeout,
                     socket_factory=stalled_socket if args.stall else None,
                 )
+                await subscriber.wait_subscribed(args.handshake_timeout)
             except Exception as exc:  # any failure is counted, and shown by kind
                 errors[type(exc).__name__ + ": " + str(exc)[:120]] += 1
+                if subscriber.transport is not None:
+                    subscriber.transport.disconnect(graceful=False)
                 return
+            # A stalled reader stops only once subscribed (for socketio and pusher, after
+            # the exchange that subscribes it), so that it is a subscriber that stopped.
             if args.stall:
                 transport.underlying_transport.pause_reading()
             subscribers.append(subscriber)
@@ -277,7 +400,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=25, help="handshakes in flight (25)")
     parser.add_argument("--handshake-timeout", type=float, default=30.0, help="seconds (30)")
     parser.add_argument("--stall", action="store_true", help="stop reading right after connecting")
-    return parser.parse_args()
+    parser.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default="plain", help="wire protocol (plain)"
+    )
+    parser.add_argument(
+        "--zones", default="", help="zones to subscribe, comma-separated (socketio, pusher)"
+    )
+    args = parser.parse_args()
+    if args.protocol != "plain" and not args.zones:
+        parser.error(f"--protocol {args.protocol} needs --zones")
+    return args
 
 
 if __name__ == "__main__":

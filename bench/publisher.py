@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["MAX_IN_FLIGHT", "PublishLog", "publish"]
+__all__ = ["MAX_IN_FLIGHT", "Poster", "PublishLog", "publish"]
 
 MAX_IN_FLIGHT = 16
 TIMEOUT = 10.0
@@ -55,7 +55,10 @@ def iso_ms(moment: float) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
-class _Poster:
+class Poster:
+    """Turns ticks into POST bodies and posts them; a server with another publish API (the
+    Pusher peers, bench/servers/peers.py) brings a subclass."""
+
     def __init__(self, session: aiohttp.ClientSession, url: str, key: str, zones: tuple[str, ...]):
         self.session = session
         self.url = url
@@ -93,6 +96,7 @@ async def publish(
     t0: float,
     measure_from: float,
     log: PublishLog,
+    poster_class: type[Poster] = Poster,
 ) -> None:
     """Publish ``rate`` ticks/s for ``seconds``; ticks sent at or after ``measure_from`` (wall
     clock) are the measured ones."""
@@ -100,7 +104,7 @@ async def publish(
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
     in_flight: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        poster = _Poster(session, url, key, zones)
+        poster = poster_class(session, url, key, zones)
         first = await poster.post(poster.body(0, t0))
         log.first_seq = {item["market_zone"]: item["seq"] for item in first["accepted"]}
         log.sent_before.update(zones)

@@ -5,6 +5,7 @@ Run from the repository root (see bench/README.md)::
     python bench/run.py                 # all four scenarios, all four servers (~12 min)
     python bench/run.py --quick         # everything small, about a minute (smoke test)
     python bench/run.py --scenario 1 --servers naive ceiling --clients 500 --duration 5
+    python bench/run.py --scenario 1 2 --servers pricehub --peers   # vs the Node peers
 
 Every measurement gets a fresh server process. Load clients (``bench/loadclient.py``) run in
 several processes; the publisher (``bench/publisher.py``) runs in this one. Server CPU comes from
@@ -44,11 +45,14 @@ from processes import (
     spawn,
     stop,
 )
-from publisher import PublishLog, publish
+from publisher import Poster, PublishLog, publish
 from report import (
     Run,
+    fmt,
     idle_table,
+    markdown_table,
     merge_reports,
+    ratio,
     record,
     slow_table,
     stream_table,
@@ -56,6 +60,7 @@ from report import (
     target_checks,
 )
 from servers.common import MARKET_PREFIX, PRICES_PATH, PUBLISH_PATH, ZONES
+from servers.peers import PEERS, install, missing_tools, peer_setup, socket_path, versions
 
 __all__ = ["main"]
 
@@ -64,6 +69,7 @@ REPO = BENCH.parent
 RESULTS = BENCH / "RESULTS.md"
 SERVER_START_TIMEOUT = 30.0
 SERVER_NAMES = ("pricehub", "naive", "websockets", "ceiling")
+PEER_NAMES = tuple(PEERS)  # bench/peers/ (Node): only when asked for, see --peers
 BASELINE_SCRIPTS = {
     "naive": "naive_aiohttp.py",
     "websockets": "websockets_broadcast.py",
@@ -146,6 +152,8 @@ class Server:
     ws_base: str
     publish_url: str
     publish_key: str
+    protocol: str = "plain"  # what its load clients speak (loadclient.py --protocol)
+    poster_class: type[Poster] = Poster  # how the publisher talks to it
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid)
@@ -187,6 +195,10 @@ async def wait_listening(port: int, process: asyncio.subprocess.Process, deadlin
 @contextlib.asynccontextmanager
 async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Server]:
     """Start a server (not waiting for it: see ``Server.listening``); stop it on exit."""
+    if name in PEERS:
+        async with running_peer(name, plan, label) as server:
+            yield server
+        return
     port = free_port()
     publish_port = free_port() if name == "websockets" else port
     key = secrets.token_hex(8)
@@ -198,6 +210,20 @@ async def running_server(name: str, plan: Plan, label: str) -> AsyncIterator[Ser
         yield Server(name, process, {port, publish_port}, f"ws://{HOST}:{port}", publish_url, key)
     finally:
         await stop(process)
+
+
+@contextlib.asynccontextmanager
+async def running_peer(name: str, plan: Plan, label: str) -> AsyncIterator[Server]:
+    """``running_server`` for a Node peer (servers/peers.py): its redis-server, if it has
+    one, starts first, on the clients' CPUs."""
+    port, key, log = free_port(), secrets.token_hex(8), plan.out / f"{label}-{name}.log"
+    async with peer_setup(name, port, key, log=log, cpus=plan.client_cpus) as setup:
+        process = await spawn(setup.argv, log=log, cwd=REPO, pipes=False, cpus=plan.server_cpus)
+        try:
+            yield Server(name, process, {port}, f"ws://{HOST}:{port}", setup.publish_url, key,
+                         setup.protocol, setup.poster_class)  # fmt: skip
+        finally:
+            await stop(process)
 
 
 # ----------------------------------------------------------------------------- load clients
@@ -250,11 +276,14 @@ async def client_fleet(
     concurrency = max(1, HANDSHAKES_IN_FLIGHT // len(groups))
     try:
         for index, group in enumerate(groups):
+            url = server.ws_base + socket_path(server.protocol, group.path)
             argv = [sys.executable, str(BENCH / "loadclient.py"),
-                    "--url", server.ws_base + group.path, "--t0", str(t0),
+                    "--url", url, "--t0", str(t0),
                     "--connections", str(group.connections),
                     "--concurrency", str(concurrency)]  # fmt: skip
             argv += ["--stall"] if group.stalled else []
+            if server.protocol != "plain":  # these subscribe after the handshake
+                argv += ["--protocol", server.protocol, "--zones", ",".join(group.zones)]
             log = plan.out / f"{label}-client{index}.log"
             process = await spawn(argv, log=log, cwd=REPO, pipes=True, cpus=plan.client_cpus)
             procs.append(ClientProc(process, group))
@@ -339,6 +368,7 @@ async def measure_stream(
             t0=t0,
             measure_from=measure_from,
             log=log,
+            poster_class=server.poster_class,
         )
     )
     await asyncio.sleep(max(0.0, measure_from - time.time()))
@@ -523,6 +553,23 @@ def _slow_section(stream: Stream, results: dict[str, list[Run]]) -> list[str]:
     ]  # fmt: skip
 
 
+def versus_pricehub(runs: list[Run]) -> list[str]:
+    """With peers in the run: each server's CPU per delivery and p99 as multiples of
+    pricehub's (the comparison of issue 28); nothing without pricehub or without a peer."""
+    base = next((run for run in runs if run["server"] == "pricehub"), None)
+    if base is None or not any(run["server"] in PEERS for run in runs):
+        return []
+    header = ["server", "CPU µs/delivery", "CPU x pricehub", "p99 ms", "p99 x pricehub", "lost"]
+    rows = [
+        [run["server"], fmt(run["cpu_us_per_delivery"], 2),
+         ratio(run["cpu_us_per_delivery"], base["cpu_us_per_delivery"]),
+         fmt(run["readers"]["p99_ms"]), ratio(run["readers"]["p99_ms"], base["readers"]["p99_ms"]),
+         f"{run['readers']['missing']}/{run['readers']['expected']}"]
+        for run in runs
+    ]  # fmt: skip
+    return ["", "Against pricehub:", "", markdown_table(header, rows)]
+
+
 def render(
     results: dict[str, list[Run]], plan: Plan, machine: str, argv: list[str]
 ) -> dict[int, str]:
@@ -542,6 +589,8 @@ def render(
                     idle_table(results["3"])]  # fmt: skip
         else:
             body = _slow_section(plan.streams[4], results)
+        if scenario in (1, 2):
+            body += versus_pricehub(results[str(scenario)])
         mine = {key: runs for key, runs in results.items() if key.split("-")[0] == str(scenario)}
         checks = target_checks(mine)
         targets = ["", "pricehub against issue 4's targets:", "", *checks] if checks else []
@@ -564,10 +613,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         nargs="+",
-        choices=SERVER_NAMES,
+        choices=SERVER_NAMES + PEER_NAMES,
         default=list(SERVER_NAMES),
-        help="servers to compare (default: all four; pricehub is skipped while "
-        "run_server.py does not exist)",
+        help="servers to compare (default: the first four; pricehub is skipped while "
+        "run_server.py does not exist; the others are the Node peers of bench/peers/)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also every Node peer (" + " ".join(PEER_NAMES) + "); bench/peers/node_modules "
+        "is installed with npm ci first when it is missing",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: about a minute in all")
     parser.add_argument("--clients", type=int, help="clients per run (scenario 3: connections)")
@@ -623,7 +678,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     idle = QUICK_IDLE if args.quick else FULL_IDLE
     if args.clients is not None:
         idle = replace(idle, connections=args.clients)
-    servers = tuple(args.servers)
+    servers = tuple(dict.fromkeys([*args.servers, *(PEER_NAMES if args.peers else ())]))
     if "pricehub" in servers and not (REPO / "run_server.py").exists():
         print("pricehub skipped: run_server.py does not exist yet", file=sys.stderr)
         servers = tuple(name for name in servers if name != "pricehub")
@@ -686,7 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.record:
         return refuse(f"{QUICK_NOT_RECORDED}; drop --record (results.md in --out has the tables)")
     plan = build_plan(args)
+    peers = [name for name in plan.servers if name in PEERS]
+    if peers and (missing := missing_tools(peers)):
+        return refuse(f"the peers need {', '.join(missing)} on the PATH (see bench/README.md)")
+    if peers and (error := install()):
+        return refuse(error)
     machine = machine_line(REPO)  # taken now: the date and tree of the run, not of its end
+    machine += f"; peers: {versions()}" if peers else ""
     plan.out.mkdir(parents=True, exist_ok=True)
     os.sched_setaffinity(0, plan.client_cpus)  # the publisher runs on the clients' side
     # 10,000 sockets in one server: lift the soft fd limit; servers and clients inherit it.

@@ -139,12 +139,18 @@ async def resume(server: ServerProcess, zone: str, *, since: int, epoch: str
     """Connect with ``since``/``epoch``: the replayed updates and ``resume_complete``."""
     url = f"{server.ws_url}{paths.ws_market(zone)}?since={since}&epoch={epoch}"
     replayed: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
         assert (await receive_json(ws))["type"] == "connection_established"
         while True:
             message = await receive_json(ws)
             if message["type"] == "resume_complete":
+                # A gap from a resume always comes with recovered: false (the contract).
+                assert not gaps or message["recovered"] is False, (gaps, message)
                 return replayed, message
+            if message["type"] == "gap":
+                gaps.append(message)
+                continue
             assert message["type"] == "price_update" and message.get("replay"), message
             replayed.append(message)
 
@@ -415,7 +421,7 @@ async def resume_outcome(server: ServerProcess, *, since: int, epoch: str) -> di
     url = f"{server.ws_url}{paths.ws_market('pjm')}?since={since}&epoch={epoch}"
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
         while (message := await receive_json(ws))["type"] != "resume_complete":
-            assert message["type"] in ("connection_established", "initial_data"), message
+            assert message["type"] in ("connection_established", "gap", "initial_data"), message
         return message
 
 
