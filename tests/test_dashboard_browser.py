@@ -817,3 +817,81 @@ def test_the_picker_works_over_sse(browser: Any) -> None:
         )
         expect(page.locator('[data-zone="pjm"] [data-field=price]')).to_have_text("12.00")
         expect(page.locator("[data-zone]")).to_have_count(2)
+
+
+# Every (data-stale, price) a tile shows, in window[name]: page.evaluate(RECORD_TILE, [zone, name]).
+RECORD_TILE = """([zone, name]) => {
+  const log = window[name] = [];
+  const tile = document.querySelector(`[data-zone=${zone}]`);
+  const price = tile.querySelector('[data-field=price]');
+  const note = () => log.push({stale: tile.dataset.stale, price: price.textContent});
+  new MutationObserver(note).observe(tile, {attributes: true, attributeFilter: ['data-stale'],
+    childList: true, characterData: true, subtree: true});
+}"""
+LIVE_AT_PRICE = "([name, text]) => window[name].some(e => e.price === text && e.stale === 'false')"
+
+
+def _latest_accepted_clock(server: ServerProcess, zone: str) -> str:
+    """The latest price's accepted_at of ``zone`` as the tile prints it: HH:MM:SSZ."""
+    data = _get_json(f"{server.url}/api/ws/ws/history/{zone}?limit=1")["data"]
+    accepted = datetime.fromisoformat(data[-1]["accepted_at"].replace("Z", "+00:00"))
+    return accepted.strftime("%H:%M:%SZ")
+
+
+def test_a_silent_zone_shows_a_stale_tile_until_its_next_price(browser: Any) -> None:
+    """Issue 25: a zone whose publisher went quiet looked like a quiet market."""
+    from playwright.sync_api import expect
+
+    with ServerProcess("--no-simulate", "--stale-after", "0.5", publish_key=PUBLISH_KEY) as server:
+        _publish(server, {"market_zone": "pjm", "price": 41.5})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        stale = pjm.locator("[data-field=stale]")
+        expect(pjm.locator("[data-field=price]")).to_have_text("41.50", timeout=WAIT_MS)
+        expect(pjm).to_have_attribute("data-stale", "true", timeout=WAIT_MS)
+        expect(stale).to_be_visible()
+        expect(stale).to_have_text(f"STALE since {_latest_accepted_clock(server, 'pjm')}")
+
+        # The next price makes it live; the tile shows it live (it goes stale again 0.5 s
+        # later, so the transition is recorded rather than polled for).
+        page.evaluate(RECORD_TILE, ["pjm", "pjmLog"])
+        _publish(server, {"market_zone": "pjm", "price": 42.0})
+        page.wait_for_function(LIVE_AT_PRICE, arg=["pjmLog", "42.00"], timeout=WAIT_MS)
+        # ... and after the silence that follows, stale again since that price.
+        expect(stale).to_have_text(
+            f"STALE since {_latest_accepted_clock(server, 'pjm')}", timeout=WAIT_MS
+        )
+        expect(pjm).to_have_attribute("data-stale", "true")
+
+
+def test_a_gap_from_an_epoch_change_is_counted_on_its_tile(browser: Any) -> None:
+    """Issue 25: the page counted gaps only in the status bar, not per zone. A server
+    restarted without its data dir has a new epoch: the page's resume (a ``subscribe`` with
+    ``since``/``epoch`` on the multi-zone socket) gets ``gap`` epoch_changed for pjm, the zone
+    it had seqs of, and nothing for ercot, which it had none of."""
+    from playwright.sync_api import expect
+
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        _publish(
+            server, {"market_zone": "pjm", "price": 10.0}, {"market_zone": "pjm", "price": 11.0}
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/?zones=pjm,ercot&max_attempts=20&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        gaps = pjm.locator("[data-field=gaps]")
+        expect(pjm.locator("[data-field=price]")).to_have_text("11.00", timeout=WAIT_MS)
+        expect(page.locator("#conn-badge")).to_have_attribute("data-state", "live")
+        expect(gaps).to_be_hidden()  # no gap: nothing shown
+
+        server.stop()
+        server.start()  # same port, data dir "none": a new epoch, no history
+        _publish(server, {"market_zone": "pjm", "price": 20.0})
+        page.evaluate("() => window.pricehubDashboard.client.reconnect()")  # skip the wait
+        expect(pjm.locator("[data-field=price]")).to_have_text("20.00", timeout=WAIT_MS)
+        expect(gaps).to_have_text("gaps 1", timeout=WAIT_MS)
+        expect(gaps).to_be_visible()
+        title = gaps.get_attribute("title") or ""
+        assert "seqs from 3" in title and "(epoch_changed)" in title, title
+        expect(page.locator('[data-zone="ercot"] [data-field=gaps]')).to_be_hidden()
+        expect(page.locator("#stat-gaps")).to_have_text("1")

@@ -12,8 +12,8 @@
 //   transport=auto|ws|sse   how to connect (default auto: WebSocket, SSE when it is refused)
 //   token=...           subscriber token, when the server has auth on
 //
-// Imported outside a page (tests/js/), it only exports its pure parts: ZoneSeries and
-// connectionView.
+// Imported outside a page (tests/js/), it only exports its pure parts: ZoneSeries,
+// ZoneHealth and connectionView.
 import { PriceHubClient } from './pricehub.js';
 
 const ZONE_NAMES = {
@@ -162,11 +162,73 @@ export class ZoneSeries {
   }
 }
 
+const GAP_REASONS = {
+  history_exceeded: 'older than the server\'s retained history',
+  epoch_changed: 'the server\'s numbering restarted (new epoch)',
+  lost: 'lost by the server',
+};
+
+/** "seqs 3–7", "seq 5", "seqs from 3" (to_seq unknown). */
+function seqRange(fromSeq, toSeq) {
+  if (toSeq === null || toSeq === undefined) return `seqs from ${fromSeq}`;
+  return fromSeq === toSeq ? `seq ${fromSeq}` : `seqs ${fromSeq}–${toSeq}`;
+}
+
+/** HH:MM:SSZ of an ISO-8601 UTC time, read off the string (microseconds need no parse). */
+export function utcClock(iso) {
+  const m = typeof iso === 'string' && /T(\d\d:\d\d:\d\d)(?:\.\d+)?Z$/.exec(iso);
+  if (m) return `${m[1]}Z`;
+  const ms = Date.parse(iso);
+  return Number.isFinite(ms) ? `${utcTime(ms)}Z` : null;
+}
+
+/**
+ * What a tile says about the feed of its zone, beside its prices: how many gaps the module
+ * reported (holes in its seqs the page will never get) and whether the server says the zone
+ * is stale (--stale-after: no price accepted for that long). A stale zone looks just like a
+ * quiet market otherwise, so the tile must say it until the zone's `live` or a newer price.
+ */
+export class ZoneHealth {
+  constructor() {
+    this.gaps = 0;
+    this.lastGap = null; // the module's last `gap` detail of this zone
+    this.stale = null; // the module's `zone_status` detail while stale, else null
+  }
+
+  noteGap(gap) {
+    this.gaps += 1;
+    this.lastGap = gap;
+  }
+
+  noteStatus(status) { this.stale = status.stale ? status : null; }
+
+  /** A price newer than the stale zone's last one ends the staleness even if its `live`
+   * was never seen (the module emits one, but a tile must not depend on the order). */
+  notePrice(price) {
+    if (this.stale && (this.stale.lastSeq == null || price.seq > this.stale.lastSeq)) this.stale = null;
+  }
+
+  /** {gapText, gapTitle, stale, staleText, staleTitle}: the texts are '' when nothing to say. */
+  view() {
+    const g = this.lastGap;
+    const gapText = this.gaps > 0 ? `gaps ${this.gaps}` : '';
+    const gapTitle = g ? `Last gap: ${seqRange(g.fromSeq, g.toSeq)} missed, `
+      + `${GAP_REASONS[g.reason] ?? g.reason ?? 'reason not given'}`
+      + (g.reason ? ` (${g.reason})` : '') : '';
+    const since = this.stale ? utcClock(this.stale.since) : null;
+    const staleText = this.stale ? (since ? `STALE since ${since}` : 'STALE') : '';
+    const staleTitle = this.stale ? 'The server has accepted no price of this zone'
+      + (since ? ` since ${since}` : '') + ': the price shown is not live' : '';
+    return { gapText, gapTitle, stale: this.stale !== null, staleText, staleTitle };
+  }
+}
+
 /** DOM of one tile. */
 class Tile {
   constructor(zone, template, historyLimit, onRemove) {
     this.zone = zone;
     this.series = new ZoneSeries(historyLimit);
+    this.health = new ZoneHealth();
     this.el = template.content.firstElementChild.cloneNode(true);
     this.el.dataset.zone = zone;
     this.f = {};
@@ -206,6 +268,17 @@ class Tile {
     this._renderSparkline(figures.prices, open ?? figures.prices[0]);
     this.f.sparkline.dataset.firstSeq = String(this.series.points[0].seq);
     if (flash) this._flash();
+  }
+
+  renderHealth() {
+    const view = this.health.view();
+    this.el.dataset.stale = String(view.stale);
+    this.f.gaps.textContent = view.gapText;
+    this.f.gaps.title = view.gapTitle;
+    this.f.gaps.hidden = !view.gapText;
+    this.f.stale.textContent = view.staleText;
+    this.f.stale.title = view.staleTitle;
+    this.f.stale.hidden = !view.stale;
   }
 
   _renderSparkline(prices, open) {
@@ -254,6 +327,7 @@ class Dashboard {
     this.client.on('backend', ({ backend }) => this.onBackend(backend));
     this.client.on('price', (p) => this.onPrice(p));
     this.client.on('gap', (g) => this.onGap(g));
+    this.client.on('zone_status', (z) => this.onZoneStatus(z));
     this.client.on('zones', (z) => this.onZones(z));
     this.client.on('error', (e) => this.onServerError(e));
     this.client.on('diagnosis', () => this.renderConnection());
@@ -364,6 +438,10 @@ class Dashboard {
       if (this.tiles.has(zone)) continue;
       const tile = new Tile(zone, template, this.options.historyLimit, (z) => this.removeZone(z));
       this.tiles.set(zone, tile);
+      // A zone watched again may be stale already: the module says so only on a change.
+      const stale = this.client.staleZones[zone];
+      if (stale) tile.health.noteStatus(stale);
+      tile.renderHealth();
       container.append(tile.el);
       if (this.client.epoch !== null) this.loadHistory(tile);
     }
@@ -436,20 +514,31 @@ class Dashboard {
     const tile = this.tiles.get(price.market_zone);
     if (!tile) return; // a zone just removed: its last updates were already under way
     const moved = tile.series.merge([price], this.client.epoch);
+    tile.health.notePrice(price);
     tile.render({ flash: moved && !flags.replay });
+    tile.renderHealth();
     this.counters.updates += 1;
     this.$('stat-updates').textContent = this.counters.updates.toLocaleString('en-US');
   }
 
-  onGap({ zone }) {
+  onGap(gap) {
     this.counters.gaps += 1;
     this.$('stat-gaps').textContent = String(this.counters.gaps);
-    const tile = this.tiles.get(zone);
+    const tile = this.tiles.get(gap.zone);
     // The history endpoint holds what the socket could not replay.
     if (tile) {
+      tile.health.noteGap(gap);
+      tile.renderHealth();
       tile.series.forgetCoverage();
       this.loadHistory(tile);
     }
+  }
+
+  onZoneStatus(status) {
+    const tile = this.tiles.get(status.zone);
+    if (!tile) return;
+    tile.health.noteStatus(status);
+    tile.renderHealth();
   }
 
   tick() {

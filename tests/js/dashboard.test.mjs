@@ -1,9 +1,9 @@
-// The dashboard's decisions without a page: what the badge and banner say (connectionView) and
-// the figures of a tile (ZoneSeries). The page itself runs in tests/test_dashboard_browser.py.
+// The dashboard's decisions without a page: what the badge and banner say (connectionView), the
+// figures of a tile (ZoneSeries) and what it says about its zone's feed (ZoneHealth). The page itself runs in tests/test_dashboard_browser.py.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { connectionView, ZoneSeries } from '../../pricehub/static/dashboard.js';
+import { connectionView, utcClock, ZoneHealth, ZoneSeries } from '../../pricehub/static/dashboard.js';
 
 const UPGRADE_REFUSED = { kind: 'upgrade_refused',
   text: "The server refused the connection: this page's origin (http://p) is not allowed (...), "
@@ -104,5 +104,60 @@ describe('ZoneSeries', () => {
     s.merge([{ ...price(1, 7, '00:00'), timestamp: '2026-11-26T20:00:00.000Z' }], 'e1');
     assert.deepEqual([s.figures().open, s.figures().high], [null, 7]);
     assert.equal(new ZoneSeries(10).figures(), null);
+  });
+});
+
+// Issue 25: a tile counts its zone's gaps and shows a stale zone until it is live again.
+describe('ZoneHealth', () => {
+  const gap = (fromSeq, toSeq, reason) => ({ zone: 'pjm', fromSeq, toSeq, reason,
+    epochChanged: reason === 'epoch_changed' });
+  const stale = (since, lastSeq) => ({ zone: 'pjm', status: 'stale', since, lastSeq, stale: true });
+  const live = { zone: 'pjm', status: 'live', since: null, lastSeq: 9, stale: false };
+
+  test('nothing to say: no gap text, not stale', () => {
+    assert.deepEqual(new ZoneHealth().view(),
+      { gapText: '', gapTitle: '', stale: false, staleText: '', staleTitle: '' });
+  });
+
+  test('gaps are counted; the tooltip has the last one\'s reason and range', () => {
+    const h = new ZoneHealth();
+    h.noteGap(gap(3, 7, 'history_exceeded'));
+    assert.equal(h.view().gapText, 'gaps 1');
+    assert.match(h.view().gapTitle, /^Last gap: seqs 3–7 missed, .*\(history_exceeded\)$/);
+    h.noteGap(gap(8, null, 'epoch_changed'));
+    assert.equal(h.view().gapText, 'gaps 2');
+    assert.match(h.view().gapTitle, /^Last gap: seqs from 8 missed, .*new epoch.*\(epoch_changed\)$/);
+    h.noteGap(gap(5, 5, null)); // an older server, or the WebSocket-to-SSE switch
+    assert.equal(h.view().gapTitle, 'Last gap: seq 5 missed, reason not given');
+  });
+
+  test('stale says since when, as UTC HH:MM:SSZ, until the zone is live', () => {
+    const h = new ZoneHealth();
+    h.noteStatus(stale('2026-11-27T14:05:00.123456Z', 9));
+    const view = h.view();
+    assert.equal(view.stale, true);
+    assert.equal(view.staleText, 'STALE since 14:05:00Z');
+    assert.match(view.staleTitle, /since 14:05:00Z/);
+    h.noteStatus(live);
+    assert.deepEqual([h.view().stale, h.view().staleText], [false, '']);
+  });
+
+  test('a newer price ends the staleness; the stale price itself does not', () => {
+    const h = new ZoneHealth();
+    h.noteStatus(stale('2026-11-27T14:05:00.000000Z', 9));
+    h.notePrice({ seq: 9 }); // e.g. initial_data of a reconnect
+    assert.equal(h.view().stale, true);
+    h.notePrice({ seq: 10 });
+    assert.equal(h.view().stale, false);
+  });
+
+  test('utcClock reads any ISO UTC time, null for garbage', () => {
+    assert.equal(utcClock('2026-11-27T14:05:00Z'), '14:05:00Z');
+    assert.equal(utcClock('2026-11-27T14:05:00.5+00:00'), '14:05:00Z');
+    assert.equal(utcClock(null), null);
+    assert.equal(new ZoneHealth().view().staleText, '');
+    const h = new ZoneHealth();
+    h.noteStatus(stale(null, null));
+    assert.equal(h.view().staleText, 'STALE');
   });
 });
