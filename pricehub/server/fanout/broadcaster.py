@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any, cast
 
 from pricehub.server.fanout.lag import TRANSPORTS, LagHistogram
@@ -397,16 +397,14 @@ class Broadcaster:
         subscribers = self.subscribers.get(zone)
         if not subscribers:
             return
-        framed: dict[str, bytes] = {}
-        for connection in subscribers:
-            stream = connection.streams.get(zone)
-            if stream is None or (stream.syncing and not syncing):
-                continue
-            encoding = connection.encoding
-            data = framed.get(encoding)
-            if data is None:
-                data = framed[encoding] = self._frame(encoding, payload)
-            connection.queue(data)
+        self._queue_framed(
+            (
+                connection for connection in subscribers
+                if (stream := connection.streams.get(zone)) is not None
+                and (syncing or not stream.syncing)
+            ),
+            payload,
+        )
 
     def send_all(self, payload: bytes) -> None:
         """One server message to every connection, framed once per encoding: a text
@@ -414,8 +412,12 @@ class Broadcaster:
         each stream's own cursor (``SseConnection.send``)."""
         if sse.message_type(payload) in sse.CURSOR_TYPES:
             raise ValueError("send_all cannot frame a price: its SSE id is per stream")
+        self._queue_framed(self.connections, payload)
+
+    def _queue_framed(self, connections: Iterable[Connection], payload: bytes) -> None:
+        """Queue ``payload`` on each connection, framed once per encoding present."""
         framed: dict[str, bytes] = {}
-        for connection in self.connections:
+        for connection in connections:
             encoding = connection.encoding
             data = framed.get(encoding)
             if data is None:
