@@ -109,9 +109,10 @@ def test_the_stream_checks_see_a_duplicate_a_reorder_and_a_loss() -> None:
     """(e), (f) and (h) can fail: entry 2 appended twice, entries 3 and 4 numbered
     against their stream order (the same zone in another epoch is checked apart), entry
     5 never delivered; entry 6 never delivered either, but added just before a Redis
-    SIGKILL (its loss is Redis's)."""
+    SIGKILL (its loss is Redis's); entry 7, added just before it too, appended twice: the
+    repeat a lost replication makes (counted apart, not as (e))."""
     log = StreamLog()
-    stamps = [(10, 0), (10, 1), (11, 0), (12, 0), (13, 0), (60_000, 0)]
+    stamps = [(10, 0), (10, 1), (11, 0), (12, 0), (13, 0), (60_000, 0), (60_500, 0)]
     for tick, entry_id in enumerate(stamps, start=1):
         log.zones[STREAM_NONCE_BASE + tick] = "pjm"
         log.ids[STREAM_NONCE_BASE + tick] = entry_id
@@ -121,16 +122,22 @@ def test_the_stream_checks_see_a_duplicate_a_reorder_and_a_loss() -> None:
         body: Body = (1.0, float(STREAM_NONCE_BASE + tick), "2026-12-02T00:00:00.000Z")
         return ("pjm", epoch, seq), Counter([body])
 
-    keys = dict([seen(1, 1), seen(2, 2), seen(3, 2), seen(4, 4), seen(5, 3), seen(1, 4, "e2")])
+    keys = dict([
+        seen(1, 1), seen(2, 2), seen(3, 2), seen(4, 4), seen(5, 3), seen(1, 4, "e2"),
+        seen(6, 7), seen(7, 7),
+    ])  # fmt: skip
     checked = stream_checks(keys, log, redis_kills=[61.0])
     assert checked["counts"] == {
         "stream_duplicates": 1, "stream_reorders": 1, "stream_backlog": 0, "stream_lost": 1,
+        "stream_repeats_after_loss": 1,
     }  # fmt: skip
+    assert checked["examples"]["stream_duplicates"][0]["seqs"] == [2, 3]
+    assert checked["examples"]["stream_repeats_after_loss"][0]["seqs"] == [6, 7]
     assert [lost["nonce"] for lost in checked["examples"]["stream_lost"]] == [
         STREAM_NONCE_BASE + 5
     ]
     assert checked["examples"]["stream_reorders"][0]["seqs"] == [4, 5]
-    assert checked["stream"]["delivered"] == 4
+    assert checked["stream"]["delivered"] == 5
 
 
 T0 = 1_000.0  # made-up observations start here (seconds)
