@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import orjson
@@ -31,7 +31,7 @@ from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import IngestAck
 from pricehub.wire.messages import PriceBody
 from tests.redisproc import RecordingListener, RedisCluster
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, running_servers
 from tests.support import eventually
 from tests.test_cluster import Subscriber, chunks, client_session, get_json, post, subscribe
 
@@ -48,25 +48,16 @@ def cluster() -> Iterator[RedisCluster]:
         yield started
 
 
-@contextlib.asynccontextmanager
-async def instances(
+def instances(
     cluster: RedisCluster, prefix: str, count: int = 2
-) -> AsyncIterator[list[ServerProcess]]:
-    args = ["--no-simulate", "--zones", ",".join(ZONES), "--key-prefix", prefix,
+) -> contextlib.AbstractAsyncContextManager[list[ServerProcess]]:
+    args = ["--zones", ",".join(ZONES), "--key-prefix", prefix,
             "--redis-timeout", "1", "--redis-probe-interval", "0.2",
             "--publish-rate-limit", "100000",
             # Room for every price a test publishes: a fast machine publishes thousands
             # per zone while a master fails over, and the history is what is checked.
             "--history-size", str(HISTORY)]  # fmt: skip
-    started = [ServerProcess(*args, publish_key=KEY, redis_url=cluster.url) for _ in range(count)]
-    try:
-        await asyncio.gather(*(server.start_async() for server in started))
-        yield started
-    finally:
-        await asyncio.gather(
-            *(server.stop_async() for server in started if server.running),
-            return_exceptions=True,
-        )
+    return running_servers(count, cluster.url, *args, publish_key=KEY)
 
 
 def client_of(cluster: RedisCluster) -> AsyncRedisCluster:
