@@ -192,6 +192,11 @@ class Subscriber(WSListener):
             self.duplicates += 1
         seen[offset] = 1
 
+    def expects(self, name: str) -> bool:
+        """Whether this connection subscribed to zone ``name`` (a plain connection whose URL
+        named its zones expects every zone the driver asks about)."""
+        return not self.zones or name in self.zones
+
     def missing(self, zone: int, low: int, high: int) -> int:
         """How many seqs of ``[low, high]`` this connection never received."""
         base = self.recorder.seq_base[zone]
@@ -281,7 +286,11 @@ def report(
     # A connection that never saw a zone still expected all of it.
     all_zones = {name: recorder.zone_of(name, low) for name, (low, _high) in ranges.items()}
     missing = [
-        sum(sub.missing(all_zones[name], low, high) for name, (low, high) in ranges.items())
+        sum(
+            sub.missing(all_zones[name], low, high)
+            for name, (low, high) in ranges.items()
+            if sub.expects(name)
+        )
         for sub in subscribers
     ]
     return {
@@ -321,19 +330,28 @@ async def connect_all(
     gate = asyncio.Semaphore(args.concurrency)
     kind = PROTOCOLS[args.protocol]
     zones = args.zones.split(",") if args.zones else []
+    cycle = args.cycle_zones.split(",") if args.cycle_zones else []
+    # Loopback has one ephemeral port range per (source, destination) pair: tens of thousands
+    # of sockets need their own source address per process (127.0.0.0/8 is all loopback).
+    local = {"local_addr": (args.source_address, 0)} if args.source_address else {}
     subscribers: list[Subscriber] = []
     errors: Counter[str] = Counter()
     started = time.time()
 
-    async def one() -> None:
+    async def one(index: int) -> None:
         async with gate:
-            subscriber = kind(recorder, zones)
+            url, mine = args.url, zones
+            if cycle:  # connection i opens zone i mod n: one process, many one-zone sockets
+                mine = [cycle[index % len(cycle)]]
+                url = args.url.replace("{zone}", mine[0])
+            subscriber = kind(recorder, mine)
             try:
                 transport, _listener = await ws_connect(
                     lambda: subscriber,
-                    args.url,
+                    url,
                     websocket_handshake_timeout=args.handshake_timeout,
                     socket_factory=stalled_socket if args.stall else None,
+                    **local,
                 )
                 await subscriber.wait_subscribed(args.handshake_timeout)
             except Exception as exc:  # any failure is counted, and shown by kind
@@ -347,7 +365,7 @@ async def connect_all(
                 transport.underlying_transport.pause_reading()
             subscribers.append(subscriber)
 
-    await asyncio.gather(*(one() for _ in range(args.connections)))
+    await asyncio.gather(*(one(index) for index in range(args.connections)))
     return subscribers, {
         "event": "connected",
         "ok": len(subscribers),
@@ -406,7 +424,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--zones", default="", help="zones to subscribe, comma-separated (socketio, pusher)"
     )
+    parser.add_argument(
+        "--cycle-zones",
+        default="",
+        help="comma list: connection i replaces {zone} in --url with zone i mod n (plain)",
+    )
+    parser.add_argument(
+        "--source-address", default="", help="local address to connect from (127.0.0.x)"
+    )
     args = parser.parse_args()
+    if args.cycle_zones and "{zone}" not in args.url:
+        parser.error("--cycle-zones needs {zone} in --url")
     if args.protocol != "plain" and not args.zones:
         parser.error(f"--protocol {args.protocol} needs --zones")
     return args
