@@ -274,10 +274,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def amain(args: argparse.Namespace) -> int:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out: Path = args.out or BENCH / "out" / f"scale-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
+async def amain(args: argparse.Namespace, out: Path) -> int:
     plan = Plan(SHAPES[args.shape], args.workers, args.client_procs, args.warmup,
                 args.duration, out, tuple(args.pricehub_args))  # fmt: skip
     results = []
@@ -295,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(math.ceil(c / args.client_procs) > 19_000 for c in args.clients):
         print("scale: more than 19,000 sockets per load process; raise --client-procs")
         return 2
-    return asyncio.run(amain(args))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out: Path = args.out or BENCH / "out" / f"scale-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(amain(args, out))
 
 
 if __name__ == "__main__":
