@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pricehub.server.errors import ConfigError, error_line
-from pricehub.server.logs import configure_logging
-from pricehub.server.settings import Settings, load_settings
+if TYPE_CHECKING:
+    from pricehub.server.settings import Settings
 
 __all__ = ["main"]
 
@@ -20,6 +20,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tail_main(args[1:])
     if args[:1] == ["serve"]:
         args = args[1:]
+    return _serve(args)
+
+
+def _serve(args: list[str]) -> int:
+    # Imported here, not at the top: ``pricehub tail`` is a client and loads none of the
+    # server (nor the storage, Redis and logging libraries behind it).
+    from pricehub.server.errors import ConfigError, error_line
+    from pricehub.server.logs import configure_logging
+
     try:
         settings = _checked_settings(args)
     except ConfigError as exc:  # a usage error too: one line, exit 2
@@ -38,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _checked_settings(args: list[str]) -> Settings:
     """The settings, with the files they name loaded once (TLS, subscriber key) before
     anything starts or forks."""
+    from pricehub.server.settings import load_settings
+
     settings = load_settings(args)
     # Imported only for good settings: --help and a typo stay quick.
     from pricehub.server.runner import preflight

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pricehub.client.backoff import TERMINAL_CLOSE_CODES, Backoff, GiveUp, Retry
+from pricehub.client.backoff import Backoff, GiveUp, Retry
+from pricehub.wire.codes import NO_RETRY_CLOSE_CODES as TERMINAL_CLOSE_CODES
 
 
 class FakeClock:

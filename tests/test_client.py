@@ -554,6 +554,36 @@ async def test_sse_refusals_follow_the_close_code_rules(scripted: Callable[..., 
     assert "token expired" in str(caught.value)
 
 
+async def test_a_malformed_message_is_skipped_and_the_stream_goes_on(
+    scripted: Callable[..., Any],
+) -> None:
+    """A price that breaks the contract (a string price, no seq) is dropped, not delivered
+    as a guess nor allowed to end the connection."""
+    _, url = await scripted(
+        [
+            _sse(_established()), _sse(_update(1), "c1"), _sse(_update(2, price="42.0"), "c2"),
+            _sse({**_update(3), "seq": None}, "c3"), b"data: not json\n\n",
+            _sse(_update(4), "c4"),
+        ],
+    )  # fmt: skip
+    async with make_client(url, ("pjm", "ercot"), GatedSleep(), StatusLog()) as client:
+        events = updates(await take(client, 2))
+    # 4 came on the same stream: the script has one, a second request gets a 503.
+    assert [event.seq for event in events] == [1, 4]
+
+
+async def test_a_malformed_connection_established_ends_the_attempt(
+    scripted: Callable[..., Any],
+) -> None:
+    _, url = await scripted([_sse(_established(epoch=7))], [_sse(_established())])
+    log = StatusLog()
+    async with make_client(url, ("pjm", "ercot"), GatedSleep(), log, transport="sse"):
+        retry = await log.wait_for(lambda status: status.state == "reconnecting")
+        await log.wait_for(lambda status: status.state == "connected")
+    assert retry.error is not None
+    assert "malformed connection_established" in retry.error and "'epoch'" in retry.error
+
+
 def _sse_route_missing(server: ServerProcess) -> bool:
     try:
         with urllib.request.urlopen(f"{server.url}/api/ws/sse/market/pjm", timeout=5):

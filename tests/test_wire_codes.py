@@ -4,7 +4,17 @@ literals (a test that only imported the constants could not catch a typo in them
 from __future__ import annotations
 
 from pricehub.wire import paths
-from pricehub.wire.codes import NO_RETRY_CLOSE_CODES, CloseCode, ErrorCode, MessageType
+from pricehub.wire.codes import (
+    HTTP_REFUSAL_CLOSE_CODES,
+    NO_RETRY_CLOSE_CODES,
+    Backend,
+    CheckState,
+    CloseCode,
+    ErrorCode,
+    HealthStatus,
+    MessageType,
+    Transport,
+)
 
 
 def test_paths_are_the_contracts() -> None:
@@ -40,4 +50,19 @@ def test_error_codes_and_message_types_are_the_contracts() -> None:
         "heartbeat_ack", "price_history", "subscribed", "unsubscribed",
         "storage_backend_changed", "gap", "zone_status", "error", "ping", "heartbeat",
         "request_price_history", "subscribe", "unsubscribe",
+    }
+
+
+def test_backends_transports_and_health_words_are_the_contracts() -> None:
+    assert {str(backend) for backend in Backend} == {"redis", "in-memory"}
+    assert {str(transport) for transport in Transport} == {"ws", "sse"}
+    assert {str(status) for status in HealthStatus} == {"healthy", "degraded", "unhealthy"}
+    assert {"ok", "unavailable", "disabled"} <= {str(state) for state in CheckState}
+
+
+def test_stream_refusals_map_to_the_close_codes_with_the_same_advice() -> None:
+    """PROTOCOL.md, SSE: 401 (token), 403 (Origin or zone), 404 (unknown zone), 503 (over
+    the connection limit); 422 is too many zones, a 1008 on the WebSocket."""
+    assert {status: int(code) for status, code in HTTP_REFUSAL_CLOSE_CODES.items()} == {
+        401: 4001, 403: 4003, 404: 1008, 422: 1008, 503: 1013,
     }

@@ -26,11 +26,7 @@ from typing import Literal
 
 from pricehub.wire.codes import NO_RETRY_CLOSE_CODES
 
-__all__ = ["TERMINAL_CLOSE_CODES", "Backoff", "Decision", "GiveUp", "Retry"]
-
-#: Close codes after which a client must not reconnect (unknown zone, bad token,
-#: token not valid for the zone). Every other close is followed by a resume.
-TERMINAL_CLOSE_CODES: frozenset[int] = NO_RETRY_CLOSE_CODES
+__all__ = ["Backoff", "Decision", "GiveUp", "Retry"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +116,9 @@ class Backoff:
             if self._clock() - self._opened_at >= self.stable_after:
                 self._attempt = 0
             self._opened_at = None
-        if code in TERMINAL_CLOSE_CODES:
+        # Unknown zone, bad token, token not valid for the zone: retrying cannot succeed.
+        # Every other close is followed by a resume.
+        if code in NO_RETRY_CLOSE_CODES:
             return GiveUp("terminal", code, self._attempt)
         if self._attempt >= self.max_attempts:
             return GiveUp("exhausted", code, self._attempt)

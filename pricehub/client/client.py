@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -46,9 +45,22 @@ from yarl import URL
 from pricehub.client.backoff import Backoff, GiveUp
 from pricehub.client.sse import SseParser
 from pricehub.wire import paths
-from pricehub.wire.codes import CloseCode, ErrorCode, MessageType
-from pricehub.wire.errors import PriceHubError
-from pricehub.wire.messages import GapNotice, ZoneState, decode_gap, decode_zone_status
+from pricehub.wire.codes import MessageType, ZoneStatus
+from pricehub.wire.decode import (
+    ConnectionEstablished,
+    ErrorMessage,
+    GapNotice,
+    InitialData,
+    PriceObject,
+    PriceUpdateMessage,
+    ResumeComplete,
+    ServerMessage,
+    ZoneState,
+    decode_refusal,
+    decode_server_message,
+)
+from pricehub.wire.errors import MalformedMessage, PriceHubError
+from pricehub.wire.messages import Heartbeat, Subscribe, encode_client_message
 
 __all__ = [
     "ClientError",
@@ -72,17 +84,9 @@ Transport = Literal["auto", "ws", "sse"]
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 _TRANSPORTS = ("auto", "ws", "sse")
-# What an HTTP refusal of the SSE endpoint means, as the WebSocket close code with the same
-# advice (PROTOCOL.md): the backoff then treats both transports alike.
-_SSE_STATUS_CODES = {
-    401: CloseCode.INVALID_TOKEN,
-    403: CloseCode.FORBIDDEN_ZONE,
-    404: CloseCode.POLICY,
-    422: CloseCode.POLICY,  # too many zones
-    503: CloseCode.TRY_AGAIN_LATER,
-}
 # Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
-_CURSOR_TYPES = (MessageType.PRICE_UPDATE, MessageType.INITIAL_DATA)
+_CURSOR_MESSAGES = (PriceUpdateMessage, InitialData)
+_HEARTBEAT = encode_client_message(Heartbeat()).decode()
 _SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
 
 
@@ -118,19 +122,10 @@ class PriceUpdate:
     def as_price_object(self) -> dict[str, Any]:
         """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true
         (as on the wire)."""
-        price: dict[str, Any] = {
-            "market_zone": self.zone,
-            "price": self.price,
-            "volume": self.volume,
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "accepted_at": self.accepted_at,
-        }
-        if self.replay:
-            price["replay"] = True
-        if self.conflated:
-            price["conflated"] = True
-        return price
+        price = PriceObject(
+            self.zone, self.price, self.volume, self.seq, self.timestamp, self.accepted_at
+        )
+        return PriceUpdateMessage(price, replay=self.replay, conflated=self.conflated).as_json()
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,44 +478,26 @@ class PriceClient:
 
     def _sse_request(self) -> tuple[URL, dict[str, str]]:
         """URL and headers of the next SSE stream; sets up what it resumes."""
-        path = self._http_base.path.rstrip("/")
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
-        query: dict[str, str] = {}
         self._unresumable = {}
-        if len(self.zones) == 1:
-            zone = self.zones[0]
-            url = self._http_base.with_path(path + paths.sse_market(zone))
-            cursor = self._cursors.get(zone)
-            if cursor is not None:
-                query.update(since=str(cursor.seq), epoch=cursor.epoch)
-        else:
-            url = self._http_base.with_path(path + paths.SSE_PRICES)
-            query["zones"] = ",".join(self.zones)
+        if len(self.zones) > 1:
             if self._sse_cursor is not None:
-                headers["Last-Event-ID"] = self._sse_cursor
+                headers[paths.LAST_EVENT_ID] = self._sse_cursor
             elif self._cursors:
                 # Cursors from a WebSocket: the multi-zone stream resumes only from its own
                 # Last-Event-ID, so what was missed meanwhile is reported as a gap.
                 self._unresumable, self._held = dict(self._cursors), {}
-        if self.token is not None:
-            query["token"] = self.token
-        return url.with_query(query), headers
+        return self._target(self._http_base, sse=True), headers
 
     async def _sse_refusal(
         self, response: aiohttp.ClientResponse
     ) -> tuple[int | None, str | None, bool]:
         body = (await response.text(errors="replace"))[:_SSE_BODY_CHARS]
-        try:
-            detail = json.loads(body)
-        except ValueError:
-            detail = None
-        code_text = detail.get("error") or detail.get("code") if isinstance(detail, dict) else None
-        message = detail.get("message") if isinstance(detail, dict) else None
-        error = f"SSE refused: HTTP {response.status}: {message or body.strip() or response.reason}"
-        if response.status == 400:  # a malformed (e.g. outdated) cursor: start without it
+        refusal = decode_refusal(response.status, body)
+        error = f"SSE refused: HTTP {refusal.status}: {refusal.text or response.reason}"
+        if refusal.cursor_refused:  # e.g. an outdated cursor: start without it
             self._sse_cursor = None
-        missing = response.status == 404 and code_text != ErrorCode.UNKNOWN_ZONE
-        return _SSE_STATUS_CODES.get(response.status), error, missing
+        return refusal.close_code, error, refusal.endpoint_missing
 
     async def _serve_sse(self, response: aiohttp.ClientResponse) -> tuple[int | None, str | None]:
         parser = SseParser()
@@ -535,24 +512,22 @@ class PriceClient:
             if not raw:
                 return None, "the server ended the event stream"
             event = parser.feed_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
-            message = None if event is None else self._decode(event.data)
-            if event is None or message is None:
+            if event is None:
                 continue  # `: ping` comments reset the silence timer all the same
+            message = _decode(event.data)
             if established:
                 await self._dispatch(message)
                 # A cursor is only safe to resume from once nothing is held back: held
                 # updates are lost if the stream dies before their resume_complete.
-                if event.id and not self._held and message.get("type") in _CURSOR_TYPES:
+                if event.id and not self._held and isinstance(message, _CURSOR_MESSAGES):
                     self._sse_cursor = event.id
-            elif message.get("type") != MessageType.CONNECTION_ESTABLISHED:
-                logger.warning("ignoring %s before connection_established", message.get("type"))
-            else:
-                try:
-                    interval = self._on_established(message, "sse")
-                except (KeyError, TypeError, ValueError) as exc:
-                    return None, f"malformed connection_established: {exc!r}"
+                continue
+            opened = self._opening(message, "sse")
+            if isinstance(opened, str):
+                return None, opened
+            if opened is not None:
                 established = True
-                silence_limit = 2 * interval
+                silence_limit = 2 * opened
                 await self._report_unresumable()
 
     async def _report_unresumable(self) -> None:
@@ -566,20 +541,17 @@ class PriceClient:
     # --- WebSocket ----------------------------------------------------------------------
 
     def _url(self) -> URL:
-        path = self._base.path.rstrip("/")
-        query: dict[str, str] = {}
-        if len(self.zones) == 1:
-            zone = self.zones[0]
-            url = self._base.with_path(path + paths.ws_market(zone))
-            cursor = self._cursors.get(zone)
-            if cursor is not None:
-                query.update(since=str(cursor.seq), epoch=cursor.epoch)
-        else:
-            url = self._base.with_path(path + paths.WS_PRICES)
-            query["zones"] = ",".join(self.zones)
-        if self.token is not None:
-            query["token"] = self.token
-        return url.with_query(query)
+        return self._target(self._base, sse=False)
+
+    def _target(self, base: URL, *, sse: bool) -> URL:
+        """The socket's or stream's URL under ``base`` (its path prefix kept), resuming a
+        single zone from its cursor."""
+        cursor = self._cursors.get(self.zones[0]) if len(self.zones) == 1 else None
+        path, query = paths.subscriber_target(
+            self.zones, sse=sse, since=None if cursor is None else cursor.seq,
+            epoch=None if cursor is None else cursor.epoch, token=self.token,
+        )  # fmt: skip
+        return base.with_path(base.path.rstrip("/") + path).with_query(query)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str | None]:
         silence_limit = self._open_timeout  # until connection_established says otherwise
@@ -595,52 +567,47 @@ class PriceClient:
                 if msg.type in _LOST_TYPES:
                     cause = f": {_explain(msg.data)}" if isinstance(msg.data, BaseException) else ""
                     return ws.close_code, f"connection lost{cause}"
-                message = self._decode(msg.data) if msg.type is aiohttp.WSMsgType.TEXT else None
-                if message is None:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
                     continue
+                message = _decode(msg.data)
                 if heartbeat is not None:
                     await self._dispatch(message)
-                elif message.get("type") != MessageType.CONNECTION_ESTABLISHED:
-                    logger.warning("ignoring %s before connection_established", message.get("type"))
-                else:
-                    try:
-                        interval = self._on_established(message, "ws")
-                    except (KeyError, TypeError, ValueError) as exc:
-                        return None, f"malformed connection_established: {exc!r}"
+                    continue
+                opened = self._opening(message, "ws")
+                if isinstance(opened, str):
+                    return None, opened
+                if opened is not None:
                     if len(self.zones) > 1:
                         await self._send_resumes(ws)
-                    heartbeat = asyncio.create_task(self._heartbeat(ws, interval))
-                    silence_limit = 2 * interval
+                    heartbeat = asyncio.create_task(self._heartbeat(ws, opened))
+                    silence_limit = 2 * opened
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
 
-    @staticmethod
-    def _decode(data: str) -> dict[str, Any] | None:
-        try:
-            message = json.loads(data)
-        except ValueError:
-            logger.warning("ignoring a frame that is not JSON: %.200s", data)
-            return None
-        if not isinstance(message, dict):
-            logger.warning("ignoring a frame that is not a JSON object: %.200s", data)
-            return None
-        return message
-
     async def _heartbeat(self, ws: aiohttp.ClientWebSocketResponse, interval: float) -> None:
-        frame = json.dumps({"type": MessageType.HEARTBEAT})
         with contextlib.suppress(aiohttp.ClientError, ConnectionError):
             while not ws.closed:
                 await asyncio.sleep(interval)
-                await ws.send_str(frame)
+                await ws.send_str(_HEARTBEAT)
 
-    def _on_established(self, message: Mapping[str, Any], transport: Literal["ws", "sse"]) -> float:
-        """Record the epoch, start the stability timer; returns the heartbeat interval."""
-        interval = float(self._heartbeat_override or message["heartbeat_interval"])
-        self._epoch = str(message["epoch"])
-        self._backoff.opened()
-        self._set_status(Status("connected", transport=transport))
-        return interval
+    def _opening(
+        self, message: ServerMessage | MalformedMessage, transport: Literal["ws", "sse"]
+    ) -> float | str | None:
+        """A message before ``connection_established``: the heartbeat interval once it came
+        (the epoch recorded, the stability timer started), the reason to drop the
+        connection when it is malformed, None to keep waiting."""
+        if isinstance(message, ConnectionEstablished):
+            self._epoch = message.epoch
+            self._backoff.opened()
+            self._set_status(Status("connected", transport=transport))
+            return self._heartbeat_override or message.heartbeat_interval
+        if isinstance(message, MalformedMessage):
+            if message.kind == MessageType.CONNECTION_ESTABLISHED:
+                return f"malformed connection_established: {message}"
+            return None  # logged by _decode
+        logger.warning("ignoring %.200r before connection_established", message)
+        return None
 
     async def _send_resumes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         # One subscribe per epoch: a disconnect in the middle of resuming after an epoch
@@ -649,32 +616,25 @@ class PriceClient:
         for zone, cursor in self._cursors.items():
             by_epoch.setdefault(cursor.epoch, {})[zone] = cursor.seq
         for epoch, since in by_epoch.items():
-            await ws.send_str(
-                json.dumps(
-                    {
-                        "type": MessageType.SUBSCRIBE, "zones": list(since), "since": since,
-                        "epoch": epoch,
-                    }
-                )
-            )
+            subscribe = Subscribe(tuple(since), since, epoch)
+            await ws.send_str(encode_client_message(subscribe).decode())
 
-    async def _dispatch(self, message: Mapping[str, Any]) -> None:
-        kind = message.get("type")
-        try:
-            if kind == MessageType.PRICE_UPDATE:
-                await self._offer(_price(message, message))
-            elif kind == MessageType.INITIAL_DATA:
-                await self._offer(_price(message["latest_price"], message, initial=True))
-            elif kind == MessageType.RESUME_COMPLETE:
+    async def _dispatch(self, message: ServerMessage | MalformedMessage) -> None:
+        match message:
+            case PriceUpdateMessage(price=price, replay=replay, conflated=conflated):
+                await self._offer(_update(price, replay=replay, conflated=conflated))
+            case InitialData(latest_price=price):
+                await self._offer(_update(price, initial=True))
+            case ResumeComplete():
                 await self._on_resume_complete(message)
-            elif kind == MessageType.GAP:
-                await self._on_gap(decode_gap(message))
-            elif kind == MessageType.ZONE_STATUS:
-                await self._on_zone_status(decode_zone_status(message))
-            elif kind == MessageType.ERROR:
-                logger.warning("server error %s: %s", message.get("code"), message.get("message"))
-        except (KeyError, TypeError, ValueError) as exc:
-            logger.warning("ignoring a malformed %s message (%r): %.200s", kind, exc, message)
+            case GapNotice():
+                await self._on_gap(message)
+            case ZoneState():
+                await self._on_zone_status(message)
+            case ErrorMessage(code=code, message=text):
+                logger.warning("server error %s: %s", code, text)
+            case _:
+                pass  # answers (pong, ...), notices a client need not act on, malformed ones
 
     async def _offer(self, update: PriceUpdate) -> None:
         held = self._held.get(update.zone)
@@ -696,7 +656,7 @@ class PriceClient:
             # while this client was away, and the server tells `live` only to those who
             # saw it stale. Said here, so `events()` readers never see a price of a
             # zone they were told is stale.
-            await self._on_zone_status(ZoneState(update.zone, "live", None, update.seq))
+            await self._on_zone_status(ZoneState(update.zone, ZoneStatus.LIVE, None, update.seq))
         await self._queue.put(update)
 
     async def _on_gap(self, notice: GapNotice) -> None:
@@ -724,18 +684,18 @@ class PriceClient:
             return  # live without having been stale here: nothing changed
         await self._queue.put(state)
 
-    async def _on_resume_complete(self, message: Mapping[str, Any]) -> None:
-        zone = str(message["market_zone"])
+    async def _on_resume_complete(self, message: ResumeComplete) -> None:
+        zone = message.zone
         held = self._held.pop(zone, None)
         cursor = self._cursors.get(zone)
         if held is None or cursor is None:
             return  # not a resume this client asked for
         assert self._epoch is not None
         notice = self._gaps.pop(zone, None)
-        if not message["recovered"]:
+        if not message.recovered:
             span: tuple[int | None, int | None, str | None]
             if notice is None:  # a server without `gap`: what resume_complete says
-                span = (message.get("from_seq"), message.get("to_seq"), None)
+                span = (message.from_seq, message.to_seq, None)
             else:
                 span = (notice.from_seq, notice.to_seq, notice.reason)
             await self._queue.put(Gap(zone, cursor.seq, cursor.epoch, self._epoch, *span))
@@ -777,24 +737,27 @@ def _os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
-def _price(
-    obj: Mapping[str, Any], message: Mapping[str, Any], *, initial: bool = False
+def _decode(data: str) -> ServerMessage | MalformedMessage:
+    """A server message, or why it cannot be read (logged here, once): the connection
+    carries on without it, except a malformed ``connection_established``."""
+    try:
+        return decode_server_message(data)
+    except MalformedMessage as exc:
+        logger.warning("ignoring a malformed server message (%s): %.200s", exc, data)
+        return exc
+
+
+def _update(
+    price: PriceObject, *, replay: bool = False, conflated: bool = False, initial: bool = False
 ) -> PriceUpdate:
-    volume = obj.get("volume")
     return PriceUpdate(
-        zone=str(obj["market_zone"]),
-        price=float(obj["price"]),
-        volume=None if volume is None else float(volume),
-        seq=int(obj["seq"]),
-        timestamp=str(obj["timestamp"]),
-        replay=bool(message.get("replay", False)),
-        conflated=bool(message.get("conflated", False)),
+        zone=price.zone,
+        price=price.price,
+        volume=price.volume,
+        seq=price.seq,
+        timestamp=price.timestamp,
+        replay=replay,
+        conflated=conflated,
         initial=initial,
-        accepted_at=_accepted_at(obj.get("accepted_at")),
+        accepted_at=price.accepted_at,
     )
-
-
-def _accepted_at(value: object) -> str | None:
-    """The wire's ``accepted_at`` (null for a price stored before the server had it);
-    anything but a string is treated as absent rather than failing the update."""
-    return value if isinstance(value, str) else None

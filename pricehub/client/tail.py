@@ -44,7 +44,8 @@ from pricehub.client.client import (
     TradingEvent,
     ZoneState,
 )
-from pricehub.wire.codes import MessageType
+from pricehub.wire.codes import GapReason
+from pricehub.wire.decode import gap_object
 
 __all__ = ["TableView", "build_parser", "main"]
 
@@ -190,7 +191,7 @@ def _describe(status: Status) -> str:
 
 
 def _describe_gap(gap: Gap) -> str:
-    if gap.reason == "lost":
+    if gap.reason == GapReason.LOST:
         cause = "lost on the way"
     else:
         cause = "server history lost" if gap.epoch != gap.previous_epoch else "too far behind"
@@ -206,20 +207,10 @@ def _stale_mark(state: ZoneState) -> str:
 
 def _gap_object(gap: Gap) -> dict[str, object]:
     """A ``Gap`` as the wire's ``gap`` object (``epoch``: the one the missing seqs had)."""
-    obj: dict[str, object] = {
-        "type": MessageType.GAP.value, "market_zone": gap.zone, "from_seq": gap.from_seq,
-        "to_seq": gap.to_seq, "reason": gap.reason,
-    }  # fmt: skip
-    if gap.epoch != gap.previous_epoch:
-        obj["epoch"] = gap.previous_epoch
-    return obj
-
-
-def _zone_status_object(state: ZoneState) -> dict[str, object]:
-    return {
-        "type": MessageType.ZONE_STATUS.value, "market_zone": state.zone,
-        "status": state.status, "since": state.since, "last_seq": state.last_seq,
-    }  # fmt: skip
+    return gap_object(
+        gap.zone, from_seq=gap.from_seq, to_seq=gap.to_seq, reason=gap.reason,
+        epoch=gap.previous_epoch if gap.epoch != gap.previous_epoch else None,
+    )  # fmt: skip
 
 
 class _JsonOutput:
@@ -241,7 +232,7 @@ class _JsonOutput:
             print(f"pricehub tail: {_describe_gap(event)}", file=self._err, flush=True)
             obj = _gap_object(event)
         elif isinstance(event, ZoneState):
-            obj = _zone_status_object(event)
+            obj = event.as_json()
         else:
             obj = event.as_price_object()
         self._out.write(json.dumps(obj) + "\n")

@@ -6,11 +6,14 @@ Server, clients and tests import these; no other module writes ``4008`` or
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum, StrEnum
+from types import MappingProxyType
 
 __all__ = [
-    "NO_RETRY_CLOSE_CODES", "CloseCode", "DisconnectReason", "ErrorCode", "GapReason",
-    "HttpErrorCode", "MessageType", "ZoneStatus",
+    "HTTP_REFUSAL_CLOSE_CODES", "NO_RETRY_CLOSE_CODES", "Backend", "CheckState", "CloseCode",
+    "DisconnectReason", "ErrorCode", "GapReason", "HealthStatus", "HttpErrorCode",
+    "MessageType", "Transport", "ZoneStatus",
 ]
 
 
@@ -133,3 +136,57 @@ class HttpErrorCode(StrEnum):
     TOO_MANY_ZONES = "too_many_zones"  # 422: over --max-zones-per-socket
     INVALID_CURSOR = "invalid_cursor"  # 400: malformed Last-Event-ID
     INVALID_SINCE = "invalid_since"  # 400: malformed since
+
+
+# An HTTP refusal of a stream (SSE, before it starts; PROTOCOL.md "Server-Sent Events
+# transport") as the WebSocket close code with the same advice, so a client's reconnect
+# policy (``NO_RETRY_CLOSE_CODES``) treats both transports alike. Any other status has no
+# such code: a plain retry.
+HTTP_REFUSAL_CLOSE_CODES: Mapping[int, CloseCode] = MappingProxyType(
+    {
+        401: CloseCode.INVALID_TOKEN,  # token missing, invalid or expired
+        403: CloseCode.FORBIDDEN_ZONE,  # Origin or zone not allowed (by the token)
+        404: CloseCode.POLICY,  # unknown zone
+        422: CloseCode.POLICY,  # too many zones
+        503: CloseCode.TRY_AGAIN_LATER,  # over a connection limit
+    }
+)
+
+
+class Backend(StrEnum):
+    """``storage_backend`` of ``connection_established``, ``storage_backend_changed``,
+    stats and health: what is serving right now (lower case, as the contract says)."""
+
+    REDIS = "redis"
+    IN_MEMORY = "in-memory"
+
+
+class Transport(StrEnum):
+    """How a subscriber is connected: the ``transport`` of an SSE stream's
+    ``connection_established`` and the ``transport`` label of the metrics."""
+
+    WS = "ws"
+    SSE = "sse"
+
+
+class HealthStatus(StrEnum):
+    """``status`` of the health document (200 unless ``unhealthy``: 503)."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+class CheckState(StrEnum):
+    """A value of the health document's ``checks`` (``{"redis": "ok", ...}``). Some
+    checks add a reason after a colon (``"disabled: <reason>"``, ``"failed: <tasks>"``):
+    the member is the part before it."""
+
+    OK = "ok"
+    UNAVAILABLE = "unavailable"
+    DISABLED = "disabled"
+    NOT_FOUND = "not_found"  # redis: nothing at the default URL (the embedded default)
+    LAGGING = "lagging"  # event_loop
+    HIGH = "high"  # error_rate
+    SHUTTING_DOWN = "shutting_down"  # shutdown
+    FAILED = "failed"  # background: a task crashed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PriceHubError", "ProtocolError", "ValidationError"]
+__all__ = ["MalformedMessage", "PriceHubError", "ProtocolError", "ValidationError"]
 
 
 class PriceHubError(Exception):
@@ -35,3 +35,17 @@ class ValidationError(PriceHubError):
         self.field = field
         self.message = message
         self.code = code
+
+
+class MalformedMessage(PriceHubError, ValueError):
+    """A server message a client cannot read: not JSON, not an object, or a field of the
+    wrong type (``pricehub.wire.decode``).
+
+    ``kind`` is the message's ``type`` when it had a readable one (None otherwise). A
+    ``ValueError`` too, so code written against the older decoders keeps catching it.
+    """
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(f"{kind}: {message}" if kind else message)
+        self.kind = kind
+        self.message = message

@@ -9,6 +9,11 @@ Three parts:
 * server messages: builders returning the exact bytes of a text frame's payload, and
   ``text_frame`` which wraps a payload into a complete WebSocket frame once, so the same
   bytes can be written to every subscriber.
+
+The other direction, for clients: ``encode_client_message`` (``decode_client_message``'s
+inverse) here, and the server messages read back into typed values in
+``pricehub.wire.decode`` (``GapNotice``, ``ZoneState`` and their decoders are re-exported
+from here for older imports).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import orjson
 
 from pricehub.wire.codes import ErrorCode, GapReason, MessageType, ZoneStatus
+from pricehub.wire.decode import GapNotice, ZoneState, decode_gap, decode_zone_status
 from pricehub.wire.errors import ProtocolError, ValidationError
 
 __all__ = [
@@ -51,6 +57,7 @@ __all__ = [
     "decode_gap",
     "decode_zone_status",
     "encode",
+    "encode_client_message",
     "error",
     "format_accepted_at",
     "format_timestamp",
@@ -529,20 +536,20 @@ def decode_client_message(data: str | bytes) -> ClientMessage:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+        raise ProtocolError(ErrorCode.INVALID_JSON, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("invalid_message", "message must be a JSON object")
+        raise _invalid("message must be a JSON object")
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise ProtocolError("invalid_message", "missing string field 'type'")
+        raise _invalid("missing string field 'type'")
     decoder = _DECODERS.get(kind)
     if decoder is None:
-        raise ProtocolError("unknown_type", f"unknown message type {kind[:40]!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
     return decoder(obj)
 
 
 def _invalid(message: str) -> ProtocolError:
-    return ProtocolError("invalid_message", message)
+    return ProtocolError(ErrorCode.INVALID_MESSAGE, message)
 
 
 def _zone_list(obj: dict[str, Any]) -> tuple[str, ...]:
@@ -583,12 +590,32 @@ def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
-    "ping": lambda obj: Ping(),
-    "heartbeat": lambda obj: Heartbeat(),
-    "request_price_history": _decode_history,
-    "subscribe": _decode_subscribe,
-    "unsubscribe": lambda obj: Unsubscribe(_zone_list(obj)),
+    MessageType.PING: lambda obj: Ping(),
+    MessageType.HEARTBEAT: lambda obj: Heartbeat(),
+    MessageType.REQUEST_PRICE_HISTORY: _decode_history,
+    MessageType.SUBSCRIBE: _decode_subscribe,
+    MessageType.UNSUBSCRIBE: lambda obj: Unsubscribe(_zone_list(obj)),
 }
+
+
+def encode_client_message(message: ClientMessage) -> bytes:
+    """The text frame a client sends for ``message``: ``decode_client_message``'s inverse
+    (what is absent or None is left out, as the decoder reads absence)."""
+    obj: dict[str, Any]
+    match message:
+        case Ping():
+            obj = {"type": MessageType.PING}
+        case Heartbeat():
+            obj = {"type": MessageType.HEARTBEAT}
+        case RequestHistory():
+            obj = {"type": MessageType.REQUEST_PRICE_HISTORY, "market_zone": message.market_zone,
+                   "hours": message.hours, "limit": message.limit}  # fmt: skip
+        case Subscribe():
+            obj = {"type": MessageType.SUBSCRIBE, "zones": list(message.zones),
+                   "since": dict(message.since) or None, "epoch": message.epoch}  # fmt: skip
+        case Unsubscribe():
+            obj = {"type": MessageType.UNSUBSCRIBE, "zones": list(message.zones)}
+    return encode({name: value for name, value in obj.items() if value is not None})
 
 
 # --- server messages --------------------------------------------------------------------
@@ -613,7 +640,9 @@ def connection_established(
     heartbeat_interval: float,
     now: str,
 ) -> bytes:
-    message: dict[str, Any] = {"type": "connection_established", "connection_id": connection_id}
+    message: dict[str, Any] = {
+        "type": MessageType.CONNECTION_ESTABLISHED, "connection_id": connection_id
+    }
     if single_zone:
         message["market_zone"] = zones[0]
         text = f"Connected to {zones[0]} market updates"
@@ -630,16 +659,19 @@ def connection_established(
     return encode(message)
 
 
+_PRICE_UPDATE_HEAD = b'{"type":"%s",' % MessageType.PRICE_UPDATE.encode()
+
+
 def price_update(payload: bytes, *, replay: bool = False, conflated: bool = False) -> bytes:
     """A ``price_update`` built by splicing the stored price object (no re-encoding)."""
     flags = (b'"replay":true,' if replay else b"") + (b'"conflated":true,' if conflated else b"")
-    return b'{"type":"price_update",' + flags + price_object(payload)[1:]
+    return _PRICE_UPDATE_HEAD + flags + price_object(payload)[1:]
 
 
 def initial_data(zone: str, payload: bytes, *, now: str) -> bytes:
     return encode(
         {
-            "type": "initial_data",
+            "type": MessageType.INITIAL_DATA,
             "market_zone": zone,
             "latest_price": orjson.Fragment(price_object(payload)),
             "timestamp": now,
@@ -650,7 +682,7 @@ def initial_data(zone: str, payload: bytes, *, now: str) -> bytes:
 def resume_complete(zone: str, *, recovered: bool, from_seq: int, to_seq: int, now: str) -> bytes:
     return encode(
         {
-            "type": "resume_complete",
+            "type": MessageType.RESUME_COMPLETE,
             "market_zone": zone,
             "recovered": recovered,
             "from_seq": from_seq,
@@ -664,7 +696,7 @@ def price_history(
     zone: str, payloads: Iterable[bytes], *, hours: float | None, limit: int | None, now: str
 ) -> bytes:
     message: dict[str, Any] = {
-        "type": "price_history",
+        "type": MessageType.PRICE_HISTORY,
         "market_zone": zone,
         "data": [orjson.Fragment(price_object(payload)) for payload in payloads],
     }
@@ -682,7 +714,9 @@ def zones_message(kind: str, zones: Sequence[str], *, now: str) -> bytes:
 
 
 def storage_backend_changed(backend: str, *, now: str) -> bytes:
-    return encode({"type": "storage_backend_changed", "storage_backend": backend, "timestamp": now})
+    return encode(
+        {"type": MessageType.STORAGE_BACKEND_CHANGED, "storage_backend": backend, "timestamp": now}
+    )
 
 
 def gap(
@@ -720,83 +754,8 @@ def zone_status(
     )
 
 
-# --- server messages, read by clients -----------------------------------------------------
-#
-# The Python client's view of ``gap`` and ``zone_status`` (the builders' inverses): here, so
-# the client reads the wire format from the same module that writes it.
-
-
-@dataclass(frozen=True, slots=True)
-class GapNotice:
-    """A ``gap``: seqs ``from_seq..to_seq`` (inclusive; ``to_seq`` None: unknown) of
-    ``zone`` will never be delivered; ``epoch`` (the client's) only with ``epoch_changed``."""
-
-    zone: str
-    from_seq: int
-    to_seq: int | None
-    reason: str
-    epoch: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ZoneState:
-    """A ``zone_status``: ``status`` ``"stale"`` (no accepted price since ``since``, the
-    ``accepted_at`` of the zone's last price, seq ``last_seq``) or ``"live"`` (a price
-    follows)."""
-
-    zone: str
-    status: str
-    since: str | None
-    last_seq: int
-
-    @property
-    def stale(self) -> bool:
-        return self.status == ZoneStatus.STALE
-
-
-def _seq_field(obj: Mapping[str, Any], name: str) -> int:
-    value = obj[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name!r} must be a non-negative integer")
-    return value
-
-
-def _text_field(obj: Mapping[str, Any], name: str, *, nullable: bool = False) -> str | None:
-    value = obj.get(name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{name!r} must be a string")
-    return value
-
-
-def decode_gap(obj: Mapping[str, Any]) -> GapNotice:
-    """A decoded ``gap`` message; ``ValueError``/``KeyError`` when malformed. An unknown
-    ``reason`` is kept (a newer server may add one): it is still a hole."""
-    return GapNotice(
-        zone=str(_text_field(obj, "market_zone")),
-        from_seq=_seq_field(obj, "from_seq"),
-        to_seq=None if obj["to_seq"] is None else _seq_field(obj, "to_seq"),
-        reason=str(_text_field(obj, "reason")),
-        epoch=_text_field(obj, "epoch", nullable=True),
-    )
-
-
-def decode_zone_status(obj: Mapping[str, Any]) -> ZoneState:
-    """A decoded ``zone_status`` message; ``ValueError``/``KeyError`` when malformed."""
-    status = _text_field(obj, "status")
-    if status not in set(ZoneStatus):
-        raise ValueError(f"unknown zone status {status!r:.40}")
-    return ZoneState(
-        zone=str(_text_field(obj, "market_zone")),
-        status=str(status),
-        since=_text_field(obj, "since", nullable=True),
-        last_seq=_seq_field(obj, "last_seq"),
-    )
-
-
 def error(code: str, message: str, *, now: str) -> bytes:
-    return encode({"type": "error", "code": code, "message": message, "timestamp": now})
+    return encode({"type": MessageType.ERROR, "code": code, "message": message, "timestamp": now})
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -5,10 +5,12 @@ The ``/api/ws/ws`` prefix is the original OptiBid backend's, kept for its client
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
-    "BROADCAST_PRICE", "CONNECTIONS", "DASHBOARD", "HEALTH", "HISTORY", "METRICS", "PREFIX",
-    "SSE_MARKET", "SSE_PREFIX", "SSE_PRICES", "STATS", "WS_MARKET", "WS_PRICES", "history",
-    "sse_market", "ws_market",
+    "BROADCAST_PRICE", "CONNECTIONS", "DASHBOARD", "HEALTH", "HISTORY", "LAST_EVENT_ID",
+    "METRICS", "PREFIX", "SSE_MARKET", "SSE_PREFIX", "SSE_PRICES", "STATS", "WS_MARKET",
+    "WS_PRICES", "history", "sse_market", "subscriber_target", "ws_market",
 ]
 
 PREFIX = "/api/ws/ws"
@@ -37,3 +39,34 @@ def sse_market(zone: str) -> str:
 
 def history(zone: str) -> str:
     return HISTORY.format(zone=zone)
+
+
+# The SSE resume header (browsers' EventSource sends it by itself).
+LAST_EVENT_ID = "Last-Event-ID"
+
+
+def subscriber_target(
+    zones: Sequence[str],
+    *,
+    sse: bool,
+    since: int | None = None,
+    epoch: str | None = None,
+    token: str | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Path and query of a subscriber's socket (``sse`` False) or stream on ``zones``.
+
+    One zone is the ``market`` path, resumed on the URL (``since``, ``epoch``); several are
+    the ``prices`` path with ``zones``, resumed by ``subscribe`` (WebSocket) or
+    ``Last-Event-ID`` (SSE), so ``since``/``epoch`` are not written there.
+    """
+    query: dict[str, str] = {}
+    if len(zones) == 1:
+        path = sse_market(zones[0]) if sse else ws_market(zones[0])
+        if since is not None and epoch is not None:
+            query.update(since=str(since), epoch=epoch)
+    else:
+        path = SSE_PRICES if sse else WS_PRICES
+        query["zones"] = ",".join(zones)
+    if token is not None:
+        query["token"] = token
+    return path, query

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pricehub.wire.codes import MessageType
+from pricehub.wire.codes import ErrorCode, MessageType
 from pricehub.wire.errors import ProtocolError
 
 __all__ = [
@@ -106,7 +106,7 @@ def decode_cursor(text: str, zones: Sequence[str]) -> Cursor:
     if len(parts) < 3 or not _EPOCH.fullmatch(parts[0]):
         raise _malformed()
     if parts[1] != digest:
-        raise ProtocolError("invalid_message", "Last-Event-ID is for another set of zones")
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "Last-Event-ID is for another set of zones")
     if len(parts) == 4 and parts[3][:1].isalpha():  # a width letter, never a decimal seq
         values = _packed_seqs(parts[2], parts[3], len(ordered))
     else:
@@ -139,7 +139,7 @@ def _seq(raw: str) -> int:
 
 
 def _malformed() -> ProtocolError:
-    return ProtocolError("invalid_message", "malformed Last-Event-ID")
+    return ProtocolError(ErrorCode.INVALID_MESSAGE, "malformed Last-Event-ID")
 
 
 def message_type(payload: bytes) -> bytes:
