@@ -3,17 +3,48 @@ under ``TYPE_CHECKING`` included) parsed with ``ast``.
 
 * no import cycle anywhere under ``pricehub/``;
 * ``wire/`` is pure: it imports nothing of pricehub outside ``wire/`` and no aiohttp;
-* ``client/`` imports nothing from ``server/`` or ``storage/``.
+* ``client/`` imports nothing from ``server/`` or ``storage/``;
+* the storage boundary: ``storage/`` imports nothing of ``server/`` (not even for the
+  type checker), and ``server/`` reaches the storage only through ``pricehub.storage``,
+  ``storage.base`` and ``storage.errors``; the storage reports typed counters and a typed
+  disk status, and the server reads no storage attribute by name and shapes the JSON.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "pricehub"
 
+# PENDING (issue 24, item 3): modules that break the storage boundary until their
+# follow-up edits land (another session was changing them when the boundary was drawn;
+# the edits are listed in the issue). Per check, the modules it fails for today: there it
+# is expected to fail (``xfail``, strict), so once a module is fixed its check passes,
+# the strict xfail turns red, and its entry must be removed. Remove PENDING when empty.
+PENDING: dict[str, dict[str, str]] = {
+    "storage_imports_no_server": {
+        "pricehub.storage.failover": "imports server.errors.ConfigError and, for the type "
+        "checker, server.settings.Settings (from_settings, now unused)",
+        "pricehub.storage.binding": "imports server.errors.ConfigError",
+    },
+    "server_uses_the_front": {
+        "pricehub.server.ingest": "imports storage.redis (INGEST_GROUP, KeyLayout, LeaseLost)",
+    },
+    "typed_counters": {
+        "pricehub.storage.redis": "RedisStorage has no counters()",
+        "pricehub.storage.failover": "FailoverStorage has no counters() (create_storage "
+        "wraps it: storage/pending.py)",
+    },
+    "typed_disk_status": {
+        "pricehub.storage.failover": "builds durable.DiskStatus from check strings",
+    },
+}
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -22,6 +53,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache
 def all_modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
@@ -43,6 +75,7 @@ def imported_names(path: Path, name: str) -> Iterator[str]:
             yield from (f"{base}.{alias.name}" for alias in node.names)
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     modules = all_modules()
     return {
@@ -86,7 +119,9 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
 def test_the_parser_sees_type_only_imports() -> None:
     edges = graph()
     assert "pricehub.wire.codes" in edges["pricehub.wire"] | edges["pricehub.wire.messages"]
-    assert edges["pricehub.storage"] >= {"pricehub.storage.base", "pricehub.server.settings"}
+    # server.keys imports the storage for the type checker only.
+    assert "pricehub.storage" in edges["pricehub.server.keys"]
+    assert "pricehub.storage" not in runtime_imports("pricehub.server.keys")
 
 
 def test_no_import_cycle_not_even_through_type_only_imports() -> None:
@@ -134,3 +169,121 @@ def test_app_keys_and_stats_depend_on_no_component() -> None:
     assert not {m for m in runtime_imports("pricehub.server.keys") if m.startswith("pricehub")}
     assert not graph()["pricehub.server.stats"]
     assert "pricehub.storage.failover" not in graph()["pricehub.server.ingest"]
+
+
+# --- the storage boundary ----------------------------------------------------------------
+
+STORAGE_FRONT = frozenset({"pricehub.storage", "pricehub.storage.base", "pricehub.storage.errors"})
+
+
+def modules_under(prefix: str) -> list[str]:
+    return [name for name in all_modules() if name == prefix or name.startswith(prefix + ".")]
+
+
+def pending(check: str, names: list[str]) -> list[object]:
+    """``names`` as parameters, those ``PENDING[check]`` names expected to fail."""
+    expected = PENDING.get(check, {})
+    return [
+        pytest.param(
+            name, marks=pytest.mark.xfail(strict=True, reason=f"PENDING: {expected[name]}")
+        )
+        if name in expected else name
+        for name in names
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", pending("storage_imports_no_server", modules_under("pricehub.storage"))
+)
+def test_storage_imports_nothing_of_the_server(name: str) -> None:
+    """Not even for the type checker: the storage is built from its own ``StorageConfig``."""
+    server = {dep for dep in graph()[name] if dep.startswith("pricehub.server")}
+    assert not server, f"{name} imports {sorted(server)}"
+
+
+@pytest.mark.parametrize(
+    "name", pending("server_uses_the_front", modules_under("pricehub.server"))
+)
+def test_server_reaches_the_storage_only_through_its_front(name: str) -> None:
+    inner = {
+        dep for dep in graph()[name]
+        if dep.startswith("pricehub.storage") and dep not in STORAGE_FRONT
+    }  # fmt: skip
+    assert not inner, f"{name} imports {sorted(inner)}"
+
+
+# The Redis ingest consumer is a Redis Streams client itself (XREADGROUP, leases).
+DRIVER_USERS = frozenset({"pricehub.server.ingest"})
+
+
+def test_the_server_needs_no_redis_driver_of_its_own() -> None:
+    """Reaching Redis (the workers' start-up ping included) is the storage's business."""
+    for name in sorted(set(modules_under("pricehub.server")) - DRIVER_USERS):
+        driver = {dep for dep in runtime_imports(name) if dep.split(".")[0] == "redis"}
+        assert not driver, f"{name} imports {sorted(driver)}"
+
+
+# Every backend class, and the reports it owes: all count (the failover reads its Redis
+# backend's counters); those an app can be given as its ``Storage`` report their disk.
+BACKENDS = {
+    "pricehub.storage.memory": ("MemoryStorage", True),
+    "pricehub.storage.durable": ("DurableStorage", True),
+    "pricehub.storage.redis": ("RedisStorage", False),
+    "pricehub.storage.cluster": ("RedisClusterStorage", False),
+    "pricehub.storage.failover": ("FailoverStorage", True),
+}
+
+
+def backend_class(module: str) -> type:
+    found: type = getattr(importlib.import_module(module), BACKENDS[module][0])
+    return found
+
+
+@pytest.mark.parametrize("module", pending("typed_counters", list(BACKENDS)))
+def test_every_backend_reports_typed_counters(module: str) -> None:
+    """``counters()`` is a member of the Protocol: a backend defines it or inherits the
+    Protocol's default (all zero) by subclassing it; the metrics read no counter by name."""
+    backend = backend_class(module)
+    assert callable(getattr(backend, "counters", None)), f"{backend.__name__}.counters"
+    assert backend.counters.__annotations__["return"] == "StorageCounters"
+
+
+@pytest.mark.parametrize(
+    "module", pending("typed_disk_status", [m for m, (_, disk) in BACKENDS.items() if disk])
+)
+def test_every_backend_decides_a_typed_disk_state(module: str) -> None:
+    """``disk_status()`` returns ``base.DiskStatus`` (its state a ``DiskState``), built by
+    no module from strings: the old ``durable.DiskStatus`` is there only for the pending."""
+    backend = backend_class(module)
+    assert callable(getattr(backend, "disk_status", None)), f"{backend.__name__}.disk_status"
+    legacy = {
+        f"pricehub.storage.durable.{name}"
+        for name in ("DiskStatus", "DISK_DISABLED", "DISK_FOREIGN", "journal_disk_status")
+    }
+    used = set(imported_names(all_modules()[module], module)) & legacy
+    assert not used, f"{module} imports {sorted(used)}"
+
+
+def test_storage_shapes_no_document() -> None:
+    from pricehub.server.http.api import durability_section
+    from pricehub.storage import DiskState, DiskStatus
+
+    assert not hasattr(DiskStatus, "as_json")  # the durability section is the server's
+    assert durability_section(DiskStatus(DiskState.UNAVAILABLE, "closed")) == {
+        "status": "unavailable: closed"
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["pricehub.server.http.metrics", "pricehub.server.http.api", "pricehub.server.stats"]
+)
+def test_documents_read_the_storage_by_typed_members_not_by_name(name: str) -> None:
+    """``getattr(storage, "failovers", 0)`` exported 0 forever after a rename."""
+    path = all_modules()[name]
+    by_name = [
+        ast.unparse(node) for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in ("getattr", "hasattr") and node.args
+        and any(word in ast.unparse(node.args[0]) for word in ("storage", "ingest", "counters"))
+    ]  # fmt: skip
+    assert not by_name, f"{name}: {by_name}"

@@ -784,7 +784,8 @@ async def test_data_dir_none_keeps_nothing_and_health_says_disabled(
     make_client: MakeClient,
 ) -> None:
     settings = make_settings(data_dir=None)
-    assert isinstance(create_storage(settings, log=structlog.get_logger()), MemoryStorage)
+    storage = create_storage(settings.storage_config(), log=structlog.get_logger())
+    assert isinstance(storage, MemoryStorage)
     client = await make_client()
     health = await (await client.get(paths.HEALTH)).json()
     assert health["checks"]["disk"] == "disabled" and health["durability"] == {

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from pricehub.server.app import create_app
 from pricehub.server.settings import load_settings
 from pricehub.server.stats import ERROR_RATE_WINDOW, LOOP_LAG_WINDOW, Stats, health_report
-from pricehub.storage import MemoryStorage, StoredPrice
+from pricehub.storage import DiskState, DiskStatus, MemoryStorage, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from tests.redisproc import RedisProcess
 from tests.serverproc import REPO, ServerProcess, free_port
@@ -71,9 +71,12 @@ def stats_with(**fields: Any) -> Stats:
         (Stats, {"storage_ok": False}, "unhealthy", {"storage": "unavailable"}),
         (lambda: stats_with(shutting_down=True), {"backend": "in-memory"}, "unhealthy",
          {"shutdown": "shutting_down", "redis": "unavailable"}),
-        (Stats, {"disk": "ok"}, "healthy", {"disk": "ok"}),
-        (Stats, {"disk": "unavailable: No space left on device"}, "degraded",
-         {"disk": "unavailable: No space left on device"}),
+        (Stats, {"disk": DiskStatus(DiskState.OK)}, "healthy", {"disk": "ok"}),
+        (Stats, {"disk": DiskStatus(DiskState.UNAVAILABLE, "No space left on device")},
+         "degraded", {"disk": "unavailable: No space left on device"}),
+        # With a Redis URL, a data dir not usable at start: a warning, not a degradation.
+        (Stats, {"disk": DiskStatus(DiskState.DISABLED, "data dir is locked")}, "healthy",
+         {"disk": "disabled: data dir is locked"}),
     ],
 )  # fmt: skip
 def test_verdict_and_the_checks_that_decide_it(

@@ -4,13 +4,14 @@ line a failed start prints."""
 from __future__ import annotations
 
 from pricehub.server.logs import redact_text
+from pricehub.storage.errors import ConfigError
 from pricehub.wire.errors import PriceHubError
 
 __all__ = ["AuthError", "ConfigError", "UsageError", "error_line"]
 
-
-class ConfigError(PriceHubError):
-    """A setting is missing, malformed or inconsistent; the message names the setting."""
+# ``ConfigError`` (a setting is missing, malformed or inconsistent) is defined by the
+# storage, which raises it too (an unparsable Redis URL) and must import nothing of the
+# server; it is re-exported here, where the settings and the CLI have always found it.
 
 
 class UsageError(ConfigError):

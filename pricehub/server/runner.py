@@ -32,7 +32,7 @@ from pricehub.server.http.group_metrics import WORKER_GROUP, WorkerGroup
 from pricehub.server.logs import AccessLogger
 from pricehub.server.policy.auth import TokenVerifier
 from pricehub.server.settings import Settings
-from pricehub.storage.journal import JournalUnavailable
+from pricehub.storage.errors import JournalUnavailable
 
 __all__ = ["BindError", "bind_sockets", "preflight", "serve", "serve_async"]
 

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from pricehub import __version__
 from pricehub.server.errors import ConfigError, UsageError
+from pricehub.storage.base import StorageConfig
 from pricehub.wire.messages import is_valid_zone_name
 
 __all__ = [
@@ -341,6 +342,22 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def storage_config(self) -> StorageConfig:
+        """What ``pricehub.storage.create_storage`` builds the storage from."""
+        return StorageConfig(
+            redis_url=self.redis_url,
+            zones=self.zones,
+            key_prefix=self.key_prefix,
+            history_size=self.history_size,
+            data_dir=self.data_dir,
+            redis_timeout=self.redis_timeout,
+            redis_probe_interval=self.redis_probe_interval,
+            redis_hold=self.redis_hold,
+            # Workers share the port and one Redis: each has peers from its first price.
+            assume_peers=self.workers > 1,
+            adopt_journal=self.adopt_journal,
+        )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "settings") -> Settings:

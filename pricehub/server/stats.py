@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 __all__ = [
-    "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals",
+    "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals", "DiskCheck",
     "HealthReport", "IngestStats", "RedisChoice", "SocketCounters", "SocketSource", "Stats",
-    "disk_check_ok", "health_report", "redis_required",
+    "health_report", "redis_required",
 ]
 
 ERROR_RATE_WINDOW = 300.0  # seconds of history the health error rate looks at
@@ -215,11 +215,15 @@ class HealthReport:
     error_rate: float = 0.0
 
 
-def disk_check_ok(check: str) -> bool:
-    """Whether a ``checks.disk`` value is no problem: ``ok``, or durability disabled
-    (by configuration, or, with a Redis URL, because the data dir was not usable at
-    start: ``disabled: <reason>``, a warning at start, not a degradation)."""
-    return check in ("ok", "disabled") or check.startswith("disabled:")
+class DiskCheck(Protocol):
+    """What health reads of the storage's durability (``pricehub.storage.DiskStatus``,
+    whose state the storage decides): its ``checks.disk`` text and whether it is fine."""
+
+    @property
+    def check(self) -> str: ...
+
+    @property
+    def ok(self) -> bool: ...
 
 
 class RedisChoice(Protocol):
@@ -232,7 +236,7 @@ class RedisChoice(Protocol):
     def redis_url_explicit(self) -> bool: ...
 
 
-def redis_required(settings: RedisChoice, storage: object) -> bool:
+def redis_required(settings: RedisChoice, *, failovers: int) -> bool:
     """Whether serving from memory is a degradation (health, ``pricehub_redis_required``).
 
     Yes for a Redis URL the operator gave (flag, environment, file), and for the default
@@ -242,8 +246,9 @@ def redis_required(settings: RedisChoice, storage: object) -> bool:
     """
     if settings.redis_url is None:
         return False
-    # ``failovers``: the failover storage's count of losses of a Redis it served from.
-    return settings.redis_url_explicit or int(getattr(storage, "failovers", 0)) > 0
+    # ``failovers``: the storage's count of losses of a Redis it served from
+    # (``StorageCounters.failovers``).
+    return settings.redis_url_explicit or failovers > 0
 
 
 def health_report(
@@ -255,7 +260,7 @@ def health_report(
     storage_ok: bool,
     loop_lag_threshold: float,
     error_rate_threshold: float = 10.0,
-    disk: str = "disabled",
+    disk: DiskCheck | None = None,
     now: float | None = None,
 ) -> HealthReport:
     """``healthy`` / ``degraded`` / ``unhealthy`` and the checks that decided it.
@@ -265,8 +270,9 @@ def health_report(
     a Redis the operator asked for (``redis_required``) but the in-memory fallback
     serving, error rate at or over
     ``error_rate_threshold`` percent, event-loop lag over ``loop_lag_threshold`` s, or
-    the journal of the in-memory store failing (``disk``: ``"unavailable: <reason>"``;
-    subscribers are still served, publishes get 503 until the disk recovers). A data dir
+    the journal of the in-memory store failing (``disk`` not ``ok``, e.g.
+    ``"unavailable: <reason>"``; subscribers are still served, publishes get 503 until the
+    disk recovers); ``disk`` None: durability disabled. A data dir
     not usable at start with a Redis URL (``"disabled: <reason>"``) is not a degradation,
     nor is the embedded default: no Redis URL given and none answering at the default one
     (``redis: "not_found"``; it is still probed, and used once it answers).
@@ -280,11 +286,12 @@ def health_report(
         "error_rate": "ok" if error_rate < error_rate_threshold else "high",
         "shutdown": "shutting_down" if stats.shutting_down else "ok",
         "background": "failed: " + ",".join(stats.failed_tasks) if stats.failed_tasks else "ok",
-        "disk": disk,
+        "disk": "disabled" if disk is None else disk.check,
     }
     if stats.shutting_down or not storage_ok or stats.failed_tasks:
         return HealthReport("unhealthy", 503, checks, error_rate)
-    degraded = checks["redis"] == "unavailable" or not disk_check_ok(disk) or any(
+    disk_ok = disk is None or disk.ok
+    degraded = checks["redis"] == "unavailable" or not disk_ok or any(
         checks[name] != "ok" for name in ("event_loop", "error_rate")
     )
     return HealthReport("degraded" if degraded else "healthy", 200, checks, error_rate)

@@ -30,11 +30,10 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import structlog
-from redis.exceptions import RedisClusterException, RedisError
 
 from pricehub.server.http.group_metrics import WorkerGroup
 from pricehub.server.settings import Settings
-from pricehub.storage.cluster import connect_any
+from pricehub.storage import redis_problem as ping_problem
 
 __all__ = ["run_workers"]
 
@@ -73,20 +72,9 @@ def redis_problem(settings: Settings) -> str | None:
     """Why the configured Redis cannot be used right now, or None if it answers PING."""
     if settings.redis_url is None:
         return "no Redis configured (--redis-url none)"
-    url = settings.redis_url
-
-    async def ping() -> None:
-        client = connect_any(url, timeout=max(settings.redis_timeout, 1.0))
-        try:
-            await client.ping()
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(ping())
-    except (RedisError, RedisClusterException, OSError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
+    return asyncio.run(
+        ping_problem(settings.redis_url, timeout=max(settings.redis_timeout, 1.0))
+    )
 
 
 def _serve_worker(settings: Settings, group: WorkerGroup) -> None:

@@ -1,40 +1,90 @@
 """Storage backends behind one Protocol, chosen from the Redis URL.
 
+This package is the server's way in: it re-exports what the server uses, so that the
+server imports nothing else of the storage but ``storage.base`` (the Protocol and its
+typed reports) and ``storage.errors``. The storage imports nothing of the server: it is
+built from a ``StorageConfig`` the server fills from its settings.
+
 As in encode/broadcaster, the Redis driver is imported only in the branch that needs
 it, so the embedded default (``--redis-url none``) never touches it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from pricehub.storage.base import Storage, StorageListener, StoredPrice
+from pricehub.storage.base import (
+    DiskState,
+    DiskStatus,
+    ForeignJournal,
+    JournalStats,
+    Storage,
+    StorageConfig,
+    StorageCounters,
+    StorageListener,
+    StoredPrice,
+)
 from pricehub.storage.memory import MemoryStorage
 
 if TYPE_CHECKING:
     import structlog
 
-    from pricehub.server.settings import Settings
+__all__ = [
+    "DiskState", "DiskStatus", "ForeignJournal", "JournalStats", "MemoryStorage", "Storage",
+    "StorageConfig", "StorageCounters", "StorageListener", "StoredPrice", "create_storage",
+    "redis_problem",
+]
 
-__all__ = ["MemoryStorage", "Storage", "StorageListener", "StoredPrice", "create_storage"]
+
+class _BuildsStorageConfig(Protocol):
+    """PENDING (issue 24): ``server/app.py`` still passes its ``Settings``; once it
+    passes ``settings.storage_config()``, ``create_storage`` takes a ``StorageConfig``
+    only and this Protocol goes."""
+
+    def storage_config(self) -> StorageConfig: ...
 
 
-def create_storage(settings: Settings, *, log: structlog.typing.FilteringBoundLogger) -> Storage:
-    """The backend for ``settings.redis_url``: memory for ``none`` (journaled in
-    ``settings.data_dir`` unless that is none), else Redis with live failover to memory
+def create_storage(
+    config: StorageConfig | _BuildsStorageConfig, *, log: structlog.typing.FilteringBoundLogger
+) -> Storage:
+    """The backend for ``config.redis_url``: memory for None (journaled in
+    ``config.data_dir`` unless that is None), else Redis with live failover to memory
     (which also covers "unreachable at start")."""
-    if settings.redis_url is None:
+    if not isinstance(config, StorageConfig):
+        config = config.storage_config()
+    if config.redis_url is None:
         log.info(
             "storage_selected", backend="in-memory", reason="redis_url is none",
-            data_dir=settings.data_dir,
+            data_dir=config.data_dir,
         )  # fmt: skip
-        if settings.data_dir is None:
-            return MemoryStorage(history_size=settings.history_size)
+        if config.data_dir is None:
+            return MemoryStorage(history_size=config.history_size)
         from pricehub.storage.durable import DurableStorage
 
         return DurableStorage(
-            settings.data_dir, history_size=settings.history_size, zones=settings.zones
+            config.data_dir, history_size=config.history_size, zones=config.zones
         )
-    from pricehub.storage.failover import FailoverStorage
+    # PENDING (issue 24): FailoverStorage itself, once it defines counters().
+    from pricehub.storage.pending import CountingFailoverStorage
 
-    return FailoverStorage.from_settings(settings, log=log)
+    return CountingFailoverStorage(
+        config.redis_url,
+        zones=config.zones,
+        key_prefix=config.key_prefix,
+        history_size=config.history_size,
+        timeout=config.redis_timeout,
+        probe_interval=config.redis_probe_interval,
+        hold=config.redis_hold,
+        assume_peers=config.assume_peers,
+        data_dir=config.data_dir,
+        adopt_journal=config.adopt_journal,
+        log=log,
+    )
+
+
+async def redis_problem(url: str, *, timeout: float) -> str | None:
+    """Why the Redis at ``url`` (any scheme pricehub accepts) cannot be used right now,
+    or None when it answers PING within ``timeout`` seconds."""
+    from pricehub.storage.cluster import ping_problem
+
+    return await ping_problem(url, timeout=timeout)

@@ -1,13 +1,20 @@
-"""The storage Protocol shared by the memory, Redis and failover backends.
+"""The storage Protocol shared by the memory, Redis and failover backends, what a
+storage is built from (``StorageConfig``), and the typed reports a backend gives the
+server (``StorageCounters``, ``DiskStatus``).
 
 Everything crosses this boundary as bytes: a price is stored and published as its JSON
 object (``StoredPrice.payload``), so a backend never parses prices and the broadcaster
 never re-encodes them. Every collection is bounded (``history_size`` per zone) and
 instance registrations expire by TTL, which Redis honours natively (``PX``).
+
+What a backend counts and what it says of its disk are typed values returned by members
+of the Protocol: a renamed counter is a type error, not a metric silently exported as 0.
+The storage decides the state; the server shapes the documents (stats, health, metrics).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -15,7 +22,41 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["IngestAck", "IngestSource", "Storage", "StorageListener", "StoredPrice"]
+__all__ = [
+    "DiskState", "DiskStatus", "ForeignJournal", "IngestAck", "IngestSource", "JournalStats",
+    "Storage", "StorageConfig", "StorageCounters", "StorageListener", "StoredPrice",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageConfig:
+    """What the storage is built from (``pricehub.storage.create_storage``): the storage's
+    part of the settings (``--redis-url``, ``--data-dir``, ...), filled by the server
+    (``Settings.storage_config``), so that the storage needs nothing of the server.
+
+    :param redis_url: the Redis to use when reachable (any scheme pricehub accepts);
+        None: memory only, journaled in ``data_dir`` unless that is None too.
+    :param zones: the configured zones.
+    :param key_prefix: prefix of every Redis key and channel.
+    :param history_size: prices retained per zone.
+    :param data_dir: where the in-memory store is journaled; None: nothing on disk.
+    :param redis_timeout: Redis socket timeout in seconds (the failover trigger).
+    :param redis_probe_interval: seconds between probes of a lost Redis.
+    :param redis_hold: seconds an instance with peers holds appends while Redis is away.
+    :param assume_peers: act as an instance with peers from the start (``--workers`` > 1).
+    :param adopt_journal: take a journal that mirrored another Redis as this one's.
+    """
+
+    redis_url: str | None
+    zones: tuple[str, ...]
+    key_prefix: str
+    history_size: int
+    data_dir: str | None
+    redis_timeout: float
+    redis_probe_interval: float
+    redis_hold: float
+    assume_peers: bool
+    adopt_journal: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +75,102 @@ class IngestAck:
 
     entry_id: str
     consumer: str  # the lease holder's token; the script refuses anyone else (fencing)
+
+
+@dataclass(frozen=True, slots=True)
+class StorageCounters:
+    """What a backend counted since it was built (the metrics export each one as a
+    ``_total``). All zero for a backend that keeps none (memory, durable memory)."""
+
+    failovers: int = 0  # switches from Redis to the in-memory fallback
+    recoveries: int = 0  # switches back to Redis
+    redis_errors: int = 0  # Redis operations and probes that failed
+    gaps: int = 0  # prices that arrived after a hole no history could fill
+    holds: int = 0  # outages during which appends were held (this instance has peers)
+    held_refusals: int = 0  # appends refused because the hold window ended
+    resyncs: int = 0  # reconciles because the epoch moved (not failovers)
+    foreign_messages: int = 0  # messages on our channel that are not our feed's prices
+    epoch_changes: int = 0  # numbering lineage changes
+
+
+_NO_COUNTERS = StorageCounters()
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStats:
+    """A journal's figures (``journal.Journal.stats``), for health and metrics.
+    ``bytes_on_disk`` counts snapshots and segments (not the LOCK file nor files moved
+    aside). ``records`` and ``writes`` count since open; ``log_records`` is what the log
+    holds since the last snapshot; ``last_error`` is cleared by the next successful
+    write."""
+
+    data_dir: str
+    bytes_on_disk: int
+    last_snapshot_at: float | None
+    snapshots: int
+    fsyncs: int
+    writes: int
+    records: int
+    log_records: int
+    fsync_last_seconds: float | None
+    fsync_max_seconds: float
+    fsync_recent_seconds: tuple[float, ...]
+    last_error: str | None
+
+
+class DiskState(enum.Enum):
+    """Where durability stands. The values are how health's ``checks.disk`` spells them
+    (``DiskStatus.check``)."""
+
+    OK = "ok"  # the journal writes
+    DISABLED = "disabled"  # no data dir, or (with Redis) one not usable at start
+    UNAVAILABLE = "unavailable"  # the last journal write failed, or it is not open
+    # The failover's journal mirrors another Redis feed than the one configured: left
+    # untouched and not used (``binding.py``). A degradation: nothing is durable, and the
+    # operator has a decision to make (see docs/operations.md).
+    FOREIGN = "journal_belongs_to_another_redis"
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignJournal:
+    """Which feed a foreign journal mirrors (``DiskState.FOREIGN``), passwords redacted."""
+
+    data_dir: str
+    journal_redis: str  # the Redis the journal mirrors
+    redis: str  # the Redis configured
+    advice: str  # what was done with the journal and what the operator may do
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStatus:
+    """What a backend says of its durability: the state, decided here, and the figures
+    behind it. ``reason`` says why it is ``UNAVAILABLE`` (or ``DISABLED`` at start);
+    ``journal`` is None without an open journal; ``recovered`` / ``fresh_reason`` say
+    what the journal held at start (None before it opened)."""
+
+    state: DiskState
+    reason: str | None = None
+    journal: JournalStats | None = None
+    write_errors: int = 0  # failed journal batches
+    recovered: bool | None = None
+    fresh_reason: str | None = None
+    foreign: ForeignJournal | None = None
+
+    @property
+    def ok(self) -> bool:
+        """No problem for health: durable, or durability off (by configuration, or a data
+        dir not usable at start with a Redis URL: a warning then, not a degradation)."""
+        return self.state in (DiskState.OK, DiskState.DISABLED)
+
+    @property
+    def check(self) -> str:
+        """The state as health's ``checks.disk`` (and the tests) spell it: its value,
+        then ``": <reason>"`` when there is one."""
+        state = self.state.value
+        return state if self.reason is None else f"{state}: {self.reason}"
+
+
+_NOT_DURABLE = DiskStatus(DiskState.DISABLED)
 
 
 class IngestSource(Protocol):
@@ -126,3 +263,15 @@ class Storage(Protocol):
 
     async def check(self) -> None:
         """Raise ``StorageUnavailable`` if the backend cannot serve right now."""
+
+    # Reports, read by the server (health, stats, metrics). Each has a default for
+    # backends that subclass this Protocol and have nothing to report; any other backend
+    # must define it, which the type checker verifies wherever it is used as a Storage.
+
+    def counters(self) -> StorageCounters:
+        """What this backend counted since it was built. Default: nothing (all zero)."""
+        return _NO_COUNTERS
+
+    def disk_status(self) -> DiskStatus:
+        """Where durability stands. Default: ``DISABLED`` (a backend without a journal)."""
+        return _NOT_DURABLE

@@ -53,9 +53,9 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError
+from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError
 
-from pricehub.storage.base import StoredPrice
+from pricehub.storage.base import StorageCounters, StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.storage.redis import (
     INGEST_GROUP,
@@ -81,6 +81,7 @@ __all__ = [
     "connect_any",
     "connect_cluster",
     "is_cluster_url",
+    "ping_problem",
 ]
 
 # Tries to re-subscribe a moved zone's channel before calling the storage lost.
@@ -244,6 +245,20 @@ def connect_any(url: str, *, timeout: float) -> aioredis.Redis:
     return connect_client(url, timeout=timeout)
 
 
+async def ping_problem(url: str, *, timeout: float) -> str | None:
+    """Why the Redis at ``url`` cannot be used right now (the driver's error), or None
+    when it answers PING. One fresh connection, closed before returning."""
+    try:
+        client = connect_any(url, timeout=timeout)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def _node_url(node: ClusterNode, parsed: _ClusterUrl) -> str:
     auth = ""
     if parsed.password is not None:
@@ -299,6 +314,11 @@ class RedisClusterStorage(RedisStorage):
     # One ingest batch at a time: an entry's per-zone idempotency marker would take an
     # older entry arriving after a newer one as applied before, and skip it.
     ingest_depth = 1
+
+    def counters(self) -> StorageCounters:
+        """PENDING (issue 24): ``RedisStorage.counters`` (redis.py), which this class
+        then inherits; what ``RedisStorage`` counts until then."""
+        return StorageCounters(gaps=self.gaps, foreign_messages=self.foreign_messages)
 
     # --- hooks of RedisStorage ---------------------------------------------------------
 

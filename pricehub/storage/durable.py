@@ -32,24 +32,26 @@ errors (exit 2).
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import structlog
 
-from pricehub.server.stats import disk_check_ok
-from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
-from pricehub.storage.errors import StorageUnavailable
-from pricehub.storage.journal import (
-    DiskError,
-    Journal,
+import pricehub.storage.base as base
+from pricehub.storage.base import (
+    DiskState,
+    ForeignJournal,
+    IngestAck,
+    IngestSource,
     JournalStats,
-    Recovered,
+    Storage,
+    StorageListener,
+    StoredPrice,
 )
+from pricehub.storage.errors import DiskError, StorageUnavailable
+from pricehub.storage.journal import Journal, Recovered
 from pricehub.storage.memory import MemoryStorage
 from pricehub.wire.messages import accepted_now, with_seq
 
@@ -61,97 +63,85 @@ __all__ = [
     "JournaledAppends",
     "disk_status",
     "journal_disk_status",
+    "journal_status",
 ]
 
-DISK_OK = "ok"
-DISK_DISABLED = "disabled"
-# The failover's journal mirrors another Redis feed than the one configured: left
-# untouched and not used (``binding.py``). A degradation: nothing is durable, and the
-# operator has a decision to make (see docs/operations.md).
-DISK_FOREIGN = "journal_belongs_to_another_redis"
+
+def journal_status(
+    journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
+) -> base.DiskStatus:
+    """A journal's ``DiskStatus`` (shared by ``DurableStorage`` and the failover's):
+    ``OK`` while its writes succeed, else ``UNAVAILABLE`` with the last error (or why
+    there is no journal: not started, closed)."""
+    if journal is None:
+        reason = "closed" if closed else "not started"
+        return base.DiskStatus(DiskState.UNAVAILABLE, reason, write_errors=write_errors)
+    stats = journal.stats()
+    error = stats.last_error
+    return base.DiskStatus(
+        DiskState.OK if error is None else DiskState.UNAVAILABLE,
+        error,
+        journal=stats,
+        write_errors=write_errors,
+        recovered=None if recovered is None else recovered.recovered,
+        fresh_reason=None if recovered is None else recovered.fresh_reason,
+    )
 
 
-@dataclass(frozen=True, slots=True)
-class DiskStatus:
-    """What health, stats and metrics say about durability.
-
-    ``check`` is health's ``checks.disk``: ``"ok"``, ``"disabled"`` (no data dir),
-    ``"unavailable: <reason>"`` (the last write failed, or the data dir could not be
-    used), or ``DISK_FOREIGN``. ``journal`` is None without a journal; ``detail`` adds
-    fields to the ``durability`` section (which Redis a foreign journal mirrors).
-    """
-
-    check: str
-    journal: JournalStats | None = None
-    recovered: Recovered | None = None
-    write_errors: int = 0
-    detail: Mapping[str, str] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return disk_check_ok(self.check)
-
-    def as_json(self) -> dict[str, Any]:
-        """The ``durability`` section of the stats and health documents."""
-        section: dict[str, Any] = {"status": self.check, **(self.detail or {})}
-        journal = self.journal
-        if journal is None:
-            return section
-        section.update(
-            data_dir=journal.data_dir,
-            bytes_on_disk=journal.bytes_on_disk,
-            last_snapshot_at=_iso(journal.last_snapshot_at),
-            snapshots=journal.snapshots,
-            fsyncs=journal.fsyncs,
-            fsync_last_ms=_ms(journal.fsync_last_seconds),
-            fsync_median_ms=_ms(_median(journal.fsync_recent_seconds)),
-            fsync_max_ms=_ms(journal.fsync_max_seconds),
-            records_written=journal.records,
-            write_errors=self.write_errors,
-        )
-        if self.recovered is not None:
-            section["recovered"] = self.recovered.recovered
-            section["fresh_reason"] = self.recovered.fresh_reason
-        return section
+def disk_status(storage: Storage) -> base.DiskStatus:
+    """``storage.disk_status()``: kept for the tests that read it this way."""
+    return storage.disk_status()
 
 
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+# --- PENDING (issue 24): how failover.py still builds its disk status ------------------
+# From check strings ("disabled: <reason>") and a detail dict. Once it builds
+# ``base.DiskStatus`` (``DiskState``, ``reason=``, ``foreign=ForeignJournal(...)``) and
+# calls ``journal_status``, delete from here to the end of the section.
+
+DISK_DISABLED = DiskState.DISABLED.value
+DISK_FOREIGN = DiskState.FOREIGN.value
 
 
-def _median(samples: Sequence[float]) -> float | None:
-    """Of the journal's last fsyncs (it keeps a bounded window of them)."""
-    return statistics.median(samples) if samples else None
+class DiskStatus(base.DiskStatus):
+    """``base.DiskStatus`` built the old way: ``check`` as health spells it, ``detail``
+    the foreign journal's fields (``data_dir``, ``journal_redis``, ``redis``,
+    ``journal``)."""
 
+    __slots__ = ()
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000.0, 3)
-
-
-@runtime_checkable
-class _ReportsDisk(Protocol):
-    def disk_status(self) -> DiskStatus: ...
-
-
-def disk_status(storage: Storage) -> DiskStatus:
-    """``storage``'s durability; ``disabled`` for any backend that keeps no journal."""
-    if isinstance(storage, _ReportsDisk):
-        return storage.disk_status()
-    return DiskStatus(DISK_DISABLED)
+    def __init__(
+        self,
+        check: str,
+        journal: JournalStats | None = None,
+        recovered: Recovered | None = None,
+        write_errors: int = 0,
+        detail: Mapping[str, str] | None = None,
+    ) -> None:
+        state, _, reason = check.partition(": ")
+        foreign = None
+        if detail is not None:
+            foreign = ForeignJournal(
+                data_dir=detail["data_dir"], journal_redis=detail["journal_redis"],
+                redis=detail["redis"], advice=detail["journal"],
+            )  # fmt: skip
+        super().__init__(
+            DiskState(state), reason or None, journal=journal, write_errors=write_errors,
+            recovered=None if recovered is None else recovered.recovered,
+            fresh_reason=None if recovered is None else recovered.fresh_reason,
+            foreign=foreign,
+        )  # fmt: skip
 
 
 def journal_disk_status(
     journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
 ) -> DiskStatus:
-    """A journal's ``DiskStatus`` (shared by ``DurableStorage`` and the failover's)."""
-    if journal is None:
-        reason = "closed" if closed else "not started"
-        return DiskStatus(f"unavailable: {reason}", write_errors=write_errors)
-    stats = journal.stats()
-    check = DISK_OK if stats.last_error is None else f"unavailable: {stats.last_error}"
-    return DiskStatus(check, stats, recovered, write_errors)
+    """``journal_status`` as the old ``DiskStatus``."""
+    status = journal_status(journal, recovered, write_errors=write_errors, closed=closed)
+    kept = None if status.journal is None else recovered
+    return DiskStatus(status.check, status.journal, kept, status.write_errors)
+
+
+# --- end of PENDING --------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -259,7 +249,7 @@ class JournaledAppends:
                 pending.future.set_exception(DiskError(message))
 
 
-class DurableStorage:
+class DurableStorage(Storage):
     """``MemoryStorage`` semantics, kept in ``data_dir`` across restarts.
 
     :param data_dir: the journal's directory (created if missing).
@@ -270,7 +260,8 @@ class DurableStorage:
     :param journal_options: passed to ``Journal.open`` (``fsync``, ``compact_factor``,
         ``compact_min_records``), for tests and benchmarks.
 
-    ``write_errors`` counts failed journal batches (for the metrics).
+    ``write_errors`` counts failed journal batches (``disk_status``). It counts nothing
+    else: ``counters`` is the Protocol's (all zero).
     """
 
     backend = "in-memory"
@@ -404,7 +395,7 @@ class DurableStorage:
 
     # --- status -----------------------------------------------------------------------
 
-    def disk_status(self) -> DiskStatus:
-        return journal_disk_status(
+    def disk_status(self) -> base.DiskStatus:
+        return journal_status(
             self._journal, self._recovered, write_errors=self.write_errors, closed=self._closed
         )

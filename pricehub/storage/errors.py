@@ -1,14 +1,26 @@
-"""Storage failures: what every backend raises, and what failover reacts to."""
+"""Storage failures: what every backend raises, and what failover reacts to; and the
+configuration error, which the storage raises too (a Redis URL that cannot be parsed)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from pricehub.storage.base import StoredPrice
 from pricehub.wire.errors import PriceHubError
 
 __all__ = [
-    "BatchInterrupted","StorageError", "StorageHeld", "StorageUnavailable", "ZoneRefused"]
+    "BatchInterrupted", "ConfigError", "DiskError", "JournalLocked", "JournalUnavailable",
+    "StorageError", "StorageHeld", "StorageUnavailable", "ZoneRefused",
+]
+
+
+class ConfigError(PriceHubError):
+    """A setting is missing, malformed or inconsistent; the message names the setting.
+
+    Defined here, in the lowest layer that raises one, so that the storage needs nothing
+    of the server; ``pricehub.server.errors`` re-exports it for the settings and the CLI.
+    """
 
 
 class StorageError(PriceHubError):
@@ -27,6 +39,26 @@ class StorageHeld(StorageUnavailable):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class DiskError(StorageUnavailable):
+    """A journal write or fsync failed (disk full, I/O error): the batch is not durable."""
+
+
+class JournalUnavailable(StorageUnavailable):
+    """The data directory cannot be used (not creatable, not writable, unreadable)."""
+
+
+class JournalLocked(JournalUnavailable):
+    """Another process holds the data directory's lock; the message names it."""
+
+    def __init__(self, directory: Path, pid: int | None, host: str | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "an unknown pid"
+        if host:
+            holder += f" on {host}"
+        super().__init__(f"data dir {directory} is in use by another process ({holder})")
+        self.pid = pid
+        self.host = host
 
 
 class ZoneRefused(StorageError):

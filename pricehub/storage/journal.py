@@ -87,8 +87,8 @@ import orjson
 import structlog
 
 import pricehub.storage.journal_format as fmt
-from pricehub.storage.base import StoredPrice
-from pricehub.storage.errors import StorageUnavailable
+from pricehub.storage.base import JournalStats, StoredPrice
+from pricehub.storage.errors import DiskError, JournalLocked, JournalUnavailable
 from pricehub.wire.messages import ZONE_RE
 
 __all__ = [
@@ -107,26 +107,6 @@ _SEGMENT_PREFIX, _SEGMENT_SUFFIX = "wal-", ".log"
 _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "snap-", ".snap"
 _TMP_SUFFIX = ".tmp"
 _RECENT_FSYNCS = 64
-
-
-class DiskError(StorageUnavailable):
-    """A journal write or fsync failed (disk full, I/O error): the batch is not durable."""
-
-
-class JournalUnavailable(StorageUnavailable):
-    """The data directory cannot be used (not creatable, not writable, unreadable)."""
-
-
-class JournalLocked(JournalUnavailable):
-    """Another process holds the data directory's lock; the message names it."""
-
-    def __init__(self, directory: Path, pid: int | None, host: str | None) -> None:
-        holder = f"pid {pid}" if pid is not None else "an unknown pid"
-        if host:
-            holder += f" on {host}"
-        super().__init__(f"data dir {directory} is in use by another process ({holder})")
-        self.pid = pid
-        self.host = host
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,27 +135,6 @@ class Recovered:
     @property
     def recovered(self) -> bool:
         return self.fresh_reason is None
-
-
-@dataclass(frozen=True, slots=True)
-class JournalStats:
-    """For health and metrics. ``bytes_on_disk`` counts snapshots and segments (not the
-    LOCK file nor files moved aside). ``records`` and ``writes`` count since open;
-    ``log_records`` is what the log holds since the last snapshot; ``last_error`` is
-    cleared by the next successful write."""
-
-    data_dir: str
-    bytes_on_disk: int
-    last_snapshot_at: float | None
-    snapshots: int
-    fsyncs: int
-    writes: int
-    records: int
-    log_records: int
-    fsync_last_seconds: float | None
-    fsync_max_seconds: float
-    fsync_recent_seconds: tuple[float, ...]
-    last_error: str | None
 
 
 # --- state -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
-from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
+from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
 from pricehub.storage.errors import StorageUnavailable
 from pricehub.wire.messages import accepted_now, with_seq
 
@@ -32,8 +32,9 @@ class _Zone:
 _EMPTY = _Zone(0)
 
 
-class MemoryStorage:
-    """A dict of zones in this process.
+class MemoryStorage(Storage):
+    """A dict of zones in this process. It counts nothing and keeps no journal: its
+    ``counters`` and ``disk_status`` are the Protocol's defaults.
 
     :param history_size: prices retained per zone (default 1000, as ``--history-size``).
     :param epoch: numbering lineage; a fresh random one by default, since a new

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,13 @@ from pricehub.server.keys import BROADCASTER, INSTANCE_ID, PUBLISHER, SETTINGS, 
 from pricehub.server.logs import bad_request_reason
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.stats import health_report, redis_required
-from pricehub.storage.durable import disk_status
+from pricehub.storage import DiskStatus
 from pricehub.storage.errors import BatchInterrupted, StorageError, StorageUnavailable
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import HttpErrorCode
 from pricehub.wire.errors import ValidationError
 
-__all__ = ["STATIC_DIR", "add_routes"]
+__all__ = ["STATIC_DIR", "add_routes", "durability_section"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 PUBLISH_BUCKETS = web.AppKey("publish_buckets", dict[str, TokenBucket])
@@ -60,6 +62,52 @@ async def cluster_section(app: web.Application) -> dict[str, Any] | None:
     return {"instances": instances, "total_connections": total, "connections_by_zone": by_zone}
 
 
+def durability_section(disk: DiskStatus) -> dict[str, Any]:
+    """The ``durability`` section of the stats and health documents, from the storage's
+    ``DiskStatus`` (the storage decides the state; the document is shaped here)."""
+    section: dict[str, Any] = {"status": disk.check}
+    foreign = disk.foreign
+    if foreign is not None:  # which feed the journal mirrors, and what was done with it
+        section.update(
+            reason=disk.state.value, data_dir=foreign.data_dir,
+            journal_redis=foreign.journal_redis, redis=foreign.redis, journal=foreign.advice,
+        )  # fmt: skip
+    journal = disk.journal
+    if journal is None:
+        return section
+    section.update(
+        data_dir=journal.data_dir,
+        bytes_on_disk=journal.bytes_on_disk,
+        last_snapshot_at=_iso(journal.last_snapshot_at),
+        snapshots=journal.snapshots,
+        fsyncs=journal.fsyncs,
+        fsync_last_ms=_ms(journal.fsync_last_seconds),
+        fsync_median_ms=_ms(_median(journal.fsync_recent_seconds)),
+        fsync_max_ms=_ms(journal.fsync_max_seconds),
+        records_written=journal.records,
+        write_errors=disk.write_errors,
+    )
+    if disk.recovered is not None:
+        section["recovered"] = disk.recovered
+        section["fresh_reason"] = disk.fresh_reason
+    return section
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _median(samples: Sequence[float]) -> float | None:
+    """Of the journal's last fsyncs (it keeps a bounded window of them)."""
+    return statistics.median(samples) if samples else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
 async def stats_handler(request: web.Request) -> web.Response:
     app = request.app
     broadcaster, storage = app[BROADCASTER], app[STORAGE]
@@ -76,7 +124,7 @@ async def stats_handler(request: web.Request) -> web.Response:
     cluster = await cluster_section(app)
     if cluster is not None:
         body["cluster"] = cluster
-    body["durability"] = disk_status(storage).as_json()
+    body["durability"] = durability_section(storage.disk_status())
     body["timestamp"] = messages.utc_now()
     return json_response(body)
 
@@ -89,15 +137,15 @@ async def health_handler(request: web.Request) -> web.Response:
         storage_ok = True
     except StorageError:
         storage_ok = False
-    disk = disk_status(storage)
+    disk = storage.disk_status()
     report = health_report(
         stats,
         redis_configured=settings.redis_url is not None,
-        redis_required=redis_required(settings, storage),
+        redis_required=redis_required(settings, failovers=storage.counters().failovers),
         backend=storage.backend,
         storage_ok=storage_ok,
         loop_lag_threshold=settings.loop_lag_threshold,
-        disk=disk.check,
+        disk=disk,
     )
     if not guard.operator_allowed(request):
         # Open to load balancers, but while the operator endpoints are protected it
@@ -116,7 +164,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "error_rate": report.error_rate,
             "checks": report.checks,
             "uptime_s": round(time.time() - stats.started_at, 3),
-            "durability": disk.as_json(),
+            "durability": durability_section(disk),
             "timestamp": messages.utc_now(),
         },
         status=report.http_status,

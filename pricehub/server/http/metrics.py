@@ -58,9 +58,7 @@ from pricehub.server.policy.admission import ConnectionLimits
 from pricehub.server.publisher import SOURCES, Publisher
 from pricehub.server.settings import Settings
 from pricehub.server.stats import ConnectionTotals, IngestStats, Stats, redis_required
-from pricehub.storage import Storage
-from pricehub.storage.durable import disk_status
-from pricehub.storage.journal import JournalStats
+from pricehub.storage import DiskStatus, JournalStats, Storage, StorageCounters
 from pricehub.wire import paths
 from pricehub.wire.codes import DisconnectReason
 
@@ -94,26 +92,23 @@ class Sources:
     limits: ConnectionLimits
     instance_id: str
     open: ConnectionTotals
-    ingest: IngestStats | None  # with Redis only
+    counters: StorageCounters  # the storage's, typed: a renamed one is a type error
+    disk: DiskStatus
+    ingest: IngestStats  # the Redis ingest consumer's (all zero without it)
 
     @classmethod
     def from_app(cls, app: web.Application) -> Sources:
-        broadcaster = app[BROADCASTER]
+        broadcaster, storage = app[BROADCASTER], app[STORAGE]
         return cls(
             broadcaster=broadcaster, stats=app[STATS], publisher=app[PUBLISHER],
-            storage=app[STORAGE], settings=app[SETTINGS], limits=app[LIMITS],
+            storage=storage, settings=app[SETTINGS], limits=app[LIMITS],
             instance_id=app[INSTANCE_ID],
             open=ConnectionTotals.measure(broadcaster.connections),
-            ingest=app.get(INGEST_STATS),  # the ingest's own counters, when it runs
+            counters=storage.counters(),
+            disk=storage.disk_status(),
+            # The ingest's own counters, when it runs (with Redis only).
+            ingest=app.get(INGEST_STATS) or IngestStats(),
         )
-
-    def storage_counter(self, name: str) -> int:
-        """A counter the failover storage keeps (0 for backends that have none)."""
-        return int(getattr(self.storage, name, 0))
-
-    def ingest_counter(self, name: str) -> int:
-        """A counter of the Redis ingest consumer (0 without Redis)."""
-        return int(getattr(self.ingest, name, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +170,7 @@ def journal_sample(
     ``none``, or a backend that keeps none) or while the value is unknown."""
 
     def samples(sources: Sources) -> list[Sample]:
-        journal = disk_status(sources.storage).journal
+        journal = sources.disk.journal
         found = None if journal is None else read(journal)
         return [] if found is None else [((), float(found))]
 
@@ -183,17 +178,17 @@ def journal_sample(
 
 
 def journal_info(sources: Sources) -> list[Sample]:
-    journal = disk_status(sources.storage).journal
+    journal = sources.disk.journal
     return [] if journal is None else [((journal.data_dir,), 1.0)]
 
 
 def journal_available(sources: Sources) -> list[Sample]:
-    status = disk_status(sources.storage)
+    status = sources.disk
     return [] if status.journal is None else [((), float(status.ok))]
 
 
 def journal_write_errors(sources: Sources) -> list[Sample]:
-    status = disk_status(sources.storage)
+    status = sources.disk
     return [] if status.journal is None else [((), float(status.write_errors))]
 
 
@@ -282,17 +277,17 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "pricehub_ingest_invalid_total", "counter",
         "Redis ingest entries dropped as invalid (logged and acknowledged).",
-        scalar(lambda s: s.ingest_counter("invalid")),
+        scalar(lambda s: s.ingest.invalid),
     ),
     MetricSpec(
         "pricehub_ingest_leases_total", "counter",
         "Times this instance became the cluster's ingest consumer.",
-        scalar(lambda s: s.ingest_counter("leases")),
+        scalar(lambda s: s.ingest.leases),
     ),
     MetricSpec(
         "pricehub_ingest_claimed_total", "counter",
         "Pending ingest entries taken over from a previous consumer.",
-        scalar(lambda s: s.ingest_counter("claimed")),
+        scalar(lambda s: s.ingest.claimed),
     ),
     # --- send path
     MetricSpec(
@@ -329,55 +324,55 @@ METRICS: tuple[MetricSpec, ...] = (
         "pricehub_redis_required", "gauge",
         "1 when serving from memory is a degradation: a Redis URL was given, or Redis has "
         "served at the default one; 0 for --redis-url none and the embedded default.",
-        scalar(lambda s: float(redis_required(s.settings, s.storage))),
+        scalar(lambda s: float(redis_required(s.settings, failovers=s.counters.failovers))),
     ),
     MetricSpec(
         "pricehub_storage_failovers_total", "counter",
         "Switches from Redis to the in-memory fallback.",
-        scalar(lambda s: s.storage_counter("failovers")),
+        scalar(lambda s: s.counters.failovers),
     ),
     MetricSpec(
         "pricehub_storage_recoveries_total", "counter",
         "Switches back from the in-memory fallback to Redis.",
-        scalar(lambda s: s.storage_counter("recoveries")),
+        scalar(lambda s: s.counters.recoveries),
     ),
     MetricSpec(
         "pricehub_redis_errors_total", "counter",
         "Redis operations and probes that failed (errors and timeouts).",
-        scalar(lambda s: s.storage_counter("redis_errors")),
+        scalar(lambda s: s.counters.redis_errors),
     ),
     MetricSpec(
         "pricehub_storage_gaps_total", "counter",
         "Prices from Redis that arrived after a hole its history could not fill.",
-        scalar(lambda s: s.storage_counter("gaps")),
+        scalar(lambda s: s.counters.gaps),
     ),
     MetricSpec(
         "pricehub_storage_holds_total", "counter",
         "Redis outages during which this instance held publishes instead of numbering "
         "alone (it has peers).",
-        scalar(lambda s: s.storage_counter("holds")),
+        scalar(lambda s: s.counters.holds),
     ),
     MetricSpec(
         "pricehub_storage_held_refusals_total", "counter",
         "Publishes refused (503) because Redis stayed away longer than --redis-hold.",
-        scalar(lambda s: s.storage_counter("held_refusals")),
+        scalar(lambda s: s.counters.held_refusals),
     ),
     MetricSpec(
         "pricehub_storage_resyncs_total", "counter",
         "Reconciles with Redis because the epoch moved (a peer declared a divergence, or "
         "Redis lost its data), appends held meanwhile: not failovers.",
-        scalar(lambda s: s.storage_counter("resyncs")),
+        scalar(lambda s: s.counters.resyncs),
     ),
     MetricSpec(
         "pricehub_storage_foreign_messages_total", "counter",
         "Messages on this feed's Redis channel that were not its prices (another feed's "
         "lineage, or not a price at all): dropped, never delivered, logged (throttled).",
-        scalar(lambda s: s.storage_counter("foreign_messages")),
+        scalar(lambda s: s.counters.foreign_messages),
     ),
     MetricSpec(
         "pricehub_epoch_changes_total", "counter",
         "Seq numbering lineage changes: history lost, clients cannot resume across it.",
-        scalar(lambda s: s.storage_counter("epoch_changes")),
+        scalar(lambda s: s.counters.epoch_changes),
     ),
     # --- background work
     MetricSpec(
