@@ -18,10 +18,21 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from pricehub.wire.codes import Backend, CheckState, HealthStatus
+
 __all__ = [
-    "ERROR_RATE_WINDOW", "LOOP_LAG_WINDOW", "ConnectionTotals", "DiskCheck",
-    "HealthReport", "IngestStats", "RedisChoice", "SocketCounters", "SocketSource", "Stats",
-    "health_report", "redis_required",
+    "ERROR_RATE_WINDOW",
+    "LOOP_LAG_WINDOW",
+    "ConnectionTotals",
+    "DiskCheck",
+    "HealthReport",
+    "IngestStats",
+    "RedisChoice",
+    "SocketCounters",
+    "SocketSource",
+    "Stats",
+    "health_report",
+    "redis_required",
 ]
 
 ERROR_RATE_WINDOW = 300.0  # seconds of history the health error rate looks at
@@ -124,9 +135,7 @@ class Stats:
     # longer keep its promises, so health turns unhealthy and an orchestrator restarts it.
     failed_tasks: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
-    _lag_samples: deque[tuple[float, float]] = field(
-        default_factory=deque, init=False, repr=False
-    )
+    _lag_samples: deque[tuple[float, float]] = field(default_factory=deque, init=False, repr=False)
     _checkpoints: deque[_Checkpoint] = field(
         default_factory=_first_checkpoint, init=False, repr=False
     )
@@ -138,7 +147,6 @@ class Stats:
         self.disconnections[reason] += 1
         self.closed_messages_sent += connection.messages_sent
         self.closed_messages_received += connection.messages_received
-
 
     # --- event-loop lag ---------------------------------------------------------------
 
@@ -278,20 +286,29 @@ def health_report(
     (``redis: "not_found"``; it is still probed, and used once it answers).
     """
     error_rate = stats.error_rate(now=now)
-    redis = "ok" if backend == "redis" else "unavailable" if redis_required else "not_found"
-    checks = {
-        "redis": redis if redis_configured else "disabled",
-        "storage": "ok" if storage_ok else "unavailable",
-        "event_loop": "ok" if stats.max_loop_lag(now=now) <= loop_lag_threshold else "lagging",
-        "error_rate": "ok" if error_rate < error_rate_threshold else "high",
-        "shutdown": "shutting_down" if stats.shutting_down else "ok",
-        "background": "failed: " + ",".join(stats.failed_tasks) if stats.failed_tasks else "ok",
-        "disk": "disabled" if disk is None else disk.check,
+    ok, state = CheckState.OK, CheckState
+    if backend == Backend.REDIS:
+        redis = ok
+    else:
+        redis = state.UNAVAILABLE if redis_required else state.NOT_FOUND
+    checks: dict[str, str] = {
+        "redis": redis if redis_configured else state.DISABLED,
+        "storage": ok if storage_ok else state.UNAVAILABLE,
+        "event_loop": ok if stats.max_loop_lag(now=now) <= loop_lag_threshold else state.LAGGING,
+        "error_rate": ok if error_rate < error_rate_threshold else state.HIGH,
+        "shutdown": state.SHUTTING_DOWN if stats.shutting_down else ok,
+        "background": f"{state.FAILED}: " + ",".join(stats.failed_tasks)
+        if stats.failed_tasks
+        else ok,
+        "disk": state.DISABLED if disk is None else disk.check,
     }
     if stats.shutting_down or not storage_ok or stats.failed_tasks:
-        return HealthReport("unhealthy", 503, checks, error_rate)
+        return HealthReport(HealthStatus.UNHEALTHY, 503, checks, error_rate)
     disk_ok = disk is None or disk.ok
-    degraded = checks["redis"] == "unavailable" or not disk_ok or any(
-        checks[name] != "ok" for name in ("event_loop", "error_rate")
+    degraded = (
+        checks["redis"] == state.UNAVAILABLE
+        or not disk_ok
+        or any(checks[name] != ok for name in ("event_loop", "error_rate"))
     )
-    return HealthReport("degraded" if degraded else "healthy", 200, checks, error_rate)
+    status = HealthStatus.DEGRADED if degraded else HealthStatus.HEALTHY
+    return HealthReport(status, 200, checks, error_rate)

@@ -60,7 +60,7 @@ from pricehub.server.settings import Settings
 from pricehub.server.stats import ConnectionTotals, IngestStats, Stats, redis_required
 from pricehub.storage import DiskStatus, JournalStats, Storage, StorageCounters
 from pricehub.wire import paths
-from pricehub.wire.codes import DisconnectReason
+from pricehub.wire.codes import Backend, DisconnectReason
 
 __all__ = [
     "DELIVERY_LAG", "LATENCY_BUCKETS", "METRICS", "PROCESS_METRICS", "REGISTRY",
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
-BACKENDS = ("redis", "in-memory")
+BACKENDS = tuple(Backend)
 # Publish-to-send happens within one or a few loop iterations: sub-millisecond when all
 # is well, so the buckets are fine there and coarse up to the seconds of a stalled loop.
 LATENCY_BUCKETS = (
