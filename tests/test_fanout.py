@@ -20,9 +20,9 @@ import pytest
 import websockets
 
 from pricehub.server.fanout.broadcaster import Broadcaster
+from pricehub.server.fanout.connection import Connection
 from pricehub.server.keys import BROADCASTER, STATS
 from pricehub.server.socket.compression import Deflater, negotiate
-from pricehub.server.socket.connection import Connection
 from tests.support import (
     WAIT,
     Client,
@@ -558,4 +558,4 @@ async def test_per_zone_state_exists_only_for_zones_with_subscribers_or_prices(
 
     await eventually(all_gone)
     assert broadcaster.subscribers == {} and broadcaster._individual == {}
-    assert broadcaster._audiences_of == {} and broadcaster._deflating == {}
+    assert broadcaster._audiences_of == {} and broadcaster._encodings_of == {}

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pricehub.server.socket.session import (
+from pricehub.server.subscriber.session import (
     Attach,
     Close,
     Detach,
@@ -415,9 +415,39 @@ def test_policy_from_settings_derives_the_budgets_from_the_send_limits() -> None
 def test_every_exception_maps_to_one_reason_and_close_code() -> None:
     import asyncio
 
-    from pricehub.server.socket.handler import failure
+    from pricehub.server.subscriber.lifecycle import failure
 
     assert failure(ConnectionResetError()) == ("client_close", None)
     assert failure(asyncio.CancelledError()) == ("shutdown", None)
     assert failure(ValueError("bug")) == ("error", 1011)
     assert failure(KeyboardInterrupt()) is None  # not the handler's to swallow
+
+
+# --- effects carry what they are beside their bytes -----------------------------------------
+
+
+def test_every_send_says_its_type_zone_and_seq_without_parsing() -> None:
+    """What an SSE stream's cursor needs (zone and seq of a price or initial_data) rides
+    on the effect, so no transport parses the bytes back; the rest say their type."""
+    store = Store()
+    store.fill("pjm", 1, 5)
+    store.fill("ercot", 1, 2)
+    session = make_session()
+    effects = run(session.resume(["pjm", "ercot"], since={"pjm": 2}, epoch=None), store)
+    effects += run(session.text(b'{"type":"ping"}'), store)
+    effects += run(session.text(b'{"type":"request_price_history","market_zone":"pjm"}'), store)
+    sends = [effect for effect in effects if isinstance(effect, Send)]
+    assert {send.kind for send in sends} >= {
+        "price_update", "resume_complete", "initial_data", "pong", "price_history"
+    }
+    for send in sends:
+        message = orjson.loads(send.payload)
+        assert send.kind == message["type"]
+        if send.kind == "price_update":
+            assert (send.zone, send.seq) == (message["market_zone"], message["seq"])
+        elif send.kind == "initial_data":
+            latest = message["latest_price"]
+            assert (send.zone, send.seq) == (latest["market_zone"], latest["seq"])
+        else:
+            assert send.seq is None
+            assert send.zone == message.get("market_zone")

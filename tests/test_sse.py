@@ -401,7 +401,7 @@ async def test_streams_in_step_share_one_encoding_and_one_cursor(make_client: Ma
         for events in (a, b, c):
             await events.until(lambda e: e.type == "price_update")
         broadcaster = client.app[BROADCASTER]
-        audiences = [aud for aud in broadcaster._audiences.values() if aud.encoding == "sse"]
+        audiences = [aud for aud in broadcaster._audiences.values() if aud.encoding.name == "sse"]
         assert len(audiences) == 1 and len(audiences[0].members) == 3
         await publish(client, price("ercot", 2.0), price("pjm", 3.0))
         got = [await events.until(lambda e: e.data.get("seq") == 2) for events in (a, b, c)]

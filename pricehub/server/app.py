@@ -20,6 +20,7 @@ from aiohttp import web
 
 from pricehub.server import simulator
 from pricehub.server.fanout.broadcaster import Broadcaster
+from pricehub.server.fanout.connection import SendLimits
 from pricehub.server.http import api, metrics
 from pricehub.server.keys import (
     BROADCASTER,
@@ -39,13 +40,11 @@ from pricehub.server.policy.auth import TokenVerifier
 from pricehub.server.publisher import Publisher
 from pricehub.server.settings import Settings
 from pricehub.server.socket import handler as ws
-from pricehub.server.socket.connection import SendLimits
 from pricehub.server.sse import handler as sse
 from pricehub.server.staleness import Staleness
 from pricehub.server.stats import Stats
 from pricehub.storage import Storage, StorageListener, create_storage
 from pricehub.storage.errors import StorageError
-from pricehub.wire import paths
 from pricehub.wire.codes import CloseCode, DisconnectReason
 from pricehub.wire.sse import MAX_CURSOR
 
@@ -89,10 +88,8 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
     )
     app[VERIFIER] = TokenVerifier.from_settings(settings)
     app[INSTANCE_ID] = uuid.uuid4().hex[:12]
-    app.router.add_get(paths.WS_MARKET, ws.market_socket)
-    app.router.add_get(paths.WS_PRICES, ws.prices_socket)
-    app.router.add_get(paths.SSE_MARKET, sse.market_stream)
-    app.router.add_get(paths.SSE_PRICES, sse.prices_stream)
+    ws.install(app)  # each transport: its routes, and its encodings for the fan-out
+    sse.install(app)
     api.add_routes(app)
     metrics.add_routes(app)
     app.cleanup_ctx.extend([storage_ctx, background_ctx])

@@ -1,1 +1,2 @@
-"""Fan-out: one encode per update, one write per connection per tick."""
+"""Fan-out: one encode per update and encoding, one write per connection per tick. It
+knows encodings (``encoding.py``), never a transport: ``socket/`` and ``sse/`` build on it."""

@@ -1,7 +1,8 @@
 """The zone broadcaster: storage listener, subscriber registry and per-tick flusher.
 
-Each price is serialised and framed once (``text_frame(price_update(payload))``, plus
-one compressed frame when some subscriber negotiated permessage-deflate). Nothing is
+Each price is serialised once (``price_update(payload)``) and framed once per encoding
+present among the zone's subscribers (``encoding.py``: a text frame, a compressed frame,
+an SSE event; the broadcaster never learns which transport framed it). Nothing is
 awaited and no task or queue exists per client, so one slow or dead client never delays
 the others. One ``call_soon`` callback per event-loop tick then writes what the tick
 produced, one ``transport.write`` per client:
@@ -27,24 +28,16 @@ import time
 from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import Any, cast
 
+from pricehub.server.fanout.connection import Connection
+from pricehub.server.fanout.encoding import AudienceFramer, Encoding, TickFrame
 from pricehub.server.fanout.lag import TRANSPORTS, LagHistogram
-from pricehub.server.socket.compression import BroadcastWebSocketResponse, Deflater
-from pricehub.server.socket.connection import DEFLATE, Connection
-from pricehub.server.sse.connection import SSE, SseConnection, chunk
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages, sse
 from pricehub.wire.codes import CloseCode, DisconnectReason, GapReason
-from pricehub.wire.sse import encode_cursor
 
-__all__ = ["DEFAULT_CLOSE_GRACE", "Audience", "Broadcaster", "close_socket"]
+__all__ = ["Audience", "Broadcaster", "close_socket"]
 
-# Close grace for sockets whose response does not say (``--shutdown-grace``'s default).
-DEFAULT_CLOSE_GRACE = 5.0
 FLUSH_POLL = 0.05  # seconds between checks that a closing socket's buffer has drained
-
-# One accepted price of the current tick: zone, seq, plain frame, compressed frame (or
-# None), SSE event lines without the id (or None): each built once, for every stream.
-TickFrame = tuple[str, int, bytes, bytes | None, bytes | None]
 
 
 def _ignore(_seconds: float) -> None:
@@ -55,30 +48,26 @@ def _never_stale(_zone: str) -> bytes | None:
     return None
 
 
-def _decrement(counts: dict[str, int], zone: str) -> None:
-    """One subscriber fewer of a kind; a zone with none left has no entry."""
-    counts[zone] -= 1
-    if not counts[zone]:
-        del counts[zone]
-
-
 class Audience:
     """Connections with the same zones and encoding: byte-identical data every tick.
 
-    SSE audiences also share the ``id:`` cursor of every event: their members are in
-    step, so the epoch and each zone's last seq are the same for all of them.
+    What the encoding keeps per audience (SSE: the ``id:`` cursor every member shares)
+    is its ``framer``.
     """
 
     __slots__ = (
-        "bytes", "cursor", "dirty", "encoding", "epoch", "frames", "members", "pending",
-        "writes", "zones",
+        "bytes", "dirty", "encoding", "framer", "frames", "members", "pending", "writes",
+        "zones",
     )
 
     def __init__(
-        self, zones: frozenset[str], *, encoding: str, last_seq: dict[str, int], epoch: str
+        self, zones: frozenset[str], *, encoding: Encoding, last_seq: dict[str, int], epoch: str
     ) -> None:
         self.zones = zones
         self.encoding = encoding
+        self.framer: AudienceFramer = encoding.audience_framer(
+            zones, last_seq=last_seq, epoch=epoch
+        )
         self.members: dict[Connection, None] = {}
         self.dirty = False  # some of this tick's frames are for it and not yet written
         # This tick's frames of its zones, appended as prices arrive: a flush costs each
@@ -87,35 +76,17 @@ class Audience:
         self.pending: list[TickFrame] = []
         # What each member got while in it: counted here once per tick, not per member.
         self.bytes = self.frames = self.writes = 0
-        self.epoch = epoch
-        # SSE: each zone's seq as of the last written tick (the next event's id builds on it).
-        self.cursor = {zone: last_seq.get(zone, 0) for zone in zones} if encoding == SSE else {}
 
     def share(self) -> list[bytes]:
         """Its share of the tick, in the order the prices were accepted (pure: the
-        cursor moves and ``pending`` empties in ``commit``, once per tick, however many
-        members take a share)."""
-        encoding = self.encoding
-        if encoding == SSE:
-            return self._sse_share()
-        if encoding == DEFLATE:
-            return [deflated or plain for _zone, _seq, plain, deflated, _sse in self.pending]
-        return [plain for _zone, _seq, plain, _deflated, _sse in self.pending]
-
-    def _sse_share(self) -> list[bytes]:
-        cursor, shared = dict(self.cursor), []
-        for zone, seq, _plain, _deflated, event in self.pending:
-            if event is not None:
-                cursor[zone] = seq
-                shared.append(event + b"id: " + encode_cursor(self.epoch, self.zones, cursor)
-                              + b"\n\n")
-        return shared
+        framer moves on and ``pending`` empties in ``commit``, once per tick, however
+        many members take a share)."""
+        return self.framer.share(self.pending)
 
     def commit(self, last_seq: dict[str, int]) -> None:
-        """After the tick's shared write: the cursor is at the zones' last seqs."""
+        """After the tick's shared write: every zone is at its last seq."""
         self.pending = []
-        if self.encoding == SSE:
-            self.cursor = {zone: last_seq.get(zone, 0) for zone in self.zones}
+        self.framer.commit(last_seq)
 
 
 class _TickLag:
@@ -141,16 +112,12 @@ class Broadcaster:
     :param zones: the configured zones. Per-zone state is created lazily, only for zones
         with subscribers (and a last seq for zones with prices), so 100,000 configured
         zones cost nothing at start and a connection costs the same whatever their number.
-    :param deflater: the shared permessage-deflate compressor (default: a new one).
     :param flush_delay: seconds to wait after the first frame of a batch before writing
         it (default 0: the end of the current event-loop tick). A few milliseconds let
         updates that arrive in separate ticks share one write per client.
     """
 
-    def __init__(
-        self, *, zones: Collection[str], deflater: Deflater | None = None,
-        flush_delay: float = 0.0,
-    ) -> None:
+    def __init__(self, *, zones: Collection[str], flush_delay: float = 0.0) -> None:
         self.flush_delay = flush_delay
         self.zones = frozenset(zones)
         self.connections: dict[Connection, None] = {}
@@ -163,9 +130,11 @@ class Broadcaster:
         # Zones that had a price (bounded by the configured zones): a new subscriber is
         # in step once it has seen this seq.
         self._last_seq: dict[str, int] = {}
-        self._deflating: dict[str, int] = {}  # deflate subscribers, zones with any
-        self._sse: dict[str, int] = {}  # SSE subscribers, zones with any
-        self.deflater = deflater or Deflater()
+        # Per zone with subscribers, how many use each encoding: a price is framed for
+        # these encodings only (an encoding with none left has no entry).
+        self._encodings_of: dict[str, dict[Encoding, int]] = {}
+        # What the transports registered (``register``), by name.
+        self.encodings: dict[str, Encoding] = {}
         self.conflation_events = 0
         self.slow_consumer_closes = 0
         self.updates_broadcast = 0
@@ -194,7 +163,16 @@ class Broadcaster:
 
     # --- registry ---------------------------------------------------------------------
 
+    def register(self, *encodings: Encoding) -> None:
+        """A transport's encodings (once, at start); a connection must use one of them."""
+        for encoding in encodings:
+            known = self.encodings.setdefault(encoding.name, encoding)
+            if known is not encoding:
+                raise ValueError(f"another encoding is registered as {encoding.name!r}")
+
     def add(self, connection: Connection) -> None:
+        if self.encodings.get(connection.encoding.name) is not connection.encoding:
+            raise ValueError(f"encoding {connection.encoding.name!r} is not registered")
         self.connections[connection] = None
 
     def remove(self, connection: Connection) -> None:
@@ -214,10 +192,8 @@ class Broadcaster:
             self._individual[zone] = {}
         if connection not in subscribers:
             subscribers[connection] = None
-            if connection.deflater is not None:
-                self._deflating[zone] = self._deflating.get(zone, 0) + 1
-            if connection.encoding == SSE:
-                self._sse[zone] = self._sse.get(zone, 0) + 1
+            counts = self._encodings_of.setdefault(zone, {})
+            counts[connection.encoding] = counts.get(connection.encoding, 0) + 1
         self._individual[zone][connection] = None
         self._candidates[connection] = None
 
@@ -234,17 +210,19 @@ class Broadcaster:
             return
         del subscribers[connection]
         self._individual[zone].pop(connection, None)
-        if connection.deflater is not None:
-            _decrement(self._deflating, zone)
-        if connection.encoding == SSE:
-            _decrement(self._sse, zone)
+        counts = self._encodings_of[zone]
+        counts[connection.encoding] -= 1
+        if not counts[connection.encoding]:
+            del counts[connection.encoding]
         if not subscribers:  # the zone's last subscriber: no state left for it
-            del self.subscribers[zone], self._individual[zone]
+            del self.subscribers[zone], self._individual[zone], self._encodings_of[zone]
 
     def connections_by_transport(self) -> dict[str, int]:
         """Open connections per transport (``ws``, ``sse``), both always present."""
-        sse_streams = sum(1 for connection in self.connections if connection.encoding == SSE)
-        return {"ws": len(self.connections) - sse_streams, "sse": sse_streams}
+        counts = dict.fromkeys(TRANSPORTS, 0)
+        for connection in self.connections:
+            counts[connection.encoding.transport] += 1
+        return counts
 
     def connections_by_zone(self) -> dict[str, int]:
         return {zone: len(subs) for zone, subs in self.subscribers.items() if subs}
@@ -269,8 +247,7 @@ class Broadcaster:
             # broadcast seq has now been written or queued.
             connection.streams[zone].last_seq = self._last_seq.get(zone, 0)
             self._individual[zone][connection] = None
-        if isinstance(connection, SseConnection):
-            connection.join_cursor(self._last_seq)  # its pending share ends there too
+        connection.caught_up(self._last_seq)  # its pending share ends there too
         self._candidates[connection] = None
 
     def _leave_audience(self, connection: Connection) -> None:
@@ -282,7 +259,7 @@ class Broadcaster:
         connection.leave()
         del audience.members[connection]
         if not audience.members:
-            del self._audiences[audience.zones, audience.encoding]
+            del self._audiences[audience.zones, audience.encoding.name]
             for zone in audience.zones:
                 of_zone = self._audiences_of[zone]
                 del of_zone[audience]
@@ -312,11 +289,12 @@ class Broadcaster:
         for zone, stream in streams.items():
             if stream.syncing or stream.last_seq != last_seq.get(zone, 0):
                 return False
-        key = (frozenset(streams), connection.encoding)
+        encoding = connection.encoding
+        key = (frozenset(streams), encoding.name)
         audience = self._audiences.get(key)
         if audience is None:
             audience = self._audiences[key] = Audience(
-                key[0], encoding=key[1], last_seq=last_seq, epoch=connection.epoch
+                key[0], encoding=encoding, last_seq=last_seq, epoch=connection.epoch
             )
             for zone in audience.zones:
                 self._audiences_of.setdefault(zone, {})[audience] = None
@@ -345,25 +323,20 @@ class Broadcaster:
         if self._tick_started is None:
             self._tick_started = time.monotonic()
         payload = messages.price_update(price.payload)
-        frame = messages.text_frame(payload)
-        deflated = self.deflater.frame(payload) if zone in self._deflating else None
-        event = sse.event_data(payload) if zone in self._sse else None
+        # Once per encoding its subscribers use (every subscriber is counted there).
+        framed = {encoding: encoding.price(payload) for encoding in self._encodings_of[zone]}
         if audiences:
             if zone not in self._tick_first:
                 self._tick_first[zone] = price.payload
-            entry = (zone, price.seq, frame, deflated, event)
+            seq = price.seq
             for audience in audiences:
-                audience.pending.append(entry)
+                audience.pending.append((zone, seq, framed[audience.encoding]))
                 if not audience.dirty:
                     audience.dirty = True
                     self._dirty_audiences.append(audience)
             self._schedule_flush()
         for connection in individual or ():
-            encoding = connection.encoding
-            if encoding == SSE:
-                connection.deliver(price, event or b"")
-            else:
-                connection.deliver(price, deflated if encoding == DEFLATE and deflated else frame)
+            connection.deliver(price, framed[connection.encoding])
 
     def on_backend_changed(self, backend: str) -> None:
         self.send_all(messages.storage_backend_changed(backend, now=messages.utc_now()))
@@ -407,29 +380,22 @@ class Broadcaster:
         )
 
     def send_all(self, payload: bytes) -> None:
-        """One server message to every connection, framed once per encoding: a text
-        frame, a compressed frame, an SSE event. Not for prices: their SSE events carry
-        each stream's own cursor (``SseConnection.send``)."""
+        """One server message to every connection, framed once per encoding present
+        (``Encoding.frame``). Not for prices: they are delivered per stream (an SSE
+        event's id is each stream's own cursor)."""
         if sse.message_type(payload) in sse.CURSOR_TYPES:
-            raise ValueError("send_all cannot frame a price: its SSE id is per stream")
+            raise ValueError("send_all cannot frame a price: it is delivered per stream")
         self._queue_framed(self.connections, payload)
 
     def _queue_framed(self, connections: Iterable[Connection], payload: bytes) -> None:
         """Queue ``payload`` on each connection, framed once per encoding present."""
-        framed: dict[str, bytes] = {}
+        framed: dict[Encoding, bytes] = {}
         for connection in connections:
             encoding = connection.encoding
             data = framed.get(encoding)
             if data is None:
-                data = framed[encoding] = self._frame(encoding, payload)
+                data = framed[encoding] = encoding.frame(payload)
             connection.queue(data)
-
-    def _frame(self, encoding: str, payload: bytes) -> bytes:
-        if encoding == SSE:
-            return sse.event(payload)
-        if encoding == DEFLATE:
-            return self.deflater.frame(payload)
-        return messages.text_frame(payload)
 
     # --- FlushScheduler ---------------------------------------------------------------
 
@@ -486,9 +452,8 @@ class Broadcaster:
             audience.dirty = False
             frames = audience.share()
             audience.commit(self._last_seq)
-            data, count = b"".join(frames), len(frames)
-            if audience.encoding == SSE:
-                data = chunk(data)  # HTTP/1.1 chunked framing, once for the audience
+            # Once for the audience: what one write of the transport is (SSE: a chunk).
+            data, count = audience.encoding.wrap(b"".join(frames)), len(frames)
             audience.bytes += len(data)
             audience.frames += count
             audience.writes += 1
@@ -522,7 +487,7 @@ class Broadcaster:
         firsts: Collection[str] = lag.firsts
         if len(zones) > len(firsts):
             zones, firsts = firsts, zones  # walk the smaller, look up in the other
-        histogram = self.delivery_lag["sse" if audience.encoding == SSE else "ws"]
+        histogram = self.delivery_lag[audience.encoding.transport]
         now = time.time()  # wall clock, as accepted_at
         for zone in zones:
             if zone in firsts:
@@ -563,10 +528,7 @@ class Broadcaster:
         connection.disconnect_reason = reason
         if code == CloseCode.SLOW_CONSUMER:
             self.slow_consumer_closes += 1
-        ws = connection.ws
-        if isinstance(ws, BroadcastWebSocketResponse):
-            return ws.close_timeout
-        return DEFAULT_CLOSE_GRACE
+        return connection.close_grace
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

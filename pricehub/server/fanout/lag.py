@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-__all__ = ["DELIVERY_LAG_BUCKETS", "TRANSPORTS", "LagHistogram"]
+__all__ = ["DELIVERY_LAG_BUCKETS", "SSE", "TRANSPORTS", "WS", "LagHistogram"]
 
 # Upper bounds in seconds. A healthy in-memory feed delivers in tens to hundreds of
 # microseconds, so the low end is fine-grained; seconds mean a stalled loop or a Redis
@@ -26,7 +26,8 @@ DELIVERY_LAG_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 )
-TRANSPORTS = ("ws", "sse")  # the label values, both always exported
+WS, SSE = "ws", "sse"  # ``Encoding.transport``: the label values, both always exported
+TRANSPORTS = (WS, SSE)
 
 
 class LagHistogram:

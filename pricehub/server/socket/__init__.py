@@ -1,1 +1,2 @@
-"""One WebSocket client: the handler, its session, its connection, compression."""
+"""One WebSocket client: the handler (the lifecycle's adapter), its connection and
+encodings, compression."""

@@ -1,4 +1,4 @@
-"""What one WebSocket client may ask and how it is answered: a state machine without I/O.
+"""What one subscriber may ask and how it is answered: a state machine without I/O.
 
 The session owns the protocol conversation of one socket: opening zones (initial data
 or a resume), answering client frames, and turning bad input into the contract's error
@@ -6,7 +6,7 @@ messages. It does no I/O itself. Every entry point (``start``, ``text``, ``binar
 ``ping``, ``pong``, ``handle``) returns a *job*: a generator of effects (``Send`` a
 message, ``Attach`` a zone's stream to the fan-out, read storage with ``ReadSince``...,
 wait for the socket to ``Drain``, ``Close`` it). Whoever runs the job performs each effect
-and sends a read's answer back into the generator (``pricehub.server.socket.driver``
+and sends a read's answer back into the generator (``pricehub.server.subscriber.driver``
 does this against the real socket; ``tests/test_session.py`` does it with plain values).
 
 A job is one client request, and the driver runs one job at a time per socket, so a
@@ -46,9 +46,15 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Queue one server message (a text frame's payload) for this client."""
+    """Queue one server message (its encoded JSON) for this client: what it is, and the
+    zone and seq it delivers (a ``price_update`` or ``initial_data``; None for others,
+    e.g. a ``gap`` has a zone and no seq), beside the bytes, so that no transport parses
+    them back (an SSE stream's cursor moves with ``zone`` and ``seq``)."""
 
     payload: bytes
+    kind: MessageType
+    zone: str | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,9 +303,10 @@ class Session:
     def _dispatch(self, message: messages.ClientMessage) -> Job:
         match message:
             case messages.Ping():
-                yield Send(messages.simple(MessageType.PONG, now=self.now()))
+                yield Send(messages.simple(MessageType.PONG, now=self.now()), MessageType.PONG)
             case messages.Heartbeat():
-                yield Send(messages.simple(MessageType.HEARTBEAT_ACK, now=self.now()))
+                kind = MessageType.HEARTBEAT_ACK
+                yield Send(messages.simple(kind, now=self.now()), kind)
             case messages.RequestHistory():
                 yield from self._history(message)
             case messages.Subscribe():
@@ -348,7 +355,9 @@ class Session:
                 hours=request.hours,
                 limit=None if request.hours is not None else request.limit or limit,
                 now=self.now(),
-            )
+            ),
+            MessageType.PRICE_HISTORY,
+            zone,
         )
 
     def _subscribe(
@@ -369,7 +378,8 @@ class Session:
             raise ProtocolError(
                 ErrorCode.INVALID_MESSAGE, f"at most {self.policy.max_zones} zones per socket"
             )
-        yield Send(messages.zones_message(MessageType.SUBSCRIBED, zones, now=self.now()))
+        kind = MessageType.SUBSCRIBED
+        yield Send(messages.zones_message(kind, zones, now=self.now()), kind)
         for zone in zones:
             yield from self._open_zone(zone, since=since.get(zone), epoch=epoch)
 
@@ -379,7 +389,8 @@ class Session:
         for zone in zones:
             self.streams.pop(zone, None)
             yield Detach(zone)
-        yield Send(messages.zones_message(MessageType.UNSUBSCRIBED, zones, now=self.now()))
+        kind = MessageType.UNSUBSCRIBED
+        yield Send(messages.zones_message(kind, zones, now=self.now()), kind)
 
     # --- opening zones ------------------------------------------------------------------
 
@@ -400,16 +411,20 @@ class Session:
         fresh = stream.finish(delivered_up_to=delivered)
         status = self.policy.zone_status(zone)
         for price in fresh:
-            yield Send(messages.price_update(price.payload))
+            yield _price(messages.price_update(price.payload), price)
         if status is not None:
-            yield Send(status)
+            yield Send(status, MessageType.ZONE_STATUS, zone)
 
     def _initial(self, zone: str) -> Generator[Effect, Any, int]:
         latest: StoredPrice | None = yield ReadLatest(zone)
         if latest is None:
             return 0
-        yield Send(messages.initial_data(zone, latest.payload, now=self.now()))
+        yield self._initial_data(zone, latest)
         return latest.seq
+
+    def _initial_data(self, zone: str, latest: StoredPrice) -> Send:
+        payload = messages.initial_data(zone, latest.payload, now=self.now())
+        return Send(payload, MessageType.INITIAL_DATA, zone, latest.seq)
 
     def _resume(
         self, stream: ZoneStream, since: int, epoch: str | None
@@ -430,15 +445,17 @@ class Session:
             latest: StoredPrice | None = yield ReadLatest(zone)
             lost = self._resume_gap(zone, since, epoch, retained, latest)
             if lost is not None:
-                yield Send(lost)
+                yield Send(lost, MessageType.GAP, zone)
             delivered = to_seq = 0 if latest is None else latest.seq
             if latest is not None:
-                yield Send(messages.initial_data(zone, latest.payload, now=self.now()))
+                yield self._initial_data(zone, latest)
         yield Send(
             messages.resume_complete(
                 zone, recovered=outcome.recovered, from_seq=outcome.from_seq, to_seq=to_seq,
                 now=self.now(),
-            )
+            ),
+            MessageType.RESUME_COMPLETE,
+            zone,
         )
         return delivered
 
@@ -481,7 +498,7 @@ class Session:
                     budget = 0
                 payload = messages.price_update(price.payload, replay=True)
                 budget += len(payload)
-                yield Send(payload)
+                yield _price(payload, price)
             if prices:
                 cursor = prices[-1].seq
             if not stream.missing_after(cursor):
@@ -497,6 +514,11 @@ class Session:
             if not more.prices:
                 return cursor  # a hole storage cannot fill either: go live
             prices = more.prices
+
+
+def _price(payload: bytes, price: StoredPrice) -> Send:
+    """A ``price_update`` of ``price`` (live, held or replayed)."""
+    return Send(payload, MessageType.PRICE_UPDATE, price.zone, price.seq)
 
 
 def fit_history(prices: list[StoredPrice], budget: int) -> list[StoredPrice]:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import web
-
 from pricehub.server.fanout.broadcaster import Broadcaster
-from pricehub.server.socket.connection import Connection
-from pricehub.server.socket.session import (
+from pricehub.server.fanout.connection import Connection
+from pricehub.server.stats import Stats
+from pricehub.server.subscriber.session import (
     Attach,
     Close,
     Detach,
@@ -36,7 +35,6 @@ from pricehub.server.socket.session import (
     Send,
     SendError,
 )
-from pricehub.server.stats import Stats
 from pricehub.storage import Storage
 
 __all__ = ["DRAIN_POLL_MAX", "DRAIN_POLL_MIN", "Driver"]
@@ -81,7 +79,7 @@ class Driver:
                     return
                 answer = None
                 if isinstance(effect, Send):  # by far the most frequent: first
-                    connection.send(effect.payload)
+                    connection.send(effect.payload, zone=effect.zone, seq=effect.seq)
                 elif isinstance(effect, SendError):
                     self.stats.protocol_errors[effect.code] += 1
                     connection.send(effect.payload)
@@ -107,9 +105,7 @@ class Driver:
         connection, broadcaster, storage = self.connection, self.broadcaster, self.storage
         match effect:
             case Pong(data):
-                ws = connection.ws
-                if isinstance(ws, web.WebSocketResponse):  # SSE clients send no frames
-                    await ws.pong(data)
+                await connection.pong(data)
             case Attach(stream):
                 broadcaster.unsubscribe(stream.zone, connection)
                 connection.streams[stream.zone] = stream
