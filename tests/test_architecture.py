@@ -165,10 +165,19 @@ def runtime_imports(name: str) -> set[str]:
 
 def test_app_keys_and_stats_depend_on_no_component() -> None:
     """Using an app key does not load the whole server; stats reads plain numbers (and
-    Protocols), not the fan-out's classes; ingest reaches storage by its Protocol."""
+    Protocols) and spells its states with the wire's enums, not the fan-out's classes;
+    ingest reaches storage by its Protocol."""
     assert not {m for m in runtime_imports("pricehub.server.keys") if m.startswith("pricehub")}
-    assert not graph()["pricehub.server.stats"]
+    assert not {m for m in graph()["pricehub.server.stats"] if not m.startswith("pricehub.wire")}
     assert "pricehub.storage.failover" not in graph()["pricehub.server.ingest"]
+
+
+def test_the_fanout_knows_encodings_not_transports() -> None:
+    """The broadcaster and its connections import no transport (socket/, sse/) and no
+    subscriber lifecycle: each transport registers its encodings with it."""
+    above = ("pricehub.server.socket", "pricehub.server.sse", "pricehub.server.subscriber")
+    for name in modules_under("pricehub.server.fanout"):
+        assert not {dep for dep in graph()[name] if dep.startswith(above)}, name
 
 
 # --- the storage boundary ----------------------------------------------------------------

@@ -13,11 +13,11 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from pricehub.server.fanout.broadcaster import Broadcaster
+    from pricehub.server.fanout.connection import SendLimits
     from pricehub.server.policy.admission import ConnectionLimits
     from pricehub.server.policy.auth import TokenVerifier
     from pricehub.server.publisher import Publisher
     from pricehub.server.settings import Settings
-    from pricehub.server.socket.connection import SendLimits
     from pricehub.server.stats import IngestStats, Stats
     from pricehub.storage import Storage
 

@@ -55,7 +55,7 @@ class WriteBuffer(Protocol):
 
 
 class SocketCounters(Protocol):
-    """What the totals read of one socket (a ``socket.connection.Connection``).
+    """What the totals read of one socket (a ``fanout.connection.Connection``).
 
     Protocols, not imports: this module knows plain numbers, not the fan-out's classes.
     """
