@@ -31,7 +31,7 @@ GRAVE = (
 )  # fmt: skip
 NO_STREAM: dict[str, Any] = {
     "counts": {"stream_duplicates": 0, "stream_reorders": 0, "stream_backlog": 0,
-               "stream_lost": 0, "stream_repeats_after_loss": 0},
+               "stream_lost": 0},
     "stream": {"not_run": "no Redis, no ingest stream", "answered": 0, "delivered": 0},
     "examples": {},
 }  # fmt: skip

@@ -22,13 +22,10 @@ A SIGKILLed Redis (no persistence here) takes the entries still in its stream wi
 master replaced by its replica takes the entries it had not replicated: that is Redis's
 durability, not pricehub's, so entries added in the ``KILL_SHADOW`` seconds before such a
 moment (time to be consumed, even across a lease takeover or a hold) are not counted in (h).
-The same edge repeats an entry instead of losing it when the dead master had applied it (its
-append, XACK and XDEL in one script) without replicating that script while an instance's copy
-held the price: the copy is written back under its seq, and the entry, still unconsumed on the
-new master, is applied again under a new one (docs/cluster.md, "The one gap"). Such repeats of
-entries added in the ``KILL_SHADOW`` before a data loss are counted apart, as
-``stream_repeats_after_loss`` (not a grave counter: a known limitation of asynchronous
-replication, like the loss it mirrors); every other repeat is (e).
+Every repeat is (e), the edge where the dead master had applied an entry (its append, XACK
+and XDEL in one script) without replicating that script included: the instance's copy that
+writes the price back settles the entry in the same step (issue 23), so it is never applied
+again.
 """
 
 from __future__ import annotations
@@ -185,14 +182,10 @@ def stream_checks(
         for _, volume, _ in bodies:
             if volume is not None and int(volume) in log.zones:
                 seqs.setdefault((zone, epoch, int(volume)), set()).add(seq)
-    duplicates: list[dict[str, Any]] = []
-    after_loss: list[dict[str, Any]] = []
-    for (zone, epoch, nonce), found in sorted(seqs.items()):
-        if len(found) > 1:
-            shadowed = _in_kill_shadow(log.ids.get(nonce), redis_kills)
-            (after_loss if shadowed else duplicates).append(
-                {"zone": zone, "epoch": epoch, "nonce": nonce, "seqs": sorted(found)}
-            )
+    duplicates = [
+        {"zone": zone, "epoch": epoch, "nonce": nonce, "seqs": sorted(found)}
+        for (zone, epoch, nonce), found in sorted(seqs.items()) if len(found) > 1
+    ]  # fmt: skip
     reorders = _reorders(seqs, log)
     delivered = {n for _, _, n in seqs}
     lost = [
@@ -207,7 +200,6 @@ def stream_checks(
             "stream_reorders": len(reorders),
             "stream_backlog": 1 if log.backlog is None else log.backlog,
             "stream_lost": len(lost),
-            "stream_repeats_after_loss": len(after_loss),
         },
         "stream": {
             "tried": len(log.zones), "answered": len(log.ids),
@@ -215,7 +207,6 @@ def stream_checks(
             "delivered": len(delivered),
         },
         "examples": {"stream_duplicates": duplicates[:EXAMPLES],
-                     "stream_repeats_after_loss": after_loss[:EXAMPLES],
                      "stream_reorders": reorders[:EXAMPLES], "stream_lost": lost[:EXAMPLES]},
     }  # fmt: skip
 

@@ -20,7 +20,7 @@ import pytest
 
 from pricehub.storage.durable import disk_status
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.journal import DiskError
+from pricehub.storage.journal import DiskError, Journal
 from pricehub.wire import paths
 from tests.redisproc import RedisProcess
 from tests.serverproc import ServerProcess, free_port
@@ -260,3 +260,74 @@ async def test_peers_restarted_during_one_outage_hold_instead_of_numbering_alone
                 return await prices(target) == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
             await eventually(caught_up)
+
+
+async def journaled(data_dir: Path) -> tuple[str, int]:
+    """The epoch and pjm's last seq a stopped instance's data dir holds."""
+    journal, recovered = Journal.open(data_dir, history_size=100, fsync=False)
+    await journal.close()
+    zone = recovered.zones.get("pjm")
+    return recovered.epoch, 0 if zone is None else zone.seq
+
+
+async def test_a_redis_restored_empty_is_numbered_in_only_after_every_known_peer_wrote_back(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """Issue 23 (the 30-minute soak, an ``outage_restarts`` fault): one instance restarted
+    during an outage restored the Redis that came back empty from its own journal and
+    numbered on at once, before its peer had written back a price acknowledged under
+    the same epoch: two 202s for (pjm, epoch, 3), the divergence declared only after
+    (the peer's write-back changed the epoch). Restarted, the instance no longer knew
+    its peer (instance ids are per process, the registry was gone with Redis). Now the
+    data dir remembers the peers' mirror ids, the restorer waits for them, and a peer
+    still missing moves it to a new epoch *before* its first 202."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    instances = [server(redis_server.url, d, "--redis-hold", "5") for d in dirs]
+    with instances[0] as first, instances[1] as second:
+        assert await seqs_of(first, 1.0, 2.0) == [1, 2]
+        epoch = await epoch_of(first)
+
+        async def peers_recorded() -> bool:  # stats read the registry (and record peers)
+            for target in (first, second):
+                await get_json(target, paths.STATS)
+            return all(json.loads((d / "meta.json").read_text()).get("peers") for d in dirs)
+
+        await eventually(peers_recorded, within=15)
+        first.kill()  # its journal ends at seq 2
+        written = (await health(second))["durability"]["records_written"]
+        assert await seqs_of(second, 3.0) == [3]  # (epoch, 3) acknowledged by the peer only
+
+        async def journaled_3() -> bool:  # mirrored prices are written behind the 202
+            return bool((await health(second))["durability"]["records_written"] > written)
+
+        await eventually(journaled_3)
+        redis_server.kill()  # no persistence: it comes back empty
+        second.kill()
+        assert await journaled(dirs[1]) == (epoch, 3)
+        assert await journaled(dirs[0]) == (epoch, 2)
+        await first.start_async()  # Redis away: it holds
+        redis_server.start()
+
+        async def on_redis() -> bool:
+            return bool((await health(first))["storage_backend"] == "redis")
+
+        await eventually(on_redis, within=15)
+        status, answer = await publish_answer(first, 4.0)
+        assert status == 202, answer
+        (entry,) = answer["accepted"]
+        named = (await epoch_of(first), entry["seq"])
+        assert named != (epoch, 3), "(pjm, epoch, 3) answered 202 for 3.0 and for 4.0"
+        await second.start_async()  # back on the new epoch: writes nothing into it
+
+        async def both_on_redis() -> bool:
+            reports = [await health(target) for target in (first, second)]
+            return all(report["storage_backend"] == "redis" for report in reports)
+
+        await eventually(both_on_redis, within=15)
+        assert await epoch_of(second) == named[0]
+
+        async def agree() -> bool:
+            return await prices(second) == await prices(first)
+
+        await eventually(agree)
+        assert (named[1], 4.0) in await prices(first)

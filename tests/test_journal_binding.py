@@ -21,9 +21,17 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from pricehub.server.http.api import durability_section
 from pricehub.server.settings import load_settings
 from pricehub.storage.base import StoredPrice
-from pricehub.storage.binding import FEED_KEY, RedisAddress
+from pricehub.storage.binding import (
+    FEED_KEY,
+    RedisAddress,
+    had_peers,
+    meta_json,
+    mirror_id,
+    peer_mirrors,
+)
 from pricehub.storage.durable import disk_status
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.journal import Journal
@@ -328,7 +336,7 @@ async def test_a_password_is_never_stored_nor_logged(
     assert "pw" not in repr(warning), warning
     assert str(redis_a.port) in warning["journal_redis"]
     assert str(redis_b.port) in warning["redis"]
-    assert "pw" not in repr(disk_status(storage).as_json())
+    assert "pw" not in repr(durability_section(disk_status(storage)))
 
 
 # --- addresses -------------------------------------------------------------------------
@@ -388,3 +396,21 @@ def test_adopt_journal_is_a_flag_a_variable_and_a_toml_key(tmp_path: Path) -> No
     config = tmp_path / "pricehub.toml"
     config.write_text("adopt_journal = true\n")
     assert load_settings(["--config", str(config)], environ={}).adopt_journal is True
+
+
+def test_the_meta_keeps_the_mirror_id_and_the_peers_mirror_ids() -> None:
+    """Issue 23: a data dir names its own copy and its peers' by mirror id (instance ids
+    are per process), so an instance restarted during an outage knows whom to wait for;
+    the meta of an older pricehub (no such keys) knows nobody."""
+    meta = json.loads(json.dumps(meta_json(None, peers=True, mirror="m-a",
+                                           peer_ids=frozenset({"m-c", "m-b"}))))  # fmt: skip
+    assert (had_peers(meta), mirror_id(meta), peer_mirrors(meta)) == (
+        True, "m-a", frozenset({"m-b", "m-c"})
+    )  # fmt: skip
+    alone = meta_json(None, peers=False, mirror="m-a", peer_ids=frozenset({"m-b"}))
+    assert peer_mirrors(alone) == frozenset()  # peers no longer counted: none recorded
+    legacy = {"peers": True, "feed_id": None}
+    assert (had_peers(legacy), mirror_id(legacy), peer_mirrors(legacy)) == (
+        True, None, frozenset()
+    )  # fmt: skip
+    assert mirror_id({"mirror_id": 7}) is None and peer_mirrors({"peer_mirrors": "m"}) == set()

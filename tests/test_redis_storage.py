@@ -316,6 +316,34 @@ async def test_appends_go_out_ahead_of_replies_and_a_lost_link_splits_sent_from_
     assert kinds == [{WriteInDoubt}] * MAX_IN_FLIGHT + [{StorageUnavailable}] * 2
 
 
+async def test_closing_with_appends_sent_leaves_them_in_doubt_not_unwritten() -> None:
+    """Issue 23: ``close`` failed the appends it found sent, their replies not read yet,
+    with a plain ``StorageUnavailable``, which says "not written": retried as such, a
+    price Redis had stored became a duplicate under a new seq. Sent is in doubt (the
+    owner looks it up); only what was never sent is unwritten."""
+    with RedisProcess() as server:
+        storage = RedisStorage(server.url, key_prefix="closing:", timeout=5.0)
+        await storage.start(RecordingListener())
+        server.pause()  # SIGSTOP: its socket takes the bytes, nothing answers
+        try:
+            body = PriceBody("pjm", 1.0, None, "2026-11-27T15:00:00.000Z").encode()
+            calls: list[asyncio.Task[list[StoredPrice | BaseException]]] = []
+            for number in range(MAX_IN_FLIGHT + 1):  # one pipeline per call
+                calls.append(asyncio.create_task(storage.append_outcomes([("pjm", body)])))
+
+                def sent(count: int = min(number + 1, MAX_IN_FLIGHT)) -> bool:
+                    return len(storage._in_flight) == count
+
+                await eventually(sent)
+            await storage.close()
+            outcomes = [await call for call in calls]
+        finally:
+            server.resume()
+            await storage.close()
+    kinds = [{type(outcome) for outcome in outcome_list} for outcome_list in outcomes]
+    assert kinds == [{WriteInDoubt}] * MAX_IN_FLIGHT + [{StorageUnavailable}], kinds
+
+
 @pytest.mark.parametrize(
     ("entry_id", "after"),
     [("5-1", "5-2"), ("5-18446744073709551615", "6-0"), ("1764000000000-0", "1764000000000-1")],

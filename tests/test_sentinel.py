@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from tests.redisproc import SentinelSetup
 from tests.serverproc import ServerProcess
@@ -411,3 +413,69 @@ async def test_acknowledged_prices_delivered_or_declared(sentinel: SentinelSetup
     assert not order_problems(outcome.subscribers, outcome.acks)
     problems = undeclared_losses(outcome.subscribers, outcome.acks)
     assert not problems, "\n".join([*problems, outcome.report(), outcome.storage_events()])
+
+
+async def stream_prices(session: aiohttp.ClientSession, server: ServerProcess) -> list[float]:
+    """The prices of ZONE the instance holds, oldest first."""
+    body = await get_json(session, f"{server.url}/api/ws/ws/history/{ZONE}?limit=1000")
+    return [float(entry["price"]) for entry in body["data"]]
+
+
+async def test_a_stream_entry_is_never_applied_again_after_a_promotion_lost_its_price(
+    sentinel: SentinelSetup,
+) -> None:
+    """Issue 23, hole 2: a stream entry applied by the old master (price, XACK and XDEL
+    in one script) whose replication was lost with it. The instance's mirror held the
+    price and wrote it back to the promoted replica; the entry, never acknowledged
+    there, was read and applied again: one entry, two prices under two seqs (the soak's
+    ``stream_repeats_after_loss``). Now the write-back acknowledges and deletes the
+    entry in the same transaction. Deterministic loss: the entry is replicated while a
+    foreign lease keeps the consumer off it, then the replica is stopped and cut off
+    (CLIENT KILL) before the lease is freed and the entry applied."""
+    prefix = "pricehub:"
+    master = aioredis.Redis(port=sentinel.master.port)
+    replica_process = sentinel.replica.process
+    assert replica_process is not None
+    async with (
+        servers(sentinel.url, (0.2,)) as (instance,),
+        aiohttp.ClientSession() as session,
+    ):
+        try:
+            await master.xadd(f"{prefix}ingest", {"market_zone": ZONE, "price": "1"})
+
+            async def taken(price: float) -> bool:
+                return price in await stream_prices(session, instance)
+
+            await eventually(lambda: taken(1.0), within=SLOW)  # the consumer runs
+            await master.set(f"{prefix}ingest:lease", "someone-else", px=3000)
+            await master.xadd(f"{prefix}ingest", {"market_zone": ZONE, "price": "2"})
+            assert await master.wait(1, 2000) == 1  # the entry is on the replica too
+            replica_process.send_signal(signal.SIGSTOP)
+            try:
+                await master.client_kill_filter(_type="replica")
+                await master.delete(f"{prefix}ingest:lease")
+                await eventually(lambda: taken(2.0), within=SLOW)  # applied, not replicated
+                sentinel.kill_master()
+            finally:
+                replica_process.send_signal(signal.SIGCONT)
+            await asyncio.to_thread(sentinel.wait_for_promotion, SLOW)
+            promoted = aioredis.Redis(port=sentinel.replica.port)
+
+            async def on_redis() -> bool:
+                health = await get_json(session, f"{instance.url}/api/ws/ws/health")
+                return bool(health["storage_backend"] == "redis")
+
+            try:
+                await eventually(on_redis, within=SLOW)  # reconciled: 2.0 written back
+                # A later entry is taken once every older one is: the repeat, if any,
+                # comes before it.
+                await promoted.xadd(f"{prefix}ingest", {"market_zone": ZONE, "price": "3"})
+                await eventually(lambda: taken(3.0), within=SLOW)
+                stored = await stream_prices(session, instance)
+                assert stored.count(2.0) == 1, f"the entry was applied twice: {stored}"
+                assert stored == [1.0, 2.0, 3.0], stored
+                assert await promoted.xlen(f"{prefix}ingest") == 0  # settled, none left
+            finally:
+                await promoted.aclose()
+        finally:
+            await master.aclose()

@@ -20,7 +20,12 @@ The meta file also keeps the instance's *peer knowledge* (issue 23, ``PEERS_KEY`
 it had peers the last time it could see the instance registry. The registry lives in
 Redis, so an instance restarted while Redis is away has nothing else to go by, and one
 that had peers must hold its appends rather than number alone (``meta_json``,
-``had_peers``). Nothing here touches Redis or disk.
+``had_peers``). With it, who they were: the *mirror ids* of the peers' copies
+(``PEER_MIRRORS_KEY``, ``peer_mirrors``), and this data dir's own (``MIRROR_KEY``,
+``mirror_id``), created once and kept across restarts, unlike an instance id. A Redis
+that lost its data is numbered in only once every peer known has written its copy back
+(``FailoverStorage._await_peers``); after a restart only these ids can name them.
+Nothing here touches Redis or disk.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pricehub.server.errors import ConfigError
 
 __all__ = [
-    "FEED_KEY", "PEERS_KEY", "Binding", "RedisAddress", "had_peers", "meta_json", "mirrors",
+    "FEED_KEY", "MIRROR_KEY", "PEERS_KEY", "PEER_MIRRORS_KEY", "Binding", "RedisAddress",
+    "had_peers", "meta_json", "mirror_id", "mirrors", "peer_mirrors",
 ]
 
 FEED_KEY = "feed"  # <prefix>feed: the feed id, next to <prefix>epoch
 PEERS_KEY = "peers"  # meta.json: whether the registry last showed this instance peers
+PEER_MIRRORS_KEY = "peer_mirrors"  # meta.json: the mirror ids of those peers
+MIRROR_KEY = "mirror_id"  # meta.json: this data dir's own mirror id
 
 TCP, UNIX, SENTINEL, CLUSTER = "redis", "unix", "sentinel", "cluster"
 _KINDS = (TCP, UNIX, SENTINEL, CLUSTER)
@@ -208,12 +216,30 @@ def mirrors(
     return True
 
 
-def meta_json(binding: Binding | None, *, peers: bool) -> dict[str, Any]:
+def meta_json(
+    binding: Binding | None, *, peers: bool, mirror: str, peer_ids: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """The meta file's object: the binding (none for a data dir of an older pricehub
-    that has not met its Redis yet) and the peer knowledge."""
+    that has not met its Redis yet), this data dir's mirror id and the peer knowledge."""
     meta = {} if binding is None else binding.as_json()
     meta[PEERS_KEY] = peers
+    meta[PEER_MIRRORS_KEY] = sorted(peer_ids) if peers else []
+    meta[MIRROR_KEY] = mirror
     return meta
+
+
+def mirror_id(meta: Mapping[str, Any] | None) -> str | None:
+    """The data dir's mirror id (None: an older pricehub's or a new data dir)."""
+    found = None if meta is None else meta.get(MIRROR_KEY)
+    return found if isinstance(found, str) and found else None
+
+
+def peer_mirrors(meta: Mapping[str, Any] | None) -> frozenset[str]:
+    """The mirror ids of the peers ``had_peers`` speaks of (empty: not recorded)."""
+    found = None if meta is None else meta.get(PEER_MIRRORS_KEY)
+    if not isinstance(found, list):
+        return frozenset()
+    return frozenset(item for item in found if isinstance(item, str) and item)
 
 
 def had_peers(meta: Mapping[str, Any] | None) -> bool:

@@ -81,7 +81,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -95,7 +95,9 @@ from pricehub.storage.binding import (
     RedisAddress,
     had_peers,
     meta_json,
+    mirror_id,
     mirrors,
+    peer_mirrors,
 )
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
 from pricehub.storage.durable import (
@@ -224,13 +226,23 @@ class FailoverStorage:
         self._peer_ids: frozenset[str] = frozenset()  # the other instances last seen
         self._instance_id: str | None = None  # ours, once registered
         self._registration: tuple[bytes, float] | None = None  # our snapshot and ttl
-        # What the data dir's meta says of peers (``binding.had_peers``), kept in step
-        # with ``has_peers`` while the registry can be read.
+        # What the data dir's meta says of peers (``binding.had_peers``, and their
+        # ``peer_mirrors``), kept in step with ``has_peers`` / ``_peer_ids`` while the
+        # registry can be read.
         self._peers_recorded = False
+        self._peer_ids_recorded: frozenset[str] = frozenset()
+        # The id of this instance's copy of the feed, registered with the instance:
+        # peers know it by this (``_peer_ids`` are peers' mirror ids). The data dir's
+        # (``binding.mirror_id``) when journaled, so that it survives a restart.
+        self._mirror_id = uuid.uuid4().hex[:16]
         # Prices Redis acknowledged to our appends that the mirror cannot take yet (a
         # seq before them not delivered by Pub/Sub yet), per zone and seq: see
         # ``_acknowledged``.
         self._unheard: dict[str, dict[int, StoredPrice]] = {}
+        # The ingest stream entry of each price our ingest appended, per zone and seq
+        # (bounded by the history): a write-back settles it with the price
+        # (``RedisStorage.restore``), so a Redis that lost both cannot apply it again.
+        self._ingested: dict[str, dict[int, str]] = {}
         # The lost connection's close: it settles the appends still in flight on it.
         self._closing: asyncio.Task[None] | None = None
         self._quiet = False  # holding for a resync after the epoch moved, not an outage
@@ -383,23 +395,28 @@ class FailoverStorage:
             self._disable_durability(exc)
             return
         self._peers_recorded = had_peers(journal.meta)
+        self._peer_ids_recorded = peer_mirrors(journal.meta)
+        self._mirror_id = mirror_id(journal.meta) or self._mirror_id  # before any write
         try:
             binding = await self._bind_at_open(journal, recovered)
+            if binding is not None and not binding.address.same_as(self._address):
+                await journal.close()  # never loaded, never written: left as it was
+                self._reject(str(binding), str(self._address))
+                return
+            if mirror_id(journal.meta) is None:  # a new data dir's: kept from now on
+                await journal.write_meta(self._meta(binding))
         except DiskError as exc:  # the meta file could not be written
             await journal.close()
             self._disable_durability(exc)
-            return
-        if binding is not None and not binding.address.same_as(self._address):
-            await journal.close()  # never loaded, never written: left as it was
-            self._reject(str(binding), str(self._address))
             return
         self._binding, self._feed_id = binding, None if binding is None else binding.feed_id
         self._epoch = recovered.epoch
         if self._peers_recorded:
             # The registry is in Redis: restarted while Redis is away, the last run's
             # view is all there is. Peers then may be numbering from this same journal
-            # epoch and seqs, so this instance holds instead of numbering alone.
-            self._peer_seen_at = time.monotonic()
+            # epoch and seqs, so this instance holds instead of numbering alone; and
+            # a Redis that lost its data waits for those peers' copies (``_await_peers``).
+            self._peer_seen_at, self._peer_ids = time.monotonic(), self._peer_ids_recorded
         for zone, state in recovered.zones.items():
             self._memory.reset(zone, state.prices, seq=state.seq)
         self._journal, self._recovered = journal, recovered
@@ -426,8 +443,15 @@ class FailoverStorage:
             binding = Binding(self._address)
         else:
             return binding
-        await journal.write_meta(meta_json(binding, peers=self._peers_recorded))
+        await journal.write_meta(self._meta(binding))
         return binding
+
+    def _meta(self, binding: Binding | None) -> dict[str, Any]:
+        """The data dir's meta as recorded: ``binding``, the mirror id, the peers."""
+        return meta_json(
+            binding, peers=self._peers_recorded, mirror=self._mirror_id,
+            peer_ids=self._peer_ids_recorded,
+        )  # fmt: skip
 
     def _reject(self, journal_redis: str, redis: str) -> None:
         """The journal mirrors another feed: say so, once (log, health, stats)."""
@@ -520,6 +544,8 @@ class FailoverStorage:
         self._set_mode(self._outage_mode(), quiet=False)
         for zone in list(self._unheard):  # numbering alone: after every seq acknowledged
             self._fold_unheard(zone)
+        for pending in self._unheard.values():  # holding: kept for the write-back
+            self._journal_unheard(pending.values())
         self.failovers += 1
         self.holds += self._mode == HOLD
         self._log.warning(
@@ -618,18 +644,24 @@ class FailoverStorage:
             candidate = uuid.uuid4().hex[:12]  # a new feed if Redis has none, not ours
         epoch = await redis.claim_epoch(candidate)
         await self._settle_feed(redis)
-        restored_empty = False
-        if epoch == self._epoch:
+        unchanged = epoch == self._epoch
+        if unchanged:
             # Only into our own lineage: what memory numbered under an epoch Redis no
             # longer has is declared lost by the epoch change instead.
-            diverged = await redis.restore(await self._write_back())
+            diverged = await redis.restore(await self._write_back(), entries=self._ingested)
             if any(diverged.values()):
                 epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
-            else:
-                restored_empty = redis_epoch is None
-        await self._register_again(redis)  # our write-back is done: waiting peers go on
-        if restored_empty:
-            await self._await_peers(redis)
+                unchanged = False
+        # Our write-back is done: peers waiting for it go on. ``restored``: Redis was
+        # found empty (by us or by a peer: whoever claimed first) moments ago.
+        restored = await redis.written_back(self._mirror_id)
+        await self._register_again(redis)
+        if unchanged and restored is not None and not await self._await_peers(redis, restored):
+            # A peer's copy may hold a price acknowledged under this epoch that nobody
+            # wrote back: numbering on here could give its seq to another price. A new
+            # epoch before our first price declares the loss instead (resumes get
+            # ``recovered: false``); the peer, back later, writes nothing into it.
+            epoch = await redis.replace_epoch(epoch, uuid.uuid4().hex[:12])
         return epoch, await redis.load(self._zones)
 
     async def _write_back(self) -> dict[str, tuple[int, list[StoredPrice]]]:
@@ -648,35 +680,51 @@ class FailoverStorage:
             local[zone] = (extra[-1].seq if extra else last, prices + extra)
         return local
 
-    async def _await_peers(self, redis: RedisStorage) -> None:
-        """Redis had lost its data and this instance just restored it. A peer may hold
-        prices this copy lacks (acknowledged to it as Redis died, their Pub/Sub messages
-        lost); numbering here before it writes them back would give their seqs to other
-        prices. So wait, bounded, until every peer seen alive has reconciled too (each
-        registers again right after its write-back, ``_register_again``). A peer that
-        does not come back in time is gone or cut off: its write-back, if any, will find
-        the divergence and change the epoch (declared, not silent)."""
-        peers = self._peer_ids if self.has_peers and self._hold > 0 else frozenset()
+    async def _await_peers(self, redis: RedisStorage, restored: frozenset[str]) -> bool:
+        """Redis had lost its data and is being restored (``restored``: the mirrors
+        that have written back so far, this one included). A peer may hold prices this
+        copy lacks (acknowledged to it as Redis died, their Pub/Sub messages lost);
+        numbering here before it writes them back would give their seqs to other
+        prices. So wait, bounded, until every peer known has written back too: each
+        adds its mirror id right after its write-back (``written_back``), whoever
+        reconciled first. Whether all did: a peer that does not come back in time
+        (gone, cut off, or still restarting) may still hold such a price, so the caller
+        changes the epoch *before* numbering (issue 23: a peer's late write-back found
+        the divergence only after a second 202 had named its seq).
+
+        Peers are known by mirror id, which a data dir keeps across restarts
+        (``binding.peer_mirrors``): an instance restarted during the outage still
+        knows whom to wait for. Peers seen or recorded without one known (a data dir
+        of an older pricehub) cannot be waited for: not all, as if missing."""
+        if not self.has_peers or self._hold <= 0:
+            return True  # numbering alone is this instance's rule anyway
+        peers = self._peer_ids - {self._mirror_id}
         if not peers:
-            return
+            return self._peer_seen_at is None  # only ``assume_peers``: none was ever seen
         # A deadline between looks, not a timeout around them: a command cancelled
         # midway would cost the reconcile its connection.
         deadline = time.monotonic() + PEER_RESTORE_WAIT
-        missing = set(peers) - (await redis.instances()).keys()
+        missing = set(peers - restored)
         while missing and time.monotonic() < deadline:
             await asyncio.sleep(PEER_POLL_INTERVAL)
-            missing -= (await redis.instances()).keys()
+            found = await redis.written_back()
+            if found is None:
+                break  # the set expired: whoever is missing now is too late anyway
+            missing -= found
         self._log.info(
             "storage_restored_empty_redis", epoch=self._epoch, peers=len(peers),
             peers_missing=sorted(missing),
         )  # fmt: skip
+        return not missing
 
     async def _register_again(self, redis: RedisStorage) -> None:
         """Put our registration in the Redis just reconciled (the registry loop would
         in a few seconds): it tells waiting peers our write-back is done."""
         if self._instance_id is not None and self._registration is not None:
             snapshot, ttl = self._registration
-            await redis.register_instance(self._instance_id, snapshot, ttl=ttl)
+            await redis.register_instance(
+                self._instance_id, snapshot, ttl=ttl, mirror=self._mirror_id
+            )
 
     def _mirrors(self, redis_epoch: str | None, redis_feed: str | None) -> bool:
         """Whether memory's lineage may be reconciled into this Redis: always without a
@@ -718,7 +766,7 @@ class FailoverStorage:
         if journal is None or binding == self._binding:
             return
         try:
-            await journal.write_meta(meta_json(binding, peers=self._peers_recorded))
+            await journal.write_meta(self._meta(binding))
         except DiskError:
             return  # logged; the old binding stays, which at worst makes a start refuse it
         self._binding = binding
@@ -807,18 +855,45 @@ class FailoverStorage:
         if self._listener is not None:
             self._listener.on_price(price)
 
-    def _acknowledged(self, price: StoredPrice) -> None:
+    def _acknowledged(self, price: StoredPrice, ack: IngestAck | None = None) -> None:
         """Redis numbered ``price`` for one of our appends, which is about to be answered
         (202). The mirror takes it now, from the reply, not only when Pub/Sub delivers
         it: if Redis dies in between (the reply came back, the message did not), the
         mirror would otherwise lack a price we acknowledged, and a lone instance's
         memory numbering, or a write-back into a Redis that restarted empty, would give
         its seq to another price (issue 23). Pub/Sub's copy is then dropped as known.
-        A price after a seq the mirror has not heard of yet waits in ``_unheard``."""
+        A price after a seq the mirror has not heard of yet waits in ``_unheard``.
+        ``ack``: the ingest entry it came from, remembered for a write-back."""
+        if ack is not None and price.seq > 0:
+            self._remember_entry(price, ack.entry_id)
         if price.seq <= self._memory.last_seq(price.zone):
             return  # Pub/Sub was first (or a reconcile took it)
         self._unheard.setdefault(price.zone, {})[price.seq] = price
         self._fold_unheard(price.zone)
+        if self._mode == HOLD and not self._quiet and price.seq in self._unheard.get(
+            price.zone, {}
+        ):  # settled by the lost connection after ``_enter_outage`` journaled the others
+            self._journal_unheard((price,))
+
+    def _remember_entry(self, price: StoredPrice, entry_id: str) -> None:
+        """Keep ``price``'s stream entry while its price can be written back (within
+        the retained history): pruned in bulk, once the zone holds twice that."""
+        entries = self._ingested.setdefault(price.zone, {})
+        entries[price.seq] = entry_id
+        if len(entries) > 2 * self._history_size:
+            oldest = price.seq - self._history_size
+            self._ingested[price.zone] = {s: e for s, e in entries.items() if s > oldest}
+
+    def _journal_unheard(self, prices: Iterable[StoredPrice]) -> None:
+        """Write behind acknowledged prices the mirror holds apart while appends are
+        held: no Pub/Sub message will fill the hole before them now, and an instance
+        killed before Redis is back must still have them for its write-back (lost, a
+        peer could number their seqs again). The journal's replay takes such a price
+        across the hole (that zone's history restarts there); the reconcile then
+        writes every zone's state from Redis over it."""
+        ordered = sorted(prices, key=lambda price: price.seq)
+        if ordered:
+            self._write_behind(lambda journal: journal.queue_append(ordered), price=False)
 
     def _fold_unheard(self, zone: str) -> None:
         """Move the zone's acknowledged prices that now follow the mirror into it, in
@@ -875,7 +950,7 @@ class FailoverStorage:
                 except StorageUnavailable as exc:
                     self._on_lost(redis, exc)
                     continue
-                self._acknowledged(price)
+                self._acknowledged(price, ack)
                 return price
             if ack is not None:
                 # An ingest entry stays pending in the stream and is taken again once
@@ -1005,7 +1080,7 @@ class FailoverStorage:
             if isinstance(outcome, BaseException):
                 left.append((index, outcome))
             else:
-                self._acknowledged(outcome)
+                self._acknowledged(outcome, None if acks is None else acks[index])
                 results[index] = outcome
         refused = BatchInterrupted.of_refused_zones(results, [error for _, error in left])
         if refused is not None:
@@ -1049,7 +1124,11 @@ class FailoverStorage:
         self._instance_id = instance_id
         self._registration = (snapshot, ttl)
         await self._memory.register_instance(instance_id, snapshot, ttl=ttl)
-        await self._on_redis(lambda redis: redis.register_instance(instance_id, snapshot, ttl=ttl))
+        await self._on_redis(
+            lambda redis: redis.register_instance(
+                instance_id, snapshot, ttl=ttl, mirror=self._mirror_id
+            )
+        )
         await self.instances()
 
     async def unregister_instance(self, instance_id: str) -> None:
@@ -1063,9 +1142,13 @@ class FailoverStorage:
         me = self._instance_id  # registered: who else is there?
         if me is None:
             return found
-        others = frozenset(other for other in found if other != me)
+        others = sorted(other for other in found if other != me)
         if others:
-            self._peer_seen_at, self._peer_ids = time.monotonic(), others
+            named = await self._on_redis(lambda redis: redis.instance_mirrors(others))
+            if named is not None:
+                # A peer of an older pricehub registers no mirror: known by its instance.
+                ids = frozenset(named.get(other, f"instance:{other}") for other in others)
+                self._peer_seen_at, self._peer_ids = time.monotonic(), ids
         await self._record_peers()
         return found
 
@@ -1075,13 +1158,16 @@ class FailoverStorage:
         whether it may number alone (see ``_open_journal``). Only from a registry Redis
         answered: during an outage nothing is learned, the last view stands."""
         peers, journal = self.has_peers, self._journal
-        if journal is None or peers == self._peers_recorded:
+        ids = self._peer_ids if peers else frozenset()
+        if journal is None or (peers, ids) == (self._peers_recorded, self._peer_ids_recorded):
             return
+        recorded = self._peers_recorded, self._peer_ids_recorded
+        self._peers_recorded, self._peer_ids_recorded = peers, ids
         try:
-            await journal.write_meta(meta_json(self._binding, peers=peers))
+            await journal.write_meta(self._meta(self._binding))
         except DiskError:
-            return  # logged by the journal; tried again at the next look
-        self._peers_recorded = peers
+            # Logged by the journal; tried again at the next look.
+            self._peers_recorded, self._peer_ids_recorded = recorded
 
     async def check(self) -> None:
         """Never raises: this storage serves from memory when Redis is away (health

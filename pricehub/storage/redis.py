@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -58,6 +59,7 @@ __all__ = [
     "INGEST_GROUP",
     "MAX_IN_FLIGHT",
     "MAX_PIPELINE",
+    "RESTORED_TTL",
     "RESTORE_LUA",
     "STAMP_LUA",
     "STORED_LUA",
@@ -138,9 +140,25 @@ class KeyLayout:
     def instance(self, instance_id: str) -> str:
         return f"{self.prefix}instance:{instance_id}"
 
+    def instance_mirror(self, instance_id: str) -> str:
+        """The mirror id of a registered instance (``FailoverStorage``): derived from
+        its registration key, so a cluster layout keeps it in the registry's slot."""
+        return f"{self.instance(instance_id)}:mirror"
+
     @property
     def epoch(self) -> str:
         return f"{self.prefix}epoch"
+
+    @property
+    def restored(self) -> str:
+        """The set of mirrors that wrote back into a Redis found empty (``claim_epoch``).
+        Claimed in one script with the epoch, so it must share the epoch key's slot: a
+        key with a hash tag keeps it, one without is made the tag."""
+        epoch = self.epoch
+        opening = epoch.find("{")
+        if opening >= 0 and epoch.find("}", opening + 2) >= 0:
+            return f"{epoch}:restored"
+        return f"{{{epoch}}}:restored"
 
     @property
     def prices(self) -> str:
@@ -149,6 +167,11 @@ class KeyLayout:
     @property
     def instances(self) -> str:
         return f"{self.prefix}instances"
+
+    def ingested(self, zone: str) -> str:
+        """A zone's last applied ingest entry: kept on a cluster only (its layout puts
+        it in the zone's slot), where the append script checks it."""
+        return f"{self.prefix}ingested:{zone}"
 
     @property
     def ingest(self) -> str:
@@ -371,28 +394,50 @@ local function stored(seq_key, history_key)
 end
 """
 
-# Recovery of one zone. KEYS: seq, history, latest.
-# ARGV: history_size, channel, zone, our last seq, epoch, then (seq, payload) pairs
-# oldest first.
+# Recovery of one zone. KEYS: seq, history, latest [, zone ingested (a cluster's)].
+# ARGV: history_size, channel, zone, our last seq, epoch, the ingest entries of our
+# prices ("seq entry_id" items joined by ",", or ""), then (seq, payload) pairs oldest
+# first.
 # Writes back (and publishes) the prices Redis lacks, raises the seq to ours so no
 # instance's numbering goes backwards, and reports whether a seq both sides hold
 # carries different prices (numbering diverged during the outage): 1, else 0; 2 when
 # the zone's keys are damaged (nothing written: its prices stay this instance's).
+# On a cluster the zone's last applied entry id (which its append script skips up to)
+# is raised to the entry of the newest of our prices Redis now holds (written back, or
+# already there: another instance's copy may have written it back first): a promotion
+# that lost such a price lost the id with it (same slot), and the entry would be
+# applied again. Raised only, never lowered (stream ids compared as numbers).
 RESTORE_LUA = STORED_LUA + """
+local function after(a, b)
+  local ams, asq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bsq = string.match(b, '^(%d+)-(%d+)$')
+  ams, asq, bms, bsq = tonumber(ams), tonumber(asq), tonumber(bms), tonumber(bsq)
+  return ams > bms or (ams == bms and asq > bsq)
+end
 local current = stored(KEYS[1], KEYS[2]) or 0
 if current < 0 then return 2 end
+local entries = {}
+for seq, entry in string.gmatch(ARGV[6], '(%d+) ([^,]+)') do entries[tonumber(seq)] = entry end
+local newest = nil
 local diverged = 0
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   local payload = ARGV[i + 1]
+  local ours = true
   if seq <= current then
     local held = redis.call('ZRANGE', KEYS[2], seq, seq, 'BYSCORE')
     if held[1] and held[1] ~= payload then diverged = 1 end
+    ours = held[1] == payload
   else
     redis.call('ZADD', KEYS[2], seq, payload)
     redis.call('SET', KEYS[3], payload)
     redis.call('PUBLISH', ARGV[2], ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. payload)
   end
+  if ours and entries[seq] then newest = entries[seq] end
+end
+if newest and #KEYS == 4 then
+  local last = redis.call('GET', KEYS[4])
+  if not last or after(newest, last) then redis.call('SET', KEYS[4], newest) end
 end
 if tonumber(ARGV[4]) > current then
   redis.call('SET', KEYS[1], ARGV[4])
@@ -401,14 +446,36 @@ redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[1]) + 1))
 return diverged
 """
 
-# KEYS: epoch. ARGV: candidate, channel. Claim the epoch unless Redis has one; a new
-# lineage (Redis lost its data) is announced so that subscribers learn it.
+# KEYS: epoch, restored. ARGV: candidate, channel, restored TTL (ms). Claim the epoch
+# unless Redis has one; a new lineage (Redis lost its data) is announced so that
+# subscribers learn it, and the restored set is started (empty but for a placeholder,
+# so that it exists): every instance reconciling while it lives learns, atomically with
+# the claim, that Redis was found empty and is being restored (``written_back``).
 CLAIM_EPOCH_LUA = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('PUBLISH', ARGV[2], '!epoch ' .. ARGV[1])
+  redis.call('DEL', KEYS[2])
+  redis.call('SADD', KEYS[2], '')
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
 return redis.call('GET', KEYS[1])
 """
+
+# KEYS: restored. ARGV: mirror id ('' only reads). While the restored set lives: add the
+# mirror (it wrote back what it had) and return the members; else false.
+WRITTEN_BACK_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
+if ARGV[1] ~= '' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+return redis.call('SMEMBERS', KEYS[1])
+"""
+# How long the restored set lives after the claim: past every peer's write-back (they
+# reconnect within a few probe intervals, and one waits at most PEER_RESTORE_WAIT for
+# the others) but short, so an ordinary outage later finds none (see ``written_back``).
+RESTORED_TTL = 10.0
 
 # KEYS: per zone its seq and history key. Per zone that has a seq: its (1-based) index
 # in the chunk, the seq and the whole retained history; zones without one are skipped;
@@ -492,6 +559,27 @@ async def redis_errors(what: str) -> AsyncIterator[None]:
 
 
 RESTORE_DAMAGED = 2  # RESTORE_LUA's reply for a zone whose keys are damaged
+
+# After RESTORE_LUA, in the same MULTI (``restore``'s ``entries``): the stream entries
+# that ingest turned into prices Redis now holds are acknowledged and deleted, so that
+# none is applied again. A promotion that lost replication loses an entry's XACK (and
+# XDEL) with its price; written back from an instance's mirror, the price is there
+# again, and the entry, still pending or not even delivered on the new master, would be
+# read and appended a second time, under a new seq. Only where Redis holds exactly our
+# payload at that seq: a diverged seq's price is declared lost (the epoch changes), and
+# its entry is then rightly applied again in the new epoch.
+# KEYS: history, stream. ARGV: group, then (seq, entry id, payload) triples.
+SETTLE_INGESTED_LUA = """
+local settled = 0
+for i = 2, #ARGV, 3 do
+  local held = redis.call('ZRANGE', KEYS[1], ARGV[i], ARGV[i], 'BYSCORE')
+  if held[1] == ARGV[i + 2] then
+    redis.pcall('XACK', KEYS[2], ARGV[1], ARGV[i + 1])
+    settled = settled + redis.call('XDEL', KEYS[2], ARGV[i + 1])
+  end
+end
+return settled
+"""
 
 
 def _refusal(error: BaseException) -> str | None:
@@ -718,7 +806,9 @@ class RedisStorage:
             # Bounded: a task cancelled inside a redis-py read can fail to end.
             await asyncio.wait(tasks, timeout=2 * self._timeout)
         self._fail_pending(StorageUnavailable("redis storage closed"))
-        self._fail_in_flight(StorageUnavailable("redis storage closed"))
+        # Sent, reply unread: Redis may have stored them. Plain StorageUnavailable would
+        # say "not written", and a retry would store such a price twice (issue 23).
+        self._fail_in_flight(WriteInDoubt("redis storage closed with the append sent"))
         await self._drop_writer()
         pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
         for resource in (pubsub, client):
@@ -1157,19 +1247,38 @@ class RedisStorage:
 
     # --- instance registry ------------------------------------------------------------
 
-    async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
+    async def register_instance(
+        self, instance_id: str, snapshot: bytes, *, ttl: float, mirror: str | None = None
+    ) -> None:
+        """``mirror``: the id of the copy this instance keeps (``FailoverStorage``),
+        registered with the same TTL (``instance_mirrors``)."""
         pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.instance(instance_id), snapshot, px=max(1, int(ttl * 1000)))
+        expiry = max(1, int(ttl * 1000))
+        pipe.set(self.keys.instance(instance_id), snapshot, px=expiry)
+        if mirror is not None:
+            pipe.set(self.keys.instance_mirror(instance_id), mirror, px=expiry)
         pipe.sadd(self.keys.instances, instance_id)
         async with redis_errors("register"):
             await pipe.execute()
 
     async def unregister_instance(self, instance_id: str) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.keys.instance(instance_id))
+        pipe.delete(self.keys.instance(instance_id), self.keys.instance_mirror(instance_id))
         pipe.srem(self.keys.instances, instance_id)
         async with redis_errors("unregister"):
             await pipe.execute()
+
+    async def instance_mirrors(self, instance_ids: Iterable[str]) -> dict[str, str]:
+        """The mirror id each of ``instance_ids`` registered (left out: none)."""
+        ids = list(instance_ids)
+        if not ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for instance_id in ids:
+            pipe.get(self.keys.instance_mirror(instance_id))
+        async with redis_errors("instances"):
+            found = cast(list[bytes | None], await pipe.execute())
+        return {i: m.decode() for i, m in zip(ids, found, strict=True) if m is not None}
 
     async def instances(self) -> dict[str, bytes]:
         """The set names every instance that registered; its snapshot key expires by
@@ -1192,13 +1301,26 @@ class RedisStorage:
     # --- recovery primitives (used by FailoverStorage) --------------------------------
 
     async def claim_epoch(self, candidate: str) -> str:
-        """Set the epoch to ``candidate`` unless Redis has one; write under the result."""
+        """Set the epoch to ``candidate`` unless Redis has one; write under the result.
+        A claim that sets it also starts the restored set (``written_back``)."""
+        keys = self.keys
         async with redis_errors("epoch"):
             current = await self.client.eval(
-                CLAIM_EPOCH_LUA, 1, self.keys.epoch, candidate, self.keys.prices
-            )
+                CLAIM_EPOCH_LUA, 2, keys.epoch, keys.restored, candidate, keys.prices,
+                int(RESTORED_TTL * 1000),
+            )  # fmt: skip
         self._epoch = current.decode()
         return self._epoch
+
+    async def written_back(self, mirror: str = "") -> frozenset[str] | None:
+        """Whether Redis was found empty in the last ``RESTORED_TTL`` seconds (its epoch
+        claimed anew): then the mirrors that have written back into it since, ``mirror``
+        added first (``""``: only look); None when it was not."""
+        async with redis_errors("epoch"):
+            members = await self.client.eval(WRITTEN_BACK_LUA, 1, self.keys.restored, mirror)
+        if members is None:
+            return None
+        return frozenset(m.decode() for m in cast(list[bytes], members)) - {""}
 
     async def replace_epoch(self, expected: str, replacement: str) -> str:
         """Compare-and-set the epoch, announcing a change to every instance."""
@@ -1210,30 +1332,72 @@ class RedisStorage:
         return self._epoch
 
     async def restore(
-        self, local: Mapping[str, tuple[int, Sequence[StoredPrice]]]
+        self,
+        local: Mapping[str, tuple[int, Sequence[StoredPrice]]],
+        *,
+        entries: Mapping[str, Mapping[int, str]] | None = None,
     ) -> dict[str, bool]:
         """Per zone ``(last seq, retained prices)``: write back what Redis lacks and
-        raise its seq to ours; returns, per zone, whether the numbering diverged."""
+        raise its seq to ours; returns, per zone, whether the numbering diverged.
+
+        ``entries``: per zone, the ingest stream entry each ingested price came from
+        (by seq), so that none is applied again: on one node settled in the same
+        transaction (``SETTLE_INGESTED_LUA``); on a cluster, which cannot run one
+        across the stream's slot and a zone's, the zone's last applied entry is
+        raised in its restore script (``RESTORE_LUA``), which its append script skips
+        up to (and then acknowledges)."""
         zones = [zone for zone, (last, _) in local.items() if last > 0]
         if not zones:
             return {}
-        keys = self.keys
-        pipe = self.client.pipeline(transaction=False)
+        keys, entries = self.keys, entries or {}
+        cluster = isinstance(self.client, AsyncRedisCluster)
+        settle = [] if cluster else self._settle_calls(local, zones, entries)
+        pipe = self.client.pipeline(transaction=bool(settle))
         for zone in zones:
             last, prices = local[zone]
             pairs = [item for price in prices for item in (price.seq, price.payload)]
+            ids = entries.get(zone, {})
+            ingested = ",".join(f"{p.seq} {ids[p.seq]}" for p in prices if p.seq in ids)
+            zone_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone)]
+            if cluster and ingested:
+                zone_keys.append(keys.ingested(zone))
             pipe.eval(
-                self._restore_script, 3, keys.seq(zone), keys.history(zone), keys.latest(zone),
-                self._history_size, self._channel(zone), zone, last, self.epoch, *pairs,
+                self._restore_script, len(zone_keys), *zone_keys, self._history_size,
+                self._channel(zone), zone, last, self.epoch, ingested, *pairs,
             )  # fmt: skip
+        for args in settle:
+            pipe.eval(SETTLE_INGESTED_LUA, 2, *args)
         async with redis_errors("restore"):
             results = await pipe.execute()
         diverged: dict[str, bool] = {}
-        for zone, result in zip(zones, results, strict=True):
+        for zone, result in zip(zones, results[: len(zones)], strict=True):
             if result == RESTORE_DAMAGED:  # nothing written back: logged, not diverged
                 self._zone_damaged(zone, f"{self._damage(zone)}; not written back")
             diverged[zone] = result == 1
         return diverged
+
+    def _settle_calls(
+        self,
+        local: Mapping[str, tuple[int, Sequence[StoredPrice]]],
+        zones: Sequence[str],
+        entries: Mapping[str, Mapping[int, str]],
+    ) -> list[list[Any]]:
+        """The ``SETTLE_INGESTED_LUA`` arguments of ``restore``, one list per zone with
+        ingested prices among those written back."""
+        if not entries:
+            return []
+        calls: list[list[Any]] = []
+        for zone in zones:
+            ids = entries.get(zone)
+            if not ids:
+                continue
+            triples = [
+                item for price in local[zone][1] if price.seq in ids
+                for item in (price.seq, ids[price.seq], price.payload)
+            ]  # fmt: skip
+            if triples:
+                calls.append([self.keys.history(zone), self.keys.ingest, INGEST_GROUP, *triples])
+        return calls
 
     def _damage(self, zone: str) -> str:
         """What STORED_LUA found wrong with a zone (it says no more than that)."""
