@@ -27,6 +27,7 @@ def test_paths_are_the_contracts() -> None:
     )
     assert paths.BROADCAST_PRICE == "/api/ws/ws/broadcast/price"
     assert paths.history("pjm") == "/api/ws/ws/history/pjm"
+    assert (paths.HISTORY_ZONES, paths.SNAPSHOT) == ("/api/ws/ws/history", "/api/ws/ws/snapshot")
     assert paths.DASHBOARD == "/"
 
 
@@ -48,8 +49,8 @@ def test_error_codes_and_message_types_are_the_contracts() -> None:
     assert {str(kind) for kind in MessageType} == {
         "connection_established", "initial_data", "price_update", "resume_complete", "pong",
         "heartbeat_ack", "price_history", "subscribed", "unsubscribed",
-        "storage_backend_changed", "gap", "zone_status", "error", "ping", "heartbeat",
-        "request_price_history", "subscribe", "unsubscribe",
+        "storage_backend_changed", "gap", "zone_status", "snapshot", "error", "ping",
+        "heartbeat", "request_price_history", "subscribe", "unsubscribe",
     }
 
 

@@ -205,7 +205,8 @@ def test_a_price_stored_before_accepted_at_decodes_with_none() -> None:
 
 
 def test_an_unknown_type_is_kept_not_refused() -> None:
-    assert decode_server_message(b'{"type":"snapshot","epoch":"e"}') == UnknownMessage("snapshot")
+    frame = b'{"type":"future_type","epoch":"e"}'
+    assert decode_server_message(frame) == UnknownMessage("future_type")
 
 
 @pytest.mark.parametrize(
@@ -394,4 +395,5 @@ def _minimal(kind: str) -> dict[str, Any]:
         "epoch": "e", "heartbeat_interval": 1, "latest_price": price_fields, **price_fields,
         "recovered": True, "data": [], "from_seq": 1, "to_seq": None, "reason": "lost",
         "status": "live", "since": None, "last_seq": 1, "code": "invalid_json",
+        "prices": {}, "cursor": {},
     }  # fmt: skip

@@ -17,7 +17,9 @@ from pricehub.storage.base import (
     DiskState,
     DiskStatus,
     ForeignJournal,
+    HistorySlice,
     JournalStats,
+    Snapshot,
     Storage,
     StorageConfig,
     StorageCounters,
@@ -30,9 +32,9 @@ if TYPE_CHECKING:
     import structlog
 
 __all__ = [
-    "DiskState", "DiskStatus", "ForeignJournal", "JournalStats", "MemoryStorage", "Storage",
-    "StorageConfig", "StorageCounters", "StorageListener", "StoredPrice", "create_storage",
-    "redis_problem",
+    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "JournalStats",
+    "MemoryStorage", "Snapshot", "Storage", "StorageConfig", "StorageCounters",
+    "StorageListener", "StoredPrice", "create_storage", "redis_problem",
 ]
 
 
@@ -64,10 +66,11 @@ def create_storage(
         return DurableStorage(
             config.data_dir, history_size=config.history_size, zones=config.zones
         )
-    # PENDING (issue 24): FailoverStorage itself, once it defines counters().
-    from pricehub.storage.pending import CountingFailoverStorage
+    # PENDING (issue 24): FailoverStorage itself, once it defines counters(); (issue 26)
+    # and snapshot() and history_between(), as ReadingFailoverStorage has them.
+    from pricehub.storage.pending_reads import ReadingFailoverStorage
 
-    return CountingFailoverStorage(
+    return ReadingFailoverStorage(
         config.redis_url,
         zones=config.zones,
         key_prefix=config.key_prefix,

@@ -15,16 +15,20 @@ The storage decides the state; the server shapes the documents (stats, health, m
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from pricehub.wire.messages import timestamp_bytes
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = [
-    "DiskState", "DiskStatus", "ForeignJournal", "IngestAck", "IngestSource", "JournalStats",
-    "Storage", "StorageConfig", "StorageCounters", "StorageListener", "StoredPrice",
+    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "IngestAck", "IngestSource",
+    "JournalStats", "Snapshot", "Storage", "StorageConfig", "StorageCounters",
+    "StorageListener", "StoredPrice", "first_in_history_order", "history_order",
 ]
 
 
@@ -66,6 +70,46 @@ class StoredPrice:
     zone: str
     seq: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Several zones' latest prices read together (``Storage.snapshot``): ``prices`` has
+    every zone asked for, in the order asked, None for a zone without a price; ``epoch``
+    is the numbering lineage read with them."""
+
+    epoch: str
+    prices: Mapping[str, StoredPrice | None]
+
+    def cursor(self) -> dict[str, int]:
+        """Each zone's seq in the snapshot, 0 when it has no price (the contract's
+        ``cursor``: where a subscriber resumes every zone from)."""
+        return {zone: 0 if price is None else price.seq for zone, price in self.prices.items()}
+
+
+class HistorySlice(NamedTuple):
+    """``Storage.history_between``'s answer: the prices in history order (``history_order``)
+    and whether more matched than the limit let through."""
+
+    prices: list[StoredPrice]
+    truncated: bool
+
+
+def history_order(price: StoredPrice) -> tuple[bytes, str, int]:
+    """The order of a history by market time across zones: (``timestamp``, zone, seq).
+    Stored timestamps have one fixed-width ASCII form, so comparing their bytes compares
+    the times (``wire.messages.format_timestamp``, ``timestamp_bytes``)."""
+    return timestamp_bytes(price.payload), price.zone, price.seq
+
+
+def first_in_history_order(prices: Iterable[StoredPrice], limit: int) -> HistorySlice:
+    """The first ``limit`` of ``prices`` in history order, and whether any was left out:
+    sorted when they fit, else a heap of ``limit + 1`` (not a sort of every match)."""
+    matching = list(prices)
+    most = max(limit, 0)
+    if len(matching) <= most:
+        return HistorySlice(sorted(matching, key=history_order), False)
+    return HistorySlice(heapq.nsmallest(most, matching, key=history_order), True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +295,21 @@ class Storage(Protocol):
     async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
         """Every retained price with seq > ``seq``, oldest first; ``None`` when the
         history no longer reaches back to ``seq + 1`` (or ``seq`` is ahead of it)."""
+
+    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
+        """The latest price of each of ``zones`` (repeats dropped, order kept) and the
+        epoch, read at one instant: in memory with no await between zones, on a single
+        Redis in one command. On Redis Cluster, where zones live on different nodes, each
+        zone is read atomically but not all at one instant (docs/trading.md)."""
+
+    async def history_between(
+        self, zones: Sequence[str], start: str, end: str, *, limit: int
+    ) -> HistorySlice:
+        """Every retained price of ``zones`` whose market ``timestamp`` is in
+        ``[start, end)`` (both in the stored form, ``wire.messages.format_timestamp``),
+        in history order (``history_order``), at most ``limit``; ``truncated`` when more
+        matched. Costs a scan of the queried zones' retained histories (Redis: on the
+        server side, returning only what matches), nothing per append."""
 
     async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
         """Publish this instance's snapshot (connections, ...) for ``ttl`` seconds."""

@@ -43,9 +43,11 @@ import pricehub.storage.base as base
 from pricehub.storage.base import (
     DiskState,
     ForeignJournal,
+    HistorySlice,
     IngestAck,
     IngestSource,
     JournalStats,
+    Snapshot,
     Storage,
     StorageListener,
     StoredPrice,
@@ -378,6 +380,14 @@ class DurableStorage(Storage):
 
     async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
         return await self._memory.since(zone, seq)
+
+    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
+        return await self._memory.snapshot(zones)  # memory holds what is durable, epoch too
+
+    async def history_between(
+        self, zones: Sequence[str], start: str, end: str, *, limit: int
+    ) -> HistorySlice:
+        return await self._memory.history_between(zones, start, end, limit=limit)
 
     async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
         await self._memory.register_instance(instance_id, snapshot, ttl=ttl)

@@ -12,9 +12,18 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
-from pricehub.storage.base import IngestAck, IngestSource, Storage, StorageListener, StoredPrice
+from pricehub.storage.base import (
+    HistorySlice,
+    IngestAck,
+    IngestSource,
+    Snapshot,
+    Storage,
+    StorageListener,
+    StoredPrice,
+    first_in_history_order,
+)
 from pricehub.storage.errors import StorageUnavailable
-from pricehub.wire.messages import accepted_now, with_seq
+from pricehub.wire.messages import accepted_now, timestamp_bytes, with_seq
 
 __all__ = ["MemoryStorage"]
 
@@ -162,6 +171,30 @@ class MemoryStorage(Storage):
         if not state.history or state.history[0].seq > seq + 1:
             return None
         return [price for price in state.history if price.seq > seq]
+
+    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
+        """One synchronous read of the dicts: nothing can run between two zones (no
+        await), so it is one instant without a lock."""
+        zones_state = self._zones
+        prices: dict[str, StoredPrice | None] = {}
+        for zone in zones:
+            history = zones_state.get(zone, _EMPTY).history
+            prices[zone] = history[-1] if history else None
+        return Snapshot(self._epoch, prices)
+
+    async def history_between(
+        self, zones: Sequence[str], start: str, end: str, *, limit: int
+    ) -> HistorySlice:
+        """A scan of the zones' bounded histories (a zone's prices are in seq order, not
+        necessarily in market time order: a publisher may send an older time)."""
+        low, high = start.encode(), end.encode()
+        matching = [
+            price
+            for zone in dict.fromkeys(zones)
+            for price in self._zones.get(zone, _EMPTY).history
+            if low <= timestamp_bytes(price.payload) < high
+        ]
+        return first_in_history_order(matching, limit)
 
     async def register_instance(self, instance_id: str, snapshot: bytes, *, ttl: float) -> None:
         self._instances[instance_id] = (self._clock() + ttl, snapshot)

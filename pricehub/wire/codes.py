@@ -81,6 +81,7 @@ class MessageType(StrEnum):
     STORAGE_BACKEND_CHANGED = "storage_backend_changed"
     GAP = "gap"
     ZONE_STATUS = "zone_status"
+    SNAPSHOT = "snapshot"  # both ways: the client asks, the server answers
     ERROR = "error"
     # client -> server
     PING = "ping"
@@ -120,6 +121,7 @@ class HttpErrorCode(StrEnum):
     BODY_TIMEOUT = "body_timeout"  # 408: the body did not arrive within --body-timeout
     INVALID_BODY = "invalid_body"  # 400: the body cannot be decoded (corrupt gzip, ...)
     INVALID_LIMIT = "invalid_limit"
+    INVALID_RANGE = "invalid_range"  # 422: a history's ``from`` after its ``to``
     INVALID_ZONE = "invalid_zone"
     UNKNOWN_ZONE = "unknown_zone"
     # 422 of a published price, by the field at fault; ``invalid_price`` for the rest

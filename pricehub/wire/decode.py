@@ -50,6 +50,7 @@ __all__ = [
     "Refusal",
     "ResumeComplete",
     "ServerMessage",
+    "SnapshotMessage",
     "StorageBackendChanged",
     "Subscribed",
     "UnknownMessage",
@@ -173,12 +174,32 @@ class HeartbeatAck:
 @dataclass(frozen=True, slots=True)
 class PriceHistory:
     """The answer to ``request_price_history``: ``data`` oldest first; ``hours`` or
-    ``limit`` as asked."""
+    ``limit`` as asked. An answer by market time also has ``zones``, ``start`` / ``end``
+    (the contract's ``from`` / ``to``), ``truncated`` (more matched than ``limit``) and
+    ``cursor`` (each zone's highest seq in ``data``: resume the live stream from it);
+    ``data`` is then ordered by (``timestamp``, zone, seq)."""
 
     zone: str | None
     data: tuple[PriceObject, ...]
     hours: float | None = None
     limit: int | None = None
+    timestamp: str | None = _server_time_field()
+    zones: tuple[str, ...] | None = None
+    start: str | None = None
+    end: str | None = None
+    truncated: bool = False
+    cursor: Mapping[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotMessage:
+    """A ``snapshot``: several zones' latest prices at one instant (per zone on a Redis
+    Cluster), ``None`` for a zone without one, and ``cursor``, each zone's seq in it (0
+    without a price), from which ``subscribe`` (``since``) resumes every zone."""
+
+    epoch: str
+    prices: Mapping[str, PriceObject | None]
+    cursor: Mapping[str, int]
     timestamp: str | None = _server_time_field()
 
 
@@ -282,7 +303,7 @@ class UnknownMessage:
 ServerMessage = (
     ConnectionEstablished | InitialData | PriceUpdateMessage | ResumeComplete | Pong
     | HeartbeatAck | PriceHistory | Subscribed | Unsubscribed | StorageBackendChanged
-    | GapNotice | ZoneState | ErrorMessage | UnknownMessage
+    | GapNotice | ZoneState | ErrorMessage | UnknownMessage | SnapshotMessage
 )
 
 
@@ -409,13 +430,43 @@ def _price_history(obj: Obj, kind: str) -> PriceHistory:
     data = _required(obj, "data", kind)
     if not isinstance(data, list):
         raise MalformedMessage("'data' must be a list of prices", kind=kind)
+    cursor = obj.get("cursor")
     return PriceHistory(
         zone=_optional_text(obj, "market_zone", kind),
         data=tuple(decode_price(item, kind=kind) for item in data),
         hours=None if obj.get("hours") is None else _positive(obj, "hours", kind),
         limit=_optional_count(obj, "limit", kind),
         timestamp=_server_time(obj, kind),
+        zones=None if obj.get("zones") is None else _zones(obj, kind),
+        start=_optional_text(obj, "from", kind),
+        end=_optional_text(obj, "to", kind),
+        truncated=_flag(obj, "truncated", kind),
+        cursor=None if cursor is None else _seqs(cursor, "cursor", kind),
     )
+
+
+def _snapshot(obj: Obj, kind: str) -> SnapshotMessage:
+    prices = _required(obj, "prices", kind)
+    if not isinstance(prices, dict):
+        raise MalformedMessage("'prices' must map zones to prices", kind=kind)
+    return SnapshotMessage(
+        epoch=_text(obj, "epoch", kind),
+        prices={
+            zone: None if price is None else decode_price(price, kind=kind)
+            for zone, price in prices.items()
+        },
+        cursor=_seqs(_required(obj, "cursor", kind), "cursor", kind),
+        timestamp=_server_time(obj, kind),
+    )
+
+
+def _seqs(value: object, name: str, kind: str) -> dict[str, int]:
+    """A ``{zone: seq}`` object (a cursor)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 for seq in value.values()
+    ):
+        raise MalformedMessage(f"{name!r} must map zones to non-negative integers", kind=kind)
+    return value
 
 
 def _error(obj: Obj, kind: str) -> ErrorMessage:
@@ -445,6 +496,7 @@ _DECODERS: dict[str, Callable[[Obj, str], ServerMessage]] = {
     ),
     MessageType.GAP: lambda obj, kind: decode_gap(obj),
     MessageType.ZONE_STATUS: lambda obj, kind: decode_zone_status(obj),
+    MessageType.SNAPSHOT: _snapshot,
     MessageType.ERROR: _error,
 }
 

@@ -8,7 +8,11 @@ Three parts:
   untrusted input into a ``PriceBody`` or raise ``ValidationError`` naming the field;
 * server messages: builders returning the exact bytes of a text frame's payload, and
   ``text_frame`` which wraps a payload into a complete WebSocket frame once, so the same
-  bytes can be written to every subscriber.
+  bytes can be written to every subscriber;
+* many zones at once (``snapshot``, history by market time): the checks shared by the
+  HTTP endpoints and the WebSocket session (``history_range``, ``parse_history_request``,
+  ``parse_snapshot_request``) and their answers (``snapshot_reply``,
+  ``price_history_range``, ``history_range_body``).
 
 The other direction, for clients: ``encode_client_message`` (``decode_client_message``'s
 inverse) here, and the server messages read back into typed values in
@@ -27,23 +31,29 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
-from pricehub.wire.codes import ErrorCode, GapReason, MessageType, ZoneStatus
+from pricehub.wire.codes import ErrorCode, GapReason, HttpErrorCode, MessageType, ZoneStatus
 from pricehub.wire.decode import GapNotice, ZoneState, decode_gap, decode_zone_status
 from pricehub.wire.errors import ProtocolError, ValidationError
 
 __all__ = [
     "ACCEPTED_AT_NULL",
     "DEFAULT_HISTORY_LIMIT",
+    "DEFAULT_RANGE_LIMIT",
+    "MAX_RANGE_LIMIT",
     "ClientMessage",
     "GapNotice",
     "Heartbeat",
+    "HistoryQuery",
     "Ping",
     "PriceBody",
     "RequestHistory",
+    "SnapshotLike",
+    "SnapshotRequest",
+    "StoredLike",
     "Subscribe",
     "Unsubscribe",
     "ZoneState",
@@ -62,17 +72,26 @@ __all__ = [
     "format_accepted_at",
     "format_timestamp",
     "gap",
+    "history_range",
+    "history_range_body",
     "initial_data",
     "is_valid_zone_name",
+    "known_zones",
     "normalise_timestamp",
     "parse_count",
+    "parse_history_request",
+    "parse_snapshot_request",
     "price_history",
+    "price_history_range",
     "price_object",
     "price_update",
     "resume_complete",
+    "seq_of",
     "simple",
+    "snapshot_reply",
     "storage_backend_changed",
     "text_frame",
+    "timestamp_bytes",
     "timestamp_of",
     "unknown_zone_text",
     "utc_now",
@@ -82,6 +101,7 @@ __all__ = [
     "with_seq",
     "zone_case_error",
     "zone_status",
+    "zones_from_query",
     "zones_message",
 ]
 
@@ -161,6 +181,15 @@ def normalise_timestamp(value: str, *, now: str | None = None) -> str:
 # a failed call raises and leaves nothing behind.
 @functools.lru_cache(maxsize=256)
 def _parse_timestamp(value: str) -> str:
+    moment = _moment(value)
+    try:
+        return format_timestamp(moment)
+    except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
+        raise ValueError(f"time out of range: {value[:40]!r}") from None
+
+
+def _moment(value: str) -> datetime:
+    """An ISO-8601 time with an offset (see ``normalise_timestamp``), as given."""
     text = value.strip()
     if not (text.isascii() and text.isprintable()):
         raise ValueError(f"not an ISO-8601 time: {value[:40]!r}")
@@ -172,10 +201,7 @@ def _parse_timestamp(value: str) -> str:
         raise ValueError(f"not an ISO-8601 time: {value[:40]!r}") from None
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"time has no UTC offset: {value[:40]!r}")
-    try:
-        return format_timestamp(moment)
-    except OverflowError:  # e.g. year 1 at +01:00 is before datetime.min in UTC
-        raise ValueError(f"time out of range: {value[:40]!r}") from None
+    return moment
 
 
 @functools.lru_cache(maxsize=4)
@@ -240,6 +266,12 @@ def with_seq(body: bytes, seq: int, accepted_at: bytes) -> bytes:
     return b'{"seq":%d,"accepted_at":"%s",%s' % (seq, accepted_at, body[1:])
 
 
+def seq_of(payload: bytes) -> int:
+    """The seq of a stored price object, without parsing the JSON: ``with_seq`` puts it
+    first, so the object always starts with ``{"seq":N,``."""
+    return int(payload[7 : payload.index(b",", 7)])
+
+
 _TIMESTAMP_TAIL = len(b'"2026-11-27T15:21:16.123Z"}')
 
 
@@ -251,6 +283,12 @@ def timestamp_of(payload: bytes) -> str:
     the closing quote and brace (a test keeps this true).
     """
     return payload[-_TIMESTAMP_TAIL + 1 : -2].decode()
+
+
+def timestamp_bytes(payload: bytes) -> bytes:
+    """``timestamp_of`` without decoding: ASCII, so these compare as the texts do (for
+    filtering every retained price by market time, where the decode is half the cost)."""
+    return payload[-_TIMESTAMP_TAIL + 1 : -2]
 
 
 # --- accepted time ----------------------------------------------------------------------
@@ -511,9 +549,27 @@ class Heartbeat:
 
 @dataclass(frozen=True, slots=True)
 class RequestHistory:
+    """``request_price_history``: by count (``hours`` or ``limit``), or by market time
+    when ``start`` (``from``), ``end`` (``to``) or ``zones`` is given, as sent (checked by
+    ``parse_history_request``)."""
+
     market_zone: str | None
     hours: float | None
     limit: int | None
+    zones: tuple[str, ...] | None = None
+    start: str | None = None
+    end: str | None = None
+
+    @property
+    def by_time(self) -> bool:
+        return self.start is not None or self.end is not None or self.zones is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """``snapshot``: ``zones`` None for the socket's zones."""
+
+    zones: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,7 +584,7 @@ class Unsubscribe:
     zones: tuple[str, ...]
 
 
-ClientMessage = Ping | Heartbeat | RequestHistory | Subscribe | Unsubscribe
+ClientMessage = Ping | Heartbeat | RequestHistory | Subscribe | Unsubscribe | SnapshotRequest
 
 
 def decode_client_message(data: str | bytes) -> ClientMessage:
@@ -573,7 +629,20 @@ def _decode_history(obj: dict[str, Any]) -> RequestHistory:
         raise _invalid("'limit' must be a positive integer")
     if hours is not None and limit is not None:
         raise _invalid("give 'hours' or 'limit', not both")
-    return RequestHistory(zone, hours, limit)  # echoed back as asked
+    zones = None if obj.get("zones") is None else _zone_list(obj)
+    if zones is not None and zone is not None:
+        raise _invalid("give 'zones' or 'market_zone', not both")
+    start, end = obj.get("from"), obj.get("to")
+    for name, value in (("from", start), ("to", end)):
+        if value is not None and not isinstance(value, str):
+            raise _invalid(f"'{name}' must be an ISO-8601 time string")
+    if hours is not None and (start is not None or end is not None):
+        raise _invalid("give 'hours' or 'from'/'to', not both")
+    return RequestHistory(zone, hours, limit, zones, start, end)  # echoed back as asked
+
+
+def _decode_snapshot(obj: dict[str, Any]) -> SnapshotRequest:
+    return SnapshotRequest(None if obj.get("zones") is None else _zone_list(obj))
 
 
 def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
@@ -595,6 +664,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
     MessageType.REQUEST_PRICE_HISTORY: _decode_history,
     MessageType.SUBSCRIBE: _decode_subscribe,
     MessageType.UNSUBSCRIBE: lambda obj: Unsubscribe(_zone_list(obj)),
+    MessageType.SNAPSHOT: _decode_snapshot,
 }
 
 
@@ -609,12 +679,17 @@ def encode_client_message(message: ClientMessage) -> bytes:
             obj = {"type": MessageType.HEARTBEAT}
         case RequestHistory():
             obj = {"type": MessageType.REQUEST_PRICE_HISTORY, "market_zone": message.market_zone,
-                   "hours": message.hours, "limit": message.limit}  # fmt: skip
+                   "hours": message.hours, "limit": message.limit,
+                   "zones": None if message.zones is None else list(message.zones),
+                   "from": message.start, "to": message.end}  # fmt: skip
         case Subscribe():
             obj = {"type": MessageType.SUBSCRIBE, "zones": list(message.zones),
                    "since": dict(message.since) or None, "epoch": message.epoch}  # fmt: skip
         case Unsubscribe():
             obj = {"type": MessageType.UNSUBSCRIBE, "zones": list(message.zones)}
+        case SnapshotRequest():
+            obj = {"type": MessageType.SNAPSHOT,
+                   "zones": None if message.zones is None else list(message.zones)}  # fmt: skip
     return encode({name: value for name, value in obj.items() if value is not None})
 
 
@@ -772,3 +847,209 @@ def text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", 0x81, 127, length)
     return header + payload
+
+
+# --- many zones at once: snapshot, history by market time (PROTOCOL.md, Trading-grade) ---
+#
+# Pure checks and builders, shared by the HTTP endpoints and the WebSocket session: the
+# storage reads (``Storage.snapshot``, ``Storage.history_between``) sit between them.
+
+DEFAULT_RANGE_LIMIT = 1000  # prices in a history by market time when no limit is given
+MAX_RANGE_LIMIT = 10_000
+
+
+class StoredLike(Protocol):
+    """A stored price as these builders read it (``storage.base.StoredPrice``)."""
+
+    @property
+    def zone(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+class SnapshotLike(Protocol):
+    """A storage snapshot as ``snapshot_reply`` reads it (``storage.base.Snapshot``)."""
+
+    @property
+    def epoch(self) -> str: ...
+
+    @property
+    def prices(self) -> Mapping[str, StoredLike | None]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """A checked history by market time: ``[start, end)`` in the stored timestamp form
+    (so the storage compares strings), ``zones`` known and distinct, ``limit`` within
+    bounds; ``market_zone`` when one zone was asked for by that name (echoed)."""
+
+    zones: tuple[str, ...]
+    start: str
+    end: str
+    limit: int
+    market_zone: str | None = None
+
+
+def _bound(name: str, value: str) -> str:
+    """A range bound in the stored form, rounded up to the millisecond: stored times have
+    milliseconds, so ``stored >= bound`` is then exactly ``stored >= value`` (and the same
+    for ``<``), whatever finer digits the client sent."""
+    try:
+        moment = _moment(value)
+        extra = moment.microsecond % 1000
+        if extra:
+            moment += timedelta(microseconds=1000 - extra)
+        return format_timestamp(moment)
+    except (ValueError, OverflowError) as exc:
+        message = str(exc) if isinstance(exc, ValueError) else f"time out of range: {value[:40]!r}"
+        raise ValidationError(name, message, code=HttpErrorCode.INVALID_TIMESTAMP) from None
+
+
+def known_zones(zones: Iterable[str], known: Collection[str]) -> tuple[str, ...]:
+    """``zones`` without repeats, order kept, each one served; else ``ValidationError``
+    (field ``zones``, code ``unknown_zone``). None asked for is an error too."""
+    distinct = tuple(dict.fromkeys(zones))
+    if not distinct:
+        raise ValidationError("zones", "no zone given", code=HttpErrorCode.INVALID_ZONE)
+    for zone in distinct:
+        if zone not in known:
+            text = unknown_zone_text(zone, known)
+            raise ValidationError("zones", text, code=HttpErrorCode.UNKNOWN_ZONE)
+    return distinct
+
+
+def zones_from_query(
+    raw: str | None, *, known: Collection[str], default: Sequence[str]
+) -> tuple[str, ...]:
+    """``?zones=a,b`` of an HTTP endpoint (absent: ``default``), checked as ``known_zones``."""
+    if raw is None:
+        return known_zones(default, known)
+    return known_zones((zone.strip() for zone in raw.split(",") if zone.strip()), known)
+
+
+def history_range(
+    *,
+    zones: Sequence[str],
+    start: str | None,
+    end: str | None,
+    limit: int | None,
+    known: Collection[str],
+    now: str,
+    market_zone: str | None = None,
+) -> HistoryQuery:
+    """Check a history by market time; ``ValidationError`` names the field (``zones``,
+    ``from``, ``to``, ``limit``) and carries the HTTP error code. ``end`` None: ``now``.
+    ``from`` after ``to`` is refused; equal, the range is empty (``[t, t)``)."""
+    checked = known_zones(zones, known)
+    if start is None:
+        raise ValidationError("from", "is required", code=HttpErrorCode.INVALID_TIMESTAMP)
+    begin = _bound("from", start)
+    finish = now if end is None else _bound("to", end)
+    if begin > finish:
+        raise ValidationError("from", "is after 'to'", code=HttpErrorCode.INVALID_RANGE)
+    if limit is None:
+        limit = DEFAULT_RANGE_LIMIT
+    elif not 1 <= limit <= MAX_RANGE_LIMIT:
+        raise ValidationError(
+            "limit", f"must be an integer from 1 to {MAX_RANGE_LIMIT}",
+            code=HttpErrorCode.INVALID_LIMIT,
+        )  # fmt: skip
+    return HistoryQuery(checked, begin, finish, limit, market_zone)
+
+
+def parse_history_request(
+    request: RequestHistory, *, zones: Collection[str], default_zones: Sequence[str], now: str
+) -> HistoryQuery | None:
+    """The WebSocket ``request_price_history`` by market time, checked: None when it is a
+    request by count (no ``from``, ``to`` nor ``zones``); ``ProtocolError``
+    ``invalid_message`` for a bad range, as the contract says (unknown zones included).
+    ``zones``: the zones served; ``default_zones``: the socket's (no ``zones`` nor
+    ``market_zone`` given)."""
+    if not request.by_time:
+        return None
+    if request.zones is not None:
+        asked: Sequence[str] = request.zones
+    elif request.market_zone is not None:
+        asked = (request.market_zone,)
+    else:
+        asked = default_zones
+    try:
+        return history_range(
+            zones=asked, start=request.start, end=request.end, limit=request.limit,
+            known=zones, now=now, market_zone=request.market_zone,
+        )  # fmt: skip
+    except ValidationError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def parse_snapshot_request(
+    request: SnapshotRequest, *, zones: Collection[str], default_zones: Sequence[str]
+) -> tuple[str, ...]:
+    """The zones of a WebSocket ``snapshot`` (default: the socket's), each one served, or
+    ``ProtocolError`` ``unknown_zone`` (as ``subscribe`` refuses one)."""
+    asked = default_zones if request.zones is None else request.zones
+    for zone in asked:
+        if zone not in zones:
+            case = zone_case_error(zone, zones)
+            raise case or ProtocolError(ErrorCode.UNKNOWN_ZONE, f"unknown zone {zone[:40]!r}")
+    return tuple(dict.fromkeys(asked))
+
+
+def snapshot_reply(snapshot: SnapshotLike, *, now: str) -> bytes:
+    """The ``snapshot`` message (also the HTTP body): ``epoch``, ``prices`` (each zone's
+    price object or null) and ``cursor`` (each zone's seq, 0 without a price)."""
+    prices = snapshot.prices
+    return encode({
+        "type": MessageType.SNAPSHOT,
+        "epoch": snapshot.epoch,
+        "prices": {
+            zone: None if price is None else orjson.Fragment(price_object(price.payload))
+            for zone, price in prices.items()
+        },
+        "cursor": {zone: 0 if price is None else price.seq for zone, price in prices.items()},
+        "timestamp": now,
+    })  # fmt: skip
+
+
+def _range_fields(
+    query: HistoryQuery, prices: Sequence[StoredLike], truncated: bool
+) -> dict[str, Any]:
+    highest: dict[str, int] = {}
+    for price in prices:
+        if price.seq > highest.get(price.zone, 0):
+            highest[price.zone] = price.seq
+    fields: dict[str, Any] = {} if query.market_zone is None else {
+        "market_zone": query.market_zone
+    }  # fmt: skip
+    fields.update(
+        zones=list(query.zones),
+        data=[orjson.Fragment(price_object(price.payload)) for price in prices],
+        truncated=truncated,
+        # The hand-over to the live stream: subscribe with since = this (zones without a
+        # price in the answer have no position in it and are left out).
+        cursor={zone: highest[zone] for zone in query.zones if zone in highest},
+        limit=query.limit,
+    )
+    fields["from"], fields["to"] = query.start, query.end
+    return fields
+
+
+def price_history_range(
+    query: HistoryQuery, prices: Sequence[StoredLike], *, truncated: bool, now: str
+) -> bytes:
+    """The ``price_history`` answer to a request by market time (``prices`` in history
+    order, as ``Storage.history_between`` gives them)."""
+    message = {"type": MessageType.PRICE_HISTORY, **_range_fields(query, prices, truncated)}
+    message["timestamp"] = now
+    return encode(message)
+
+
+def history_range_body(
+    query: HistoryQuery, prices: Sequence[StoredLike], *, truncated: bool
+) -> bytes:
+    """The HTTP body of a history by market time: ``price_history_range``'s fields."""
+    return encode(_range_fields(query, prices, truncated))

@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
-    "BROADCAST_PRICE", "CONNECTIONS", "DASHBOARD", "HEALTH", "HISTORY", "LAST_EVENT_ID",
-    "METRICS", "PREFIX", "SSE_MARKET", "SSE_PREFIX", "SSE_PRICES", "STATS", "WS_MARKET",
-    "WS_PRICES", "history", "sse_market", "subscriber_target", "ws_market",
+    "BROADCAST_PRICE", "CONNECTIONS", "DASHBOARD", "HEALTH", "HISTORY", "HISTORY_ZONES",
+    "LAST_EVENT_ID", "METRICS", "PREFIX", "SNAPSHOT", "SSE_MARKET", "SSE_PREFIX",
+    "SSE_PRICES", "STATS", "WS_MARKET", "WS_PRICES", "history", "sse_market",
+    "subscriber_target", "ws_market",
 ]
 
 PREFIX = "/api/ws/ws"
@@ -24,6 +25,9 @@ STATS = f"{PREFIX}/stats"
 HEALTH = f"{PREFIX}/health"
 CONNECTIONS = f"{PREFIX}/connections"
 HISTORY = f"{PREFIX}/history/{{zone}}"
+# Several zones by market time; query zones, from, to, limit, token.
+HISTORY_ZONES = f"{PREFIX}/history"
+SNAPSHOT = f"{PREFIX}/snapshot"  # several zones' latest at one instant; query zones, token
 BROADCAST_PRICE = f"{PREFIX}/broadcast/price"
 METRICS = "/metrics"
 DASHBOARD = "/"

@@ -1,4 +1,5 @@
-"""HTTP endpoints: stats, health, history, publish, and the dashboard's static files.
+"""HTTP endpoints: stats, health, history (by count, or by market time over several
+zones), the snapshot of several zones, publish, and the dashboard's static files.
 
 Who may call which is decided in ``guard`` (keys, tokens, operator endpoints).
 """
@@ -219,6 +220,8 @@ async def history_handler(request: web.Request) -> web.Response:
     grant = guard.subscriber_grant(request, zone)  # a zone's history is its feed
     if isinstance(grant, web.Response):
         return grant
+    if "from" in request.query or "to" in request.query:
+        return await _history_by_time(request, (zone,), market_zone=zone)
     default = str(messages.DEFAULT_HISTORY_LIMIT)
     requested = messages.parse_count(request.query.get("limit", default))
     if not requested:
@@ -229,6 +232,87 @@ async def history_handler(request: web.Request) -> web.Response:
         zone.encode(), b",".join(messages.price_object(price.payload) for price in prices)
     )
     return web.Response(body=body, content_type="application/json")
+
+
+def _range_error(exc: ValidationError) -> web.Response:
+    """422 for a bad snapshot or history query, its code chosen by the wire's check."""
+    code = HttpErrorCode(exc.code) if exc.code else HttpErrorCode.INVALID_ZONE
+    return json_error(422, code, str(exc), field=exc.field)
+
+
+def _queried_zones(request: web.Request) -> tuple[str, ...] | web.Response:
+    """``?zones=a,b`` (absent: every zone), each one served and allowed by the token
+    (the socket rules: 401 without a valid token when auth is on, 403 for a zone its
+    ``zones`` claim leaves out); 422 for an unknown zone or none."""
+    settings = request.app[SETTINGS]
+    try:
+        zones = messages.zones_from_query(
+            request.query.get("zones"), known=settings.zone_set, default=settings.zones
+        )
+    except ValidationError as exc:
+        return _range_error(exc)
+    grant = guard.subscriber_grant(request, zones[0])  # the token is verified once
+    if isinstance(grant, web.Response):
+        return grant
+    if grant.zones is not None and not grant.zones.issuperset(zones):
+        return json_error(403, HttpErrorCode.FORBIDDEN_ZONE, "token does not allow this zone")
+    return zones
+
+
+async def history_zones_handler(request: web.Request) -> web.Response:
+    """``GET /api/ws/ws/history?zones=a,b&from=...&to=...&limit=N``: by market time."""
+    zones = _queried_zones(request)
+    if isinstance(zones, web.Response):
+        return zones
+    return await _history_by_time(request, zones, market_zone=None)
+
+
+async def _history_by_time(
+    request: web.Request, zones: tuple[str, ...], *, market_zone: str | None
+) -> web.Response:
+    """Every retained price of ``zones`` with ``from <= timestamp < to`` (PROTOCOL.md,
+    "History by market time"); the zones are checked and allowed already."""
+    query = request.query
+    raw_limit = query.get("limit")
+    try:
+        asked = messages.history_range(
+            zones=zones, start=query.get("from"), end=query.get("to"),
+            # not a count at all: 0, which the check refuses with the bounds in its message
+            limit=None if raw_limit is None else messages.parse_count(raw_limit) or 0,
+            known=request.app[SETTINGS].zone_set, now=messages.utc_now(),
+            market_zone=market_zone,
+        )  # fmt: skip
+    except ValidationError as exc:
+        return _range_error(exc)
+    try:
+        found = await request.app[STORAGE].history_between(
+            asked.zones, asked.start, asked.end, limit=asked.limit
+        )
+    except StorageUnavailable as exc:
+        return _storage_unavailable(exc)
+    body = messages.history_range_body(asked, found.prices, truncated=found.truncated)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def snapshot_handler(request: web.Request) -> web.Response:
+    """``GET /api/ws/ws/snapshot?zones=a,b``: the zones' latest prices at one instant."""
+    zones = _queried_zones(request)
+    if isinstance(zones, web.Response):
+        return zones
+    try:
+        snapshot = await request.app[STORAGE].snapshot(zones)
+    except StorageUnavailable as exc:
+        return _storage_unavailable(exc)
+    body = messages.snapshot_reply(snapshot, now=messages.utc_now())
+    return web.Response(body=body, content_type="application/json")
+
+
+def _storage_unavailable(exc: StorageUnavailable) -> web.Response:
+    # A failover storage serves reads from memory while Redis is away: this is a read
+    # that failed outright (a bare Redis backend), to be retried.
+    return json_error(
+        503, HttpErrorCode.STORAGE_UNAVAILABLE, str(exc), headers={"Retry-After": "1"}
+    )
 
 
 def _publisher_refusal(request: web.Request) -> web.Response | str:
@@ -348,6 +432,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(paths.HEALTH, health_handler)
     app.router.add_get(paths.CONNECTIONS, connections_handler)
     app.router.add_get(paths.HISTORY, history_handler)
+    app.router.add_get(paths.HISTORY_ZONES, history_zones_handler)
+    app.router.add_get(paths.SNAPSHOT, snapshot_handler)
     app.router.add_post(paths.BROADCAST_PRICE, publish_handler)
     app.router.add_get(paths.DASHBOARD, dashboard_handler)
     app.router.add_static("/static/", STATIC_DIR)
