@@ -2,7 +2,7 @@
 
 ::
 
-    python bench/durable_publish.py [--seconds 10] [--data-dir DIR]
+    python bench/durable_publish.py [--seconds 10] [--data-dir DIR] [--journal old|sqlite|both]
 
 For each mode it starts ``run_server.py --redis-url none`` (no simulator, a huge
 publish rate limit) and measures, for ``--seconds`` each:
@@ -14,12 +14,18 @@ publish rate limit) and measures, for ``--seconds`` each:
 It prints accepted prices per second, the ratio durable / none, and the journal's fsync
 figures from the stats document (count, prices per fsync, median / max latency).
 The data dir defaults to a fresh temporary directory on the disk ``/tmp`` is on.
+
+``--journal`` picks the durable run's journal (issue 27): ``old`` (default,
+``journal.Journal``), ``sqlite`` (``SqliteJournal``, swapped in through
+``bench/sqlite_swap/sitecustomize.py`` until ``DurableStorage`` uses it) or ``both``:
+each on its own fresh data dir in the same run, with the ratio sqlite / old.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -35,6 +41,7 @@ from pricehub.wire import paths  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402  (one way to run a server)
 
 KEY = "bench-key"
+JOURNALS = {"old": (), "sqlite": (str(REPO / "bench" / "sqlite_swap"),)}
 ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
 BATCH = 1000
 PUBLISHERS = 50
@@ -89,12 +96,20 @@ async def stats(server: ServerProcess) -> dict[str, Any]:
         return body
 
 
-async def measure(data_dir: str, seconds: float, in_flight: int) -> dict[str, Any]:
+def journal_env(journal: str) -> dict[str, str]:
+    """The server's environment for ``journal`` (``JOURNALS``: what goes on its path)."""
+    path = [*JOURNALS[journal], str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(part for part in path if part)}
+
+
+async def measure(data_dir: str, seconds: float, in_flight: int,
+                  journal: str = "old") -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     for name, scenario in (("batch", batches), ("single", singles)):
         server = ServerProcess(
             "--no-simulate", "--publish-rate-limit", "1000000", "--log-format", "json",
             "--log-level", "warning", publish_key=KEY, data_dir=data_dir,
+            env=journal_env(journal),
         )  # fmt: skip
         with server:
             rate = await scenario(server, seconds, in_flight)
@@ -118,18 +133,34 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data-dir", help="durable run's data dir (default: a temp dir)")
     parser.add_argument("--in-flight", type=int, default=4, help="batch publishers (default 4)")
+    parser.add_argument("--journal", choices=("old", "sqlite", "both"), default="old",
+                        help="the durable run's journal (default old)")  # fmt: skip
     args = parser.parse_args()
+    journals = ["old", "sqlite"] if args.journal == "both" else [args.journal]
+    if args.data_dir and len(journals) > 1:
+        parser.error("--journal both uses a fresh data dir for each journal")
+    durable: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="pricehub-bench-") as scratch:
-        durable_dir = args.data_dir or str(Path(scratch) / "data")
         none = await measure("none", args.seconds, args.in_flight)
-        durable = await measure(durable_dir, args.seconds, args.in_flight)
-    print("| scenario | --data-dir none (prices/s) | durable (prices/s) | ratio | journal |")
-    print("| --- | --- | --- | --- | --- |")
+        for journal in journals:
+            durable_dir = args.data_dir or str(Path(scratch) / f"data-{journal}")
+            durable[journal] = await measure(durable_dir, args.seconds, args.in_flight, journal)
+    heads = " | ".join(f"{journal} (prices/s) | {journal} / none | {journal} journal"
+                       for journal in journals)  # fmt: skip
+    compare = " | sqlite / old |" if len(journals) > 1 else " |"
+    print(f"| scenario | --data-dir none (prices/s) | {heads}{compare}")
+    print("| --- " * (2 + 3 * len(journals) + (len(journals) > 1)) + "|")
     for name, label in (("batch", f"HTTP batches of {BATCH}, {args.in_flight} in flight"),
                         ("single", f"{PUBLISHERS} concurrent single-price publishers")):
-        plain, kept = none[name]["rate"], durable[name]["rate"]
-        print(f"| {label} | {plain:,.0f} | {kept:,.0f} | {kept / plain:.2f} | "
-              f"{fsync_line(durable[name]['durability'])} |")
+        plain = none[name]["rate"]
+        cells = [f"{plain:,.0f}"]
+        for journal in journals:
+            kept = durable[journal][name]
+            cells += [f"{kept['rate']:,.0f}", f"{kept['rate'] / plain:.2f}",
+                      fsync_line(kept["durability"])]  # fmt: skip
+        if len(journals) > 1:
+            cells.append(f"{durable['sqlite'][name]['rate'] / durable['old'][name]['rate']:.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
