@@ -22,29 +22,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pricehub"
 
-# PENDING (issue 24, item 3): modules that break the storage boundary until their
-# follow-up edits land (another session was changing them when the boundary was drawn;
-# the edits are listed in the issue). Per check, the modules it fails for today: there it
-# is expected to fail (``xfail``, strict), so once a module is fixed its check passes,
-# the strict xfail turns red, and its entry must be removed. Remove PENDING when empty.
-PENDING: dict[str, dict[str, str]] = {
-    "storage_imports_no_server": {
-        "pricehub.storage.failover": "imports server.errors.ConfigError and, for the type "
-        "checker, server.settings.Settings (from_settings, now unused)",
-        "pricehub.storage.binding": "imports server.errors.ConfigError",
-    },
-    "server_uses_the_front": {
-        "pricehub.server.ingest": "imports storage.redis (INGEST_GROUP, KeyLayout, LeaseLost)",
-    },
-    "typed_counters": {
-        "pricehub.storage.redis": "RedisStorage has no counters()",
-        "pricehub.storage.failover": "FailoverStorage has no counters() (create_storage "
-        "wraps it: storage/pending.py)",
-    },
-    "typed_disk_status": {
-        "pricehub.storage.failover": "builds durable.DiskStatus from check strings",
-    },
-}
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -189,30 +166,14 @@ def modules_under(prefix: str) -> list[str]:
     return [name for name in all_modules() if name == prefix or name.startswith(prefix + ".")]
 
 
-def pending(check: str, names: list[str]) -> list[object]:
-    """``names`` as parameters, those ``PENDING[check]`` names expected to fail."""
-    expected = PENDING.get(check, {})
-    return [
-        pytest.param(
-            name, marks=pytest.mark.xfail(strict=True, reason=f"PENDING: {expected[name]}")
-        )
-        if name in expected else name
-        for name in names
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "name", pending("storage_imports_no_server", modules_under("pricehub.storage"))
-)
+@pytest.mark.parametrize("name", modules_under("pricehub.storage"))
 def test_storage_imports_nothing_of_the_server(name: str) -> None:
     """Not even for the type checker: the storage is built from its own ``StorageConfig``."""
     server = {dep for dep in graph()[name] if dep.startswith("pricehub.server")}
     assert not server, f"{name} imports {sorted(server)}"
 
 
-@pytest.mark.parametrize(
-    "name", pending("server_uses_the_front", modules_under("pricehub.server"))
-)
+@pytest.mark.parametrize("name", modules_under("pricehub.server"))
 def test_server_reaches_the_storage_only_through_its_front(name: str) -> None:
     inner = {
         dep for dep in graph()[name]
@@ -248,7 +209,7 @@ def backend_class(module: str) -> type:
     return found
 
 
-@pytest.mark.parametrize("module", pending("typed_counters", list(BACKENDS)))
+@pytest.mark.parametrize("module", list(BACKENDS))
 def test_every_backend_reports_typed_counters(module: str) -> None:
     """``counters()`` is a member of the Protocol: a backend defines it or inherits the
     Protocol's default (all zero) by subclassing it; the metrics read no counter by name."""
@@ -257,12 +218,10 @@ def test_every_backend_reports_typed_counters(module: str) -> None:
     assert backend.counters.__annotations__["return"] == "StorageCounters"
 
 
-@pytest.mark.parametrize(
-    "module", pending("typed_disk_status", [m for m, (_, disk) in BACKENDS.items() if disk])
-)
+@pytest.mark.parametrize("module", [m for m, (_, disk) in BACKENDS.items() if disk])
 def test_every_backend_decides_a_typed_disk_state(module: str) -> None:
     """``disk_status()`` returns ``base.DiskStatus`` (its state a ``DiskState``), built by
-    no module from strings: the old ``durable.DiskStatus`` is there only for the pending."""
+    no module from strings: nothing of the old ``durable.DiskStatus`` way is imported."""
     backend = backend_class(module)
     assert callable(getattr(backend, "disk_status", None)), f"{backend.__name__}.disk_status"
     legacy = {

@@ -217,6 +217,28 @@ async def test_http_bad_ranges_are_refused(
     assert (await response.json())["error"] == code
 
 
+async def test_http_history_by_time_covers_at_most_max_zones_per_socket(
+    make_client: MakeClient,
+) -> None:
+    """Nothing unbounded: on Redis the history script holds Redis's one thread ~1 ms per
+    queried zone, so a query covers at most ``--max-zones-per-socket`` distinct zones,
+    named or (without ``zones``) every configured one; one more is 422 ``too_many_zones``
+    naming the bound."""
+    zones = tuple(f"z{index}" for index in range(5))
+    client = await make_client(zones=zones, max_zones_per_socket=4)
+    for named in (",".join(zones[:4]), "z0,z1,z0,z1,z2,z3,z3"):  # repeats count once
+        response = await client.get(HISTORY, params={"zones": named, "from": FROM})
+        assert response.status == 200, await response.text()
+    for params in ({"zones": ",".join(zones)}, {}):  # named, or every configured zone
+        response = await client.get(HISTORY, params={**params, "from": FROM})
+        assert response.status == 422
+        answer = await response.json()
+        assert (answer["error"], answer["field"]) == (HttpErrorCode.TOO_MANY_ZONES, "zones")
+        assert "at most 4" in answer["message"], answer
+    # One zone's own path is one zone: never refused for the bound.
+    assert (await client.get(paths.history("z4"), params={"from": FROM})).status == 200
+
+
 async def test_http_history_by_time_follows_the_token_rules(make_client: MakeClient) -> None:
     client = await make_client(zones=ZONES, jwt_secret=SECRET)
     params = {"zones": "pjm,ercot", "from": FROM}

@@ -17,14 +17,15 @@ import structlog
 
 from pricehub.storage import StorageConfig, StoredPrice, create_storage
 from pricehub.storage.base import Snapshot
-from pricehub.storage.redis import KeyLayout, RedisStorage
+from pricehub.storage.failover import FailoverStorage
+from pricehub.storage.redis import EpochChanged, KeyLayout, RedisStorage
 from pricehub.storage.redis_reads import NO_EPOCH, snapshot
 from pricehub.wire import decode, messages, paths
 from pricehub.wire.codes import ErrorCode, HttpErrorCode, MessageType
 from pricehub.wire.errors import ProtocolError
 from tests.redisproc import RecordingListener, RedisProcess
 from tests.serverproc import ServerProcess
-from tests.support import PUBLISH_KEY, MakeClient, publish
+from tests.support import PUBLISH_KEY, MakeClient, eventually, publish
 from tests.test_security import SECRET, token
 
 ZONES = ("pjm", "caiso", "ercot")
@@ -124,6 +125,26 @@ async def test_http_snapshot_refuses_unknown_zones(
     response = await client.get(paths.SNAPSHOT, params={"zones": zones})
     assert response.status == 422
     assert (await response.json())["error"] == code
+
+
+async def test_http_snapshot_reads_at_most_max_snapshot_zones(make_client: MakeClient) -> None:
+    """Nothing unbounded: a snapshot reads at most max(1000, ``--max-zones-per-socket``)
+    distinct zones (on one Redis node 1,000 are one MGET, ~4 ms). Named or, without
+    ``zones``, every configured zone: one more is 422 ``too_many_zones`` naming the bound."""
+    zones = tuple(f"z{index}" for index in range(1001))
+    client = await make_client(zones=zones)  # --max-zones-per-socket 64: the bound is 1000
+    served = await client.get(paths.SNAPSHOT, params={"zones": ",".join(zones[:1000])})
+    assert served.status == 200
+    assert len((await served.json())["prices"]) == 1000
+    for params in ({"zones": ",".join(zones)}, {}):  # named, or every configured zone
+        response = await client.get(paths.SNAPSHOT, params=params)
+        assert response.status == 422
+        answer = await response.json()
+        assert (answer["error"], answer["field"]) == (HttpErrorCode.TOO_MANY_ZONES, "zones")
+        assert "at most 1000" in answer["message"], answer
+    wider = await make_client(zones=zones, max_zones_per_socket=2000)  # a socket's zones
+    every = await wider.get(paths.SNAPSHOT)
+    assert every.status == 200 and len((await every.json())["prices"]) == 1001
 
 
 async def test_http_snapshot_follows_the_history_endpoints_token_rules(
@@ -233,6 +254,50 @@ async def test_redis_snapshot_without_an_epoch_says_so(
     keys = KeyLayout(prefix)
     await raw.delete(keys.epoch)  # Redis lost its data (only this key, for the test)
     assert (await snapshot(raw, keys, ["z00001"])).epoch == NO_EPOCH
+
+
+async def test_a_redis_snapshot_under_another_epoch_is_refused(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """Its seqs are no cursor of the stream this instance delivers: ``EpochChanged`` (a
+    ``StorageUnavailable``), whether Redis lost its epoch or holds another one."""
+    storage = RedisStorage(redis_server.url, key_prefix=prefix)
+    await storage.start(RecordingListener())
+    try:
+        keys = KeyLayout(prefix)
+        assert (await storage.snapshot(["pjm"])).epoch == storage.epoch
+        await raw.set(keys.epoch, "another")  # no announcement: the subscriber hears nothing
+        with pytest.raises(EpochChanged, match="another"):
+            await storage.snapshot(["pjm"])
+        await raw.delete(keys.epoch)
+        with pytest.raises(EpochChanged, match="none"):
+            await storage.snapshot(["pjm"])
+    finally:
+        await storage.close()
+
+
+async def test_the_failover_snapshot_is_redis_s_and_its_mirror_s_after_an_epoch_move(
+    redis_server: RedisProcess, raw: aioredis.Redis, prefix: str
+) -> None:
+    """On Redis while it serves (its MGET counted); when Redis's epoch moved under it,
+    the failover answers from its mirror under the epoch its subscribers have, and the
+    refusal starts a resync (not a failover), after which it serves Redis's epoch."""
+    storage = FailoverStorage(redis_server.url, zones=ZONES, key_prefix=prefix)
+    await storage.start(RecordingListener())
+    try:
+        price = await storage.append("pjm", messages.PriceBody("pjm", 1.0, None, NOW).encode())
+        taken, ran = await commands_of(raw, storage.snapshot(["pjm", "ercot"]))
+        assert ran.get("cmdstat_mget") == 1  # (the storage's probes may run meanwhile)
+        assert (taken.epoch, dict(taken.prices)) == (storage.epoch, {"pjm": price, "ercot": None})
+        ours = storage.epoch
+        await raw.set(KeyLayout(prefix).epoch, "moved")
+        mirrored = await storage.snapshot(["pjm"])
+        assert (mirrored.epoch, dict(mirrored.prices)) == (ours, {"pjm": price})
+        await eventually(lambda: storage.epoch == "moved")
+        assert (storage.counters().resyncs, storage.counters().failovers) == (1, 0)
+        assert (await storage.snapshot(["pjm"])).epoch == "moved"
+    finally:
+        await storage.close()
 
 
 async def test_the_failover_store_answers_from_memory_while_redis_is_away() -> None:

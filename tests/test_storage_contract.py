@@ -46,19 +46,6 @@ ACCEPTED_AT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 
 
 IN_MEMORY = ("memory", "durable")  # the backends that say "in-memory"
-# PENDING (issue 24): the backends without ``counters()`` yet; remove each from here
-# once it has one (its test then passes, and a strict xfail that passes fails).
-COUNTERS_PENDING = {"redis": "RedisStorage (redis.py)", "failover": "FailoverStorage"}
-# PENDING (issue 26): the backends without snapshot() and history_between() yet (their
-# bodies are in the lead's notes; create_storage's ReadingFailoverStorage has them).
-READS_PENDING = {"redis": "RedisStorage (redis.py)", "failover": "FailoverStorage"}
-
-
-def pending_reads(kind: str, request: pytest.FixtureRequest) -> None:
-    if kind in READS_PENDING:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason=f"PENDING: {READS_PENDING[kind]} has no snapshot()"
-        ))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +202,8 @@ async def test_instance_registry_expires(started: tuple[Storage, RecordingListen
 
 
 async def test_counters_are_typed_and_start_at_zero(
-    kind: str, started: tuple[Storage, RecordingListener], request: pytest.FixtureRequest
+    kind: str, started: tuple[Storage, RecordingListener]
 ) -> None:
-    if kind in COUNTERS_PENDING:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason=f"PENDING: {COUNTERS_PENDING[kind]} has no counters()"
-        ))  # fmt: skip
     storage, listener = started
     await storage.append("pjm", body("pjm", 1.0))
     await listener.wait_for("pjm", 1)
@@ -250,9 +233,8 @@ async def test_disk_status_is_a_state_the_backend_decides(
 
 
 async def test_snapshot_reads_every_zone_with_the_epoch(
-    kind: str, started: tuple[Storage, RecordingListener], request: pytest.FixtureRequest
+    kind: str, started: tuple[Storage, RecordingListener]
 ) -> None:
-    pending_reads(kind, request)
     storage, listener = started
     empty = await storage.snapshot(["pjm", "ercot"])
     assert (empty.epoch, dict(empty.prices), empty.cursor()) == (
@@ -273,9 +255,8 @@ async def test_snapshot_reads_every_zone_with_the_epoch(
 
 
 async def test_history_between_orders_by_market_time_across_zones(
-    kind: str, started: tuple[Storage, RecordingListener], request: pytest.FixtureRequest
+    kind: str, started: tuple[Storage, RecordingListener]
 ) -> None:
-    pending_reads(kind, request)
     storage, listener = started
     for zone, timestamp in history_data.PRICES:
         if zone in ZONES:  # (a cluster storage numbers only its configured zones)

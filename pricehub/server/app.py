@@ -69,7 +69,7 @@ def create_app(settings: Settings, *, storage: Storage | None = None) -> web.App
         # Last-Event-ID must fit the widest cursor the server writes.
         "max_field_size": MAX_HEADER_FIELD,
     })
-    storage = storage or create_storage(settings, log=log)
+    storage = storage or create_storage(settings.storage_config(), log=log)
     app[SETTINGS] = settings
     app[STORAGE] = storage
     app[STATS] = Stats()

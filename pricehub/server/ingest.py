@@ -68,8 +68,7 @@ from pricehub.server.keys import INGEST_STATS, INSTANCE_ID, PUBLISHER, SETTINGS,
 from pricehub.server.publisher import Publisher
 from pricehub.server.stats import IngestStats
 from pricehub.storage.base import IngestAck, IngestSource, StoredPrice
-from pricehub.storage.errors import BatchInterrupted, StorageError, ZoneRefused
-from pricehub.storage.redis import INGEST_GROUP, KeyLayout, LeaseLost
+from pricehub.storage.errors import BatchInterrupted, LeaseLost, StorageError, ZoneRefused
 from pricehub.wire.errors import ValidationError
 from pricehub.wire.messages import PriceBody, body_of, utc_now, validate_ingest_fields
 
@@ -262,7 +261,7 @@ class IngestConsumer:
         self._publisher = publisher
         self._zones = frozenset(zones)
         self._consumer = consumer
-        self._keys = KeyLayout(storage.key_prefix)
+        self._keys = storage.ingest_keys  # the stream, lease and group names
         self._lease_ms = int(lease_ttl * 1000)
         self._renew_every = lease_ttl / 3
         self._block_ms = max(1, int(block * 1000))
@@ -297,11 +296,11 @@ class IngestConsumer:
     async def release(self) -> None:
         """Hand the lease over at once (clean shutdown)."""
         client = self._storage.redis_client()
-        await client.eval(RELEASE_LUA, 1, self._keys.ingest_lease, self._consumer)
+        await client.eval(RELEASE_LUA, 1, self._keys.lease, self._consumer)
 
     async def _acquire(self, client: aioredis.Redis) -> bool:
         held = await client.eval(
-            LEASE_LUA, 1, self._keys.ingest_lease, self._consumer, self._lease_ms
+            LEASE_LUA, 1, self._keys.lease, self._consumer, self._lease_ms
         )
         return bool(held)
 
@@ -369,7 +368,7 @@ class IngestConsumer:
     async def _ensure_group(self, client: aioredis.Redis) -> None:
         # From id 0: entries added before the group existed are prices for us too.
         try:
-            await client.xgroup_create(self._keys.ingest, INGEST_GROUP, id="0", mkstream=True)
+            await client.xgroup_create(self._keys.stream, self._keys.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -377,12 +376,12 @@ class IngestConsumer:
     async def _forget_idle_consumers(self, client: aioredis.Redis) -> None:
         """Drop previous consumers with nothing pending: every restart names a new
         one, and the group would otherwise list them forever."""
-        consumers: Any = await client.xinfo_consumers(self._keys.ingest, INGEST_GROUP)
+        consumers: Any = await client.xinfo_consumers(self._keys.stream, self._keys.group)
         for consumer in consumers:
             name = consumer["name"]
             name = name.decode() if isinstance(name, bytes) else str(name)
             if name != self._consumer and int(consumer["pending"]) == 0:
-                await client.xgroup_delconsumer(self._keys.ingest, INGEST_GROUP, name)
+                await client.xgroup_delconsumer(self._keys.stream, self._keys.group, name)
 
     async def _claim_pending(self, client: aioredis.Redis) -> list[Entry]:
         """Entries delivered but never acknowledged (a dead holder's, or ours from
@@ -422,7 +421,7 @@ class IngestConsumer:
         Bounded in bytes whatever the stream holds: about ``batch`` x ``MAX_ENTRY_BYTES``
         (4 MiB by default) at most, an entry over a cap only as a stub (its size)."""
         reply: Any = await client.eval(
-            READ_LUA, 1, self._keys.ingest, INGEST_GROUP, self._consumer, mode, self._batch,
+            READ_LUA, 1, self._keys.stream, self._keys.group, self._consumer, mode, self._batch,
             MAX_ENTRY_BYTES, 2 * MAX_ENTRY_FIELDS, self._batch * MAX_ENTRY_BYTES,
         )  # fmt: skip
         return [_entry(item) for item in reply[0]], list(reply[1])
@@ -434,7 +433,7 @@ class IngestConsumer:
         # Left as Redis sent it (see ``_raw_replies``): RESP2 [[stream, [[id, fields]]]],
         # RESP3 {stream: [...]}, or nil; the fields a flat list (a name twice is seen).
         response: Any = await client.xreadgroup(
-            INGEST_GROUP, self._consumer, {self._keys.ingest: ">"}, count=1, block=block,
+            self._keys.group, self._consumer, {self._keys.stream: ">"}, count=1, block=block,
         )  # fmt: skip
         return _stream_entries(response)
 
@@ -459,8 +458,8 @@ class IngestConsumer:
         if invalid:
             # Acknowledged and deleted together: the stream stays bounded by the backlog.
             async with client.pipeline(transaction=True) as pipe:
-                pipe.xack(self._keys.ingest, INGEST_GROUP, *invalid)
-                pipe.xdel(self._keys.ingest, *invalid)
+                pipe.xack(self._keys.stream, self._keys.group, *invalid)
+                pipe.xdel(self._keys.stream, *invalid)
                 await pipe.execute()
         return bodies, acks
 

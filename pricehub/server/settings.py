@@ -31,6 +31,7 @@ from pricehub.wire.messages import is_valid_zone_name
 
 __all__ = [
     "DEFAULT_ZONES",
+    "MIN_SNAPSHOT_ZONES",
     "OPTIONS",
     "Option",
     "Settings",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
+# Zones one snapshot may read at least, whatever --max-zones-per-socket says: on one Redis
+# node 1,000 zones are one MGET, ~4 ms (bench/snapshot_history.py).
+MIN_SNAPSHOT_ZONES = 1000
 ENV_PREFIX = "PRICEHUB_"
 ENV_CONFIG = ENV_PREFIX + "CONFIG"
 # PRICEHUB_* variables that are not settings and draw no "unknown variable" warning:
@@ -339,6 +343,18 @@ class Settings:
     @property
     def simulator_enabled(self) -> bool:
         return (not self.publish_key) if self.simulate is None else self.simulate
+
+    @property
+    def max_history_zones(self) -> int:
+        """Zones one history-by-time query may cover (``--max-zones-per-socket``): on
+        Redis its script holds Redis's one thread ~1 ms per zone at 1,000 retained."""
+        return self.max_zones_per_socket
+
+    @property
+    def max_snapshot_zones(self) -> int:
+        """Zones one snapshot may read: ``MIN_SNAPSHOT_ZONES``, or more when a socket may
+        subscribe to more (its snapshot is of its zones)."""
+        return max(MIN_SNAPSHOT_ZONES, self.max_zones_per_socket)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,7 @@ it, so the embedded default (``--redis-url none``) never touches it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pricehub.storage.base import (
     DiskState,
@@ -27,6 +27,7 @@ from pricehub.storage.base import (
     StoredPrice,
 )
 from pricehub.storage.memory import MemoryStorage
+from pricehub.wire.codes import Backend
 
 if TYPE_CHECKING:
     import structlog
@@ -38,25 +39,13 @@ __all__ = [
 ]
 
 
-class _BuildsStorageConfig(Protocol):
-    """PENDING (issue 24): ``server/app.py`` still passes its ``Settings``; once it
-    passes ``settings.storage_config()``, ``create_storage`` takes a ``StorageConfig``
-    only and this Protocol goes."""
-
-    def storage_config(self) -> StorageConfig: ...
-
-
-def create_storage(
-    config: StorageConfig | _BuildsStorageConfig, *, log: structlog.typing.FilteringBoundLogger
-) -> Storage:
+def create_storage(config: StorageConfig, *, log: structlog.typing.FilteringBoundLogger) -> Storage:
     """The backend for ``config.redis_url``: memory for None (journaled in
     ``config.data_dir`` unless that is None), else Redis with live failover to memory
     (which also covers "unreachable at start")."""
-    if not isinstance(config, StorageConfig):
-        config = config.storage_config()
     if config.redis_url is None:
         log.info(
-            "storage_selected", backend="in-memory", reason="redis_url is none",
+            "storage_selected", backend=Backend.IN_MEMORY, reason="redis_url is none",
             data_dir=config.data_dir,
         )  # fmt: skip
         if config.data_dir is None:
@@ -66,11 +55,9 @@ def create_storage(
         return DurableStorage(
             config.data_dir, history_size=config.history_size, zones=config.zones
         )
-    # PENDING (issue 24): FailoverStorage itself, once it defines counters(); (issue 26)
-    # and snapshot() and history_between(), as ReadingFailoverStorage has them.
-    from pricehub.storage.pending_reads import ReadingFailoverStorage
+    from pricehub.storage.failover import FailoverStorage
 
-    return ReadingFailoverStorage(
+    return FailoverStorage(
         config.redis_url,
         zones=config.zones,
         key_prefix=config.key_prefix,

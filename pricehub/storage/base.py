@@ -20,14 +20,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from pricehub.wire.codes import Backend
 from pricehub.wire.messages import timestamp_bytes
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 __all__ = [
-    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "IngestAck", "IngestSource",
-    "JournalStats", "Snapshot", "Storage", "StorageConfig", "StorageCounters",
+    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "IngestAck", "IngestKeys",
+    "IngestSource", "JournalStats", "Snapshot", "Storage", "StorageConfig", "StorageCounters",
     "StorageListener", "StoredPrice", "first_in_history_order", "history_order",
 ]
 
@@ -217,13 +218,25 @@ class DiskStatus:
 _NOT_DURABLE = DiskStatus(DiskState.DISABLED)
 
 
+@dataclass(frozen=True, slots=True)
+class IngestKeys:
+    """The Redis names the ingest consumer works with: the stream it reads
+    (``<prefix>ingest``, the contract), the key of the cluster-wide lease, and the
+    consumer group. The storage's key layout decides them, so the consumer needs none."""
+
+    stream: str
+    lease: str
+    group: str
+
+
 class IngestSource(Protocol):
     """What the Redis ingest consumer needs from the storage: the live Redis client
-    (raises ``StorageUnavailable`` while Redis is away), the key prefix, and appends
-    that carry the entry's acknowledgement (``ack=``)."""
+    (raises ``StorageUnavailable`` while Redis is away), the names of the stream, lease
+    and group (``ingest_keys``), and appends that carry the entry's acknowledgement
+    (``ack=``)."""
 
     @property
-    def key_prefix(self) -> str: ...
+    def ingest_keys(self) -> IngestKeys: ...
 
     @property
     def ingest_depth(self) -> int:
@@ -254,8 +267,8 @@ class Storage(Protocol):
     """Latest price, bounded history and seq per zone; pub/sub; instance registry."""
 
     @property
-    def backend(self) -> str:
-        """``"redis"`` or ``"in-memory"``: what is serving right now."""
+    def backend(self) -> Backend:
+        """``Backend.REDIS`` or ``Backend.IN_MEMORY``: what is serving right now."""
 
     @property
     def epoch(self) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pricehub.server.errors import ConfigError
+from pricehub.storage.errors import ConfigError
 
 __all__ = [
     "FEED_KEY", "MIRROR_KEY", "PEERS_KEY", "PEER_MIRRORS_KEY", "Binding", "RedisAddress",

@@ -55,8 +55,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError
 
-import pricehub.storage.redis_reads as redis_reads
-from pricehub.storage.base import HistorySlice, Snapshot, StorageCounters, StoredPrice
+from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.storage.redis import (
     INGEST_GROUP,
@@ -315,11 +314,6 @@ class RedisClusterStorage(RedisStorage):
     # One ingest batch at a time: an entry's per-zone idempotency marker would take an
     # older entry arriving after a newer one as applied before, and skip it.
     ingest_depth = 1
-
-    def counters(self) -> StorageCounters:
-        """PENDING (issue 24): ``RedisStorage.counters`` (redis.py), which this class
-        then inherits; what ``RedisStorage`` counts until then."""
-        return StorageCounters(gaps=self.gaps, foreign_messages=self.foreign_messages)
 
     # --- hooks of RedisStorage ---------------------------------------------------------
 
@@ -676,25 +670,6 @@ class RedisClusterStorage(RedisStorage):
                 elif int(seq):  # as RedisStorage.load: zones without a price are left out
                     state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
         return state
-
-    # PENDING (issue 26): these two are what RedisStorage (redis.py) gets, word for word;
-    # once it has them, this class inherits them and these go.
-
-    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
-        """Per zone here, not one instant: zones live on different masters."""
-        async with redis_errors("snapshot"):
-            found = await redis_reads.snapshot(self.client, self.keys, zones)
-        if found.epoch != self.epoch:  # Redis lost its data, or a peer moved the lineage
-            raise EpochChanged(f"redis holds epoch {found.epoch or 'none'}, not ours")
-        return found
-
-    async def history_between(
-        self, zones: Sequence[str], start: str, end: str, *, limit: int
-    ) -> HistorySlice:
-        async with redis_errors("history"):
-            return await redis_reads.history_between(
-                self.client, self.keys, zones, start, end, limit=limit
-            )
 
     # --- epoch ------------------------------------------------------------------------
 

@@ -32,21 +32,19 @@ errors (exit 2).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-import pricehub.storage.base as base
 from pricehub.storage.base import (
     DiskState,
-    ForeignJournal,
+    DiskStatus,
     HistorySlice,
     IngestAck,
     IngestSource,
-    JournalStats,
     Snapshot,
     Storage,
     StorageListener,
@@ -55,32 +53,24 @@ from pricehub.storage.base import (
 from pricehub.storage.errors import DiskError, StorageUnavailable
 from pricehub.storage.journal import Journal, Recovered
 from pricehub.storage.memory import MemoryStorage
+from pricehub.wire.codes import Backend
 from pricehub.wire.messages import accepted_now, with_seq
 
-__all__ = [
-    "DISK_DISABLED",
-    "DISK_FOREIGN",
-    "DiskStatus",
-    "DurableStorage",
-    "JournaledAppends",
-    "disk_status",
-    "journal_disk_status",
-    "journal_status",
-]
+__all__ = ["DurableStorage", "JournaledAppends", "disk_status", "journal_status"]
 
 
 def journal_status(
     journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
-) -> base.DiskStatus:
+) -> DiskStatus:
     """A journal's ``DiskStatus`` (shared by ``DurableStorage`` and the failover's):
     ``OK`` while its writes succeed, else ``UNAVAILABLE`` with the last error (or why
     there is no journal: not started, closed)."""
     if journal is None:
         reason = "closed" if closed else "not started"
-        return base.DiskStatus(DiskState.UNAVAILABLE, reason, write_errors=write_errors)
+        return DiskStatus(DiskState.UNAVAILABLE, reason, write_errors=write_errors)
     stats = journal.stats()
     error = stats.last_error
-    return base.DiskStatus(
+    return DiskStatus(
         DiskState.OK if error is None else DiskState.UNAVAILABLE,
         error,
         journal=stats,
@@ -90,60 +80,9 @@ def journal_status(
     )
 
 
-def disk_status(storage: Storage) -> base.DiskStatus:
+def disk_status(storage: Storage) -> DiskStatus:
     """``storage.disk_status()``: kept for the tests that read it this way."""
     return storage.disk_status()
-
-
-# --- PENDING (issue 24): how failover.py still builds its disk status ------------------
-# From check strings ("disabled: <reason>") and a detail dict. Once it builds
-# ``base.DiskStatus`` (``DiskState``, ``reason=``, ``foreign=ForeignJournal(...)``) and
-# calls ``journal_status``, delete from here to the end of the section.
-
-DISK_DISABLED = DiskState.DISABLED.value
-DISK_FOREIGN = DiskState.FOREIGN.value
-
-
-class DiskStatus(base.DiskStatus):
-    """``base.DiskStatus`` built the old way: ``check`` as health spells it, ``detail``
-    the foreign journal's fields (``data_dir``, ``journal_redis``, ``redis``,
-    ``journal``)."""
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        check: str,
-        journal: JournalStats | None = None,
-        recovered: Recovered | None = None,
-        write_errors: int = 0,
-        detail: Mapping[str, str] | None = None,
-    ) -> None:
-        state, _, reason = check.partition(": ")
-        foreign = None
-        if detail is not None:
-            foreign = ForeignJournal(
-                data_dir=detail["data_dir"], journal_redis=detail["journal_redis"],
-                redis=detail["redis"], advice=detail["journal"],
-            )  # fmt: skip
-        super().__init__(
-            DiskState(state), reason or None, journal=journal, write_errors=write_errors,
-            recovered=None if recovered is None else recovered.recovered,
-            fresh_reason=None if recovered is None else recovered.fresh_reason,
-            foreign=foreign,
-        )  # fmt: skip
-
-
-def journal_disk_status(
-    journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
-) -> DiskStatus:
-    """``journal_status`` as the old ``DiskStatus``."""
-    status = journal_status(journal, recovered, write_errors=write_errors, closed=closed)
-    kept = None if status.journal is None else recovered
-    return DiskStatus(status.check, status.journal, kept, status.write_errors)
-
-
-# --- end of PENDING --------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -266,7 +205,7 @@ class DurableStorage(Storage):
     else: ``counters`` is the Protocol's (all zero).
     """
 
-    backend = "in-memory"
+    backend = Backend.IN_MEMORY
 
     def __init__(
         self,
@@ -405,7 +344,7 @@ class DurableStorage(Storage):
 
     # --- status -----------------------------------------------------------------------
 
-    def disk_status(self) -> base.DiskStatus:
+    def disk_status(self) -> DiskStatus:
         return journal_status(
             self._journal, self._recovered, write_errors=self.write_errors, closed=self._closed
         )

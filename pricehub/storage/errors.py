@@ -11,7 +11,8 @@ from pricehub.wire.errors import PriceHubError
 
 __all__ = [
     "BatchInterrupted", "ConfigError", "DiskError", "JournalLocked", "JournalUnavailable",
-    "StorageError", "StorageHeld", "StorageUnavailable", "ZoneRefused",
+    "LeaseLost", "OlderEntryPending", "StorageError", "StorageHeld", "StorageUnavailable",
+    "ZoneRefused",
 ]
 
 
@@ -59,6 +60,19 @@ class JournalLocked(JournalUnavailable):
         super().__init__(f"data dir {directory} is in use by another process ({holder})")
         self.pid = pid
         self.host = host
+
+
+class LeaseLost(StorageError):
+    """The ingest lease passed to another instance; this one must stop consuming.
+
+    Raised by the Redis backends' append scripts and by the ingest consumer itself
+    (``server/ingest.py``), which therefore finds it here, not in ``storage/redis.py``."""
+
+
+class OlderEntryPending(LeaseLost):
+    """An ingest append was refused because an older stream entry is still pending: it
+    would overtake it. As for a lost lease, the consumer stops, nothing was written, and
+    it starts over from the pending entries (oldest first) once it holds the lease."""
 
 
 class ZoneRefused(StorageError):

@@ -9,7 +9,7 @@ and a mirror without a price we acknowledged would give its seq to another one. 
 when Redis fails (an error,
 a timeout, a silent subscriber), the instance switches to the mirror at once: it keeps
 serving, its numbering continues from the last seq it knew, and clients are told
-through ``on_backend_changed("in-memory")``. Unreachable at start is the same state.
+through ``on_backend_changed(Backend.IN_MEMORY)``. Unreachable at start is the same state.
 
 A probe then retries Redis every ``probe_interval``. Recovery reconciles under a
 closed gate (appends wait, for a few round trips):
@@ -68,7 +68,7 @@ out, at the run's first reconcile, to hold another feed (another feed id; for a 
 of an older pricehub with no binding: anything but its epoch) is closed then, and memory
 forgets its lineage before anything is written back. Either way the journal is left as
 it was, the instance mirrors the Redis it found without durability, one warning names
-both, and ``disk_status`` says ``DISK_FOREIGN`` (health degraded). Later reconciles need
+both, and ``disk_status`` says ``DiskState.FOREIGN`` (health degraded). Later reconciles need
 no check: memory is then this run's live mirror of that Redis, as without a data dir.
 The same Redis found empty (it lost its data) is restored from the journal as before.
 ``adopt_journal`` (one start, logged) binds the journal to the configured Redis before
@@ -79,6 +79,7 @@ as on any reconcile).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -87,8 +88,19 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import structlog
 
-from pricehub.server.errors import ConfigError
-from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
+from pricehub.storage.base import (
+    DiskState,
+    DiskStatus,
+    ForeignJournal,
+    HistorySlice,
+    IngestAck,
+    IngestKeys,
+    IngestSource,
+    Snapshot,
+    StorageCounters,
+    StorageListener,
+    StoredPrice,
+)
 from pricehub.storage.binding import (
     FEED_KEY,
     Binding,
@@ -100,24 +112,26 @@ from pricehub.storage.binding import (
     peer_mirrors,
 )
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
-from pricehub.storage.durable import (
-    DISK_DISABLED,
-    DISK_FOREIGN,
-    DiskStatus,
-    JournaledAppends,
-    journal_disk_status,
+from pricehub.storage.durable import JournaledAppends, journal_status
+from pricehub.storage.errors import (
+    BatchInterrupted,
+    DiskError,
+    JournalUnavailable,
+    LeaseLost,
+    StorageHeld,
+    StorageUnavailable,
 )
-from pricehub.storage.errors import BatchInterrupted, StorageHeld, StorageUnavailable
-from pricehub.storage.journal import DiskError, Journal, JournalUnavailable, Recovered
+from pricehub.storage.journal import Journal, Recovered
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import (
     EpochChanged,
-    LeaseLost,
+    KeyLayout,
     RedisStorage,
     WriteInDoubt,
     announce_gap,
     redis_errors,
 )
+from pricehub.wire.codes import Backend
 from pricehub.wire.messages import body_of
 
 T = TypeVar("T")
@@ -125,19 +139,19 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-    from pricehub.server.settings import Settings
-
 __all__ = ["FailoverStorage"]
 
-REDIS = "redis"
+# The modes: serving from Redis or from memory (the backends, as clients are told), or
+# holding appends (``HOLD``).
+REDIS = Backend.REDIS
+MEMORY = Backend.IN_MEMORY
+HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 # A peer seen in the registry counts for this long. Not just "at the last look": a peer
 # restarting (it unregisters, then registers again seconds later) or an outage starting
 # between two looks would otherwise leave both sides thinking they are alone and
 # numbering alone (seen in the chaos soak: a SIGTERM then a Redis pause 7 s later).
 # Twice the registry TTL: a peer that really left stops counting within ~30 s.
 PEER_MEMORY = 30.0
-MEMORY = "in-memory"
-HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 MAX_HELD = 10_000  # appends waiting at once; more are refused at once (503), not queued
 HOLD_PROBE_INTERVAL = 0.2  # seconds between reconnect attempts while appends are held
 # After restoring a Redis that lost its data: how long to wait for the peers known to be
@@ -178,13 +192,13 @@ class FailoverStorage:
     :param journal_options: passed to ``Journal.open`` (tests, benchmarks).
     :param log: structlog logger (default ``pricehub.storage``).
 
-    Counters for the metrics module: ``failovers``, ``recoveries``, ``redis_errors``,
-    ``holds`` (outages during which appends were held), ``held_refusals`` (appends
-    refused because the hold window ended), ``resyncs`` (reconciles after the epoch moved),
-    ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history could fill),
-    ``foreign_messages`` (messages on our channel that are not our feed's: dropped),
-    ``journal_behind_errors`` / ``journal_behind_dropped`` (written-behind records that
-    failed / were not journaled).
+    Counters (``counters()``, for the metrics): ``failovers``, ``recoveries``,
+    ``redis_errors``, ``holds`` (outages during which appends were held), ``held_refusals``
+    (appends refused because the hold window ended), ``resyncs`` (reconciles after the
+    epoch moved), ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history
+    could fill), ``foreign_messages`` (messages on our channel that are not our feed's:
+    dropped); ``journal_behind_errors`` / ``journal_behind_dropped`` (written-behind
+    records that failed / were not journaled; the first counts in ``disk_status``).
     """
 
     def __init__(
@@ -213,7 +227,7 @@ class FailoverStorage:
         self._log = log or structlog.get_logger("pricehub.storage")
         self._memory = MemoryStorage(history_size=history_size)
         self._epoch = self._memory.epoch
-        self._mode = MEMORY
+        self._mode: str = MEMORY  # REDIS, MEMORY or HOLD
         self._redis: RedisStorage | None = None
         self._listener: StorageListener | None = None
         # Cleared while recovery reconciles: appends wait so none is numbered twice.
@@ -278,30 +292,10 @@ class FailoverStorage:
         self._unchecked = not adopt_journal
         self._binding: Binding | None = None  # what the journal mirrors (None: unproven)
         self._feed_id: str | None = None  # of the feed last reconciled with (or the journal's)
-        self._foreign: dict[str, str] | None = None  # why the journal is not used
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, *, log: structlog.typing.FilteringBoundLogger
-    ) -> FailoverStorage:
-        if settings.redis_url is None:
-            raise ConfigError("redis_url is none: use MemoryStorage")
-        return cls(
-            settings.redis_url,
-            zones=settings.zones,
-            key_prefix=settings.key_prefix,
-            history_size=settings.history_size,
-            timeout=settings.redis_timeout,
-            probe_interval=settings.redis_probe_interval,
-            hold=settings.redis_hold,
-            assume_peers=settings.workers > 1,
-            data_dir=settings.data_dir,
-            adopt_journal=settings.adopt_journal,
-            log=log,
-        )
+        self._foreign: ForeignJournal | None = None  # why the journal is not used
 
     @property
-    def backend(self) -> str:
+    def backend(self) -> Backend:
         if self._mode == REDIS or (self._mode == HOLD and self._quiet):
             return REDIS  # a resync is no outage: clients are not told of one
         return MEMORY
@@ -330,6 +324,11 @@ class FailoverStorage:
         return self._key_prefix
 
     @property
+    def ingest_keys(self) -> IngestKeys:
+        # Whichever Redis connects: a cluster's layout keeps the ingest names.
+        return KeyLayout(self._key_prefix).ingest_keys
+
+    @property
     def ingest_depth(self) -> int:
         """The connected Redis backend's (1 while there is none: ingest waits anyway)."""
         redis = self._redis
@@ -339,6 +338,19 @@ class FailoverStorage:
     def foreign_messages(self) -> int:
         redis = self._redis
         return self._foreign_before + (redis.foreign_messages if redis is not None else 0)
+
+    def counters(self) -> StorageCounters:
+        return StorageCounters(
+            failovers=self.failovers,
+            recoveries=self.recoveries,
+            redis_errors=self.redis_errors,
+            gaps=self.gaps,
+            holds=self.holds,
+            held_refusals=self.held_refusals,
+            resyncs=self.resyncs,
+            foreign_messages=self.foreign_messages,
+            epoch_changes=self.epoch_changes,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -456,13 +468,12 @@ class FailoverStorage:
     def _reject(self, journal_redis: str, redis: str) -> None:
         """The journal mirrors another feed: say so, once (log, health, stats)."""
         data_dir = str(self._data_dir)
-        self._foreign = {
-            "reason": DISK_FOREIGN, "data_dir": data_dir, "journal_redis": journal_redis,
-            "redis": redis, "journal": FOREIGN_JOURNAL,
-        }  # fmt: skip
+        self._foreign = ForeignJournal(
+            data_dir=data_dir, journal_redis=journal_redis, redis=redis, advice=FOREIGN_JOURNAL
+        )
         self._log.warning(
-            DISK_FOREIGN, data_dir=data_dir, journal_redis=journal_redis, redis=redis,
-            journal=FOREIGN_JOURNAL,
+            DiskState.FOREIGN.value, data_dir=data_dir, journal_redis=journal_redis,
+            redis=redis, journal=FOREIGN_JOURNAL,
         )  # fmt: skip
 
     def _write_behind(
@@ -496,17 +507,18 @@ class FailoverStorage:
             )  # fmt: skip
 
     def disk_status(self) -> DiskStatus:
-        """Health ``checks.disk`` and the ``durability`` section (see ``durable.py``)."""
+        """``DISABLED`` without a data dir (with the reason when it could not be used),
+        ``FOREIGN`` for a journal of another feed, else the journal's own status."""
         if self._data_dir is None:
-            return DiskStatus(DISK_DISABLED)
+            return DiskStatus(DiskState.DISABLED)
         if self._foreign is not None:
-            return DiskStatus(DISK_FOREIGN, detail=self._foreign)
+            return DiskStatus(DiskState.FOREIGN, foreign=self._foreign)
         if self._disk_reason is not None:
-            return DiskStatus(f"{DISK_DISABLED}: {self._disk_reason}")
+            return DiskStatus(DiskState.DISABLED, self._disk_reason)
         errors = self.journal_behind_errors
         if self._appends is not None:
             errors += self._appends.write_errors
-        return journal_disk_status(
+        return journal_status(
             self._journal, self._recovered, write_errors=errors, closed=self._closed
         )
 
@@ -1110,6 +1122,23 @@ class FailoverStorage:
         except StorageUnavailable as exc:
             self._on_lost(redis, exc)
             return None
+
+    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
+        """On Redis while it is connected (one instant of Redis: one ``MGET``); from the
+        mirror, under this instance's epoch, while Redis is away or when the read just
+        failed (which starts the failover, or the resync if Redis's epoch moved)."""
+        found = await self._on_redis(lambda redis: redis.snapshot(zones))
+        if found is not None:
+            return found
+        return dataclasses.replace(await self._memory.snapshot(zones), epoch=self._epoch)
+
+    async def history_between(
+        self, zones: Sequence[str], start: str, end: str, *, limit: int
+    ) -> HistorySlice:
+        # From the mirror, as ``history`` and ``since`` are: it holds the retained history
+        # Redis holds, and the scan then costs this instance ~10 ms for 50 zones x 1,000
+        # prices instead of holding Redis's one thread ~60 ms (bench/snapshot_history.py).
+        return await self._memory.history_between(zones, start, end, limit=limit)
 
     async def since(self, zone: str, seq: int) -> list[StoredPrice] | None:
         found = await self._memory.since(zone, seq)

@@ -23,6 +23,7 @@ from pricehub.storage.base import (
     first_in_history_order,
 )
 from pricehub.storage.errors import StorageUnavailable
+from pricehub.wire.codes import Backend
 from pricehub.wire.messages import accepted_now, timestamp_bytes, with_seq
 
 __all__ = ["MemoryStorage"]
@@ -51,7 +52,7 @@ class MemoryStorage(Storage):
     :param clock: monotonic seconds, injectable for TTL tests.
     """
 
-    backend = "in-memory"
+    backend = Backend.IN_MEMORY
 
     def __init__(
         self,

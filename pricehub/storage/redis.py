@@ -51,9 +51,26 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from pricehub.storage.base import IngestAck, IngestSource, StorageListener, StoredPrice
-from pricehub.storage.errors import StorageError, StorageUnavailable, ZoneRefused
-from pricehub.wire.messages import with_seq
+import pricehub.storage.redis_reads as redis_reads
+from pricehub.storage.base import (
+    HistorySlice,
+    IngestAck,
+    IngestKeys,
+    IngestSource,
+    Snapshot,
+    StorageCounters,
+    StorageListener,
+    StoredPrice,
+)
+from pricehub.storage.errors import (
+    LeaseLost,
+    OlderEntryPending,
+    StorageError,
+    StorageUnavailable,
+    ZoneRefused,
+)
+from pricehub.wire.codes import Backend
+from pricehub.wire.messages import seq_of, with_seq
 
 __all__ = [
     "INGEST_GROUP",
@@ -102,14 +119,8 @@ class WriteInDoubt(StorageUnavailable):
     (its reply is what was lost). Retrying blindly could number one price twice."""
 
 
-class LeaseLost(StorageError):
-    """The ingest lease passed to another instance; this one must stop consuming."""
-
-
-class OlderEntryPending(LeaseLost):
-    """An ingest append was refused because an older stream entry is still pending: it
-    would overtake it. As for a lost lease, the consumer stops, nothing was written, and
-    it starts over from the pending entries (oldest first) once it holds the lease."""
+# ``LeaseLost`` and ``OlderEntryPending`` live in ``storage.errors`` (the ingest consumer
+# raises and catches them without importing this module); re-exported here.
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +191,11 @@ class KeyLayout:
     @property
     def ingest_lease(self) -> str:
         return f"{self.prefix}ingest:lease"
+
+    @property
+    def ingest_keys(self) -> IngestKeys:
+        """The ingest consumer's names (``IngestSource.ingest_keys``)."""
+        return IngestKeys(stream=self.ingest, lease=self.ingest_lease, group=INGEST_GROUP)
 
 
 # Replies are bytes throughout: clients are made with decode_responses off (the default).
@@ -598,13 +614,8 @@ def _seq_or_none(raw: Any) -> int | None:
         return None
 
 
-def _seq_of(payload: bytes) -> int:
-    """The seq of a stored price: it always starts with ``{"seq":N,``."""
-    return int(payload[7 : payload.index(b",", 7)])
-
-
 def _price(zone: str, payload: bytes) -> StoredPrice:
-    return StoredPrice(zone, _seq_of(payload), payload)
+    return StoredPrice(zone, seq_of(payload), payload)
 
 
 def _parse_message(data: bytes) -> tuple[str, StoredPrice | None]:
@@ -694,7 +705,7 @@ class RedisStorage:
     :param log: structlog logger for listener failures (default ``pricehub.storage``).
     """
 
-    backend = "redis"
+    backend = Backend.REDIS
     # Ingest batches the consumer may keep in flight: the append script refuses an entry
     # while an older one is pending (``OlderEntryPending``), so order holds whatever fails.
     ingest_depth = 2
@@ -826,6 +837,15 @@ class RedisStorage:
 
     def ingest_source(self) -> IngestSource | None:
         return None  # the ingest runs on FailoverStorage, which create_storage gives
+
+    @property
+    def ingest_keys(self) -> IngestKeys:
+        return self.keys.ingest_keys
+
+    def counters(self) -> StorageCounters:
+        """What this connection counted: the prices after a hole no history could fill
+        and the foreign messages dropped (failovers and the like are the owner's)."""
+        return StorageCounters(gaps=self.gaps, foreign_messages=self.foreign_messages)
 
     async def check(self) -> None:
         if self._lost is not None:
@@ -1244,6 +1264,26 @@ class RedisStorage:
         if len(prices) != current - seq:
             return None
         return prices
+
+    async def snapshot(self, zones: Sequence[str]) -> Snapshot:
+        """One ``MGET`` on one node (one instant); per zone, pipelined, on a cluster
+        (``redis_reads.snapshot``). A snapshot under another epoch than ours (Redis lost
+        its data, or a peer moved the lineage) is refused as ``EpochChanged``: its seqs
+        are no cursor of the stream this instance delivers."""
+        async with redis_errors("snapshot"):
+            found = await redis_reads.snapshot(self.client, self.keys, zones)
+        if found.epoch != self.epoch:
+            raise EpochChanged(f"redis holds epoch {found.epoch or 'none'}, not ours")
+        return found
+
+    async def history_between(
+        self, zones: Sequence[str], start: str, end: str, *, limit: int
+    ) -> HistorySlice:
+        """One Lua script on one node; one per zone, pipelined, on a cluster."""
+        async with redis_errors("history"):
+            return await redis_reads.history_between(
+                self.client, self.keys, zones, start, end, limit=limit
+            )
 
     # --- instance registry ------------------------------------------------------------
 

@@ -240,17 +240,27 @@ def _range_error(exc: ValidationError) -> web.Response:
     return json_error(422, code, str(exc), field=exc.field)
 
 
-def _queried_zones(request: web.Request) -> tuple[str, ...] | web.Response:
+def _queried_zones(
+    request: web.Request, *, most: int, query: str
+) -> tuple[str, ...] | web.Response:
     """``?zones=a,b`` (absent: every zone), each one served and allowed by the token
     (the socket rules: 401 without a valid token when auth is on, 403 for a zone its
-    ``zones`` claim leaves out); 422 for an unknown zone or none."""
+    ``zones`` claim leaves out); 422 for an unknown zone or none, and for more than
+    ``most`` zones (``too_many_zones``), named or not: a query's cost grows with its
+    zones, so none is unbounded (docs/operations.md, "Bounded queries")."""
     settings = request.app[SETTINGS]
+    raw = request.query.get("zones")
+    if raw is None and len(settings.zones) > most:  # refused before reading every zone
+        return _too_many_zones(
+            f"{len(settings.zones)} zones are configured and a {query} covers at most "
+            f"{most}: name its zones with ?zones="
+        )  # fmt: skip
     try:
-        zones = messages.zones_from_query(
-            request.query.get("zones"), known=settings.zone_set, default=settings.zones
-        )
+        zones = messages.zones_from_query(raw, known=settings.zone_set, default=settings.zones)
     except ValidationError as exc:
         return _range_error(exc)
+    if len(zones) > most:
+        return _too_many_zones(f"a {query} covers at most {most} zones, not {len(zones)}")
     grant = guard.subscriber_grant(request, zones[0])  # the token is verified once
     if isinstance(grant, web.Response):
         return grant
@@ -259,9 +269,16 @@ def _queried_zones(request: web.Request) -> tuple[str, ...] | web.Response:
     return zones
 
 
+def _too_many_zones(message: str) -> web.Response:
+    return json_error(422, HttpErrorCode.TOO_MANY_ZONES, message, field="zones")
+
+
 async def history_zones_handler(request: web.Request) -> web.Response:
-    """``GET /api/ws/ws/history?zones=a,b&from=...&to=...&limit=N``: by market time."""
-    zones = _queried_zones(request)
+    """``GET /api/ws/ws/history?zones=a,b&from=...&to=...&limit=N``: by market time, at
+    most ``max_history_zones`` zones."""
+    zones = _queried_zones(
+        request, most=request.app[SETTINGS].max_history_zones, query="history query"
+    )
     if isinstance(zones, web.Response):
         return zones
     return await _history_by_time(request, zones, market_zone=None)
@@ -295,8 +312,9 @@ async def _history_by_time(
 
 
 async def snapshot_handler(request: web.Request) -> web.Response:
-    """``GET /api/ws/ws/snapshot?zones=a,b``: the zones' latest prices at one instant."""
-    zones = _queried_zones(request)
+    """``GET /api/ws/ws/snapshot?zones=a,b``: the zones' latest prices at one instant, at
+    most ``max_snapshot_zones`` zones."""
+    zones = _queried_zones(request, most=request.app[SETTINGS].max_snapshot_zones, query="snapshot")
     if isinstance(zones, web.Response):
         return zones
     try:
