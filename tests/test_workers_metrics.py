@@ -224,3 +224,36 @@ async def test_a_silent_sibling_is_left_out_and_counted(
     assert families[WORKERS_MISSING].samples[0].value == 2
     info = families["pricehub_info"].samples
     assert [s.labels["worker"] for s in info] == ["0"]
+
+
+async def _publish_status(server: ServerProcess, key: str) -> int:
+    """One publish on a fresh connection (the kernel picks a worker): its HTTP status."""
+    body = [{"market_zone": "pjm", "price": 1.0, "timestamp": "2026-01-01T00:00:00Z"}]
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session, session.post(
+        server.url + "/api/ws/ws/broadcast/price", json=body,
+        headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=WAIT),
+    ) as response:  # fmt: skip
+        return response.status
+
+
+async def test_a_worker_never_numbers_alone_while_redis_is_away() -> None:
+    """The workers of ``--workers 2`` share the port and one Redis, so each has peers from
+    its first price: with Redis gone, a publish is held (then refused, 503), never numbered
+    in one worker's memory alone, where its sibling would number the same seqs. (Each
+    worker used to be handed ``workers=1`` settings and so did not assume peers: one that
+    had not yet seen its sibling in the registry numbered alone, and the lineage forked;
+    found at 40,000 subscribers, where loop stalls made Redis time out.)"""
+    key = "k" * 16
+    with RedisProcess() as redis:
+        server = ServerProcess(
+            "--workers", "2", "--no-simulate", "--redis-hold", "1",
+            publish_key=key, redis_url=redis.url,
+        )  # fmt: skip
+        await server.start_async()
+        try:
+            redis.kill()  # right after start: a worker may not have seen its sibling yet
+            statuses = await asyncio.gather(*(_publish_status(server, key) for _ in range(8)))
+        finally:
+            await server.stop_async()
+    assert sorted(set(statuses)) == [503], statuses

@@ -88,7 +88,9 @@ def _serve_worker(settings: Settings, group: WorkerGroup) -> None:
 
 class _Supervisor:
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings.replace(workers=1)
+        # Unchanged, workers included: a worker serves (``serve``, never ``run_workers``),
+        # and its storage must know it has peers (``StorageConfig.assume_peers``).
+        self._settings = settings
         self._count = settings.workers
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, BaseProcess] = {}
