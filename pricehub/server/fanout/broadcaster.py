@@ -18,6 +18,12 @@ step: not syncing, and its last ``seq`` equal to the last one broadcast, so shar
 can never repeat or skip a ``seq`` for it. It leaves (``detach``) whenever that stops
 being true; the tick's shared frames it has not been written yet go to its outbox then,
 in order.
+
+A zone a connection asked to get at a rate (``max_rate``) is paced (``pacing.py``): its
+audiences are keyed also by their zones' rates and are not among the zone's per-update
+audiences; the zone's ``PaceGroup`` of that rate fires on the rate's grid and gives each
+member (audience or connection) the zone's newest price with ``skipped``. An audience's
+paced zones are in step at the audience's own last seq of the zone (``Audience.paced``).
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterable
+from collections import ChainMap
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
 from typing import Any, cast
 
-from pricehub.server.fanout.connection import Connection
+from pricehub.server.fanout.connection import Connection, paced_frame
 from pricehub.server.fanout.encoding import AudienceFramer, Encoding, TickFrame
 from pricehub.server.fanout.lag import TRANSPORTS, LagHistogram
+from pricehub.server.fanout.pacing import PacedStream, PaceGroup, next_tick
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages, sse
 from pricehub.wire.codes import CloseCode, DisconnectReason, GapReason
@@ -49,24 +57,29 @@ def _never_stale(_zone: str) -> bytes | None:
 
 
 class Audience:
-    """Connections with the same zones and encoding: byte-identical data every tick.
+    """Connections with the same zones, encoding and rates: byte-identical data every
+    tick.
 
     What the encoding keeps per audience (SSE: the ``id:`` cursor every member shares)
-    is its ``framer``.
+    is its ``framer``; ``paced`` is, per rate-limited zone, the last seq its members got
+    (``rates`` says each one's rate).
     """
 
     __slots__ = (
-        "bytes", "dirty", "encoding", "framer", "frames", "members", "pending", "writes",
-        "zones",
+        "bytes", "dirty", "encoding", "framer", "frames", "key", "members", "paced", "pending",
+        "rates", "writes", "zones",
     )
 
     def __init__(
-        self, zones: frozenset[str], *, encoding: Encoding, last_seq: dict[str, int], epoch: str
+        self, key: AudienceKey, *, encoding: Encoding, last_seq: dict[str, int],
+        paced: dict[str, int], epoch: str,
     ) -> None:
-        self.zones = zones
+        self.key = key
+        self.zones, _name, self.rates = key
         self.encoding = encoding
+        self.paced = paced
         self.framer: AudienceFramer = encoding.audience_framer(
-            zones, last_seq=last_seq, epoch=epoch
+            self.zones, last_seq=self.cursor(last_seq), epoch=epoch
         )
         self.members: dict[Connection, None] = {}
         self.dirty = False  # some of this tick's frames are for it and not yet written
@@ -86,7 +99,17 @@ class Audience:
     def commit(self, last_seq: dict[str, int]) -> None:
         """After the tick's shared write: every zone is at its last seq."""
         self.pending = []
-        self.framer.commit(last_seq)
+        self.framer.commit(self.cursor(last_seq))
+
+    def cursor(self, last_seq: dict[str, int]) -> Mapping[str, int]:
+        """Where its members are: the zones' last seqs, its own for paced zones (a view:
+        nothing copied, whatever the number of zones)."""
+        return ChainMap(self.paced, last_seq) if self.paced else last_seq
+
+
+# An audience's key: its zones, its encoding's name, and (zone, rate) per paced zone.
+AudienceKey = tuple[frozenset[str], str, frozenset[tuple[str, float]]]
+_NO_RATES: frozenset[tuple[str, float]] = frozenset()
 
 
 class _TickLag:
@@ -126,10 +149,17 @@ class Broadcaster:
         self.subscribers: dict[str, dict[Connection, None]] = {}
         self._individual: dict[str, dict[Connection, None]] = {}
         self._audiences_of: dict[str, dict[Audience, None]] = {}
-        self._audiences: dict[tuple[frozenset[str], str], Audience] = {}
+        self._audiences: dict[AudienceKey, Audience] = {}
         # Zones that had a price (bounded by the configured zones): a new subscriber is
-        # in step once it has seen this seq.
+        # in step once it has seen this seq; and that price (what a pace group sends).
         self._last_seq: dict[str, int] = {}
+        self._latest: dict[str, StoredPrice] = {}
+        # Per paced zone, a group per rate (only while it has members).
+        self._groups: dict[str, dict[float, PaceGroup[Audience | Connection]]] = {}
+        # Pace groups fired, and paced frames queued (once per audience or connection
+        # outside one per firing: with one audience, 1 per firing whatever its size).
+        self.paced_firings = 0
+        self.paced_frames = 0
         # Per zone with subscribers, how many use each encoding: a price is framed for
         # these encodings only (an encoding with none left has no entry).
         self._encodings_of: dict[str, dict[Encoding, int]] = {}
@@ -194,7 +224,7 @@ class Broadcaster:
             subscribers[connection] = None
             counts = self._encodings_of.setdefault(zone, {})
             counts[connection.encoding] = counts.get(connection.encoding, 0) + 1
-        self._individual[zone][connection] = None
+        self._make_individual(zone, connection)
         self._candidates[connection] = None
 
     def unsubscribe(self, zone: str, connection: Connection) -> None:
@@ -209,7 +239,7 @@ class Broadcaster:
         if subscribers is None or connection not in subscribers:
             return
         del subscribers[connection]
-        self._individual[zone].pop(connection, None)
+        self._unmake_individual(zone, connection)
         counts = self._encodings_of[zone]
         counts[connection.encoding] -= 1
         if not counts[connection.encoding]:
@@ -242,13 +272,95 @@ class Broadcaster:
         if pending and not connection.outbox:
             self.mark_dirty(connection)
         connection.outbox.extend(pending)
+        paced = audience.paced
         for zone in audience.zones:
             # Shared writes do not touch the streams: everything up to the zone's last
-            # broadcast seq has now been written or queued.
-            connection.streams[zone].last_seq = self._last_seq.get(zone, 0)
-            self._individual[zone][connection] = None
-        connection.caught_up(self._last_seq)  # its pending share ends there too
+            # broadcast seq (the audience's own for a paced zone) is written or queued.
+            connection.streams[zone].last_seq = (
+                paced[zone] if zone in paced else self._last_seq.get(zone, 0)
+            )
+            self._make_individual(zone, connection)
+        connection.caught_up(audience.cursor(self._last_seq))  # its pending share ends there
         self._candidates[connection] = None
+
+    def _make_individual(self, zone: str, connection: Connection) -> None:
+        """``connection`` gets ``zone`` on its own: per update, or from its pace group."""
+        self._individual[zone][connection] = None
+        stream = connection.streams.get(zone)
+        if isinstance(stream, PacedStream):
+            self._join_group(zone, stream.rate, connection, stream.last_seq)
+
+    def _unmake_individual(self, zone: str, connection: Connection) -> None:
+        self._individual[zone].pop(connection, None)
+        stream = connection.streams.get(zone)
+        if isinstance(stream, PacedStream):
+            self._leave_group(zone, stream.rate, connection)
+
+    def _join_group(
+        self, zone: str, rate: float, member: Audience | Connection, last_seq: int
+    ) -> None:
+        """Pace ``zone`` for ``member`` at ``rate``; armed if it is behind the zone."""
+        groups = self._groups.setdefault(zone, {})
+        group = groups.get(rate)
+        if group is None:
+            group = groups[rate] = PaceGroup(zone, rate)
+        group.members[member] = None
+        latest = self._latest.get(zone)
+        if group.timer is None and latest is not None and latest.seq > last_seq:
+            self._arm(group)
+
+    def _leave_group(self, zone: str, rate: float, member: Audience | Connection) -> None:
+        groups = self._groups.get(zone)
+        group = None if groups is None else groups.get(rate)
+        if groups is None or group is None or member not in group.members:
+            return
+        del group.members[member]
+        if not group.members:  # no state (and no timer) left for an unused rate
+            group.cancel()
+            del groups[rate]
+            if not groups:
+                del self._groups[zone]
+
+    def _arm(self, group: PaceGroup[Audience | Connection]) -> None:
+        loop = asyncio.get_running_loop()
+        group.timer = loop.call_at(next_tick(loop.time(), group.rate), self._fire, group)
+
+    def _fire(self, group: PaceGroup[Audience | Connection]) -> None:
+        """A pace group's tick: each member gets the zone's newest price if it has not
+        had it, with ``skipped``; the frames are built once per (encoding, skipped)."""
+        group.timer = None
+        price = self._latest.get(group.zone)
+        if price is None:
+            return
+        self.paced_firings += 1
+        frames: dict[tuple[Encoding, int], bytes] = {}
+        for member in group.members:
+            if isinstance(member, Audience):
+                self._pace_audience(member, price, frames)
+            elif member.pace(price, frames):
+                self.paced_frames += 1
+                self._candidates[member] = None  # in step with its audience now, maybe
+                self._schedule_flush()
+
+    def _pace_audience(
+        self, audience: Audience, price: StoredPrice, frames: dict[tuple[Encoding, int], bytes]
+    ) -> None:
+        zone, previous = price.zone, audience.paced[price.zone]
+        if price.seq <= previous:
+            return
+        audience.paced[zone] = price.seq
+        audience.pending.append(
+            (zone, price.seq, paced_frame(frames, audience.encoding, price, previous))
+        )
+        self.paced_frames += 1
+        if zone not in self._tick_first:
+            self._tick_first[zone] = price.payload
+        if self._tick_started is None:
+            self._tick_started = time.monotonic()
+        if not audience.dirty:
+            audience.dirty = True
+            self._dirty_audiences.append(audience)
+        self._schedule_flush()
 
     def _leave_audience(self, connection: Connection) -> None:
         # The connection knows its audience through a Protocol (no import cycle); this
@@ -259,8 +371,12 @@ class Broadcaster:
         connection.leave()
         del audience.members[connection]
         if not audience.members:
-            del self._audiences[audience.zones, audience.encoding.name]
+            del self._audiences[audience.key]
+            for zone, rate in audience.rates:
+                self._leave_group(zone, rate, audience)
             for zone in audience.zones:
+                if zone in audience.paced:
+                    continue
                 of_zone = self._audiences_of[zone]
                 del of_zone[audience]
                 if not of_zone:
@@ -285,24 +401,45 @@ class Broadcaster:
         streams = connection.streams
         if not streams:
             return False
-        last_seq = self._last_seq
-        for zone, stream in streams.items():
-            if stream.syncing or stream.last_seq != last_seq.get(zone, 0):
+        last_seq, paced_any = self._last_seq, False
+        for zone, stream in streams.items():  # cheap refusals first, before any key is built
+            if stream.syncing:
                 return False
-        encoding = connection.encoding
-        key = (frozenset(streams), encoding.name)
+            if isinstance(stream, PacedStream):
+                paced_any = True
+            elif stream.last_seq != last_seq.get(zone, 0):
+                return False
+        rates = frozenset(
+            (zone, stream.rate) for zone, stream in streams.items()
+            if isinstance(stream, PacedStream)
+        ) if paced_any else _NO_RATES  # fmt: skip
+        key = (frozenset(streams), connection.encoding.name, rates)
         audience = self._audiences.get(key)
         if audience is None:
-            audience = self._audiences[key] = Audience(
-                key[0], encoding=encoding, last_seq=last_seq, epoch=connection.epoch
-            )
-            for zone in audience.zones:
-                self._audiences_of.setdefault(zone, {})[audience] = None
+            audience = self._new_audience(key, connection)  # it starts where this one is
+        elif paced_any and any(
+            streams[zone].last_seq != seq for zone, seq in audience.paced.items()
+        ):
+            return False  # out of step until its pace group's next firing
         audience.members[connection] = None
         connection.join(audience)
         for zone in streams:
-            del self._individual[zone][connection]
+            self._unmake_individual(zone, connection)
         return True
+
+    def _new_audience(self, key: AudienceKey, connection: Connection) -> Audience:
+        streams = connection.streams
+        paced = {zone: streams[zone].last_seq for zone, _rate in key[2]}
+        audience = self._audiences[key] = Audience(
+            key, encoding=connection.encoding, last_seq=self._last_seq, paced=paced,
+            epoch=connection.epoch,
+        )  # fmt: skip
+        for zone in audience.zones:
+            if zone not in paced:
+                self._audiences_of.setdefault(zone, {})[audience] = None
+        for zone, rate in audience.rates:
+            self._join_group(zone, rate, audience, paced[zone])
+        return audience
 
     # --- StorageListener --------------------------------------------------------------
 
@@ -317,6 +454,12 @@ class Broadcaster:
         audiences = self._audiences_of.get(zone) if price.seq > last else None
         if price.seq > last:
             self._last_seq[zone] = price.seq
+            self._latest[zone] = price
+            groups = self._groups.get(zone)
+            if groups:  # paced: one timer per (zone, rate), armed once per firing
+                for group in groups.values():
+                    if group.timer is None:
+                        self._arm(group)
         individual = self._individual.get(zone)
         if not audiences and not individual:
             return

@@ -24,6 +24,11 @@ Above ``hard_limit`` bytes in pricehub's own buffer, or conflating for longer th
 ``lag_timeout``, it is closed with 4008. Memory per connection is therefore bounded
 whatever the client does: at most ``hard_limit`` plus one tick's frames, and one price
 per zone while conflating.
+
+A conflated price says how many it replaces (``skipped``, from the zone's last seq
+delivered before conflation began). A rate-limited zone (``pacing.PacedStream``) is not
+delivered here once it is live: its ``PaceGroup`` gives it the newest price at its rate
+(``pace``).
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ import struct
 import termios
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from pricehub.server.fanout.encoding import Encoding
+from pricehub.server.fanout.pacing import PacedStream
 from pricehub.server.policy.resume import ZoneStream
-from pricehub.wire import messages
+from pricehub.wire import rate
 from pricehub.wire.codes import CloseCode, DisconnectReason
 
 if TYPE_CHECKING:
@@ -47,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_CLOSE_GRACE", "DEFAULT_MAX_LAG", "Connection", "FlushScheduler", "SendLimits",
-    "kernel_unsent",
+    "kernel_unsent", "paced_frame",
 ]
 
 # Close grace of a connection whose transport does not say (``--shutdown-grace``'s default).
@@ -126,7 +133,8 @@ class Connection:
 
     __slots__ = (
         "_bytes", "_frames", "_writes", "audience", "audience_base", "busy", "checkpoint_at",
-        "checkpoint_bytes", "close_grace", "closing", "conflated", "conflating_since",
+        "checkpoint_bytes", "close_grace", "closing", "conflated", "conflated_from",
+        "conflating_since",
         "consumed_mark", "disconnect_reason", "encoding", "epoch", "id", "last_ping",
         "last_seen", "limits", "messages_received", "next_check", "opened_at", "outbox",
         "scheduler", "sock", "streams", "transport",
@@ -159,6 +167,8 @@ class Connection:
         self.audience_base = (0, 0, 0)
         # None while healthy; zone -> newest price while the client is too slow.
         self.conflated: dict[str, StoredPrice] | None = None
+        # While conflating, per zone conflated: the last seq the client got before.
+        self.conflated_from: dict[str, int] = {}
         self.conflating_since = 0.0
         self.closing = False
         # Set by whoever closes the socket from the server side (DisconnectReason).
@@ -241,7 +251,7 @@ class Connection:
         an audience); SSE adds the stream's cursor."""
         return frame
 
-    def caught_up(self, last_seq: dict[str, int]) -> None:
+    def caught_up(self, last_seq: Mapping[str, int]) -> None:
         """Leaving an audience: every zone is at ``last_seq`` (its share went out)."""
 
     def deliver(self, price: StoredPrice, frame: bytes) -> None:
@@ -255,15 +265,44 @@ class Connection:
         if stream.syncing:
             stream.held.append(price)
         elif price.seq > stream.last_seq:
-            stream.last_seq = price.seq
+            if isinstance(stream, PacedStream):
+                return  # its pace group delivers it, at its rate
+            previous, stream.last_seq = stream.last_seq, price.seq
             if self.conflated is not None:
-                # Only the newest price per zone survives: a trader wants the current
-                # price, not a backlog of stale ones the client cannot read anyway.
-                self.conflated[price.zone] = price
+                self.conflate(price, previous)
             elif not self.closing:
-                if not self.outbox:
-                    self.scheduler.mark_dirty(self)
-                self.outbox.append(self.stamp(price.zone, price.seq, frame))
+                self.push(price.zone, price.seq, frame)
+
+    def conflate(self, price: StoredPrice, previous: int) -> None:
+        """Keep ``price`` as the zone's newest while conflating; ``previous`` is the last
+        seq of the zone the client got (counted from the first conflated one)."""
+        conflated = self.conflated
+        assert conflated is not None
+        # Only the newest price per zone survives: a trader wants the current price,
+        # not a backlog of stale ones the client cannot read anyway.
+        if price.zone not in conflated:
+            self.conflated_from[price.zone] = previous
+        conflated[price.zone] = price
+
+    def push(self, zone: str, seq: int, frame: bytes) -> None:
+        """A live price's shared bytes into the outbox (outside an audience)."""
+        if not self.outbox:
+            self.scheduler.mark_dirty(self)
+        self.outbox.append(self.stamp(zone, seq, frame))
+
+    def pace(self, price: StoredPrice, frames: dict[tuple[Encoding, int], bytes]) -> bool:
+        """A rate-limited zone's newest price, from its pace group (outside an audience):
+        True if it was delivered (or kept while conflating). ``frames`` caches the bytes
+        of one firing per (encoding, skipped), shared by every connection it reaches."""
+        stream = self.streams.get(price.zone)
+        if stream is None or stream.syncing or price.seq <= stream.last_seq:
+            return False
+        previous, stream.last_seq = stream.last_seq, price.seq
+        if self.conflated is not None:
+            self.conflate(price, previous)
+        elif not self.closing:
+            self.push(price.zone, price.seq, paced_frame(frames, self.encoding, price, previous))
+        return True
 
     # --- writing ----------------------------------------------------------------------
 
@@ -316,7 +355,7 @@ class Connection:
                 return
             if now - self.checkpoint_at < limits.max_lag:
                 return
-        self.conflated = {}
+        self.conflated, self.conflated_from = {}, {}
         self.conflating_since = now
 
     def release_conflated(self, now: float) -> bool:
@@ -331,9 +370,11 @@ class Connection:
             return False
         if not self.transport.get_write_buffer_size() and not kernel_unsent(self.sock):
             pending, self.conflated = self.conflated, None
+            since, self.conflated_from = self.conflated_from, {}
             self.checkpoint_bytes, self.checkpoint_at = self.bytes_written, now
             for price in pending.values():
-                payload = messages.price_update(price.payload, conflated=True)
+                skipped = price.seq - since.get(price.zone, price.seq - 1) - 1
+                payload = rate.price_update(price.payload, skipped=skipped, conflated=True)
                 self.send(payload, zone=price.zone, seq=price.seq)
             return True
         if now - self.conflating_since > self.limits.lag_timeout:
@@ -381,3 +422,16 @@ class Connection:
         received = self.bytes_received()
         before, self.consumed_mark = self.consumed_mark, received
         return before is not None and received > before
+
+
+def paced_frame(
+    frames: dict[tuple[Encoding, int], bytes], encoding: Encoding, price: StoredPrice,
+    previous: int,
+) -> bytes:
+    """``price``'s shared bytes in ``encoding`` with ``skipped`` counted from ``previous``,
+    built once per (encoding, skipped) of a firing (``frames``)."""
+    key = (encoding, price.seq - previous - 1)
+    frame = frames.get(key)
+    if frame is None:
+        frame = frames[key] = encoding.price(rate.price_update(price.payload, skipped=key[1]))
+    return frame

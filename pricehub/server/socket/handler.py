@@ -24,6 +24,7 @@ from pricehub.server.subscriber.lifecycle import (
     http_refusal,
     requested_zones,
     serve,
+    url_rate,
 )
 from pricehub.server.subscriber.session import Job, Session
 from pricehub.wire import messages, paths
@@ -84,9 +85,12 @@ class WsTransport:
         # A bad ``since`` is no refusal here: an ``error`` message once the socket is open.
         self.since, self.epoch, self.bad_since = since, epoch, bad_since
         settings = request.app[SETTINGS]
+        max_rate = url_rate(request)  # a bad one is refused with 400, before the upgrade
         self.subscription = Subscription(
             zones=zones, single_zone=single_zone, fewest_zones=0,
             most_zones=settings.max_zones_per_socket,
+            late=max_rate if isinstance(max_rate, Refusal) else None,
+            max_rate=None if isinstance(max_rate, Refusal) else max_rate,
         )  # fmt: skip
         self.ws = BroadcastWebSocketResponse(
             autoping=False,

@@ -139,7 +139,7 @@ class SseConnection(Connection):
         self.cursor[zone] = seq
         return _with_id(frame, self._id())
 
-    def caught_up(self, last_seq: dict[str, int]) -> None:
+    def caught_up(self, last_seq: Mapping[str, int]) -> None:
         """Joining or leaving an audience: in step means at the zones' last seqs."""
         for zone in self.streams:
             self.cursor[zone] = last_seq.get(zone, 0)

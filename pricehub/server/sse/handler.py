@@ -31,6 +31,7 @@ from pricehub.server.subscriber.lifecycle import (
     http_refusal,
     requested_zones,
     serve,
+    url_rate,
 )
 from pricehub.server.subscriber.session import Job, Session
 from pricehub.wire import messages, paths, sse
@@ -106,10 +107,14 @@ class SseTransport:
         # Also at most sse.MAX_STREAM_ZONES, whatever --max-zones-per-socket allows: the
         # bound under which every cursor the stream writes fits a Last-Event-ID header.
         most = min(request.app[SETTINGS].max_zones_per_socket, sse.MAX_STREAM_ZONES)
+        max_rate = url_rate(request)  # the cursor's refusal first, then the rate's
+        late = resume if isinstance(resume, Refusal) else None
+        if late is None and isinstance(max_rate, Refusal):
+            late = max_rate
         self.subscription = Subscription(
             zones=zones, single_zone=zones[0] if single_zone else None, fewest_zones=1,
-            most_zones=most, late=resume if isinstance(resume, Refusal) else None,
-            announce=SSE,
+            most_zones=most, late=late, announce=SSE,
+            max_rate=None if isinstance(max_rate, Refusal) else max_rate,
         )  # fmt: skip
         self._response: web.StreamResponse | None = None
 

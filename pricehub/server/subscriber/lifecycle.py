@@ -31,17 +31,17 @@ from aiohttp import web
 
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.fanout.connection import Connection
-from pricehub.server.http.replies import json_error
+from pricehub.server.http.replies import json_response
 from pricehub.server.keys import BROADCASTER, LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
 from pricehub.server.policy.admission import Admitted, Gate, Refusal, admit
 from pricehub.server.subscriber.driver import Driver
 from pricehub.server.subscriber.session import Job, Session, SessionPolicy
-from pricehub.wire import messages
+from pricehub.wire import messages, rate
 from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode
 
 __all__ = [
     "FAILURES", "Subscription", "Transport", "close_at_expiry", "failure", "http_refusal",
-    "requested_zones", "serve",
+    "requested_zones", "serve", "url_rate",
 ]
 
 
@@ -56,6 +56,7 @@ class Subscription:
     :param late: what the transport found wrong in the request (checked last).
     :param announce: the ``transport`` that ``connection_established`` names (the
         contract's one SSE-only field; None: not named).
+    :param max_rate: the URL's ``max_rate`` (None: none asked).
     """
 
     zones: tuple[str, ...]
@@ -64,6 +65,7 @@ class Subscription:
     most_zones: int
     late: Refusal | None = None
     announce: str | None = None
+    max_rate: float | None = None
 
 
 class Transport(Protocol):
@@ -102,13 +104,27 @@ def requested_zones(request: web.Request) -> tuple[str, ...]:
     return tuple(dict.fromkeys(z.strip() for z in raw.split(",") if z.strip()))
 
 
+def url_rate(request: web.Request) -> float | Refusal | None:
+    """The URL's ``max_rate`` (None: absent), or the refusal of a bad one (400 on both
+    transports, before the upgrade or the stream)."""
+    raw = request.query.get(rate.FIELD)
+    if raw is None:
+        return None
+    try:
+        return rate.parse_url(raw)
+    except rate.RateError as exc:
+        return Refusal(rate.INVALID_MAX_RATE, str(exc))
+
+
 def http_refusal(refusal: Refusal, *, headers: Mapping[str, str] | None = None) -> web.Response:
-    """A refusal as an HTTP answer: the table's status and error code."""
+    """A refusal as an HTTP answer: the table's status and error code (the body
+    ``json_error`` makes; built here while a code of the table is not an HttpErrorCode)."""
     codes = refusal.codes
     answer = dict(headers or {})
     if codes.status == 401:
         answer["WWW-Authenticate"] = "Bearer"
-    return json_error(codes.status, codes.error, refusal.message, headers=answer)
+    body = {"error": codes.error, "message": refusal.message}
+    return json_response(body, status=codes.status, headers=answer)
 
 
 async def serve(
@@ -181,6 +197,7 @@ class Subscriber:
             SessionPolicy.from_settings(
                 app[SETTINGS], allowed_zones=admitted.grant.zones,
                 single_zone=subscription.single_zone, zone_status=self.broadcaster.zone_status,
+                max_rate=subscription.max_rate,
             )
         )  # fmt: skip
         self.driver = Driver(

@@ -16,6 +16,11 @@ and every ``chunk_bytes`` of a replay, and one answer never exceeds ``reply_budg
 bytes (a history is cut to the newest prices that fit, with an ``error`` saying so).
 What one socket can make the server queue is therefore bounded by the socket's send
 limits, whatever it asks for (``docs/security.md``, "Per-socket budget").
+
+A zone opened with a rate (``max_rate``: the URL's for the socket's zones and for
+``subscribe``s without one, or the ``subscribe``'s own) is a ``PacedStream``: its resume
+replays only the newest missed price and the live updates held meanwhile are released
+as their newest only, each with ``skipped``; the fan-out paces it from then on.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pricehub.server.fanout.pacing import PacedStream
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.policy.resume import HELD_LIMIT, ZoneStream, plan_resume
 from pricehub.server.settings import Settings
 from pricehub.storage import StoredPrice
-from pricehub.wire import messages
+from pricehub.wire import messages, rate
 from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, GapReason, MessageType
 from pricehub.wire.errors import ProtocolError
 
@@ -167,6 +173,8 @@ class SessionPolicy:
     :param held_limit: live updates held per syncing zone.
     :param zone_status: a stale zone's ``zone_status`` message, None for a live one
         (``Broadcaster.zone_status``): sent to a client that opens a stale zone.
+    :param max_rate: the URL's ``max_rate`` (None: every update), the rate of the zones
+        opened from the URL and of a ``subscribe`` that names none.
     """
 
     zones: frozenset[str]
@@ -179,14 +187,16 @@ class SessionPolicy:
     reply_budget: int = 768 * 1024
     held_limit: int = HELD_LIMIT
     zone_status: Callable[[str], bytes | None] = _never_stale
+    max_rate: float | None = None
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, allowed_zones: frozenset[str] | None, single_zone: str | None,
-        zone_status: Callable[[str], bytes | None] = _never_stale,
+        zone_status: Callable[[str], bytes | None] = _never_stale, max_rate: float | None = None,
     ) -> SessionPolicy:
         return cls(
             zone_status=zone_status,
+            max_rate=max_rate,
             zones=settings.zone_set,  # built once: not O(zones) per connection
             allowed_zones=allowed_zones,
             single_zone=single_zone,
@@ -231,13 +241,17 @@ class Session:
         if bad_since:
             yield self._error(ErrorCode.INVALID_MESSAGE, "'since' must be a non-negative integer")
         for zone in zones:
-            yield from self._open_zone(zone, since=since, epoch=epoch)
+            yield from self._open_zone(
+                zone, since=since, epoch=epoch, max_rate=self.policy.max_rate
+            )
 
     def resume(self, zones: Sequence[str], *, since: Mapping[str, int], epoch: str | None) -> Job:
         """Open ``zones``, each resumed from its own ``since`` seq (a zone missing there
         starts fresh): an SSE stream reconnecting with its cursor."""
         for zone in zones:
-            yield from self._open_zone(zone, since=since.get(zone), epoch=epoch)
+            yield from self._open_zone(
+                zone, since=since.get(zone), epoch=epoch, max_rate=self.policy.max_rate
+            )
 
     def text(self, data: str | bytes) -> Job:
         """One text frame: a client message, or an ``error`` saying what is wrong with it."""
@@ -245,10 +259,12 @@ class Session:
             return
         try:
             message = messages.decode_client_message(data)
+            subscribe = isinstance(message, messages.Subscribe)
+            max_rate = rate.subscribe_rate(data) if subscribe else None
         except ProtocolError as exc:
             yield self._error(exc.code, exc.message)
             return
-        yield from self.handle(message)
+        yield from self.handle(message, max_rate=max_rate)
 
     def binary(self) -> Job:
         if (yield from self._admit()):
@@ -266,12 +282,13 @@ class Session:
         counts against the rate like any frame (a pong flood is closed with 4029)."""
         yield from self._admit()
 
-    def handle(self, message: messages.ClientMessage) -> Job:
-        """Answer one decoded, admitted client message."""
+    def handle(self, message: messages.ClientMessage, *, max_rate: float | None = None) -> Job:
+        """Answer one decoded, admitted client message; ``max_rate`` is a ``subscribe``'s
+        own (validated: ``wire.rate``), None for the socket's."""
         if self.closed:
             return
         try:
-            yield from self._dispatch(message)
+            yield from self._dispatch(message, max_rate)
         except ProtocolError as exc:
             yield self._error(exc.code, exc.message)
 
@@ -300,7 +317,7 @@ class Session:
 
     # --- client messages ----------------------------------------------------------------
 
-    def _dispatch(self, message: messages.ClientMessage) -> Job:
+    def _dispatch(self, message: messages.ClientMessage, max_rate: float | None) -> Job:
         match message:
             case messages.Ping():
                 yield Send(messages.simple(MessageType.PONG, now=self.now()), MessageType.PONG)
@@ -310,7 +327,10 @@ class Session:
             case messages.RequestHistory():
                 yield from self._history(message)
             case messages.Subscribe():
-                yield from self._subscribe(message.zones, message.since, message.epoch)
+                yield from self._subscribe(
+                    message.zones, message.since, message.epoch,
+                    self.policy.max_rate if max_rate is None else max_rate,
+                )
             case messages.Unsubscribe():
                 yield from self._unsubscribe(message.zones)
 
@@ -361,7 +381,8 @@ class Session:
         )
 
     def _subscribe(
-        self, zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None
+        self, zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None,
+        max_rate: float | None,
     ) -> Job:
         for zone in zones:
             self._known_zone(zone)
@@ -381,7 +402,7 @@ class Session:
         kind = MessageType.SUBSCRIBED
         yield Send(messages.zones_message(kind, zones, now=self.now()), kind)
         for zone in zones:
-            yield from self._open_zone(zone, since=since.get(zone), epoch=epoch)
+            yield from self._open_zone(zone, since=since.get(zone), epoch=epoch, max_rate=max_rate)
 
     def _unsubscribe(self, zones: tuple[str, ...]) -> Job:
         for zone in zones:
@@ -394,9 +415,15 @@ class Session:
 
     # --- opening zones ------------------------------------------------------------------
 
-    def _open_zone(self, zone: str, *, since: int | None, epoch: str | None) -> Job:
+    def _open_zone(
+        self, zone: str, *, since: int | None, epoch: str | None, max_rate: float | None
+    ) -> Job:
         """Subscribe first, then read storage, then release the held live updates."""
-        stream = self.streams[zone] = ZoneStream(zone, held_limit=self.policy.held_limit)
+        held_limit = self.policy.held_limit
+        stream = self.streams[zone] = (
+            ZoneStream(zone, held_limit=held_limit) if max_rate is None
+            else PacedStream(zone, rate=max_rate, held_limit=held_limit)
+        )  # fmt: skip
         yield Drain()  # what is queued goes first: one zone's data queued at a time
         yield Attach(stream)
         if since is None:
@@ -408,8 +435,14 @@ class Session:
             delivered = resumed
         # Held prices and the zone's status in one step (the driver runs Sends without
         # awaiting): from ``finish`` on the broadcaster tells this stream of changes.
+        previous = max(stream.last_seq, delivered)
         fresh = stream.finish(delivered_up_to=delivered)
         status = self.policy.zone_status(zone)
+        if isinstance(stream, PacedStream) and fresh:  # the newest only, as paced
+            newest = fresh[-1]
+            yield _price(rate.price_update(newest.payload, skipped=newest.seq - previous - 1),
+                         newest)
+            fresh = []
         for price in fresh:
             yield _price(messages.price_update(price.payload), price)
         if status is not None:
@@ -490,6 +523,17 @@ class Session:
         Returns the last seq replayed, or None after closing a client that fell behind
         the retained history (4008: it reconnects and resumes from what it has)."""
         cursor, prices = since, retained.prices or []
+        if isinstance(stream, PacedStream):
+            # Only the newest missed price; what arrives meanwhile is released as its
+            # newest by ``finish``, so nothing older needs reading, however many.
+            if not prices:
+                return cursor
+            newest = prices[-1]
+            yield _price(
+                rate.price_update(newest.payload, skipped=newest.seq - since - 1, replay=True),
+                newest,
+            )
+            return newest.seq
         while True:
             budget = 0
             for price in prices:
