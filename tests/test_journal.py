@@ -189,8 +189,8 @@ async def test_append_then_reopen_gives_exactly_the_prices(tmp_path: Path) -> No
 async def test_epoch_and_zone_reset_are_journaled(tmp_path: Path) -> None:
     journal, _ = reopen(tmp_path, new_epoch="e1")
     await journal.append([price("pjm", seq) for seq in (1, 2, 3)])
-    await journal.set_epoch("e2")
-    await journal.reset_zone("pjm", [price("pjm", 9), price("pjm", 10)], seq=10)
+    await journal.queue_epoch("e2")
+    await journal.queue_reset("pjm", [price("pjm", 9), price("pjm", 10)], seq=10)
     await journal.append([price("pjm", 11)])
     await journal.close()
 

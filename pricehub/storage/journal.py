@@ -1119,15 +1119,6 @@ class Journal:
         """
         await self.queue_append(prices)
 
-    async def set_epoch(self, epoch: str) -> None:
-        """Record a new numbering lineage (failover reconciliation)."""
-        await self.queue_epoch(epoch)
-
-    async def reset_zone(self, zone: str, prices: Sequence[StoredPrice], *, seq: int) -> None:
-        """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
-        oldest first), as ``MemoryStorage.reset`` does."""
-        await self.queue_reset(zone, prices, seq=seq)
-
     # The ``queue_*`` twins take their place in the write order *now*, synchronously,
     # and return the future of their batch: a caller that must not wait for the disk
     # (write-behind of prices Redis already keeps) still cannot be overtaken by a
@@ -1143,13 +1134,14 @@ class Journal:
         return self._enqueue(b"".join(fmt.encode_price(price) for price in prices), records)
 
     def queue_epoch(self, epoch: str) -> asyncio.Future[None]:
-        """``set_epoch`` without waiting."""
+        """Record a new numbering lineage (failover reconciliation)."""
         return self._enqueue(fmt.encode_epoch(epoch), [fmt.EpochRecord(epoch)])
 
     def queue_reset(
         self, zone: str, prices: Sequence[StoredPrice], *, seq: int
     ) -> asyncio.Future[None]:
-        """``reset_zone`` without waiting."""
+        """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
+        oldest first), as ``MemoryStorage.reset`` does."""
         kept = tuple(prices)[-self._state.history_size :]
         return self._enqueue(fmt.encode_reset(zone, seq, kept), [fmt.ResetRecord(zone, seq, kept)])
 

@@ -29,12 +29,12 @@ HELD_LIMIT = 1024
 
 @dataclass(frozen=True, slots=True)
 class ResumeOutcome:
-    """What a resume attempt turned into: replay these prices, or report a gap."""
+    """What a resume attempt turned into: ``recovered`` (the session replays what storage
+    retained; ``resume_complete`` ends where the replay did), or not (a ``gap``); either way
+    ``resume_complete`` starts at ``from_seq``."""
 
     recovered: bool
-    replay: tuple[StoredPrice, ...]
     from_seq: int
-    to_seq: int
 
 
 def plan_resume(
@@ -45,10 +45,8 @@ def plan_resume(
     A client without an epoch is trusted to be in the current lineage; one with another
     epoch numbered against a history that no longer exists, so nothing can be replayed.
     """
-    if retained is None or (client_epoch is not None and client_epoch != epoch):
-        return ResumeOutcome(False, (), since + 1, since)
-    to_seq = retained[-1].seq if retained else since
-    return ResumeOutcome(True, tuple(retained), since + 1, to_seq)
+    lineage_kept = client_epoch is None or client_epoch == epoch
+    return ResumeOutcome(retained is not None and lineage_kept, since + 1)
 
 
 class ZoneStream:
