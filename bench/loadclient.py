@@ -43,6 +43,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -88,6 +89,9 @@ class Recorder:
         self.seq = array("q")
         self.received_at = array("d")
         self.latency_us = array("d")
+        # pricehub's ``accepted_at`` of each (zone index, seq), parsed once per price per
+        # process (every connection gets the same one): the accepted -> received lag.
+        self.accepted_at: dict[tuple[int, int], float] = {}
 
     def zone_of(self, name: str, seq: int) -> int:
         """Index of a zone; registers it, and its seq base for the loss bitmaps, on first sight."""
@@ -177,6 +181,9 @@ class Subscriber(WSListener):
         seq: int = message["seq"]
         zone = recorder.zone_of(message["market_zone"], seq)
         recorder.add(zone, seq, now, message["volume"])
+        accepted = message.get("accepted_at")
+        if accepted and (zone, seq) not in recorder.accepted_at:
+            recorder.accepted_at[(zone, seq)] = datetime.fromisoformat(accepted).timestamp()
         if message.get("conflated"):
             self.conflated += 1
         if seq <= self.last_seq.get(zone, -1):
@@ -274,15 +281,23 @@ def report(
         if name in recorder.zone_index
     }
     histogram: Counter[int] = Counter()
+    accepted_histogram: Counter[int] = Counter()  # pricehub's accepted_at -> received
     worst = 0.0
     measured = 0
-    for zone, seq, latency in zip(recorder.zone, recorder.seq, recorder.latency_us, strict=True):
+    accepted_at = recorder.accepted_at
+    rows = zip(recorder.zone, recorder.seq, recorder.latency_us, recorder.received_at,
+               strict=True)  # fmt: skip
+    for zone, seq, latency, received in rows:
         bounds = wanted.get(zone)
         if bounds is None or not bounds[0] <= seq <= bounds[1]:
             continue
         measured += 1
         worst = max(worst, latency)
         histogram[int(math.log(max(latency, 1.0)) * HISTOGRAM_STEPS)] += 1
+        accepted = accepted_at.get((zone, seq))
+        if accepted is not None:
+            lag_us = (received - accepted) * 1e6
+            accepted_histogram[int(math.log(max(lag_us, 1.0)) * HISTOGRAM_STEPS)] += 1
     # A connection that never saw a zone still expected all of it.
     all_zones = {name: recorder.zone_of(name, low) for name, (low, _high) in ranges.items()}
     missing = [
@@ -299,6 +314,7 @@ def report(
         "deliveries_in_window": in_window,
         "measured_deliveries": measured,
         "histogram": {str(bucket): count for bucket, count in histogram.items()},
+        "accepted_histogram": {str(b): count for b, count in accepted_histogram.items()},
         "max_latency_us": worst,
         "missing": sum(missing),
         "clients_with_loss": sum(1 for count in missing if count),

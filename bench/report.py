@@ -24,12 +24,13 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Add up the ``report`` events of several load-client processes."""
     merged: dict[str, Any] = {
         "histogram": Counter(),
+        "accepted_histogram": Counter(),
         "close_codes": Counter(),
         "max_latency_us": 0.0,
     }
     for report in reports:
         for key, value in report.items():
-            if key in ("histogram", "close_codes"):
+            if key in ("histogram", "accepted_histogram", "close_codes"):
                 merged[key].update({k: int(v) for k, v in value.items()})
             elif key == "max_latency_us":
                 merged[key] = max(merged[key], value)
@@ -63,6 +64,8 @@ def summarise(merged: dict[str, Any], expected_per_client: int) -> dict[str, Any
         "p50_ms": percentile_ms(histogram, 0.50),
         "p99_ms": percentile_ms(histogram, 0.99),
         "max_ms": merged["max_latency_us"] / 1000,
+        # pricehub's accepted_at -> client receive (None for servers that send none)
+        "accepted_p99_ms": percentile_ms(merged.get("accepted_histogram", Counter()), 0.99),
         "expected": expected_per_client * connections,
         "missing": merged.get("missing", 0),
         "clients_with_loss": merged.get("clients_with_loss", 0),
@@ -117,7 +120,8 @@ def stream_table(runs: list[Run]) -> str:
     naive, ceiling = _find(runs, "naive"), _find(runs, "ceiling")
     header = [
         "server", "clients", "deliveries/s", "CPU µs/delivery", "CPU x naive", "server core %",
-        "p50 ms", "p99 ms", "max ms", "p99 x naive", "p99 x ceiling", "lost", "order/dup errors",
+        "p50 ms", "p99 ms", "max ms", "accepted->recv p99 ms", "p99 x naive", "p99 x ceiling",
+        "lost", "order/dup errors",
         "RSS MiB", "clients core %", "others core %",
     ]  # fmt: skip
     rows = []
@@ -127,7 +131,8 @@ def stream_table(runs: list[Run]) -> str:
             run["server"], f"{run['connected']}/{run['clients']}", fmt(run["deliveries_per_s"], 0),
             fmt(_cpu(run), 2), ratio(_cpu(run), _cpu(naive)), fmt(run["server_core_pct"], 0),
             fmt(readers["p50_ms"]), fmt(readers["p99_ms"]), fmt(readers["max_ms"]),
-            ratio(_p99(run), _p99(naive)), ratio(_p99(run), _p99(ceiling)), _loss(readers),
+            fmt(readers.get("accepted_p99_ms")), ratio(_p99(run), _p99(naive)),
+            ratio(_p99(run), _p99(ceiling)), _loss(readers),
             str(readers["out_of_order"] + readers["duplicates"]), fmt(run["rss_mib"]),
             fmt(run["client_core_pct"], 0), fmt(run["others_core_pct"], 0),
         ])  # fmt: skip
