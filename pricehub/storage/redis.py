@@ -53,6 +53,8 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 import pricehub.storage.redis_reads as redis_reads
 from pricehub.storage.base import (
+    DiskState,
+    DiskStatus,
     HistorySlice,
     IngestAck,
     IngestKeys,
@@ -846,6 +848,11 @@ class RedisStorage:
         """What this connection counted: the prices after a hole no history could fill
         and the foreign messages dropped (failovers and the like are the owner's)."""
         return StorageCounters(gaps=self.gaps, foreign_messages=self.foreign_messages)
+
+    def disk_status(self) -> DiskStatus:
+        """Redis keeps nothing on this instance's disk (as the failover's inner backend,
+        the failover reports its mirror's journal instead)."""
+        return DiskStatus(DiskState.DISABLED)
 
     async def check(self) -> None:
         if self._lost is not None:
