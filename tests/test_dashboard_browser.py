@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -895,3 +896,126 @@ def test_a_gap_from_an_epoch_change_is_counted_on_its_tile(browser: Any) -> None
         assert "seqs from 3" in title and "(epoch_changed)" in title, title
         expect(page.locator('[data-zone="ercot"] [data-field=gaps]')).to_be_hidden()
         expect(page.locator("#stat-gaps")).to_have_text("1")
+
+
+def _by_time_prices() -> tuple[list[dict[str, Any]], datetime]:
+    """pjm: five prices from 3 h before midnight (outside what the charts load), one 30 min
+    before (it shows the open is exact), six of today with the first of the day published
+    last; ercot: two of today. Returns them and midnight."""
+    now = datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    step = (now - midnight) / 8
+
+    def pjm(value: float, at: datetime) -> dict[str, Any]:
+        return {"market_zone": "pjm", "price": value, "timestamp": _iso(at)}
+
+    old = [pjm(1.0 + k, midnight - timedelta(hours=3) + timedelta(minutes=k)) for k in range(5)]
+    today = [pjm(50.0 + k, midnight + k * step) for k in (2, 3, 4, 5, 6)]
+    ercot = [
+        {"market_zone": "ercot", "price": 70.0 + k, "timestamp": _iso(midnight + k * step)}
+        for k in (1, 2)
+    ]
+    late_open = pjm(40.0, midnight + step)  # the day's first price, published last
+    prices = [*old, pjm(9.0, midnight - timedelta(minutes=30)), *today, *ercot, late_open]
+    return prices, midnight
+
+
+def test_charts_load_by_market_time_since_midnight_page_by_page(browser: Any) -> None:
+    """Issue 26: the charts load every retained price since 00:00 UTC (and the hour
+    before, which proves the open exact) with one history-by-time query of the watched
+    zones, following its pages; not the last N prices by count. The open is the day's
+    first price by market time even when it was published last."""
+    from playwright.sync_api import expect
+
+    prices, midnight = _by_time_prices()
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        _publish(server, *prices)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(f"{server.url}/?zones=pjm,ercot&history_page=3&{FAST_BACKOFF}")
+        pjm = page.locator('[data-zone="pjm"]')
+        expect(pjm.locator("[data-field=price]")).to_have_text("40.00", timeout=WAIT_MS)
+        # 09.00 (23:30) and today's six: the five of 21:00 are outside the range.
+        expect(pjm.locator("[data-field=sparkline]")).to_have_attribute("data-points", "7")
+        expect(pjm.locator("[data-field=open]")).to_have_text("40.00")
+        expect(pjm.locator("[data-field=open-label]")).to_have_text("Open")
+        ercot = page.locator('[data-zone="ercot"]')
+        expect(ercot.locator("[data-field=sparkline]")).to_have_attribute("data-points", "2")
+    queries = [
+        dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        for url in requests if urllib.parse.urlsplit(url).path == "/api/ws/ws/history"
+    ]  # fmt: skip
+    assert len(queries) >= 3, queries  # 9 prices in the range, 3 a page
+    expected_from = _iso(midnight - timedelta(hours=1))
+    assert queries[0]["from"] == expected_from and queries[0]["limit"] == "3", queries
+    assert sorted(queries[0]["zones"].split(",")) == ["ercot", "pjm"]
+    assert len({q.get("to") for q in queries[1:]}) == 1, "every page covers the same range"
+    assert not [url for url in requests if "/api/ws/ws/history/" in url], requests
+
+
+def test_many_zones_ask_a_rate_and_the_newest_price_wins(browser: Any, tmp_path: Path) -> None:
+    """Issue 25: a dashboard of more than 50 zones asks 4 updates/s per zone (max_rate in
+    its subscribe); a burst on one zone ends on its newest price, the replaced ones counted
+    in ``skipped``."""
+    from playwright.sync_api import expect
+
+    config = many_zones_config(tmp_path, 60)
+    zones = ",".join(f"z{i:05d}" for i in range(60))
+    with ServerProcess("--no-simulate", "--config", str(config), publish_key=PUBLISH_KEY) as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        frames: list[Any] = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda frame: frames.append(frame)))
+        page.goto(f"{server.url}/?zones={zones}&{FAST_BACKOFF}")
+        expect(page.locator("#conn-badge")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+        expect(page.locator("#stat-rate")).to_have_text("4/s per zone")
+        page.evaluate("""() => { window.skipped = 0; window.pricehubDashboard.client.on(
+            'price', ({skipped}) => { window.skipped += skipped; }); }""")
+        _wait_watched(server, {f"z{i:05d}": 1 for i in range(60)})
+        _publish(server, *({"market_zone": "z00001", "price": float(n)} for n in range(1, 31)))
+        tile = page.locator('[data-zone="z00001"]')
+        expect(tile.locator("[data-field=price]")).to_have_text("30.00", timeout=WAIT_MS)
+        skipped = page.evaluate("() => window.skipped")
+    subscribes = [json.loads(f) for f in frames if '"subscribe"' in str(f)]
+    assert subscribes and all(s.get("max_rate") == 4 for s in subscribes), subscribes
+    assert sorted(z for s in subscribes for z in s["zones"]) == sorted(zones.split(","))
+    assert 0 < skipped < 30, skipped
+
+
+SNAPSHOT_THEN_STREAM = """async () => {
+  const { PriceHubClient } = await import('/static/pricehub.js');
+  const snap = await window.pricehubDashboard.client.snapshot(['pjm', 'ercot']);
+  const client = new PriceHubClient({ zones: ['pjm', 'ercot'], transport: 'sse',
+    since: snap.cursor, epoch: snap.epoch });
+  window.after = { prices: [], gaps: [] };
+  client.on('price', ({ price, flags }) => window.after.prices.push([price.seq, flags.initial]));
+  client.on('gap', (gap) => window.after.gaps.push(gap));
+  const live = new Promise((resolve) => client.on('status', (s) => {
+    if (s.status === 'connected') resolve();
+  }));
+  client.connect();
+  await live;
+  return { via: snap.via, cursor: snap.cursor, pjm: snap.prices.pjm.price };
+}"""
+
+
+def test_a_snapshot_then_a_stream_from_its_cursor_in_a_real_browser(browser: Any) -> None:
+    """Issue 26 in the module: ``snapshot()`` on the dashboard's live socket, then a second
+    client on SSE from its cursor vector (``since=pjm:2,ercot:0`` on the stream's URL): the
+    next price comes once, with no ``initial_data`` and no gap."""
+    with ServerProcess("--no-simulate", publish_key=PUBLISH_KEY) as server:
+        _publish(server, {"market_zone": "pjm", "price": 1.0}, {"market_zone": "pjm", "price": 2.0})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(f"{server.url}/?zones=pjm,ercot&{FAST_BACKOFF}")
+        page.wait_for_function("() => window.pricehubDashboard?.client.status === 'connected'",
+                               timeout=WAIT_MS)  # fmt: skip
+        snap = page.evaluate(SNAPSHOT_THEN_STREAM)
+        _publish(server, {"market_zone": "pjm", "price": 3.0})
+        page.wait_for_function("() => window.after.prices.length >= 1", timeout=WAIT_MS)
+        after = page.evaluate("() => window.after")
+    assert snap == {"via": "socket", "cursor": {"pjm": 2, "ercot": 0}, "pjm": 2.0}
+    assert after == {"prices": [[3, False]], "gaps": []}, after
+    streams = [url for url in requests if "/api/ws/sse/prices" in url]
+    assert streams and "since=pjm%3A2%2Cercot%3A0" in streams[0], streams

@@ -38,6 +38,9 @@ def run_tail(*args: str) -> subprocess.CompletedProcess[str]:
         (("--max-attempts", "0", "pjm"), "--max-attempts"),
         (("--refresh", "-1", "pjm"), "--refresh"),
         (("--transport", "carrier-pigeon", "pjm"), "carrier-pigeon"),
+        (("--max-rate", "0", "pjm"), "--max-rate"),
+        (("--max-rate", "nan", "pjm"), "--max-rate"),
+        (("--max-rate", "1e-9", "pjm"), "--max-rate"),
     ],
 )
 def test_a_usage_error_is_one_line_and_exit_2(args: tuple[str, ...], names: str) -> None:

@@ -1,6 +1,8 @@
-"""``pricehub tail`` and PROTOCOL.md's ``gap`` / ``zone_status``, as a user runs it: a
-subprocess against a real server with ``--stale-after``. The table marks a stale row and
-unmarks it when the zone's next price arrives; ``--json`` prints both as JSON lines."""
+"""``pricehub tail`` and PROTOCOL.md's trading-grade messages, as a user runs it: a
+subprocess against a real server. With ``--stale-after`` the table marks a stale row and
+unmarks it when the zone's next price arrives; ``--json`` prints ``gap`` and
+``zone_status`` as JSON lines. It starts from a snapshot and resumes from its cursor, and
+``--max-rate`` gets the newest price at that pace, saying how many it skipped."""
 
 from __future__ import annotations
 
@@ -90,3 +92,53 @@ async def test_table_marks_a_stale_row_until_the_next_price(
     assert await tail.interrupt() == 0
     row = next(line for line in frame.splitlines() if line.startswith(ZONE))
     assert "STALE" not in row, row
+
+
+async def test_json_starts_from_one_snapshot_then_every_update_once(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    """The first lines are the zones at one instant (the snapshot endpoint's answer), and
+    the stream resumed from its cursor repeats none of them."""
+    await server.publish(
+        {"market_zone": "pjm", "price": 1.0}, {"market_zone": "pjm", "price": 2.0},
+        {"market_zone": "ercot", "price": 3.0},
+    )  # fmt: skip
+    url = f"{server.url}{paths.SNAPSHOT}?zones=pjm,ercot,caiso"
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        snapshot = await response.json()
+    tail = await run_tail("--json", "--server", server.url, "pjm", "ercot", "caiso")
+    first = [json.loads(await tail.stdout_line()) for _ in range(2)]
+    assert first == [snapshot["prices"]["pjm"], snapshot["prices"]["ercot"]]
+    await tail.stderr_until("pricehub tail: connected")
+    await server.publish({"market_zone": "pjm", "price": 4.0})
+    after = await json_until(tail, lambda line: line.get("price") == 4.0)
+    assert await tail.interrupt() == 0
+    assert [(line["market_zone"], line["seq"]) for line in after] == [("pjm", 3)], after
+
+
+async def test_max_rate_delivers_the_newest_and_says_what_it_skipped(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    tail = await run_tail("--json", "--max-rate", "2", "--server", server.url, ZONE)
+    await tail.stderr_until("pricehub tail: connected")
+    await server.publish(*({"market_zone": ZONE, "price": float(n)} for n in range(1, 21)))
+    lines = await json_until(tail, lambda line: line.get("seq") == 20)
+    assert await tail.interrupt() == 0
+    assert len(lines) <= 3, lines  # the first at once, then at most 2 a second
+    assert sum(line.get("skipped", 0) for line in lines) == 20 - len(lines)
+    assert lines[-1]["skipped"] > 0 and lines[-1]["price"] == 20.0
+
+
+async def test_table_shows_how_many_updates_were_skipped(
+    server: ServerProcess, run_tail: StartTail
+) -> None:
+    tail = await run_tail(
+        "--max-rate", "1", "--refresh", "0.05", "--server", server.url, ZONE, "ercot"
+    )
+    await tail.stdout_until("connected")
+    await server.publish(*({"market_zone": ZONE, "price": float(n)} for n in range(1, 11)))
+    frame = await tail.stdout_until("connected", "10.00")
+    assert await tail.interrupt() == 0
+    row = next(line for line in frame.splitlines() if line.startswith(ZONE))
+    skipped = re.search(r"skipped (\d+)$", row)
+    assert skipped is not None and 1 <= int(skipped.group(1)) <= 9, row

@@ -9,15 +9,18 @@ from pricehub.client.client import (
     ClientError,
     ConnectionState,
     Gap,
+    HistoryPage,
     PriceClient,
     PriceUpdate,
     ReconnectFailed,
+    Snapshot,
     Status,
     TerminalCloseError,
     ZoneState,
 )
 
 __all__ = [
-    "Backoff", "ClientError", "ConnectionState", "Gap", "GiveUp", "PriceClient", "PriceUpdate",
-    "ReconnectFailed", "Retry", "Status", "TerminalCloseError", "ZoneState",
+    "Backoff", "ClientError", "ConnectionState", "Gap", "GiveUp", "HistoryPage", "PriceClient",
+    "PriceUpdate", "ReconnectFailed", "Retry", "Snapshot", "Status", "TerminalCloseError",
+    "ZoneState",
 ]

@@ -21,6 +21,13 @@ updates come out once and in ``seq`` order; when the server cannot fill a gap
 comes out first. ``client.events()`` yields the same plus ``ZoneState`` (``zone_status``:
 a zone gone stale, live again); ``client.stale_zones`` holds the zones stale right now.
 
+Trading-grade options (PROTOCOL.md "Trading-grade subscriptions"): ``max_rate`` (every
+zone's, or per zone) caps the updates per second the server sends, each saying in
+``PriceUpdate.skipped`` how many it replaces; ``await client.snapshot()`` is every zone's
+latest price at one instant with its cursor; ``since``/``epoch`` start the stream from such
+a cursor (or a history's), so nothing between the two is lost or repeated; and
+``client.history(zones, start, end)`` iterates over the pages of a history by market time.
+
 Connection state is reported to an ``on_status`` callback as ``Status`` values:
 ``connecting`` -> ``connected`` -> (``reconnecting`` -> ``connecting`` -> ...) and finally
 ``failed`` or ``closed``. After ``failed`` the iterator raises ``TerminalCloseError`` (close
@@ -34,41 +41,60 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from pricehub.client.backoff import Backoff, GiveUp
 from pricehub.client.sse import SseParser
-from pricehub.wire import paths
+from pricehub.client.trading import (
+    HistoryPager,
+    HistoryStalled,
+    RateOption,
+    Rates,
+    format_rate,
+    time_text,
+)
+from pricehub.wire import paths, rate
 from pricehub.wire.codes import MessageType, ZoneStatus
 from pricehub.wire.decode import (
     ConnectionEstablished,
     ErrorMessage,
     GapNotice,
     InitialData,
+    PriceHistory,
     PriceObject,
     PriceUpdateMessage,
     ResumeComplete,
     ServerMessage,
+    SnapshotMessage,
     ZoneState,
     decode_refusal,
-    decode_server_message,
+    decode_server_object,
 )
 from pricehub.wire.errors import MalformedMessage, PriceHubError
-from pricehub.wire.messages import Heartbeat, Subscribe, encode_client_message
+from pricehub.wire.messages import (
+    Heartbeat,
+    SnapshotRequest,
+    Subscribe,
+    encode_client_message,
+)
 
 __all__ = [
     "ClientError",
     "ConnectionState",
     "Gap",
+    "HistoryPage",
     "PriceClient",
     "PriceUpdate",
     "ReconnectFailed",
+    "Snapshot",
     "Status",
     "TerminalCloseError",
     "TradingEvent",
@@ -84,10 +110,13 @@ Transport = Literal["auto", "ws", "sse"]
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 _HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 _TRANSPORTS = ("auto", "ws", "sse")
-# Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
-_CURSOR_MESSAGES = (PriceUpdateMessage, InitialData)
 _HEARTBEAT = encode_client_message(Heartbeat()).decode()
 _SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
+# Wire names wire/ does not spell yet (the lead moves them there): the ``skipped`` of a
+# rate-limited ``price_update`` (wire/decode.py drops it), the ``since`` vector and
+# ``epoch`` of a multi-zone URL, and the query of the snapshot and history endpoints.
+_SKIPPED = "skipped"
+_SINCE, _EPOCH, _ZONES, _TOKEN = "since", "epoch", "zones", "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +128,9 @@ class PriceUpdate:
     for a slow reader, ``initial`` the zone's current price sent on (re)subscribe.
     ``accepted_at`` is when the server gave it its seq (ISO-8601 UTC, microseconds, ``Z``;
     the same on every instance), None for a price the server stored before it had the
-    field; ``accepted`` is it as a ``datetime``, for measuring lag.
+    field; ``accepted`` is it as a ``datetime``, for measuring lag. ``skipped`` is how many
+    updates of the zone this one replaces (``max_rate``, or a slow reader's conflation):
+    0 when the server sent every one.
     """
 
     zone: str
@@ -111,6 +142,7 @@ class PriceUpdate:
     conflated: bool = False
     initial: bool = False
     accepted_at: str | None = None
+    skipped: int = 0
 
     @property
     def accepted(self) -> datetime | None:
@@ -120,12 +152,45 @@ class PriceUpdate:
         return datetime.fromisoformat(self.accepted_at.replace("Z", "+00:00"))
 
     def as_price_object(self) -> dict[str, Any]:
-        """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true
-        (as on the wire)."""
+        """The PROTOCOL.md price object, plus ``replay``/``conflated`` only when true and
+        ``skipped`` only when not 0 (as on the wire)."""
         price = PriceObject(
             self.zone, self.price, self.volume, self.seq, self.timestamp, self.accepted_at
         )
-        return PriceUpdateMessage(price, replay=self.replay, conflated=self.conflated).as_json()
+        obj = PriceUpdateMessage(price, replay=self.replay, conflated=self.conflated).as_json()
+        if self.skipped:
+            obj[_SKIPPED] = self.skipped
+        return obj
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Several zones' latest prices at one instant (``snapshot``): ``prices`` None for a
+    zone without one, ``cursor`` each zone's seq in it (0 without a price). Start or
+    resume a stream from it with ``PriceClient(..., since=snap.cursor, epoch=snap.epoch)``.
+    ``via`` says how it was read: ``"socket"`` (every update the socket delivers after it
+    is newer than ``cursor``, none missing) or ``"http"``."""
+
+    epoch: str
+    prices: Mapping[str, PriceUpdate | None]
+    cursor: Mapping[str, int]
+    timestamp: str | None = None
+    via: Literal["socket", "http"] = "socket"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    """One page of ``PriceClient.history``: ``prices`` ordered by (``timestamp``, zone,
+    ``seq``), none given on an earlier page; ``more`` when another page follows;
+    ``cursor`` each zone's highest seq given so far (all pages), to hand over to the live
+    stream (``since``) without a gap or a repeat; ``start``/``end`` the range."""
+
+    zones: tuple[str, ...]
+    start: str
+    end: str | None
+    prices: tuple[PriceUpdate, ...]
+    more: bool
+    cursor: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +285,14 @@ class PriceClient:
       only, ``"auto"`` WebSocket, and SSE from the moment the upgrade is refused with an
       HTTP status (not when the server is merely down) until ``reconnect()``.
     * ``session`` (None): an ``aiohttp.ClientSession`` to use; by default the client owns one.
+    * ``max_rate`` (None: every update): at most this many updates per second of each zone
+      (``0 < max_rate <= 1000``; the newest wins, ``PriceUpdate.skipped`` says how many it
+      replaces), or a mapping ``{zone: rate}`` (zones not named: every update). On the
+      URL for every zone; per zone by ``subscribe`` on a WebSocket of several zones; an
+      SSE stream of several zones has one rate, the lowest in the mapping.
+    * ``since`` / ``epoch`` (None): start from a cursor vector ``{zone: seq}`` of lineage
+      ``epoch`` (a ``Snapshot``'s ``cursor``/``epoch``) instead of each zone's current
+      price: the first connection resumes every zone named from there, as a reconnect does.
     """
 
     def __init__(
@@ -237,6 +310,9 @@ class PriceClient:
         on_status: Callable[[Status], None] | None = None,
         session: aiohttp.ClientSession | None = None,
         transport: Transport = "auto",
+        max_rate: RateOption = None,
+        since: Mapping[str, int] | None = None,
+        epoch: str | None = None,
     ) -> None:
         self.zones: tuple[str, ...] = tuple(
             dict.fromkeys([zones] if isinstance(zones, str) else zones)
@@ -255,6 +331,7 @@ class PriceClient:
         self._no_sse = False  # auto: the server answered 404 on the SSE path
         self._sse_cursor: str | None = None  # last safe Last-Event-ID of the SSE feed
         self._unresumable: dict[str, _Cursor] = {}  # zones an SSE stream cannot resume
+        self._no_vector = False  # the next stream resumes no `since` vector (one was refused)
         self.token = token
         self._backoff = backoff or Backoff()
         self._sleep = sleep
@@ -265,7 +342,11 @@ class PriceClient:
         self._session = session
         self._owns_session = session is None
         self._queue: asyncio.Queue[object] = asyncio.Queue(maxsize=max_queue)
-        self._cursors: dict[str, _Cursor] = {}
+        self._rates = Rates.parse(max_rate, self.zones)
+        self._cursors: dict[str, _Cursor] = _start_cursors(self.zones, since, epoch)
+        self._ws: aiohttp.ClientWebSocketResponse | None = None  # once established
+        self._live = asyncio.Event()  # set while `_ws` is
+        self._snapshots: deque[asyncio.Future[SnapshotMessage]] = deque()  # awaiting answers
         self._held: dict[str, list[PriceUpdate]] = {}  # zones awaiting resume_complete
         self._gaps: dict[str, GapNotice] = {}  # the `gap` of a zone awaiting resume_complete
         self._stale: dict[str, ZoneState] = {}
@@ -349,6 +430,143 @@ class PriceClient:
     def stale_zones(self) -> Mapping[str, ZoneState]:
         """The zones the server last said are stale, with that ``ZoneState`` (a copy)."""
         return dict(self._stale)
+
+    # --- snapshot, history by market time ---------------------------------------------
+
+    async def snapshot(
+        self,
+        zones: str | Iterable[str] | None = None,
+        *,
+        via: Literal["auto", "socket", "http"] = "auto",
+        timeout: float | None = None,
+    ) -> Snapshot:
+        """Every zone's latest price at one instant (default: the client's zones).
+
+        ``via="socket"`` asks on the live WebSocket (``snapshot`` message): every update
+        this client yields after the answer is newer than its ``cursor`` and none is
+        missing. ``"http"`` reads ``GET /api/ws/ws/snapshot`` (no connection needed, the
+        same picture, without that promise about the stream). ``"auto"``: the socket when
+        a WebSocket is live, else HTTP. Waits at most ``timeout`` s (``open_timeout``);
+        raises ``ClientError`` when it cannot be had.
+        """
+        asked = self.zones if zones is None else _zone_tuple(zones)
+        limit = self._open_timeout if timeout is None else timeout
+        use_socket = via == "socket" or (via == "auto" and self._ws is not None)
+        how: Literal["socket", "http"]
+        try:
+            async with asyncio.timeout(limit):
+                if use_socket:
+                    message, how = await self._socket_snapshot(asked), "socket"
+                else:
+                    message, how = await self._http_snapshot(asked), "http"
+        except TimeoutError:
+            raise ClientError(f"no snapshot answer within {limit:g} s") from None
+        prices = {  # the zones' current prices, as initial_data gives them
+            zone: None if p is None else _update(p, initial=True)
+            for zone, p in message.prices.items()
+        }
+        return Snapshot(message.epoch, prices, dict(message.cursor), message.timestamp, how)
+
+    async def history(
+        self,
+        zones: str | Iterable[str] | None,
+        start: datetime | str,
+        end: datetime | str | None = None,
+        *,
+        limit: int | None = None,
+    ) -> AsyncIterator[HistoryPage]:
+        """The retained prices of ``zones`` (None: the client's) whose market time is in
+        ``[start, end)`` (``end`` None: now, fixed by the first answer), page by page
+        (``GET /api/ws/ws/history``, ``limit`` prices a page, the server's default when
+        None). Pages follow ``truncated`` until the range is done; across them no price is
+        given twice nor left out, also where prices share a timestamp at a page's edge.
+        Times are aware ``datetime``s or ISO-8601 strings with an offset. Raises
+        ``ClientError`` when the server refuses (e.g. 422 for a bad range)."""
+        asked = self.zones if zones is None else _zone_tuple(zones)
+        pager = HistoryPager(
+            asked, time_text(start), None if end is None else time_text(end), limit
+        )
+        more = True
+        while more:
+            body = await self._get_json(paths.HISTORY_ZONES, pager.query(), "history")
+            body.setdefault("type", MessageType.PRICE_HISTORY.value)  # the socket's shape
+            page = _as(PriceHistory, body, "history")
+            try:
+                fresh, more = pager.take(page)
+            except HistoryStalled as exc:
+                raise ClientError(f"history cannot be paged further: {exc}") from None
+            if fresh or pager.pages == 1:
+                yield HistoryPage(
+                    asked, pager.start, pager.end, tuple(_update(p) for p in fresh), more,
+                    dict(pager.cursor),
+                )  # fmt: skip
+
+    async def _socket_snapshot(self, zones: tuple[str, ...]) -> SnapshotMessage:
+        if self._closed or self._on_sse:
+            raise ClientError("no WebSocket to ask for a snapshot on")
+        self.start()
+        while self._ws is None:  # connecting: wait for it (bounded by the caller)
+            await self._live.wait()
+        answer: asyncio.Future[SnapshotMessage] = asyncio.get_running_loop().create_future()
+        self._snapshots.append(answer)
+        frame = encode_client_message(SnapshotRequest(zones)).decode()
+        try:
+            await self._ws.send_str(frame)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            self._snapshots.remove(answer)
+            raise ClientError(f"the snapshot request could not be sent: {_explain(exc)}") from None
+        # Timed out, it stays queued (cancelled): a late answer is its, not the next one's.
+        return await answer
+
+    def _on_snapshot(self, message: SnapshotMessage) -> None:
+        # The server answers a socket's snapshots in the order they were asked: this is the
+        # oldest one's answer (dropped when that one gave up waiting).
+        if self._snapshots:
+            answer = self._snapshots.popleft()
+            if not answer.done():
+                answer.set_result(message)
+
+    def _fail_snapshots(self, why: str) -> None:
+        while self._snapshots:
+            answer = self._snapshots.popleft()
+            if not answer.done():
+                answer.set_exception(ClientError(why))
+
+    async def _http_snapshot(self, zones: tuple[str, ...]) -> SnapshotMessage:
+        body = await self._get_json(paths.SNAPSHOT, {_ZONES: ",".join(zones)}, "snapshot")
+        return _as(SnapshotMessage, body, "snapshot")
+
+    async def _get_json(self, path: str, query: dict[str, str], what: str) -> dict[str, Any]:
+        """``GET`` one of the server's JSON endpoints (the token added); ``ClientError``
+        with the server's words for anything but a 200 with a JSON object."""
+        if self._closed:
+            raise ClientError("the client is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        if self.token is not None:
+            query = {**query, _TOKEN: self.token}
+        base = self._http_base
+        url = base.with_path(base.path.rstrip("/") + path).with_query(query)
+        try:
+            # Bounded like opening a socket: a black-holed host must not hang a history.
+            wait = self._open_timeout
+            bound = aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait)
+            headers = {"Accept": "application/json"}
+            async with self._session.get(url, headers=headers, timeout=bound) as response:
+                text = await response.text(errors="replace")
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise ClientError(f"{what} failed: {_explain(exc)}") from None
+        if status != 200:
+            refusal = decode_refusal(status, text[:_SSE_BODY_CHARS])
+            raise ClientError(f"{what} refused: HTTP {status}: {refusal.text}")
+        try:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            raise ClientError(f"{what}: the answer is not a JSON object: {text[:200]!r}")
+        return body
 
     async def _next_item(self) -> TradingEvent:
         while True:
@@ -480,14 +698,27 @@ class PriceClient:
         """URL and headers of the next SSE stream; sets up what it resumes."""
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         self._unresumable = {}
+        vector: dict[str, _Cursor] = {}
         if len(self.zones) > 1:
             if self._sse_cursor is not None:
                 headers[paths.LAST_EVENT_ID] = self._sse_cursor
-            elif self._cursors:
-                # Cursors from a WebSocket: the multi-zone stream resumes only from its own
-                # Last-Event-ID, so what was missed meanwhile is reported as a gap.
+            elif self._cursors and self._no_vector:
+                # The last stream's vector was refused: what was missed is reported as a gap.
                 self._unresumable, self._held = dict(self._cursors), {}
-        return self._target(self._http_base, sse=True), headers
+            elif self._cursors:
+                # Cursors from a WebSocket, or given as `since`: the URL's vector resumes
+                # the zones of one epoch (the most common one); the URL carries a single
+                # epoch, so the others (a rare resume cut short by an epoch change) report
+                # what they missed as a gap.
+                epoch, _ = Counter(c.epoch for c in self._cursors.values()).most_common(1)[0]
+                for zone, cursor in self._cursors.items():
+                    if cursor.epoch == epoch:
+                        vector[zone] = cursor
+                    else:
+                        self._unresumable[zone] = cursor
+                        self._held.pop(zone, None)
+        self._no_vector = False
+        return self._target(self._http_base, sse=True, vector=vector), headers
 
     async def _sse_refusal(
         self, response: aiohttp.ClientResponse
@@ -495,8 +726,9 @@ class PriceClient:
         body = (await response.text(errors="replace"))[:_SSE_BODY_CHARS]
         refusal = decode_refusal(response.status, body)
         error = f"SSE refused: HTTP {refusal.status}: {refusal.text or response.reason}"
-        if refusal.cursor_refused:  # e.g. an outdated cursor: start without it
+        if refusal.cursor_refused:  # e.g. an outdated cursor (or vector): start without it
             self._sse_cursor = None
+            self._no_vector = True
         return refusal.close_code, error, refusal.endpoint_missing
 
     async def _serve_sse(self, response: aiohttp.ClientResponse) -> tuple[int | None, str | None]:
@@ -543,14 +775,25 @@ class PriceClient:
     def _url(self) -> URL:
         return self._target(self._base, sse=False)
 
-    def _target(self, base: URL, *, sse: bool) -> URL:
+    def _target(self, base: URL, *, sse: bool, vector: Mapping[str, _Cursor] | None = None) -> URL:
         """The socket's or stream's URL under ``base`` (its path prefix kept), resuming a
-        single zone from its cursor."""
+        single zone from its cursor, or several from ``vector`` (``since=pjm:12,ercot:40``,
+        cursors of one epoch), with the rate the URL carries."""
         cursor = self._cursors.get(self.zones[0]) if len(self.zones) == 1 else None
         path, query = paths.subscriber_target(
             self.zones, sse=sse, since=None if cursor is None else cursor.seq,
             epoch=None if cursor is None else cursor.epoch, token=self.token,
         )  # fmt: skip
+        if vector:
+            query[_SINCE] = ",".join(f"{zone}:{c.seq}" for zone, c in vector.items())
+            query[_EPOCH] = next(iter(vector.values())).epoch
+        if not sse and len(self.zones) > 1:
+            # Zones with a rate of their own open by `subscribe` (`_send_resumes`), not at
+            # the URL's pace first (``zones=`` may name none).
+            query[_ZONES] = ",".join(z for z in self.zones if not self._rates.needs_subscribe(z))
+        url_rate = self._rates.url_rate(self.zones, sse=sse)
+        if url_rate is not None:
+            query[rate.FIELD] = format_rate(url_rate)
         return base.with_path(base.path.rstrip("/") + path).with_query(query)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str | None]:
@@ -577,11 +820,16 @@ class PriceClient:
                 if isinstance(opened, str):
                     return None, opened
                 if opened is not None:
+                    self._ws = ws  # before any await: `connected` was just told
+                    self._live.set()
                     if len(self.zones) > 1:
                         await self._send_resumes(ws)
                     heartbeat = asyncio.create_task(self._heartbeat(ws, opened))
                     silence_limit = 2 * opened
         finally:
+            self._ws = None
+            self._live.clear()
+            self._fail_snapshots("the connection ended before the snapshot was answered")
             if heartbeat is not None:
                 heartbeat.cancel()
 
@@ -591,9 +839,7 @@ class PriceClient:
                 await asyncio.sleep(interval)
                 await ws.send_str(_HEARTBEAT)
 
-    def _opening(
-        self, message: ServerMessage | MalformedMessage, transport: Literal["ws", "sse"]
-    ) -> float | str | None:
+    def _opening(self, message: _Decoded, transport: Literal["ws", "sse"]) -> float | str | None:
         """A message before ``connection_established``: the heartbeat interval once it came
         (the epoch recorded, the stability timer started), the reason to drop the
         connection when it is malformed, None to keep waiting."""
@@ -610,19 +856,28 @@ class PriceClient:
         return None
 
     async def _send_resumes(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        # One subscribe per epoch: a disconnect in the middle of resuming after an epoch
-        # change can leave cursors of two lineages, and `subscribe` carries one epoch.
-        by_epoch: dict[str, dict[str, int]] = {}
-        for zone, cursor in self._cursors.items():
-            by_epoch.setdefault(cursor.epoch, {})[zone] = cursor.seq
-        for epoch, since in by_epoch.items():
-            subscribe = Subscribe(tuple(since), since, epoch)
-            await ws.send_str(encode_client_message(subscribe).decode())
+        # One subscribe per epoch and rate: a disconnect in the middle of resuming after an
+        # epoch change can leave cursors of two lineages, and `subscribe` carries one epoch
+        # and one `max_rate`. Zones with a rate of their own and nothing to resume are
+        # subscribed again for that rate (the URL opened them at the common one).
+        groups: dict[tuple[str | None, float | None], dict[str, int | None]] = {}
+        for zone in self.zones:
+            cursor = self._cursors.get(zone)
+            if cursor is None and not self._rates.needs_subscribe(zone):
+                continue
+            key = (None if cursor is None else cursor.epoch, self._rates.of(zone))
+            groups.setdefault(key, {})[zone] = None if cursor is None else cursor.seq
+        for (epoch, max_rate), zones in groups.items():
+            since = {zone: seq for zone, seq in zones.items() if seq is not None}
+            await ws.send_str(_subscribe_frame(tuple(zones), since, epoch, max_rate))
 
-    async def _dispatch(self, message: ServerMessage | MalformedMessage) -> None:
+    async def _dispatch(self, message: _Decoded) -> None:
         match message:
-            case PriceUpdateMessage(price=price, replay=replay, conflated=conflated):
-                await self._offer(_update(price, replay=replay, conflated=conflated))
+            case _Update(message=PriceUpdateMessage(price, replay, conflated), skipped=skipped):
+                update = _update(price, replay=replay, conflated=conflated, skipped=skipped)
+                await self._offer(update)
+            case SnapshotMessage():
+                self._on_snapshot(message)
             case InitialData(latest_price=price):
                 await self._offer(_update(price, initial=True))
             case ResumeComplete():
@@ -708,6 +963,54 @@ class PriceClient:
             await self._deliver(update)
 
 
+def _zone_tuple(zones: str | Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([zones] if isinstance(zones, str) else zones))
+
+
+_M = TypeVar("_M")
+
+
+def _as(kind: type[_M], body: dict[str, Any], what: str) -> _M:
+    """An HTTP answer decoded as the socket message ``kind`` it mirrors."""
+    try:
+        message = decode_server_object(body)
+    except MalformedMessage as exc:
+        raise ClientError(f"{what}: malformed answer: {exc}") from None
+    if not isinstance(message, kind):
+        raise ClientError(f"{what}: unexpected answer {type(message).__name__}")
+    return message
+
+
+def _subscribe_frame(
+    zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None, max_rate: float | None
+) -> str:
+    """A ``subscribe`` frame, with ``max_rate`` (which wire/messages.py's ``Subscribe``
+    does not carry yet) when given."""
+    frame = encode_client_message(Subscribe(zones, since, epoch if since else None))
+    if max_rate is None:
+        return frame.decode()
+    obj = orjson.loads(frame)
+    obj[rate.FIELD] = max_rate
+    return orjson.dumps(obj).decode()
+
+
+def _start_cursors(
+    zones: tuple[str, ...], since: Mapping[str, int] | None, epoch: str | None
+) -> dict[str, _Cursor]:
+    """The ``since``/``epoch`` options as cursors (both or neither)."""
+    if since is None and epoch is None:
+        return {}
+    if since is None or epoch is None:
+        raise ValueError("give since and epoch together (a snapshot's cursor and epoch)")
+    strays = sorted(set(since) - set(zones))
+    if strays:
+        raise ValueError(f"since names zones the client does not watch: {strays}")
+    for zone, seq in since.items():
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"since[{zone!r}] must be a non-negative integer, got {seq!r}")
+    return {zone: _Cursor(epoch, seq) for zone, seq in since.items()}
+
+
 def _explain(exc: BaseException) -> str:
     """``exc`` in plain words: aiohttp's texts (``Cannot connect to host ... ssl:default
     [Connect call failed ...]``) describe its internals, not what went wrong."""
@@ -737,18 +1040,55 @@ def _os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
-def _decode(data: str) -> ServerMessage | MalformedMessage:
+@dataclass(frozen=True, slots=True)
+class _Update:
+    """A decoded ``price_update`` with its ``skipped`` (read here until wire/decode.py's
+    ``PriceUpdateMessage`` carries it)."""
+
+    message: PriceUpdateMessage
+    skipped: int
+
+
+_Decoded = ServerMessage | MalformedMessage | _Update
+
+
+def _decode(data: str | bytes) -> _Decoded:
     """A server message, or why it cannot be read (logged here, once): the connection
     carries on without it, except a malformed ``connection_established``."""
     try:
-        return decode_server_message(data)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise MalformedMessage("not JSON") from None
+        message = decode_server_object(obj)
     except MalformedMessage as exc:
-        logger.warning("ignoring a malformed server message (%s): %.200s", exc, data)
+        logger.warning("ignoring a malformed server message (%.100s): %.200r", exc, data)
         return exc
+    if isinstance(message, PriceUpdateMessage):
+        return _Update(message, _skipped(obj))
+    return message
+
+
+# Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
+_CURSOR_MESSAGES = (_Update, InitialData)
+
+
+def _skipped(obj: Mapping[str, Any]) -> int:
+    """``skipped`` of a price update: 0 when absent, or anything but a count (it is
+    informative; the price itself is what a trader needs)."""
+    value = obj.get(_SKIPPED)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
 
 
 def _update(
-    price: PriceObject, *, replay: bool = False, conflated: bool = False, initial: bool = False
+    price: PriceObject,
+    *,
+    replay: bool = False,
+    conflated: bool = False,
+    initial: bool = False,
+    skipped: int = 0,
 ) -> PriceUpdate:
     return PriceUpdate(
         zone=price.zone,
@@ -760,4 +1100,5 @@ def _update(
         conflated=conflated,
         initial=initial,
         accepted_at=price.accepted_at,
+        skipped=skipped,
     )

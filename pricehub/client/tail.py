@@ -1,11 +1,18 @@
 """``pricehub tail``: watch zones live, as a refreshing terminal table or as JSON lines.
 
-``pricehub tail [--server http://127.0.0.1:8080] [--json] [--transport auto|ws|sse] ZONE...``
+``pricehub tail [--server http://127.0.0.1:8080] [--json] [--transport auto|ws|sse]
+[--max-rate N] ZONE...``
 
 ``--server`` is a base URL; a bare ``host:port`` means ``http://host:port``.
 
 Zone names are case-insensitive here (``PJM`` as the dashboard shows it is ``pjm`` on the
 wire). Only the zones named are opened, whatever the number of zones the server has.
+
+It starts from one consistent picture: a snapshot of every zone named (``GET
+/api/ws/ws/snapshot``, one instant), then the stream resumed from the snapshot's cursor, so
+every update after it comes once and none is missing. ``--max-rate N`` asks the server for
+at most N updates per second per zone (the newest wins); a row then says how many updates
+its prices replaced (``skipped``), and ``--json`` prints a price's ``skipped`` when not 0.
 
 The table (plain ANSI escapes, redrawn every ``--refresh`` seconds) shows per zone the
 last price, its change from the previous one, volume, seq, update rate, age and gaps, under
@@ -40,10 +47,12 @@ from pricehub.client.client import (
     Gap,
     PriceClient,
     PriceUpdate,
+    Snapshot,
     Status,
     TradingEvent,
     ZoneState,
 )
+from pricehub.wire import rate
 from pricehub.wire.codes import GapReason
 from pricehub.wire.decode import gap_object
 
@@ -98,6 +107,14 @@ def _positive(kind: Callable[[str], int | float]) -> Callable[[str], int | float
     return parse
 
 
+def _max_rate(text: str) -> float:
+    """``--max-rate``: what the server takes on a URL (``0 < N <= 1000``, 3 decimals)."""
+    try:
+        return rate.parse_url(text)
+    except rate.RateError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pricehub tail", description="Watch pricehub zones live.")
     parser.add_argument(
@@ -126,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: WebSocket, or Server-Sent Events where the upgrade is refused "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=_max_rate,
+        metavar="N",
+        help="at most N updates per second per zone, the newest winning (default: every one)",
     )
     parser.add_argument(
         "--refresh",
@@ -157,17 +180,24 @@ async def _tail(args: argparse.Namespace) -> int:
     else:
         output = _TableOutput(args, sys.stdout, sys.stderr)
     try:
-        client = PriceClient(
-            args.server,
-            args.zones,
-            token=args.token,
-            backoff=Backoff(max_attempts=args.max_attempts),
-            on_status=output.status,
-            transport=args.transport,
-        )
+        reader = PriceClient(args.server, args.zones, token=args.token)
     except ValueError as exc:  # e.g. --server ftp://host: the client's own check of the URL
         sys.stderr.write(_usage_line(f"argument --server: {exc}"))
         return 2
+    snapshot = await _snapshot(reader)
+    client = PriceClient(
+        args.server,
+        args.zones,
+        token=args.token,
+        backoff=Backoff(max_attempts=args.max_attempts),
+        on_status=output.status,
+        transport=args.transport,
+        max_rate=args.max_rate,
+        since=None if snapshot is None else snapshot.cursor,
+        epoch=None if snapshot is None else snapshot.epoch,
+    )
+    if snapshot is not None:
+        output.snapshot(snapshot)
     async with client, output:
         try:
             async for event in client.events():
@@ -177,6 +207,18 @@ async def _tail(args: argparse.Namespace) -> int:
             # exception as well said every reason twice.
             return 1
     return 0
+
+
+async def _snapshot(reader: PriceClient) -> Snapshot | None:
+    """The zones at one instant, to start from; None when the server cannot say (down, an
+    older server, an unknown zone): the stream then starts from each zone's current price,
+    and the client says why it cannot connect, if it cannot."""
+    try:
+        return await reader.snapshot(via="http")
+    except ClientError:
+        return None
+    finally:
+        await reader.close()
 
 
 def _describe(status: Status) -> str:
@@ -227,6 +269,11 @@ class _JsonOutput:
             print(f"pricehub tail: {_describe(status)}", file=self._err, flush=True)
         self._failed = self._failed or status.state == "failed"
 
+    def snapshot(self, snapshot: Snapshot) -> None:
+        for price in snapshot.prices.values():
+            if price is not None:
+                self.event(price)
+
     def event(self, event: TradingEvent) -> None:
         if isinstance(event, Gap):
             print(f"pricehub tail: {_describe_gap(event)}", file=self._err, flush=True)
@@ -250,6 +297,7 @@ class _Row:
     last: PriceUpdate | None = None
     change: float | None = None
     gaps: int = 0
+    skipped: int = 0
     stale: ZoneState | None = None
     arrivals: deque[float] = field(default_factory=deque)
 
@@ -285,6 +333,7 @@ class TableView:
         if row.last is not None:
             row.change = event.price - row.last.price
         row.last = event
+        row.skipped += event.skipped
         if not (event.replay or event.initial):  # bursts would inflate the live rate
             row.arrivals.append(self._clock())
 
@@ -326,9 +375,11 @@ class TableView:
         volume = "-" if row.last.volume is None else f"{row.last.volume:g}"
         age = f"{self._clock() - row.arrivals[-1]:.1f}s" if row.arrivals else "-"
         stale = "" if row.stale is None else f"  {_RED}{_BOLD}{_stale_mark(row.stale)}{_RESET}"
+        # max_rate: how many updates the prices shown replaced (told, not lost: no gap).
+        skipped = f"  skipped {row.skipped}" if row.skipped else ""
         return (
             f"{zone:<12}{row.last.price:>12.2f}{tint}{change:>10}{_RESET}{volume:>10}"
-            f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}{stale}"
+            f"{row.last.seq:>9}{rate}{age:>8}{row.gaps:>6}  {row.last.timestamp}{skipped}{stale}"
         )
 
 
@@ -384,6 +435,11 @@ class _TableOutput:
 
     def status(self, status: Status) -> None:
         self.view.status = status
+
+    def snapshot(self, snapshot: Snapshot) -> None:
+        for price in snapshot.prices.values():
+            if price is not None:
+                self.view.record(price)
 
     def event(self, event: TradingEvent) -> None:
         self.view.record(event)

@@ -8,13 +8,19 @@
 // Page options (query string), mostly for tests and demos:
 //   zones=pjm,ercot     zones to watch (any case; replaces the remembered list for this view)
 //   history=240         points of history kept in the sparkline
+//   history_page=10000  prices per page of the history query (1..10000)
 //   base_delay_ms, jitter_ms, max_attempts, stable_after_ms   reconnect tuning (see pricehub.js)
 //   transport=auto|ws|sse   how to connect (default auto: WebSocket, SSE when it is refused)
 //   token=...           subscriber token, when the server has auth on
+//   max_rate=auto|none|N    updates per second per zone (default auto: dashboardRate)
+//
+// Charts load by market time: every retained price since 00:00 UTC (and the hour before,
+// which shows that the open is the day's first price), over the history-by-time endpoint,
+// 50 zones a query, following its pages.
 //
 // Imported outside a page (tests/js/), it only exports its pure parts: ZoneSeries,
-// ZoneHealth and connectionView.
-import { PriceHubClient } from './pricehub.js';
+// ZoneHealth, connectionView and dashboardRate.
+import { PriceHubClient, checkMaxRate } from './pricehub.js';
 
 const ZONE_NAMES = {
   pjm: 'PJM Interconnection',
@@ -31,14 +37,41 @@ const STORAGE_KEY = 'pricehub.watched';
 const KNOWN_KEY = 'pricehub.known';
 const MAX_KNOWN = 2000; // zones kept for the type-ahead; the oldest are dropped beyond it
 const ZONE_RE = /^[a-z0-9_]{1,32}$/;
-// The open needs every price since 00:00 UTC: ask for up to this many (the server caps it
-// at its --history-size); the sparkline keeps only the last `history` of them.
+// The open needs every price since 00:00 UTC: the charts load [00:00 - LOOKBACK, now) by
+// market time. A price of the hour before midnight shows that nothing of today was trimmed
+// from the retained history (it is contiguous from there), so the open is exact.
+const OPEN_LOOKBACK_MS = 60 * 60 * 1000;
+const HISTORY_BATCH = 50; // zones per history query (the server bounds a query's zones)
+const HISTORY_PAGE = 10000; // prices per page, the most the contract allows
+// A server without the history-by-time endpoint: the retained history by count instead.
 const OPEN_HISTORY_LIMIT = 5000;
 const FLASH_CLASSES = ['flash-up', 'flash-down'];
 // Percent change against an open near $0/MWh (common in power markets) is noise, not signal.
 const MIN_OPEN_FOR_PCT = 1;
 const priceFormat = new Intl.NumberFormat('en-US', { minimumFractionDigits: 2, maximumFractionDigits: 2 });
 const volumeFormat = new Intl.NumberFormat('en-US', { maximumFractionDigits: 1 });
+
+/**
+ * The rate a dashboard asks for when it shows `zones` tiles: a person reads no tile faster
+ * than a few updates a second, and hundreds of tiles redrawn at the feed's full rate would
+ * spend the page's (and the server's) time on frames nobody sees. null: every update.
+ */
+export function dashboardRate(zones) {
+  if (zones > 500) return 1;
+  if (zones > 50) return 4;
+  return null;
+}
+
+/** The `max_rate` page option: 'auto' (default: dashboardRate), 'none', or a number. */
+function readRate(text) {
+  if (text === null || text === 'auto') return 'auto';
+  if (text === 'none') return null;
+  try {
+    return checkMaxRate(Number(text));
+  } catch {
+    return 'auto';
+  }
+}
 
 function readOptions(search) {
   const q = new URLSearchParams(search);
@@ -54,7 +87,10 @@ function readOptions(search) {
   // Undefined entries would override the client's documented defaults.
   for (const key of Object.keys(client)) if (client[key] === undefined) delete client[key];
   const urlZones = q.has('zones') ? parseZones(q.get('zones')) : null;
-  return { client, urlZones, historyLimit: num('history') ?? 240 };
+  const page = num('history_page');
+  const historyPage = Number.isInteger(page) && page >= 1 && page <= HISTORY_PAGE ? page : HISTORY_PAGE;
+  return { client, urlZones, historyLimit: num('history') ?? 240, historyPage,
+    rate: readRate(q.get('max_rate')) };
 }
 
 /** Zone names as typed or linked: any case, commas or spaces. */
@@ -322,7 +358,11 @@ class Dashboard {
     this.$ = (id) => doc.getElementById(id);
     const watched = options.urlZones ?? loadList(STORAGE_KEY) ?? DEFAULT_ZONES;
     this.known = new Set([...(loadList(KNOWN_KEY) ?? []), ...DEFAULT_ZONES, ...watched]);
-    this.client = new PriceHubClient({ ...options.client, subscribe: true, zones: watched });
+    this.rate = this.rateFor(watched.length);
+    this.client = new PriceHubClient({ ...options.client, subscribe: true, zones: watched,
+      maxRate: this.rate });
+    this.historyQueue = new Set(); // zones whose history loads with the next query
+    this.historyFlush = null;
     this.client.on('status', (s) => this.onStatus(s));
     this.client.on('backend', ({ backend }) => this.onBackend(backend));
     this.client.on('price', (p) => this.onPrice(p));
@@ -337,6 +377,7 @@ class Dashboard {
       this.addFromPicker();
     });
     this.renderSuggestions();
+    this.renderRate();
     this.ensureTiles(watched);
     setInterval(() => this.tick(), 250);
     this.tick();
@@ -407,7 +448,23 @@ class Dashboard {
     this.renderSuggestions();
   }
 
+  rateFor(count) { return this.options.rate === 'auto' ? dashboardRate(count) : this.options.rate; }
+
+  /** More or fewer tiles may want another rate (dashboardRate): ask for it. */
+  updateRate(count) {
+    const rate = this.rateFor(count);
+    if (rate === this.rate) return;
+    this.rate = rate;
+    this.client.setMaxRate(rate);
+    this.renderRate();
+  }
+
+  renderRate() {
+    this.$('stat-rate').textContent = this.rate === null ? 'every update' : `${this.rate}/s per zone`;
+  }
+
   onZones({ zones, added, rejected }) {
+    this.updateRate(zones.length);
     for (const { zone } of rejected) if (!zones.includes(zone)) this.dropTile(zone);
     this.learn(added);
     if (rejected.length) {
@@ -443,32 +500,79 @@ class Dashboard {
       if (stale) tile.health.noteStatus(stale);
       tile.renderHealth();
       container.append(tile.el);
-      if (this.client.epoch !== null) this.loadHistory(tile);
+      if (this.client.epoch !== null) this.queueHistory(tile);
     }
     this.$('tiles-empty').hidden = this.tiles.size > 0;
     this.$('tiles-empty').textContent = 'No zone watched: add one with the picker above.';
     this.renderSuggestions();
   }
 
-  async loadHistory(tile) {
-    const { epoch } = this.client;
-    try {
-      const limit = Math.max(this.options.historyLimit, OPEN_HISTORY_LIMIT);
-      const data = await this.client.fetchHistory(tile.zone, { limit });
-      // The HTTP answer carries no epoch: if the lineage changed meanwhile, it may be stale.
-      if (this.client.epoch !== epoch) return;
-      tile.series.merge(data, epoch);
-      tile.render({ flash: false });
-    } catch (err) {
-      console.warn(`pricehub: history of ${tile.zone} unavailable`, err);
+  /** Load `tile`'s history with the others asked for in the same turn (one query). */
+  queueHistory(tile) {
+    this.historyQueue.add(tile.zone);
+    this.historyFlush ??= Promise.resolve().then(() => this.flushHistory());
+  }
+
+  async flushHistory() {
+    const zones = [...this.historyQueue];
+    this.historyQueue.clear();
+    this.historyFlush = null;
+    for (let i = 0; i < zones.length; i += HISTORY_BATCH) {
+      await this.loadHistory(zones.slice(i, i + HISTORY_BATCH));
     }
+  }
+
+  /** Every retained price of `zones` since 00:00 UTC (see OPEN_LOOKBACK_MS), all pages. */
+  async loadHistory(zones) {
+    const { epoch } = this.client;
+    const byZone = new Map(zones.map((zone) => [zone, []]));
+    try {
+      const from = new Date(midnightUtc(Date.now()) - OPEN_LOOKBACK_MS);
+      const limit = this.options.historyPage;
+      for await (const page of this.client.history(zones, { from, limit })) {
+        for (const price of page.prices) byZone.get(price.market_zone)?.push(price);
+      }
+    } catch (err) {
+      if (err.status === 404) return this.loadHistoryByCount(zones);
+      if ((err.status === 422 || err.status === 403) && zones.length > 1) {
+        // One zone the server refuses (unknown, not allowed) fails the query: ask alone.
+        for (const zone of zones) await this.loadHistory([zone]);
+        return;
+      }
+      console.warn(`pricehub: history of ${zones.join(', ')} unavailable`, err);
+      return;
+    }
+    // The HTTP answer carries no epoch: if the lineage changed meanwhile, it may be stale.
+    if (this.client.epoch === epoch) for (const [zone, prices] of byZone) this.showHistory(zone, prices, epoch);
+    return;
+  }
+
+  /** An older server without history by time: the last prices by count, zone by zone. */
+  async loadHistoryByCount(zones) {
+    const { epoch } = this.client;
+    const limit = Math.max(this.options.historyLimit, OPEN_HISTORY_LIMIT);
+    for (const zone of zones) {
+      try {
+        const data = await this.client.fetchHistory(zone, { limit });
+        if (this.client.epoch === epoch) this.showHistory(zone, data, epoch);
+      } catch (err) {
+        console.warn(`pricehub: history of ${zone} unavailable`, err);
+      }
+    }
+  }
+
+  showHistory(zone, prices, epoch) {
+    const tile = this.tiles.get(zone);
+    if (!tile) return;
+    tile.series.merge(prices, epoch);
+    tile.render({ flash: false });
   }
 
   onStatus(s) {
     this.lastStatus = s;
     if (s.status === 'connected') {
       // Tiles were made before the epoch was known: their history loads now.
-      for (const tile of this.tiles.values()) if (tile.series.epoch !== s.epoch) this.loadHistory(tile);
+      for (const tile of this.tiles.values()) if (tile.series.epoch !== s.epoch) this.queueHistory(tile);
     }
     this.retryDeadline = s.status === 'reconnecting' ? performance.now() + s.delayMs : null;
     this.renderConnection();
@@ -530,7 +634,7 @@ class Dashboard {
       tile.health.noteGap(gap);
       tile.renderHealth();
       tile.series.forgetCoverage();
-      this.loadHistory(tile);
+      this.queueHistory(tile);
     }
   }
 

@@ -18,6 +18,13 @@
  * header and reconnects by itself, forever). A WebSocket refused before it opens is
  * also diagnosed over HTTP: the browser hides the HTTP status of a refused upgrade.
  *
+ * Trading-grade subscriptions (PROTOCOL.md): `maxRate` (one rate for every zone, or
+ * {zone: rate}) caps the updates per second the server sends, each `price` event saying in
+ * `flags.skipped` how many it replaces; `snapshot()` is every zone's latest price at one
+ * instant with its cursor; `since`/`epoch` start the stream from such a cursor vector (a
+ * reconnect resumes every zone from the vector of its last seqs: `subscribe` on a socket,
+ * `since=pjm:12,ercot:40` on a stream's URL); `history()` pages a history by market time.
+ *
  * Everything with a side effect on time or I/O (timers, clock, randomness, WebSocket,
  * fetch) is injectable so the reconnect logic can be unit-tested deterministically.
  */
@@ -40,8 +47,136 @@ const PATHS = Object.freeze({
   sseMarket: '/api/ws/sse/market/',
   ssePrices: '/api/ws/sse/prices',
   history: '/api/ws/ws/history/',
+  historyZones: '/api/ws/ws/history',
+  snapshot: '/api/ws/ws/snapshot',
   health: '/api/ws/ws/health',
 });
+
+/** Bounds of `max_rate` (PROTOCOL.md; pricehub takes at most 3 decimals). */
+export const MAX_RATE = 1000;
+export const MIN_RATE = 0.001;
+/** Most prices one history-by-time answer holds (PROTOCOL.md). */
+export const MAX_HISTORY_LIMIT = 10000;
+
+/** A rate the server accepts, else an Error saying what is allowed. */
+export function checkMaxRate(value, what = '') {
+  const ok = typeof value === 'number' && Number.isFinite(value) && value >= MIN_RATE
+    && value <= MAX_RATE && Math.round(value * 1000) / 1000 === value;
+  if (!ok) {
+    throw new Error(`PriceHubClient: maxRate${what ? ` ${what}` : ''} must be a number from `
+      + `${MIN_RATE} to ${MAX_RATE} (updates per second) with at most 3 decimals`);
+  }
+  return value;
+}
+
+/** A rate as the URL form the server takes (plain decimals, no exponent). */
+export function formatRate(value) { return String(Number(value.toFixed(3))); }
+
+/**
+ * The `maxRate` option: a number for every zone, or {zone: rate} (zones not named get every
+ * update), or null. A WebSocket carries the common rate on its URL and a zone's own in the
+ * `subscribe` naming it; a stream (it cannot be sent anything) has one rate: the lowest.
+ */
+export class Rates {
+  constructor(option = null) {
+    this.default = null;
+    this.zones = null;
+    if (option === null || option === undefined) return;
+    if (typeof option === 'object') {
+      this.zones = new Map(Object.entries(option).map(([z, r]) => [z, checkMaxRate(r, `of ${z}`)]));
+    } else {
+      this.default = checkMaxRate(option);
+    }
+  }
+
+  /** The rate `zone` is delivered at, or null (every update). */
+  of(zone) { return this.zones ? this.zones.get(zone) ?? null : this.default; }
+
+  /** Does a zone need a `subscribe` of its own for its rate (a per-zone mapping)? */
+  get perZone() { return this.zones !== null && this.zones.size > 0; }
+
+  /** The rate on the URL of a socket (`sse` false) or stream on `zones`. */
+  urlRate(zones, sse) {
+    if (!this.zones) return this.default;
+    if (zones.length === 1) return this.zones.get(zones[0]) ?? null;
+    return sse && this.zones.size ? Math.min(...this.zones.values()) : null;
+  }
+}
+
+/** `since=pjm:12,ercot:40`: a cursor vector as a URL value. */
+function sinceVector(since) {
+  return Object.entries(since).map(([zone, seq]) => `${zone}:${seq}`).join(',');
+}
+
+/** A range bound: a Date or epoch ms as ISO-8601 UTC, a string as given (the server checks). */
+function timeText(value) {
+  if (value instanceof Date || typeof value === 'number') return new Date(value).toISOString();
+  return String(value);
+}
+
+const byHistoryOrder = (a, b) => (a.timestamp < b.timestamp ? -1 : a.timestamp > b.timestamp ? 1
+  : a.market_zone < b.market_zone ? -1 : a.market_zone > b.market_zone ? 1 : a.seq - b.seq);
+
+/**
+ * The paging of one history by market time (PROTOCOL.md orders it by timestamp, zone, seq):
+ * the next page starts at the last page's last timestamp (`from` is inclusive) and drops what
+ * was given already, so prices sharing a timestamp at a page's edge are neither lost nor
+ * repeated; a page with nothing new (more prices at one timestamp than it holds) is asked
+ * again at the largest limit before giving up. `end` is fixed by the first answer.
+ */
+export class HistoryPager {
+  constructor(zones, { from, to = null, limit = null }) {
+    if (limit !== null && !(Number.isInteger(limit) && limit >= 1 && limit <= MAX_HISTORY_LIMIT)) {
+      throw new Error(`PriceHubClient: limit must be an integer from 1 to ${MAX_HISTORY_LIMIT}`);
+    }
+    this.zones = zones;
+    this.start = timeText(from);
+    this.end = to === null ? null : timeText(to);
+    this.cursor = {};
+    this.pages = 0;
+    this._limit = limit;
+    this._pageLimit = limit;
+    this._from = this.start;
+    this._last = null;
+  }
+
+  /** Query parameters of the next request. */
+  query() {
+    const q = { zones: this.zones.join(','), from: this._from };
+    if (this.end !== null) q.to = this.end;
+    if (this._pageLimit !== null) q.limit = String(this._pageLimit);
+    return q;
+  }
+
+  /** {fresh: the new prices of the answer `body`, more: is another request needed}. */
+  take(body) {
+    this.pages += 1;
+    if (this.end === null) {
+      this.end = body.to ?? null;
+      this.start = body.from ?? this.start;
+    }
+    const data = Array.isArray(body.data) ? body.data : [];
+    const last = this._last;
+    const fresh = data.filter((p) => last === null || byHistoryOrder(p, last) > 0);
+    for (const p of fresh) {
+      if (p.seq > (this.cursor[p.market_zone] ?? 0)) this.cursor[p.market_zone] = p.seq;
+    }
+    if (fresh.length) {
+      this._last = fresh.at(-1);
+      this._pageLimit = this._limit;
+    }
+    if (body.truncated !== true) return { fresh, more: false };
+    if (!data.length) throw new Error('history: the server said truncated but sent no price');
+    if (!fresh.length) {
+      if (this._pageLimit !== null && this._pageLimit >= MAX_HISTORY_LIMIT) {
+        throw new Error(`history: more than ${MAX_HISTORY_LIMIT} prices share the timestamp ${this._from}`);
+      }
+      this._pageLimit = MAX_HISTORY_LIMIT;
+    }
+    this._from = data.at(-1).timestamp;
+    return { fresh, more: true };
+  }
+}
 
 const CLOSE_REASONS = Object.freeze({
   1000: 'the connection was closed normally',
@@ -350,7 +485,8 @@ function defaultBaseUrl() {
  * Events (use `client.on(type, fn)` -> fn(detail), or addEventListener(type, e => e.detail)):
  *   status   {status: 'connecting'|'connected'|'reconnecting'|'failed'|'closed', ...};
  *            `connected` carries `transport` ('ws' | 'sse')
- *   price    {price: {market_zone, price, volume, seq, timestamp, accepted_at}, flags: {initial, replay, conflated}}
+ *   price    {price: {market_zone, price, volume, seq, timestamp, accepted_at}, flags: {initial, replay, conflated},
+ *            skipped}  (skipped: how many updates of the zone this one replaces; 0 when none)
  *   gap      {zone, fromSeq, toSeq, epochChanged}
  *   backend  {backend, previous}
  *   error    {code, message}           (server `error` messages; the socket stays open)
@@ -371,6 +507,11 @@ export class PriceHubClient extends EventTarget {
    *   subscribe to `zones` with a message (zones can then change: addZones/removeZones);
    *   with no `zones` it watches nothing, never every zone
    * @param {'auto'|'ws'|'sse'} [options.transport='auto']
+   * @param {number|Object<string, number>} [options.maxRate] at most this many updates per
+   *   second of each zone (0.001..1000, the newest wins), or {zone: rate}; see setMaxRate
+   * @param {Object<string, number>} [options.since] start from this cursor vector {zone: seq}
+   *   (a snapshot's `cursor`) instead of each zone's current price; needs `epoch`
+   * @param {string} [options.epoch] the lineage of `since` (the snapshot's `epoch`)
    * @param {number} [options.baseDelayMs=1000]
    * @param {number} [options.jitterMs=1000]
    * @param {number} [options.maxAttempts=5]
@@ -392,6 +533,10 @@ export class PriceHubClient extends EventTarget {
     if (!['auto', 'ws', 'sse'].includes(o.transport)) {
       throw new Error("PriceHubClient: transport must be 'auto', 'ws' or 'sse'");
     }
+    if ((o.since == null) !== (o.epoch == null)) {
+      throw new Error('PriceHubClient: give `since` and `epoch` together (a snapshot\'s cursor and epoch)');
+    }
+    this._rates = new Rates(o.maxRate);
     this.options = Object.freeze(o);
     this._baseUrl = o.url ?? defaultBaseUrl();
     this._WebSocket = o.WebSocket ?? globalThis.WebSocket;
@@ -408,9 +553,13 @@ export class PriceHubClient extends EventTarget {
     this._establishTimer = null;
     this._heartbeatTimer = null;
     this._lastFrameAt = 0;
-    this._epoch = null;
+    this._epoch = o.epoch ?? null;
     this._epochChanged = false; // did the current connection start a new seq lineage?
-    this._lastSeq = new Map(); // zone -> last seq delivered to the application
+    // zone -> last seq delivered to the application (or given as `since`: resumed from there)
+    this._lastSeq = new Map(Object.entries(o.since ?? {}));
+    this._snapshots = []; // snapshot requests awaiting the socket's answer, oldest first
+    this._streamVector = null; // zones the current stream's URL resumes (since=...)
+    this._noVector = false; // the next stream resumes no vector (the last one was refused)
     this._resuming = new Map(); // zone -> held initial_data price (or null) until resume_complete
     this._gaps = new Map(); // zone -> the server's `gap` of a zone awaiting resume_complete
     this._stale = new Map(); // zone -> the last `zone_status` stale of it
@@ -491,7 +640,7 @@ export class PriceHubClient extends EventTarget {
       ? { added: [zone], rejected: [] }
       : new Promise((resolve) => {
         this._pending.push({ zones: [zone], resolve, fromAdd: true });
-        this.send({ type: 'subscribe', zones: [zone] });
+        this.send(this._subscribeMessage([zone]));
       }))));
     const answer = { added: answers.flatMap((a) => a.added),
       rejected: answers.flatMap((a) => a.rejected) };
@@ -541,14 +690,33 @@ export class PriceHubClient extends EventTarget {
   }
 
   /**
-   * Replace the stream at once (not a reconnect attempt): its URL names the zones. A cursor
-   * is made for one set of zones, so it goes: the zones kept report a gap and reload their
-   * history. Between attempts (no stream) the next attempt simply uses the new list.
+   * Change the rate (the `maxRate` option's forms; null: every update). A WebSocket of several
+   * zones subscribes them again with it, each from its last seq (nothing is lost or
+   * repeated); a single-zone socket or a stream, whose URL carries the rate, is reopened and
+   * resumes. Not connected: the next connection uses it.
+   */
+  setMaxRate(option) {
+    this._rates = new Rates(option);
+    if (!this._ws) return;
+    if (this._ws.oneWay || this.options.zone || !this._canSend()) {
+      this._restartStream();
+      return;
+    }
+    const since = {};
+    for (const zone of this._zones) if (this._lastSeq.has(zone)) since[zone] = this._lastSeq.get(zone);
+    this._subscribeAll(since, this._epoch);
+  }
+
+  /**
+   * Replace the socket or stream at once (not a reconnect attempt): its URL names the zones
+   * (and the rate). A stream's cursor is made for one set of zones, so it goes: the stream
+   * resumes the zones kept from the vector of their last seqs (`since=` on its URL).
+   * Between attempts (no stream) the next attempt simply uses the new list.
    */
   _restartStream() {
     if (!this._ws) return;
     const ws = this._detach();
-    ws.close(1000, 'zones changed');
+    ws.close(1000, 'subscription changed');
     this._sseCursor = '';
     this._open(this._attempts);
   }
@@ -588,6 +756,81 @@ export class PriceHubClient extends EventTarget {
     return Array.isArray(body.data) ? body.data : [];
   }
 
+  /**
+   * Every zone's latest price at one instant (default: the client's zones):
+   * {epoch, prices: {zone: price object or null}, cursor: {zone: seq}, via}. On a live
+   * WebSocket (`via: 'socket'`) every update this client delivers after it is newer than
+   * `cursor`, none missing; otherwise (`via: 'http'`) GET /api/ws/ws/snapshot. Start a
+   * client from it with {since: snap.cursor, epoch: snap.epoch}.
+   * @returns {Promise<{epoch: string, prices: object, cursor: object, via: string}>}
+   */
+  async snapshot(zones = null, { timeoutMs = this.options.establishTimeoutMs } = {}) {
+    const asked = zones ?? this.zones;
+    if (!this._canSend()) {
+      const body = await this._getJson(PATHS.snapshot, { zones: asked.join(',') }, 'snapshot');
+      return { ...snapshotOf(body), via: 'http' };
+    }
+    const answer = new Promise((resolve, reject) => {
+      const pending = { resolve, reject, timer: null, dead: false };
+      pending.timer = this._timers.setTimeout(() => {
+        // It stays queued: a late answer is this one's, not the next request's.
+        pending.dead = true;
+        reject(new Error(`snapshot: no answer within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this._snapshots.push(pending);
+    });
+    this.send({ type: 'snapshot', zones: asked });
+    return { ...snapshotOf(await answer), via: 'socket' };
+  }
+
+  /**
+   * The retained prices of `zones` whose market time is in [from, to) (`to` default: now, as
+   * of the first answer), page by page over GET /api/ws/ws/history, following `truncated`;
+   * no price is given twice nor left out. Each page: {zones, from, to, prices (ordered by
+   * timestamp, zone, seq), more, cursor (each zone's highest seq so far: hand over to the live
+   * stream with `since`)}. `from`/`to`: Date, epoch ms or ISO-8601 with an offset.
+   */
+  async* history(zones, { from, to = null, limit = null } = {}) {
+    const pager = new HistoryPager(zones ?? this.zones, { from, to, limit });
+    let more = true;
+    while (more) {
+      const body = await this._getJson(PATHS.historyZones, pager.query(), 'history');
+      const taken = pager.take(body);
+      more = taken.more;
+      if (taken.fresh.length || pager.pages === 1) {
+        yield { zones: pager.zones, from: pager.start, to: pager.end, prices: taken.fresh, more,
+          cursor: { ...pager.cursor } };
+      }
+    }
+  }
+
+  /** GET one of the server's JSON endpoints; an Error with `status` and its words if refused. */
+  async _getJson(path, query, what) {
+    if (!this._fetch) throw new Error('PriceHubClient: no fetch implementation');
+    const u = toHttpBase(new URL(path, this._baseUrl));
+    for (const [name, value] of Object.entries(query)) u.searchParams.set(name, value);
+    if (this.options.token) u.searchParams.set('token', this.options.token);
+    const response = await this._fetch(u.href, { headers: { Accept: 'application/json' } });
+    const text = await response.text();
+    const body = jsonObject(text);
+    if (response.status !== 200 || body === null) {
+      const err = new Error(`${what}: HTTP ${response.status}: ${body?.message ?? text.slice(0, 200)}`);
+      err.status = response.status;
+      err.body = body;
+      throw err;
+    }
+    return body;
+  }
+
+  _onSnapshot(msg) {
+    // A socket's snapshots are answered in the order they were asked: this is the oldest
+    // one's answer (dropped when that one gave up waiting).
+    const pending = this._snapshots.shift();
+    if (!pending || pending.dead) return;
+    this._timers.clearTimeout(pending.timer);
+    pending.resolve(msg);
+  }
+
   // ---- connection lifecycle -------------------------------------------------------------
 
   _socketUrl() {
@@ -602,8 +845,9 @@ export class PriceHubClient extends EventTarget {
       }
     } else {
       u.pathname = PATHS.wsPrices;
+      // Per-zone rates are set by `subscribe`: the URL would open the zones at one rate.
       this._subscribeAfterOpen = this.options.subscribe
-        || (this._lastSeq.size > 0 && this._zones.length > 0);
+        || ((this._lastSeq.size > 0 || this._rates.perZone) && this._zones.length > 0);
       if (this._subscribeAfterOpen) {
         // Resuming: open no zone (`zones=`), then one `subscribe` opens each zone with its
         // `since`. Opening the zones here would let live updates overtake the replay.
@@ -612,8 +856,14 @@ export class PriceHubClient extends EventTarget {
         u.searchParams.set('zones', this.options.zones.join(','));
       }
     }
+    this._setUrlRate(u, single ? [single] : this._zones, false);
     if (this.options.token) u.searchParams.set('token', this.options.token);
     return u.href;
+  }
+
+  _setUrlRate(u, zones, sse) {
+    const rate = this._rates.urlRate(zones, sse);
+    if (rate !== null) u.searchParams.set('max_rate', formatRate(rate));
   }
 
   /** URL and Last-Event-ID of the next SSE stream; sets up what it resumes. */
@@ -635,9 +885,28 @@ export class PriceHubClient extends EventTarget {
         : this.options.zones ?? null;
       if (zones) u.searchParams.set('zones', zones.join(','));
       lastEventId = this._sseCursor;
+      this._streamVector = lastEventId || this._noVector ? null
+        : this._vectorQuery(u, zones ?? this._zones);
+      this._noVector = false;
     }
+    this._setUrlRate(u, single ? [single] : this._zones, true);
     if (this.options.token) u.searchParams.set('token', this.options.token);
     return { url: u.href, lastEventId };
+  }
+
+  /**
+   * Without a cursor of its own (cursors from a WebSocket, `since`, or a stream reopened for
+   * other zones), a stream resumes its zones from their last seqs on the URL:
+   * `since=pjm:12,ercot:40&epoch=E`. Returns the zones it resumes (null: none).
+   */
+  _vectorQuery(u, zones) {
+    if (this._epoch === null) return null;
+    const since = {};
+    for (const zone of zones) if (this._lastSeq.has(zone)) since[zone] = this._lastSeq.get(zone);
+    if (Object.keys(since).length === 0) return null;
+    u.searchParams.set('since', sinceVector(since));
+    u.searchParams.set('epoch', this._epoch);
+    return new Set(Object.keys(since));
   }
 
   /** Open a socket or stream; `transport` defaults to the sticky choice. */
@@ -699,10 +968,12 @@ export class PriceHubClient extends EventTarget {
       this._open(this._attempts);
       return;
     }
-    if (ws.oneWay && event.badCursor && this._sseCursor) {
-      // A cursor the server no longer takes (e.g. made for another set of zones): the
-      // cause is gone with it, so open again at once; the zones report gaps instead.
+    if (ws.oneWay && event.badCursor && (this._sseCursor || this._streamVector)) {
+      // A cursor (or since= vector) the server does not take (e.g. made for another set of
+      // zones): the cause is gone with it, so open again at once without either; the zones
+      // report gaps instead.
       this._sseCursor = '';
+      this._noVector = true;
       this._open(this._attempts);
       return;
     }
@@ -762,8 +1033,12 @@ export class PriceHubClient extends EventTarget {
     this._clearTimer('_heartbeatTimer', 'clearInterval');
     this._resuming.clear();
     this._gaps.clear();
-    // Subscribes sent on this socket will never be answered.
+    // Subscribes sent on this socket will never be answered, nor its snapshots.
     for (const { zones, resolve } of this._pending.splice(0)) resolve({ added: zones, rejected: [] });
+    for (const { reject, timer, dead } of this._snapshots.splice(0)) {
+      this._timers.clearTimeout(timer);
+      if (!dead) reject(new Error('snapshot: the connection ended before the answer'));
+    }
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = ws.onping = null;
     return ws;
   }
@@ -862,13 +1137,14 @@ export class PriceHubClient extends EventTarget {
     }
     let resumeZones = Object.keys(resumeSince);
     if (this._ws?.oneWay && !this.options.zone && !this._sseCursor && resumeZones.length) {
-      // A multi-zone stream resumes only from its own Last-Event-ID; cursors from a
-      // WebSocket cannot be handed over, so those zones report a gap (reload their history).
-      for (const zone of resumeZones) {
+      // A multi-zone stream resumes from its own Last-Event-ID, else from the URL's vector;
+      // a zone in neither (none: no epoch yet) reports a gap (reload its history).
+      const vector = this._streamVector ?? new Set();
+      for (const zone of resumeZones.filter((z) => !vector.has(z))) {
         this.dispatchEvent(new PriceHubEvent('gap', { zone, fromSeq: resumeSince[zone] + 1,
           toSeq: null, epochChanged: false }));
       }
-      resumeZones = [];
+      resumeZones = resumeZones.filter((z) => vector.has(z));
     }
     for (const zone of resumeZones) this._resuming.set(zone, null);
     this._epoch = msg.epoch;
@@ -890,9 +1166,19 @@ export class PriceHubClient extends EventTarget {
    * unknown zone fails the whole subscribe: it is dropped and the rest asked again.
    */
   _subscribeAll(since, epoch) {
-    const zones = this.zones;
-    const message = { type: 'subscribe', zones };
-    if (Object.keys(since).length) Object.assign(message, { since, epoch });
+    // One subscribe per rate: `max_rate` applies to every zone a subscribe names.
+    const groups = new Map();
+    for (const zone of this.zones) {
+      const rate = this._rates.of(zone);
+      if (!groups.has(rate)) groups.set(rate, []);
+      groups.get(rate).push(zone);
+    }
+    for (const zones of groups.values()) this._subscribeGroup(zones, since, epoch);
+  }
+
+  _subscribeGroup(zones, since, epoch) {
+    const mine = {};
+    for (const zone of zones) if (zone in since) mine[zone] = since[zone];
     this._pending.push({ zones, resolve: (answer) => {
       if (!answer.rejected.length) return;
       // Only a zone the server does not know is dropped; e.g. "too many zones" keeps the
@@ -901,11 +1187,19 @@ export class PriceHubClient extends EventTarget {
       if (unknown) this._dropZones(answer.rejected.map((r) => r.zone));
       this._emitZones({ rejected: answer.rejected });
       if (!unknown) return;
-      const rest = {};
-      for (const zone of this._zones) if (zone in since) rest[zone] = since[zone];
-      if (this._zones.length && this._canSend()) this._subscribeAll(rest, epoch);
+      const rest = zones.filter((zone) => this._zones.includes(zone));
+      if (rest.length && this._canSend()) this._subscribeGroup(rest, mine, epoch);
     } });
-    this.send(message);
+    this.send(this._subscribeMessage(zones, mine, epoch));
+  }
+
+  /** A `subscribe` of `zones` (one rate), resuming those in `since` of lineage `epoch`. */
+  _subscribeMessage(zones, since = {}, epoch = null) {
+    const message = { type: 'subscribe', zones };
+    if (Object.keys(since).length) Object.assign(message, { since, epoch });
+    const rate = this._rates.of(zones[0]);
+    if (rate !== null) message.max_rate = rate;
+    return message;
   }
 
   _onSubscribed() {
@@ -931,8 +1225,10 @@ export class PriceHubClient extends EventTarget {
     // server had the field), passed through as the wire string.
     const { market_zone, price, volume, seq, timestamp } = msg;
     const accepted_at = msg.accepted_at ?? null;
+    // skipped: how many updates this one replaces (max_rate, a slow reader's conflation).
+    const skipped = Number.isInteger(msg.skipped) && msg.skipped > 0 ? msg.skipped : 0;
     this._deliver({ market_zone, price, volume, seq, timestamp, accepted_at },
-      { initial: false, replay: msg.replay === true, conflated: msg.conflated === true });
+      { initial: false, replay: msg.replay === true, conflated: msg.conflated === true }, skipped);
   }
 
   _onResumeComplete(msg) {
@@ -1007,7 +1303,7 @@ export class PriceHubClient extends EventTarget {
     this.dispatchEvent(new PriceHubEvent('backend', { backend, previous }));
   }
 
-  _deliver(price, flags) {
+  _deliver(price, flags, skipped = 0) {
     const zone = price.market_zone;
     const last = this._lastSeq.get(zone);
     if (typeof price.seq === 'number') {
@@ -1023,8 +1319,14 @@ export class PriceHubClient extends EventTarget {
         this._setZoneStatus({ zone, status: 'live', since: null, lastSeq: price.seq });
       }
     }
-    this.dispatchEvent(new PriceHubEvent('price', { price, flags }));
+    this.dispatchEvent(new PriceHubEvent('price', { price, flags, skipped }));
   }
+}
+
+/** The fields of a `snapshot` message (or the HTTP body). */
+function snapshotOf(msg) {
+  return { epoch: msg.epoch, prices: msg.prices ?? {}, cursor: msg.cursor ?? {},
+    timestamp: msg.timestamp ?? null };
 }
 
 // Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
@@ -1084,6 +1386,7 @@ PriceHubClient.prototype._handlers = Object.freeze({
   resume_complete: PriceHubClient.prototype._onResumeComplete,
   gap: PriceHubClient.prototype._onGap,
   zone_status: PriceHubClient.prototype._onZoneStatus,
+  snapshot: PriceHubClient.prototype._onSnapshot,
   storage_backend_changed: PriceHubClient.prototype._onBackendChanged,
   error: PriceHubClient.prototype._onError,
 });

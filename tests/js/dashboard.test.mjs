@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { connectionView, utcClock, ZoneHealth, ZoneSeries } from '../../pricehub/static/dashboard.js';
+import { connectionView, dashboardRate, utcClock, ZoneHealth, ZoneSeries } from '../../pricehub/static/dashboard.js';
 
 const UPGRADE_REFUSED = { kind: 'upgrade_refused',
   text: "The server refused the connection: this page's origin (http://p) is not allowed (...), "
@@ -159,5 +159,11 @@ describe('ZoneHealth', () => {
     const h = new ZoneHealth();
     h.noteStatus(stale(null, null));
     assert.equal(h.view().staleText, 'STALE');
+  });
+});
+
+describe('dashboardRate', () => {
+  test('every update for a few tiles, 4/s above 50 zones, 1/s above 500', () => {
+    assert.deepEqual([1, 50, 51, 500, 501, 20000].map(dashboardRate), [null, null, 4, 4, 1, 1]);
   });
 });
