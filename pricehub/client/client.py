@@ -112,10 +112,8 @@ _HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 _TRANSPORTS = ("auto", "ws", "sse")
 _HEARTBEAT = encode_client_message(Heartbeat()).decode()
 _SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
-# Wire names wire/ does not spell yet (the lead moves them there): the ``skipped`` of a
-# rate-limited ``price_update`` (wire/decode.py drops it), the ``since`` vector and
-# ``epoch`` of a multi-zone URL, and the query of the snapshot and history endpoints.
-_SKIPPED = "skipped"
+# Wire names wire/ does not spell yet: the ``since`` vector and ``epoch`` of a multi-zone
+# URL, and the query of the snapshot and history endpoints.
 _SINCE, _EPOCH, _ZONES, _TOKEN = "since", "epoch", "zones", "token"
 
 
@@ -157,10 +155,9 @@ class PriceUpdate:
         price = PriceObject(
             self.zone, self.price, self.volume, self.seq, self.timestamp, self.accepted_at
         )
-        obj = PriceUpdateMessage(price, replay=self.replay, conflated=self.conflated).as_json()
-        if self.skipped:
-            obj[_SKIPPED] = self.skipped
-        return obj
+        return PriceUpdateMessage(
+            price, replay=self.replay, conflated=self.conflated, skipped=self.skipped
+        ).as_json()
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,8 +530,8 @@ class PriceClient:
                 answer.set_exception(ClientError(why))
 
     async def _http_snapshot(self, zones: tuple[str, ...]) -> SnapshotMessage:
-        body = await self._get_json(paths.SNAPSHOT, {_ZONES: ",".join(zones)}, "snapshot")
-        return _as(SnapshotMessage, body, "snapshot")
+        body = await self._get_json(paths.SNAPSHOT, {_ZONES: ",".join(zones)}, "the snapshot")
+        return _as(SnapshotMessage, body, "the snapshot")
 
     async def _get_json(self, path: str, query: dict[str, str], what: str) -> dict[str, Any]:
         """``GET`` one of the server's JSON endpoints (the token added); ``ClientError``
@@ -873,7 +870,7 @@ class PriceClient:
 
     async def _dispatch(self, message: _Decoded) -> None:
         match message:
-            case _Update(message=PriceUpdateMessage(price, replay, conflated), skipped=skipped):
+            case PriceUpdateMessage(price, replay, conflated, skipped):
                 update = _update(price, replay=replay, conflated=conflated, skipped=skipped)
                 await self._offer(update)
             case SnapshotMessage():
@@ -1040,16 +1037,7 @@ def _os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or type(exc).__name__).lower()
 
 
-@dataclass(frozen=True, slots=True)
-class _Update:
-    """A decoded ``price_update`` with its ``skipped`` (read here until wire/decode.py's
-    ``PriceUpdateMessage`` carries it)."""
-
-    message: PriceUpdateMessage
-    skipped: int
-
-
-_Decoded = ServerMessage | MalformedMessage | _Update
+_Decoded = ServerMessage | MalformedMessage
 
 
 def _decode(data: str | bytes) -> _Decoded:
@@ -1064,22 +1052,11 @@ def _decode(data: str | bytes) -> _Decoded:
     except MalformedMessage as exc:
         logger.warning("ignoring a malformed server message (%.100s): %.200r", exc, data)
         return exc
-    if isinstance(message, PriceUpdateMessage):
-        return _Update(message, _skipped(obj))
     return message
 
 
 # Events whose `id:` is a stream cursor (initial_data stands in for an update on a stream).
-_CURSOR_MESSAGES = (_Update, InitialData)
-
-
-def _skipped(obj: Mapping[str, Any]) -> int:
-    """``skipped`` of a price update: 0 when absent, or anything but a count (it is
-    informative; the price itself is what a trader needs)."""
-    value = obj.get(_SKIPPED)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
+_CURSOR_MESSAGES = (PriceUpdateMessage, InitialData)
 
 
 def _update(

@@ -132,20 +132,24 @@ class InitialData:
 @dataclass(frozen=True, slots=True)
 class PriceUpdateMessage:
     """A ``price_update``: ``replay`` when re-sent during a resume, ``conflated`` when the
-    server skipped earlier updates for a slow reader."""
+    server skipped earlier updates for a slow reader; ``skipped``: how many updates of the
+    zone this one replaces (``max_rate`` or conflation; 0 when absent)."""
 
     price: PriceObject
     replay: bool = False
     conflated: bool = False
+    skipped: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        """The price object, plus ``replay``/``conflated`` only when true (as on the wire),
-        without ``type``."""
+        """The price object, plus ``replay``/``conflated`` only when true and ``skipped``
+        only when not 0 (as on the wire), without ``type``."""
         obj = self.price.as_json()
         if self.replay:
             obj["replay"] = True
         if self.conflated:
             obj["conflated"] = True
+        if self.skipped:
+            obj["skipped"] = self.skipped
         return obj
 
 
@@ -410,7 +414,15 @@ def _price_update(obj: Obj, kind: str) -> PriceUpdateMessage:
         price=decode_price(obj, kind=kind),
         replay=_flag(obj, "replay", kind),
         conflated=_flag(obj, "conflated", kind),
+        skipped=_skipped(obj, kind),
     )
+
+
+def _skipped(obj: Obj, kind: str) -> int:
+    value = obj.get("skipped", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedMessage("'skipped' must be a count", kind=kind)
+    return value
 
 
 def _resume_complete(obj: Obj, kind: str) -> ResumeComplete:
