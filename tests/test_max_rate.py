@@ -19,7 +19,7 @@ import pytest
 
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.keys import BROADCASTER
-from pricehub.wire import paths, rate
+from pricehub.wire import messages, paths, rate
 from tests.ssestream import EventStream
 from tests.support import WAIT, Client, MakeClient, eventually, publish, receive_json
 from tests.test_fanout import open_stalled, publish_until
@@ -106,7 +106,7 @@ def test_rates_inside_the_contract_parse() -> None:
 
 def test_skipped_is_spliced_without_re_encoding_the_price() -> None:
     stored = b'{"market_zone":"pjm","price":41.5,"volume":null,"seq":9,"timestamp":"t"}'
-    frame = orjson.loads(rate.price_update(stored, skipped=3, replay=True))
+    frame = orjson.loads(messages.price_update(stored, skipped=3, replay=True))
     assert frame["type"] == "price_update" and frame["skipped"] == 3
     assert frame["replay"] is True and frame["seq"] == 9 and frame["price"] == 41.5
 

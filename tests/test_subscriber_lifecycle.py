@@ -81,8 +81,10 @@ def test_every_refusal_has_one_row_of_codes() -> None:
     # Said before a WebSocket upgrade (the contract's 403 for a browser Origin) or SSE only.
     http_only = {reason for reason, codes in REFUSALS.items() if codes.close_code is None}
     assert http_only == {
-        RefusalReason.ORIGIN, RefusalReason.INVALID_CURSOR, RefusalReason.INVALID_SINCE
+        RefusalReason.ORIGIN, RefusalReason.INVALID_CURSOR, RefusalReason.INVALID_SINCE,
+        RefusalReason.INVALID_MAX_RATE,
     }
+    assert REFUSALS[RefusalReason.INVALID_MAX_RATE].status == 400
     assert REFUSALS[RefusalReason.LIMIT_TOTAL].close_code == CloseCode.TRY_AGAIN_LATER
     assert REFUSALS[RefusalReason.AUTH].status == 401
 

@@ -12,9 +12,11 @@ from pricehub.wire.codes import (
     CloseCode,
     ErrorCode,
     HealthStatus,
+    HttpErrorCode,
     MessageType,
     Transport,
 )
+from pricehub.wire.refusals import REFUSALS, RefusalReason
 
 
 def test_paths_are_the_contracts() -> None:
@@ -67,3 +69,37 @@ def test_stream_refusals_map_to_the_close_codes_with_the_same_advice() -> None:
     assert {status: int(code) for status, code in HTTP_REFUSAL_CLOSE_CODES.items()} == {
         401: 4001, 403: 4003, 404: 1008, 422: 1008, 503: 1013,
     }
+
+
+def test_http_error_codes_are_the_contracts() -> None:
+    """Every ``error`` an HTTP JSON body may carry; ``invalid_max_rate`` is the contract's
+    (PROTOCOL.md, "A rate the client chooses: max_rate")."""
+    assert {str(code) for code in HttpErrorCode} == {
+        "unauthorized", "forbidden", "invalid_token", "forbidden_zone", "operator_key_required",
+        "publishing_disabled", "rate_limited", "auth_rate_limited", "body_too_large",
+        "body_timeout", "invalid_body", "invalid_limit", "invalid_range", "invalid_zone",
+        "unknown_zone", "invalid_price", "invalid_timestamp", "invalid_number",
+        "storage_unavailable", "origin_not_allowed", "over_capacity", "too_many_zones",
+        "invalid_cursor", "invalid_since", "invalid_max_rate",
+    }
+
+
+def test_every_refusal_reason_and_how_it_is_said() -> None:
+    """Reason (the metric's label) -> close code (None: said before the upgrade), HTTP
+    status and error: a bad URL max_rate is a 400 on both transports."""
+    assert {
+        str(reason): (codes.close_code, codes.status, str(codes.error))
+        for reason, codes in REFUSALS.items()
+    } == {
+        "origin": (None, 403, "origin_not_allowed"),
+        "limit_total": (1013, 503, "over_capacity"),
+        "limit_per_ip": (1013, 503, "over_capacity"),
+        "auth": (4001, 401, "invalid_token"),
+        "unknown_zone": (1008, 404, "unknown_zone"),
+        "forbidden_zone": (4003, 403, "forbidden_zone"),
+        "too_many_zones": (1008, 422, "too_many_zones"),
+        "invalid_cursor": (None, 400, "invalid_cursor"),
+        "invalid_since": (None, 400, "invalid_since"),
+        "invalid_max_rate": (None, 400, "invalid_max_rate"),
+    }
+    assert set(REFUSALS) == set(RefusalReason)

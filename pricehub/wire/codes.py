@@ -137,7 +137,8 @@ class HttpErrorCode(StrEnum):
     OVER_CAPACITY = "over_capacity"  # 503: over a connection limit
     TOO_MANY_ZONES = "too_many_zones"  # 422: over --max-zones-per-socket
     INVALID_CURSOR = "invalid_cursor"  # 400: malformed Last-Event-ID
-    INVALID_SINCE = "invalid_since"  # 400: malformed since
+    INVALID_SINCE = "invalid_since"  # 400: malformed since (an int, or a zone:seq vector)
+    INVALID_MAX_RATE = "invalid_max_rate"  # 400: a URL's max_rate outside the contract
 
 
 # An HTTP refusal of a stream (SSE, before it starts; PROTOCOL.md "Server-Sent Events

@@ -12,7 +12,8 @@ Three parts:
 * many zones at once (``snapshot``, history by market time): the checks shared by the
   HTTP endpoints and the WebSocket session (``history_range``, ``parse_history_request``,
   ``parse_snapshot_request``) and their answers (``snapshot_reply``,
-  ``price_history_range``, ``history_range_body``).
+  ``price_history_range``, ``history_range_body``); resuming many zones from a URL's
+  ``since=pjm:12,ercot:40`` (``parse_since_vector``).
 
 The other direction, for clients: ``encode_client_message`` (``decode_client_message``'s
 inverse) here, and the server messages read back into typed values in
@@ -38,12 +39,18 @@ import orjson
 from pricehub.wire.codes import ErrorCode, GapReason, HttpErrorCode, MessageType, ZoneStatus
 from pricehub.wire.decode import GapNotice, ZoneState, decode_gap, decode_zone_status
 from pricehub.wire.errors import ProtocolError, ValidationError
+from pricehub.wire.rate import FIELD as RATE_FIELD
+from pricehub.wire.rate import RateError
+from pricehub.wire.rate import parse_json as parse_rate
+from pricehub.wire.sse import MAX_SEQ
 
 __all__ = [
     "ACCEPTED_AT_NULL",
     "DEFAULT_HISTORY_LIMIT",
     "DEFAULT_RANGE_LIMIT",
+    "EPOCH",
     "MAX_RANGE_LIMIT",
+    "SINCE",
     "ClientMessage",
     "GapNotice",
     "Heartbeat",
@@ -80,6 +87,7 @@ __all__ = [
     "normalise_timestamp",
     "parse_count",
     "parse_history_request",
+    "parse_since_vector",
     "parse_snapshot_request",
     "price_history",
     "price_history_range",
@@ -574,9 +582,12 @@ class SnapshotRequest:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
+    """``subscribe``; ``max_rate`` None: the socket's rate (its URL's, or none)."""
+
     zones: tuple[str, ...]
     since: Mapping[str, int]
     epoch: str | None
+    max_rate: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,7 +666,12 @@ def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
     epoch = obj.get("epoch")
     if epoch is not None and not isinstance(epoch, str):
         raise _invalid("'epoch' must be a string")
-    return Subscribe(zones, since, epoch)
+    value = obj.get(RATE_FIELD)
+    try:
+        max_rate = None if value is None else parse_rate(value)
+    except RateError as exc:
+        raise _invalid(str(exc)) from None
+    return Subscribe(zones, since, epoch, max_rate)
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
@@ -684,7 +700,8 @@ def encode_client_message(message: ClientMessage) -> bytes:
                    "from": message.start, "to": message.end}  # fmt: skip
         case Subscribe():
             obj = {"type": MessageType.SUBSCRIBE, "zones": list(message.zones),
-                   "since": dict(message.since) or None, "epoch": message.epoch}  # fmt: skip
+                   "since": dict(message.since) or None, "epoch": message.epoch,
+                   RATE_FIELD: message.max_rate}  # fmt: skip
         case Unsubscribe():
             obj = {"type": MessageType.UNSUBSCRIBE, "zones": list(message.zones)}
         case SnapshotRequest():
@@ -737,9 +754,17 @@ def connection_established(
 _PRICE_UPDATE_HEAD = b'{"type":"%s",' % MessageType.PRICE_UPDATE.encode()
 
 
-def price_update(payload: bytes, *, replay: bool = False, conflated: bool = False) -> bytes:
-    """A ``price_update`` built by splicing the stored price object (no re-encoding)."""
+def price_update(
+    payload: bytes, *, replay: bool = False, conflated: bool = False, skipped: int | None = None
+) -> bytes:
+    """A ``price_update`` built by splicing the stored price object (no re-encoding).
+
+    ``skipped`` (``max_rate``, a slow reader's conflation): how many updates of the zone
+    this one replaces, its seq minus the previous delivered seq of that zone minus 1,
+    right after the type."""
     flags = (b'"replay":true,' if replay else b"") + (b'"conflated":true,' if conflated else b"")
+    if skipped is not None:
+        flags = b'"skipped":%d,' % skipped + flags
     return _PRICE_UPDATE_HEAD + flags + price_object(payload)[1:]
 
 
@@ -984,6 +1009,36 @@ def parse_history_request(
         )  # fmt: skip
     except ValidationError as exc:
         raise _invalid(str(exc)) from None
+
+
+# A resume on a subscriber's URL (and the ``subscribe`` fields of the same names).
+SINCE = "since"
+EPOCH = "epoch"
+# The longest entry of a ``since`` vector: a zone name, a colon, a seq of MAX_SEQ's digits and
+# the comma before the next one.
+_VECTOR_ENTRY = 32 + 1 + len(str(MAX_SEQ)) + 1
+
+
+def parse_since_vector(raw: str, zones: Collection[str]) -> dict[str, int]:
+    """The ``since`` of a several-zones URL, ``since=pjm:12,ercot:40``: where to resume
+    each zone named (a zone not named starts fresh). Each zone is one of ``zones`` (the
+    URL's), named once, with a seq from 0 to ``MAX_SEQ``; at most one entry per zone, so
+    the text is bounded by the zones. Raises ``ProtocolError`` ``invalid_message``
+    (answered as each transport answers a bad single-zone ``since``)."""
+    if not raw or len(raw) > max(1, len(zones)) * _VECTOR_ENTRY:
+        raise _invalid("'since' must be zone:seq pairs of this socket's zones, comma-separated")
+    vector: dict[str, int] = {}
+    for entry in raw.split(","):
+        zone, colon, seq_text = entry.partition(":")
+        seq = parse_count(seq_text, max_digits=len(str(MAX_SEQ)))
+        if not colon or seq is None or seq > MAX_SEQ:
+            raise _invalid(f"'since' entry {entry[:60]!r} is not zone:seq (seq >= 0)")
+        if zone not in zones:
+            raise _invalid(f"'since' names {zone[:40]!r}, not one of this socket's zones")
+        if zone in vector:
+            raise _invalid(f"'since' names {zone[:40]!r} twice")
+        vector[zone] = seq
+    return vector
 
 
 def parse_snapshot_request(

@@ -1,4 +1,4 @@
-"""``max_rate`` and ``skipped`` (PROTOCOL.md, "A rate the client chooses: max_rate"): pure.
+"""``max_rate`` (PROTOCOL.md, "A rate the client chooses: max_rate"): pure.
 
 A client may ask for at most ``max_rate`` ``price_update``s per second of a zone, on a
 WebSocket or SSE URL (``?max_rate=4``) or in a ``subscribe`` (``"max_rate": 4``). The
@@ -7,9 +7,11 @@ contract allows ``0 < max_rate <= 1000``; pricehub also bounds the precision to
 ``max_rate=1e-9`` would hold a zone's newest price back for 31 years, and every distinct
 rate is an audience of its own, so a client must not be able to invent unbounded ones.
 
-What a rate-limited (or conflated) delivery says about the updates it replaces is
-``skipped``: its seq minus the previous delivered seq of that zone minus 1, spliced into
-the ``price_update`` frame without re-encoding the price (``price_update``).
+A bad URL rate is refused as ``wire.refusals.RefusalReason.INVALID_MAX_RATE`` (HTTP 400,
+``HttpErrorCode.INVALID_MAX_RATE``); a bad ``subscribe`` rate is refused by
+``messages.decode_client_message`` (``invalid_message``). What a rate-limited (or
+conflated) delivery says about the updates it replaces, ``skipped``, is spliced into the
+frame by ``messages.price_update``.
 """
 
 from __future__ import annotations
@@ -18,20 +20,8 @@ import math
 import re
 from typing import Any, Final
 
-import orjson
+__all__ = ["DECIMALS", "FIELD", "MAX_RATE", "MIN_RATE", "RateError", "parse_json", "parse_url"]
 
-from pricehub.wire import messages
-from pricehub.wire.codes import ErrorCode, MessageType
-from pricehub.wire.errors import ProtocolError
-
-__all__ = [
-    "DECIMALS", "FIELD", "INVALID_MAX_RATE", "MAX_RATE", "MIN_RATE", "RateError", "parse_json",
-    "parse_url", "price_update", "subscribe_rate",
-]
-
-# The HTTP ``error`` of a bad URL ``max_rate`` (400 before the upgrade or the stream).
-# moves to wire.codes.ErrorCode (HttpErrorCode) once that module is free to change.
-INVALID_MAX_RATE: Final = "invalid_max_rate"
 FIELD: Final = "max_rate"  # the URL query parameter and the ``subscribe`` field
 MAX_RATE: Final = 1000.0
 DECIMALS: Final = 3
@@ -43,8 +33,6 @@ _TEXT = (
     f"'{FIELD}' must be a number from {MIN_RATE:g} to {MAX_RATE:g} (updates per second) "
     f"with at most {DECIMALS} decimals"
 )
-
-_PRICE_UPDATE_HEAD = b'{"type":"%s",' % MessageType.PRICE_UPDATE.encode()
 
 
 class RateError(ValueError):
@@ -76,29 +64,3 @@ def parse_json(value: Any) -> float:
     if not math.isfinite(value) or round(value, DECIMALS) != value:
         raise RateError(_TEXT)
     return _in_range(value)
-
-
-def subscribe_rate(data: str | bytes) -> float | None:
-    """The ``max_rate`` of a ``subscribe`` frame already decoded by
-    ``messages.decode_client_message`` (None: absent or null); raises ``ProtocolError``
-    ``invalid_message``. Until ``messages.Subscribe`` carries the field (wire/messages.py
-    is not this module's to change), the frame is parsed here once more: subscribes are
-    rare and rate-limited, so the second parse is off every hot path."""
-    obj = orjson.loads(data)
-    value = obj.get(FIELD) if isinstance(obj, dict) else None
-    if value is None:
-        return None
-    try:
-        return parse_json(value)
-    except RateError as exc:
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, str(exc)) from None
-
-
-def price_update(
-    payload: bytes, *, skipped: int, replay: bool = False, conflated: bool = False
-) -> bytes:
-    """``messages.price_update`` with ``"skipped": N`` spliced in right after its type
-    (how many updates of the zone this one replaces; the price is not re-encoded)."""
-    frame = messages.price_update(payload, replay=replay, conflated=conflated)
-    head = len(_PRICE_UPDATE_HEAD)
-    return frame[:head] + b'"skipped":%d,' % skipped + frame[head:]

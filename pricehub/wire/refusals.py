@@ -14,9 +14,8 @@ from enum import StrEnum
 from types import MappingProxyType
 
 from pricehub.wire.codes import CloseCode, HttpErrorCode
-from pricehub.wire.rate import INVALID_MAX_RATE
 
-__all__ = ["RATE_REFUSAL", "REFUSALS", "RefusalCodes", "RefusalReason", "codes_of"]
+__all__ = ["REFUSALS", "RefusalCodes", "RefusalReason", "codes_of"]
 
 
 class RefusalReason(StrEnum):
@@ -32,6 +31,8 @@ class RefusalReason(StrEnum):
     # SSE only: a WebSocket's bad ``since`` is an ``error`` message once it is open.
     INVALID_CURSOR = "invalid_cursor"
     INVALID_SINCE = "invalid_since"
+    # Both transports, before the upgrade or the stream: a bad ``max_rate`` in the URL.
+    INVALID_MAX_RATE = "invalid_max_rate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +42,7 @@ class RefusalCodes:
 
     close_code: CloseCode | None
     status: int
-    # str: ``wire.rate.INVALID_MAX_RATE`` (``RATE_REFUSAL``), until it joins
-    # HttpErrorCode in wire.codes and this table (as ``RefusalReason.INVALID_MAX_RATE``).
-    error: HttpErrorCode | str
+    error: HttpErrorCode
 
 
 _HTTP_ONLY = None  # refused before a WebSocket upgrade, or a refusal of SSE alone
@@ -66,12 +65,10 @@ REFUSALS = MappingProxyType({
     ),
     RefusalReason.INVALID_CURSOR: RefusalCodes(_HTTP_ONLY, 400, HttpErrorCode.INVALID_CURSOR),
     RefusalReason.INVALID_SINCE: RefusalCodes(_HTTP_ONLY, 400, HttpErrorCode.INVALID_SINCE),
+    RefusalReason.INVALID_MAX_RATE: RefusalCodes(
+        _HTTP_ONLY, 400, HttpErrorCode.INVALID_MAX_RATE
+    ),
 })
-
-
-# Both transports, before the upgrade or the stream: a bad ``max_rate`` in the URL. Kept
-# out of ``REFUSALS`` (whose every error is an HttpErrorCode) until wire.codes has it.
-RATE_REFUSAL = RefusalCodes(_HTTP_ONLY, 400, INVALID_MAX_RATE)
 
 
 def codes_of(reason: RefusalReason) -> RefusalCodes:

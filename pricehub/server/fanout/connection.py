@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Protocol
 from pricehub.server.fanout.encoding import Encoding
 from pricehub.server.fanout.pacing import PacedStream
 from pricehub.server.policy.resume import ZoneStream
-from pricehub.wire import rate
+from pricehub.wire import messages
 from pricehub.wire.codes import CloseCode, DisconnectReason
 
 if TYPE_CHECKING:
@@ -374,7 +374,7 @@ class Connection:
             self.checkpoint_bytes, self.checkpoint_at = self.bytes_written, now
             for price in pending.values():
                 skipped = price.seq - since.get(price.zone, price.seq - 1) - 1
-                payload = rate.price_update(price.payload, skipped=skipped, conflated=True)
+                payload = messages.price_update(price.payload, skipped=skipped, conflated=True)
                 self.send(payload, zone=price.zone, seq=price.seq)
             return True
         if now - self.conflating_since > self.limits.lag_timeout:
@@ -433,5 +433,6 @@ def paced_frame(
     key = (encoding, price.seq - previous - 1)
     frame = frames.get(key)
     if frame is None:
-        frame = frames[key] = encoding.price(rate.price_update(price.payload, skipped=key[1]))
+        payload = messages.price_update(price.payload, skipped=key[1])
+        frame = frames[key] = encoding.price(payload)
     return frame

@@ -22,8 +22,8 @@ from aiohttp import hdrs, web
 from pricehub.server.errors import AuthError
 from pricehub.server.policy.auth import Grant, TokenVerifier, request_token
 from pricehub.server.settings import Settings
-from pricehub.wire import messages, rate
-from pricehub.wire.refusals import RATE_REFUSAL, REFUSALS, RefusalCodes, RefusalReason
+from pricehub.wire import messages
+from pricehub.wire.refusals import REFUSALS, RefusalCodes, RefusalReason
 
 __all__ = [
     "Admitted", "ConnectionLimits", "Gate", "Refusal", "admit", "normalise_origin",
@@ -35,17 +35,14 @@ OVER_CAPACITY = "server over its connection limit"
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Admission said no: why (a ``RefusalReason``, or ``wire.rate.INVALID_MAX_RATE``
-    until it is one) and a message for the client."""
+    """Admission said no: why, and a message for the client."""
 
-    reason: RefusalReason | str
+    reason: RefusalReason
     message: str
 
     @property
     def codes(self) -> RefusalCodes:
-        if self.reason == rate.INVALID_MAX_RATE:
-            return RATE_REFUSAL
-        return REFUSALS[RefusalReason(self.reason)]
+        return REFUSALS[self.reason]
 
 
 @dataclass(frozen=True, slots=True)

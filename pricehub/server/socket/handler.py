@@ -4,10 +4,16 @@
 refuses (HTTP 403 before the upgrade for a browser Origin, a close code after it for the
 rest), upgrades, opens the zones from the URL, reads the client's frames until the
 socket ends, and says which close code ended it.
+
+Both URLs resume on the URL: ``since=N&epoch=E`` on the one-zone path, a vector
+``since=pjm:12,ercot:40&epoch=E`` on the several-zones path. A malformed ``since`` of
+either is no refusal: an ``error`` ``invalid_message`` once the socket is open, and the
+zones then open fresh.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -29,6 +35,7 @@ from pricehub.server.subscriber.lifecycle import (
 from pricehub.server.subscriber.session import Job, Session
 from pricehub.wire import messages, paths
 from pricehub.wire.codes import CloseCode, DisconnectReason
+from pricehub.wire.errors import ProtocolError
 
 __all__ = ["WS_ENCODINGS", "WsTransport", "install", "market_socket", "prices_socket"]
 
@@ -48,11 +55,11 @@ def install(app: web.Application) -> None:
 async def market_socket(request: web.Request) -> web.StreamResponse:
     """``/api/ws/ws/market/{zone}``: one zone, resumable with ``since`` and ``epoch``."""
     zone = request.match_info["zone"]
-    since_raw = request.query.get("since")
+    since_raw = request.query.get(messages.SINCE)
     since = None if since_raw is None else messages.parse_count(since_raw)
     transport = WsTransport(
         request, (zone,), single_zone=zone, since=since,
-        epoch=request.query.get("epoch") or None,
+        epoch=request.query.get(messages.EPOCH) or None,
         bad_since=since_raw is not None and since is None,
     )  # fmt: skip
     return await serve(request, transport, transport.subscription)
@@ -60,8 +67,21 @@ async def market_socket(request: web.Request) -> web.StreamResponse:
 
 async def prices_socket(request: web.Request) -> web.StreamResponse:
     """``/api/ws/ws/prices?zones=a,b``: several zones (default all; ``zones=`` none,
-    for clients that resume every zone with a ``subscribe`` message)."""
-    transport = WsTransport(request, requested_zones(request))
+    for clients that resume every zone with a ``subscribe`` message), each resumable
+    from a ``since`` vector with ``epoch``."""
+    zones = requested_zones(request)
+    since_raw = request.query.get(messages.SINCE)
+    vector: dict[str, int] | None = None
+    bad_since: str | bool = False
+    if since_raw is not None:
+        try:
+            vector = messages.parse_since_vector(since_raw, frozenset(zones))
+        except ProtocolError as exc:
+            bad_since = exc.message
+    transport = WsTransport(
+        request, zones, since=vector, epoch=request.query.get(messages.EPOCH) or None,
+        bad_since=bad_since,
+    )  # fmt: skip
     return await serve(request, transport, transport.subscription)
 
 
@@ -77,9 +97,9 @@ class WsTransport:
         zones: tuple[str, ...],
         *,
         single_zone: str | None = None,
-        since: int | None = None,
+        since: int | Mapping[str, int] | None = None,
         epoch: str | None = None,
-        bad_since: bool = False,
+        bad_since: bool | str = False,
     ) -> None:
         self.request, self.zones = request, zones
         # A bad ``since`` is no refusal here: an ``error`` message once the socket is open.
@@ -125,8 +145,9 @@ class WsTransport:
         )  # fmt: skip
 
     def open(self, session: Session) -> Job:
-        return session.start(self.zones, since=self.since, epoch=self.epoch,
-                             bad_since=self.bad_since)
+        return session.start(
+            self.zones, since=self.since, epoch=self.epoch, bad_since=self.bad_since
+        )
 
     async def wait(self, driver: Driver, session: Session) -> str:
         await read_loop(self.ws, session, driver)

@@ -5,10 +5,11 @@ the subscriber lifecycle.
 WebSocket; a refusal is answered with the HTTP status of ``wire.refusals`` before the
 stream starts (there is no close frame to carry a code): 403 Origin, 503 over a
 connection limit, 401 token, 404 unknown zone, 403 zone not allowed by the token, 422
-too many zones, 400 malformed ``since`` or ``Last-Event-ID``. Then ``retry: 1000``, the
-``connection_established`` event, and each zone opened exactly as on the WebSocket
-(``Session.resume``: initial data, or a resume from the cursor with the same
-``recovered`` rules). From then on the broadcaster writes to the stream; this adapter
+too many zones, 400 malformed ``since`` (a seq on the one-zone path, a ``pjm:12,ercot:40``
+vector on the several-zones path, both with ``epoch``) or ``Last-Event-ID``. Then
+``retry: 1000``, the ``connection_established`` event, and each zone opened exactly as
+on the WebSocket (``Session.resume``: initial data, or a resume from the cursor with the
+same ``recovered`` rules). From then on the broadcaster writes to the stream; this adapter
 only waits for the stream to end (server close, shutdown, client gone) and ends it.
 """
 
@@ -76,21 +77,28 @@ def resume_points(
     request: web.Request, zones: tuple[str, ...], *, single_zone: bool
 ) -> ResumeFrom | Refusal:
     """``Last-Event-ID`` (what EventSource sends on its own reconnects) wins over the
-    ``since``/``epoch`` query of the single-zone stream."""
-    last_id = request.headers.get("Last-Event-ID")
+    ``since``/``epoch`` query: one seq on the single-zone stream, a vector of seqs
+    (``since=pjm:12,ercot:40``) on the several-zones one."""
+    last_id = request.headers.get(paths.LAST_EVENT_ID)
     if last_id:
         try:
             cursor = sse.decode_cursor(last_id, zones)
         except ProtocolError as exc:
             return Refusal(RefusalReason.INVALID_CURSOR, exc.message)
         return ResumeFrom(dict(cursor.seqs), cursor.epoch)
-    since_raw = request.query.get("since")
-    if not single_zone or since_raw is None:
+    since_raw = request.query.get(messages.SINCE)
+    if since_raw is None:
         return ResumeFrom()
+    epoch = request.query.get(messages.EPOCH) or None
+    if not single_zone:
+        try:
+            return ResumeFrom(messages.parse_since_vector(since_raw, frozenset(zones)), epoch)
+        except ProtocolError as exc:
+            return Refusal(RefusalReason.INVALID_SINCE, exc.message)
     since = messages.parse_count(since_raw)
     if since is None:
         return Refusal(RefusalReason.INVALID_SINCE, "'since' must be a non-negative integer")
-    return ResumeFrom({zones[0]: since}, request.query.get("epoch") or None)
+    return ResumeFrom({zones[0]: since}, epoch)
 
 
 class SseTransport:

@@ -20,17 +20,21 @@ from typing import Any
 
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.fanout.connection import Connection
+from pricehub.server.policy.resume import ZoneStream
 from pricehub.server.stats import Stats
 from pricehub.server.subscriber.session import (
     Attach,
     Close,
     Detach,
     Drain,
+    Hold,
     Job,
     Pong,
     ReadHistory,
     ReadLatest,
+    ReadRange,
     ReadSince,
+    ReadSnapshot,
     Retained,
     Send,
     SendError,
@@ -100,8 +104,11 @@ class Driver:
             connection.busy = False
             self.broadcaster.offer(connection)  # in step now, it may join its audience
 
-    async def perform(self, effect: Pong | Attach | Detach | ReadLatest | ReadHistory | ReadSince
-                      ) -> Any:
+    async def perform(
+        self,
+        effect: Pong | Attach | Detach | ReadLatest | ReadHistory | ReadSince | ReadSnapshot
+        | ReadRange | Hold,
+    ) -> Any:
         connection, broadcaster, storage = self.connection, self.broadcaster, self.storage
         match effect:
             case Pong(data):
@@ -119,7 +126,28 @@ class Driver:
             case ReadSince(zone, seq):
                 epoch = storage.epoch  # before the read: a change during it shows as a gap
                 return Retained(epoch, await storage.since(zone, seq))
+            case ReadSnapshot(zones):
+                return await storage.snapshot(zones)
+            case ReadRange(zones, start, end, limit):
+                return await storage.history_between(zones, start, end, limit=limit)
+            case Hold(streams):
+                self.hold(streams)
         return None
+
+    def hold(self, streams: tuple[ZoneStream, ...]) -> None:
+        """``Hold``: out of its audience (whose shared writes would not stop for a syncing
+        stream), then each stream syncing; all in one step, so no update slips between."""
+        connection = self.connection
+        self.broadcaster.detach(connection)
+        conflated = connection.conflated
+        for stream in streams:
+            kept = None if conflated is None else conflated.pop(stream.zone, None)
+            if kept is not None:
+                # Kept for a slow reader and not sent: held like what comes next, and the
+                # stream back at the seq the client was last sent.
+                stream.last_seq = connection.conflated_from.pop(stream.zone, stream.last_seq)
+                stream.held.append(kept)
+            stream.syncing = True
 
     async def drained(self) -> bool:
         """Wait until the socket's unsent bytes are at most ``low_water``; False if it

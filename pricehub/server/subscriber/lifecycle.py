@@ -31,13 +31,14 @@ from aiohttp import web
 
 from pricehub.server.fanout.broadcaster import Broadcaster
 from pricehub.server.fanout.connection import Connection
-from pricehub.server.http.replies import json_response
+from pricehub.server.http.replies import json_error
 from pricehub.server.keys import BROADCASTER, LIMITS, SETTINGS, STATS, STORAGE, VERIFIER
 from pricehub.server.policy.admission import Admitted, Gate, Refusal, admit
 from pricehub.server.subscriber.driver import Driver
 from pricehub.server.subscriber.session import Job, Session, SessionPolicy
 from pricehub.wire import messages, rate
 from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode
+from pricehub.wire.refusals import RefusalReason
 
 __all__ = [
     "FAILURES", "Subscription", "Transport", "close_at_expiry", "failure", "http_refusal",
@@ -113,18 +114,16 @@ def url_rate(request: web.Request) -> float | Refusal | None:
     try:
         return rate.parse_url(raw)
     except rate.RateError as exc:
-        return Refusal(rate.INVALID_MAX_RATE, str(exc))
+        return Refusal(RefusalReason.INVALID_MAX_RATE, str(exc))
 
 
 def http_refusal(refusal: Refusal, *, headers: Mapping[str, str] | None = None) -> web.Response:
-    """A refusal as an HTTP answer: the table's status and error code (the body
-    ``json_error`` makes; built here while a code of the table is not an HttpErrorCode)."""
+    """A refusal as an HTTP answer: the table's status and error code."""
     codes = refusal.codes
     answer = dict(headers or {})
     if codes.status == 401:
         answer["WWW-Authenticate"] = "Bearer"
-    body = {"error": codes.error, "message": refusal.message}
-    return json_response(body, status=codes.status, headers=answer)
+    return json_error(codes.status, codes.error, refusal.message, headers=answer)
 
 
 async def serve(

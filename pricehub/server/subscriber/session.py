@@ -21,6 +21,15 @@ A zone opened with a rate (``max_rate``: the URL's for the socket's zones and fo
 ``subscribe``s without one, or the ``subscribe``'s own) is a ``PacedStream``: its resume
 replays only the newest missed price and the live updates held meanwhile are released
 as their newest only, each with ``skipped``; the fan-out paces it from then on.
+
+A ``snapshot`` (PROTOCOL.md, "One consistent picture of many zones") holds the live
+updates of the socket's zones it covers while the storage reads them (``Hold``: the
+zones are syncing again, as when they were opened), then sends the snapshot and raises
+each such zone's floor to its ``cursor``: what was held, and everything the fan-out
+brings later, reaches the client only if its seq is above the cursor. A snapshot read
+from Redis can be ahead of this instance's stream (Pub/Sub lag): the updates at or below
+the cursor that arrive late are dropped, those above it all delivered, so the client
+gets every seq after the cursor exactly once.
 """
 
 from __future__ import annotations
@@ -35,15 +44,22 @@ from pricehub.server.fanout.pacing import PacedStream
 from pricehub.server.policy.ratelimit import TokenBucket
 from pricehub.server.policy.resume import HELD_LIMIT, ZoneStream, plan_resume
 from pricehub.server.settings import Settings
-from pricehub.storage import StoredPrice
-from pricehub.wire import messages, rate
-from pricehub.wire.codes import CloseCode, DisconnectReason, ErrorCode, GapReason, MessageType
+from pricehub.storage import HistorySlice, Snapshot, StoredPrice
+from pricehub.wire import messages
+from pricehub.wire.codes import (
+    CloseCode,
+    DisconnectReason,
+    ErrorCode,
+    GapReason,
+    MessageType,
+    ZoneStatus,
+)
 from pricehub.wire.errors import ProtocolError
 
 __all__ = [
-    "REPLAY_CHUNK", "Attach", "Close", "Detach", "Drain", "Effect", "Job", "Pong", "ReadHistory",
-    "ReadLatest", "ReadSince", "Retained", "Send", "SendError", "Session", "SessionPolicy",
-    "filter_hours", "fit_history",
+    "REPLAY_CHUNK", "Attach", "Close", "Detach", "Drain", "Effect", "Hold", "Job",
+    "Pong", "ReadHistory", "ReadLatest", "ReadRange", "ReadSince", "ReadSnapshot", "Retained",
+    "Send", "SendError", "Session", "SessionPolicy", "filter_hours", "fit_history", "fit_range",
 ]
 
 
@@ -139,15 +155,48 @@ class Retained:
     prices: list[StoredPrice] | None
 
 
+@dataclass(frozen=True, slots=True)
+class ReadSnapshot:
+    """Answer: ``storage.snapshot(zones)`` (a ``Snapshot``)."""
+
+    zones: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRange:
+    """Answer: ``storage.history_between(zones, start, end, limit=limit)`` (a
+    ``HistorySlice``)."""
+
+    zones: tuple[str, ...]
+    start: str
+    end: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Hold the live updates of these subscribed zones from now on: take the socket out
+    of its audience (its share of this tick goes to its outbox first) and make each
+    stream syncing again, so what arrives meanwhile waits in ``ZoneStream.held``; a price
+    kept for a slow reader (conflated, not yet sent) is held too, and the stream put back
+    at what the client was sent. Ended by the stream's ``finish``."""
+
+    streams: tuple[ZoneStream, ...]
+
+
 Effect = (
     Send | SendError | Pong | Attach | Detach | Drain | Close | ReadLatest | ReadHistory
-    | ReadSince
+    | ReadSince | ReadSnapshot | ReadRange | Hold
 )
 # What an entry point returns; the runner sends each read's answer back in (else None).
 Job = Generator[Effect, Any, None]
 
 # An answer's JSON around its ``data`` list: type, zone, limit/hours, timestamp.
 _HISTORY_ENVELOPE = 256
+_BAD_SEQ = "'since' must be a non-negative integer"
+# What each zone adds to a history by market time around its ``data``: its name in
+# ``zones`` and in ``cursor`` with a seq (32 + 19 characters and the JSON around them).
+_RANGE_ZONE = 96
 # Replay bytes produced per loop turn (~140 prices, about a millisecond of CPU).
 REPLAY_CHUNK = 16 * 1024
 
@@ -175,6 +224,10 @@ class SessionPolicy:
         (``Broadcaster.zone_status``): sent to a client that opens a stale zone.
     :param max_rate: the URL's ``max_rate`` (None: every update), the rate of the zones
         opened from the URL and of a ``subscribe`` that names none.
+    :param max_snapshot_zones: the most zones one ``snapshot`` reads
+        (``Settings.max_snapshot_zones``).
+    :param max_history_zones: the most zones one history by market time covers
+        (``Settings.max_history_zones``).
     """
 
     zones: frozenset[str]
@@ -188,6 +241,8 @@ class SessionPolicy:
     held_limit: int = HELD_LIMIT
     zone_status: Callable[[str], bytes | None] = _never_stale
     max_rate: float | None = None
+    max_snapshot_zones: int = 1000
+    max_history_zones: int = 64
 
     @classmethod
     def from_settings(
@@ -201,6 +256,8 @@ class SessionPolicy:
             allowed_zones=allowed_zones,
             single_zone=single_zone,
             max_zones=settings.max_zones_per_socket,
+            max_snapshot_zones=settings.max_snapshot_zones,
+            max_history_zones=settings.max_history_zones,
             history_size=settings.history_size,
             rate=settings.client_rate_limit,
             # At most a quarter of the high-water mark (the driver waits for half of it,
@@ -235,23 +292,26 @@ class Session:
     # --- entry points -------------------------------------------------------------------
 
     def start(
-        self, zones: Sequence[str], *, since: int | None, epoch: str | None, bad_since: bool
+        self, zones: Sequence[str], *, since: int | Mapping[str, int] | None,
+        epoch: str | None, bad_since: bool | str = False,
     ) -> Job:
-        """Right after ``connection_established``: open the socket's zones."""
+        """Right after ``connection_established``: open the socket's zones, resumed from
+        ``since``: one seq (the zone of a ``/market/{zone}`` URL), or a seq per zone (a
+        ``since=pjm:12,ercot:40`` vector; a zone missing there starts fresh).
+        ``bad_since``: the URL's ``since`` is malformed (True: it is no seq; a text: what
+        is wrong with it), said in an ``error`` before the zones open fresh."""
         if bad_since:
-            yield self._error(ErrorCode.INVALID_MESSAGE, "'since' must be a non-negative integer")
+            text = bad_since if isinstance(bad_since, str) else _BAD_SEQ
+            yield self._error(ErrorCode.INVALID_MESSAGE, text)
+        max_rate = self.policy.max_rate
         for zone in zones:
-            yield from self._open_zone(
-                zone, since=since, epoch=epoch, max_rate=self.policy.max_rate
-            )
+            seq = since.get(zone) if isinstance(since, Mapping) else since
+            yield from self._open_zone(zone, since=seq, epoch=epoch, max_rate=max_rate)
 
     def resume(self, zones: Sequence[str], *, since: Mapping[str, int], epoch: str | None) -> Job:
         """Open ``zones``, each resumed from its own ``since`` seq (a zone missing there
-        starts fresh): an SSE stream reconnecting with its cursor."""
-        for zone in zones:
-            yield from self._open_zone(
-                zone, since=since.get(zone), epoch=epoch, max_rate=self.policy.max_rate
-            )
+        starts fresh): an SSE stream reconnecting with its cursor or a vector."""
+        return self.start(zones, since=since, epoch=epoch)
 
     def text(self, data: str | bytes) -> Job:
         """One text frame: a client message, or an ``error`` saying what is wrong with it."""
@@ -259,12 +319,10 @@ class Session:
             return
         try:
             message = messages.decode_client_message(data)
-            subscribe = isinstance(message, messages.Subscribe)
-            max_rate = rate.subscribe_rate(data) if subscribe else None
         except ProtocolError as exc:
             yield self._error(exc.code, exc.message)
             return
-        yield from self.handle(message, max_rate=max_rate)
+        yield from self.handle(message)
 
     def binary(self) -> Job:
         if (yield from self._admit()):
@@ -282,13 +340,12 @@ class Session:
         counts against the rate like any frame (a pong flood is closed with 4029)."""
         yield from self._admit()
 
-    def handle(self, message: messages.ClientMessage, *, max_rate: float | None = None) -> Job:
-        """Answer one decoded, admitted client message; ``max_rate`` is a ``subscribe``'s
-        own (validated: ``wire.rate``), None for the socket's."""
+    def handle(self, message: messages.ClientMessage) -> Job:
+        """Answer one decoded, admitted client message."""
         if self.closed:
             return
         try:
-            yield from self._dispatch(message, max_rate)
+            yield from self._dispatch(message)
         except ProtocolError as exc:
             yield self._error(exc.code, exc.message)
 
@@ -317,7 +374,7 @@ class Session:
 
     # --- client messages ----------------------------------------------------------------
 
-    def _dispatch(self, message: messages.ClientMessage, max_rate: float | None) -> Job:
+    def _dispatch(self, message: messages.ClientMessage) -> Job:
         match message:
             case messages.Ping():
                 yield Send(messages.simple(MessageType.PONG, now=self.now()), MessageType.PONG)
@@ -327,12 +384,15 @@ class Session:
             case messages.RequestHistory():
                 yield from self._history(message)
             case messages.Subscribe():
+                own = message.max_rate
                 yield from self._subscribe(
                     message.zones, message.since, message.epoch,
-                    self.policy.max_rate if max_rate is None else max_rate,
+                    self.policy.max_rate if own is None else own,
                 )
             case messages.Unsubscribe():
                 yield from self._unsubscribe(message.zones)
+            case messages.SnapshotRequest():
+                yield from self._snapshot(message)
 
     def _known_zone(self, zone: str) -> str:
         zones = self.policy.zones
@@ -345,8 +405,20 @@ class Session:
         allowed = self.policy.allowed_zones
         return allowed is not None and zone not in allowed
 
+    def _allowed(self, zones: Sequence[str]) -> None:
+        """``forbidden_zone`` for the first of ``zones`` the token leaves out."""
+        for zone in zones:
+            if self._forbidden(zone):
+                raise ProtocolError(ErrorCode.FORBIDDEN_ZONE, f"token does not allow zone {zone}")
+
     def _history(self, request: messages.RequestHistory) -> Job:
         policy = self.policy
+        by_time = messages.parse_history_request(
+            request, zones=policy.zones, default_zones=tuple(self.streams), now=self.now()
+        )
+        if by_time is not None:
+            yield from self._history_range(by_time)
+            return
         zone = request.market_zone or policy.single_zone
         if zone is None:
             raise ProtocolError(
@@ -379,6 +451,98 @@ class Session:
             MessageType.PRICE_HISTORY,
             zone,
         )
+
+    def _history_range(self, query: messages.HistoryQuery) -> Job:
+        """``request_price_history`` by market time (``from``/``to``/``zones``): every
+        retained price of the zones in the range, in history order, at most ``limit``;
+        cut further (``truncated``) to what one answer may carry."""
+        policy = self.policy
+        zones = query.zones
+        if len(zones) > policy.max_history_zones:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"a history query covers at most {policy.max_history_zones} zones, "
+                f"not {len(zones)}",
+            )
+        self._allowed(zones)
+        yield Drain()  # the previous answers first: one answer queued at a time
+        found: HistorySlice = yield ReadRange(zones, query.start, query.end, query.limit)
+        room = policy.reply_budget - _HISTORY_ENVELOPE - _RANGE_ZONE * len(zones)
+        kept = fit_range(found.prices, room)
+        answer = messages.price_history_range(
+            query, kept, truncated=found.truncated or len(kept) < len(found.prices),
+            now=self.now(),
+        )  # fmt: skip
+        yield Send(answer, MessageType.PRICE_HISTORY, query.market_zone)
+
+    def _snapshot(self, request: messages.SnapshotRequest) -> Job:
+        """``snapshot``: the zones' latest prices at one instant (the socket's zones by
+        default), then the socket's live updates of those zones above the ``cursor`` only
+        (the module docstring). Zones the socket is not subscribed to are read too, with
+        no promise about a stream it does not get."""
+        policy = self.policy
+        zones = messages.parse_snapshot_request(
+            request, zones=policy.zones, default_zones=tuple(self.streams)
+        )
+        if not zones:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE, "no zones: name them in 'zones', or subscribe first"
+            )
+        if len(zones) > policy.max_snapshot_zones:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"a snapshot covers at most {policy.max_snapshot_zones} zones, not {len(zones)}",
+            )
+        self._allowed(zones)
+        yield Drain()
+        held = tuple(self.streams[zone] for zone in zones if zone in self.streams)
+        statuses = {stream.zone: policy.zone_status(stream.zone) for stream in held}
+        if held:
+            yield Hold(held)
+        taken: Snapshot = yield ReadSnapshot(zones)
+        yield Send(messages.snapshot_reply(taken, now=self.now()), MessageType.SNAPSHOT)
+        for stream in held:
+            price = taken.prices.get(stream.zone)
+            cursor = 0 if price is None else price.seq
+            # The client has what it was sent before the snapshot, and the snapshot: its
+            # floor is the higher of the two (see docs/trading.md for a cursor below what
+            # the socket already had: an instance ahead of the read).
+            if not (yield from self._release_held(stream, max(stream.last_seq, cursor),
+                                                  statuses[stream.zone])):  # fmt: skip
+                return
+
+    def _release_held(
+        self, stream: ZoneStream, floor: int, before: bytes | None
+    ) -> Generator[Effect, Any, bool]:
+        """End a snapshot's hold of ``stream``: the held updates above ``floor`` (and
+        what the hold had to drop, from storage), with the zone's status if it changed
+        meanwhile (a status message skips a syncing stream). False: the socket was closed."""
+        zone = stream.zone
+        if stream.missing_after(floor) and not isinstance(stream, PacedStream):
+            retained: Retained = yield ReadSince(zone, floor)
+            if retained.prices is None:
+                yield self._close(
+                    CloseCode.SLOW_CONSUMER, "slow consumer: fell behind the history",
+                    DisconnectReason.SLOW_CONSUMER,
+                )
+                return False
+            replayed = yield from self._replay(stream, retained, floor, replay=False)
+            if replayed is None:
+                return False
+            floor = replayed
+        first = stream.held[0] if stream.held else None
+        sends = self._released(stream, floor)
+        after = self.policy.zone_status(zone)
+        if before is not None and after != before and first is not None:
+            # It went live while held: the live message went to the streams not held.
+            yield Send(messages.zone_status(
+                zone, ZoneStatus.LIVE, since=messages.accepted_at_of(first.payload),
+                last_seq=first.seq, now=self.now(),
+            ), MessageType.ZONE_STATUS, zone)  # fmt: skip
+        yield from sends
+        if after is not None and after != before:
+            yield Send(after, MessageType.ZONE_STATUS, zone)
+        return True
 
     def _subscribe(
         self, zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None,
@@ -435,18 +599,22 @@ class Session:
             delivered = resumed
         # Held prices and the zone's status in one step (the driver runs Sends without
         # awaiting): from ``finish`` on the broadcaster tells this stream of changes.
-        previous = max(stream.last_seq, delivered)
-        fresh = stream.finish(delivered_up_to=delivered)
+        yield from self._released(stream, delivered)
         status = self.policy.zone_status(zone)
-        if isinstance(stream, PacedStream) and fresh:  # the newest only, as paced
-            newest = fresh[-1]
-            yield _price(rate.price_update(newest.payload, skipped=newest.seq - previous - 1),
-                         newest)
-            fresh = []
-        for price in fresh:
-            yield _price(messages.price_update(price.payload), price)
         if status is not None:
             yield Send(status, MessageType.ZONE_STATUS, zone)
+
+    @staticmethod
+    def _released(stream: ZoneStream, delivered: int) -> list[Send]:
+        """End ``stream``'s syncing at ``delivered``: the held prices above it, as live
+        updates (a paced zone's newest only, with ``skipped``)."""
+        previous = max(stream.last_seq, delivered)
+        fresh = stream.finish(delivered_up_to=delivered)
+        if isinstance(stream, PacedStream) and fresh:  # the newest only, as paced
+            newest = fresh[-1]
+            skipped = newest.seq - previous - 1
+            return [_price(messages.price_update(newest.payload, skipped=skipped), newest)]
+        return [_price(messages.price_update(price.payload), price) for price in fresh]
 
     def _initial(self, zone: str) -> Generator[Effect, Any, int]:
         latest: StoredPrice | None = yield ReadLatest(zone)
@@ -516,12 +684,14 @@ class Session:
         )  # fmt: skip
 
     def _replay(
-        self, stream: ZoneStream, retained: Retained, since: int
+        self, stream: ZoneStream, retained: Retained, since: int, *, replay: bool = True
     ) -> Generator[Effect, Any, int | None]:
         """Send the retained prices as the client reads them; then, while the live updates
         held meanwhile do not follow on (the hold overflowed), read on from storage.
         Returns the last seq replayed, or None after closing a client that fell behind
-        the retained history (4008: it reconnects and resumes from what it has)."""
+        the retained history (4008: it reconnects and resumes from what it has).
+        ``replay`` False: updates the client never had (a snapshot's hold overflowed),
+        not flagged ``replay``."""
         cursor, prices = since, retained.prices or []
         if isinstance(stream, PacedStream):
             # Only the newest missed price; what arrives meanwhile is released as its
@@ -530,7 +700,9 @@ class Session:
                 return cursor
             newest = prices[-1]
             yield _price(
-                rate.price_update(newest.payload, skipped=newest.seq - since - 1, replay=True),
+                messages.price_update(
+                    newest.payload, skipped=newest.seq - since - 1, replay=replay
+                ),
                 newest,
             )
             return newest.seq
@@ -540,7 +712,7 @@ class Session:
                 if budget >= self.policy.chunk_bytes:
                     yield Drain()
                     budget = 0
-                payload = messages.price_update(price.payload, replay=True)
+                payload = messages.price_update(price.payload, replay=replay)
                 budget += len(payload)
                 yield _price(payload, price)
             if prices:
@@ -563,6 +735,18 @@ class Session:
 def _price(payload: bytes, price: StoredPrice) -> Send:
     """A ``price_update`` of ``price`` (live, held or replayed)."""
     return Send(payload, MessageType.PRICE_UPDATE, price.zone, price.seq)
+
+
+def fit_range(prices: list[StoredPrice], budget: int) -> list[StoredPrice]:
+    """The first of ``prices`` (history order, as given) whose price objects fit
+    ``budget`` bytes: a history by market time is cut at its end, and says so
+    (``truncated``), so the client asks again from the last price's timestamp."""
+    room = budget
+    for index, price in enumerate(prices):
+        room -= len(messages.price_object(price.payload)) + 1  # and its comma
+        if room < 0:
+            return prices[:index]
+    return prices
 
 
 def fit_history(prices: list[StoredPrice], budget: int) -> list[StoredPrice]:
