@@ -61,7 +61,7 @@ from pricehub.client.trading import (
     format_rate,
     time_text,
 )
-from pricehub.wire import paths, rate
+from pricehub.wire import messages, paths, rate
 from pricehub.wire.codes import MessageType, ZoneStatus
 from pricehub.wire.decode import (
     ConnectionEstablished,
@@ -114,7 +114,7 @@ _HEARTBEAT = encode_client_message(Heartbeat()).decode()
 _SSE_BODY_CHARS = 1000  # of a refusal's body, kept for the error text
 # Wire names wire/ does not spell yet: the ``since`` vector and ``epoch`` of a multi-zone
 # URL, and the query of the snapshot and history endpoints.
-_SINCE, _EPOCH, _ZONES, _TOKEN = "since", "epoch", "zones", "token"
+_SINCE, _EPOCH, _ZONES, _TOKEN = messages.SINCE, messages.EPOCH, "zones", "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -981,14 +981,10 @@ def _as(kind: type[_M], body: dict[str, Any], what: str) -> _M:
 def _subscribe_frame(
     zones: tuple[str, ...], since: Mapping[str, int], epoch: str | None, max_rate: float | None
 ) -> str:
-    """A ``subscribe`` frame, with ``max_rate`` (which wire/messages.py's ``Subscribe``
-    does not carry yet) when given."""
-    frame = encode_client_message(Subscribe(zones, since, epoch if since else None))
-    if max_rate is None:
-        return frame.decode()
-    obj = orjson.loads(frame)
-    obj[rate.FIELD] = max_rate
-    return orjson.dumps(obj).decode()
+    """A ``subscribe`` frame, with ``max_rate`` when given."""
+    return encode_client_message(
+        Subscribe(zones, since, epoch if since else None, max_rate=max_rate)
+    ).decode()
 
 
 def _start_cursors(
