@@ -287,19 +287,31 @@ async def client_fleet(
             log = plan.out / f"{label}-client{index}.log"
             process = await spawn(argv, log=log, cwd=REPO, pipes=True, cpus=plan.client_cpus)
             procs.append(ClientProc(process, group))
-        for proc in procs:  # the server starts meanwhile
-            await proc.expect("ready", 30)
-        await server.listening()
-        for proc in procs:
-            await proc.send({"cmd": "connect"})
         timeout = 30 + sum(group.connections for group in groups) / 100
-        connected = [await proc.expect("connected", timeout) for proc in procs]
-        yield procs, connected
+        yield procs, await connect_fleet(procs, timeout, before_connect=server.listening)
     finally:
-        for proc in procs:
-            with contextlib.suppress(OSError, RuntimeError):
-                await proc.send({"cmd": "exit"})
-        await asyncio.gather(*(stop(proc.process) for proc in procs))
+        await stop_fleet(procs)
+
+
+async def connect_fleet(
+    procs: list[ClientProc], timeout: float, *, before_connect: Callable[[], Awaitable[None]]
+) -> list[dict[str, Any]]:
+    """Every load process ready, then (once ``before_connect`` returned: the server
+    listens) all told to connect at once; their ``connected`` events."""
+    for proc in procs:  # the server starts meanwhile
+        await proc.expect("ready", 30)
+    await before_connect()
+    for proc in procs:
+        await proc.send({"cmd": "connect"})
+    return [await proc.expect("connected", timeout) for proc in procs]
+
+
+async def stop_fleet(procs: list[ClientProc]) -> None:
+    """Ask every load process to exit, then stop each (by PID, after a grace)."""
+    for proc in procs:
+        with contextlib.suppress(OSError, RuntimeError):
+            await proc.send({"cmd": "exit"})
+    await asyncio.gather(*(stop(proc.process) for proc in procs))
 
 
 # ----------------------------------------------------------------------------- scenarios

@@ -48,7 +48,7 @@ from typing import Any
 from processes import HOST, free_port, machine_line, process_tree, rss_kib, spawn, stop
 from publisher import PublishLog, publish
 from report import merge_reports, percentile_ms
-from run import ClientProc, Group, split, wait_listening
+from run import ClientProc, Group, connect_fleet, split, stop_fleet, wait_listening
 from servers.peers import redis_server
 
 __all__ = ["main"]
@@ -130,18 +130,13 @@ async def fleet(
             log = plan.out / f"{label}-client{index}.log"
             process = await spawn(argv, log=log, cwd=REPO, pipes=True, cpus=ALL_CPUS)
             procs.append(ClientProc(process, Group(MARKET_URL, plan.shape.zones, count)))
-        for proc in procs:
-            await proc.expect("ready", 30)
-        for proc in procs:
-            await proc.send({"cmd": "connect"})
-        timeout = 60 + clients / 200
-        connected = [await proc.expect("connected", timeout) for proc in procs]
-        yield procs, connected
+        yield procs, await connect_fleet(procs, 60 + clients / 200, before_connect=_listening)
     finally:
-        for proc in procs:
-            with contextlib.suppress(OSError, RuntimeError):
-                await proc.send({"cmd": "exit"})
-        await asyncio.gather(*(stop(proc.process) for proc in procs))
+        await stop_fleet(procs)
+
+
+async def _listening() -> None:
+    """``running_pricehub`` returned once the server listened: nothing more to wait for."""
 
 
 def socket_count(pid: int) -> int:
