@@ -10,15 +10,19 @@ and its ``queue_*`` twins, ``set_epoch``, ``reset_zone``, ``write_meta``, ``snap
     pricehub.db.corrupt-<time>  a damaged database (and its WAL), moved aside
     legacy-journal/     the files of the old journal, once migrated (``sqlite_legacy``)
 
-Tables: ``prices`` (rows in the order written, (zone, seq) unique: ``accepted_at``,
-``payload``, the stored JSON bytes), ``zones`` zone -> seq, ``meta`` key -> value
-(``epoch``; ``owner``: the owner's ``write_meta`` object as JSON). ``PRAGMA
-user_version`` is the schema's version.
+Tables: ``runs`` (rows in the order written, each one zone's consecutive seqs from one
+transaction within one block of 16: ``first``, ``last``, ``sizes``, ``payloads``, the
+stored JSON bytes end to end, ``prev``: the zone's run before it; no index), ``zones``
+zone -> seq where a seq rule set it (a reset, a reused seq, one further ahead), ``meta``
+key -> value (``epoch``; ``owner``: the owner's ``write_meta`` object as JSON). A
+zone's seq is its last run's ``last``, or its ``zones`` seq when that is higher.
+``PRAGMA user_version`` is the schema's version (2).
 
 *Writes* are group-committed, as the old journal's: a caller's records join a pending
 batch; one flusher task hands the batch to the one writer thread, which applies it in
-ONE transaction (prices inserted, each touched zone's seq upserted, its history trimmed
-to ``history_size`` by ``DELETE ... WHERE seq <= last - history_size``) and commits;
+ONE transaction (each zone's prices inserted as one run per block, the runs of a zone
+whose history passed the end of a block deleted, following the zone's chain of runs
+from its newest: at most 15 prices beyond ``history_size`` stay) and commits;
 every record queued meanwhile goes into the next transaction. A caller's future settles
 when its transaction commits: with ``fsync`` (``synchronous=FULL``) the WAL is fsynced
 by the commit; without (``synchronous=NORMAL``) it survives a process crash, not a power
@@ -38,31 +42,36 @@ ignored), then ``PRAGMA quick_check`` and one ``SELECT`` per table. Damage (the 
 fails, or SQLite says the file is corrupt or not a database) moves the database and its
 WAL aside, starts a new database under the caller's new epoch (keeping the owner's meta
 when it can still be read) and logs ``journal_damaged_starting_new_epoch``: nothing more
-is recovered from it. Rows are checked as the old journal checked replayed records (zone
-name, seq range, a contiguous history, a payload that is the JSON object of its seq):
-what fails is named in one ``journal_records_refused`` warning and not served.
+is recovered from it. Runs are replayed in the order written (a run that starts at or
+below what its zone holds replaces what it follows, as the seq rules did), and checked
+as the old journal checked replayed records (zone name, seq range, sizes that match the
+bytes, a contiguous history, a payload that is the JSON object of its seq): what fails
+is named in one ``journal_records_refused`` warning and not served.
 
 The journal holds no copy of the history in memory: only each zone's last seq (for
-the seq rules), on the writer thread. See docs/storage-sqlite.md for what SQLite
-guarantees here and what the old format detected that this does not.
+the seq rules) and newest run's id (its chain's head), on the writer thread. See
+docs/storage-sqlite.md for what SQLite guarantees here and what the old format detected
+that this does not.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import functools
 import json
-import operator
 import os
 import shutil
 import sqlite3
 import struct
+import sys
 import time
 import uuid
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +85,7 @@ from pricehub.storage.errors import DiskError, JournalLocked, JournalUnavailable
 # The old journal's lock and directory fsync: one implementation, one error message.
 # (Issue 27: to move into a module of their own once journal.py goes.)
 from pricehub.storage.journal import Recovered, RecoveredZone, _acquire_lock, _fsync_dir
-from pricehub.wire.messages import ZONE_RE, accepted_at_of
+from pricehub.wire.messages import ZONE_RE
 
 __all__ = [
     "DB_NAME",
@@ -90,7 +99,7 @@ __all__ = [
 ]
 
 DB_NAME = "pricehub.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: a row per price (never the default, not read)
 _CORRUPT = ".corrupt-"
 _MIGRATING = ".migrating"
 _WAL_SUFFIXES = ("-wal", "-shm")
@@ -107,27 +116,62 @@ _FRAME_HEADER = struct.Struct(">6I")  # page, db size (commit frames only), salt
 _WAL_MAGIC = (0x377F0682, 0x377F0683)
 
 _SCHEMA = (
-    # Rows in the order written (``id``), each zone's (zone, seq) unique: every insert
-    # lands at the table's right edge, so a transaction rewrites a few pages of rows
-    # however many zones it touches (keyed by (zone, seq), it rewrote a page per zone:
-    # 3x slower per price at 20,000 zones, docs/storage-sqlite.md).
-    "CREATE TABLE prices (id INTEGER PRIMARY KEY, zone TEXT NOT NULL, seq INTEGER NOT NULL,"
-    " accepted_at TEXT, payload BLOB NOT NULL, UNIQUE (zone, seq))",
+    # One row per *run*: one zone's consecutive seqs written by one transaction, within
+    # one block of ``_block(history_size)`` seqs (a run never crosses a multiple of the
+    # block). Rows are in the order written (``id``): every insert lands at the table's
+    # right edge, and a transaction inserts a row per zone it touches (per block), not
+    # per price: 50 prices over 7 zones are 7 rows, a batch of 1,000 over 7 zones some
+    # 70. ``sizes`` is each payload's length (little-endian uint32; empty for a run of
+    # one), ``payloads`` their bytes end to end. ``prev`` is the zone's run before it:
+    # the trim and the seq rules follow a zone's chain from its newest run (known in
+    # memory) instead of an index on (zone, ...), which over 20,000 zones rewrote a
+    # page of the index per zone per transaction (2,300 of 2,600 pages written).
+    "CREATE TABLE runs (id INTEGER PRIMARY KEY, zone TEXT NOT NULL, first INTEGER NOT NULL,"
+    " last INTEGER NOT NULL, prev INTEGER, sizes BLOB NOT NULL, payloads BLOB NOT NULL)",
     "CREATE TABLE zones (zone TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
-_INSERT = "INSERT OR REPLACE INTO prices (zone, seq, accepted_at, payload) VALUES (?, ?, ?, ?)"
-_CHUNK = 128  # rows per multi-row insert (4 parameters each, far below SQLite's limit)
-_INSERT_CHUNK = _INSERT + ", (?, ?, ?, ?)" * (_CHUNK - 1)
+_INSERT = (
+    "INSERT INTO runs (id, zone, first, last, prev, sizes, payloads) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS = 7
+_CHUNK = 64  # runs per multi-row insert (7 parameters each, far below SQLite's limit)
 _UPSERT_ZONE = (
     "INSERT INTO zones (zone, seq) VALUES (?, ?)"
     " ON CONFLICT (zone) DO UPDATE SET seq = excluded.seq"
 )
-_TRIM = "DELETE FROM prices WHERE zone = ? AND seq <= ?"
-_DROP_FROM = "DELETE FROM prices WHERE zone = ? AND seq >= ?"
-_DROP_ZONE = "DELETE FROM prices WHERE zone = ?"
-_SELECT_PRICES = "SELECT zone, seq, payload FROM prices ORDER BY id"  # a plain table scan
+# A zone's (?3) chain from its newest run (?1) back to the first that ends at or below
+# the cut (?2): that run and every older one go (the chain's tail). Every step checks
+# the zone: a ``prev`` damaged on disk ends a walk, it never leads into another zone.
+_TRIM = (
+    "WITH RECURSIVE kept(id, last, prev) AS ("
+    " SELECT id, last, prev FROM runs WHERE id = ?1"
+    " UNION ALL SELECT runs.id, runs.last, runs.prev FROM runs JOIN kept"
+    " ON runs.id = kept.prev AND runs.zone = ?3 WHERE kept.last > ?2),"
+    " doomed(id, prev) AS (SELECT id, prev FROM kept WHERE last <= ?2"
+    " UNION ALL SELECT runs.id, runs.prev FROM runs JOIN doomed"
+    " ON runs.id = doomed.prev AND runs.zone = ?3)"
+    " DELETE FROM runs WHERE id IN (SELECT id FROM doomed)"
+)
+_DROP_CHAIN = (
+    "WITH RECURSIVE doomed(id, prev) AS (SELECT id, prev FROM runs WHERE id = ?1"
+    " UNION ALL SELECT runs.id, runs.prev FROM runs JOIN doomed"
+    " ON runs.id = doomed.prev AND runs.zone = ?2)"
+    " DELETE FROM runs WHERE id IN (SELECT id FROM doomed)"
+)
+# A reused seq (?2): the chain's runs that start at or after it, and the first before.
+_CHAIN_FROM = (
+    "WITH RECURSIVE chain(id, first, prev) AS ("
+    " SELECT id, first, prev FROM runs WHERE id = ?1"
+    " UNION ALL SELECT runs.id, runs.first, runs.prev FROM runs JOIN chain"
+    " ON runs.id = chain.prev AND runs.zone = ?3 WHERE chain.first >= ?2)"
+    " SELECT id, first FROM chain"
+)
+_DELETE_RUN = "DELETE FROM runs WHERE id = ?"
+_SELECT_RUNS = "SELECT id, zone, first, last, sizes, payloads FROM runs ORDER BY id"  # a scan
+_PAGE_SIZE = 4096  # SQLite's default: 1, 2 and 8 KiB measured no faster (bench/journal_compare.py)
+_BLOCK = 16  # the most seqs in one run; a zone keeps at most _BLOCK - 1 beyond its history
 _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 
@@ -151,8 +195,78 @@ class _Meta:
     text: str
 
 
-_Row = tuple[str, int, str | None, bytes]  # a price as inserted: built on the loop
-_Op = _Row | _Epoch | _Reset | _Meta
+_Op = StoredPrice | _Epoch | _Reset | _Meta
+_RunRow = tuple[str, int, int, bytes, bytes]  # zone, first, last, sizes, payloads
+
+
+class _Chains:
+    """Each zone's newest run (the head of its chain) and the next run's id: what the
+    writer links rows with, put back as it was when a transaction rolls back."""
+
+    __slots__ = ("_saved", "_saved_id", "newest", "next_id")
+
+    def __init__(self, newest: dict[str, int], next_id: int) -> None:
+        self.newest = newest
+        self.next_id = next_id
+        self._saved: dict[str, int | None] = {}  # zone -> its head before the transaction
+        self._saved_id = next_id
+
+    def begin(self) -> None:
+        self._saved.clear()
+        self._saved_id = self.next_id
+
+    def rollback(self) -> None:
+        for zone, head in self._saved.items():
+            self.set_head(zone, head)
+        self._saved.clear()
+        self.next_id = self._saved_id
+
+    def set_head(self, zone: str, head: int | None) -> None:
+        self._saved.setdefault(zone, self.newest.get(zone))
+        if head is None:
+            self.newest.pop(zone, None)
+        else:
+            self.newest[zone] = head
+
+    def link(self, rows: Iterable[_RunRow]) -> list[object]:
+        """The values of ``rows`` as inserted (``_INSERT``'s columns, row after row, in
+        one flat list for multi-row inserts): each with its id and its zone's run
+        before it."""
+        newest, saved = self.newest, self._saved
+        values: list[object] = []
+        run_id = self.next_id
+        for zone, first, last, sizes, payloads in rows:
+            prev = newest.get(zone)
+            if zone not in saved:
+                saved[zone] = prev
+            newest[zone] = run_id
+            values += (run_id, zone, first, last, prev, sizes, payloads)
+            run_id += 1
+        self.next_id = run_id
+        return values
+
+
+def _block(history_size: int) -> int:
+    """Seqs per block: a run stays inside one, so that the trim (whole runs) keeps at
+    most ``block - 1`` prices of a zone beyond its history."""
+    return max(1, min(_BLOCK, history_size))
+
+
+def _run_rows(zone: str, prices: Sequence[StoredPrice], block: int) -> Iterator[_RunRow]:
+    """Rows for one zone's contiguous ``prices`` (seq order): a run per block."""
+    start, end = 0, len(prices)
+    while start < end:
+        first = prices[start].seq
+        stop = min(end, start + block - (first - 1) % block)  # up to the block's end
+        if stop - start == 1:  # one price, the common case of many zones: no sizes
+            yield zone, first, first, b"", prices[start].payload
+        else:
+            payloads = [price.payload for price in prices[start:stop]]
+            sizes = array.array("I", map(len, payloads))
+            if sys.byteorder == "big":  # stored little-endian, whoever wrote it
+                sizes.byteswap()
+            yield zone, first, first + len(payloads) - 1, sizes.tobytes(), b"".join(payloads)
+        start = stop
 
 
 @dataclass(slots=True)
@@ -195,6 +309,9 @@ def _connect(path: Path, *, fsync: bool, checkpoint_bytes: int) -> sqlite3.Conne
     # The busy timeout lets an operator's ``sqlite3`` CLI read while we run.
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     try:
+        # Only a new database takes it (before its first table); an existing one keeps
+        # the page size it was made with.
+        conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode is None or str(mode[0]).lower() != "wal":
             raise JournalUnavailable(f"data dir {path.parent} cannot use SQLite's WAL mode")
@@ -220,6 +337,8 @@ def _create_schema(
     epoch: str,
     owner: str | None,
     zones: Mapping[str, RecoveredZone] | None = None,
+    *,
+    block: int = _BLOCK,
 ) -> None:
     """Tables, epoch, owner's meta (and ``zones``: a migration's) in one transaction:
     a database without its epoch is one whose creation never committed."""
@@ -230,9 +349,10 @@ def _create_schema(
         conn.execute(_SET_META, (_EPOCH_KEY, epoch))
         if owner is not None:
             conn.execute(_SET_META, (_OWNER_KEY, owner))
+        chains = _Chains({}, 1)
         for name, zone in (zones or {}).items():
             conn.execute(_UPSERT_ZONE, (name, zone.seq))
-            conn.executemany(_INSERT, map(_row, zone.prices))
+            _insert_values(conn, chains.link(_run_rows(name, zone.prices, block)))
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
@@ -240,8 +360,20 @@ def _create_schema(
         raise
 
 
-def _row(price: StoredPrice) -> _Row:
-    return price.zone, price.seq, accepted_at_of(price.payload), price.payload
+@functools.cache
+def _insert_rows(count: int) -> str:
+    return _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (count - 1)
+
+
+def _insert_values(conn: sqlite3.Connection, values: list[object]) -> None:
+    """Insert runs from ``Chains.link``'s values, up to ``_CHUNK`` rows per statement:
+    one statement per chunk is one GIL release for the chunk's b-tree work, where
+    ``executemany`` takes the GIL back after every row (against a busy event loop
+    thread, that handover per row is what a large batch cost)."""
+    step = _CHUNK * _COLUMNS
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
 
 
 def _drop_unfinished_migration(directory: Path) -> None:
@@ -251,7 +383,7 @@ def _drop_unfinished_migration(directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _migrate(directory: Path, found: legacy.Legacy) -> None:
+def _migrate(directory: Path, found: legacy.Legacy, *, block: int) -> None:
     """Write what the old journal held into a new database, under its epoch: built
     under a temporary name (rollback journal, fsynced) and renamed into place, so that
     a crash leaves either no database (the migration runs again) or a whole one."""
@@ -261,7 +393,7 @@ def _migrate(directory: Path, found: legacy.Legacy) -> None:
     try:
         conn.execute("PRAGMA synchronous = FULL")
         owner = None if found.meta is None else json.dumps(found.meta, sort_keys=True)
-        _create_schema(conn, found.recovered.epoch, owner, found.recovered.zones)
+        _create_schema(conn, found.recovered.epoch, owner, found.recovered.zones, block=block)
     finally:
         conn.close()
     os.replace(temp, final)
@@ -330,9 +462,63 @@ class _Found:
     owner: str | None
     seqs: dict[str, int]
     zones: dict[str, RecoveredZone]
+    newest: dict[str, int] = field(default_factory=dict)  # each zone's newest run
+    next_id: int = 1
 
 
-_by_seq = operator.attrgetter("seq")
+def _zone_refusal(zone: object, refused: list[str]) -> str | None:
+    if isinstance(zone, str) and ZONE_RE.fullmatch(zone):
+        return None
+    reason = f"zone {str(zone)[:40]!r} is not a zone name"
+    refused.append(reason)
+    return reason
+
+
+def _unpacked(
+    zone: str, first: object, last: object, sizes: object, payloads: object, refused: list[str]
+) -> list[StoredPrice]:
+    """The prices of one run row; none (named in ``refused``) when its columns do not
+    agree with each other: its seq range, sizes and bytes."""
+    reason = None
+    if type(first) is not int or type(last) is not int or not 1 <= first <= last <= _MAX_SEQ:
+        reason = "seq range out of range"
+    elif not isinstance(sizes, bytes) or not isinstance(payloads, bytes):
+        reason = "sizes or payloads are not bytes"
+    elif not sizes and first == last:
+        return [StoredPrice(zone, first, payloads)]
+    elif len(sizes) != 4 * (last - first + 1):
+        reason = "sizes do not match its seq range"
+    if reason is None:
+        assert isinstance(sizes, bytes) and isinstance(payloads, bytes) and type(first) is int
+        lengths = array.array("I")
+        lengths.frombytes(sizes)
+        if sys.byteorder == "big":
+            lengths.byteswap()
+        if sum(lengths) == len(payloads):
+            return _split(zone, first, lengths, payloads)
+        reason = "sizes do not match its payloads"
+    refused.append(f"{zone} run {str(first)[:20]}-{str(last)[:20]}: {reason}")
+    return []
+
+
+def _split(zone: str, first: int, lengths: Iterable[int], payloads: bytes) -> list[StoredPrice]:
+    prices, start = [], 0
+    for seq, length in enumerate(lengths, first):
+        prices.append(StoredPrice(zone, seq, payloads[start : start + length]))
+        start += length
+    return prices
+
+
+def _replay(history: list[StoredPrice], run: list[StoredPrice]) -> None:
+    """Add a run (in write order) to a zone's history as the seq rules had it: a run
+    starting at or below what the history holds replaces what it follows (a reused seq:
+    the run it fell inside was not cut at write time)."""
+    if not run:
+        return
+    first = run[0].seq
+    while history and history[-1].seq >= first:
+        history.pop()
+    history.extend(run)
 
 
 def _read(
@@ -342,22 +528,39 @@ def _read(
     served zones' histories, checked like the old journal's replayed records."""
     zones = None if served_zones is None else frozenset(served_zones)
     refused: list[str] = []
-    seqs: dict[str, int] = {}
+    seqs: dict[str, int] = {}  # a zone's seq as its seq rules last set it (not appends)
     for zone, seq in conn.execute("SELECT zone, seq FROM zones"):
-        if not isinstance(zone, str) or not ZONE_RE.fullmatch(zone):
-            refused.append(f"zone {str(zone)[:40]!r} is not a zone name")
-        elif type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
-            refused.append(f"zone {zone}: seq {seq!r} out of range")
-        else:
-            seqs[zone] = seq
+        if _zone_refusal(zone, refused) is None:
+            if type(seq) is int and 0 <= seq <= _MAX_SEQ:
+                seqs[zone] = seq
+            else:
+                refused.append(f"zone {zone}: seq {seq!r} out of range")
     histories: dict[str, list[StoredPrice]] = {}
-    for zone, seq, payload in conn.execute(_SELECT_PRICES):
-        if zone in seqs and (zones is None or zone in zones) and type(seq) is int:
-            histories.setdefault(zone, []).append(StoredPrice(zone, seq, bytes(payload)))
+    lasts: dict[str, int] = {}  # each zone's last run (in write order): its seq since
+    unknown: set[object] = set()
+    newest: dict[str, int] = {}
+    run_id = 0
+    for run_id, zone, first, last, sizes, payloads in conn.execute(_SELECT_RUNS):
+        if zone not in lasts and zone not in seqs and zone not in unknown:
+            if _zone_refusal(zone, refused) is not None:
+                unknown.add(zone)
+                continue
+        elif zone in unknown:
+            continue
+        newest[zone] = run_id
+        if type(last) is int and 1 <= last <= _MAX_SEQ:
+            lasts[zone] = last
+        if zones is None or zone in zones:
+            _replay(
+                histories.setdefault(zone, []),
+                _unpacked(zone, first, last, sizes, payloads, refused),
+            )
+    for zone, last in lasts.items():
+        seqs[zone] = max(seqs.get(zone, 0), last)
     served = {}
     for zone, seq in seqs.items():
         if zones is None or zone in zones:
-            rows = sorted(histories.get(zone, ()), key=_by_seq)  # written in order: linear
+            rows = histories.get(zone, [])
             prices = _servable(zone, seq, rows[-history_size:], refused)
             served[zone] = RecoveredZone(seq, tuple(prices))
     if refused:
@@ -365,7 +568,8 @@ def _read(
     unserved = sorted(set(seqs).difference(served))
     if unserved:
         log.warning("journal_zones_not_served", count=len(unserved), zones=unserved[:_EXAMPLES])
-    return _Found(_meta_value(conn, _EPOCH_KEY), _meta_value(conn, _OWNER_KEY), seqs, served)
+    epoch, owner = _meta_value(conn, _EPOCH_KEY), _meta_value(conn, _OWNER_KEY)
+    return _Found(epoch, owner, seqs, served, newest, run_id + 1)
 
 
 def _has_schema(conn: sqlite3.Connection, directory: Path) -> bool:
@@ -582,15 +786,19 @@ class _Writer:
     """Everything that touches the connection after open, run on the one writer thread
     (a single-worker executor): each batch is one transaction.
 
-    ``seqs`` is each zone's last seq as committed: the only state kept in memory.
+    ``seqs`` is each zone's last seq as committed and ``chains`` each zone's newest run:
+    the only state kept in memory (two numbers per zone, none per price).
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, directory: Path, options: _Options, seqs: dict[str, int]
+        self, conn: sqlite3.Connection, directory: Path, options: _Options, found: _Found
     ) -> None:
         self.conn = conn
         self.history_size = options.history_size
-        self.seqs = seqs
+        self.block = _block(options.history_size)
+        self._runs: dict[str, list[StoredPrice]] = {}  # a transaction's, zone by zone
+        self.seqs = found.seqs
+        self.chains = _Chains(found.newest, found.next_id)
         self._wal_counter: int | None = None  # the WAL header's checkpoint counter
         self.db, self.wal = directory / DB_NAME, directory / (DB_NAME + "-wal")
 
@@ -601,6 +809,7 @@ class _Writer:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self.chains.begin()
             self._apply(ops, undo)
             started = time.perf_counter()
             conn.execute("COMMIT")
@@ -611,54 +820,97 @@ class _Writer:
                     conn.execute("ROLLBACK")
             for zone, seq in undo.items():
                 self.seqs[zone] = seq
+            self._runs.clear()  # what a failed transaction grouped is not the next's
+            self.chains.rollback()
             raise
         return _Committed(elapsed, self.bytes_on_disk(), self._wal_restarts())
 
     def _apply(self, ops: Sequence[_Op], undo: dict[str, int]) -> None:
-        conn, seqs = self.conn, self.seqs
-        rows: list[_Row] = []
+        """Each zone's prices of the transaction grouped for its runs; what the seq
+        rules say (a reused seq, one further ahead, a reset) recorded where it happens,
+        and its seq in ``zones`` (a pure append moves a zone's seq by its runs alone)."""
+        conn, seqs, runs, price_type = self.conn, self.seqs, self._runs, StoredPrice
+        ruled: dict[str, int] = {}
         for op in ops:
-            if type(op) is tuple:  # a price: by far the most common, so the fast path
-                zone, seq = op[0], op[1]
+            if type(op) is price_type:  # by far the most common, so the fast path
+                zone, seq = op.zone, op.seq
                 last = seqs.get(zone, 0)
                 if seq != last + 1:  # the old journal's seq rules, see the module doc
-                    self._flush(rows)
-                    conn.execute(
-                        *((_DROP_FROM, (zone, seq)) if seq <= last else (_DROP_ZONE, (zone,)))
-                    )
-                if zone not in undo:
-                    undo[zone] = last
+                    self._flush()
+                    if seq <= last:
+                        self._drop_from(zone, seq)
+                    else:
+                        self._drop_zone(zone)
+                    ruled[zone] = seq
                 seqs[zone] = seq
-                rows.append(op)
+                run = runs.get(zone)
+                if run is None:
+                    runs[zone] = [op]
+                    if zone not in undo:
+                        undo[zone] = last
+                else:
+                    run.append(op)
             elif isinstance(op, _Reset):
-                self._flush(rows)
-                conn.execute(_DROP_ZONE, (op.zone,))
-                rows.extend(map(_row, op.prices))
+                self._flush()
+                self._drop_zone(op.zone)
+                self._insert(_run_rows(op.zone, op.prices, self.block))
                 undo.setdefault(op.zone, seqs.get(op.zone, 0))
-                seqs[op.zone] = op.seq
+                seqs[op.zone] = ruled[op.zone] = op.seq
             elif isinstance(op, _Epoch):
                 conn.execute(_SET_META, (_EPOCH_KEY, op.epoch))
             elif isinstance(op, _Meta):
                 conn.execute(_SET_META, (_OWNER_KEY, op.text))
-        self._flush(rows)
+        self._flush()
+        if ruled:
+            conn.executemany(_UPSERT_ZONE, ruled.items())
         if undo:
-            conn.executemany(_UPSERT_ZONE, [(zone, seqs[zone]) for zone in undo])
-            size = self.history_size
-            conn.executemany(_TRIM, [(z, seqs[z] - size) for z in undo if seqs[z] > size])
+            conn.executemany(_TRIM, self._trims(undo))
 
-    def _flush(self, rows: list[_Row]) -> None:
-        """Insert ``rows``: ``_CHUNK`` at a time in one statement, the rest one by one.
-        One statement per chunk is one GIL release for the chunk's b-tree work, where
-        ``executemany`` takes the GIL back after every row: against a busy event loop
-        thread, that handover per row is what a large batch cost."""
-        whole = len(rows) - len(rows) % _CHUNK
-        for start in range(0, whole, _CHUNK):
-            self.conn.execute(
-                _INSERT_CHUNK, [value for row in rows[start : start + _CHUNK] for value in row]
-            )
-        if whole < len(rows):
-            self.conn.executemany(_INSERT, rows[whole:])
-        rows.clear()
+    def _trims(self, undo: Mapping[str, int]) -> list[tuple[int, int, str]]:
+        """(newest run, cut, zone) for each zone whose history passed a block's end: its runs
+        that end at or below the cut go (whole runs: at most ``block - 1`` prices kept
+        beyond ``history_size``). Other zones have nothing to trim yet: one walk of a
+        zone's chain per block, not per transaction."""
+        size, block, seqs, newest = self.history_size, self.block, self.seqs, self.chains.newest
+        trims = []
+        for zone, before in undo.items():
+            cut = (seqs[zone] - size) // block * block
+            if cut > 0 and cut > (before - size) // block * block and zone in newest:
+                trims.append((newest[zone], cut, zone))
+        return trims
+
+    def _drop_zone(self, zone: str) -> None:
+        """Delete a zone's runs (a seq further ahead, a reset)."""
+        head = self.chains.newest.get(zone)
+        if head is not None:
+            self.conn.execute(_DROP_CHAIN, (head, zone))
+            self.chains.set_head(zone, None)
+
+    def _drop_from(self, zone: str, seq: int) -> None:
+        """A reused ``seq``: delete the zone's runs that start at or after it; the one it
+        falls inside (if any) stays, and recovery cuts it where the next run starts."""
+        head = self.chains.newest.get(zone)
+        if head is None:
+            return
+        chain = self.conn.execute(_CHAIN_FROM, (head, seq, zone)).fetchall()
+        self.conn.executemany(_DELETE_RUN, [(run,) for run, first in chain if first >= seq])
+        kept = [run for run, first in chain if first < seq]
+        self.chains.set_head(zone, kept[0] if kept else None)
+
+    def _flush(self) -> None:
+        """Insert the runs grouped so far (before a statement that must follow them)."""
+        block, rows = self.block, []
+        for zone, run in self._runs.items():
+            if len(run) == 1:  # one price per zone (many zones): no generator, no sizes
+                price = run[0]
+                rows.append((zone, price.seq, price.seq, b"", price.payload))
+            else:
+                rows.extend(_run_rows(zone, run, block))
+        self._runs.clear()
+        self._insert(rows)
+
+    def _insert(self, runs: Iterable[_RunRow]) -> None:
+        _insert_values(self.conn, self.chains.link(runs))
 
     def checkpoint(self) -> int:
         """Copy the WAL into the database and empty it; the bytes on disk after."""
@@ -711,7 +963,7 @@ class SqliteJournal:
         assert found.epoch is not None
         self._epoch = found.epoch
         self._meta = _owner_meta(found.owner, log)
-        self._writer = _Writer(opened.conn, directory, options, found.seqs)
+        self._writer = _Writer(opened.conn, directory, options, found)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-journal")
         self._pending: list[_Pending] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -805,7 +1057,7 @@ class SqliteJournal:
     ) -> tuple[SqliteJournal, Recovered]:
         _drop_unfinished_migration(directory)
         if found_legacy is not None and not (directory / DB_NAME).exists():
-            _migrate(directory, found_legacy)
+            _migrate(directory, found_legacy, block=_block(options.history_size))
         else:
             found_legacy = None  # another process migrated it meanwhile
         legacy.move_leftovers(directory, log, migrated=found_legacy)
@@ -869,7 +1121,7 @@ class SqliteJournal:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        return self._enqueue([_row(price) for price in prices], len(prices))
+        return self._enqueue(tuple(prices), len(prices))
 
     def queue_epoch(self, epoch: str) -> asyncio.Future[None]:
         """``set_epoch`` without waiting."""
