@@ -6,7 +6,8 @@
     python -m bench.cluster_burst --zones 1000 --rounds 2 --cases single cluster
 
 Per case: a fresh store (a ``redis-server``, or six nodes: 3 masters + 3 replicas, from
-``tests.redisproc``), two ``run_server.py`` instances on it (``tests.serverproc``), and
+``tests.harness.redisproc``), two ``run_server.py`` instances on it
+(``tests.harness.serverproc``), and
 ``--clients`` WebSocket subscribers spread over both, each on a slice of
 ``--zones-per-client`` zones. Then the burst: ``rounds`` prices for every zone, POSTed in
 batches of ``--batch`` with ``--in-flight`` requests at a time, alternating instances.
@@ -34,8 +35,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.redisproc import RedisCluster, RedisProcess
-from tests.serverproc import ServerProcess
+from tests.harness.redisproc import RedisCluster, RedisProcess
+from tests.harness.serverproc import ServerProcess
 
 __all__ = ["main"]
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pricehub.wire import paths  # noqa: E402
-from tests.serverproc import ServerProcess  # noqa: E402  (one way to run a server)
+from tests.harness.serverproc import ServerProcess  # noqa: E402  (one way to run a server)
 
 KEY = "bench-key"
 JOURNALS = {"old": (), "sqlite": (str(REPO / "bench" / "sqlite_swap"),)}

@@ -5,7 +5,7 @@
     python bench/snapshot_history.py [--zones 20000] [--retained 1000] [--query-zones 50]
                                      [--snapshot-zones 1000] [--interval-s 60] [--runs 50]
 
-Starts a throwaway redis-server (no persistence; tests/redisproc.py), fills it directly
+Starts a throwaway redis-server (no persistence; tests/harness/redisproc.py), fills it directly
 with pipelined writes in pricehub's key layout (``KeyLayout``: every zone's history
 sorted set with ``--retained`` prices one ``--interval-s`` apart in market time, its
 latest key and seq, the epoch), then measures the storage's reads
@@ -55,7 +55,7 @@ from pricehub.wire.messages import (  # noqa: E402
     format_timestamp,
     with_seq,
 )
-from tests.redisproc import RedisProcess  # noqa: E402  (one way to run a redis-server)
+from tests.harness.redisproc import RedisProcess  # noqa: E402  (one way to run a redis-server)
 
 END = 1_795_000_000.0  # the newest retained market time (Unix s), late 2026
 ACCEPTED = "2026-11-27T15:00:00.000000Z"

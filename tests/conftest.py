@@ -10,41 +10,29 @@ import pytest
 import redis.asyncio as aioredis
 
 from pricehub.server.app import create_app
-from tests.hygiene import Footprint
-from tests.redisproc import RedisProcess
-from tests.serverproc import REPO, ServerProcess, use_scratch_dir
-from tests.support import PUBLISH_KEY, Client, MakeClient, make_settings
+from tests.harness.hygiene import Footprint
+from tests.harness.redisproc import RedisProcess
+from tests.harness.serverproc import REPO, ServerProcess, use_scratch_dir
+from tests.harness.support import PUBLISH_KEY, Client, MakeClient, make_settings
 
-# Markers, derived once here instead of on every test: what a test needs decides how
-# fast it is. ``pytest -m unit`` runs the pure tests (no sockets, no processes) in seconds.
-_KIND_BY_FIXTURE = {
-    "make_client": "app", "aiohttp_client": "app", "aiohttp_server": "app",
-    "server": "process", "redis_server": "redis", "raw": "redis",
-}
-_KIND_BY_IMPORT = {
-    "RedisProcess": "redis", "RedisCluster": "redis", "SentinelSetup": "redis",
-    "ServerProcess": "process", "subprocess": "process", "chromium": "browser",
-    "async_playwright": "browser",
-}
-
-
-# Pure but long (thousands of generated inputs): kept out of the seconds-long unit run.
-_KIND_BY_MODULE = {"tests.test_fuzz": "fuzz"}
+# Markers from folders: tests/ mirrors the package (tests/wire/, tests/storage/,
+# tests/server/, tests/client/ hold the tests of pricehub/<that package>/; tests/system/ the
+# multi-process, browser, docs and bench tests; tests/harness/ what they share), and each
+# test carries its folder's name: ``pytest -m wire`` runs the pure wire tests in seconds,
+# ``pytest -m "not system"`` everything but the slow end-to-end runs.
+FOLDER_MARKERS = ("wire", "storage", "server", "client", "system")
+# Pure but long (thousands of generated inputs): also marked, to leave out of a quick run.
+_FUZZ_MODULE = "tests.wire.test_fuzz"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        kinds = {
-            kind for name, kind in _KIND_BY_FIXTURE.items()
-            if name in getattr(item, "fixturenames", ())
-        }
+        folder = item.path.parent.name
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
         module = getattr(item, "module", None)
-        names = vars(module) if module is not None else {}
-        kinds |= {kind for name, kind in _KIND_BY_IMPORT.items() if name in names}
-        if module is not None and module.__name__ in _KIND_BY_MODULE:
-            kinds.add(_KIND_BY_MODULE[module.__name__])
-        for kind in kinds or {"unit"}:
-            item.add_marker(getattr(pytest.mark, kind))
+        if module is not None and module.__name__ == _FUZZ_MODULE:
+            item.add_marker(pytest.mark.fuzz)
 
 
 @pytest.fixture(scope="session", autouse=True)
