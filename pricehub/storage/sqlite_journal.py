@@ -1,7 +1,7 @@
 """The durable journal of the in-memory store on stdlib ``sqlite3`` (issue 27).
 
 The same surface as ``journal.Journal`` (``open`` -> ``(journal, Recovered)``, ``append``
-and its ``queue_*`` twins, ``set_epoch``, ``reset_zone``, ``write_meta``, ``snapshot``,
+and its ``queue_*`` twins (``queue_epoch``, ``queue_reset``), ``write_meta``, ``snapshot``,
 ``stats``, ``close``; the same errors), over one SQLite database in the data dir::
 
     LOCK                the flock of the one process using the directory (PID, host),
@@ -1103,15 +1103,6 @@ class SqliteJournal:
         """
         await self.queue_append(prices)
 
-    async def set_epoch(self, epoch: str) -> None:
-        """Record a new numbering lineage (failover reconciliation)."""
-        await self.queue_epoch(epoch)
-
-    async def reset_zone(self, zone: str, prices: Sequence[StoredPrice], *, seq: int) -> None:
-        """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
-        oldest first), as ``MemoryStorage.reset`` does."""
-        await self.queue_reset(zone, prices, seq=seq)
-
     # The ``queue_*`` twins take their place in the write order *now*, synchronously,
     # and return the future of their transaction (see ``Journal``).
 
@@ -1124,13 +1115,14 @@ class SqliteJournal:
         return self._enqueue(tuple(prices), len(prices))
 
     def queue_epoch(self, epoch: str) -> asyncio.Future[None]:
-        """``set_epoch`` without waiting."""
+        """Record a new numbering lineage (failover reconciliation)."""
         return self._enqueue([_Epoch(epoch)], 1, epoch=epoch)
 
     def queue_reset(
         self, zone: str, prices: Sequence[StoredPrice], *, seq: int
     ) -> asyncio.Future[None]:
-        """``reset_zone`` without waiting."""
+        """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
+        oldest first), as ``MemoryStorage.reset`` does."""
         kept = tuple(prices)[-self._history_size :]
         return self._enqueue([_Reset(zone, seq, kept)], 1)
 

@@ -169,9 +169,9 @@ async def test_epoch_meta_and_zone_reset_are_journaled(tmp_path: Path) -> None:
     journal, _ = reopen(tmp_path, new_epoch="e1")
     assert journal.meta is None
     await journal.append([price("pjm", seq) for seq in (1, 2, 3)])
-    await journal.set_epoch("e2")
+    await journal.queue_epoch("e2")
     await journal.write_meta({"feed_id": "f1", "peers": True})
-    await journal.reset_zone("pjm", [price("pjm", 9), price("pjm", 10)], seq=10)
+    await journal.queue_reset("pjm", [price("pjm", 9), price("pjm", 10)], seq=10)
     await journal.append([price("pjm", 11)])
     assert journal.epoch == "e2" and journal.meta == {"feed_id": "f1", "peers": True}
     await journal.close()
