@@ -21,7 +21,7 @@ from pricehub.wire import decode, messages, paths
 from pricehub.wire.codes import ErrorCode, HttpErrorCode
 from pricehub.wire.errors import ProtocolError, ValidationError
 from tests.harness.history_data import EXPECTED, FROM, PRICES, TO, body
-from tests.harness.redisproc import RecordingListener, RedisProcess
+from tests.harness.redisproc import RecordingListener, RedisCluster, RedisProcess
 from tests.harness.serverproc import ServerProcess
 from tests.harness.support import PUBLISH_KEY, MakeClient, publish
 from tests.server.test_security import SECRET, token
@@ -282,6 +282,26 @@ async def test_http_history_by_time_on_redis(redis_server: RedisProcess) -> None
                                         limit="4", **{"from": FROM})  # fmt: skip
     assert status == 200
     assert (pairs(answer["data"]), answer["truncated"]) == (list(EXPECTED[:4]), True)
+
+
+async def test_http_history_by_time_and_snapshot_on_redis_cluster() -> None:
+    """Zones on different slots (and masters): the history is one script per slot, merged
+    in (timestamp, zone, seq) order and truncated as on one node; the snapshot is per zone."""
+    with RedisCluster() as cluster, ServerProcess(
+        "--no-simulate", "--zones", ",".join(ZONES), publish_key=PUBLISH_KEY,
+        redis_url=cluster.url,
+    ) as server:  # fmt: skip
+        await publish_in_order(server)
+        status, whole = await get_json(server.url + HISTORY, zones="pjm,ercot", to=TO,
+                                       **{"from": FROM})  # fmt: skip
+        cut_status, cut = await get_json(server.url + HISTORY, zones="pjm,ercot", to=TO,
+                                         limit="4", **{"from": FROM})  # fmt: skip
+        snap_status, snapshot = await get_json(server.url + paths.SNAPSHOT, zones="pjm,ercot")
+    assert (status, pairs(whole["data"]), whole["truncated"]) == (200, list(EXPECTED), False)
+    assert (cut_status, pairs(cut["data"]), cut["truncated"]) == (200, list(EXPECTED[:4]), True)
+    last = {zone: max(seq for name, seq in pairs(whole["data"]) if name == zone)
+            for zone in ("pjm", "ercot")}  # fmt: skip
+    assert snap_status == 200 and all(snapshot["cursor"][zone] >= last[zone] for zone in last)
 
 
 # --- the Redis script ------------------------------------------------------------------------
