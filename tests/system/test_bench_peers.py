@@ -29,8 +29,6 @@ from tests.harness.serverproc import REPO
 
 pytest.importorskip("picows", reason="the load client needs the bench extra (picows)")
 
-pytestmark = pytest.mark.process
-
 LOADCLIENT = REPO / "bench" / "loadclient.py"
 WAIT = 15.0  # the whole exchange with one load client
 ARRIVAL = 5.0  # for the prices sent to reach the client (milliseconds, normally)
