@@ -793,7 +793,10 @@ class FailoverStorage:
         recovering: bool,
     ) -> None:
         """Step 4, synchronously so no price or append slips in between."""
-        catch_up: list[StoredPrice] = []
+        # What the listener missed, in order: prices Redis holds beyond the mirror, and
+        # (zone, from, to) before a price that does not follow on (a hole in what Redis
+        # retained: trimmed, or a restored Redis written back by several instances).
+        catch_up: list[StoredPrice | tuple[str, int, int]] = []
         self._write_behind(lambda journal: journal.queue_epoch(epoch), price=False)
         self._unheard.clear()  # Redis has them now, or the epoch change declares them
         for zone in self._memory.zones_with_prices():
@@ -807,7 +810,7 @@ class FailoverStorage:
             if seq == 0 and self._memory.last_seq(zone) == 0:
                 continue  # no price on either side: no state for this zone
             if self._memory.last_seq(zone) > 0:  # a fresh zone has no one to catch up
-                catch_up += [p for p in prices if p.seq > self._memory.last_seq(zone)]
+                catch_up += _missed(zone, prices, after=self._memory.last_seq(zone))
             tail = _contiguous_tail(prices, seq)
             self._memory.reset(zone, tail, seq=seq)
             self._write_behind(_reset_record(zone, tail, seq), price=False)
@@ -825,7 +828,7 @@ class FailoverStorage:
         self.epoch_changes += int(changed)
         self._log.info(
             "storage_resynced" if quiet else "storage_recovered", backend=REDIS, epoch=epoch,
-            epoch_changed=changed, caught_up=len(catch_up),
+            epoch_changed=changed, caught_up=sum(isinstance(i, StoredPrice) for i in catch_up),
         )  # fmt: skip
         listener = self._listener
         if listener is not None:
@@ -833,8 +836,11 @@ class FailoverStorage:
                 listener.on_epoch_changed(epoch)
             if not quiet:
                 listener.on_backend_changed(REDIS)
-            for price in catch_up:
-                listener.on_price(price)
+            for item in catch_up:
+                if isinstance(item, StoredPrice):
+                    listener.on_price(item)
+                else:
+                    announce_gap(listener, *item)
 
     # --- from the subscriber ----------------------------------------------------------
 
@@ -1249,6 +1255,23 @@ def _reset_record(
     zone: str, prices: Sequence[StoredPrice], seq: int
 ) -> Callable[[Journal], asyncio.Future[None]]:
     return lambda journal: journal.queue_reset(zone, prices, seq=seq)
+
+
+def _missed(
+    zone: str, prices: Sequence[StoredPrice], *, after: int
+) -> list[StoredPrice | tuple[str, int, int]]:
+    """The prices of ``zone`` newer than ``after``, each preceded by the hole before it
+    if it does not follow on from the one before (``(zone, from_seq, to_seq)``)."""
+    missed: list[StoredPrice | tuple[str, int, int]] = []
+    expected = after + 1
+    for price in prices:
+        if price.seq < expected:
+            continue
+        if price.seq > expected:
+            missed.append((zone, expected, price.seq - 1))
+        missed.append(price)
+        expected = price.seq + 1
+    return missed
 
 
 def _contiguous_tail(prices: Sequence[StoredPrice], seq: int) -> list[StoredPrice]:

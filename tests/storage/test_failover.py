@@ -193,6 +193,52 @@ async def test_partitioned_instance_catches_up_without_epoch_change(prefix: str)
         await proxy.close()
 
 
+class GapRecorder(RecordingListener):
+    """Also keeps the holes the storage declares, in order with the prices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[tuple[str, int, int]] = []
+
+    def on_price(self, price: StoredPrice) -> None:
+        self.order.append(("price", price.seq, price.seq))
+        super().on_price(price)
+
+    def on_gap(self, zone: str, from_seq: int, to_seq: int) -> None:
+        self.order.append(("gap", from_seq, to_seq))
+
+
+async def test_a_hole_in_what_redis_holds_beyond_the_mirror_is_declared_on_recovery(
+    prefix: str,
+) -> None:
+    """The prices a reconcile catches up must continue from the mirror's last seq; where
+    Redis's history has a hole (a restored Redis written back by several instances, or
+    trimmed), the hole is said (``on_gap``, then the price after it), never skipped
+    silently (the chaos soak's undeclared gap at a redis_kill_burst)."""
+    with RedisProcess() as server:
+        proxy = TcpProxy(server.port)
+        await proxy.start()
+        cut_off, steady = make(proxy.url, prefix), make(server.url, prefix)
+        listener = GapRecorder()
+        await cut_off.start(listener)
+        await steady.start(RecordingListener())
+        async with running(cut_off, steady):
+            await steady.append("pjm", body("pjm", 0.0))
+            await listener.wait_for("pjm", 1)
+            proxy.block()
+            await listener.wait_backend("in-memory")
+            for index in range(1, 4):  # seqs 2, 3, 4 while the instance is cut off
+                await steady.append("pjm", body("pjm", float(index)))
+            raw = aioredis.Redis.from_url(server.url)
+            await raw.zremrangebyscore(KeyLayout(prefix).history("pjm"), 3, 3)  # a hole
+            await raw.aclose()
+            proxy.unblock()
+            await listener.wait_backend("redis")
+            await listener.wait_for("pjm", 4)
+        await proxy.close()
+    assert listener.order == [("price", 1, 1), ("price", 2, 2), ("gap", 3, 3), ("price", 4, 4)]
+
+
 async def test_diverged_numbering_changes_the_epoch_everywhere(prefix: str) -> None:
     with RedisProcess() as server:
         first, second = make(server.url, prefix), make(server.url, prefix)
