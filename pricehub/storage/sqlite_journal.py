@@ -85,6 +85,7 @@ from pricehub.storage.errors import DiskError, JournalLocked, JournalUnavailable
 # The old journal's lock and directory fsync: one implementation, one error message.
 # (Issue 27: to move into a module of their own once journal.py goes.)
 from pricehub.storage.journal import Recovered, RecoveredZone, _acquire_lock, _fsync_dir
+from pricehub.storage.journal_format import EpochRecord, ResetRecord
 from pricehub.wire.messages import ZONE_RE
 
 __all__ = [
@@ -179,23 +180,12 @@ _SET_META = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 
 
 @dataclass(frozen=True, slots=True)
-class _Epoch:
-    epoch: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Reset:
-    zone: str
-    seq: int
-    prices: tuple[StoredPrice, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class _Meta:
     text: str
 
 
-_Op = StoredPrice | _Epoch | _Reset | _Meta
+# The journal's own record kinds (journal_format), one vocabulary for both engines.
+_Op = StoredPrice | EpochRecord | ResetRecord | _Meta
 _RunRow = tuple[str, int, int, bytes, bytes]  # zone, first, last, sizes, payloads
 
 
@@ -850,13 +840,13 @@ class _Writer:
                         undo[zone] = last
                 else:
                     run.append(op)
-            elif isinstance(op, _Reset):
+            elif isinstance(op, ResetRecord):
                 self._flush()
                 self._drop_zone(op.zone)
                 self._insert(_run_rows(op.zone, op.prices, self.block))
                 undo.setdefault(op.zone, seqs.get(op.zone, 0))
                 seqs[op.zone] = ruled[op.zone] = op.seq
-            elif isinstance(op, _Epoch):
+            elif isinstance(op, EpochRecord):
                 conn.execute(_SET_META, (_EPOCH_KEY, op.epoch))
             elif isinstance(op, _Meta):
                 conn.execute(_SET_META, (_OWNER_KEY, op.text))
@@ -1116,7 +1106,7 @@ class SqliteJournal:
 
     def queue_epoch(self, epoch: str) -> asyncio.Future[None]:
         """Record a new numbering lineage (failover reconciliation)."""
-        return self._enqueue([_Epoch(epoch)], 1, epoch=epoch)
+        return self._enqueue([EpochRecord(epoch)], 1, epoch=epoch)
 
     def queue_reset(
         self, zone: str, prices: Sequence[StoredPrice], *, seq: int
@@ -1124,7 +1114,7 @@ class SqliteJournal:
         """Record that ``zone`` now has ``seq`` and exactly ``prices`` (contiguous,
         oldest first), as ``MemoryStorage.reset`` does."""
         kept = tuple(prices)[-self._history_size :]
-        return self._enqueue([_Reset(zone, seq, kept)], 1)
+        return self._enqueue([ResetRecord(zone, seq, kept)], 1)
 
     def _enqueue(
         self, ops: Sequence[_Op], records: int, *, epoch: str | None = None
