@@ -15,9 +15,13 @@ The rules (issue 22.7), for whoever writes an example:
   ``localhost:8080`` in a block is rewritten to ``127.0.0.1:<that port>``. Other addresses are
   left alone (``127.0.0.1:1``, where nothing listens, stands for a server that is down).
 * A block passes when it exits 0 within ``BLOCK_TIMEOUT`` seconds. A consumer that streams
-  until interrupted, like the Python client's quick start, gets SIGINT (a reader's Ctrl-C)
-  once it has printed ``STREAM_LINES`` lines; it passes when its stderr then holds nothing
-  but the ``KeyboardInterrupt`` traceback (no other error, warning or log line).
+  until interrupted, like the Python client's quick start, says so right above its fence:
+  ``<!-- streams: until Ctrl-C -->``. It gets SIGINT (a reader's Ctrl-C) once it has printed
+  ``STREAM_LINES`` lines, and passes when its stderr then holds nothing but the
+  ``KeyboardInterrupt`` traceback (no other error, warning or log line). Only marked blocks
+  are interrupted: a Ctrl-C racing a block's own end has no one outcome (a traceback, a
+  silent death in finalization, asyncio's "Task was destroyed"), so a bounded block must end
+  by itself.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ DOCUMENTED_ADDRESS = re.compile(r"\b(?:127\.0\.0\.1|localhost):8080\b")
 RUN_LANGUAGES = frozenset({"python", "py", "python3"})
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\s`]*)")
 NOT_RUN = re.compile(r"<!--\s*not-run\b:?\s*(?P<reason>.*?)\s*-->")
+STREAMS = re.compile(r"<!--\s*streams\b:?\s*(?P<reason>.*?)\s*-->")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Block:
     language: str
     code: str
     not_run: str | None  # the marker's reason; "" for a marker without one
+    streams: bool = False  # runs until interrupted (a ``streams`` marker above it)
 
     @property
     def name(self) -> str:
@@ -74,15 +80,16 @@ def code_blocks(path: Path) -> Iterator[Block]:
         body = [line[len(indent) :] if line.startswith(indent) else line.lstrip()
                 for line in lines[index + 1 : end]]  # fmt: skip
         yield Block(path, index + 1, opening["info"].lower(), "\n".join(body) + "\n",
-                    _marker_above(lines, index))  # fmt: skip
+                    _marker_above(lines, index, NOT_RUN),
+                    _marker_above(lines, index, STREAMS) is not None)  # fmt: skip
         index = end + 1
 
 
-def _marker_above(lines: list[str], fence_index: int) -> str | None:
+def _marker_above(lines: list[str], fence_index: int, kind: re.Pattern[str]) -> str | None:
     above = fence_index - 1
     while above >= 0 and not lines[above].strip():
         above -= 1
-    marker = NOT_RUN.search(lines[above]) if above >= 0 else None
+    marker = kind.search(lines[above]) if above >= 0 else None
     return None if marker is None else marker["reason"]
 
 
@@ -135,8 +142,8 @@ async def run_example(block: Block, server: ServerProcess, workdir: Path) -> Non
     interrupted, code = False, None
     try:
         async with asyncio.timeout(BLOCK_TIMEOUT):
-            await _read_lines(process.stdout, out, STREAM_LINES)
-            if len(out) == STREAM_LINES:  # streaming, or about to end: Ctrl-C either way
+            await _read_lines(process.stdout, out, STREAM_LINES if block.streams else None)
+            if block.streams and len(out) == STREAM_LINES:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGINT)
                 interrupted = True
@@ -203,14 +210,16 @@ def test_the_extractor_reads_fences_markers_and_indented_blocks(tmp_path: Path) 
         "Intro\n\n```python\nprint(1)\n```\n\n"
         "<!-- not-run: a fragment of the one above -->\n\n```py\nx = 1\n```\n\n"
         "````text\n```python\nnot a block of its own\n```\n````\n\n"
-        "1. a list item:\n\n   ```python\n   if True:\n       print(2)\n   ```\n"
+        "1. a list item:\n\n   ```python\n   if True:\n       print(2)\n   ```\n\n"
+        "<!-- streams: until Ctrl-C -->\n```python\nwhile True: pass\n```\n"
     )
     blocks = list(code_blocks(page))
-    assert [(b.line, b.language, b.not_run) for b in blocks] == [
-        (3, "python", None),
-        (9, "py", "a fragment of the one above"),
-        (13, "text", None),
-        (21, "python", None),
+    assert [(b.line, b.language, b.not_run, b.streams) for b in blocks] == [
+        (3, "python", None, False),
+        (9, "py", "a fragment of the one above", False),
+        (13, "text", None, False),
+        (21, "python", None, False),
+        (27, "python", None, True),
     ]
     assert blocks[0].code == "print(1)\n"
     assert blocks[2].code == "```python\nnot a block of its own\n```\n"
