@@ -15,10 +15,10 @@ It prints accepted prices per second, the ratio durable / none, and the journal'
 figures from the stats document (count, prices per fsync, median / max latency).
 The data dir defaults to a fresh temporary directory on the disk ``/tmp`` is on.
 
-``--journal`` picks the durable run's journal (issue 27): ``old`` (default,
-``journal.Journal``), ``sqlite`` (``SqliteJournal``, swapped in through
-``bench/sqlite_swap/sitecustomize.py`` until ``DurableStorage`` uses it) or ``both``:
-each on its own fresh data dir in the same run, with the ratio sqlite / old.
+``--journal`` picks the durable run's journal (issue 27): ``sqlite`` (default, the
+server's ``SqliteJournal``), ``old`` (``legacy.journal.Journal``, swapped in through
+``bench/legacy_swap/sitecustomize.py``) or ``both``: each on its own fresh data dir in the
+same run, with the ratio sqlite / old.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pricehub.wire import paths  # noqa: E402
 from tests.harness.serverproc import ServerProcess  # noqa: E402  (one way to run a server)
 
 KEY = "bench-key"
-JOURNALS = {"old": (), "sqlite": (str(REPO / "bench" / "sqlite_swap"),)}
+JOURNALS = {"old": (str(REPO / "bench" / "legacy_swap"),), "sqlite": ()}
 ZONES = ("pjm", "caiso", "ercot", "nyiso", "miso", "spp", "isone")
 BATCH = 1000
 PUBLISHERS = 50
@@ -103,7 +103,7 @@ def journal_env(journal: str) -> dict[str, str]:
 
 
 async def measure(data_dir: str, seconds: float, in_flight: int,
-                  journal: str = "old") -> dict[str, Any]:  # fmt: skip
+                  journal: str = "sqlite") -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     for name, scenario in (("batch", batches), ("single", singles)):
         server = ServerProcess(
@@ -133,8 +133,8 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--data-dir", help="durable run's data dir (default: a temp dir)")
     parser.add_argument("--in-flight", type=int, default=4, help="batch publishers (default 4)")
-    parser.add_argument("--journal", choices=("old", "sqlite", "both"), default="old",
-                        help="the durable run's journal (default old)")  # fmt: skip
+    parser.add_argument("--journal", choices=("old", "sqlite", "both"), default="sqlite",
+                        help="the durable run's journal (default sqlite)")  # fmt: skip
     args = parser.parse_args()
     journals = ["old", "sqlite"] if args.journal == "both" else [args.journal]
     if args.data_dir and len(journals) > 1:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pricehub.storage.base import JournalStats, StoredPrice  # noqa: E402
-from pricehub.storage.journal import Journal  # noqa: E402
+from pricehub.storage.legacy.journal import Journal  # noqa: E402
 from pricehub.storage.memory import MemoryStorage  # noqa: E402
 from pricehub.storage.sqlite_journal import SqliteJournal  # noqa: E402
 

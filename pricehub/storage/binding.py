@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 FEED_KEY = "feed"  # <prefix>feed: the feed id, next to <prefix>epoch
-PEERS_KEY = "peers"  # meta.json: whether the registry last showed this instance peers
-PEER_MIRRORS_KEY = "peer_mirrors"  # meta.json: the mirror ids of those peers
-MIRROR_KEY = "mirror_id"  # meta.json: this data dir's own mirror id
+PEERS_KEY = "peers"  # the owner meta: whether the registry last showed this instance peers
+PEER_MIRRORS_KEY = "peer_mirrors"  # the owner meta: the mirror ids of those peers
+MIRROR_KEY = "mirror_id"  # the owner meta: this data dir's own mirror id
 
 TCP, UNIX, SENTINEL, CLUSTER = "redis", "unix", "sentinel", "cluster"
 _KINDS = (TCP, UNIX, SENTINEL, CLUSTER)

@@ -1,8 +1,9 @@
 """The embedded default made durable: a ``MemoryStorage`` whose every price is journaled.
 
 ``DurableStorage`` wraps a ``MemoryStorage`` (reads are served from it unchanged) and a
-``Journal`` (``journal.py``) in its data directory. A price is numbered, written and
-fsynced, and only then stored in memory, broadcast and acknowledged:
+``SqliteJournal`` (``sqlite_journal.py``, one SQLite database) in its data directory. A
+price is numbered, committed (``synchronous=FULL``: the WAL fsynced), and only then
+stored in memory, broadcast and acknowledged:
 
 * Numbering happens when a batch is formed, not when ``append`` is called. Callers queue
   their prices; one flusher task takes everything queued, numbers it from memory's seqs,
@@ -14,19 +15,20 @@ fsynced, and only then stored in memory, broadcast and acknowledged:
   leaves memory untouched, so the next batch numbers from the same seqs again: no gap,
   and the failed seqs, which were never broadcast nor acknowledged, are reused. The
   journal's replay rule "a reused seq wins" makes that safe even if the failed batch
-  partly reached the disk. The journal retries on a fresh segment with the next batch,
-  so publishing recovers by itself once the disk does.
+  partly reached the disk (a failed SQLite transaction is rolled back whole anyway). The
+  journal tries again with the next batch, so publishing recovers by itself once the disk
+  does.
 * A caller that is cancelled (an HTTP client gone) does not cancel its batch: the
   flusher is not the caller's task, so memory and the journal never disagree.
 
-``start`` opens the journal in a worker thread (it locks the directory, replays, and
-writes the epoch of a fresh directory) and loads what it recovered into memory: the
-epoch, each zone's seq and retained history, so resuming clients get ``recovered: true``
-and numbering continues where it stopped. After damage the journal recovers what came
-before it under a new epoch (``Recovered.fresh_reason``): that is loaded and served just
-the same, and resuming clients are told (``recovered: false``). ``JournalLocked`` /
-``JournalUnavailable`` propagate from ``start``: with ``--redis-url none`` they are start
-errors (exit 2).
+``start`` opens the journal in a worker thread (it locks the directory, migrates an old
+journal found there, recovers, and writes the epoch of a fresh directory) and loads what
+it recovered into memory: the epoch, each zone's seq and retained history, so resuming
+clients get ``recovered: true`` and numbering continues where it stopped. After damage
+the journal recovers what came before it under a new epoch (``Recovered.fresh_reason``):
+that is loaded and served just the same, and resuming clients are told (``recovered:
+false``). ``JournalLocked`` / ``JournalUnavailable`` propagate from ``start``: with
+``--redis-url none`` they are start errors (exit 2).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ from pricehub.storage.base import (
     StorageListener,
     StoredPrice,
 )
+from pricehub.storage.datadir import Recovered
 from pricehub.storage.errors import DiskError, StorageUnavailable
-from pricehub.storage.journal import Journal, Recovered
 from pricehub.storage.memory import MemoryStorage
+from pricehub.storage.sqlite_journal import SqliteJournal
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import accepted_now, with_seq
 
@@ -60,7 +63,7 @@ __all__ = ["DurableStorage", "JournaledAppends", "disk_status", "journal_status"
 
 
 def journal_status(
-    journal: Journal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
+    journal: SqliteJournal | None, recovered: Recovered | None, *, write_errors: int, closed: bool
 ) -> DiskStatus:
     """A journal's ``DiskStatus`` (shared by ``DurableStorage`` and the failover's):
     ``OK`` while its writes succeed, else ``UNAVAILABLE`` with the last error (or why
@@ -92,7 +95,7 @@ class _Pending:
 
 
 class JournaledAppends:
-    """Numbering into a ``MemoryStorage`` through a ``Journal``: see the module
+    """Numbering into a ``MemoryStorage`` through a ``SqliteJournal``: see the module
     docstring (batches numbered when formed, written and fsynced, then stored in
     ``memory``, broadcast to ``listener`` and answered). Used by ``DurableStorage`` and
     by ``FailoverStorage`` while it numbers in memory.
@@ -103,7 +106,7 @@ class JournaledAppends:
     def __init__(
         self,
         memory: MemoryStorage,
-        journal: Journal,
+        journal: SqliteJournal,
         *,
         listener: StorageListener | None,
         log: Any,
@@ -196,10 +199,10 @@ class DurableStorage(Storage):
     :param data_dir: the journal's directory (created if missing).
     :param history_size: prices retained per zone, in memory and on disk.
     :param zones: the zones served: what the journal holds of others is kept on disk
-        but not loaded (``Journal.open``). None: every zone it holds.
+        but not loaded (``SqliteJournal.open``). None: every zone it holds.
     :param log: structlog logger (default ``pricehub.storage``).
-    :param journal_options: passed to ``Journal.open`` (``fsync``, ``compact_factor``,
-        ``compact_min_records``), for tests and benchmarks.
+    :param journal_options: passed to ``SqliteJournal.open`` (``fsync``,
+        ``checkpoint_bytes``), for tests and benchmarks.
 
     ``write_errors`` counts failed journal batches (``disk_status``). It counts nothing
     else: ``counters`` is the Protocol's (all zero).
@@ -223,7 +226,7 @@ class DurableStorage(Storage):
         self._journal_options = journal_options
         # Replaced in ``start`` by one on the recovered epoch and state.
         self._memory = MemoryStorage(history_size=history_size)
-        self._journal: Journal | None = None
+        self._journal: SqliteJournal | None = None
         self._appends: JournaledAppends | None = None
         self._recovered: Recovered | None = None
         self._closed = False
@@ -250,7 +253,7 @@ class DurableStorage(Storage):
         :raises JournalUnavailable: the data dir cannot be created, read or written.
         """
         journal, recovered = await asyncio.to_thread(
-            Journal.open,
+            SqliteJournal.open,
             self._data_dir,
             history_size=self._history_size,
             new_epoch=self._memory.epoch,
@@ -262,7 +265,7 @@ class DurableStorage(Storage):
         for zone, state in recovered.zones.items():
             memory.reset(zone, state.prices, seq=state.seq)
         self._memory, self._journal, self._recovered = memory, journal, recovered
-        # Journal.open logged what it recovered.
+        # SqliteJournal.open logged what it recovered.
         self._appends = JournaledAppends(memory, journal, listener=listener, log=self._log)
 
     @property
@@ -283,9 +286,7 @@ class DurableStorage(Storage):
 
     # --- appending --------------------------------------------------------------------
 
-    async def append(
-        self, zone: str, body: bytes, *, ack: IngestAck | None = None
-    ) -> StoredPrice:
+    async def append(self, zone: str, body: bytes, *, ack: IngestAck | None = None) -> StoredPrice:
         if ack is not None:
             raise StorageUnavailable("no ingest stream without Redis")
         (price,) = await self._submit(((zone, body),))

@@ -112,6 +112,7 @@ from pricehub.storage.binding import (
     peer_mirrors,
 )
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
+from pricehub.storage.datadir import Recovered
 from pricehub.storage.durable import JournaledAppends, journal_status
 from pricehub.storage.errors import (
     BatchInterrupted,
@@ -121,7 +122,6 @@ from pricehub.storage.errors import (
     StorageHeld,
     StorageUnavailable,
 )
-from pricehub.storage.journal import Journal, Recovered
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import (
     EpochChanged,
@@ -131,6 +131,7 @@ from pricehub.storage.redis import (
     announce_gap,
     redis_errors,
 )
+from pricehub.storage.sqlite_journal import SqliteJournal
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import body_of
 
@@ -189,7 +190,7 @@ class FailoverStorage:
     :param data_dir: journal the memory store there (default None: nothing on disk).
     :param adopt_journal: take the journal as this Redis's even if it mirrored another
         (default False; see the module docstring).
-    :param journal_options: passed to ``Journal.open`` (tests, benchmarks).
+    :param journal_options: passed to ``SqliteJournal.open`` (tests, benchmarks).
     :param log: structlog logger (default ``pricehub.storage``).
 
     Counters (``counters()``, for the metrics): ``failovers``, ``recoveries``,
@@ -278,7 +279,7 @@ class FailoverStorage:
         self.resyncs = 0
         self._data_dir = None if data_dir is None else Path(data_dir)
         self._journal_options = dict(journal_options or {})
-        self._journal: Journal | None = None
+        self._journal: SqliteJournal | None = None
         self._appends: JournaledAppends | None = None  # memory numbering, journaled
         self._recovered: Recovered | None = None
         self._disk_reason: str | None = None  # why the data dir is not used
@@ -304,9 +305,7 @@ class FailoverStorage:
     def has_peers(self) -> bool:
         """Whether numbering alone could collide with another instance's numbering."""
         seen = self._peer_seen_at
-        return self._assume_peers or (
-            seen is not None and time.monotonic() - seen < PEER_MEMORY
-        )
+        return self._assume_peers or (seen is not None and time.monotonic() - seen < PEER_MEMORY)
 
     @property
     def epoch(self) -> str:
@@ -399,7 +398,7 @@ class FailoverStorage:
             return
         try:
             journal, recovered = await asyncio.to_thread(
-                Journal.open, self._data_dir, history_size=self._history_size,
+                SqliteJournal.open, self._data_dir, history_size=self._history_size,
                 new_epoch=self._epoch, log=self._log, zones=self._zones,
                 **self._journal_options,
             )  # fmt: skip
@@ -438,7 +437,7 @@ class FailoverStorage:
         self._disk_reason = str(exc)
         self._log.warning("durability_disabled", data_dir=str(self._data_dir), reason=str(exc))
 
-    async def _bind_at_open(self, journal: Journal, recovered: Recovered) -> Binding | None:
+    async def _bind_at_open(self, journal: SqliteJournal, recovered: Recovered) -> Binding | None:
         """The journal's binding, to be checked against Redis. ``adopt_journal`` rebinds
         it to the configured Redis *before* anything of it can reach that Redis (so a
         crash right after the seeding finds it bound to where its feed went); a journal
@@ -477,7 +476,7 @@ class FailoverStorage:
         )  # fmt: skip
 
     def _write_behind(
-        self, write: Callable[[Journal], asyncio.Future[None]], *, price: bool
+        self, write: Callable[[SqliteJournal], asyncio.Future[None]], *, price: bool
     ) -> None:
         """Queue a record Redis already keeps (not awaited); ``price``: droppable."""
         journal = self._journal
@@ -888,8 +887,10 @@ class FailoverStorage:
             return  # Pub/Sub was first (or a reconcile took it)
         self._unheard.setdefault(price.zone, {})[price.seq] = price
         self._fold_unheard(price.zone)
-        if self._mode == HOLD and not self._quiet and price.seq in self._unheard.get(
-            price.zone, {}
+        if (
+            self._mode == HOLD
+            and not self._quiet
+            and price.seq in self._unheard.get(price.zone, {})
         ):  # settled by the lost connection after ``_enter_outage`` journaled the others
             self._journal_unheard((price,))
 
@@ -946,9 +947,7 @@ class FailoverStorage:
     def ingest_source(self) -> IngestSource:
         return self
 
-    async def append(
-        self, zone: str, body: bytes, *, ack: IngestAck | None = None
-    ) -> StoredPrice:
+    async def append(self, zone: str, body: bytes, *, ack: IngestAck | None = None) -> StoredPrice:
         while True:
             redis = self._redis
             if self._mode == REDIS and redis is not None:
@@ -1253,7 +1252,7 @@ class _Mirror:
 
 def _reset_record(
     zone: str, prices: Sequence[StoredPrice], seq: int
-) -> Callable[[Journal], asyncio.Future[None]]:
+) -> Callable[[SqliteJournal], asyncio.Future[None]]:
     return lambda journal: journal.queue_reset(zone, prices, seq=seq)
 
 

@@ -1,14 +1,15 @@
 """The durable journal of the in-memory store on stdlib ``sqlite3`` (issue 27).
 
-The same surface as ``journal.Journal`` (``open`` -> ``(journal, Recovered)``, ``append``
-and its ``queue_*`` twins (``queue_epoch``, ``queue_reset``), ``write_meta``, ``snapshot``,
-``stats``, ``close``; the same errors), over one SQLite database in the data dir::
+The default journal since issue 27, with the old one's surface (``legacy.journal``:
+``open`` -> ``(journal, Recovered)``, ``append`` and its ``queue_*`` twins (``queue_epoch``,
+``queue_reset``), ``write_meta``, ``snapshot``, ``stats``, ``close``; the same errors), over
+one SQLite database in the data dir::
 
-    LOCK                the flock of the one process using the directory (PID, host),
-                        as ``journal.py``'s: the same one-line "in use by pid" error
+    LOCK                the flock of the one process using the directory (PID, host;
+                        ``datadir``): the one-line "in use by pid ... on ..." error
     pricehub.db         the database (WAL mode); ``-wal`` and ``-shm`` beside it while open
     pricehub.db.corrupt-<time>  a damaged database (and its WAL), moved aside
-    legacy-journal/     the files of the old journal, once migrated (``sqlite_legacy``)
+    legacy-journal/     the files of the old journal, once migrated (``legacy.migrate``)
 
 Tables: ``runs`` (rows in the order written, each one zone's consecutive seqs from one
 transaction within one block of 16: ``first``, ``last``, ``sizes``, ``payloads``, the
@@ -78,14 +79,17 @@ from typing import Any
 import orjson
 import structlog
 
-from pricehub.storage import sqlite_legacy as legacy
 from pricehub.storage.base import JournalStats, StoredPrice
+from pricehub.storage.datadir import (
+    EpochRecord,
+    Recovered,
+    RecoveredZone,
+    ResetRecord,
+    acquire_lock,
+    fsync_dir,
+)
 from pricehub.storage.errors import DiskError, JournalLocked, JournalUnavailable
-
-# The old journal's lock and directory fsync: one implementation, one error message.
-# (Issue 27: to move into a module of their own once journal.py goes.)
-from pricehub.storage.journal import Recovered, RecoveredZone, _acquire_lock, _fsync_dir
-from pricehub.storage.journal_format import EpochRecord, ResetRecord
+from pricehub.storage.legacy import migrate as legacy
 from pricehub.wire.messages import ZONE_RE
 
 __all__ = [
@@ -184,7 +188,7 @@ class _Meta:
     text: str
 
 
-# The journal's own record kinds (journal_format), one vocabulary for both engines.
+# The journal's record kinds (datadir), one vocabulary for both engines.
 _Op = StoredPrice | EpochRecord | ResetRecord | _Meta
 _RunRow = tuple[str, int, int, bytes, bytes]  # zone, first, last, sizes, payloads
 
@@ -387,7 +391,7 @@ def _migrate(directory: Path, found: legacy.Legacy, *, block: int) -> None:
     finally:
         conn.close()
     os.replace(temp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _meta_value(conn: sqlite3.Connection, key: str) -> str | None:
@@ -591,7 +595,7 @@ def _move_aside(directory: Path) -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.replace(path, target)
             moved.append(target.name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return moved
 
 
@@ -708,7 +712,7 @@ def _copy_aside(path: Path) -> str:
         shutil.copyfileobj(reader, out)
         out.flush()
         os.fsync(out.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return target.name
 
 
@@ -1009,7 +1013,7 @@ class SqliteJournal:
             found_legacy = legacy.read(
                 directory, history_size=history_size, new_epoch=epoch, log=log
             )
-        lock_fd = _acquire_lock(directory)
+        lock_fd = acquire_lock(directory)
         try:
             journal, recovered = cls._open_locked(
                 directory, lock_fd, found_legacy, options, new_epoch=epoch, log=log, zones=zones

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from pricehub.storage.base import StoredPrice
-from pricehub.storage.journal import Journal
+from pricehub.storage.legacy.journal import Journal
 
 HISTORY_SIZE = 40
 ZONES = ("pjm", "caiso", "ercot")

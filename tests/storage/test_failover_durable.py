@@ -10,7 +10,6 @@ a SIGKILL loses everything it held) and real WebSocket resumes.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,11 @@ import aiohttp
 import pytest
 
 from pricehub.storage.durable import disk_status
+from pricehub.storage.errors import DiskError
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.journal import DiskError, Journal
+from pricehub.storage.sqlite_journal import SqliteJournal
 from pricehub.wire import paths
+from tests.harness.datadir import owner_meta
 from tests.harness.redisproc import RedisProcess
 from tests.harness.serverproc import ServerProcess, free_port
 from tests.harness.support import PUBLISH_KEY, eventually
@@ -228,7 +229,7 @@ async def test_peers_restarted_during_one_outage_hold_instead_of_numbering_alone
             return all(len((r.get("cluster") or {}).get("instances", [])) == 2 for r in reports)
 
         await eventually(peers_seen, within=15)
-        assert all(json.loads((d / "meta.json").read_text())["peers"] for d in dirs)
+        assert all(owner_meta(d)["peers"] for d in dirs)
         redis_server.kill()
         first.kill()
         second.kill()
@@ -264,7 +265,7 @@ async def test_peers_restarted_during_one_outage_hold_instead_of_numbering_alone
 
 async def journaled(data_dir: Path) -> tuple[str, int]:
     """The epoch and pjm's last seq a stopped instance's data dir holds."""
-    journal, recovered = Journal.open(data_dir, history_size=100, fsync=False)
+    journal, recovered = SqliteJournal.open(data_dir, history_size=100, fsync=False)
     await journal.close()
     zone = recovered.zones.get("pjm")
     return recovered.epoch, 0 if zone is None else zone.seq
@@ -290,7 +291,7 @@ async def test_a_redis_restored_empty_is_numbered_in_only_after_every_known_peer
         async def peers_recorded() -> bool:  # stats read the registry (and record peers)
             for target in (first, second):
                 await get_json(target, paths.STATS)
-            return all(json.loads((d / "meta.json").read_text()).get("peers") for d in dirs)
+            return all(owner_meta(d).get("peers") for d in dirs)
 
         await eventually(peers_recorded, within=15)
         first.kill()  # its journal ends at seq 2

@@ -12,6 +12,7 @@ look is needed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,15 +35,16 @@ from pricehub.storage.binding import (
 )
 from pricehub.storage.durable import disk_status
 from pricehub.storage.failover import FailoverStorage
-from pricehub.storage.journal import Journal
+from pricehub.storage.legacy.journal import Journal
 from pricehub.wire.messages import with_seq
+from tests.harness.datadir import contents, journaled_seq, owner_meta, owner_meta_text
 from tests.harness.redisproc import RecordingListener, RedisProcess, TcpProxy
+from tests.harness.support import eventually
 from tests.storage.test_durable import body, epoch_of, get_json
 from tests.storage.test_failover import EventLog
 from tests.storage.test_failover_durable import health, prices, seqs_of, server
 
 FOREIGN = "journal_belongs_to_another_redis"
-META = "meta.json"
 PREFIX = "pricehub:"
 
 
@@ -90,21 +92,17 @@ def events(log: str, name: str) -> list[dict[str, Any]]:
     return found
 
 
-def data_files(directory: Path) -> dict[str, bytes]:
-    """The journal's records (snapshots and non-empty segments), by name."""
-    return {
-        path.name: path.read_bytes()
-        for path in sorted(directory.iterdir())
-        if path.name.startswith(("wal-", "snap-")) and path.stat().st_size > 8
-    }
-
-
 async def make_feed(url: str, data_dir: Path, *values: float) -> str:
     """Run a server on ``url`` with ``data_dir``, publish ``values`` to pjm, stop it
     (SIGKILL: the journal is all that is left of its view); the feed's epoch."""
     with server(url, data_dir) as instance:
         assert await seqs_of(instance, *values) == list(range(1, len(values) + 1))
         epoch = await epoch_of(instance)
+
+        async def journaled() -> bool:  # the mirror writes behind the 202
+            return await asyncio.to_thread(journaled_seq, data_dir, "pjm") == len(values)
+
+        await eventually(journaled)
         instance.kill()
     return epoch
 
@@ -117,7 +115,7 @@ async def test_a_journal_of_one_redis_never_seeds_another(
     data_dir: Path, redis_a: RedisProcess, redis_b: RedisProcess, change: str
 ) -> None:
     epoch = await make_feed(redis_a.url, data_dir, 1.0, 2.0, 3.0)
-    journal_before = data_files(data_dir)
+    journal_before = contents(data_dir)
     other = redis_b.url if change == "address" else redis_a.url.replace("/0", "/1")
     with server(other, data_dir) as instance:
         stored = await keys_of(other)
@@ -142,7 +140,7 @@ async def test_a_journal_of_one_redis_never_seeds_another(
         assert (await keys_of(other))["seq"] == "1"
     # The journal was left untouched: back on the Redis it mirrors (emptied meanwhile),
     # it restores the old feed, without the other Redis's price.
-    assert data_files(data_dir) == journal_before
+    assert contents(data_dir) == journal_before
     redis_a.kill()
     redis_a.start()
     with server(redis_a.url, data_dir) as instance:
@@ -158,7 +156,7 @@ async def test_the_same_redis_found_empty_is_restored_from_the_journal(
     epoch = await make_feed(redis_a.url, data_dir, 1.0, 2.0)
     feed = (await keys_of(redis_a.url))["feed"]
     assert feed is not None  # the feed id is created with the feed
-    assert json.loads((data_dir / META).read_text())["feed_id"] == feed
+    assert owner_meta(data_dir)["feed_id"] == feed
     redis_a.kill()  # no persistence: it comes back empty
     redis_a.start()
     with server(redis_a.url, data_dir) as instance:
@@ -234,7 +232,7 @@ async def test_a_running_instance_follows_a_feed_recreated_at_its_redis(
     await storage.start(listener)
     try:
         await storage.append("pjm", body(1.0))
-        first_feed = json.loads((data_dir / META).read_text())["feed_id"]
+        first_feed = owner_meta(data_dir)["feed_id"]
         proxy.block()
         redis_a.kill()
         await listener.wait_backend("in-memory")
@@ -247,7 +245,7 @@ async def test_a_running_instance_follows_a_feed_recreated_at_its_redis(
         await listener.wait_backend("redis")
         stored = await keys_of(redis_a.url)
         assert stored["feed"] != first_feed
-        assert json.loads((data_dir / META).read_text())["feed_id"] == stored["feed"]
+        assert owner_meta(data_dir)["feed_id"] == stored["feed"]
         assert disk_status(storage).check == "ok"
         assert storage.epoch == stored["epoch"]
         assert FOREIGN not in log.events and "journal_bound" in log.events
@@ -265,7 +263,7 @@ async def legacy_journal(directory: Path, epoch: str) -> None:
     journal, _ = Journal.open(directory, history_size=100, new_epoch=epoch, fsync=False)
     await journal.append([price(1, 1.0), price(2, 2.0)])
     await journal.close()
-    assert not (directory / META).exists()
+    assert not (directory / "meta.json").exists()  # the old journal's owner meta file
 
 
 async def test_a_journal_without_a_binding_never_seeds_an_empty_redis(
@@ -301,7 +299,7 @@ async def test_a_journal_without_a_binding_is_bound_by_the_redis_holding_its_epo
         assert [p.seq for p in await storage.history("pjm", limit=10)] == [1, 2]
         stored = await keys_of(redis_a.url)
         assert stored["seq"] == "2" and stored["feed"] is not None
-        meta = json.loads((data_dir / META).read_text())
+        meta = owner_meta(data_dir)
         assert meta["feed_id"] == stored["feed"]
     finally:
         await storage.close()
@@ -318,7 +316,7 @@ async def test_a_password_is_never_stored_nor_logged(
     await storage.start(RecordingListener())
     await storage.append("pjm", body(1.0))
     await storage.close()
-    meta = (data_dir / META).read_text()
+    meta = owner_meta_text(data_dir)
     assert "s3cret" not in meta and f"127.0.0.1:{redis_a.port}" in meta
     records: list[tuple[str, dict[str, Any]]] = []
 

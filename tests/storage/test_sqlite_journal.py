@@ -9,7 +9,6 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator, MutableMapping
@@ -21,7 +20,8 @@ from structlog.testing import capture_logs
 
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
-from pricehub.storage.journal import Journal
+from pricehub.storage.legacy.journal import Journal
+from pricehub.storage.legacy.migrate import LEGACY_DIR
 from pricehub.storage.sqlite_journal import (
     DB_NAME,
     DiskError,
@@ -30,9 +30,9 @@ from pricehub.storage.sqlite_journal import (
     Recovered,
     SqliteJournal,
 )
-from pricehub.storage.sqlite_legacy import LEGACY_DIR
 from tests.harness import journal_child
-from tests.storage.test_journal import ROOT, Child, assert_acked_recovered, price
+from tests.harness.datadir import wal_frame
+from tests.storage.test_legacy_journal import ROOT, Child, assert_acked_recovered, price
 
 
 def reopen(path: Path, **options: Any) -> tuple[SqliteJournal, Recovered]:
@@ -332,15 +332,6 @@ async def crash_image(path: Path, transactions: int) -> Path:
         shutil.copyfile(path / name, image / name)
     await journal.close()
     return image
-
-
-def wal_frame(wal: Path, *, commit: bool) -> bytes:
-    """A frame of ``wal``'s current generation (its salts) whose checksum fails: what
-    the transaction in flight at a crash leaves, torn."""
-    header = wal.read_bytes()[:32]
-    page_size, salt1, salt2 = struct.unpack(">I", header[8:12])[0], header[16:20], header[20:24]
-    size = struct.pack(">I", 9 if commit else 0)
-    return struct.pack(">I", 2) + size + salt1 + salt2 + b"\0" * 8 + os.urandom(page_size)
 
 
 async def test_a_torn_wal_tail_is_ignored(tmp_path: Path) -> None:

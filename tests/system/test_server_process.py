@@ -88,7 +88,7 @@ async def test_readme_run_command_streams_simulated_prices_in_memory(
         assert message["market_zone"] in hello["zones"] and message["seq"] >= 1
         await ws.close()
     # Journaled where the README's default --data-dir says: data/ of the working directory.
-    journal = await asyncio.to_thread(lambda: list((tmp_path / "data").glob("wal-*.log")))
+    journal = await asyncio.to_thread((tmp_path / "data" / "pricehub.db").exists)
     assert journal, "no journal in data/ of the server's working directory"
 
 

@@ -1,4 +1,4 @@
-"""Migrating a data dir of the old journal (``journal.py``) to ``sqlite_journal``.
+"""Migrating a data dir of the old journal (``legacy.journal``) to ``sqlite_journal``.
 
 A data dir that holds the old journal's files and no database is read once with the old
 journal's own recovery (``Journal.open``: torn tails cut, damage handled as it always
@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pricehub.storage.journal import META_NAME, Journal, Recovered, _fsync_dir
+from pricehub.storage.datadir import Recovered, fsync_dir
+from pricehub.storage.legacy.journal import META_NAME, Journal
 
 __all__ = ["LEGACY_DIR", "Legacy", "move_leftovers", "needs_migration", "read"]
 
@@ -46,7 +48,19 @@ class Legacy:
 
 
 def _legacy_names(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if _LEGACY.fullmatch(name))
+    """The old journal's files: its exact names, as regular files (a directory or a
+    symlink named like a segment, or an empty snapshot, was never one of its files; it
+    stays where it is, as the old journal left it)."""
+    return sorted(name for name in os.listdir(directory)
+                  if _LEGACY.fullmatch(name) and _is_journal_file(directory / name))  # fmt: skip
+
+
+def _is_journal_file(path: Path) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (info.st_size > 0 or ".snap" not in path.name)
 
 
 def needs_migration(directory: Path, db_name: str) -> bool:
@@ -93,8 +107,8 @@ def move_leftovers(directory: Path, log: Any, *, migrated: Legacy | None) -> Non
         if destination.exists():
             destination = target / f"{name}.{stamp}"
         os.replace(directory / name, destination)
-    _fsync_dir(target)
-    _fsync_dir(directory)
+    fsync_dir(target)
+    fsync_dir(directory)
     if migrated is None:  # a migration interrupted after the database was in place
         log.warning("journal_legacy_files_moved", data_dir=str(directory),
                     moved_to=str(target), files=len(names))  # fmt: skip

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-import pricehub.storage.journal_format as fmt
+import pricehub.storage.legacy.format as fmt
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageUnavailable
-from pricehub.storage.journal import (
+from pricehub.storage.legacy.journal import (
     DiskError,
     Journal,
     JournalLocked,

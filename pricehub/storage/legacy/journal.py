@@ -7,7 +7,7 @@ SIGKILL. It is a write-ahead log plus snapshots in one data directory::
     meta.json                the owner's record of what the data describes (``write_meta``:
                              the failover's journal names the Redis feed it mirrors)
     wal-000000000007.log     log segments: one header + framed, CRC'd records per write
-                             (``journal_format``)
+                             (``legacy.format``)
     snap-000000000007.snap   the whole state as of every segment numbered below 7
     *.corrupt-<time>         damaged files (and what followed them), kept aside
 
@@ -67,14 +67,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import itertools
 import json
 import os
 import shutil
-import socket
-import stat
 import time
 import uuid
 from collections import deque
@@ -86,8 +82,9 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
-import pricehub.storage.journal_format as fmt
+import pricehub.storage.legacy.format as fmt
 from pricehub.storage.base import JournalStats, StoredPrice
+from pricehub.storage.datadir import LOCK_NAME, Recovered, RecoveredZone, acquire_lock, fsync_dir
 from pricehub.storage.errors import DiskError, JournalLocked, JournalUnavailable
 from pricehub.wire.messages import ZONE_RE
 
@@ -101,40 +98,11 @@ __all__ = [
     "RecoveredZone",
 ]
 
-LOCK_NAME = "LOCK"
 META_NAME = "meta.json"
 _SEGMENT_PREFIX, _SEGMENT_SUFFIX = "wal-", ".log"
 _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "snap-", ".snap"
 _TMP_SUFFIX = ".tmp"
 _RECENT_FSYNCS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveredZone:
-    """One zone as the journal holds it: its last seq and retained prices, oldest first."""
-
-    seq: int
-    prices: tuple[StoredPrice, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Recovered:
-    """What ``Journal.open`` found.
-
-    ``epoch`` is the epoch to use: the recovered one, or the caller's ``new_epoch`` when
-    ``fresh_reason`` is set (``"new data dir"``, or where the damage was and what was
-    moved aside). ``zones`` is what to serve, damage or not: after damage, what came
-    before it. ``torn_bytes`` is how much torn tail was cut off.
-    """
-
-    epoch: str
-    zones: dict[str, RecoveredZone]
-    fresh_reason: str | None
-    torn_bytes: int = 0
-
-    @property
-    def recovered(self) -> bool:
-        return self.fresh_reason is None
 
 
 # --- state -------------------------------------------------------------------------
@@ -309,15 +277,6 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make renames, creations and deletions in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
@@ -379,7 +338,7 @@ class _Segments:
                 os.fsync(fd)
                 # Without this a crash could lose the new file's name, and with it every
                 # acknowledged record written to it.
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             _unlink_quietly(path)  # holds no record yet: retry the same number later
@@ -437,62 +396,6 @@ def _write_snapshot_file(path: Path, capture: _Capture, *, fsync: bool) -> int:
 
 
 # --- lock --------------------------------------------------------------------------
-
-
-def _holder(fd: int) -> tuple[int | None, str | None]:
-    try:
-        text = os.pread(fd, 512, 0).decode(errors="replace")
-    except OSError:
-        return None, None
-    fields: dict[str, str] = {}
-    for part in text.split():
-        key, _, value = part.partition("=")
-        fields[key] = value
-    pid = fields.get("pid", "")
-    return (int(pid) if pid.isdigit() else None), fields.get("host")
-
-
-def _open_lock_file(directory: Path) -> int:
-    """The lock file, created if missing. Never through a symlink (the lock is
-    truncated and written: a ``LOCK`` pointing elsewhere would overwrite its target),
-    and only a regular file (a FIFO or device there is refused, not written to)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_NAME, flags, 0o644)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.ELOOP:
-            reason = f"{LOCK_NAME} is a symbolic link (refusing to follow it)"
-        raise JournalUnavailable(f"data dir {directory} cannot be used: {reason}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise JournalUnavailable(
-            f"data dir {directory} cannot be used: {LOCK_NAME} is not a regular file"
-        )
-    return fd
-
-
-def _acquire_lock(directory: Path) -> int:
-    fd = _open_lock_file(directory)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid, host = _holder(fd)
-        os.close(fd)
-        raise JournalLocked(directory, pid, host) from None
-    except OSError as exc:
-        os.close(fd)
-        raise JournalUnavailable(f"data dir {directory} cannot be locked: {exc}") from exc
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
-    except OSError as exc:
-        os.close(fd)
-        raise JournalUnavailable(
-            f"data dir {directory} is not writable: {exc.strerror or exc}"
-        ) from exc
-    return fd
 
 
 # --- recovery ----------------------------------------------------------------------
@@ -555,9 +458,7 @@ def _listing(directory: Path) -> _Listing:
         elif found.kind == TEMP:
             _unlink_quietly(Path(entry.path))
         else:
-            (listing.snapshots if found.kind == SNAPSHOT else listing.segments).append(
-                found.number
-            )
+            (listing.snapshots if found.kind == SNAPSHOT else listing.segments).append(found.number)
     listing.snapshots.sort()
     listing.segments.sort()
     return listing
@@ -596,8 +497,6 @@ def _history_refusal(record: fmt.ResetRecord) -> str | None:
     if any(later <= earlier for earlier, later in itertools.pairwise(seqs)):
         return "history not in seq order"
     return None
-
-
 
 
 def _payload_refusal(price: StoredPrice) -> str | None:
@@ -795,9 +694,7 @@ def _replay_files(directory: Path, listing: _Listing, replay: _Replay, log: Any)
         _unlink_quietly(directory / name)
     for index, name in enumerate(live):
         before = replay.records
-        torn, damage = _replay_segment(
-            directory / name, replay, log, newest=index == len(live) - 1
-        )
+        torn, damage = _replay_segment(directory / name, replay, log, newest=index == len(live) - 1)
         recovery.torn_bytes += torn
         if damage is not None:
             recovery.damage, recovery.aside = damage, live[index:]
@@ -836,7 +733,7 @@ def _keep_aside(directory: Path, names: Iterable[str]) -> list[str]:
         except OSError:
             _copy_durably(source, target)
         kept.append(target.name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return kept
 
 
@@ -875,7 +772,7 @@ def _write_meta_file(directory: Path, data: bytes, *, fsync: bool) -> None:
             os.fsync(out.fileno())
     os.replace(temp, final)
     if fsync:
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _sizes(directory: Path) -> dict[str, int]:
@@ -892,9 +789,7 @@ def _served(state: _State, zones: Collection[str] | None, log: Any) -> dict[str,
     exported = state.export()
     unserved = [] if zones is None else sorted(set(exported).difference(zones))
     if unserved:
-        log.warning(
-            "journal_zones_not_served", count=len(unserved), zones=unserved[:_EXAMPLES]
-        )
+        log.warning("journal_zones_not_served", count=len(unserved), zones=unserved[:_EXAMPLES])
     for zone in unserved:
         del exported[zone]
     return exported
@@ -989,7 +884,7 @@ class Journal:
         """
         log = log or structlog.get_logger("pricehub.storage.journal")
         directory = Path(path)
-        lock_fd = _acquire_lock(directory)
+        lock_fd = acquire_lock(directory)
         try:
             journal, recovered = cls._open_locked(
                 directory,
@@ -1279,7 +1174,7 @@ class Journal:
         """Atomically make the snapshot the authority (its own step for crash tests)."""
         os.replace(temp, final)
         if self._fsync:
-            _fsync_dir(self._directory)
+            fsync_dir(self._directory)
 
     def _drop_obsolete(self, number: int) -> list[str]:
         """Delete the segments and snapshots the new snapshot ``number`` covers (the
@@ -1290,7 +1185,7 @@ class Journal:
                 _unlink_quietly(self._directory / name)
                 dropped.append(name)
         if self._fsync:
-            _fsync_dir(self._directory)
+            fsync_dir(self._directory)
         return dropped
 
     # -- the rest -----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The journal's on-disk format: framed, checksummed records (see ``journal.py``).
+"""The journal's on-disk format: framed, checksummed records (see ``legacy.journal``).
 
 Every record is a frame::
 
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from pricehub.storage.base import StoredPrice
+from pricehub.storage.datadir import EpochRecord, ResetRecord
 
 __all__ = [
     "FRAME_HEADER",
@@ -92,18 +93,6 @@ _NONZERO = re.compile(rb"[^\x00]")
 
 class FormatError(ValueError):
     """A frame passed its checksum but its body makes no sense (damage or a bug)."""
-
-
-@dataclass(frozen=True, slots=True)
-class EpochRecord:
-    epoch: str
-
-
-@dataclass(frozen=True, slots=True)
-class ResetRecord:
-    zone: str
-    seq: int
-    prices: tuple[StoredPrice, ...]
 
 
 @dataclass(frozen=True, slots=True)
