@@ -122,6 +122,7 @@ from pricehub.storage.errors import (
     StorageHeld,
     StorageUnavailable,
 )
+from pricehub.storage.failover_mode import Mode, ModeMachine
 from pricehub.storage.memory import MemoryStorage
 from pricehub.storage.redis import (
     EpochChanged,
@@ -142,11 +143,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FailoverStorage"]
 
-# The modes: serving from Redis or from memory (the backends, as clients are told), or
-# holding appends (``HOLD``).
-REDIS = Backend.REDIS
-MEMORY = Backend.IN_MEMORY
-HOLD = "hold"  # Redis away, appends held (not a backend: reads are served from memory)
 # A peer seen in the registry counts for this long. Not just "at the last look": a peer
 # restarting (it unregisters, then registers again seconds later) or an outage starting
 # between two looks would otherwise leave both sides thinking they are alone and
@@ -228,7 +224,7 @@ class FailoverStorage:
         self._log = log or structlog.get_logger("pricehub.storage")
         self._memory = MemoryStorage(history_size=history_size)
         self._epoch = self._memory.epoch
-        self._mode: str = MEMORY  # REDIS, MEMORY or HOLD
+        self._modes = ModeMachine()  # see failover_mode: checked moves
         self._redis: RedisStorage | None = None
         self._listener: StorageListener | None = None
         # Cleared while recovery reconciles: appends wait so none is numbered twice.
@@ -260,9 +256,8 @@ class FailoverStorage:
         self._ingested: dict[str, dict[int, str]] = {}
         # The lost connection's close: it settles the appends still in flight on it.
         self._closing: asyncio.Task[None] | None = None
-        self._quiet = False  # holding for a resync after the epoch moved, not an outage
         self._outage_started = time.monotonic()
-        # Cleared while appends are held (mode HOLD); held appends wait for it.
+        # Cleared while appends are held (``Mode.holding``); held appends wait for it.
         self._released = asyncio.Event()
         self._held = 0
         self._probe_task: asyncio.Task[None] | None = None
@@ -297,9 +292,7 @@ class FailoverStorage:
 
     @property
     def backend(self) -> Backend:
-        if self._mode == REDIS or (self._mode == HOLD and self._quiet):
-            return REDIS  # a resync is no outage: clients are not told of one
-        return MEMORY
+        return self._modes.mode.backend  # a resync is no outage: clients are not told
 
     @property
     def has_peers(self) -> bool:
@@ -314,7 +307,7 @@ class FailoverStorage:
     def redis_client(self) -> aioredis.Redis:
         """The live Redis client (for the ingest consumer); raises while in memory."""
         redis = self._redis
-        if self._mode != REDIS or redis is None:
+        if self._mode is not Mode.REDIS or redis is None:
             raise StorageUnavailable("serving from memory: redis unavailable")
         return redis.client
 
@@ -360,16 +353,16 @@ class FailoverStorage:
             await self._switch_to_redis(recovering=False)
         except StorageUnavailable as exc:
             self.redis_errors += 1
-            self._set_mode(self._outage_mode(), quiet=False)
+            self._set_mode(self._outage_mode())
             self._outage_started = time.monotonic()
-            self.holds += self._mode == HOLD
+            self.holds += self._mode is Mode.HOLD
             self._log.warning(
-                "redis_unavailable_at_start", backend=MEMORY, error=str(exc),
-                holding=self._mode == HOLD, probe_interval=self._probe_interval,
+                "redis_unavailable_at_start", backend=Backend.IN_MEMORY, error=str(exc),
+                holding=self._mode is Mode.HOLD, probe_interval=self._probe_interval,
             )  # fmt: skip
             self._start_probe()
         else:
-            self._log.info("storage_selected", backend=REDIS, epoch=self._epoch)
+            self._log.info("storage_selected", backend=Backend.REDIS, epoch=self._epoch)
 
     async def close(self) -> None:
         self._closed = True
@@ -523,28 +516,32 @@ class FailoverStorage:
 
     # --- failover ---------------------------------------------------------------------
 
-    def _set_mode(self, mode: str, *, quiet: bool) -> None:
-        self._mode, self._quiet = mode, quiet
-        if mode == HOLD:
+    @property
+    def _mode(self) -> Mode:
+        return self._modes.mode
+
+    def _set_mode(self, mode: Mode) -> None:
+        self._modes.move(mode)
+        if mode.holding:
             self._released.clear()
         else:
             self._released.set()  # held appends go on (in the order they came)
 
-    def _outage_mode(self) -> str:
-        return HOLD if self._hold > 0 and self.has_peers else MEMORY
+    def _outage_mode(self) -> Mode:
+        return Mode.HOLD if self._hold > 0 and self.has_peers else Mode.MEMORY
 
     def _on_lost(self, redis: RedisStorage, cause: BaseException) -> None:
         """Leave Redis (once per outage): hold or number in memory, see the module
         docstring; callable from any task, synchronously."""
         self.redis_errors += not isinstance(cause, EpochChanged)
-        if redis is not self._redis or self._mode != REDIS:
+        if redis is not self._redis or self._mode is not Mode.REDIS:
             return  # an old connection's last words, or already failed over
         self._redis = None
         self._foreign_before += redis.foreign_messages
         self._outage_started = time.monotonic()
         self._closing = self._spawn(redis.close())
         if isinstance(cause, EpochChanged):
-            self._set_mode(HOLD, quiet=True)
+            self._set_mode(Mode.RESYNC)
             self.resyncs += 1
             self._log.info("storage_resync", reason=str(cause), epoch=self._epoch)
         else:
@@ -552,19 +549,20 @@ class FailoverStorage:
         self._start_probe()
 
     def _enter_outage(self, cause: BaseException) -> None:
-        self._set_mode(self._outage_mode(), quiet=False)
+        self._set_mode(self._outage_mode())
         for zone in list(self._unheard):  # numbering alone: after every seq acknowledged
             self._fold_unheard(zone)
         for pending in self._unheard.values():  # holding: kept for the write-back
             self._journal_unheard(pending.values())
         self.failovers += 1
-        self.holds += self._mode == HOLD
+        holding = self._mode is Mode.HOLD
+        self.holds += holding
         self._log.warning(
-            "storage_failover", backend=MEMORY, error=str(cause), epoch=self._epoch,
-            holding=self._mode == HOLD, hold=self._hold if self._mode == HOLD else 0,
+            "storage_failover", backend=Backend.IN_MEMORY, error=str(cause), epoch=self._epoch,
+            holding=holding, hold=self._hold if holding else 0,
         )  # fmt: skip
         if self._listener is not None:
-            self._listener.on_backend_changed(MEMORY)
+            self._listener.on_backend_changed(Backend.IN_MEMORY)
 
     def _start_probe(self) -> None:
         if not self._closed and (self._probe_task is None or self._probe_task.done()):
@@ -574,10 +572,10 @@ class FailoverStorage:
         # Held appends wait for this loop: it tries at once and then often; in memory
         # nothing waits, so it keeps to ``probe_interval``.
         first = True
-        while not self._closed and self._mode != REDIS:
-            if self._mode == MEMORY or not first:
+        while not self._closed and self._mode is not Mode.REDIS:
+            if self._mode is Mode.MEMORY or not first:
                 interval = self._probe_interval
-                if self._mode == HOLD:
+                if self._mode.holding:
                     interval = min(interval, HOLD_PROBE_INTERVAL)
                 await asyncio.sleep(interval)
             first = False
@@ -586,7 +584,7 @@ class FailoverStorage:
             except StorageUnavailable as exc:
                 self.redis_errors += 1  # counted, not logged: no log storm while down
                 self._log.debug("redis_probe_failed", error=str(exc))
-                if self._quiet:  # the resync found Redis gone: a real outage after all
+                if self._mode is Mode.RESYNC:  # Redis gone: a real outage after all
                     self._enter_outage(exc)
             except Exception:
                 self._log.exception("redis_recovery_failed")
@@ -814,9 +812,9 @@ class FailoverStorage:
             self._memory.reset(zone, tail, seq=seq)
             self._write_behind(_reset_record(zone, tail, seq), price=False)
         changed = epoch != self._epoch
-        quiet = self._quiet
+        quiet = self._mode is Mode.RESYNC
         self._epoch, self._redis = epoch, redis
-        self._set_mode(REDIS, quiet=False)
+        self._set_mode(Mode.REDIS)
         # Zones without a price are left out: "take whatever comes first" is the same
         # as "after 0" for them (subscribed before the load, nothing can be older).
         positions = {zone: seq for zone, (seq, _) in state.items() if seq}
@@ -825,16 +823,17 @@ class FailoverStorage:
             return
         self.recoveries += not quiet
         self.epoch_changes += int(changed)
+        caught_up = sum(isinstance(item, StoredPrice) for item in catch_up)
         self._log.info(
-            "storage_resynced" if quiet else "storage_recovered", backend=REDIS, epoch=epoch,
-            epoch_changed=changed, caught_up=sum(isinstance(i, StoredPrice) for i in catch_up),
+            "storage_resynced" if quiet else "storage_recovered", backend=Backend.REDIS,
+            epoch=epoch, epoch_changed=changed, caught_up=caught_up,
         )  # fmt: skip
         listener = self._listener
         if listener is not None:
             if changed:
                 listener.on_epoch_changed(epoch)
             if not quiet:
-                listener.on_backend_changed(REDIS)
+                listener.on_backend_changed(Backend.REDIS)
             for item in catch_up:
                 if isinstance(item, StoredPrice):
                     listener.on_price(item)
@@ -887,10 +886,8 @@ class FailoverStorage:
             return  # Pub/Sub was first (or a reconcile took it)
         self._unheard.setdefault(price.zone, {})[price.seq] = price
         self._fold_unheard(price.zone)
-        if (
-            self._mode == HOLD
-            and not self._quiet
-            and price.seq in self._unheard.get(price.zone, {})
+        if self._mode is Mode.HOLD and price.seq in self._unheard.get(
+            price.zone, {}
         ):  # settled by the lost connection after ``_enter_outage`` journaled the others
             self._journal_unheard((price,))
 
@@ -923,7 +920,7 @@ class FailoverStorage:
         pending = self._unheard.pop(zone, None)
         if not pending:
             return
-        if self._mode == MEMORY:
+        if self._mode is Mode.MEMORY:
             for seq in sorted(pending):
                 self._store(pending[seq])  # (it skips what the mirror has)
             return
@@ -950,7 +947,7 @@ class FailoverStorage:
     async def append(self, zone: str, body: bytes, *, ack: IngestAck | None = None) -> StoredPrice:
         while True:
             redis = self._redis
-            if self._mode == REDIS and redis is not None:
+            if self._mode is Mode.REDIS and redis is not None:
                 known = self._memory.last_seq(zone)
                 try:
                     price = await redis.append(zone, body, ack=ack)
@@ -959,7 +956,7 @@ class FailoverStorage:
                     continue
                 except WriteInDoubt as exc:
                     self._on_lost(redis, exc)
-                    if self._mode == HOLD:
+                    if self._mode.holding:
                         found = await self._settle_in_doubt(zone, body, after=known)
                         if found is not None:
                             return found
@@ -973,7 +970,7 @@ class FailoverStorage:
                 # An ingest entry stays pending in the stream and is taken again once
                 # Redis is back; numbering it here too would deliver it twice.
                 raise StorageUnavailable("redis ingest paused: serving from memory")
-            if self._mode == HOLD:
+            if self._mode.holding:
                 await self._wait_for_redis()
                 continue
             if not self._gate.is_set():
@@ -1018,9 +1015,9 @@ class FailoverStorage:
         with the connection), or None when it never ran and may be appended now.
         ``taken``: seqs already matched to another price of the same batch (two equal
         bodies in one batch are two prices)."""
-        while self._mode == HOLD:
+        while self._mode.holding:
             await self._wait_for_redis()
-        if self._mode != REDIS:
+        if self._mode is not Mode.REDIS:
             return None  # the resync ended in a lone instance's memory failover
         for price in await self._memory.since(zone, after) or []:
             key = (zone, price.seq)
@@ -1045,7 +1042,7 @@ class FailoverStorage:
         """
         appends = self._appends
         if (
-            self._mode == MEMORY and appends is not None and acks is None
+            self._mode is Mode.MEMORY and appends is not None and acks is None
             and self._gate.is_set() and not self._lost_writes_pending
         ):  # fmt: skip
             return await appends.submit(items)  # one journal batch, as DurableStorage's
@@ -1054,7 +1051,7 @@ class FailoverStorage:
         redis = self._redis
         left: list[tuple[int, BaseException | None]] = [(i, None) for i in range(len(items))]
         known: dict[str, int] = {}
-        if self._mode == REDIS and redis is not None and items:
+        if self._mode is Mode.REDIS and redis is not None and items:
             known = {zone: self._memory.last_seq(zone) for zone, _ in items}
             left = await self._append_on_redis(redis, items, acks, results)
         taken: set[tuple[str, int]] = set()
