@@ -133,6 +133,7 @@ from pricehub.storage.redis import (
     redis_errors,
 )
 from pricehub.storage.sqlite_journal import SqliteJournal
+from pricehub.storage.upstream import Upstream
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import body_of
 
@@ -225,7 +226,7 @@ class FailoverStorage:
         self._memory = MemoryStorage(history_size=history_size)
         self._epoch = self._memory.epoch
         self._modes = ModeMachine()  # see failover_mode: checked moves
-        self._redis: RedisStorage | None = None
+        self._redis: Upstream | None = None
         self._listener: StorageListener | None = None
         # Cleared while recovery reconciles: appends wait so none is numbered twice.
         self._gate = asyncio.Event()
@@ -530,7 +531,7 @@ class FailoverStorage:
     def _outage_mode(self) -> Mode:
         return Mode.HOLD if self._hold > 0 and self.has_peers else Mode.MEMORY
 
-    def _on_lost(self, redis: RedisStorage, cause: BaseException) -> None:
+    def _on_lost(self, redis: Upstream, cause: BaseException) -> None:
         """Leave Redis (once per outage): hold or number in memory, see the module
         docstring; callable from any task, synchronously."""
         self.redis_errors += not isinstance(cause, EpochChanged)
@@ -631,7 +632,7 @@ class FailoverStorage:
         finally:
             self._gate.set()
 
-    def _new_redis(self) -> RedisStorage:
+    def _new_redis(self) -> Upstream:
         """A connection of the kind the URL names (a Redis Cluster or one node)."""
         options: dict[str, Any] = {
             "key_prefix": self._key_prefix, "history_size": self._history_size,
@@ -643,7 +644,7 @@ class FailoverStorage:
         return RedisStorage(self._url, **options)
 
     async def _reconcile(
-        self, redis: RedisStorage
+        self, redis: Upstream
     ) -> tuple[str, dict[str, tuple[int, list[StoredPrice]]]]:
         """Steps 1-3 of the module docstring; returns Redis's epoch and state."""
         candidate = self._epoch
@@ -689,7 +690,7 @@ class FailoverStorage:
             local[zone] = (extra[-1].seq if extra else last, prices + extra)
         return local
 
-    async def _await_peers(self, redis: RedisStorage, restored: frozenset[str]) -> bool:
+    async def _await_peers(self, redis: Upstream, restored: frozenset[str]) -> bool:
         """Redis had lost its data and is being restored (``restored``: the mirrors
         that have written back so far, this one included). A peer may hold prices this
         copy lacks (acknowledged to it as Redis died, their Pub/Sub messages lost);
@@ -726,7 +727,7 @@ class FailoverStorage:
         )  # fmt: skip
         return not missing
 
-    async def _register_again(self, redis: RedisStorage) -> None:
+    async def _register_again(self, redis: Upstream) -> None:
         """Put our registration in the Redis just reconciled (the registry loop would
         in a few seconds): it tells waiting peers our write-back is done."""
         if self._instance_id is not None and self._registration is not None:
@@ -760,7 +761,7 @@ class FailoverStorage:
         self._binding = None
         await journal.close()
 
-    async def _settle_feed(self, redis: RedisStorage) -> None:
+    async def _settle_feed(self, redis: Upstream) -> None:
         """Give a Redis without a feed id ours (a restored or new feed), or one of its own
         (a feed an older pricehub created), and bind the journal to the id it holds."""
         key = f"{redis.keys.prefix}{FEED_KEY}"
@@ -783,7 +784,7 @@ class FailoverStorage:
 
     def _adopt(
         self,
-        redis: RedisStorage,
+        redis: Upstream,
         epoch: str,
         state: dict[str, tuple[int, list[StoredPrice]]],
         *,
@@ -842,7 +843,7 @@ class FailoverStorage:
 
     # --- from the subscriber ----------------------------------------------------------
 
-    def _mirror(self, redis: RedisStorage, price: StoredPrice) -> None:
+    def _mirror(self, redis: Upstream, price: StoredPrice) -> None:
         if redis is not self._redis:
             return
         self._store(price)
@@ -931,7 +932,7 @@ class FailoverStorage:
         if pending:
             self._unheard[zone] = pending
 
-    def _epoch_announced(self, redis: RedisStorage, epoch: str) -> None:
+    def _epoch_announced(self, redis: Upstream, epoch: str) -> None:
         """Another instance moved the epoch (declared a divergence, or claimed a lineage
         after Redis lost its data): reconcile with appends held, then tell the listener
         (from ``_adopt``), rather than number on under a lineage we have not read."""
@@ -1075,7 +1076,7 @@ class FailoverStorage:
 
     async def _append_on_redis(
         self,
-        redis: RedisStorage,
+        redis: Upstream,
         items: Sequence[tuple[str, bytes]],
         acks: Sequence[IngestAck] | None,
         results: list[StoredPrice | None],
@@ -1113,7 +1114,7 @@ class FailoverStorage:
     async def history(self, zone: str, *, limit: int) -> list[StoredPrice]:
         return await self._memory.history(zone, limit=limit)
 
-    async def _on_redis(self, call: Callable[[RedisStorage], Awaitable[T]]) -> T | None:
+    async def _on_redis(self, call: Callable[[Upstream], Awaitable[T]]) -> T | None:
         """``call`` on the connected Redis; None when there is none or it was just lost
         (which starts the failover), so the caller falls back to memory."""
         redis = self._redis
@@ -1207,7 +1208,7 @@ class FailoverStorage:
         await self._on_redis(lambda redis: redis.check())
 
 
-async def _feed_state(redis: RedisStorage) -> tuple[str | None, str | None]:
+async def _feed_state(redis: Upstream) -> tuple[str | None, str | None]:
     """The epoch and feed id Redis holds (None: missing), before anything is claimed."""
     client = redis.client
     async with redis_errors("feed"):
@@ -1233,7 +1234,7 @@ def _describe(address: RedisAddress, epoch: str | None, feed: str | None) -> str
 class _Mirror:
     """The listener of the current ``RedisStorage``: mirrors, then forwards."""
 
-    def __init__(self, owner: FailoverStorage, redis: RedisStorage) -> None:
+    def __init__(self, owner: FailoverStorage, redis: Upstream) -> None:
         self._owner = owner
         self._redis = redis
 
