@@ -34,7 +34,7 @@ false``). ``JournalLocked`` / ``JournalUnavailable`` propagate from ``start``: w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ from pricehub.storage.sqlite_journal import SqliteJournal
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import accepted_now, with_seq
 
-__all__ = ["DurableStorage", "JournaledAppends", "disk_status", "journal_status"]
+__all__ = ["DurableMemory", "DurableStorage", "JournaledAppends", "disk_status", "journal_status"]
 
 
 def journal_status(
@@ -193,6 +193,78 @@ class JournaledAppends:
                 pending.future.set_exception(DiskError(message))
 
 
+class DurableMemory:
+    """One data dir's journal and the memory numbering through it: what ``DurableStorage``
+    is made of, and what ``FailoverStorage`` journals its mirror with (one object, so
+    the two cannot drift apart).
+
+    ``open`` locks and recovers the data dir (nothing is loaded yet: the failover first
+    checks whom the journal belongs to); ``load`` puts what it recovered into a
+    ``MemoryStorage`` and starts numbering into it through the journal (``appends``).
+    """
+
+    def __init__(self, journal: SqliteJournal, recovered: Recovered, *, log: Any) -> None:
+        self.journal = journal
+        self.recovered = recovered
+        self.appends: JournaledAppends | None = None  # once loaded
+        self._log = log
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: Path,
+        *,
+        history_size: int,
+        new_epoch: str,
+        zones: Collection[str] | None,
+        log: Any,
+        options: Mapping[str, Any],
+    ) -> DurableMemory:
+        """Open the journal in a worker thread (it locks, migrates, recovers; it logs
+        what it recovered).
+
+        :raises JournalLocked: another process uses the data dir.
+        :raises JournalUnavailable: the data dir cannot be created, read or written.
+        """
+        journal, recovered = await asyncio.to_thread(
+            SqliteJournal.open, data_dir, history_size=history_size, new_epoch=new_epoch,
+            log=log, zones=zones, **options,
+        )  # fmt: skip
+        return cls(journal, recovered, log=log)
+
+    def load(self, memory: MemoryStorage, listener: StorageListener | None) -> None:
+        """Each recovered zone's seq and history into ``memory``; from now on memory
+        numbering goes through the journal (``appends``)."""
+        for zone, state in self.recovered.zones.items():
+            memory.reset(zone, state.prices, seq=state.seq)
+        self.appends = JournaledAppends(memory, self.journal, listener=listener, log=self._log)
+
+    @property
+    def write_errors(self) -> int:
+        """Failed journal batches of memory numbering."""
+        return 0 if self.appends is None else self.appends.write_errors
+
+    def status(self, *, more_errors: int = 0) -> DiskStatus:
+        """The journal's ``DiskStatus``; ``more_errors``: the owner's own failed writes."""
+        return journal_status(
+            self.journal, self.recovered, write_errors=self.write_errors + more_errors,
+            closed=False,
+        )  # fmt: skip
+
+    async def drain(self) -> None:
+        """Wait until every submitted batch is settled (stored or failed)."""
+        if self.appends is not None:
+            await self.appends.drain()
+
+    async def close(self) -> None:
+        """Finish the queued batches, hear nothing more, close the journal (it writes
+        what is still queued behind, fsyncs, unlocks)."""
+        if self.appends is not None:
+            await self.appends.drain()
+            self.appends.listener = None
+        await self.journal.close()
+
+
 class DurableStorage(Storage):
     """``MemoryStorage`` semantics, kept in ``data_dir`` across restarts.
 
@@ -226,9 +298,7 @@ class DurableStorage(Storage):
         self._journal_options = journal_options
         # Replaced in ``start`` by one on the recovered epoch and state.
         self._memory = MemoryStorage(history_size=history_size)
-        self._journal: SqliteJournal | None = None
-        self._appends: JournaledAppends | None = None
-        self._recovered: Recovered | None = None
+        self._durable: DurableMemory | None = None  # once started
         self._closed = False
 
     @property
@@ -242,7 +312,7 @@ class DurableStorage(Storage):
     @property
     def recovered(self) -> Recovered | None:
         """What the journal held at start (None before ``start``)."""
-        return self._recovered
+        return None if self._durable is None else self._durable.recovered
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -252,37 +322,26 @@ class DurableStorage(Storage):
         :raises JournalLocked: another process uses the data dir.
         :raises JournalUnavailable: the data dir cannot be created, read or written.
         """
-        journal, recovered = await asyncio.to_thread(
-            SqliteJournal.open,
-            self._data_dir,
-            history_size=self._history_size,
-            new_epoch=self._memory.epoch,
-            log=self._log,
-            zones=self._zones,
-            **self._journal_options,
-        )
-        memory = MemoryStorage(history_size=self._history_size, epoch=recovered.epoch)
-        for zone, state in recovered.zones.items():
-            memory.reset(zone, state.prices, seq=state.seq)
-        self._memory, self._journal, self._recovered = memory, journal, recovered
-        # SqliteJournal.open logged what it recovered.
-        self._appends = JournaledAppends(memory, journal, listener=listener, log=self._log)
+        durable = await DurableMemory.open(
+            self._data_dir, history_size=self._history_size, new_epoch=self._memory.epoch,
+            zones=self._zones, log=self._log, options=self._journal_options,
+        )  # fmt: skip
+        memory = MemoryStorage(history_size=self._history_size, epoch=durable.recovered.epoch)
+        durable.load(memory, listener)
+        self._memory, self._durable = memory, durable
 
     @property
     def write_errors(self) -> int:
         """Failed journal batches (for the metrics)."""
-        return 0 if self._appends is None else self._appends.write_errors
+        return 0 if self._durable is None else self._durable.write_errors
 
     async def close(self) -> None:
         """Finish the queued batches, then close the journal (fsync, unlock)."""
         if self._closed:
             return
         self._closed = True
-        if self._appends is not None:
-            await self._appends.drain()
-            self._appends.listener = None
-        if self._journal is not None:
-            await self._journal.close()
+        if self._durable is not None:
+            await self._durable.close()
 
     # --- appending --------------------------------------------------------------------
 
@@ -306,9 +365,10 @@ class DurableStorage(Storage):
         return None  # no Redis, no stream to consume
 
     async def _submit(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
-        if self._closed or self._appends is None:
+        appends = None if self._durable is None else self._durable.appends
+        if self._closed or appends is None:
             raise DiskError(f"durable storage in {self._data_dir} is not open")
-        return await self._appends.submit(items)
+        return await appends.submit(items)
 
     # --- reads and the rest: memory's -----------------------------------------------
 
@@ -346,6 +406,6 @@ class DurableStorage(Storage):
     # --- status -----------------------------------------------------------------------
 
     def disk_status(self) -> DiskStatus:
-        return journal_status(
-            self._journal, self._recovered, write_errors=self.write_errors, closed=self._closed
-        )
+        if self._durable is None:
+            return journal_status(None, None, write_errors=0, closed=self._closed)
+        return self._durable.status()

@@ -113,7 +113,7 @@ from pricehub.storage.binding import (
 )
 from pricehub.storage.cluster import RedisClusterStorage, is_cluster_url
 from pricehub.storage.datadir import Recovered
-from pricehub.storage.durable import JournaledAppends, journal_status
+from pricehub.storage.durable import DurableMemory, journal_status
 from pricehub.storage.errors import (
     BatchInterrupted,
     DiskError,
@@ -275,9 +275,9 @@ class FailoverStorage:
         self.resyncs = 0
         self._data_dir = None if data_dir is None else Path(data_dir)
         self._journal_options = dict(journal_options or {})
-        self._journal: SqliteJournal | None = None
-        self._appends: JournaledAppends | None = None  # memory numbering, journaled
-        self._recovered: Recovered | None = None
+        # The journal, what it recovered, memory numbering through it (``durable.py``'s,
+        # as the embedded default's); None without a data dir or once detached.
+        self._durable: DurableMemory | None = None
         self._disk_reason: str | None = None  # why the data dir is not used
         self._behind = 0  # written-behind records not settled yet
         self._behind_warned_at = -WRITE_BEHIND_WARN_INTERVAL
@@ -375,12 +375,9 @@ class FailoverStorage:
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.close()
-        if self._appends is not None:
-            await self._appends.drain()
-            self._appends.listener = None
-        journal, self._journal = self._journal, None
-        if journal is not None:
-            await journal.close()  # writes what is still queued behind, then unlocks
+        durable, self._durable = self._durable, None
+        if durable is not None:
+            await durable.close()  # writes what is still queued behind, then unlocks
 
     # --- durability -------------------------------------------------------------------
 
@@ -391,27 +388,27 @@ class FailoverStorage:
         if self._data_dir is None:
             return
         try:
-            journal, recovered = await asyncio.to_thread(
-                SqliteJournal.open, self._data_dir, history_size=self._history_size,
-                new_epoch=self._epoch, log=self._log, zones=self._zones,
-                **self._journal_options,
+            durable = await DurableMemory.open(
+                self._data_dir, history_size=self._history_size, new_epoch=self._epoch,
+                zones=self._zones, log=self._log, options=self._journal_options,
             )  # fmt: skip
         except JournalUnavailable as exc:
             self._disable_durability(exc)
             return
+        journal, recovered = durable.journal, durable.recovered
         self._peers_recorded = had_peers(journal.meta)
         self._peer_ids_recorded = peer_mirrors(journal.meta)
         self._mirror_id = mirror_id(journal.meta) or self._mirror_id  # before any write
         try:
             binding = await self._bind_at_open(journal, recovered)
             if binding is not None and not binding.address.same_as(self._address):
-                await journal.close()  # never loaded, never written: left as it was
+                await durable.close()  # never loaded, never written: left as it was
                 self._reject(str(binding), str(self._address))
                 return
             if mirror_id(journal.meta) is None:  # a new data dir's: kept from now on
                 await journal.write_meta(self._meta(binding))
         except DiskError as exc:  # the meta file could not be written
-            await journal.close()
+            await durable.close()
             self._disable_durability(exc)
             return
         self._binding, self._feed_id = binding, None if binding is None else binding.feed_id
@@ -422,10 +419,8 @@ class FailoverStorage:
             # epoch and seqs, so this instance holds instead of numbering alone; and
             # a Redis that lost its data waits for those peers' copies (``_await_peers``).
             self._peer_seen_at, self._peer_ids = time.monotonic(), self._peer_ids_recorded
-        for zone, state in recovered.zones.items():
-            self._memory.reset(zone, state.prices, seq=state.seq)
-        self._journal, self._recovered = journal, recovered
-        self._appends = JournaledAppends(self._memory, journal, listener=listener, log=self._log)
+        durable.load(self._memory, listener)
+        self._durable = durable
 
     def _disable_durability(self, exc: Exception) -> None:
         self._disk_reason = str(exc)
@@ -473,15 +468,14 @@ class FailoverStorage:
         self, write: Callable[[SqliteJournal], asyncio.Future[None]], *, price: bool
     ) -> None:
         """Queue a record Redis already keeps (not awaited); ``price``: droppable."""
-        journal = self._journal
-        if journal is None:
+        if self._durable is None:
             return
         if price and self._behind >= MAX_WRITE_BEHIND:
             self.journal_behind_dropped += 1
             self._warn_behind("journal_write_behind_dropped", pending=self._behind)
             return
         self._behind += 1
-        write(journal).add_done_callback(self._written_behind)
+        write(self._durable.journal).add_done_callback(self._written_behind)
 
     def _written_behind(self, future: asyncio.Future[None]) -> None:
         self._behind -= 1
@@ -508,12 +502,9 @@ class FailoverStorage:
             return DiskStatus(DiskState.FOREIGN, foreign=self._foreign)
         if self._disk_reason is not None:
             return DiskStatus(DiskState.DISABLED, self._disk_reason)
-        errors = self.journal_behind_errors
-        if self._appends is not None:
-            errors += self._appends.write_errors
-        return journal_status(
-            self._journal, self._recovered, write_errors=errors, closed=self._closed
-        )
+        if self._durable is None:
+            return journal_status(None, None, write_errors=0, closed=self._closed)
+        return self._durable.status(more_errors=self.journal_behind_errors)
 
     # --- failover ---------------------------------------------------------------------
 
@@ -617,10 +608,10 @@ class FailoverStorage:
         await redis.connect()
         self._gate.clear()
         try:
-            if self._appends is not None:
+            if self._durable is not None:
                 # Appends numbered in memory before the gate closed are still being
                 # written: reconcile only once they are in the mirror (or failed).
-                await self._appends.drain()
+                await self._durable.drain()
             epoch, state = await self._reconcile(redis)
             if self._closed:
                 raise StorageUnavailable("storage closed during recovery")
@@ -740,7 +731,7 @@ class FailoverStorage:
         """Whether memory's lineage may be reconciled into this Redis: always without a
         journal, and once this run has reconciled with it (memory is then this instance's
         own live mirror of this Redis, as without a data dir)."""
-        if self._journal is None or not self._unchecked:
+        if self._durable is None or not self._unchecked:
             return True
         return mirrors(
             self._binding, journal_epoch=self._epoch, redis_epoch=redis_epoch,
@@ -750,16 +741,15 @@ class FailoverStorage:
     async def _detach_journal(self, redis: str) -> None:
         """Stop using a journal of another feed; memory forgets its lineage (restore then
         writes nothing). Called under the closed gate, appends drained."""
-        journal, appends = self._journal, self._appends
-        assert journal is not None
-        self._journal = self._appends = self._recovered = None
-        if appends is not None:
-            appends.listener = None
+        durable, self._durable = self._durable, None
+        assert durable is not None
+        if durable.appends is not None:
+            durable.appends.listener = None
         self._memory.clear()
         self._feed_id = None  # this Redis's feed is not the journal's
         self._reject(NO_BINDING if self._binding is None else str(self._binding), redis)
         self._binding = None
-        await journal.close()
+        await durable.close()
 
     async def _settle_feed(self, redis: Upstream) -> None:
         """Give a Redis without a feed id ours (a restored or new feed), or one of its own
@@ -772,11 +762,10 @@ class FailoverStorage:
             found = await client.get(key)
         self._feed_id = _text(found) or candidate
         binding = Binding(self._address, self._feed_id)
-        journal = self._journal
-        if journal is None or binding == self._binding:
+        if self._durable is None or binding == self._binding:
             return
         try:
-            await journal.write_meta(self._meta(binding))
+            await self._durable.journal.write_meta(self._meta(binding))
         except DiskError:
             return  # logged; the old binding stays, which at worst makes a start refuse it
         self._binding = binding
@@ -980,8 +969,9 @@ class FailoverStorage:
             if self._lost_writes_pending:  # numbering after every seq Redis answered us
                 await self._settle_lost_writes()
                 continue
-            if self._appends is not None:  # written and fsynced before it is delivered
-                (price,) = await self._appends.submit(((zone, body),))
+            appends = None if self._durable is None else self._durable.appends
+            if appends is not None:  # written and fsynced before it is delivered
+                (price,) = await appends.submit(((zone, body),))
                 return price
             price = self._memory.record(zone, body)
             if self._listener is not None:
@@ -1041,7 +1031,7 @@ class FailoverStorage:
         hold, resync and memory-failover rules are exactly ``append``'s. A lost ingest
         lease ends the batch (``LeaseLost``); ingest entries are never numbered in memory.
         """
-        appends = self._appends
+        appends = None if self._durable is None else self._durable.appends
         if (
             self._mode is Mode.MEMORY and appends is not None and acks is None
             and self._gate.is_set() and not self._lost_writes_pending
@@ -1189,14 +1179,14 @@ class FailoverStorage:
         it changes, so rarely): an instance restarted while Redis is away can then tell
         whether it may number alone (see ``_open_journal``). Only from a registry Redis
         answered: during an outage nothing is learned, the last view stands."""
-        peers, journal = self.has_peers, self._journal
+        peers, durable = self.has_peers, self._durable
         ids = self._peer_ids if peers else frozenset()
-        if journal is None or (peers, ids) == (self._peers_recorded, self._peer_ids_recorded):
+        if durable is None or (peers, ids) == (self._peers_recorded, self._peer_ids_recorded):
             return
         recorded = self._peers_recorded, self._peer_ids_recorded
         self._peers_recorded, self._peer_ids_recorded = peers, ids
         try:
-            await journal.write_meta(self._meta(self._binding))
+            await durable.journal.write_meta(self._meta(self._binding))
         except DiskError:
             # Logged by the journal; tried again at the next look.
             self._peers_recorded, self._peer_ids_recorded = recorded
