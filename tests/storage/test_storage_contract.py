@@ -24,7 +24,7 @@ from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import RedisStorage
 from pricehub.wire.messages import PriceBody, accepted_at_of, with_seq
 from tests.harness import history_data
-from tests.harness.redisproc import RecordingListener, RedisCluster
+from tests.harness.redisproc import RecordingListener, RedisCluster, SentinelSetup
 from tests.harness.support import eventually
 
 ZONES = ("pjm", "ercot")
@@ -46,11 +46,18 @@ ACCEPTED_AT = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"
 
 
 IN_MEMORY = ("memory", "durable")  # the backends that say "in-memory"
+JOURNALED = ("durable", "failover-durable")  # the backends with a data dir
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
     with RedisCluster() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[SentinelSetup]:
+    with SentinelSetup() as started:
         yield started
 
 
@@ -66,13 +73,25 @@ def make_storage(kind: str, request: pytest.FixtureRequest, prefix: str) -> Stor
         return RedisClusterStorage(
             url, zones=ZONES, key_prefix=prefix, history_size=HISTORY, timeout=2.0
         )
+    if kind == "sentinel":
+        url = request.getfixturevalue("sentinel").url
+        return RedisStorage(url, key_prefix=prefix, history_size=HISTORY, timeout=2.0)
     url = request.getfixturevalue("redis_server").url
     if kind == "redis":
         return RedisStorage(url, key_prefix=prefix, history_size=HISTORY)
+    if kind == "failover-durable":  # the mirror journaled in a data dir (SQLite)
+        data_dir = request.getfixturevalue("tmp_path") / "data"
+        return FailoverStorage(
+            url, zones=ZONES, key_prefix=prefix, history_size=HISTORY, data_dir=data_dir
+        )
     return FailoverStorage(url, zones=ZONES, key_prefix=prefix, history_size=HISTORY)
 
 
-@pytest.fixture(params=["memory", "durable", "redis", "cluster", "failover"])
+# Every backend a deployment can run on: the embedded ones, Redis on one node, behind
+# Sentinel and as a Cluster, and the failover on Redis with and without a data dir.
+@pytest.fixture(
+    params=["memory", "durable", "redis", "sentinel", "cluster", "failover", "failover-durable"]
+)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -213,21 +232,31 @@ async def test_counters_are_typed_and_start_at_zero(
 async def test_disk_status_is_a_state_the_backend_decides(
     kind: str, started: tuple[Storage, RecordingListener]
 ) -> None:
-    """Durable memory journals (``OK``, its figures moving with each write); every other
-    backend, as built here, keeps no journal (``DISABLED``, no figures; Redis and Cluster
-    are also the failover's inner backends, which reports the disk for them)."""
+    """Durable memory and the failover with a data dir journal (``OK``, the figures
+    moving with each write: the failover's behind Redis's answer); every other backend,
+    as built here, keeps no journal (``DISABLED``, no figures; Redis and Cluster are also
+    the failover's inner backends, which reports the disk for them)."""
     storage, _ = started
     before = storage.disk_status()
     await storage.append("pjm", body("pjm", 1.0))
-    after = storage.disk_status()
-    if kind != "durable":
+    if kind not in JOURNALED:
+        after = storage.disk_status()
         assert (after.state, after.journal, after.ok) == (DiskState.DISABLED, None, True)
         return
+    assert before.journal is not None
+
+    def written() -> bool:
+        journal = storage.disk_status().journal
+        return journal is not None and journal.records > before.journal.records
+
+    await eventually(written)
+    after = storage.disk_status()
     assert (after.state, after.reason, after.ok, after.write_errors) == (
         DiskState.OK, None, True, 0
     )
-    assert before.journal is not None and after.journal is not None
-    assert after.journal.records == before.journal.records + 1
+    assert after.journal is not None
+    if kind == "durable":  # the price alone (the failover may still write its epoch behind)
+        assert after.journal.records == before.journal.records + 1
     assert (after.recovered, after.fresh_reason) == (False, "new data dir")
 
 
