@@ -322,7 +322,7 @@ class Settings:
     # Relative to the working directory, like Prometheus's --storage.tsdb.path.
     data_dir: str | None = _option(
         "data",
-        "directory keeping the in-memory store durable (journal + snapshots); 'none' = "
+        "directory keeping the in-memory store durable (one SQLite database); 'none' = "
         "nothing on disk",
         OPTIONAL_STR,
     )

@@ -143,11 +143,12 @@ _NO_COUNTERS = StorageCounters()
 
 @dataclass(frozen=True, slots=True)
 class JournalStats:
-    """A journal's figures (``journal.Journal.stats``), for health and metrics.
-    ``bytes_on_disk`` counts snapshots and segments (not the LOCK file nor files moved
-    aside). ``records`` and ``writes`` count since open; ``log_records`` is what the log
-    holds since the last snapshot; ``last_error`` is cleared by the next successful
-    write."""
+    """A journal's figures (``SqliteJournal.stats``), for health and metrics.
+    ``bytes_on_disk`` counts the database and its WAL (not the LOCK file nor files moved
+    aside). ``records`` and ``writes`` count since open; ``log_records`` is what the WAL
+    holds since the last checkpoint (``snapshots``, ``last_snapshot_at``: checkpoints);
+    ``fsyncs`` and the ``fsync_*`` times are commits; ``last_error`` is cleared by the next
+    successful write."""
 
     data_dir: str
     bytes_on_disk: int

@@ -409,27 +409,27 @@ METRICS: tuple[MetricSpec, ...] = (
         journal_available,
     ),
     MetricSpec(
-        "pricehub_journal_bytes", "gauge", "Bytes of journal snapshots and log segments.",
+        "pricehub_journal_bytes", "gauge", "Bytes of the journal's database and its WAL.",
         journal_sample(lambda j: j.bytes_on_disk),
     ),
     MetricSpec(
         "pricehub_journal_last_snapshot_timestamp_seconds", "gauge",
-        "Unix time of the last snapshot (absent until the first one of this process).",
+        "Unix time of the last checkpoint (absent until the first one of this process).",
         journal_sample(lambda j: j.last_snapshot_at),
     ),
     MetricSpec(
         "pricehub_journal_fsync_last_seconds", "gauge",
-        "Duration of the latest journal fsync (one per group-committed batch).",
+        "Duration of the latest journal commit (one fsync of the WAL per transaction).",
         journal_sample(lambda j: j.fsync_last_seconds),
     ),
     MetricSpec(
         "pricehub_journal_fsync_max_seconds", "gauge",
-        "Longest journal fsync since start.",
+        "Longest journal commit since start.",
         journal_sample(lambda j: j.fsync_max_seconds),
     ),
     MetricSpec(
         "pricehub_journal_fsyncs_total", "counter",
-        "Journal fsyncs: batches written, each covering every price queued meanwhile.",
+        "Journal commits: transactions, each covering every price queued meanwhile.",
         journal_sample(lambda j: j.fsyncs),
     ),
     MetricSpec(
