@@ -9,7 +9,7 @@ Starts a throwaway redis-server (no persistence; tests/harness/redisproc.py), fi
 with pipelined writes in pricehub's key layout (``KeyLayout``: every zone's history
 sorted set with ``--retained`` prices one ``--interval-s`` apart in market time, its
 latest key and seq, the epoch), then measures the storage's reads
-(``pricehub.storage.redis_reads``) as the server runs them:
+(``pricehub.storage.redis.reads``) as the server runs them:
 
 * ``snapshot`` of ``--snapshot-zones`` zones: Redis commands per call (``INFO
   commandstats`` deltas; one command is one round trip), latency over ``--runs`` calls and
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from pricehub.storage.base import StoredPrice  # noqa: E402
 from pricehub.storage.memory import MemoryStorage  # noqa: E402
 from pricehub.storage.redis import KeyLayout  # noqa: E402
-from pricehub.storage.redis_reads import history_between, snapshot  # noqa: E402
+from pricehub.storage.redis.reads import history_between, snapshot  # noqa: E402
 from pricehub.wire.messages import (  # noqa: E402
     DEFAULT_RANGE_LIMIT,
     MAX_RANGE_LIMIT,

@@ -44,34 +44,45 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError
+from redis.exceptions import AskError, MovedError
 
 from pricehub.storage.base import StoredPrice
 from pricehub.storage.errors import StorageError, StorageUnavailable
 from pricehub.storage.redis import (
     INGEST_GROUP,
     MAX_PIPELINE,
-    RESTORE_LUA,
-    STORE_LUA,
-    STORED_LUA,
     EpochChanged,
     KeyLayout,
     RedisStorage,
+    Write,
     WriteInDoubt,
-    _price,
-    _refusal,
-    _Write,
     connect_client,
     redis_errors,
+    refusal,
+    stored_price,
+)
+from pricehub.storage.redis.scripts import (
+    CAS_EPOCH,
+    CLUSTER_APPEND,
+    CLUSTER_RESTORE,
+    LOAD_ZONE,
+    MIRROR_EPOCH,
+)
+from pricehub.storage.redis.urls import (
+    CLUSTER_SCHEME,
+    RedisUrl,
+    connect_any,
+    connect_cluster,
+    is_cluster_url,
+    parse_url,
+    ping_problem,
 )
 
 __all__ = [
@@ -87,14 +98,9 @@ __all__ = [
 # Tries to re-subscribe a moved zone's channel before calling the storage lost.
 FOLLOW_ATTEMPTS = 4
 
-CLUSTER_SCHEME = "redis+cluster://"
 LOAD_CHUNK = 2000  # zones per pipelined round trip when loading every zone's state
 LOGGED_UNREPLICATED = 10  # log every short WAIT up to this many, then one in a thousand
 PROBE_TAGS = 10_000  # hash tags tried to find a probe channel on each master
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.startswith(CLUSTER_SCHEME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,129 +143,12 @@ class ClusterKeyLayout(KeyLayout):
         return f"{self.prefix}{{registry}}:instances"
 
 
-# KEYS: seq, history, latest, zone epoch [, zone ingested]
-# ARGV: body, history_size, channel, message prefix, epoch [, ingest entry id]
-# As APPEND_LUA (accepted_at from the TIME of the zone's master, reply "<accepted_at>
-# <seq>"), with the zone's epoch mirror and SPUBLISH; an ingest entry whose id is not
-# above the zone's last applied one was applied before: skipped, seq 0. A price
-# its zone's keys refuse (damaged, see STORE_LUA) is an error reply (ZONE_ERROR); its
-# entry is acknowledged after it like an applied one (``_ack_ingested``).
-CLUSTER_APPEND_LUA = STORE_LUA + """
-if redis.call('GET', KEYS[4]) ~= ARGV[5] then
-  return redis.error_reply('PRICEHUB_EPOCH numbering lineage changed')
-end
-local accepted = accepted_now()
-if #KEYS == 5 then
-  local last = redis.call('GET', KEYS[5])
-  if last then
-    local lms, lsq = string.match(last, '^(%d+)-(%d+)$')
-    local ms, sq = string.match(ARGV[6], '^(%d+)-(%d+)$')
-    lms, lsq, ms, sq = tonumber(lms), tonumber(lsq), tonumber(ms), tonumber(sq)
-    if ms < lms or (ms == lms and sq <= lsq) then return accepted .. ' 0' end
-  end
-end
-local seq, payload = store(KEYS[1], KEYS[2], KEYS[3], ARGV[1], -(tonumber(ARGV[2]) + 1),
-  accepted)
-if not seq then return redis.error_reply('PRICEHUB_ZONE ' .. payload) end
-redis.call('SPUBLISH', ARGV[3], ARGV[4] .. payload)
-if #KEYS == 5 then redis.call('SET', KEYS[5], ARGV[6]) end
-return string.format('%s %d', accepted, seq)
-"""
-
-# KEYS: zone epoch. ARGV: epoch, channel. Copy the global epoch into the zone's slot;
-# a change is announced on the zone's channel (ordered before the zone's next price).
-MIRROR_EPOCH_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('SPUBLISH', ARGV[2], '!epoch ' .. ARGV[1])
-end
-return 1
-"""
-
-# KEYS: epoch. ARGV: expected, replacement. Compare-and-set (announced per zone after).
-CAS_EPOCH_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return redis.call('GET', KEYS[1])
-"""
-
-# KEYS: seq, history. A zone's seq and retained history, read atomically; seq 0 without
-# a price, -1 (no history) when the zone's keys are damaged (see STORED_LUA).
-LOAD_ZONE_LUA = STORED_LUA + """
-local seq = stored(KEYS[1], KEYS[2]) or 0
-if seq <= 0 then return {seq, {}} end
-return {seq, redis.call('ZRANGE', KEYS[2], 0, -1)}
-"""
-
-# The write-back script of RedisStorage, publishing on the zone's sharded channel.
-CLUSTER_RESTORE_LUA = RESTORE_LUA.replace("'PUBLISH'", "'SPUBLISH'")
+# The scripts: lua/cluster_*.lua, mirror_epoch.lua, cas_epoch.lua, load_zone.lua
+# (pricehub.storage.redis.scripts). URLs and clients: pricehub.storage.redis.urls
+# (re-exported here: connect_any, connect_cluster, is_cluster_url, ping_problem).
 
 
-@dataclass(frozen=True, slots=True)
-class _ClusterUrl:
-    nodes: list[tuple[str, int]]
-    username: str | None
-    password: str | None
-    wait_replicas: int  # ?wait_replicas=N: WAIT N after each batch of appends
-
-
-def _parse_cluster_url(url: str) -> _ClusterUrl:
-    """``redis+cluster://[[user]:password@]host:port[,host:port...]/[?wait_replicas=N]``."""
-    parts = urlsplit(url)
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    nodes: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
-        nodes.append((host or "127.0.0.1", int(port or 6379)))
-    username, _, password = credentials.partition(":") if credentials else ("", "", "")
-    wait = parse_qs(parts.query).get("wait_replicas", ["0"])[0]
-    return _ClusterUrl(
-        nodes, unquote(username) or None, unquote(password) if password else None, int(wait)
-    )
-
-
-def connect_cluster(url: str, *, timeout: float) -> AsyncRedisCluster:
-    """A cluster client on the startup nodes of ``url``, with short timeouts and no
-    driver retries (see ``connect_client``): MOVED/ASK are still followed (the command
-    did not run), but a connection error is never resent (the script may have run)."""
-    parsed = _parse_cluster_url(url)
-    return AsyncRedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
-        username=parsed.username,
-        password=parsed.password,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        require_full_coverage=True,
-        health_check_interval=0,
-    )
-
-
-def connect_any(url: str, *, timeout: float) -> aioredis.Redis:
-    """``connect_client`` for every scheme pricehub accepts, ``redis+cluster://``
-    included (here, not in pricehub.storage.redis, which this module builds on)."""
-    if is_cluster_url(url):
-        # Same command API; typed as the single-node client for the shared code paths.
-        return cast(aioredis.Redis, connect_cluster(url, timeout=timeout))
-    return connect_client(url, timeout=timeout)
-
-
-async def ping_problem(url: str, *, timeout: float) -> str | None:
-    """Why the Redis at ``url`` cannot be used right now (the driver's error), or None
-    when it answers PING. One fresh connection, closed before returning."""
-    try:
-        client = connect_any(url, timeout=timeout)
-        try:
-            await client.ping()
-        finally:
-            await client.aclose()
-    except (RedisError, RedisClusterException, OSError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
-
-
-def _node_url(node: ClusterNode, parsed: _ClusterUrl) -> str:
+def _node_url(node: ClusterNode, parsed: RedisUrl) -> str:
     auth = ""
     if parsed.password is not None:
         auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password, safe='')}@"
@@ -293,14 +182,14 @@ class RedisClusterStorage(RedisStorage):
     Other parameters: as ``RedisStorage``.
     """
 
-    _restore_script = CLUSTER_RESTORE_LUA
+    _restore_script = CLUSTER_RESTORE
 
     def __init__(self, url: str, *, zones: Sequence[str], **options: Any) -> None:
         super().__init__(url, **options)
         self.keys: ClusterKeyLayout = ClusterKeyLayout(self.keys.prefix)
         self._zones = tuple(zones)
         self._shards: list[_Shard] = []
-        self._wait_replicas = _parse_cluster_url(url).wait_replicas
+        self._wait_replicas = parse_url(url).wait_replicas
         self._delivering = asyncio.Lock()
         self._confirmations: dict[bytes, asyncio.Event] = {}  # SSUBSCRIBEs awaited
         self.moves = 0  # zone channels followed to another master (resharding)
@@ -331,7 +220,7 @@ class RedisClusterStorage(RedisStorage):
 
     def _message_prefix(self, zone: str) -> str:
         """What precedes the payload on the channel: ``<epoch> <zone> `` (the format
-        ``RedisStorage._on_message`` parses; see APPEND_LUA)."""
+        ``RedisStorage._on_message`` parses; see lua/append.lua)."""
         return f"{self.epoch} {zone} "
 
     # --- lifecycle --------------------------------------------------------------------
@@ -343,7 +232,7 @@ class RedisClusterStorage(RedisStorage):
             async with redis_errors("connect"):
                 await client.initialize()
                 await client.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
-                self._append_sha = await client.script_load(CLUSTER_APPEND_LUA)
+                await CLUSTER_APPEND.load(client)  # sent as raw EVALSHA (_run_groups)
                 await self._subscribe_shards(client)
         except BaseException:
             await self.close()
@@ -367,7 +256,7 @@ class RedisClusterStorage(RedisStorage):
         self, client: AsyncRedisCluster, node: ClusterNode, slots: dict[int, list[str]]
     ) -> _Shard:
         """A subscriber on ``node``: ``slots``' channels and a probe, confirmed."""
-        sub_client = connect_client(_node_url(node, _parse_cluster_url(self._url)),
+        sub_client = connect_client(_node_url(node, parse_url(self._url)),
                                     timeout=self._timeout)  # fmt: skip
         count = sum(len(channels) for channels in slots.values()) + 1
         shard = _Shard(node.name, sub_client, sub_client.pubsub(),
@@ -547,8 +436,8 @@ class RedisClusterStorage(RedisStorage):
     # --- writes -----------------------------------------------------------------------
 
     @staticmethod
-    def _groups(batch: Sequence[_Write]) -> list[list[_Write]]:
-        # One price per script: APPEND_MANY_LUA's batch spans zones, so slots.
+    def _groups(batch: Sequence[Write]) -> list[list[Write]]:
+        # One price per script: lua/append_many.lua's batch spans zones, so slots.
         return [[write] for write in batch]
 
     async def _flush(self) -> None:
@@ -570,7 +459,7 @@ class RedisClusterStorage(RedisStorage):
             for group, result in zip(groups, results, strict=True):
                 self._settle(group, result)
 
-    async def _run_groups(self, groups: Sequence[Sequence[_Write]]) -> list[Any]:
+    async def _run_groups(self, groups: Sequence[Sequence[Write]]) -> list[Any]:
         batch = [write for group in groups for write in group]  # groups of one
         keys, epoch = self.keys, self.epoch
         pipe = self.cluster.pipeline(transaction=False)
@@ -587,9 +476,7 @@ class RedisClusterStorage(RedisStorage):
                 args.append(write.ack.entry_id)
             # execute_command: redis-py blocks its pipelined ``evalsha`` helper on a
             # cluster (a script is routed by its first key, which is what we want).
-            pipe.execute_command(
-                "EVALSHA", self._append_sha, len(script_keys), *script_keys, *args
-            )
+            pipe.execute_command(*CLUSTER_APPEND.command(script_keys, args))
         try:
             async with redis_errors("append"):
                 results: list[Any] = await pipe.execute(raise_on_error=False)
@@ -609,8 +496,11 @@ class RedisClusterStorage(RedisStorage):
         settled by ``FailoverStorage`` like a batch whose replies were lost, never 202-ed
         on an unconfirmed copy alone."""
         cluster = self.cluster
-        nodes = {node.name: node for zone in zones
-                 if (node := cluster.get_node_from_key(self.keys.seq(zone))) is not None}
+        nodes = {
+            node.name: node
+            for zone in zones
+            if (node := cluster.get_node_from_key(self.keys.seq(zone))) is not None
+        }
         wait_ms = max(1, int(self._timeout * 1000 / 2))
         async with redis_errors("wait"):
             counts = await asyncio.gather(*(
@@ -627,17 +517,17 @@ class RedisClusterStorage(RedisStorage):
                     masters=short, total=self.unreplicated,
                 )  # fmt: skip
 
-    async def _ack_ingested(self, batch: Sequence[_Write], results: Sequence[Any]) -> None:
+    async def _ack_ingested(self, batch: Sequence[Write], results: Sequence[Any]) -> None:
         """XACK + XDEL the ingest entries whose script ran (applied now or before) or
         that their zone's keys refused (damaged: done with, as on one node; see
-        APPEND_LUA). Not atomic with the append: a failure here leaves them pending, and
+        lua/append.lua). Not atomic with the append: a failure here leaves them pending, and
         their next delivery is skipped by the script (the zone's last applied id) or
         refused again."""
         done = [
             write.ack.entry_id
             for write, result in zip(batch, results, strict=True)
             if write.ack is not None
-            and (not isinstance(result, BaseException) or _refusal(result) is not None)
+            and (not isinstance(result, BaseException) or refusal(result) is not None)
         ]
         if not done:
             return
@@ -661,14 +551,14 @@ class RedisClusterStorage(RedisStorage):
             chunk = zone_list[start : start + LOAD_CHUNK]
             pipe = self.cluster.pipeline(transaction=False)
             for zone in chunk:
-                pipe.eval(LOAD_ZONE_LUA, 2, self.keys.seq(zone), self.keys.history(zone))
+                LOAD_ZONE.queue(pipe, [self.keys.seq(zone), self.keys.history(zone)], [])
             async with redis_errors("load"):
                 results = await pipe.execute()
             for zone, (seq, payloads) in zip(chunk, results, strict=True):
                 if int(seq) < 0:  # damaged: left out, logged (as RedisStorage.load)
                     self._zone_damaged(zone, f"{self._damage(zone)}; not loaded")
                 elif int(seq):  # as RedisStorage.load: zones without a price are left out
-                    state[zone] = (int(seq), [_price(zone, payload) for payload in payloads])
+                    state[zone] = (int(seq), [stored_price(zone, payload) for payload in payloads])
         return state
 
     # --- epoch ------------------------------------------------------------------------
@@ -680,9 +570,7 @@ class RedisClusterStorage(RedisStorage):
 
     async def replace_epoch(self, expected: str, replacement: str) -> str:
         async with redis_errors("epoch"):
-            current = await self.cluster.eval(
-                CAS_EPOCH_LUA, 1, self.keys.epoch, expected, replacement
-            )
+            current = await CAS_EPOCH.run(self.cluster, [self.keys.epoch], [expected, replacement])
         self._epoch = current.decode()
         await self._mirror_epoch(self._epoch)
         return self._epoch
@@ -692,9 +580,8 @@ class RedisClusterStorage(RedisStorage):
         for start in range(0, len(self._zones), LOAD_CHUNK):
             pipe = self.cluster.pipeline(transaction=False)
             for zone in self._zones[start : start + LOAD_CHUNK]:
-                pipe.eval(
-                    MIRROR_EPOCH_LUA, 1, self.keys.zone_epoch(zone), epoch,
-                    self.keys.channel(zone),
-                )  # fmt: skip
+                MIRROR_EPOCH.queue(
+                    pipe, [self.keys.zone_epoch(zone)], [epoch, self.keys.channel(zone)]
+                )
             async with redis_errors("epoch mirror"):
                 await pipe.execute()

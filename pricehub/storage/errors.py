@@ -66,7 +66,7 @@ class LeaseLost(StorageError):
     """The ingest lease passed to another instance; this one must stop consuming.
 
     Raised by the Redis backends' append scripts and by the ingest consumer itself
-    (``server/ingest.py``), which therefore finds it here, not in ``storage/redis.py``."""
+    (``server/ingest.py``), which therefore finds it here, not in ``storage/redis/``."""
 
 
 class OlderEntryPending(LeaseLost):

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from pricehub.storage import StoredPrice
 from pricehub.storage.redis import KeyLayout, RedisStorage
-from pricehub.storage.redis_reads import history_between
+from pricehub.storage.redis.reads import history_between
 from pricehub.wire import decode, messages, paths
 from pricehub.wire.codes import ErrorCode, HttpErrorCode
 from pricehub.wire.errors import ProtocolError, ValidationError

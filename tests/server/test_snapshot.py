@@ -19,7 +19,7 @@ from pricehub.storage import StorageConfig, StoredPrice, create_storage
 from pricehub.storage.base import Snapshot
 from pricehub.storage.failover import FailoverStorage
 from pricehub.storage.redis import EpochChanged, KeyLayout, RedisStorage
-from pricehub.storage.redis_reads import NO_EPOCH, snapshot
+from pricehub.storage.redis.reads import NO_EPOCH, snapshot
 from pricehub.wire import decode, messages, paths
 from pricehub.wire.codes import ErrorCode, HttpErrorCode, MessageType
 from pricehub.wire.errors import ProtocolError

@@ -1,4 +1,4 @@
--- pricehub: a history by market time, filtered on the Redis side (storage/redis_reads.py).
+-- pricehub: a history by market time, filtered on the Redis side (storage/redis/reads.py).
 --
 -- KEYS: the zones' history sorted sets (score = seq, member = the stored price object).
 -- ARGV: from, to (the stored timestamp form, YYYY-MM-DDTHH:MM:SS.mmmZ, so string

@@ -1,6 +1,6 @@
 """Reads of many zones at once on Redis: ``snapshot`` and ``history_between``.
 
-Functions of a client and a key layout (``storage/redis.py``'s ``KeyLayout`` or the
+Functions of a client and a key layout (``keys.KeyLayout`` or the
 cluster's), so that ``RedisStorage`` and ``RedisClusterStorage`` share them and a benchmark
 can call them on any client. (``FailoverStorage``, what a server with Redis runs on, takes
 its snapshot here while Redis is connected, but answers a history from its in-memory copy
@@ -10,9 +10,10 @@ instance instead of holding Redis's one thread; bench/snapshot_history.py has bo
 * ``snapshot``: one ``MGET`` of the epoch key and every zone's latest key. One command on
   one node is atomic: the prices and the epoch are the ones Redis held at one instant,
   and 1,000 zones cost one round trip.
-* ``history_between``: one Lua script (``lua/history_between.lua``) that filters every
-  queried zone's history sorted set by market time on the Redis side and returns only the
-  matching payloads, at most ``limit + 1`` (so the caller knows whether it cut). It reads
+* ``history_between``: one Lua script (``lua/history_between.lua``, see ``scripts``) that
+  filters every queried zone's history sorted set by market time on the Redis side and
+  returns only the matching payloads, at most ``limit + 1`` (so the caller knows whether
+  it cut). It reads
   each queried zone's retained history once inside Redis (at most ``--history-size`` per
   zone), never the other zones', and nothing comes back to Python but the answer.
 
@@ -27,30 +28,26 @@ On a Redis Cluster client every zone's keys are one hash slot (``ClusterKeyLayou
 command or script per zone, in one pipeline (the client sends each to the zone's master),
 merged here. That is atomic per zone, not one instant across zones (docs/trading.md).
 
-This module imports nothing of ``storage/redis.py`` (which imports it for
-``RedisStorage``'s reads): the layout is the structural ``ReadKeys``, and driver errors
-propagate as they are, for the caller to turn into ``StorageUnavailable``
-(``redis.redis_errors``), as every other Redis read does.
+Functions of a client, not of ``RedisStorage``: the layout is the structural
+``ReadKeys``, and driver errors propagate as they are, for the caller to turn into
+``StorageUnavailable`` (``errors.redis_errors``), as every other Redis read does.
+``stored_price`` is every Redis read's way from a stored payload to a ``StoredPrice``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from pricehub.storage.base import HistorySlice, Snapshot, StoredPrice, first_in_history_order
+from pricehub.storage.redis.scripts import HISTORY_BETWEEN
 from pricehub.wire.messages import seq_of
 
-__all__ = ["HISTORY_BETWEEN_LUA", "NO_EPOCH", "ReadKeys", "history_between", "snapshot"]
+__all__ = ["NO_EPOCH", "ReadKeys", "history_between", "snapshot", "stored_price"]
 
-# Packaged next to this module (setup.cfg's package_data must list storage/lua/*.lua).
-HISTORY_BETWEEN_LUA = (
-    resources.files("pricehub.storage").joinpath("lua/history_between.lua").read_text()
-)
 NO_EPOCH = ""  # a snapshot's epoch when Redis holds none (it lost its data)
 
 
@@ -69,7 +66,8 @@ def _distinct(zones: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(zones))
 
 
-def _price(zone: str, payload: bytes) -> StoredPrice:
+def stored_price(zone: str, payload: bytes) -> StoredPrice:
+    """A payload Redis stores (history, latest, a message) as a price of ``zone``."""
     return StoredPrice(zone, seq_of(payload), payload)
 
 
@@ -89,7 +87,7 @@ async def snapshot(client: aioredis.Redis, keys: ReadKeys, zones: Sequence[str])
         values = cast(list[bytes | None], await client.mget(names))
     epoch, latest = values[0], values[1:]
     prices: dict[str, StoredPrice | None] = {
-        zone: None if payload is None else _price(zone, payload)
+        zone: None if payload is None else stored_price(zone, payload)
         for zone, payload in zip(distinct, latest, strict=True)
     }
     return Snapshot(NO_EPOCH if epoch is None else epoch.decode(), prices)
@@ -113,7 +111,7 @@ async def history_between(
     if isinstance(client, AsyncRedisCluster):
         pipe = client.pipeline(transaction=False)
         for zone in distinct:
-            pipe.eval(HISTORY_BETWEEN_LUA, 1, keys.history(zone), *args, zone)
+            HISTORY_BETWEEN.queue(pipe, [keys.history(zone)], [*args, zone])
         replies = await pipe.execute()
         matching = [
             price for zone, reply in zip(distinct, replies, strict=True)
@@ -121,9 +119,7 @@ async def history_between(
         ]  # fmt: skip
     else:
         history_keys = [keys.history(zone) for zone in distinct]
-        reply = await client.eval(
-            HISTORY_BETWEEN_LUA, len(history_keys), *history_keys, *args, *distinct
-        )
+        reply = await HISTORY_BETWEEN.eval(client, history_keys, [*args, *distinct])
         ordered = _prices(distinct, reply)  # in history order already: only cut here
         kept = max(limit, 0)
         return HistorySlice(ordered[:kept], len(ordered) > kept)
@@ -133,6 +129,6 @@ async def history_between(
 def _prices(zones: Sequence[str], reply: Sequence[Any]) -> list[StoredPrice]:
     """The script's (zone index, payload) pairs as prices."""
     return [
-        _price(zones[int(reply[i]) - 1], cast(bytes, reply[i + 1]))
+        stored_price(zones[int(reply[i]) - 1], cast(bytes, reply[i + 1]))
         for i in range(0, len(reply), 2)
     ]
