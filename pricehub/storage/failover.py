@@ -142,7 +142,7 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["FailoverStorage"]
+__all__ = ["FailoverCounts", "FailoverStorage"]
 
 # A peer seen in the registry counts for this long. Not just "at the last look": a peer
 # restarting (it unregisters, then registers again seconds later) or an outage starting
@@ -170,6 +170,23 @@ FOREIGN_JOURNAL = (
 )
 
 
+@dataclasses.dataclass(slots=True)
+class FailoverCounts:
+    """What a ``FailoverStorage`` counted since it was built (``counters()`` exports all
+    but the last two, which count in ``disk_status``'s write errors)."""
+
+    failovers: int = 0  # switches from Redis to memory (or to holding)
+    recoveries: int = 0  # switches back after an outage (a resync is not one)
+    redis_errors: int = 0  # failed Redis operations and probes
+    epoch_changes: int = 0  # reconciles that moved the lineage
+    gaps: int = 0  # prices after a hole no history could fill
+    holds: int = 0  # outages during which appends were held
+    held_refusals: int = 0  # appends refused because the hold window ended
+    resyncs: int = 0  # reconciles because the epoch moved
+    journal_behind_errors: int = 0  # written-behind records that failed
+    journal_behind_dropped: int = 0  # mirrored prices not journaled (queue full)
+
+
 class FailoverStorage:
     """The ``Storage`` Protocol on Redis, falling back to memory while Redis is away.
 
@@ -190,13 +207,9 @@ class FailoverStorage:
     :param journal_options: passed to ``SqliteJournal.open`` (tests, benchmarks).
     :param log: structlog logger (default ``pricehub.storage``).
 
-    Counters (``counters()``, for the metrics): ``failovers``, ``recoveries``,
-    ``redis_errors``, ``holds`` (outages during which appends were held), ``held_refusals``
-    (appends refused because the hold window ended), ``resyncs`` (reconciles after the
-    epoch moved), ``epoch_changes``, ``gaps`` (prices that arrived after a hole no history
-    could fill), ``foreign_messages`` (messages on our channel that are not our feed's:
-    dropped); ``journal_behind_errors`` / ``journal_behind_dropped`` (written-behind
-    records that failed / were not journaled; the first counts in ``disk_status``).
+    Counters: ``counters()`` (for the metrics), from a ``FailoverCounts`` (what each
+    counts), plus ``foreign_messages`` (messages on our channel that are not our feed's:
+    dropped); written-behind records that failed count in ``disk_status``.
     """
 
     def __init__(
@@ -264,15 +277,8 @@ class FailoverStorage:
         self._probe_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.failovers = 0
-        self.recoveries = 0
-        self.redis_errors = 0
-        self.epoch_changes = 0
-        self.gaps = 0
+        self._counts = FailoverCounts()  # see the class docstring
         self._foreign_before = 0  # foreign messages counted by connections since closed
-        self.holds = 0
-        self.held_refusals = 0
-        self.resyncs = 0
         self._data_dir = None if data_dir is None else Path(data_dir)
         self._journal_options = dict(journal_options or {})
         # The journal, what it recovered, memory numbering through it (``durable.py``'s,
@@ -281,8 +287,6 @@ class FailoverStorage:
         self._disk_reason: str | None = None  # why the data dir is not used
         self._behind = 0  # written-behind records not settled yet
         self._behind_warned_at = -WRITE_BEHIND_WARN_INTERVAL
-        self.journal_behind_errors = 0
-        self.journal_behind_dropped = 0
         self._adopt_journal = adopt_journal
         # Whether memory still holds the journal's lineage as loaded, unchecked: until
         # this run's first reconcile (after it memory is a live mirror of this Redis).
@@ -333,16 +337,17 @@ class FailoverStorage:
         return self._foreign_before + (redis.foreign_messages if redis is not None else 0)
 
     def counters(self) -> StorageCounters:
+        counts = self._counts
         return StorageCounters(
-            failovers=self.failovers,
-            recoveries=self.recoveries,
-            redis_errors=self.redis_errors,
-            gaps=self.gaps,
-            holds=self.holds,
-            held_refusals=self.held_refusals,
-            resyncs=self.resyncs,
+            failovers=counts.failovers,
+            recoveries=counts.recoveries,
+            redis_errors=counts.redis_errors,
+            gaps=counts.gaps,
+            holds=counts.holds,
+            held_refusals=counts.held_refusals,
+            resyncs=counts.resyncs,
             foreign_messages=self.foreign_messages,
-            epoch_changes=self.epoch_changes,
+            epoch_changes=counts.epoch_changes,
         )
 
     # --- lifecycle --------------------------------------------------------------------
@@ -353,10 +358,10 @@ class FailoverStorage:
         try:
             await self._switch_to_redis(recovering=False)
         except StorageUnavailable as exc:
-            self.redis_errors += 1
+            self._counts.redis_errors += 1
             self._set_mode(self._outage_mode())
             self._outage_started = time.monotonic()
-            self.holds += self._mode is Mode.HOLD
+            self._counts.holds += self._mode is Mode.HOLD
             self._log.warning(
                 "redis_unavailable_at_start", backend=Backend.IN_MEMORY, error=str(exc),
                 holding=self._mode is Mode.HOLD, probe_interval=self._probe_interval,
@@ -471,7 +476,7 @@ class FailoverStorage:
         if self._durable is None:
             return
         if price and self._behind >= MAX_WRITE_BEHIND:
-            self.journal_behind_dropped += 1
+            self._counts.journal_behind_dropped += 1
             self._warn_behind("journal_write_behind_dropped", pending=self._behind)
             return
         self._behind += 1
@@ -481,7 +486,7 @@ class FailoverStorage:
         self._behind -= 1
         error = None if future.cancelled() else future.exception()
         if error is not None:  # retrieved here, so asyncio does not report it again
-            self.journal_behind_errors += 1
+            self._counts.journal_behind_errors += 1
             self._warn_behind("journal_write_behind_failed", error=str(error))
 
     def _warn_behind(self, event: str, **fields: Any) -> None:
@@ -489,8 +494,8 @@ class FailoverStorage:
         if now - self._behind_warned_at >= WRITE_BEHIND_WARN_INTERVAL:
             self._behind_warned_at = now
             self._log.warning(
-                event, errors=self.journal_behind_errors,
-                dropped=self.journal_behind_dropped, **fields,
+                event, errors=self._counts.journal_behind_errors,
+                dropped=self._counts.journal_behind_dropped, **fields,
             )  # fmt: skip
 
     def disk_status(self) -> DiskStatus:
@@ -504,7 +509,7 @@ class FailoverStorage:
             return DiskStatus(DiskState.DISABLED, self._disk_reason)
         if self._durable is None:
             return journal_status(None, None, write_errors=0, closed=self._closed)
-        return self._durable.status(more_errors=self.journal_behind_errors)
+        return self._durable.status(more_errors=self._counts.journal_behind_errors)
 
     # --- failover ---------------------------------------------------------------------
 
@@ -525,7 +530,7 @@ class FailoverStorage:
     def _on_lost(self, redis: Upstream, cause: BaseException) -> None:
         """Leave Redis (once per outage): hold or number in memory, see the module
         docstring; callable from any task, synchronously."""
-        self.redis_errors += not isinstance(cause, EpochChanged)
+        self._counts.redis_errors += not isinstance(cause, EpochChanged)
         if redis is not self._redis or self._mode is not Mode.REDIS:
             return  # an old connection's last words, or already failed over
         self._redis = None
@@ -534,7 +539,7 @@ class FailoverStorage:
         self._closing = self._spawn(redis.close())
         if isinstance(cause, EpochChanged):
             self._set_mode(Mode.RESYNC)
-            self.resyncs += 1
+            self._counts.resyncs += 1
             self._log.info("storage_resync", reason=str(cause), epoch=self._epoch)
         else:
             self._enter_outage(cause)
@@ -546,9 +551,9 @@ class FailoverStorage:
             self._fold_unheard(zone)
         for pending in self._unheard.values():  # holding: kept for the write-back
             self._journal_unheard(pending.values())
-        self.failovers += 1
+        self._counts.failovers += 1
         holding = self._mode is Mode.HOLD
-        self.holds += holding
+        self._counts.holds += holding
         self._log.warning(
             "storage_failover", backend=Backend.IN_MEMORY, error=str(cause), epoch=self._epoch,
             holding=holding, hold=self._hold if holding else 0,
@@ -574,7 +579,7 @@ class FailoverStorage:
             try:
                 await self._switch_to_redis(recovering=True)
             except StorageUnavailable as exc:
-                self.redis_errors += 1  # counted, not logged: no log storm while down
+                self._counts.redis_errors += 1  # counted, not logged: no log storm while down
                 self._log.debug("redis_probe_failed", error=str(exc))
                 if self._mode is Mode.RESYNC:  # Redis gone: a real outage after all
                     self._enter_outage(exc)
@@ -811,8 +816,8 @@ class FailoverStorage:
         redis.deliver_to(_Mirror(self, redis), positions)
         if not recovering:
             return
-        self.recoveries += not quiet
-        self.epoch_changes += int(changed)
+        self._counts.recoveries += not quiet
+        self._counts.epoch_changes += int(changed)
         caught_up = sum(isinstance(item, StoredPrice) for item in catch_up)
         self._log.info(
             "storage_resynced" if quiet else "storage_recovered", backend=Backend.REDIS,
@@ -850,7 +855,7 @@ class FailoverStorage:
             self._memory.mirror(price)
             self._write_behind(lambda journal: journal.queue_append((price,)), price=True)
         else:  # a hole the history could not fill: keep the mirror contiguous
-            self.gaps += 1
+            self._counts.gaps += 1
             if last > 0 and self._listener is not None:  # said to subscribers: gap lost
                 announce_gap(self._listener, price.zone, last + 1, price.seq - 1)
             self._memory.reset(price.zone, [price], seq=price.seq)
@@ -985,7 +990,7 @@ class FailoverStorage:
         window = max(self._hold, 2 * self._timeout + HOLD_PROBE_INTERVAL)
         remaining = self._outage_started + window - time.monotonic()
         if remaining <= 0 or self._held >= MAX_HELD:
-            self.held_refusals += 1
+            self._counts.held_refusals += 1
             raise StorageHeld(
                 "redis unavailable: publishes are held, not numbered alone, while this "
                 "instance has peers", retry_after=max(1.0, self._probe_interval),
@@ -1091,7 +1096,7 @@ class FailoverStorage:
         if refused is not None:
             # Only zones whose own keys are damaged (ZoneRefused, logged by RedisStorage):
             # Redis is fine, so no failover and no retry; the other prices stand.
-            self.redis_errors += len(left)
+            self._counts.redis_errors += len(left)
             raise refused
         if left:  # the cause is the storage's failure (a ZoneRefused is no StorageUnavailable)
             lost = next((e for _, e in left if isinstance(e, StorageUnavailable)), None)

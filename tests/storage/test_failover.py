@@ -104,8 +104,8 @@ async def test_kill_and_restart_under_a_publisher(prefix: str) -> None:
             assert seqs == list(range(1, published + 1))  # no gap, no repeat, in order
             assert listener.backends == ["in-memory", "redis"]
             assert storage.epoch == epoch  # one instance: no divergence, same lineage
-            assert (storage.failovers, storage.recoveries) == (1, 1)
-            assert storage.redis_errors >= 1
+            assert (storage.counters().failovers, storage.counters().recoveries) == (1, 1)
+            assert storage.counters().redis_errors >= 1
             assert log.events.count("storage_failover") == 1
             assert log.events.count("storage_recovered") == 1
             # Redis was restarted empty; what memory numbered was written back
@@ -161,7 +161,7 @@ async def test_lost_data_without_lost_connection(prefix: str) -> None:
             assert await listener.wait_for("pjm", 5) == [1, 2, 3, 4, 5]
             assert int(await raw.get(f"{prefix}seq:pjm")) == 5
             assert listener.backends == [] and listener.epochs == []
-            assert (storage.failovers, storage.resyncs) == (0, 1)
+            assert (storage.counters().failovers, storage.counters().resyncs) == (0, 1)
             assert await raw.get(f"{prefix}epoch") == storage.epoch.encode()
             await raw.aclose()
 
@@ -401,7 +401,7 @@ async def test_short_pause_with_peers_costs_only_latency(prefix: str) -> None:
             assert not run.refused
             for storage, listener in zip(run.storages, listeners, strict=True):
                 assert storage.epoch == run.epoch and listener.epochs == []
-                assert storage.holds == 1
+                assert storage.counters().holds == 1
             await run.assert_every_accepted_price_kept_once_in_order()
 
 
@@ -442,8 +442,8 @@ async def test_long_kill_with_peers_refuses_then_recovers_without_epoch_change(
             for storage, listener in zip(storages, listeners, strict=True):
                 assert await listener.wait_for("pjm", 5) == [1, 2, 3, 4, 5]
                 assert storage.epoch == epoch and listener.epochs == []
-                assert storage.held_refusals >= 1
-            assert storages[0].held_refusals + storages[1].held_refusals == 2
+                assert storage.counters().held_refusals >= 1
+            assert storages[0].counters().held_refusals + storages[1].counters().held_refusals == 2
 
 
 async def test_epoch_moved_by_a_peer_mid_append_is_no_failover(prefix: str) -> None:
@@ -470,10 +470,10 @@ async def test_epoch_moved_by_a_peer_mid_append_is_no_failover(prefix: str) -> N
             await raw.publish(KeyLayout(prefix).prices, "!epoch peerepoch01")
             await raw.aclose()
             assert storages[0].epoch == "peerepoch01"
-            assert storages[0].failovers == 0 and storages[0].backend == "redis"
+            assert storages[0].counters().failovers == 0 and storages[0].backend == "redis"
             assert listeners[0].backends == []  # nobody was told of an outage
             assert listeners[0].epochs == ["peerepoch01"]  # the declaration, once
-            assert storages[0].resyncs == 1
+            assert storages[0].counters().resyncs == 1
             assert [price.seq for price in prices] == list(range(4, 24))  # in Redis, once
             assert await listeners[0].wait_for("pjm", 23) == list(range(1, 24))
             assert await listeners[1].wait_for("pjm", 23) == list(range(1, 24))
