@@ -5,7 +5,8 @@ present among the zone's subscribers (``encoding.py``: a text frame, a compresse
 an SSE event; the broadcaster never learns which transport framed it). Nothing is
 awaited and no task or queue exists per client, so one slow or dead client never delays
 the others. One ``call_soon`` callback per event-loop tick then writes what the tick
-produced, one ``transport.write`` per client:
+produced, one write per client (straight to the socket when its transport has nothing
+buffered: what ``transport.write`` would do, without its Python body):
 
 * connections in step with their zones are grouped in *audiences* (same zones, same
   encoding): the tick's frames for those zones are joined once per audience and the same
@@ -601,26 +602,56 @@ class Broadcaster:
             audience.frames += count
             audience.writes += 1
             skipped = 0  # counted off the hot path: only members that were not written
+            size = len(data)
             for connection in audience.members:
                 if connection.outbox:  # its own messages, queued first this tick, go first
                     connection.flush(now)
                     if connection.closing:
                         skipped += 1
                         continue
-                transport = connection.transport
-                if transport.is_closing():
+                # The common case inlined (this line runs once per delivery): nothing of
+                # its own buffered, not closing, the kernel takes it all. That is what
+                # ``transport.write`` does then, and the transport's buffer stays empty, so
+                # only a lag check can be due.
+                direct = connection.direct
+                if direct is not None and not direct._buffer and not direct._closing:
+                    try:
+                        sent = direct._sock.send(data)
+                    except OSError:  # EAGAIN, a reset...: ``transport.write`` handles it
+                        sent = 0
+                    if sent == size:
+                        if now >= connection.next_check:
+                            self._check_member(connection, now, leaving)
+                        continue
+                    if not self._write_member(connection, data[sent:], now, leaving):
+                        skipped += 1
+                elif not self._write_member(connection, data, now, leaving):
                     skipped += 1
-                    continue
-                transport.write(data)
-                if transport.get_write_buffer_size() or now >= connection.next_check:
-                    connection.check_backlog(now)
-                    if connection.conflated is not None:
-                        leaving.append(connection)
             written = len(audience.members) - skipped
             if written > 0:
                 self._observe_lag(audience, lag, written)
         self._leaving = None
         return leaving
+
+    def _write_member(
+        self, connection: Connection, data: bytes, now: float, leaving: list[Connection]
+    ) -> bool:
+        """A shared write through the transport (bytes already buffered, a partial or
+        failed send, a transport the loop cannot send on directly); False if closing."""
+        transport = connection.transport
+        if transport.is_closing():
+            return False
+        transport.write(data)
+        if transport.get_write_buffer_size() or now >= connection.next_check:
+            self._check_member(connection, now, leaving)
+        return True
+
+    @staticmethod
+    def _check_member(connection: Connection, now: float, leaving: list[Connection]) -> None:
+        """The slow-consumer check after a shared write (4008, conflation, lag)."""
+        connection.check_backlog(now)
+        if connection.conflated is not None:
+            leaving.append(connection)
 
     def _observe_lag(self, audience: Audience, lag: _TickLag, written: int) -> None:
         """One observation per zone of the write just made to ``audience``: now minus the
