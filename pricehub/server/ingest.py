@@ -29,14 +29,12 @@ one wins". While the instance serves from memory (Redis away), ingest pauses: en
 wait in the stream.
 
 Sizes are bounded before anything is decoded (anyone who can XADD can send a 64 MiB
-field or a million of them: Redis takes up to 512 MB per value): an entry over
-``MAX_ENTRY_BYTES`` or ``MAX_ENTRY_FIELDS`` is invalid. Reads go through ``READ_LUA``,
-which takes the entries inside Redis and sends one over a cap as a stub (its size, not
-its fields), so a read brings at most about ``batch`` x ``MAX_ENTRY_BYTES`` (4 MiB by
-default) into this process whatever the stream holds. Only the wait for new entries
-(``XREADGROUP BLOCK``, which a script cannot do) takes an entry as Redis sends it: one
-entry at a time, of any size, checked against the caps like the others before anything
-decodes it. Every value a log line echoes is cut to ``ECHO_LIMIT`` characters (``clip``).
+field or a million of them: Redis takes up to 512 MB per value): an entry over the
+caps of ``storage.redis.stream`` (4 KiB, 8 fields) is invalid. Reads take the entries
+inside Redis and send one over a cap as a stub (its size, not its fields), so a read
+brings at most about ``batch`` x 4 KiB (4 MiB by default) into this process whatever
+the stream holds. Every value a log line echoes is cut to ``ECHO_LIMIT`` characters
+(``clip``).
 
 A zone whose Redis keys are damaged (``ZoneRefused``: its seq is no integer, ...) fails
 its entries, not the consumer: they are logged (``ingest_entry_refused``), counted with
@@ -44,7 +42,9 @@ the invalid ones and acknowledged in the script that refused them (left pending,
 would hold up every later entry of every zone, and would only be refused again); the
 other zones' entries go on.
 
-The consumer talks to the storage through ``storage.base.IngestSource`` only, and owns
+The consumer talks to the storage through ``storage.base.IngestSource`` only: every
+stream operation (lease, group, reads, claims, acknowledgements) is the storage's
+``IngestStream`` (``storage.redis.stream``); this module validates and publishes. It owns
 its counters (``IngestStats``, published as ``keys.INGEST_STATS`` by ``install``).
 """
 
@@ -55,51 +55,37 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from pricehub.server.keys import INGEST_STATS, INSTANCE_ID, PUBLISHER, SETTINGS, STORAGE
 from pricehub.server.publisher import Publisher
 from pricehub.server.stats import IngestStats
-from pricehub.storage.base import IngestAck, IngestSource, StoredPrice
+from pricehub.storage.base import (
+    IngestAck,
+    IngestEntry,
+    IngestSource,
+    IngestStream,
+    Oversized,
+    StoredPrice,
+)
 from pricehub.storage.errors import BatchInterrupted, LeaseLost, StorageError, ZoneRefused
 from pricehub.wire.errors import ValidationError
 from pricehub.wire.messages import PriceBody, body_of, utc_now, validate_ingest_fields
 
 __all__ = [
-    "ECHO_LIMIT", "INGEST_STATS", "MAX_ENTRY_BYTES", "MAX_ENTRY_FIELDS", "IngestConsumer",
-    "IngestStats", "clip", "ingest_ctx", "install",
+    "ECHO_LIMIT",
+    "INGEST_STATS",
+    "IngestConsumer",
+    "IngestStats",
+    "clip",
+    "ingest_ctx",
+    "install",
 ]
 
 log = structlog.get_logger("pricehub.ingest")
-
-# KEYS: lease. ARGV: token, ttl ms. Take the lease if free, extend it if ours.
-LEASE_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: token. Give the lease up, if it is still ours.
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
 # Entries per read, validated in one loop turn (as one HTTP batch of up to 1,000 is).
@@ -108,82 +94,7 @@ STOP_GRACE = 2.0  # seconds shutdown waits for the consumer
 # With two such reads in flight a whole 2,000-price interval is in Redis's hands at once.
 BATCH = 1000
 LOGGED_INVALID = 10  # log every invalid entry up to this many, then one in a thousand
-# Caps of one entry, checked before anything decodes it. A price has at most 4 fields of
-# a few dozen bytes (a zone is at most 32 characters): 4 KiB and 8 fields leave room.
-MAX_ENTRY_BYTES = 4096  # its names and values together
-MAX_ENTRY_FIELDS = 8  # name/value pairs
 ECHO_LIMIT = 120  # characters of a value a log line echoes (``clip``)
-
-# KEYS: stream. ARGV: group, consumer, 'new' or 'claim', count, max entry bytes, max
-# entry items (names and values), budget. Up to ``count`` new entries (XREADGROUP >) or
-# pending ones (XAUTOCLAIM from 0-0, any idle time), each sized inside Redis before
-# anything is sent: an entry over a cap is sent as {id, false, bytes, items} (its fields
-# stay in Redis), one deleted while pending (Redis 6.2) as {id, false}. When the whole
-# stream holds no more than ``budget`` bytes (MEMORY USAGE: the usual case, a burst's
-# backlog) one command takes the batch; otherwise one entry at a time, stopping once the
-# entries taken hold more than ``budget``: no call copies more than one entry beyond it
-# (inside Redis) nor runs longer than that takes. In one script, so nothing lands
-# between the measure and the read. Returns {entries, ids found deleted while pending
-# (Redis 7)}.
-READ_LUA = """
-local group, consumer, claiming = ARGV[1], ARGV[2], ARGV[3] == 'claim'
-local count, max_bytes, max_items = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local budget = tonumber(ARGV[7])
-
-local function take(n, cursor)
-  if claiming then
-    local reply = redis.call('XAUTOCLAIM', KEYS[1], group, consumer, 0, cursor, 'COUNT', n)
-    return reply[2], reply[1], reply[3] or {}
-  end
-  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
-                           'STREAMS', KEYS[1], '>')
-  return reply and reply[1][2] or {}, cursor, {}
-end
-
-local function sized(entry)
-  local fields = entry[2]
-  if not fields then return entry, 0 end
-  local size = 0
-  for _, part in ipairs(fields) do size = size + #part end
-  if #fields > max_items or size > max_bytes then
-    return {entry[1], false, size, #fields}, size + #fields
-  end
-  return entry, size + #fields
-end
-
--- MEMORY refused (an ACL, a proxy): as for a large stream, one entry at a time.
-local usage = redis.pcall('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', '0')
-local step = 1
-if type(usage) ~= 'table' and (usage or 0) <= budget then step = count end
-local out, gone, used, cursor = {}, {}, 0, '0-0'
-repeat
-  local want = math.min(step, count - #out)
-  local entries, deleted
-  entries, cursor, deleted = take(want, cursor)
-  for _, id in ipairs(deleted) do gone[#gone + 1] = id end
-  for _, entry in ipairs(entries) do
-    local sent, bytes = sized(entry)
-    out[#out + 1] = sent
-    used = used + bytes
-  end
-until #out >= count or used > budget or (claiming and cursor == '0-0')
-  or (not claiming and #entries < want)
-return {out, gone}
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Oversized:
-    """An entry over a cap, as far as it was looked at (its fields are never decoded)."""
-
-    size: int  # bytes of its names and values (0: too many fields to count)
-    items: int  # names and values
-
-
-# id, flat [name, value, ...] as Redis sends it (a duplicated field stays visible), or
-# what the caps found of an entry over them; None for the fields of a pending entry found
-# deleted (Redis 6.2), until it is reported.
-Entry = tuple[bytes, list[bytes] | list[str] | Oversized | None]
 
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:
@@ -193,22 +104,8 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     return f"{text[:limit]}...[{len(text) - limit} more characters]"
 
 
-def _capped(fields: list[bytes] | list[str]) -> list[bytes] | list[str] | Oversized:
-    """``fields``, or ``Oversized`` when they are over a cap: READ_LUA's check, for the
-    entry the blocking wait took as Redis sent it."""
-    items = len(fields)
-    if items > 2 * MAX_ENTRY_FIELDS:
-        return Oversized(0, items)
-    size = sum(map(len, fields))
-    return Oversized(size, items) if size > MAX_ENTRY_BYTES else fields
-
-
 def _oversize_error(entry: Oversized) -> ValidationError:
-    if entry.items > 2 * MAX_ENTRY_FIELDS:
-        what = f"{entry.items // 2} fields, over {MAX_ENTRY_FIELDS}"
-    else:
-        what = f"{entry.size} bytes, over {MAX_ENTRY_BYTES}"
-    return ValidationError("entry", f"too large: {what} (never decoded)")
+    return ValidationError("entry", f"too large: {entry.why} (never decoded)")
 
 
 async def _settle(flying: deque[asyncio.Task[None]]) -> None:
@@ -217,23 +114,10 @@ async def _settle(flying: deque[asyncio.Task[None]]) -> None:
         await flying.popleft()
 
 
-def _raw_replies(client: aioredis.Redis) -> aioredis.Redis:
-    """A client on the same connections whose stream reads (the blocking wait's; the
-    others are READ_LUA's) are left as Redis sent them: redis-py turns an entry's fields
-    into a dict, which hides a duplicated field."""
-    raw = client
-    if not isinstance(client, AsyncRedisCluster):
-        # A cluster client has no pool to share; its callbacks can be set in place, as
-        # only the ingest reads streams through it.
-        raw = aioredis.Redis(connection_pool=client.connection_pool)
-    raw.set_response_callback("XREADGROUP", lambda response, **_: response)
-    return raw
-
-
 class IngestConsumer:
     """Consumes the ingest stream while holding the cluster-wide lease.
 
-    :param storage: the Redis-backed storage (its live client is used).
+    :param storage: the Redis-backed storage (its ``ingest_stream`` is used).
     :param publisher: where valid prices go (``source="redis-ingest"``).
     :param zones: the configured zones (validation).
     :param consumer: this instance's name in the group and its lease token.
@@ -274,11 +158,11 @@ class IngestConsumer:
         """Until ``stop``: wait for Redis and the lease, consume until either is lost."""
         while not self._stopping.is_set():
             try:
-                client = self._storage.redis_client()
-                if await self._acquire(client):
-                    await self._consume(_raw_replies(client))
-            # RedisClusterException: a cluster with a slot uncovered (mid-failover).
-            except (StorageError, RedisError, RedisClusterException, OSError) as exc:
+                stream = self._storage.ingest_stream()
+                if await self._acquire(stream):
+                    await self._consume(stream)
+            # A Redis failure is StorageUnavailable (the stream's), as is Redis away.
+            except StorageError as exc:
                 log.debug("ingest_paused", reason=clip(str(exc), 2 * ECHO_LIMIT))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._renew_every):
@@ -295,24 +179,20 @@ class IngestConsumer:
 
     async def release(self) -> None:
         """Hand the lease over at once (clean shutdown)."""
-        client = self._storage.redis_client()
-        await client.eval(RELEASE_LUA, 1, self._keys.lease, self._consumer)
+        await self._storage.ingest_stream().release(self._consumer)
 
-    async def _acquire(self, client: aioredis.Redis) -> bool:
-        held = await client.eval(
-            LEASE_LUA, 1, self._keys.lease, self._consumer, self._lease_ms
-        )
-        return bool(held)
+    async def _acquire(self, stream: IngestStream) -> bool:
+        return await stream.lease(self._consumer, self._lease_ms)
 
-    async def _consume(self, client: aioredis.Redis) -> None:
-        await self._ensure_group(client)
-        await self._forget_idle_consumers(client)
+    async def _consume(self, stream: IngestStream) -> None:
+        await stream.ensure_group()
+        await stream.forget_idle_consumers(keep=self._consumer)
         self.stats.leases += 1
         log.info("ingest_lease_acquired", consumer=self._consumer)
         # Pending entries (a dead holder's, ours from before a failure) come first.
         self._claim_due = True
         renew_at = time.monotonic() + self._renew_every
-        ahead: asyncio.Task[list[Entry]] | None = None
+        ahead: asyncio.Task[list[IngestEntry]] | None = None
         # Appends in flight, oldest first: while Redis runs one batch's script the next
         # is validated and queued behind it (same connection, so run in order after it).
         flying: deque[asyncio.Task[None]] = deque()
@@ -326,67 +206,49 @@ class IngestConsumer:
                         # In-flight entries are pending too: a claim now would take
                         # them again and append them twice.
                         await _settle(flying)
-                    entries = await self._next_entries(client)
+                    entries = await self._next_entries(stream)
                 if not entries:
                     await _settle(flying)  # nothing new: settle what is in flight first
                 else:
                     if time.monotonic() >= renew_at:
-                        renew_at = await self._renew(client)
+                        renew_at = await self._renew(stream)
                     if len(entries) >= self._batch:
                         # A full read: more is probably waiting (a burst). Read it while
                         # this batch is appended; an entry read but never appended stays
                         # pending, claimed by the next holder (or by us after a failure).
-                        ahead = asyncio.create_task(self._read_batch(client))
-                    bodies, acks = await self._prepare_batch(client, entries)
+                        ahead = asyncio.create_task(stream.read(self._consumer, self._batch))
+                    bodies, acks = await self._prepare_batch(stream, entries)
                     if bodies:
                         flying.append(asyncio.create_task(self._publish(bodies, acks)))
                         await asyncio.sleep(0)  # it queues its appends before the next
                     while flying and (len(flying) >= depth or flying[0].done()):
                         await flying.popleft()  # its error ends this lease's consuming
                 if time.monotonic() >= renew_at:
-                    renew_at = await self._renew(client)
+                    renew_at = await self._renew(stream)
         finally:
             # Not cancelled (see ``stop``): reads and appends end within Redis's timeout.
             for task in [*flying, *([ahead] if ahead is not None else [])]:
                 with contextlib.suppress(Exception):
                     await task
 
-    async def _next_entries(self, client: aioredis.Redis) -> list[Entry]:
+    async def _next_entries(self, stream: IngestStream) -> list[IngestEntry]:
         if self._claim_due:
             self._claim_due = False
-            claimed = await self._claim_pending(client)
+            claimed = await self._claim_pending(stream)
             if claimed:
                 self._claim_due = True  # until a claim comes back empty
                 return claimed
-        return await self._read_new(client)  # returns at once when entries are waiting
+        return await self._read_new(stream)  # returns at once when entries are waiting
 
-    async def _renew(self, client: aioredis.Redis) -> float:
-        if not await self._acquire(client):
+    async def _renew(self, stream: IngestStream) -> float:
+        if not await self._acquire(stream):
             raise LeaseLost("ingest lease taken by another instance")
         return time.monotonic() + self._renew_every
 
-    async def _ensure_group(self, client: aioredis.Redis) -> None:
-        # From id 0: entries added before the group existed are prices for us too.
-        try:
-            await client.xgroup_create(self._keys.stream, self._keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def _forget_idle_consumers(self, client: aioredis.Redis) -> None:
-        """Drop previous consumers with nothing pending: every restart names a new
-        one, and the group would otherwise list them forever."""
-        consumers: Any = await client.xinfo_consumers(self._keys.stream, self._keys.group)
-        for consumer in consumers:
-            name = consumer["name"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            if name != self._consumer and int(consumer["pending"]) == 0:
-                await client.xgroup_delconsumer(self._keys.stream, self._keys.group, name)
-
-    async def _claim_pending(self, client: aioredis.Redis) -> list[Entry]:
+    async def _claim_pending(self, stream: IngestStream) -> list[IngestEntry]:
         """Entries delivered but never acknowledged (a dead holder's, or ours from
         before Redis failed), oldest first: they come before anything new."""
-        entries, gone = await self._take(client, "claim")
+        entries, gone = await stream.claim(self._consumer, self._batch)
         # Pending entries that no longer exist were deleted before anyone appended them (by
         # hand, or an XADD MAXLEN shorter than the backlog): their prices are lost, so say
         # so loudly. Redis 7 lists their ids apart (and drops them from the group); 6.2
@@ -400,45 +262,16 @@ class IngestConsumer:
         self.stats.claimed += len(entries)
         return [(entry_id, [] if fields is None else fields) for entry_id, fields in entries]
 
-    async def _read_batch(self, client: aioredis.Redis) -> list[Entry]:
-        """Up to ``batch`` new entries, without blocking."""
-        return await self._read(client, block=None)
-
-    async def _read_new(self, client: aioredis.Redis) -> list[Entry]:
+    async def _read_new(self, stream: IngestStream) -> list[IngestEntry]:
         """Up to a batch of new entries; when there is none, blocks until one is new
         (up to ``block``) and takes that one."""
-        return await self._read(client, block=self._block_ms)
-
-    async def _read(self, client: aioredis.Redis, *, block: int | None) -> list[Entry]:
-        entries, _ = await self._take(client, "new")
-        if entries or block is None:
+        entries = await stream.read(self._consumer, self._batch)
+        if entries:
             return entries
-        return await self._wait_for_one(client, block)
-
-    async def _take(self, client: aioredis.Redis, mode: str) -> tuple[list[Entry], list[bytes]]:
-        """READ_LUA: up to a batch of entries, ``mode`` 'new' (XREADGROUP >) or 'claim'
-        (pending, XAUTOCLAIM), with the ids of pending entries found deleted (Redis 7).
-        Bounded in bytes whatever the stream holds: about ``batch`` x ``MAX_ENTRY_BYTES``
-        (4 MiB by default) at most, an entry over a cap only as a stub (its size)."""
-        reply: Any = await client.eval(
-            READ_LUA, 1, self._keys.stream, self._keys.group, self._consumer, mode, self._batch,
-            MAX_ENTRY_BYTES, 2 * MAX_ENTRY_FIELDS, self._batch * MAX_ENTRY_BYTES,
-        )  # fmt: skip
-        return [_entry(item) for item in reply[0]], list(reply[1])
-
-    async def _wait_for_one(self, client: aioredis.Redis, block: int) -> list[Entry]:
-        """Blocks until an entry is new (up to ``block`` ms; a script cannot block), then
-        takes it as Redis sends it: the one read the caps cannot bound beforehand, so it
-        takes one entry (of any size) and checks it against them after."""
-        # Left as Redis sent it (see ``_raw_replies``): RESP2 [[stream, [[id, fields]]]],
-        # RESP3 {stream: [...]}, or nil; the fields a flat list (a name twice is seen).
-        response: Any = await client.xreadgroup(
-            self._keys.group, self._consumer, {self._keys.stream: ">"}, count=1, block=block,
-        )  # fmt: skip
-        return _stream_entries(response)
+        return await stream.wait_for_one(self._consumer, self._block_ms)
 
     async def _prepare_batch(
-        self, client: aioredis.Redis, entries: Sequence[Entry]
+        self, stream: IngestStream, entries: Sequence[IngestEntry]
     ) -> tuple[list[PriceBody], list[IngestAck]]:
         """One read's entries, in stream order: invalid ones acknowledged at once (they
         publish nothing, and must not stay pending: an append is refused while an older
@@ -456,11 +289,7 @@ class IngestConsumer:
                 bodies.append(body)
                 acks.append(IngestAck(entry_id.decode(), self._consumer))
         if invalid:
-            # Acknowledged and deleted together: the stream stays bounded by the backlog.
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.xack(self._keys.stream, self._keys.group, *invalid)
-                pipe.xdel(self._keys.stream, *invalid)
-                await pipe.execute()
+            await stream.ack_invalid(invalid)
         return bodies, acks
 
     async def _publish(self, bodies: Sequence[PriceBody], acks: Sequence[IngestAck]) -> None:
@@ -518,25 +347,6 @@ class IngestConsumer:
                 )  # fmt: skip
 
 
-def _entry(item: list[Any]) -> Entry:
-    """One entry of READ_LUA's reply: [id, fields], [id, nil] (deleted while pending:
-    no fields, kept as None) or [id, nil, bytes, items] (over a cap)."""
-    if len(item) > 2:
-        return item[0], Oversized(int(item[2]), int(item[3]))
-    return item[0], item[1]
-
-
-def _stream_entries(response: Any) -> list[Entry]:
-    """The entries of an XREADGROUP reply as Redis sent it (RESP2 or RESP3, or nil),
-    each checked against the caps."""
-    if not response:
-        return []
-    streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
-    return [
-        (entry_id, _capped(fields or [])) for entries in streams for entry_id, fields in entries
-    ]  # fmt: skip
-
-
 def _refused_indexes(bodies: Sequence[PriceBody], accepted: Sequence[StoredPrice]) -> list[int]:
     """Which prices of a batch were refused, from those stored (a subsequence, in order)."""
     kept = iter(accepted)
@@ -577,7 +387,7 @@ async def ingest_ctx(app: web.Application) -> AsyncIterator[None]:
         if not done:
             task.cancel()
             await asyncio.wait({task}, timeout=STOP_GRACE)
-        with contextlib.suppress(StorageError, RedisError, RedisClusterException, OSError):
+        with contextlib.suppress(StorageError):
             await consumer.release()
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("ingest_failed", error=repr(task.exception()))

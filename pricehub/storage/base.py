@@ -18,18 +18,16 @@ import enum
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import timestamp_bytes
 
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
 __all__ = [
-    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "IngestAck", "IngestKeys",
-    "IngestSource", "JournalStats", "Snapshot", "Storage", "StorageConfig", "StorageCounters",
-    "StorageListener", "StoredPrice", "first_in_history_order", "history_order",
+    "DiskState", "DiskStatus", "ForeignJournal", "HistorySlice", "IngestAck", "IngestEntry",
+    "IngestKeys", "IngestSource", "IngestStream", "JournalStats", "Oversized", "Snapshot",
+    "Storage", "StorageConfig", "StorageCounters", "StorageListener", "StoredPrice",
+    "first_in_history_order", "history_order",
 ]
 
 
@@ -230,11 +228,52 @@ class IngestKeys:
     group: str
 
 
+@dataclass(frozen=True, slots=True)
+class Oversized:
+    """An ingest entry over a size cap, as far as it was looked at (never decoded)."""
+
+    size: int  # bytes of its names and values (0: too many fields to count)
+    items: int  # names and values
+    why: str  # the cap it is over, for the log ("5000 bytes, over 4096")
+
+
+# An ingest entry: its id, and its fields flat as Redis sent them (a duplicated field
+# stays visible), ``Oversized``, or None (a pending entry found deleted, Redis 6.2).
+IngestEntry = tuple[bytes, list[bytes] | list[str] | Oversized | None]
+
+
+class IngestStream(Protocol):
+    """The ingest stream's operations (``storage.redis.stream.RedisIngestStream``):
+    the lease, the consumer group, bounded reads and claims, acknowledgements outside an
+    append script. Every Redis failure raises ``StorageUnavailable``."""
+
+    async def lease(self, consumer: str, ttl_ms: int) -> bool:
+        """Take the lease if free, extend it if ``consumer`` holds it; whether it does."""
+
+    async def release(self, consumer: str) -> None: ...
+
+    async def ensure_group(self) -> None: ...
+
+    async def forget_idle_consumers(self, keep: str) -> None: ...
+
+    async def read(self, consumer: str, count: int) -> list[IngestEntry]:
+        """Up to ``count`` new entries, without blocking."""
+
+    async def claim(self, consumer: str, count: int) -> tuple[list[IngestEntry], list[bytes]]:
+        """Up to ``count`` pending entries, oldest first, and ids found deleted."""
+
+    async def wait_for_one(self, consumer: str, block_ms: int) -> list[IngestEntry]:
+        """Block until an entry is new (up to ``block_ms``), then take it."""
+
+    async def ack_invalid(self, entry_ids: Sequence[bytes]) -> None:
+        """Acknowledge and delete entries that publish nothing."""
+
+
 class IngestSource(Protocol):
-    """What the Redis ingest consumer needs from the storage: the live Redis client
-    (raises ``StorageUnavailable`` while Redis is away), the names of the stream, lease
-    and group (``ingest_keys``), and appends that carry the entry's acknowledgement
-    (``ack=``)."""
+    """What the Redis ingest consumer needs from the storage: the stream's operations
+    (``ingest_stream``: lease, group, reads, acknowledgements; raises
+    ``StorageUnavailable`` while Redis is away), the names of the stream, lease and group
+    (``ingest_keys``), and appends that carry the entry's acknowledgement (``ack=``)."""
 
     @property
     def ingest_keys(self) -> IngestKeys: ...
@@ -243,7 +282,7 @@ class IngestSource(Protocol):
     def ingest_depth(self) -> int:
         """Batches the consumer may keep in flight at once (1: strictly one after another)."""
 
-    def redis_client(self) -> aioredis.Redis: ...
+    def ingest_stream(self) -> IngestStream: ...
 
     async def append(
         self, zone: str, body: bytes, *, ack: IngestAck | None = None

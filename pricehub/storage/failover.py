@@ -84,7 +84,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -132,15 +132,13 @@ from pricehub.storage.redis import (
     announce_gap,
     redis_errors,
 )
+from pricehub.storage.redis.stream import RedisIngestStream
 from pricehub.storage.sqlite_journal import SqliteJournal
 from pricehub.storage.upstream import Upstream
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import body_of
 
 T = TypeVar("T")
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
 __all__ = ["FailoverCounts", "FailoverStorage"]
 
@@ -309,12 +307,13 @@ class FailoverStorage:
     def epoch(self) -> str:
         return self._epoch
 
-    def redis_client(self) -> aioredis.Redis:
-        """The live Redis client (for the ingest consumer); raises while in memory."""
+    def ingest_stream(self) -> RedisIngestStream:
+        """The ingest stream on the live Redis (for the ingest consumer); raises while in
+        memory."""
         redis = self._redis
         if self._mode is not Mode.REDIS or redis is None:
             raise StorageUnavailable("serving from memory: redis unavailable")
-        return redis.client
+        return RedisIngestStream(redis.client, self.ingest_keys)
 
     @property
     def key_prefix(self) -> str:

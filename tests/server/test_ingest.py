@@ -311,6 +311,7 @@ async def test_a_consumer_killed_mid_stream_leaves_nothing_behind(
     )
     survivor = Instance(redis_server.url, prefix, "survivor")
     try:
+
         async def doomed_holds_lease() -> bool:
             return await raw.get(f"{prefix}ingest:lease") == b"doomed"
 
@@ -656,7 +657,7 @@ async def test_a_zone_with_damaged_keys_fails_its_entries_and_ingest_goes_on(
             stats, storage = instance.consumer.stats, instance.storage
             await eventually(lambda: stats.accepted == 5)
             assert stats.invalid == 5 and stats.leases == 1
-            assert (storage.backend, storage.failovers) == ("redis", 0)
+            assert (storage.backend, storage.counters().failovers) == ("redis", 0)
             assert (await raw.xpending(stream, INGEST_GROUP))["pending"] == 0
             assert await raw.get(f"{prefix}seq:ercot") == b"not-a-number"  # left as found
 

@@ -167,8 +167,11 @@ async def test_stream_ingest_takes_each_entry_once_in_stream_order(
         for subscriber in subscribers:
             for number, zone in enumerate(ZONES):
                 assert subscriber.seqs(zone) == list(range(1, 11))
-                prices = [m["price"] for m in subscriber.messages
-                          if m["type"] == "price_update" and m["market_zone"] == zone]
+                prices = [
+                    m["price"]
+                    for m in subscriber.messages
+                    if m["type"] == "price_update" and m["market_zone"] == zone
+                ]
                 assert prices == [float(i) for i in range(number, 40, len(ZONES))]
 
         async def drained() -> bool:
@@ -242,7 +245,7 @@ async def test_a_zone_whose_keys_are_damaged_fails_alone_on_the_cluster(
         # acknowledged (the cluster acks in the round trip right after the append).
         await eventually(lambda: (consumer.stats.invalid, consumer.stats.accepted) == (4, 12))
         assert consumer.stats.leases == 1
-        assert (storage.backend, storage.failovers) == ("redis", 0)
+        assert (storage.backend, storage.counters().failovers) == ("redis", 0)
         assert await client.get(keys.seq("ercot")) == b"not-a-number"
 
         restarted = FailoverStorage(cluster.url, zones=ZONES, key_prefix=prefix, timeout=1.0)
@@ -327,7 +330,8 @@ async def test_a_zone_slot_moved_to_another_master_is_followed(
             await storage.append("nyiso", body("nyiso", float(index)))
         assert await listener.wait_for("nyiso", 10) == list(range(1, 11))
         assert cluster.node_for_key(key) == target
-        assert (storage.failovers, storage.epoch_changes, listener.backends) == (0, 0, [])
+        counters = storage.counters()
+        assert (counters.failovers, counters.epoch_changes, listener.backends) == (0, 0, [])
     finally:
         await storage.close()
 
@@ -480,7 +484,7 @@ async def test_stream_ingest_through_a_master_kill_takes_each_entry_once_in_orde
             assert listener.seqs(zone) == list(range(1, per_zone + 1))
             prices = [orjson.loads(p.payload)["price"] for p in listener.prices if p.zone == zone]
             assert prices == [float(i) for i in range(number, added, len(ZONES))]
-        assert storage.failovers >= 1 and storage.backend == "redis"
+        assert storage.counters().failovers >= 1 and storage.backend == "redis"
     finally:
         consumer.stop()
         await asyncio.wait({consuming}, timeout=5)

@@ -26,6 +26,7 @@ from pricehub.storage.redis import (
     WriteInDoubt,
     next_stream_id,
 )
+from pricehub.storage.redis.single import SingleNode
 from pricehub.wire.messages import PriceBody, accepted_at_of, with_seq
 from tests.harness.redisproc import WAIT, RecordingListener, RedisProcess, TcpProxy
 from tests.harness.serverproc import free_port
@@ -147,7 +148,8 @@ def sentinel(redis_server: RedisProcess, tmp_path: Path) -> Iterator[int]:
     )
     process = subprocess.Popen(
         [redis_server.binary, str(config), "--sentinel"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         yield port
@@ -246,7 +248,7 @@ async def test_subscriber_fills_gaps_from_history(redis_server: RedisProcess, pr
         late.deliver_to(listener, {"pjm": 0})
         await writer.append("pjm", body("pjm", 3.0))
         assert await listener.wait_for("pjm", 4) == [1, 2, 3, 4]
-        assert late.gaps == 0
+        assert late.counters().gaps == 0
     finally:
         await late.close()
         await writer.close()
@@ -283,18 +285,25 @@ async def test_feeds_on_two_databases_never_mix(
         await raw.publish(channel, b"garbage")
 
         async def counted() -> bool:
-            return feeds[0].foreign_messages == 3
+            return feeds[0].counters().foreign_messages == 3
 
         await eventually(counted)
         await feeds[0].append("pjm", body("pjm", 5.0))
         assert await listeners[0].wait_for("pjm", 6) == [1, 2, 3, 4, 5, 6]
         assert orjson.loads(listeners[0].prices[-1].payload)["price"] == 5.0
         assert logs[0].events.count("storage_foreign_message") == 3
-        assert feeds[0].gaps == 0 and feeds[1].foreign_messages == 0
+        assert feeds[0].counters().gaps == 0 and feeds[1].counters().foreign_messages == 0
         assert feeds[0].backend == "redis"  # a stray message is no reason to fail over
     finally:
         for feed in feeds:
             await feed.close()
+
+
+def _in_flight(storage: RedisStorage) -> int:
+    """Pipelines sent on the single-node writer whose replies are unread."""
+    topology = storage.topology
+    assert isinstance(topology, SingleNode)
+    return topology.pipelines_in_flight
 
 
 async def test_appends_go_out_ahead_of_replies_and_a_lost_link_splits_sent_from_unsent() -> None:
@@ -311,7 +320,7 @@ async def test_appends_go_out_ahead_of_replies_and_a_lost_link_splits_sent_from_
             for number in range(MAX_IN_FLIGHT + 2):  # one pipeline per call
                 calls.append(asyncio.create_task(storage.append_outcomes([("pjm", body)] * 3)))
                 sent = min(number + 1, MAX_IN_FLIGHT)
-                await eventually(lambda sent=sent: len(storage._in_flight) == sent)
+                await eventually(lambda sent=sent: _in_flight(storage) == sent)
             server.kill()
             outcomes = [await call for call in calls]
         finally:
@@ -336,7 +345,7 @@ async def test_closing_with_appends_sent_leaves_them_in_doubt_not_unwritten() ->
                 calls.append(asyncio.create_task(storage.append_outcomes([("pjm", body)])))
 
                 def sent(count: int = min(number + 1, MAX_IN_FLIGHT)) -> bool:
-                    return len(storage._in_flight) == count
+                    return _in_flight(storage) == count
 
                 await eventually(sent)
             await storage.close()
@@ -403,8 +412,10 @@ async def test_a_zone_whose_keys_are_damaged_fails_alone_and_redis_keeps_serving
     publisher = Publisher(storage)
     try:
         await damage(raw, prefix)
-        batch = [price(zone, float(i))
-                 for i, zone in enumerate(["pjm", "ercot", "pjm", "caiso", "nyiso", "pjm"])]
+        batch = [
+            price(zone, float(i))
+            for i, zone in enumerate(["pjm", "ercot", "pjm", "caiso", "nyiso", "pjm"])
+        ]
         with capture_logs() as logs, pytest.raises(BatchInterrupted) as refused:
             await publisher.publish_many(batch, source="http")
         assert [(p.zone, p.seq) for p in refused.value.accepted] == [("pjm", s) for s in (1, 2, 3)]
@@ -421,7 +432,8 @@ async def test_a_zone_whose_keys_are_damaged_fails_alone_and_redis_keeps_serving
             assert isinstance(alone.value.cause, ZoneRefused) and alone.value.cause.zone == zone
         assert await listener.wait_for("pjm", 3) == [1, 2, 3]
         assert await storage.since("ercot", 5) is None  # asked of Redis: cannot replay
-        assert (storage.backend, storage.failovers, storage.redis_errors) == ("redis", 0, 6)
+        counters = storage.counters()
+        assert (storage.backend, counters.failovers, counters.redis_errors) == ("redis", 0, 6)
         assert publisher.accepted == {("pjm", "http"): 3}
         await assert_left_as_found(raw, prefix)
 
@@ -464,8 +476,11 @@ async def test_damaged_zone_keys_never_stop_a_start_or_a_recovery(
         assert (await storage.append("pjm", body("pjm", 3.0))).seq == 3  # written back
         assert int(await raw.get(f"{prefix}seq:pjm")) == 3
         await assert_left_as_found(raw, prefix)
-        damaged = [(e["zone"], e["reason"].rpartition("; ")[2])
-                   for e in logs if e["event"] == "storage_zone_damaged"]
+        damaged = [
+            (e["zone"], e["reason"].rpartition("; ")[2])
+            for e in logs
+            if e["event"] == "storage_zone_damaged"
+        ]
         assert ("ercot", "not loaded") in damaged and ("nyiso", "not loaded") in damaged
         assert ("ercot", "not written back") in damaged
     finally:

@@ -6,6 +6,10 @@
 * ``errors``: driver failures and script refusals as the storage's errors;
 * ``writer``: the pipelined writer's parts, the only user of redis-py internals;
 * ``reads``: reads of many zones at once (snapshot, history by market time);
+* ``topology``: what differs between deployments (``Topology``), and what a topology
+  may use of the storage (``Host``);
+* ``single``: ``SingleNode``, the topology of one node or a Sentinel-watched one (the
+  cluster's is ``pricehub.storage.cluster.ClusterTopology``);
 * ``storage``: ``RedisStorage``, composing them.
 
 What other modules import of the backend is re-exported here.

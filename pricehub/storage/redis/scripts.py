@@ -46,6 +46,9 @@ __all__ = [
     "CLUSTER_APPEND",
     "CLUSTER_RESTORE",
     "HISTORY_BETWEEN",
+    "INGEST_LEASE",
+    "INGEST_READ",
+    "INGEST_RELEASE",
     "LOAD",
     "LOAD_ZONE",
     "MIRROR_EPOCH",
@@ -143,3 +146,7 @@ CLUSTER_RESTORE = Script.read("cluster_restore.lua")
 MIRROR_EPOCH = Script.read("mirror_epoch.lua")
 CAS_EPOCH = Script.read("cas_epoch.lua")
 LOAD_ZONE = Script.read("load_zone.lua")
+# The ingest stream's (pricehub.storage.redis.stream).
+INGEST_LEASE = Script.read("ingest_lease.lua")
+INGEST_RELEASE = Script.read("ingest_release.lua")
+INGEST_READ = Script.read("ingest_read.lua")

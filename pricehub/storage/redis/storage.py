@@ -21,6 +21,12 @@ connection, a proxy that stopped forwarding). So a watcher publishes a probe to 
 instance's own probe channel every ``probe_interval`` and expects the subscriber to
 receive *something* within ``2 * timeout``; otherwise the storage is lost.
 
+What differs on a Redis Cluster (client, key layout, sharded subscription, how a batch
+is written, error mapping, the epoch's mirrors) is the storage's ``topology``
+(``topology.Topology``): ``single.SingleNode`` by default, ``cluster.ClusterTopology``
+for ``RedisClusterStorage``. The topology reaches the storage through ``topology.Host``
+only (``_Host`` below), never its private state.
+
 Errors never escape as driver exceptions: every Redis/socket failure surfaces as
 ``StorageUnavailable``, which ``FailoverStorage`` turns into a failover (or a hold of
 appends, with peers). Two kinds say more: ``WriteInDoubt`` (the append was sent, its
@@ -35,13 +41,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ResponseError
 
@@ -61,27 +65,16 @@ from pricehub.storage.base import (
 from pricehub.storage.errors import StorageError, StorageUnavailable, ZoneRefused
 from pricehub.storage.redis.errors import (
     EpochChanged,
-    WriteInDoubt,
     redis_errors,
     refusal,
     script_refusal,
 )
 from pricehub.storage.redis.keys import INGEST_GROUP, KeyLayout
 from pricehub.storage.redis.reads import stored_price
-from pricehub.storage.redis.scripts import (
-    APPEND,
-    APPEND_MANY,
-    CLAIM_EPOCH,
-    LOAD,
-    REPLACE_EPOCH,
-    RESTORE,
-    SETTLE_INGESTED,
-    WRITTEN_BACK,
-    Arg,
-    Script,
-)
-from pricehub.storage.redis.urls import connect_client
-from pricehub.storage.redis.writer import RawConnection, Write, groups
+from pricehub.storage.redis.scripts import CLAIM_EPOCH, SETTLE_INGESTED, WRITTEN_BACK
+from pricehub.storage.redis.single import LOAD_CHUNK, MAX_IN_FLIGHT, MAX_PIPELINE, SingleNode
+from pricehub.storage.redis.topology import Settings, Topology
+from pricehub.storage.redis.writer import Write, fail_writes, next_stream_id
 from pricehub.wire.codes import Backend
 from pricehub.wire.messages import with_seq
 
@@ -99,13 +92,8 @@ EPOCH_MESSAGE = b"!epoch "  # control message on the prices channel ('!' is no z
 # Several prices in one message (lua/append_many.lua): "!many zone payload\nzone payload...".
 # A payload is compact JSON, which never holds a raw newline.
 MANY_MESSAGE = b"!many "
-MAX_PIPELINE = 512  # appends per pipeline (one lua/append_many.lua, usually)
-# Pipelines sent on the write connection ahead of their replies. Bounds what is in doubt
-# when the connection fails (and so looked up one by one): 4 x 512 prices.
-MAX_IN_FLIGHT = 4
 LOGGED_FOREIGN = 10  # log every foreign message up to this many, then one in a thousand
 LOGGED_DAMAGED = 10  # log every refusal of a damaged zone up to this many, then 1 in 1000
-LOAD_CHUNK = 2000  # zones per lua/load.lua call when loading every zone (start, recovery)
 
 # How long the restored set lives after the claim (lua/claim_epoch.lua): past every
 # peer's write-back (they reconnect within a few probe intervals, and one waits at most
@@ -141,24 +129,6 @@ def _parse_price(zone: bytes, payload: bytes) -> StoredPrice | None:
         return None
 
 
-_MAX_ID_PART = 2**64 - 1
-
-
-def next_stream_id(entry_id: str) -> str:
-    """The smallest stream id above ``entry_id`` (``ms-seq``): ``XTRIM MINID`` with it
-    removes that entry and everything older. Python's ints, not Lua's doubles: both
-    parts are 64-bit."""
-    ms, _, seq = entry_id.partition("-")
-    if int(seq) < _MAX_ID_PART:
-        return f"{ms}-{int(seq) + 1}"
-    return f"{int(ms) + 1}-0"
-
-
-def _database(client: aioredis.Redis) -> int:
-    """The database number the client selected (``/N`` or ``?db=N`` of the URL)."""
-    return int(client.connection_pool.connection_kwargs.get("db") or 0)
-
-
 def announce_gap(listener: object, zone: str, from_seq: int, to_seq: int) -> None:
     """Tell ``listener`` that seqs ``from_seq..to_seq`` of ``zone`` will never be
     delivered (the broadcaster says ``gap`` ``lost`` to the zone's subscribers). Optional:
@@ -184,12 +154,6 @@ class RedisStorage:
     """
 
     backend = Backend.REDIS
-    # Ingest batches the consumer may keep in flight: the append script refuses an entry
-    # while an older one is pending (``OlderEntryPending``), so order holds whatever fails.
-    ingest_depth = 2
-    # Hooks for RedisClusterStorage (pricehub.storage.cluster): the write-back script and
-    # the channel a zone's prices are published on.
-    _restore_script: Script = RESTORE
 
     def __init__(
         self,
@@ -201,17 +165,18 @@ class RedisStorage:
         probe_interval: float = 1.0,
         on_lost: Callable[[RedisStorage, BaseException], None] | None = None,
         log: Any = None,
+        topology: Topology | None = None,
     ) -> None:
         self.keys = KeyLayout(key_prefix)
-        self._url = url
-        self._history_size = history_size
-        self._timeout = timeout
-        self._probe_interval = probe_interval
+        self.topology: Topology = SingleNode() if topology is None else topology
+        self._settings = Settings(
+            url=url, history_size=history_size, timeout=timeout,
+            probe_interval=probe_interval, token=uuid.uuid4().hex,
+            log=log or structlog.get_logger("pricehub.storage"),
+        )  # fmt: skip
+        self._log = self._settings.log
         self._on_lost = on_lost
-        self._log = log or structlog.get_logger("pricehub.storage")
-        self._token = uuid.uuid4().hex  # names this connection's probe channel
         self._client: aioredis.Redis | None = None
-        self._pubsub: PubSub | None = None
         self._epoch: str | None = None
         self._listener: StorageListener | None = None
         # Last seq delivered per zone; a zone missing here takes whatever comes first.
@@ -219,19 +184,18 @@ class RedisStorage:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: list[Write] = []
         self._flusher: asyncio.Task[None] | None = None
-        # The write connection (appends only) and its pipelines sent and not yet
-        # answered, oldest first, with the task reading their replies.
-        self._writer: RawConnection | None = None
-        self._in_flight: deque[list[list[Write]]] = deque()
-        self._replied = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = None
-        self._activity = asyncio.Event()
+        self._host = _Host(self)
         self._lost: BaseException | None = None
         self.gaps = 0  # updates that arrived after a hole the history could not fill
         self.foreign_messages = 0  # dropped: not this feed's lineage, or not a price
         self.damaged_zones = 0  # prices (or zone states) refused: that zone's keys are damaged
 
     # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def ingest_depth(self) -> int:
+        """Ingest batches the consumer may keep in flight (the topology's)."""
+        return self.topology.ingest_depth
 
     @property
     def epoch(self) -> str:
@@ -252,58 +216,40 @@ class RedisStorage:
 
     async def connect(self) -> None:
         """Connect, load the scripts and subscribe; messages wait until ``deliver_to``."""
-        client = connect_client(self._url, timeout=self._timeout)
-        self._client = client
-        self.keys = KeyLayout(self.keys.prefix, db=_database(client))
+        client = self._client = self.topology.connect(self._settings)
+        self.keys = self.topology.layout(self.keys.prefix, client)
         try:
             async with redis_errors("connect"):
-                await client.ping()
-                # The writer sends them as raw EVALSHA (scripts.Script.command).
-                await APPEND.load(client)
-                await APPEND_MANY.load(client)
-                pubsub = self._pubsub = client.pubsub()
-                await pubsub.subscribe(self.keys.prices, self.keys.probe(self._token))
-                await self._await_subscribed(pubsub, count=2)
+                await self.topology.open(self._host)
         except BaseException:
             await self.close()
             raise
-
-    async def _await_subscribed(self, pubsub: PubSub, *, count: int) -> None:
-        # SUBSCRIBE only counts once Redis confirms it; reading state before that could
-        # miss a price published in between.
-        confirmed = 0
-        async with asyncio.timeout(2 * self._timeout):
-            while confirmed < count:
-                message = await pubsub.get_message(timeout=self._timeout)
-                if message is not None and message["type"] == "subscribe":
-                    confirmed += 1
 
     def deliver_to(self, listener: StorageListener, positions: Mapping[str, int]) -> None:
         """Start delivering prices, dropping those at or below ``positions``."""
         self._listener = listener
         self._positions = dict(positions)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self._watch())]
+        for work in self.topology.subscribers(self._host):
+            self._spawn(work)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(work))
 
     async def close(self) -> None:
-        tasks = [*self._tasks, *(task for task in (self._flusher, self._reader) if task)]
-        self._tasks, self._flusher, self._reader = [], None, None
+        tasks = [*self._tasks, *(task for task in (self._flusher,) if task)]
+        self._tasks, self._flusher = [], None
         for task in tasks:
             task.cancel()
         if tasks:
             # Bounded: a task cancelled inside a redis-py read can fail to end.
-            await asyncio.wait(tasks, timeout=2 * self._timeout)
+            await asyncio.wait(tasks, timeout=2 * self._settings.timeout)
         self._fail_pending(StorageUnavailable("redis storage closed"))
-        # Sent, reply unread: Redis may have stored them. Plain StorageUnavailable would
-        # say "not written", and a retry would store such a price twice (issue 23).
-        self._fail_in_flight(WriteInDoubt("redis storage closed with the append sent"))
-        await self._drop_writer()
-        pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
-        for resource in (pubsub, client):
-            if resource is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(self._timeout):
-                        await resource.aclose()
+        await self.topology.close(self._host)
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._settings.timeout):
+                    await client.aclose()
 
     def _mark_lost(self, cause: BaseException) -> None:
         if self._lost is not None:
@@ -333,25 +279,9 @@ class RedisStorage:
         if self._lost is not None:
             raise StorageUnavailable(f"redis lost: {self._lost!r}")
         async with redis_errors("ping"):
-            await self.client.ping()
+            await self.topology.ping(self.client)
 
     # --- subscriber -------------------------------------------------------------------
-
-    async def _read(self) -> None:
-        pubsub = self._pubsub
-        assert pubsub is not None
-        prices_channel = self.keys.prices.encode()
-        try:
-            async for message in pubsub.listen():
-                self._activity.set()
-                if message["type"] == "message" and message["channel"] == prices_channel:
-                    await self._on_message(message["data"])
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # any failure of the subscriber means it is lost
-            self._mark_lost(exc)
-        else:
-            self._mark_lost(StorageUnavailable("redis subscriber stopped"))
 
     async def _on_message(self, data: bytes) -> None:
         listener = self._listener
@@ -435,32 +365,6 @@ class RedisStorage:
                 break
             self._deliver(listener, price)
 
-    async def _watch(self) -> None:
-        """Liveness of the subscriber: a probe to our own channel must come back."""
-        try:
-            while True:
-                await asyncio.sleep(self._probe_interval)
-                # Any message counts, not just the probe: a busy reader may lag behind
-                # its socket, yet a connection that keeps delivering is alive.
-                self._activity.clear()
-                async with redis_errors("probe"):
-                    await self.client.publish(self.keys.probe(self._token), b"probe")
-                try:
-                    async with asyncio.timeout(2 * self._timeout):
-                        await self._activity.wait()
-                except TimeoutError:
-                    # After a long loop stall the deadline and the reader's wake-up are
-                    # due together: let the reader run before calling the link dead.
-                    await asyncio.sleep(0)
-                    if not self._activity.is_set():
-                        raise StorageUnavailable(
-                            f"redis subscriber silent for {2 * self._timeout:g} s"
-                        ) from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._mark_lost(exc)
-
     # --- writes -----------------------------------------------------------------------
 
     async def append(self, zone: str, body: bytes, *, ack: IngestAck | None = None) -> StoredPrice:
@@ -469,7 +373,7 @@ class RedisStorage:
         future: asyncio.Future[StoredPrice] = asyncio.get_running_loop().create_future()
         self._pending.append(Write(zone, body, ack, future, None if ack is None else object()))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = asyncio.get_running_loop().create_task(self.topology.flush(self._host))
         return await future
 
     async def append_many(self, items: Sequence[tuple[str, bytes]]) -> list[StoredPrice]:
@@ -501,7 +405,7 @@ class RedisStorage:
         ]
         self._pending.extend(writes)
         if self._flusher is None or self._flusher.done():
-            self._flusher = loop.create_task(self._flush())
+            self._flusher = loop.create_task(self.topology.flush(self._host))
         outcomes: list[StoredPrice | BaseException] = []
         for write in writes:
             # Sequential awaits, not gather: once the first is done the rest mostly are,
@@ -512,88 +416,6 @@ class RedisStorage:
                 outcomes.append(exc)
         return outcomes
 
-    async def _flush(self) -> None:
-        """Send queued appends, many per pipeline, in the order they were made, without
-        waiting for one pipeline's replies before sending the next (up to
-        ``MAX_IN_FLIGHT``): Redis works through them back to back while this process
-        handles the replies and messages of the previous ones. One connection, so Redis
-        runs them in the order sent; ``_read_replies`` settles them in that order."""
-        try:
-            writer = await self._write_connection()
-        except StorageUnavailable as exc:
-            self._fail_pending(exc)
-            self._mark_lost(exc)
-            return
-        while self._pending:
-            while len(self._in_flight) >= MAX_IN_FLIGHT:
-                self._replied.clear()
-                await self._replied.wait()
-            if self._lost is not None:
-                self._fail_pending(StorageUnavailable(f"redis lost: {self._lost!r}"))
-                return
-            batch, self._pending = self._pending[:MAX_PIPELINE], self._pending[MAX_PIPELINE:]
-            scripts = self._groups(batch)
-            self._in_flight.append(scripts)
-            try:
-                async with redis_errors("append"):
-                    await writer.send([self._script_call(group) for group in scripts])
-            except StorageUnavailable as exc:
-                # Maybe partly sent: this pipeline and those before it are in doubt.
-                self._write_failed(WriteInDoubt(str(exc)))
-                return
-            if self._reader is None or self._reader.done():
-                self._reader = asyncio.get_running_loop().create_task(self._read_replies())
-
-    async def _read_replies(self) -> None:
-        try:
-            await self._read_each_reply()
-        except Exception as exc:
-            # Whatever stopped the reader, no append in flight may wait for ever.
-            self._write_failed(WriteInDoubt(f"redis reply reader failed: {exc!r}"))
-            raise
-
-    async def _read_each_reply(self) -> None:
-        writer = self._writer
-        while self._in_flight and writer is not None:
-            groups = self._in_flight[0]
-            results: list[Any] = []
-            try:
-                async with redis_errors("append"):
-                    for _ in groups:
-                        try:
-                            results.append(await writer.reply())
-                        except ResponseError as exc:  # one script refused: the others ran
-                            results.append(exc)
-            except StorageUnavailable as exc:
-                self._write_failed(WriteInDoubt(str(exc)))  # sent, replies lost
-                return
-            self._in_flight.popleft()
-            self._replied.set()
-            for group, result in zip(groups, results, strict=True):
-                self._settle(group, result)
-
-    def _write_failed(self, error: WriteInDoubt) -> None:
-        """The write connection failed: what was sent is in doubt (the owner looks each
-        price up), what was not is refused as not written, and the storage is lost."""
-        self._fail_in_flight(error)
-        self._fail_pending(StorageUnavailable(f"redis lost: {error}"))
-        self._mark_lost(error)
-        self._replied.set()
-        # redis-py closed its socket already (it disconnects on any send or read error);
-        # the pool's ``aclose`` in ``close`` finishes it.
-        self._writer = None
-
-    async def _write_connection(self) -> RawConnection:
-        if self._writer is None:
-            async with redis_errors("connect"):
-                self._writer = await RawConnection.take(self.client)
-        return self._writer
-
-    async def _drop_writer(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            await writer.close()
-
     def _settle(self, group: Sequence[Write], result: Any) -> None:
         """Resolve one script's writes with its reply: "<accepted_at> <seq>",
         "<accepted_at> s1,s2,..." (a price its zone's keys refused has "!<why>" in its
@@ -601,9 +423,9 @@ class RedisStorage:
         if isinstance(result, BaseException):
             why = refusal(result)
             if why is not None and len(group) == 1:
-                self._fail_writes(group, self._zone_damaged(group[0].zone, why))
+                fail_writes(group, self._zone_damaged(group[0].zone, why))
             else:
-                self._fail_writes(group, self._write_error(result))
+                fail_writes(group, self._write_error(result))
             return
         accepted_at, _, numbers = result.partition(b" ")
         seqs: list[int | bytes]
@@ -624,6 +446,14 @@ class RedisStorage:
                     self._zone_damaged(write.zone, seq[1:].decode(errors="replace"))
                 )
 
+    def _fail_pending(self, error: BaseException) -> None:
+        pending, self._pending = self._pending, []
+        fail_writes(pending, error)
+
+    def _take_pending(self, limit: int) -> list[Write]:
+        batch, self._pending = self._pending[:limit], self._pending[limit:]
+        return batch
+
     def _zone_damaged(self, zone: str, why: str) -> ZoneRefused:
         """``zone``'s keys are damaged (see lua/store.lua): its price is refused, or its state
         left out of a load or restore; logged (throttled) and counted. The connection and
@@ -633,71 +463,16 @@ class RedisStorage:
             self._log.error("storage_zone_damaged", zone=zone, reason=why, total=self.damaged_zones)
         return ZoneRefused(zone, why)
 
-    @staticmethod
-    def _groups(batch: Sequence[Write]) -> list[list[Write]]:
-        """Hook (RedisClusterStorage: one price per script, a batch spans slots)."""
-        return groups(batch)
-
-    def _script_call(self, group: Sequence[Write]) -> tuple[Arg, ...]:
-        """The EVALSHA of one group: a lone price is one lua/append.lua (its message is
-        the per-price one), several are one lua/append_many.lua."""
-        if len(group) > 1:
-            script_keys, args = self._many_args(group)
-            return APPEND_MANY.command(script_keys, args)
-        keys, write = self.keys, group[0]
-        zone = write.zone
-        script_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone), keys.epoch]
-        one: list[str | bytes | int] = [
-            write.body, self._history_size, keys.prices, zone, self.epoch,
-        ]  # fmt: skip
-        if write.ack is not None:
-            script_keys += [keys.ingest_lease, keys.ingest]
-            one += [write.ack.consumer, INGEST_GROUP, write.ack.entry_id]
-        return APPEND.command(script_keys, one)
-
-    def _many_args(self, group: Sequence[Write]) -> tuple[list[str], list[str | bytes | int]]:
-        """lua/append_many.lua's KEYS and ARGV for a group (see the script)."""
-        keys = self.keys
-        ack = group[0].ack
-        args: list[str | bytes | int] = [
-            self._history_size, keys.prices, self.epoch,
-            "" if ack is None else ack.consumer, INGEST_GROUP,
-            keys.seq(""), keys.history(""), keys.latest(""),
-            b"\n".join([
-                b"%s %s %s" % (write.zone.encode(),
-                               b"" if write.ack is None else write.ack.entry_id.encode(),
-                               write.body)
-                for write in group
-            ]),
-        ]  # fmt: skip
-        last = group[-1].ack
-        if last is not None:  # a group's writes all carry acks (_groups), or none do
-            args.append(next_stream_id(last.entry_id))
-        return [keys.epoch, keys.ingest_lease, keys.ingest], args
-
     def _write_error(self, error: BaseException) -> StorageError:
+        mapped = self.topology.write_error(error)
+        if mapped is not None:
+            return mapped
         refused = script_refusal(error)
         if refused is not None:
             return refused
         cause = StorageUnavailable(f"redis append: {error!r}")
         self._mark_lost(cause)
         return cause
-
-    @staticmethod
-    def _fail_writes(batch: Iterable[Write], error: BaseException) -> None:
-        for write in batch:
-            if not write.future.done():
-                write.future.set_exception(error)
-
-    def _fail_pending(self, error: BaseException) -> None:
-        pending, self._pending = self._pending, []
-        self._fail_writes(pending, error)
-
-    def _fail_in_flight(self, error: BaseException) -> None:
-        in_flight, self._in_flight = self._in_flight, deque()
-        for pipeline in in_flight:
-            for group in pipeline:
-                self._fail_writes(group, error)
 
     # --- reads ------------------------------------------------------------------------
 
@@ -818,6 +593,7 @@ class RedisStorage:
                 [candidate, keys.prices, int(RESTORED_TTL * 1000)],
             )  # fmt: skip
         self._epoch = current.decode()
+        await self.topology.epoch_claimed(self._host, self._epoch)
         return self._epoch
 
     async def written_back(self, mirror: str = "") -> frozenset[str] | None:
@@ -832,11 +608,7 @@ class RedisStorage:
 
     async def replace_epoch(self, expected: str, replacement: str) -> str:
         """Compare-and-set the epoch, announcing a change to every instance."""
-        async with redis_errors("epoch"):
-            current = await REPLACE_EPOCH.run(
-                self.client, [self.keys.epoch], [expected, replacement, self.keys.prices]
-            )
-        self._epoch = current.decode()
+        self._epoch = await self.topology.replace_epoch(self._host, expected, replacement)
         return self._epoch
 
     async def restore(
@@ -869,9 +641,9 @@ class RedisStorage:
             zone_keys = [keys.seq(zone), keys.history(zone), keys.latest(zone)]
             if cluster and ingested:
                 zone_keys.append(keys.ingested(zone))
-            self._restore_script.queue(pipe, zone_keys, [
-                self._history_size, self._channel(zone), zone, last, self.epoch, ingested,
-                *pairs,
+            channel = self.topology.channel(keys, zone)
+            self.topology.restore_script.queue(pipe, zone_keys, [
+                self._settings.history_size, channel, zone, last, self.epoch, ingested, *pairs,
             ])  # fmt: skip
         for args in settle:
             SETTLE_INGESTED.queue(pipe, args[:2], args[2:])
@@ -911,31 +683,61 @@ class RedisStorage:
         """What lua/stored.lua found wrong with a zone (it says no more than that)."""
         return f"{self.keys.seq(zone)} is no seq or {self.keys.history(zone)} no sorted set"
 
-    def _channel(self, zone: str) -> str:
-        """The channel ``zone``'s prices are published on (one for all zones here)."""
-        return self.keys.prices
-
     async def load(self, zones: Iterable[str]) -> dict[str, tuple[int, list[StoredPrice]]]:
         """The seq and retained history of every zone that has a seq (zones without one
-        are left out: they have nothing to load).
+        are left out: they have nothing to load), each zone read atomically."""
+        return await self.topology.load(self._host, zones)
 
-        One ``lua/load.lua`` per ``LOAD_CHUNK`` zones: a script is atomic, so a zone's seq
-        and history agree (different zones need not: positions are per zone), and the
-        reply holds only zones with prices, so 100,000 fresh zones cost a few calls
-        instead of 200,000 commands and replies.
-        """
-        zone_list = list(zones)
-        keys = self.keys
-        state: dict[str, tuple[int, list[StoredPrice]]] = {}
-        for start in range(0, len(zone_list), LOAD_CHUNK):
-            chunk = zone_list[start : start + LOAD_CHUNK]
-            script_keys = [key for zone in chunk for key in (keys.seq(zone), keys.history(zone))]
-            async with redis_errors("load"):
-                reply = await LOAD.run(self.client, script_keys, [])
-            for i in range(0, len(reply), 3):
-                zone, seq = chunk[int(reply[i]) - 1], int(reply[i + 1])
-                if seq < 0:  # damaged: left out (as a zone without prices), logged
-                    self._zone_damaged(zone, f"{self._damage(zone)}; not loaded")
-                    continue
-                state[zone] = (seq, [stored_price(zone, p) for p in reply[i + 2]])
-        return state
+
+class _Host:
+    """``topology.Host`` of one ``RedisStorage``: what its topology may use of it."""
+
+    def __init__(self, storage: RedisStorage) -> None:
+        self._storage = storage
+
+    @property
+    def settings(self) -> Settings:
+        return self._storage._settings
+
+    @property
+    def keys(self) -> KeyLayout:
+        return self._storage.keys
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._storage.client
+
+    @property
+    def epoch(self) -> str:
+        return self._storage.epoch
+
+    @property
+    def lost(self) -> BaseException | None:
+        return self._storage._lost
+
+    def mark_lost(self, cause: BaseException) -> None:
+        self._storage._mark_lost(cause)
+
+    async def deliver(self, data: bytes) -> None:
+        await self._storage._on_message(data)
+
+    def take_pending(self, limit: int) -> list[Write]:
+        return self._storage._take_pending(limit)
+
+    def fail_pending(self, error: BaseException) -> None:
+        self._storage._fail_pending(error)
+
+    def settle(self, group: Sequence[Write], result: Any) -> None:
+        self._storage._settle(group, result)
+
+    def zone_damaged(self, zone: str, why: str) -> ZoneRefused:
+        return self._storage._zone_damaged(zone, why)
+
+    def damage(self, zone: str) -> str:
+        return self._storage._damage(zone)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._storage._spawn(work)
+
+    async def latest(self, zone: str) -> StoredPrice | None:
+        return await self._storage.latest(zone)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,7 +24,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from pricehub.storage.base import IngestAck, StoredPrice
 
-__all__ = ["RawConnection", "Write", "groups"]
+__all__ = ["RawConnection", "Write", "fail_writes", "groups", "next_stream_id"]
 
 
 @dataclass(slots=True)
@@ -38,6 +38,26 @@ class Write:
     # For an ingest write, the call it came from (``append_outcomes``' acks, or a token
     # per ``append``): only one call's entries are a run of the stream. None otherwise.
     call: object = None
+
+
+def fail_writes(batch: Iterable[Write], error: BaseException) -> None:
+    """Refuse every write of ``batch`` still waiting with ``error``."""
+    for write in batch:
+        if not write.future.done():
+            write.future.set_exception(error)
+
+
+_MAX_ID_PART = 2**64 - 1
+
+
+def next_stream_id(entry_id: str) -> str:
+    """The smallest stream id above ``entry_id`` (``ms-seq``): ``XTRIM MINID`` with it
+    removes that entry and everything older. Python's ints, not Lua's doubles: both
+    parts are 64-bit."""
+    ms, _, seq = entry_id.partition("-")
+    if int(seq) < _MAX_ID_PART:
+        return f"{ms}-{int(seq) + 1}"
+    return f"{int(ms) + 1}-0"
 
 
 def groups(batch: Sequence[Write]) -> list[list[Write]]:
