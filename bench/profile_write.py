@@ -40,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pricehub.server.fanout import broadcaster as broadcaster_module
 from pricehub.server.fanout import connection as connection_module
 from pricehub.server.fanout.broadcaster import Broadcaster
-from pricehub.server.fanout.connection import Connection, SendLimits
+from pricehub.server.fanout.connection import SendLimits
 from pricehub.server.policy.resume import ZoneStream
 from pricehub.server.socket.connection import WsEncodings
 from pricehub.storage import StoredPrice
+from tests.harness.fanout import LineConnection
 
 __all__ = ["main"]
 
@@ -70,19 +71,7 @@ class TickClock:
         setattr(connection_module, "time", clock)  # noqa: B010
 
 
-class Member(Connection):
-    """A subscriber that only receives (what the write loop sees of a WebSocket)."""
-
-    __slots__ = ()
-
-    def send(self, payload: bytes, *, zone: str | None = None, seq: int | None = None) -> None:
-        self.queue(self.encoding.frame(payload))
-
-    def ping(self, now: float) -> None:
-        self.last_ping = now
-
-    async def end(self, code: int, reason: bytes) -> None:
-        self.transport.close()
+Member = LineConnection  # a subscriber that only receives: what the write loop sees
 
 
 async def connect(count: int) -> tuple[list[asyncio.Transport], list[socket.socket]]:

@@ -15,11 +15,12 @@ from typing import Any, cast
 import pytest
 
 from pricehub.server.fanout.broadcaster import Broadcaster
-from pricehub.server.fanout.connection import Connection, SendLimits, direct_socket
+from pricehub.server.fanout.connection import SendLimits, direct_socket
 from pricehub.server.fanout.encoding import FramedEncoding
 from pricehub.server.policy.resume import ZoneStream
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages
+from tests.harness.fanout import LineConnection
 
 WAIT = 5.0
 LIMITS = SendLimits(high_water=1 << 24, hard_limit=1 << 26, lag_timeout=5.0)
@@ -34,7 +35,7 @@ class Lines(FramedEncoding):
         return payload + b"\n"
 
 
-class Line(Connection):
+class Line(LineConnection):
     """Counts its slow-consumer checks."""
 
     __slots__ = ("checks",)
@@ -46,15 +47,6 @@ class Line(Connection):
     def check_backlog(self, now: float) -> None:
         self.checks += 1
         super().check_backlog(now)
-
-    def send(self, payload: bytes, *, zone: str | None = None, seq: int | None = None) -> None:
-        self.queue(self.encoding.frame(payload))
-
-    def ping(self, now: float) -> None:
-        self.last_ping = now
-
-    async def end(self, code: int, reason: bytes) -> None:
-        self.transport.close()
 
 
 class Counting:

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from pricehub.server.fanout.broadcaster import Broadcaster
-from pricehub.server.fanout.connection import Connection, SendLimits
+from pricehub.server.fanout.connection import SendLimits
 from pricehub.server.fanout.encoding import FramedEncoding
 from pricehub.server.policy.resume import ZoneStream
 from pricehub.storage import StoredPrice
 from pricehub.wire import messages
+from tests.harness.fanout import LineConnection
 
 WAIT = 5.0
 FANOUT = Path(__file__).resolve().parents[2] / "pricehub" / "server" / "fanout"
@@ -43,19 +44,7 @@ class Counted(FramedEncoding):
         return b"<" + self.name.encode() + b">" + payload + b"\n"
 
 
-class Line(Connection):
-    """The smallest transport: whole messages in its encoding, nothing else."""
-
-    __slots__ = ()
-
-    def send(self, payload: bytes, *, zone: str | None = None, seq: int | None = None) -> None:
-        self.queue(self.encoding.frame(payload))
-
-    def ping(self, now: float) -> None:
-        self.last_ping = now
-
-    async def end(self, code: int, reason: bytes) -> None:
-        self.transport.close()
+Line = LineConnection  # the smallest transport: whole messages in its encoding
 
 
 @pytest.fixture
